@@ -1,0 +1,38 @@
+"""attnsteer: training-free attention interventions for Hugging Face models, exact and fused.
+
+    import attnsteer
+    with attnsteer.apply(model, "act-default") as handle:
+        out = model.generate(**inputs)
+    print(handle.stats())
+"""
+
+from ._compat import check_versions
+
+check_versions()
+
+from .api import SteeringHandle, apply  # noqa: E402
+from .errors import (  # noqa: E402
+    AttnsteerError,
+    AttnsteerWarning,
+    RecipeError,
+    SteeringError,
+    UnsupportedModelError,
+)
+from .recipe import Intervention, Recipe, builtin_names, load_recipe  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply",
+    "SteeringHandle",
+    "Recipe",
+    "Intervention",
+    "load_recipe",
+    "builtin_names",
+    "AttnsteerError",
+    "AttnsteerWarning",
+    "RecipeError",
+    "SteeringError",
+    "UnsupportedModelError",
+    "__version__",
+]

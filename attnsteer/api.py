@@ -1,0 +1,223 @@
+"""``attnsteer.apply(model, recipe)`` and the handle it returns."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import archs
+from .attention import dispatch
+from .errors import AttnsteerWarning, RecipeError, SteeringError
+from .methods import METHODS
+from .recipe import Recipe, load_recipe
+from .selectors import head_dict_layers, resolve_heads, resolve_layers
+from .state import SteeringState
+
+BACKEND_CHOICES = ("auto", "fused", "reference")
+
+# model -> its live handle; a model is steered by at most one handle at a time
+_STEERED: "weakref.WeakKeyDictionary[nn.Module, SteeringHandle]" = weakref.WeakKeyDictionary()
+
+
+class LayerPlan:
+    """The methods steering one layer, in recipe order (SPEC section 7 composition)."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        self.methods: list = []
+
+    def score_steps(self, is_prefill: bool) -> list:
+        return [m for m in self.methods if m.has_score_step and m.active(is_prefill)]
+
+    def weight_steps(self, is_prefill: bool) -> list:
+        return [m for m in self.methods if m.has_weight_step and m.active(is_prefill)]
+
+    def active(self, is_prefill: bool) -> bool:
+        return any(m.active(is_prefill) for m in self.methods)
+
+
+def _config_tree(config) -> list:
+    """The config and every nested sub-config (each once)."""
+    seen, out, todo = set(), [], [config]
+    while todo:
+        cfg = todo.pop()
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen.add(id(cfg))
+        out.append(cfg)
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            todo.append(getattr(cfg, key, None))
+    return out
+
+
+def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPlan]:
+    plans: dict[int, LayerPlan] = {}
+    n_layers, n_heads = arch.num_layers, arch.num_heads
+    for i, iv in enumerate(recipe.interventions):
+        where = f"{recipe.name}.interventions[{i}]"
+        cls = METHODS[iv.method]
+        if cls.is_identity_params(iv.params):
+            warnings.warn(
+                f"{where} ({iv.method} with {iv.params}) uses identity parameters and leaves attention unchanged; "
+                "it is skipped. Fix: set real parameters (see `attnsteer recipes show`) or remove it",
+                AttnsteerWarning,
+                stacklevel=3,
+            )
+            continue
+        if isinstance(iv.heads, dict):
+            head_layers = head_dict_layers(iv.heads, n_layers, f"{where}.heads")
+            if iv.layers is None:
+                layers = head_layers
+            else:
+                explicit = set(resolve_layers(iv.layers, n_layers, f"{where}.layers"))
+                outside = [l for l in head_layers if l not in explicit]
+                if outside:
+                    raise RecipeError(
+                        f"{where}.heads: names layer(s) {outside}, which {where}.layers={iv.layers!r} does not select. "
+                        "Fix: drop `layers` (the head mapping then decides) or add those layers to it"
+                    )
+                layers = head_layers
+        else:
+            layers = resolve_layers(iv.layers if iv.layers is not None else cls.default_layers, n_layers, f"{where}.layers")
+        for layer in layers:
+            heads = resolve_heads(iv.heads, layer, n_layers, n_heads, f"{where}.heads")
+            mask = None
+            if heads is not None:
+                mask = torch.zeros(n_heads, dtype=torch.bool)
+                mask[heads] = True
+            plans.setdefault(layer, LayerPlan(layer)).methods.append(cls(iv.params, layer, mask))
+    return plans
+
+
+class SteeringHandle:
+    """A recipe applied to a model. ``remove()`` (or leaving a ``with`` block) restores it exactly."""
+
+    def __init__(self, model, recipe, backend, arch, plans, state, snapshot, hook):
+        self.model = model
+        self.recipe = recipe
+        self.backend = backend
+        self.arch = arch
+        self.plans = plans
+        self._state = state
+        self._snapshot = snapshot
+        self._hook = hook
+        self._sites: dict[int, dispatch.LayerSite] = {}
+        self.removed = False
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Restore the model: previous attention implementations, no hooks, no attributes."""
+        if self.removed:
+            return
+        self._hook.remove()
+        for layer in self._sites:
+            dispatch.detach(self.arch.attention_modules[layer])
+        for config, value in self._snapshot:
+            config._attn_implementation_internal = value
+        _STEERED.pop(self.model, None)
+        self.removed = True
+        silent = [f"layer {s['layer']} {s['method']}" for s in self.stats() if s["calls"] > 0 and s["fired"] == 0]
+        if silent and self._state.forwards:
+            warnings.warn(
+                f"recipe {self.recipe.name!r}: these sites ran but never changed a row: {', '.join(silent)}. "
+                "Check the parameters (e.g. ACT threshold too high for this model)",
+                AttnsteerWarning,
+                stacklevel=2,
+            )
+
+    def __enter__(self) -> "SteeringHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # ---- inspection --------------------------------------------------------------------------
+    def stats(self) -> list[dict[str, Any]]:
+        """One dict per steered (layer, method): forwards it ran in (``calls``), forwards in which
+        it changed at least one (head, row) (``fired``) and the (head, row) pairs it changed."""
+        out = []
+        for layer, site in sorted(self._sites.items()):
+            for method in site.plan.methods:
+                key = id(method)
+                rows, fired = site.stats.rows[key], site.stats.fired[key]
+                out.append(
+                    {
+                        "layer": layer,
+                        "method": method.name,
+                        "calls": site.stats.calls[key],
+                        "fired": int(fired),
+                        "rows_modified": int(rows),
+                    }
+                )
+        return out
+
+    def sinks(self) -> dict[int, list[dict[int, list[int]]]]:
+        """ACT sink sets of the last prompt: ``{layer: [per batch row {head: [key positions]}]}``."""
+        out = {}
+        for layer, site in sorted(self._sites.items()):
+            for method in site.plan.methods:
+                table = method.prompt_state.get("sinks") if method.name == "act" else None
+                if table is None:
+                    continue
+                rows = []
+                for b in range(table.shape[0]):
+                    heads = {h: table[b, h].nonzero().flatten().tolist() for h in range(table.shape[1])}
+                    rows.append({h: pos for h, pos in heads.items() if pos})
+                out[layer] = rows
+        return out
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "active"
+        return f"SteeringHandle(recipe={self.recipe.name!r}, backend={self.backend!r}, layers={sorted(self.plans)}, {state})"
+
+
+def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
+    """Steer a loaded transformers model in place.
+
+    Args:
+        model: a supported ``*ForCausalLM`` (or base) model; see ``attnsteer.archs.ARCHS``.
+        recipe: built-in name, YAML path, dict, Hub repo id or :class:`attnsteer.Recipe`.
+        backend: ``"fused"`` (O(N) memory), ``"reference"`` (float32 eager oracle) or
+            ``"auto"`` (= fused).
+
+    Returns:
+        A :class:`SteeringHandle`; ``.remove()`` or a ``with`` block restores the model exactly.
+    """
+    if backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend: got {backend!r}; allowed: {list(BACKEND_CHOICES)}")
+    recipe = load_recipe(recipe)
+    if model in _STEERED:
+        raise SteeringError(
+            f"this model is already steered by {_STEERED[model]!r}. Fix: call .remove() on that handle first "
+            "(or combine both recipes' interventions into one recipe)"
+        )
+    arch = archs.resolve(model)
+    model_type = model.config.model_type
+    if recipe.model_types and model_type not in recipe.model_types:
+        raise RecipeError(
+            f"{recipe.name}.model_types: the recipe is made for {recipe.model_types}, and this model's model_type is "
+            f"{model_type!r}. Fix: use a recipe for {model_type!r}, or drop model_types if it is generic"
+        )
+    impl = arch.text_config._attn_implementation or "eager"
+    name = dispatch.registered_name(impl)
+    plans = _build_plans(recipe, arch)
+    resolved_backend = "fused" if backend == "auto" else backend
+
+    snapshot = [(cfg, cfg._attn_implementation_internal) for cfg in _config_tree(model.config)]
+    methods = [m for plan in plans.values() for m in plan.methods]
+    state = SteeringState(methods)
+    key = arch.spec.text_config_key
+    model.set_attn_implementation({key: name} if key else name)
+    hook = arch.decoder.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
+    handle = SteeringHandle(model, recipe, resolved_backend, arch, plans, state, snapshot, hook)
+    for layer, plan in plans.items():
+        module = arch.attention_modules[layer]
+        site = dispatch.LayerSite(layer, plan, resolved_backend, dispatch.original_function(impl, module), state)
+        dispatch.attach(module, site)
+        handle._sites[layer] = site
+    _STEERED[model] = handle
+    return handle

@@ -1,0 +1,133 @@
+"""The attention function registered with transformers, and the per-layer routing.
+
+One function is registered per *original* implementation (``sdpa`` / ``eager``), under a neutral
+name (transformers substring-matches ``flash``, ``sdpa`` and ``flex_attention``), together with
+that implementation's mask builder -- so layers without a plan receive exactly the arguments the
+model's own implementation would, and are delegated to it unchanged.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Callable
+
+import torch.nn as nn
+
+from ..errors import SteeringError, UnsupportedModelError
+from .fused import fused_attention
+from .reference import reference_attention
+from .rows import ForwardInfo, MaskView
+
+# original implementation -> the name attnsteer registers for models that had it
+REGISTERED_NAMES = {"sdpa": "attnsteer_sd", "eager": "attnsteer_eg"}
+BACKENDS = {"reference": reference_attention, "fused": fused_attention}
+
+# attention module -> LayerSite, for the modules of every steered model in this process
+_SITES: "weakref.WeakKeyDictionary[nn.Module, LayerSite]" = weakref.WeakKeyDictionary()
+
+
+def original_function(impl: str, module: nn.Module) -> Callable:
+    """The attention function the model used before steering."""
+    if impl == "eager":
+        return sys.modules[type(module).__module__].eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def _make_dispatch(impl: str) -> Callable:
+    def attnsteer_attention(module, query, key, value, attention_mask, **kwargs):
+        site = _SITES.get(module)
+        if site is None:
+            return original_function(impl, module)(module, query, key, value, attention_mask, **kwargs)
+        return site(module, query, key, value, attention_mask, **kwargs)
+
+    attnsteer_attention.__name__ = f"attnsteer_attention_{impl}"
+    return attnsteer_attention
+
+
+def registered_name(impl: str) -> str:
+    """Register (once per process) and return the neutral name standing in for ``impl``."""
+    if impl not in REGISTERED_NAMES:
+        if impl in REGISTERED_NAMES.values():
+            raise SteeringError("this model is already steered by attnsteer. Fix: call .remove() on its handle first")
+        raise UnsupportedModelError(
+            f"the model's text attention implementation is {impl!r}; attnsteer steers models loaded with "
+            f"attn_implementation in {sorted(REGISTERED_NAMES)}. Fix: load with attn_implementation='sdpa' "
+            "(or call model.set_attn_implementation('sdpa')) before attnsteer.apply"
+        )
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = REGISTERED_NAMES[impl]
+    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
+        AttentionInterface.register(name, _make_dispatch(impl))
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+    return name
+
+
+class SiteStats:
+    """How often each method of one layer ran and fired. Counters stay on the device (no syncs)."""
+
+    def __init__(self, methods):
+        self.calls = {id(m): 0 for m in methods}
+        self.rows = {id(m): 0 for m in methods}
+        self.fired = {id(m): 0 for m in methods}
+        self._current: dict[int, object] = {}
+
+    def begin(self, active) -> None:
+        self._current = {id(m): 0 for m in active}
+
+    def record(self, method, rows) -> None:
+        self._current[id(method)] = self._current[id(method)] + rows
+
+    def end(self) -> None:
+        for key, rows in self._current.items():
+            self.calls[key] += 1
+            self.rows[key] = self.rows[key] + rows
+            self.fired[key] = self.fired[key] + (rows > 0 if not isinstance(rows, int) else int(rows > 0))
+        self._current = {}
+
+
+class LayerSite:
+    """Everything one steered attention module needs at call time."""
+
+    def __init__(self, layer: int, plan, backend: str, original: Callable, state):
+        self.layer = layer
+        self.plan = plan
+        self.backend = backend
+        self.original = original
+        self.state = state
+        self.stats = SiteStats(plan.methods)
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        info = self.state.info_for(query, key)
+        if not self.plan.active(info.is_prefill):
+            return self.original(module, query, key, value, attention_mask, **kwargs)
+        if module.training and kwargs.get("dropout", 0.0):
+            raise SteeringError("attnsteer steers inference only; call model.eval() before steering")
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        mask = MaskView(attention_mask, query.shape[2], key.shape[2])
+        self.stats.begin(self.plan.weight_steps(info.is_prefill) + self.plan.score_steps(info.is_prefill))
+        out, weights = BACKENDS[self.backend](self.plan, query, key, value, mask, scaling, info, self.stats)
+        self.stats.end()
+        return out, weights
+
+
+def attach(module: nn.Module, site: LayerSite) -> None:
+    _SITES[module] = site
+
+
+def detach(module: nn.Module) -> None:
+    _SITES.pop(module, None)
+
+
+def forward_info_from_shapes(query, key) -> ForwardInfo:
+    """Fallback when the decoder pre-hook did not see this forward: no padding, cache = K - Q."""
+    q_len, k_len = query.shape[2], key.shape[2]
+    return ForwardInfo(q_len=q_len, past_len=k_len - q_len, total_len=k_len, first_valid=None)

@@ -1,0 +1,99 @@
+"""O(N)-memory steered attention in plain PyTorch (the CPU fast path, and CUDA until the Triton
+kernels take over).
+
+Queries are processed in chunks of C rows against all K keys, so the largest tensor is
+(B, H_q, C, K) with C chosen from a fixed element budget -- never Q x K. Per chunk the row's
+log-sum-exp gives the normalised weights; methods then act through per-row group masses and
+factors (ACT: sink / non-sink groups, out' = sum_g M'_g o_g) or through the LSE (softplus
+re-weighting). ACT's sink detection needs the column means of the whole prefill map: a first
+QK^T-only pass (no V) accumulates them chunk by chunk.
+GQA is handled by folding the query heads of each kv head into the row dimension, so K and V are
+never repeated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..methods.base import StepInfo
+from .rows import ForwardInfo, MaskView, key_positions, row_context
+
+# Elements of one (B, H_q, C, K) float32 chunk tensor; a handful of these are alive at once.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def chunk_rows(batch: int, heads: int, q_len: int, k_len: int, budget: int = CHUNK_ELEMENTS) -> int:
+    return max(1, min(q_len, budget // max(1, batch * heads * k_len)))
+
+
+def grouped_qk(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (B, H_q, C, D), k (B, H_kv, K, D) -> (B, H_q, C, K) without repeating k."""
+    b, hq, c, d = q.shape
+    hkv = k.shape[1]
+    folded = q.reshape(b, hkv, (hq // hkv) * c, d)
+    return torch.matmul(folded, k.transpose(-1, -2)).view(b, hq, c, k.shape[2])
+
+
+def grouped_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p (B, H_q, C, K), v (B, H_kv, K, D) -> (B, H_q, C, D) without repeating v."""
+    b, hq, c, k_len = p.shape
+    hkv = v.shape[1]
+    out = torch.matmul(p.reshape(b, hkv, (hq // hkv) * c, k_len), v)
+    return out.view(b, hq, c, v.shape[-1])
+
+
+def fused_attention(plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats, chunk=None):
+    """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None)."""
+    b, hq, q_len, d = query.shape
+    k_len = key.shape[2]
+    q = query.float()
+    k = key.float()
+    v = value.float()
+    key_abs = key_positions(info, k_len, query.device)
+    step = StepInfo(is_prefill=info.is_prefill, key_offset=int(key_abs[0]) if k_len else 0, num_keys=k_len)
+    score_steps = plan.score_steps(info.is_prefill)
+    weight_steps = plan.weight_steps(info.is_prefill)
+    size = chunk or chunk_rows(b, hq, q_len, k_len)
+    spans = [(s, min(s + size, q_len)) for s in range(0, q_len, size)]
+
+    def probs(q0: int, q1: int, record: bool = False):
+        """Normalised weights of rows q0..q1: (B, H_q, C, K) float32, and their RowContext."""
+        visible, bias = mask.chunk(q0, q1, query.device)
+        ctx = row_context(visible, info, q0, key_abs)
+        qc = q[:, :, q0:q1]
+        s = grouped_qk(qc, k) * scaling
+        if bias is not None:
+            s = s + bias
+        s = s.masked_fill(~visible, float("-inf"))
+        for method in score_steps:
+            s = method.scores(s, qc, k, ctx, grouped_qk)
+            if record:
+                stats.record(method, method.rows_touched(s))
+        lse = torch.logsumexp(s, dim=-1, keepdim=True)
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # fully masked rows
+        p = torch.exp(s - lse)
+        return p, ctx
+
+    # Column passes (QK^T only): methods that need statistics of the whole map entering them.
+    for idx, method in enumerate(weight_steps):
+        if not method.needs_column_stats(info.is_prefill):
+            continue
+        colsum = torch.zeros(b, hq, k_len, device=query.device)
+        count = None
+        for q0, q1 in spans:
+            p, ctx = probs(q0, q1)
+            for earlier in weight_steps[:idx]:
+                p, _ = earlier.fused_weights(p, ctx, step)
+            colsum += p.sum(dim=-2)
+            seen = ctx.visible.sum(dim=-2, dtype=torch.float32)
+            count = seen if count is None else count + seen
+        method.set_column_stats(colsum, count, step, key_abs=key_abs)
+
+    out = torch.empty(b, q_len, hq, d, dtype=query.dtype, device=query.device)
+    for q0, q1 in spans:
+        p, ctx = probs(q0, q1, record=True)
+        for method in weight_steps:
+            p, rows = method.fused_weights(p, ctx, step)
+            stats.record(method, rows)
+        out[:, q0:q1] = grouped_pv(p, v).transpose(1, 2).to(query.dtype)
+    return out, None

@@ -1,0 +1,84 @@
+"""Masks and per-row facts, shared by both backends.
+
+The attention function receives the mask transformers built for the model's own implementation:
+``None`` (plain causal, or full when Q == 1), a bool (B, 1, Q, K) mask (True = attend; SDPA)
+or an additive float mask (0 / very negative; eager). :class:`MaskView` turns any of these into
+per-chunk visibility without building anything of size Q x K beyond the chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..methods.base import RowContext
+
+
+@dataclass
+class ForwardInfo:
+    """Facts about the current forward of the steered decoder, set by its forward pre-hook.
+
+    q_len:       new tokens in this forward.
+    past_len:    tokens already in the KV cache before it.
+    total_len:   past_len + q_len (absolute length in the padded layout).
+    first_valid: long (B,) index of each row's first non-pad token, or None (no padding).
+    """
+
+    q_len: int
+    past_len: int
+    total_len: int
+    first_valid: torch.Tensor | None
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.past_len == 0
+
+
+class MaskView:
+    """Chunked view of the attention mask. Shapes: mask (B|1, 1|H, Q, K)."""
+
+    def __init__(self, mask: torch.Tensor | None, q_len: int, k_len: int):
+        if mask is not None and mask.dim() != 4:
+            raise ValueError(f"attention_mask of shape {tuple(mask.shape)} reached attnsteer; expected a 4D mask or None")
+        self.mask = mask
+        self.q_len = q_len
+        self.k_len = k_len
+        self.is_bool = mask is not None and mask.dtype == torch.bool
+        if mask is not None:
+            # transformers may build a mask for more keys than the cache holds (e.g. static caches).
+            self.mask = mask[..., -q_len:, :k_len] if mask.shape[-2] != q_len else mask[..., :k_len]
+
+    def chunk(self, q0: int, q1: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Visibility bool (B|1, 1|H, C, K) and additive float bias (or None) for rows q0..q1."""
+        if self.mask is None:
+            offset = self.k_len - self.q_len  # query i sits at key index offset + i
+            rows = torch.arange(q0, q1, device=device).view(1, 1, -1, 1) + offset
+            keys = torch.arange(self.k_len, device=device).view(1, 1, 1, -1)
+            return keys <= rows, None
+        part = self.mask[..., q0:q1, :]
+        if self.is_bool:
+            return part, None
+        visible = part > torch.finfo(part.dtype).min / 2
+        return visible, part.float()
+
+
+def key_positions(info: ForwardInfo, k_len: int, device) -> torch.Tensor:
+    """Absolute (padded-layout) position of each key index: long (K,).
+
+    Full-attention caches hold every position (index = position); sliding-window caches hand
+    over only the last keys, which sit at ``total_len - K ...``.
+    """
+    offset = max(info.total_len - k_len, 0)
+    return torch.arange(k_len, device=device) + offset
+
+
+def row_context(visible: torch.Tensor, info: ForwardInfo, q0: int, key_abs: torch.Tensor) -> RowContext:
+    """Per-row facts for rows q0..q0+C of the current forward."""
+    c = visible.shape[-2]
+    device = visible.device
+    pos = torch.arange(q0, q0 + c, device=device).view(1, 1, c, 1) + info.past_len
+    if info.first_valid is not None:
+        pos = pos - info.first_valid.to(device).view(-1, 1, 1, 1)
+    n_visible = visible.sum(-1, keepdim=True, dtype=torch.float32)
+    return RowContext(visible=visible, n_visible=n_visible, rel_pos=pos, key_abs=key_abs)

@@ -1,0 +1,24 @@
+"""Exceptions and warnings raised by attnsteer.
+
+Every error names the offending field, the value it got, what is allowed and how to fix it.
+"""
+
+
+class AttnsteerError(Exception):
+    """Base class of every attnsteer error."""
+
+
+class RecipeError(AttnsteerError, ValueError):
+    """A recipe (YAML, dict or object) is malformed or does not fit the model it is applied to."""
+
+
+class UnsupportedModelError(AttnsteerError, ValueError):
+    """The model's family, attention implementation or layout is not supported."""
+
+
+class SteeringError(AttnsteerError, RuntimeError):
+    """Steering cannot proceed at run time (already steered, missing prompt state, ...)."""
+
+
+class AttnsteerWarning(UserWarning):
+    """Something will not change the model's behaviour the way the user probably expects."""

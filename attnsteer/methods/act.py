@@ -1,0 +1,132 @@
+"""ACT -- Attention Calibration Technique (SPEC.md section 2).
+
+Yu et al., "Unveiling and Harnessing Hidden Attention Sinks: Enhancing LLMs without Training
+through Attention Calibration", ICML 2024 (arXiv 2406.15765).
+
+Per head and prompt, keys whose mean received attention over the prompt rows that see them,
+``m_j = (1/#rows seeing j) * sum_i a_ij``, exceeds ``threshold`` are sinks ``S`` (the first one
+is left alone by default). In every prompt row ``i >= 1`` a sink keeps ``beta`` of its weight
+and the freed mass goes to the non-sink keys in proportion to their weights:
+``a'_is = beta a_is``; ``a'_ij = a_ij (M_N + (1-beta) M_S) / M_N`` for ``j not in S``, with
+``M_S``/``M_N`` the row's sink/non-sink masses. Rows stay normalised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SteeringError
+from .base import Method, Param, RowContext, StepInfo, masked_sum, register
+
+
+def sinks_from_column_means(col_mean: torch.Tensor, threshold: float, keep_first_sink: bool) -> torch.Tensor:
+    """col_mean: float (B, H, K) mean received attention (0 where no row sees the key).
+
+    Returns bool (B, H, K): keys above ``threshold``, minus the lowest-position one per (b, h)
+    when ``keep_first_sink``.
+    """
+    sinks = col_mean > threshold
+    if keep_first_sink:
+        first = sinks.int().argmax(dim=-1, keepdim=True)  # (B, H, 1); 0 when there is no sink
+        has_any = sinks.any(dim=-1, keepdim=True)
+        drop = torch.zeros_like(sinks).scatter_(-1, first, True) & has_any
+        sinks = sinks & ~drop
+    return sinks
+
+
+@register
+class ACT(Method):
+    name = "act"
+    spec_section = "SPEC.md section 2"
+    citation = "Yu et al., ICML 2024, arXiv 2406.15765"
+    default_layers = "2:-1"
+    has_weight_step = True
+    params = {
+        "beta": Param("beta", float, 0.4, "fraction of a sink's weight that is kept", low=0.0, high=1.0),
+        "threshold": Param(
+            "threshold", float, 0.1, "absolute mean-attention threshold for a sink", low=0.0, high=1.0, low_open=True
+        ),
+        "apply_to": Param(
+            "apply_to", str, "prefill", "which rows are calibrated: prompt rows, or decode rows too",
+            choices=("prefill", "all"),
+        ),
+        "keep_first_sink": Param("keep_first_sink", bool, True, "leave the first (lowest-position) sink alone"),
+    }
+
+    @classmethod
+    def is_identity_params(cls, params) -> bool:
+        return params["beta"] == 1.0
+
+    def active(self, is_prefill: bool) -> bool:
+        return is_prefill or self.p["apply_to"] == "all"
+
+    # ---- sink sets ---------------------------------------------------------------------------
+    def _store_sinks(self, sinks: torch.Tensor, key_abs: torch.Tensor) -> None:
+        """Keep the prompt's sink set in absolute key positions: bool (B, H, P)."""
+        length = int(key_abs.max().item()) + 1 if key_abs.numel() else 0
+        table = torch.zeros(sinks.shape[0], sinks.shape[1], length, dtype=torch.bool, device=sinks.device)
+        table[:, :, key_abs] = sinks
+        self.prompt_state["sinks"] = table
+
+    def sinks_for_keys(self, key_abs: torch.Tensor, batch: int) -> torch.Tensor:
+        """bool (B, H, K) sink flags for the keys of the current forward (generated keys: never)."""
+        table = self.prompt_state.get("sinks")
+        if table is None:
+            raise SteeringError(
+                f"ACT on layer {self.layer} (apply_to: all) has no sink set for this prompt: decode rows reuse "
+                "the prompt's prefill sinks. Fix: run the prompt through the steered model first "
+                "(model.generate does this), or use apply_to: prefill"
+            )
+        if table.shape[0] != batch:
+            raise SteeringError(
+                f"ACT on layer {self.layer}: the prompt had batch size {table.shape[0]} but this forward has {batch}. "
+                "Fix: start a new prompt (a forward without past_key_values) for the new batch"
+            )
+        length = table.shape[-1]
+        in_prompt = key_abs < length
+        idx = key_abs.clamp(max=max(length - 1, 0))
+        return table[:, :, idx] & in_prompt.view(1, 1, -1)
+
+    def set_column_stats(self, colsum, count, info: StepInfo, key_abs) -> None:
+        col_mean = torch.where(count > 0, colsum / count.clamp(min=1), torch.zeros_like(colsum))
+        sinks = sinks_from_column_means(col_mean, self.p["threshold"], self.p["keep_first_sink"])
+        self._store_sinks(sinks, key_abs)
+
+    def needs_column_stats(self, is_prefill: bool) -> bool:
+        return is_prefill
+
+    # ---- calibration ---------------------------------------------------------------------------
+    def _rows(self, sink_mass, other_mass, ctx: RowContext, like) -> torch.Tensor:
+        rows = (ctx.rel_pos >= 1) & (sink_mass > 0) & (other_mass > 0)
+        hm = self.head_mask(like)
+        return rows if hm is None else rows & hm
+
+    def reference_weights(self, a, ctx: RowContext, info: StepInfo):
+        """Literal SPEC formula on the full float32 map a (B, H, Q, K)."""
+        if info.is_prefill:
+            count = ctx.visible.sum(dim=-2).to(a.dtype)  # (B|1, 1, K) rows that see key j
+            col_mean = torch.where(count > 0, a.sum(dim=-2) / count.clamp(min=1), torch.zeros_like(a[:, :, 0]))
+            self._store_sinks(
+                sinks_from_column_means(col_mean, self.p["threshold"], self.p["keep_first_sink"]), ctx.key_abs
+            )
+        if not self.active(info.is_prefill):
+            return a, a.new_zeros(())
+        sink = self.sinks_for_keys(ctx.key_abs, a.shape[0])[:, :, None, :]  # (B, H, 1, K)
+        beta = self.p["beta"]
+        sink_sum = (a * sink).sum(-1, keepdim=True)
+        other_sum = (a * ~sink).sum(-1, keepdim=True)
+        freed = (1.0 - beta) * sink_sum
+        calibrated = torch.where(sink, beta * a, a + freed * a / other_sum.clamp(min=1e-30))
+        rows = self._rows(sink_sum, other_sum, ctx, a)
+        return torch.where(rows, calibrated, a), rows.sum()
+
+    def fused_weights(self, p, ctx: RowContext, info: StepInfo):
+        """Group-mass form on one chunk p (B, H, C, K): per-row factors on the sink / non-sink groups."""
+        sink = self.sinks_for_keys(ctx.key_abs, p.shape[0])[:, :, None, :]
+        beta = self.p["beta"]
+        m_sink = masked_sum(p, sink)
+        m_other = masked_sum(p, ~sink)
+        factor_other = (m_other + (1.0 - beta) * m_sink) / m_other.clamp(min=1e-30)
+        rows = self._rows(m_sink, m_other, ctx, p)
+        factor = torch.where(sink, torch.full_like(factor_other, beta), factor_other)
+        return torch.where(rows, p * factor, p), rows.sum()

@@ -1,0 +1,200 @@
+"""What every steering method declares: its parameters, defaults, level and the two code paths.
+
+A method has two implementations of the same SPEC formula:
+
+* ``reference_*``: the formula applied literally on the materialised float32 attention map
+  ``a`` of shape (B, H_q, Q, K) -- the oracle every fast path is tested against;
+* ``fused_*``: the form the fused backend needs -- per-row group masses and factors on one
+  query chunk ``p`` of shape (B, H_q, C, K) (never Q x K), or a score transform.
+
+Composition (SPEC section 7): score-level steps of every method run first, then weight-level
+steps in recipe order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from ..errors import RecipeError
+
+
+@dataclass(frozen=True)
+class Param:
+    """One recipe parameter: type, default and allowed range."""
+
+    name: str
+    kind: type
+    default: Any
+    doc: str
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def allowed(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.kind is bool:
+            return "true or false"
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        hi = "inf" if self.high is None else f"{self.high:g}"
+        left = "(" if self.low is None or self.low_open else "["
+        right = ")" if self.high is None or self.high_open else "]"
+        return f"a {self.kind.__name__} in {left}{lo}, {hi}{right}"
+
+    def validate(self, value: Any, field_name: str) -> Any:
+        bad = f"{field_name}: got {value!r}; allowed: {self.allowed()} ({self.doc}). Default: {self.default!r}"
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise RecipeError(bad)
+            return value
+        if self.kind is str:
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise RecipeError(bad)
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(bad)
+        value = float(value) if self.kind is float else value
+        if self.kind is int and not isinstance(value, int):
+            raise RecipeError(bad)
+        if not math.isfinite(value):
+            raise RecipeError(bad)
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            raise RecipeError(bad)
+        if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
+            raise RecipeError(bad)
+        return value
+
+
+@dataclass
+class RowContext:
+    """Per-chunk row facts shared by every step (shapes broadcast against (B, H_q, C, K)).
+
+    visible:   bool (B|1, 1, C, K) -- key j visible to query row i (causal, padding, window).
+    n_visible: float (B|1, 1, C, 1) -- N_i, number of visible keys of the row.
+    rel_pos:   long (B, 1, C, 1) -- position of the row counted from its row's first non-pad token.
+    key_abs:   long (K,) -- absolute (padded-layout) position of each key index.
+    """
+
+    visible: torch.Tensor
+    n_visible: torch.Tensor
+    rel_pos: torch.Tensor
+    key_abs: torch.Tensor
+
+
+class Method:
+    """Runtime object of one intervention on one layer.
+
+    Subclasses set ``name``, ``level`` and ``params`` and override the steps they need.
+    ``heads`` is a bool mask (H_q,) of steered query heads, or ``None`` for all heads.
+    """
+
+    name: ClassVar[str]
+    params: ClassVar[dict[str, Param]]
+    default_layers: ClassVar[Any] = "all"
+    spec_section: ClassVar[str] = ""
+    citation: ClassVar[str] = ""
+    has_score_step: ClassVar[bool] = False
+    has_weight_step: ClassVar[bool] = False
+
+    def __init__(self, params: dict[str, Any], layer: int, heads: torch.Tensor | None):
+        self.p = dict(params)
+        self.layer = layer
+        self.heads = heads
+        # Per-prompt state (e.g. ACT sink sets), reset whenever a new prompt starts.
+        self.prompt_state: dict[str, Any] = {}
+
+    # ---- recipe-level facts ---------------------------------------------------------------
+    @classmethod
+    def is_identity_params(cls, params: dict[str, Any]) -> bool:
+        """True when these parameters provably leave every attention row unchanged."""
+        return False
+
+    def active(self, is_prefill: bool) -> bool:
+        """Whether this step modifies anything in a forward of this phase."""
+        return True
+
+    def reset_prompt(self) -> None:
+        self.prompt_state.clear()
+
+    # ---- helpers -------------------------------------------------------------------------
+    def head_mask(self, like: torch.Tensor) -> torch.Tensor | None:
+        """(1, H_q, 1, 1) bool mask of steered heads on ``like``'s device, or None for all."""
+        if self.heads is None:
+            return None
+        return self.heads.to(like.device).view(1, -1, 1, 1)
+
+    def rows_touched(self, s: torch.Tensor) -> int:
+        """Number of (batch, head, row) triples a score step rewrote in s (B, H_q, C, K)."""
+        heads = s.shape[1] if self.heads is None else int(self.heads.sum())
+        return s.shape[0] * heads * s.shape[2]
+
+    def select_heads(self, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        hm = self.head_mask(new)
+        return new if hm is None else torch.where(hm, new, old)
+
+    # ---- score level ---------------------------------------------------------------------
+    def scores(self, s, q, k, ctx: RowContext, qk):  # pragma: no cover
+        """s: float32 scores (B, H_q, C, K), -inf where invisible -> new scores (same shape).
+
+        ``qk(q, k)`` computes (B, H_q, C, K) products with GQA handled by the backend.
+        """
+        raise NotImplementedError
+
+    # ---- weight level --------------------------------------------------------------------
+    def needs_column_stats(self, is_prefill: bool) -> bool:
+        """Whether the fused path must first compute column sums of the map entering this step."""
+        return False
+
+    def set_column_stats(self, colsum: torch.Tensor, count: torch.Tensor, info, key_abs: torch.Tensor) -> None:
+        """colsum: (B, H_q, K) summed weights of the map entering this step over the forward's rows;
+        count: (B|1, 1, K) number of rows that see each key; key_abs: (K,) absolute key positions."""
+        raise NotImplementedError  # pragma: no cover
+
+    def reference_weights(self, a, ctx: RowContext, info):  # pragma: no cover
+        """a: float32 (B, H_q, Q, K) post-softmax map -> modified map; returns (map, rows_modified)."""
+        raise NotImplementedError
+
+    def fused_weights(self, p, ctx: RowContext, info):  # pragma: no cover
+        """p: float32 (B, H_q, C, K) chunk -> modified chunk; returns (chunk, rows_modified)."""
+        raise NotImplementedError
+
+
+METHODS: dict[str, type[Method]] = {}
+
+# Methods SPEC.md defines whose implementation has not landed yet; recipes naming them fail with
+# a clear error instead of silently doing nothing.
+PLANNED_METHODS: dict[str, str] = {
+    "var": "SPEC.md section 1 (VAR, visual attention sink redistribution)",
+    "vhr": "SPEC.md section 3 (VHR, vision-aware head reinforcement)",
+    "agla": "SPEC.md section 4 (AGLA, global/local view assembly)",
+    "pai": "SPEC.md section 6 (PAI, paying more attention to image)",
+}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def masked_sum(p: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Sum of ``p`` (B, H, C, K) over keys where ``group`` (B, H|1, 1|C, K) is True -> (B, H, C, 1)."""
+    return (p * group).sum(-1, keepdim=True)
+
+
+@dataclass
+class StepInfo:
+    """Facts about the current forward a step may need (phase and key offsets)."""
+
+    is_prefill: bool
+    key_offset: int
+    num_keys: int
+    extra: dict = field(default_factory=dict)
+
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
