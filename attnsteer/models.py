@@ -94,7 +94,8 @@ def load_model(model_id: str, *, dtype=None, device: str | None = None, attn_imp
         tokenizer, model = load_smollm2(dtype=dtype, attn_implementation=attn_implementation)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(model_id)
+            tok_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in kwargs}
+            tokenizer = AutoTokenizer.from_pretrained(model_id, **tok_kwargs)
             model = AutoModelForCausalLM.from_pretrained(
                 model_id, dtype=dtype or torch.float32, attn_implementation=attn_implementation, **kwargs
             )

@@ -166,10 +166,20 @@ class Recipe:
             api.upload_file(path_or_fileobj=str(file), path_in_repo=RECIPE_FILENAME, repo_id=repo_id)
         return repo_id
 
+    def resolved_dict(self) -> dict:
+        """:meth:`to_dict` with every default written out (layers included)."""
+        out = self.to_dict()
+        for iv, item in zip(self.interventions, out["interventions"]):
+            if iv.layers is None:
+                item["layers"] = METHODS[iv.method].default_layers
+        return out
+
     @property
     def hash(self) -> str:
-        """SHA-256 of the canonical JSON of :meth:`to_dict` (what results record)."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """SHA-256 of the canonical JSON of :meth:`resolved_dict` (what results record): two
+        recipes that steer identically except for name/description/source still differ, but
+        leaving out a default and writing it out do not."""
+        canonical = json.dumps(self.resolved_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property

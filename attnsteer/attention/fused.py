@@ -22,7 +22,9 @@ from .rows import ForwardInfo, MaskView, key_positions, row_context
 CHUNK_ELEMENTS = 1 << 22
 
 
-def chunk_rows(batch: int, heads: int, q_len: int, k_len: int, budget: int = CHUNK_ELEMENTS) -> int:
+def chunk_rows(batch: int, heads: int, q_len: int, k_len: int, budget: int | None = None) -> int:
+    """Query rows per chunk so that one (B, H_q, C, K) tensor holds at most ``budget`` elements."""
+    budget = CHUNK_ELEMENTS if budget is None else budget
     return max(1, min(q_len, budget // max(1, batch * heads * k_len)))
 
 
@@ -74,6 +76,18 @@ def fused_attention(plan, query, key, value, mask: MaskView, scaling: float, inf
         p = torch.exp(s - lse)
         return p, ctx
 
+    out = torch.empty(b, q_len, hq, d, dtype=query.dtype, device=query.device)
+    if len(spans) == 1:
+        # The whole map fits in one chunk: column statistics come from the same weights.
+        p, ctx = probs(0, q_len, record=True)
+        for method in weight_steps:
+            if method.needs_column_stats(info.is_prefill):
+                method.set_column_stats(p.sum(dim=-2), ctx.visible.sum(dim=-2, dtype=torch.float32), step, key_abs=key_abs)
+            p, rows = method.fused_weights(p, ctx, step)
+            stats.record(method, rows)
+        out[:] = grouped_pv(p, v).transpose(1, 2).to(query.dtype)
+        return out, None
+
     # Column passes (QK^T only): methods that need statistics of the whole map entering them.
     for idx, method in enumerate(weight_steps):
         if not method.needs_column_stats(info.is_prefill):
@@ -89,7 +103,6 @@ def fused_attention(plan, query, key, value, mask: MaskView, scaling: float, inf
             count = seen if count is None else count + seen
         method.set_column_stats(colsum, count, step, key_abs=key_abs)
 
-    out = torch.empty(b, q_len, hq, d, dtype=query.dtype, device=query.device)
     for q0, q1 in spans:
         p, ctx = probs(q0, q1, record=True)
         for method in weight_steps:

@@ -15,13 +15,19 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def reference_attention(plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats):
+def reference_attention(
+    plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats, compute_dtype=torch.float32
+):
     """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype,
-    weights (B, H_q, Q, K) float32)."""
+    weights (B, H_q, Q, K) in ``compute_dtype``).
+
+    ``compute_dtype`` is float32 for the oracle; tests also run it in bf16/fp16 as the "naive
+    same-dtype implementation" of flash-attention's tolerance rule.
+    """
     groups = query.shape[1] // key.shape[1]
-    q = query.float()
-    k = _repeat_kv(key.float(), groups)
-    v = _repeat_kv(value.float(), groups)
+    q = query.to(compute_dtype)
+    k = _repeat_kv(key.to(compute_dtype), groups)
+    v = _repeat_kv(value.to(compute_dtype), groups)
     visible, bias = mask.chunk(0, query.shape[2], query.device)
     key_abs = key_positions(info, key.shape[2], query.device)
     ctx = row_context(visible, info, 0, key_abs)
@@ -29,7 +35,7 @@ def reference_attention(plan, query, key, value, mask: MaskView, scaling: float,
 
     s = torch.matmul(q, k.transpose(-1, -2)) * scaling
     if bias is not None:
-        s = s + bias
+        s = s + bias.to(compute_dtype)
     s = s.masked_fill(~visible, float("-inf"))
     for method in plan.score_steps(info.is_prefill):
         s = method.scores(s, q, k, ctx, lambda a, b: torch.matmul(a, b.transpose(-1, -2)))
@@ -39,5 +45,6 @@ def reference_attention(plan, query, key, value, mask: MaskView, scaling: float,
     for method in plan.weight_steps(info.is_prefill):
         a, rows = method.reference_weights(a, ctx, step)
         stats.record(method, rows)
+    a = a.to(compute_dtype)
     out = torch.matmul(a, v)
     return out.transpose(1, 2).contiguous().to(query.dtype), a

@@ -84,6 +84,7 @@ __all__ = [
     "Synonyms",
     "load_synonyms",
     "build_double_words",
+    "singularize",
     "RulesLemmatizer",
     "WordNetPOSLemmatizer",
     "WordNetNounLemmatizer",

@@ -61,14 +61,18 @@ class ACT(Method):
         return is_prefill or self.p["apply_to"] == "all"
 
     # ---- sink sets ---------------------------------------------------------------------------
-    def _store_sinks(self, sinks: torch.Tensor, key_abs: torch.Tensor) -> None:
-        """Keep the prompt's sink set in absolute key positions: bool (B, H, P)."""
-        length = int(key_abs.max().item()) + 1 if key_abs.numel() else 0
-        table = torch.zeros(sinks.shape[0], sinks.shape[1], length, dtype=torch.bool, device=sinks.device)
-        table[:, :, key_abs] = sinks
+    def _store_sinks(self, sinks: torch.Tensor, info: StepInfo) -> None:
+        """Keep the prompt's sink set in absolute key positions: bool (B, H, P).
+
+        Keys are contiguous absolute positions key_offset .. key_offset + K - 1."""
+        if info.key_offset == 0:
+            table = sinks
+        else:
+            table = torch.zeros(*sinks.shape[:2], info.key_offset + info.num_keys, dtype=torch.bool, device=sinks.device)
+            table[:, :, info.key_offset :] = sinks
         self.prompt_state["sinks"] = table
 
-    def sinks_for_keys(self, key_abs: torch.Tensor, batch: int) -> torch.Tensor:
+    def sinks_for_keys(self, key_abs: torch.Tensor, batch: int, info: StepInfo | None = None) -> torch.Tensor:
         """bool (B, H, K) sink flags for the keys of the current forward (generated keys: never)."""
         table = self.prompt_state.get("sinks")
         if table is None:
@@ -83,6 +87,8 @@ class ACT(Method):
                 "Fix: start a new prompt (a forward without past_key_values) for the new batch"
             )
         length = table.shape[-1]
+        if info is not None and info.key_offset == 0 and info.num_keys == length:
+            return table  # the prompt's own keys (prefill): no gather needed
         in_prompt = key_abs < length
         idx = key_abs.clamp(max=max(length - 1, 0))
         return table[:, :, idx] & in_prompt.view(1, 1, -1)
@@ -90,7 +96,7 @@ class ACT(Method):
     def set_column_stats(self, colsum, count, info: StepInfo, key_abs) -> None:
         col_mean = torch.where(count > 0, colsum / count.clamp(min=1), torch.zeros_like(colsum))
         sinks = sinks_from_column_means(col_mean, self.p["threshold"], self.p["keep_first_sink"])
-        self._store_sinks(sinks, key_abs)
+        self._store_sinks(sinks, info)
 
     def needs_column_stats(self, is_prefill: bool) -> bool:
         return is_prefill
@@ -106,12 +112,10 @@ class ACT(Method):
         if info.is_prefill:
             count = ctx.visible.sum(dim=-2).to(a.dtype)  # (B|1, 1, K) rows that see key j
             col_mean = torch.where(count > 0, a.sum(dim=-2) / count.clamp(min=1), torch.zeros_like(a[:, :, 0]))
-            self._store_sinks(
-                sinks_from_column_means(col_mean, self.p["threshold"], self.p["keep_first_sink"]), ctx.key_abs
-            )
+            self._store_sinks(sinks_from_column_means(col_mean, self.p["threshold"], self.p["keep_first_sink"]), info)
         if not self.active(info.is_prefill):
             return a, a.new_zeros(())
-        sink = self.sinks_for_keys(ctx.key_abs, a.shape[0])[:, :, None, :]  # (B, H, 1, K)
+        sink = self.sinks_for_keys(ctx.key_abs, a.shape[0], info)[:, :, None, :]  # (B, H, 1, K)
         beta = self.p["beta"]
         sink_sum = (a * sink).sum(-1, keepdim=True)
         other_sum = (a * ~sink).sum(-1, keepdim=True)
@@ -122,7 +126,7 @@ class ACT(Method):
 
     def fused_weights(self, p, ctx: RowContext, info: StepInfo):
         """Group-mass form on one chunk p (B, H, C, K): per-row factors on the sink / non-sink groups."""
-        sink = self.sinks_for_keys(ctx.key_abs, p.shape[0])[:, :, None, :]
+        sink = self.sinks_for_keys(ctx.key_abs, p.shape[0], info)[:, :, None, :]
         beta = self.p["beta"]
         m_sink = masked_sum(p, sink)
         m_other = masked_sum(p, ~sink)

@@ -1,0 +1,163 @@
+"""Recipe schema: loading, saving, built-ins, and a clear error for every kind of bad input."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import attnsteer
+from attnsteer import RecipeError, UnsupportedModelError
+
+from conftest import build_tiny
+
+
+def act(**params):
+    return {"interventions": [{"method": "act", "params": params}]}
+
+
+def test_builtins_load_and_round_trip(tmp_path):
+    names = attnsteer.builtin_names()
+    assert {"act-default", "softplus-reweight"} <= set(names)
+    for name in names:
+        recipe = attnsteer.load_recipe(name)
+        assert recipe.name == name and recipe.description and recipe.source
+        again = attnsteer.load_recipe(recipe.save(tmp_path / f"{name}.yaml"))
+        assert again == recipe and again.to_dict() == recipe.to_dict()
+        assert attnsteer.load_recipe(recipe) == recipe  # Recipe objects are accepted (and copied)
+
+
+def test_defaults_are_spec_defaults():
+    recipe = attnsteer.load_recipe({"interventions": [{"method": "act"}, {"method": "softplus"}]})
+    assert recipe.interventions[0].params == {"beta": 0.4, "threshold": 0.1, "apply_to": "prefill", "keep_first_sink": True}
+    assert recipe.interventions[1].params == {"p": 3.0, "offset": 1.0, "scoring": "softmax"}
+    assert recipe.interventions[0].layers is None  # resolved per SPEC at apply time ("2:-1" for ACT)
+
+
+def test_folder_save_and_hash_changes_with_params(tmp_path):
+    a = attnsteer.load_recipe(act(beta=0.4))
+    b = attnsteer.load_recipe(act(beta=0.5))
+    assert a.hash != b.hash
+    path = a.save(tmp_path / "shared_recipe")
+    assert path.name == "recipe.yaml"
+    assert attnsteer.load_recipe(tmp_path / "shared_recipe") == a
+
+
+@pytest.mark.parametrize(
+    "recipe, fragments",
+    [
+        ({"interventions": [{"method": "act", "params": {"beta": 1.5}}]}, ["params.beta", "1.5", "[0, 1]"]),
+        ({"interventions": [{"method": "act", "params": {"beta": "high"}}]}, ["params.beta", "'high'"]),
+        ({"interventions": [{"method": "act", "params": {"betta": 0.4}}]}, ["betta", "Did you mean 'beta'"]),
+        ({"interventions": [{"method": "act", "params": {"apply_to": "decode"}}]}, ["apply_to", "'prefill', 'all'"]),
+        ({"interventions": [{"method": "act", "params": {"threshold": 0}}]}, ["threshold", "(0, 1]"]),
+        ({"interventions": [{"method": "softplus", "params": {"p": -1}}]}, ["params.p", "-1"]),
+        ({"interventions": [{"method": "softplus", "params": {"scoring": "relu"}}]}, ["scoring", "'softmax', 'lssa'"]),
+        ({"interventions": [{"method": "act", "params": {"keep_first_sink": "yes"}}]}, ["keep_first_sink", "true or false"]),
+        ({"interventions": [{"method": "actt"}]}, ["method", "'actt'", "Did you mean 'act'"]),
+        ({"interventions": [{"method": "var"}]}, ["'var'", "not implemented"]),
+        ({"interventions": [{"method": "act", "beta": 0.4}]}, ["unknown key", "beta", "params"]),
+        ({"interventions": [{"method": "act", "layers": "2-5"}]}, ["layers", "'2-5'", "slice"]),
+        ({"interventions": [{"method": "act", "layers": []}]}, ["layers", "empty"]),
+        ({"interventions": [{"method": "act", "layers": "::0"}]}, ["layers", "step"]),
+        ({"interventions": [{"method": "act", "layers": 2.5}]}, ["layers", "2.5"]),
+        ({"interventions": [{"method": "act", "heads": "some"}]}, ["heads", "'some'"]),
+        ({"interventions": [{"method": "act", "heads": {1: []}}]}, ["heads[1]", "non-empty"]),
+        ({"interventions": [{"method": "act", "heads": {"x": [1]}}]}, ["heads", "'x'"]),
+        ({"interventions": []}, ["interventions", "non-empty"]),
+        ({"interventions": [{"method": "act"}], "modle_types": ["llama"]}, ["modle_types", "Did you mean 'model_types'"]),
+        ({"schema_version": 2, "interventions": [{"method": "act"}]}, ["schema_version", "2"]),
+        ({"interventions": [{"method": "act"}], "model_types": []}, ["model_types"]),
+        ({"interventions": [{"method": "act"}], "name": 5}, ["name", "5"]),
+        ({"interventions": [{"method": "act", "params": [1]}]}, ["params", "mapping"]),
+    ],
+)
+def test_bad_recipes_name_field_value_and_fix(recipe, fragments):
+    with pytest.raises(RecipeError) as err:
+        attnsteer.load_recipe(recipe)
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_bad_yaml_and_missing_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("interventions: [method: act\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        attnsteer.load_recipe(bad)
+    with pytest.raises(RecipeError, match="not a built-in recipe"):
+        attnsteer.load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(RecipeError, match="allowed"):
+        attnsteer.load_recipe(42)
+
+
+def test_hub_recipe_offline_error_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RecipeError, match="could not download recipe.yaml"):
+        attnsteer.load_recipe("hf://some-org/some-recipe")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny("llama")
+
+
+@pytest.mark.parametrize(
+    "recipe, fragments",
+    [
+        ({"interventions": [{"method": "act", "layers": 7}]}, ["layers", "layer 7 does not exist", "4 layers"]),
+        ({"interventions": [{"method": "act", "layers": "9:"}]}, ["selects no layer", "4 layers"]),
+        ({"interventions": [{"method": "act", "heads": {1: [0, 9]}}]}, ["heads[1]", "[9]", "4 query heads"]),
+        ({"interventions": [{"method": "act", "heads": {6: [0]}}]}, ["heads", "layer 6 does not exist"]),
+        ({"interventions": [{"method": "act", "layers": "0:2", "heads": {3: [0]}}]}, ["heads", "[3]", "does not select"]),
+        ({"model_types": ["qwen2"], "interventions": [{"method": "act"}]}, ["model_types", "'llama'"]),
+    ],
+)
+def test_recipes_that_do_not_fit_the_model(tiny, recipe, fragments):
+    with pytest.raises(RecipeError) as err:
+        attnsteer.apply(tiny, recipe)
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+    assert tiny.config._attn_implementation == "sdpa"  # nothing half-applied
+
+
+def test_unsupported_model_type_lists_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError) as err:
+        attnsteer.apply(model, "act-default")
+    assert "'gpt2'" in str(err.value) and "llama" in str(err.value) and "mistral" in str(err.value)
+
+
+def test_head_mapping_selects_layers_and_heads(tiny):
+    recipe = {"interventions": [{"method": "act", "heads": {1: [0, 3], -1: [2]}, "params": {"threshold": 0.05}}]}
+    with attnsteer.apply(tiny, recipe) as handle:
+        assert sorted(handle.plans) == [1, 3]
+        assert handle.plans[1].methods[0].heads.tolist() == [True, False, False, True]
+
+
+def test_yaml_file_written_by_hand(tmp_path, tiny):
+    text = """
+schema_version: 1
+name: hand-written
+description: test
+source: unit test
+model_types: [llama]
+interventions:
+  - method: act
+    layers: [1, "2:"]
+    heads: all
+    params: {beta: 0.5, threshold: 0.05}
+"""
+    path = tmp_path / "hand.yaml"
+    path.write_text(text)
+    recipe = attnsteer.load_recipe(path)
+    assert yaml.safe_load(recipe.to_yaml())["interventions"][0]["layers"] == [1, "2:"]
+    with attnsteer.apply(tiny, path) as handle:
+        assert sorted(handle.plans) == [1, 2, 3]
+
+
+def test_hash_ignores_whether_defaults_are_written_out():
+    implicit = attnsteer.load_recipe({"interventions": [{"method": "act"}]})
+    explicit = attnsteer.load_recipe({"interventions": [{"method": "act", "layers": "2:-1", "params": {"beta": 0.4}}]})
+    assert implicit.hash == explicit.hash
+    assert implicit.hash != attnsteer.load_recipe({"interventions": [{"method": "act", "layers": "all"}]}).hash
