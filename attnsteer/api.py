@@ -36,8 +36,11 @@ class LayerPlan:
     def weight_steps(self, is_prefill: bool) -> list:
         return [m for m in self.methods if m.has_weight_step and m.active(is_prefill)]
 
+    def head_steps(self, is_prefill: bool) -> list:
+        return [m for m in self.methods if m.has_head_step and m.active(is_prefill)]
+
     def active(self, is_prefill: bool) -> bool:
-        return any(m.active(is_prefill) for m in self.methods)
+        return any(m.active(is_prefill) and (m.has_score_step or m.has_weight_step or m.has_head_step) for m in self.methods)
 
 
 def _config_tree(config) -> list:
@@ -82,7 +85,8 @@ def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPla
                     )
                 layers = head_layers
         else:
-            layers = resolve_layers(iv.layers if iv.layers is not None else cls.default_layers, n_layers, f"{where}.layers")
+            default = cls.layers_default(iv.params, arch)
+            layers = resolve_layers(iv.layers if iv.layers is not None else default, n_layers, f"{where}.layers")
         for layer in layers:
             heads = resolve_heads(iv.heads, layer, n_layers, n_heads, f"{where}.heads")
             mask = None
@@ -96,7 +100,7 @@ def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPla
 class SteeringHandle:
     """A recipe applied to a model. ``remove()`` (or leaving a ``with`` block) restores it exactly."""
 
-    def __init__(self, model, recipe, backend, arch, plans, state, snapshot, hook):
+    def __init__(self, model, recipe, backend, arch, plans, state, snapshot, hooks):
         self.model = model
         self.recipe = recipe
         self.backend = backend
@@ -104,7 +108,7 @@ class SteeringHandle:
         self.plans = plans
         self._state = state
         self._snapshot = snapshot
-        self._hook = hook
+        self._hooks = hooks
         self._sites: dict[int, dispatch.LayerSite] = {}
         self.removed = False
 
@@ -113,7 +117,8 @@ class SteeringHandle:
         """Restore the model: previous attention implementations, no hooks, no attributes."""
         if self.removed:
             return
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
         for layer in self._sites:
             dispatch.detach(self.arch.attention_modules[layer])
         for config, value in self._snapshot:
@@ -151,8 +156,31 @@ class SteeringHandle:
                         "calls": site.stats.calls[key],
                         "fired": int(fired),
                         "rows_modified": int(rows),
+                        **({"rows_without_image": self._state.rows_without_image} if method.needs_image else {}),
                     }
                 )
+        return out
+
+    def focus(self, mask) -> "_Focus":
+        """Mark key positions to steer toward, for any model: ``with handle.focus(mask): ...``.
+
+        ``mask``: bool/int (batch, seq) over the padded prompt (same shape as ``input_ids``). The
+        marked positions play the "image" role of VAR, PAI and VHR (attention steering in the
+        style of PASTA, on text-only LLMs too). Applies to prompts started inside the block.
+        """
+        mask = torch.as_tensor(mask)
+        if mask.dim() != 2:
+            raise ValueError(f"handle.focus(mask): mask must be (batch, seq); got shape {tuple(mask.shape)}")
+        return _Focus(self._state, mask.bool())
+
+    def vhr_heads(self) -> dict[int, list[list[int]]]:
+        """VHR's heads selected for the last prompt: ``{layer: [per batch row [heads]]}``."""
+        out = {}
+        for layer, site in sorted(self._sites.items()):
+            for method in site.plan.methods:
+                heads = method.prompt_state.get("heads") if method.name == "vhr" else None
+                if heads is not None:
+                    out[layer] = [row.nonzero().flatten().tolist() for row in heads]
         return out
 
     def sinks(self) -> dict[int, list[dict[int, list[int]]]]:
@@ -173,6 +201,19 @@ class SteeringHandle:
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
         return f"SteeringHandle(recipe={self.recipe.name!r}, backend={self.backend!r}, layers={sorted(self.plans)}, {state})"
+
+
+class _Focus:
+    def __init__(self, state, mask):
+        self.state, self.mask = state, mask
+
+    def __enter__(self):
+        self.saved = self.state.focus_mask
+        self.state.focus_mask = self.mask
+        return self
+
+    def __exit__(self, *exc):
+        self.state.focus_mask = self.saved
 
 
 def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
@@ -209,11 +250,23 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
 
     snapshot = [(cfg, cfg._attn_implementation_internal) for cfg in _config_tree(model.config)]
     methods = [m for plan in plans.values() for m in plan.methods]
-    state = SteeringState(methods)
+    state = SteeringState(arch, methods)
+    state.pad_id = int(getattr(arch.text_config, "pad_token_id", None) or 0)
+    for method in methods:
+        method.state = state
     key = arch.spec.text_config_key
     model.set_attn_implementation({key: name} if key else name)
-    hook = arch.decoder.register_forward_pre_hook(state.pre_hook, with_kwargs=True)
-    handle = SteeringHandle(model, recipe, resolved_backend, arch, plans, state, snapshot, hook)
+    hooks = [
+        model.register_forward_pre_hook(state.model_pre_hook, with_kwargs=True),
+        model.register_forward_hook(state.model_post_hook, with_kwargs=True),
+        arch.decoder.register_forward_pre_hook(state.decoder_pre_hook, with_kwargs=True),
+    ]
+    var_layers = sorted(layer for layer, plan in plans.items() for m in plan.methods if m.name == "var")
+    for layer in var_layers:
+        method = next(m for m in plans[layer].methods if m.name == "var")
+        hook = state.make_layer_pre_hook(layer, method.p["tau"], method.p["sink_dims"], first=layer == var_layers[0])
+        hooks.append(arch.decoder.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
+    handle = SteeringHandle(model, recipe, resolved_backend, arch, plans, state, snapshot, hooks)
     for layer, plan in plans.items():
         module = arch.attention_modules[layer]
         site = dispatch.LayerSite(layer, plan, resolved_backend, dispatch.original_function(impl, module), state)

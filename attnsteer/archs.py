@@ -16,21 +16,67 @@ from .errors import UnsupportedModelError
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """One supported family.
+
+    model_type:       ``config.model_type``.
+    decoder_paths:    candidate paths (tried in order) to the module that owns ``.layers``.
+    text_config_key:  sub-config whose attention implementation is switched ("" = own config);
+                      vision towers and Q-Formers keep theirs.
+    image_token_attrs: config attributes holding placeholder ids whose positions are image keys.
+    wrapper_token_attrs: ids removed together with the image tokens to build the text-only stream
+                      (e.g. Qwen2-VL's vision start / end markers).
+    batch_state_attrs: per-batch tensors the model keeps between forwards (e.g. Qwen2-VL's
+                      ``rope_deltas``) that must follow the batch when a prefill is augmented.
+    vhr_default_layers: VHR's SPEC default layers for this family.
+    """
+
     model_type: str
     decoder_paths: tuple[str, ...] = ("model", "")
     attention_attr: str = "self_attn"
-    # Key of the sub-config whose attention implementation is switched; "" = the model's own config.
     text_config_key: str = ""
-    sliding_window: bool = False
+    image_token_attrs: tuple[str, ...] = ()
+    wrapper_token_attrs: tuple[str, ...] = ()
+    batch_state_attrs: tuple[str, ...] = ()
+    vhr_default_layers: object = (1, "-14:")
+
+    @property
+    def is_multimodal(self) -> bool:
+        return bool(self.image_token_attrs)
 
 
+_VLM_PATHS = ("model.language_model", "language_model.model", "language_model")
 ARCHS: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
         ArchSpec("llama"),
-        ArchSpec("mistral", sliding_window=True),
-        ArchSpec("qwen2", sliding_window=True),
-        ArchSpec("qwen3", sliding_window=True),
+        ArchSpec("mistral"),
+        ArchSpec("qwen2"),
+        ArchSpec("qwen3"),
+        ArchSpec("llava", _VLM_PATHS, text_config_key="text_config", image_token_attrs=("image_token_id",)),
+        ArchSpec("llava_next", _VLM_PATHS, text_config_key="text_config", image_token_attrs=("image_token_id",)),
+        ArchSpec(
+            "qwen2_vl",
+            _VLM_PATHS,
+            text_config_key="text_config",
+            image_token_attrs=("image_token_id", "video_token_id"),
+            wrapper_token_attrs=("vision_start_token_id", "vision_end_token_id"),
+            batch_state_attrs=("model.rope_deltas",),
+        ),
+        ArchSpec(
+            "qwen2_5_vl",
+            _VLM_PATHS,
+            text_config_key="text_config",
+            image_token_attrs=("image_token_id", "video_token_id"),
+            wrapper_token_attrs=("vision_start_token_id", "vision_end_token_id"),
+            batch_state_attrs=("model.rope_deltas",),
+        ),
+        ArchSpec(
+            "instructblip",
+            _VLM_PATHS,
+            text_config_key="text_config",
+            image_token_attrs=("image_token_id",),
+            vhr_default_layers="14:",
+        ),
     )
 }
 
@@ -46,6 +92,8 @@ class ResolvedArch:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    image_token_ids: tuple[int, ...] = ()
+    wrapper_token_ids: tuple[int, ...] = ()
 
     @property
     def num_layers(self) -> int:
@@ -90,4 +138,22 @@ def resolve(model: nn.Module) -> ResolvedArch:
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    return ResolvedArch(spec, decoder, attention, text_config, heads, kv_heads, head_dim)
+    def ids(attrs):
+        found = []
+        for attr in attrs:
+            value = getattr(config, attr, None)
+            if value is None:
+                value = getattr(text_config, attr, None)
+            if value is not None:
+                found.append(int(value))
+        return tuple(found)
+
+    image_ids = ids(spec.image_token_attrs)
+    if spec.is_multimodal and not image_ids:
+        raise UnsupportedModelError(
+            f"this {model_type} config has none of {list(spec.image_token_attrs)} set, so image tokens cannot be "
+            "found. Fix: set config.image_token_id to the placeholder id the processor inserts"
+        )
+    return ResolvedArch(
+        spec, decoder, attention, text_config, heads, kv_heads, head_dim, image_ids, ids(spec.wrapper_token_attrs)
+    )

@@ -171,7 +171,7 @@ class Recipe:
         out = self.to_dict()
         for iv, item in zip(self.interventions, out["interventions"]):
             if iv.layers is None:
-                item["layers"] = METHODS[iv.method].default_layers
+                item["layers"] = METHODS[iv.method].layers_default(iv.params)
         return out
 
     @property
@@ -221,7 +221,7 @@ def _parse_intervention(item: Any, where: str) -> Intervention:
     params = {}
     for pname, spec in cls.params.items():
         params[pname] = spec.validate(raw[pname], f"{where}.params.{pname}") if pname in raw else spec.default
-    return Intervention(method=method, layers=layers, heads=heads, params=params)
+    return Intervention(method=method, layers=layers, heads=heads, params=cls.finalize_params(params))
 
 
 # ---- built-ins and loading -------------------------------------------------------------------

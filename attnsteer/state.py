@@ -1,8 +1,14 @@
 """Per-forward side channel: what the attention function cannot see in its own arguments.
 
-``generate()`` rejects unknown kwargs, so padding, cache length and prompt boundaries travel
-here: a forward pre-hook on the steered decoder fills :class:`ForwardInfo` before every call, and
-resets each method's per-prompt state (e.g. ACT sink sets) when a new prompt starts.
+``generate()`` rejects unknown kwargs, so padding, cache length, token roles and prompt
+boundaries travel here, filled by forward hooks the handle installs:
+
+* on the steered model (the object given to ``apply``): token roles from ``input_ids`` at
+  prefill, the text-only stream added to the prefill batch (VHR) and dropped afterwards, and
+  logits-level steps (PAI's ``gamma``);
+* on the text decoder: :class:`ForwardInfo` (cache length, padding) of every forward, and the
+  per-prompt reset of each method's state;
+* on steered decoder layers (VAR): hidden-state sinks at prefill.
 """
 
 from __future__ import annotations
@@ -13,6 +19,12 @@ import torch
 
 from .attention.dispatch import forward_info_from_shapes
 from .attention.rows import ForwardInfo
+from .errors import SteeringError
+from .roles import PromptRoles, image_mask, positions_like, text_only_stream
+from .sinks import HiddenSinks
+
+# Per-token inputs that follow the batch when the text-only stream is appended.
+PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "token_type_ids")
 
 
 def first_valid_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -30,40 +42,232 @@ def first_valid_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
     return valid.int().argmax(dim=-1)
 
 
+def _bind(module, args, kwargs, cache: dict) -> dict:
+    sig = cache.get(type(module))
+    if sig is None:
+        sig = cache[type(module)] = inspect.signature(module.forward)
+    bound = sig.bind_partial(*args, **kwargs).arguments
+    extra = bound.pop("kwargs", {}) or {}
+    return {**bound, **extra}
+
+
+class TextStream:
+    """The unsteered text-only copy of the prompt with its own KV cache, advanced in lockstep
+    (PAI's logits step). Runs with steering switched off (``state.paused``)."""
+
+    def __init__(self, state):
+        self.state = state
+        self.cache = None
+        self.mask = None
+
+    def reset(self):
+        self.cache = None
+        self.mask = None
+
+    def step(self, model, kwargs: dict):
+        """Run the text-only stream for this forward; returns its last-position logits (B, V)."""
+        ids = kwargs.get("input_ids")
+        if ids is None:
+            raise SteeringError("PAI's gamma step needs input_ids (the text-only stream is built from them)")
+        past = kwargs.get("past_key_values")
+        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        if past_len == 0:
+            drop = image_mask(ids, self.state.drop_ids)
+            text_ids, self.mask = text_only_stream(ids, kwargs.get("attention_mask"), drop, self.state.pad_id)
+            step_ids, self.cache = text_ids, None
+        else:
+            if self.cache is None:
+                return None
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], ids.shape[1])], dim=1)
+            step_ids = ids
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+        with self.state.paused():
+            out = model(
+                input_ids=step_ids, attention_mask=self.mask, position_ids=positions,
+                past_key_values=self.cache, use_cache=True,
+            )
+        self.cache = out.past_key_values
+        return out.logits[:, -1]
+
+
 class SteeringState:
     """Shared by all sites of one handle."""
 
-    def __init__(self, methods):
+    def __init__(self, arch, methods):
+        self.arch = arch
         self.methods = list(methods)
         self.info: ForwardInfo | None = None
+        self.roles: PromptRoles | None = None
+        self.sinks = HiddenSinks()
+        self.focus_mask: torch.Tensor | None = None
+        self.stream_rows: int | None = None  # B when the prefill batch carries a text-only copy (2B rows)
+        self.text_stream = TextStream(self)
+        self.drop_ids = tuple(arch.image_token_ids) + tuple(arch.wrapper_token_ids)
+        self.pad_id = 0
         self.forwards = 0
         self.prompts = 0
-        self._signature = None
+        self.rows_without_image = 0
+        self.is_paused = False
+        self._signatures: dict = {}
+        self.needs_image = any(m.needs_image for m in self.methods)
+        self.needs_stream = any(m.needs_text_stream_in_batch for m in self.methods)
+        self.logits_methods = [m for m in self.methods if m.has_logits_step]
 
-    def pre_hook(self, module, args, kwargs):
-        if self._signature is None:
-            self._signature = inspect.signature(module.forward)
-        bound = self._signature.bind_partial(*args, **kwargs).arguments
-        extra = bound.get("kwargs", {})
-        get = lambda name: bound.get(name, extra.get(name))  # noqa: E731
-        tokens = get("input_ids")
+    # ---- pausing (the text-only stream runs unsteered) --------------------------------------
+    class _Pause:
+        def __init__(self, state):
+            self.state = state
+
+        def __enter__(self):
+            self.saved = (self.state.is_paused, self.state.info)
+            self.state.is_paused = True
+
+        def __exit__(self, *exc):
+            self.state.is_paused, self.state.info = self.saved
+
+    def paused(self):
+        return self._Pause(self)
+
+    # ---- hooks on the steered model ------------------------------------------------------------
+    def model_pre_hook(self, module, args, kwargs):
+        if self.is_paused:
+            return None
+        bound = _bind(module, args, kwargs, self._signatures)
+        cache = bound.get("past_key_values")
+        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        if past:
+            return None
+        ids = bound.get("input_ids")
+        self._new_prompt(ids)
+        if self.needs_stream and self.roles is not None and bool(self.roles.has_image.any()):
+            return (), self._append_text_stream(bound)
+        return None
+
+    def model_post_hook(self, module, args, kwargs, output):
+        if self.is_paused:
+            return None
+        if self.stream_rows is not None:
+            self._drop_text_stream(module, output)
+        for method in self.logits_methods:
+            method.logits_step(self, module, _bind(module, args, kwargs, self._signatures), output)
+        return output
+
+    def _new_prompt(self, ids) -> None:
+        self.prompts += 1
+        self.sinks.reset()
+        self.text_stream.reset()
+        for method in self.methods:
+            method.reset_prompt()
+        if ids is None and self.focus_mask is None:
+            self.roles = None
+        else:
+            if self.focus_mask is not None:
+                shape = tuple(ids.shape) if ids is not None else None
+                if shape is not None and tuple(self.focus_mask.shape) != shape:
+                    raise SteeringError(
+                        f"handle.focus(mask): mask has shape {tuple(self.focus_mask.shape)} but the prompt's input_ids "
+                        f"have shape {shape}. Fix: build the mask over the padded prompt, (batch, seq)"
+                    )
+                marked = self.focus_mask.to(device=ids.device if ids is not None else "cpu", dtype=torch.bool)
+            else:
+                marked = image_mask(ids, self.arch.image_token_ids)
+            self.roles = PromptRoles(marked)
+        if self.needs_image:
+            has = self.roles.has_image if self.roles is not None else None
+            if has is None or not bool(has.any()):
+                looked = list(self.arch.image_token_ids)
+                what = f"image token id(s) {looked} in input_ids" if looked else "image tokens (this is a text-only model)"
+                raise SteeringError(
+                    f"the recipe's {sorted({m.name for m in self.methods if m.needs_image})} steer attention toward "
+                    f"image keys, but no row of this input has any: looked for {what}, and no focus span is set. "
+                    "Fix: include the image placeholders the processor inserts, or mark key positions with "
+                    "`with handle.focus(mask): ...`"
+                )
+            self.rows_without_image += int((~has).sum())
+
+    def _append_text_stream(self, bound: dict) -> dict:
+        ids = bound.get("input_ids")
+        if ids is None:
+            raise SteeringError("VHR builds its text-only stream from input_ids; this call passed inputs_embeds only")
+        rows = ids.shape[0]
+        mask = bound.get("attention_mask")
+        drop = image_mask(ids, self.drop_ids) | self.roles.image
+        text_ids, text_mask = text_only_stream(ids, mask, drop, self.pad_id)
+        out = dict(bound)
+        out["input_ids"] = torch.cat([ids, text_ids])
+        base_mask = mask if mask is not None else torch.ones_like(ids)
+        out["attention_mask"] = torch.cat([base_mask, text_mask.to(base_mask.dtype)])
+        if bound.get("position_ids") is not None:
+            pos = bound["position_ids"]
+            out["position_ids"] = torch.cat([pos, positions_like(text_mask, pos)], dim=-2)
+        for name in ("mm_token_type_ids", "token_type_ids"):
+            if bound.get(name) is not None:
+                out[name] = torch.cat([bound[name], torch.zeros_like(bound[name])])
+        self.roles = PromptRoles(torch.cat([self.roles.image, torch.zeros_like(self.roles.image)]))
+        self.stream_rows = rows
+        return out
+
+    def _drop_text_stream(self, module, output) -> None:
+        rows = self.stream_rows
+        self.stream_rows = None
+        keep = torch.arange(rows, device=output.logits.device)
+        output.logits = output.logits[:rows]
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None and hasattr(cache, "batch_select_indices"):
+            cache.batch_select_indices(keep)
+        for name in ("hidden_states", "attentions"):
+            value = getattr(output, name, None)
+            if isinstance(value, tuple):
+                setattr(output, name, tuple(v[:rows] if isinstance(v, torch.Tensor) else v for v in value))
+        for path in self.arch.spec.batch_state_attrs:
+            owner_path, _, attr = path.rpartition(".")
+            owner = module
+            for part in filter(None, owner_path.split(".")):
+                owner = getattr(owner, part)
+            value = getattr(owner, attr, None)
+            if isinstance(value, torch.Tensor) and value.shape[0] == 2 * rows:
+                setattr(owner, attr, value[:rows])
+        self.roles = self.roles.select(slice(0, rows))
+        self.sinks.crop(rows)
+        for method in self.methods:
+            method.crop_batch(rows)
+
+    # ---- hook on the text decoder -------------------------------------------------------------
+    def decoder_pre_hook(self, module, args, kwargs):
+        if self.is_paused:
+            self.info = None
+            return None
+        bound = _bind(module, args, kwargs, self._signatures)
+        tokens = bound.get("input_ids")
         if tokens is None:
-            tokens = get("inputs_embeds")
+            tokens = bound.get("inputs_embeds")
         if tokens is None:
             self.info = None
             return None
         q_len = tokens.shape[1]
-        cache = get("past_key_values")
+        cache = bound.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         self.info = ForwardInfo(
-            q_len=q_len, past_len=past, total_len=past + q_len, first_valid=first_valid_positions(get("attention_mask"))
+            q_len=q_len, past_len=past, total_len=past + q_len, first_valid=first_valid_positions(bound.get("attention_mask"))
         )
         self.forwards += 1
-        if past == 0:
-            self.prompts += 1
-            for method in self.methods:
-                method.reset_prompt()
         return None
+
+    # ---- hooks on steered decoder layers (VAR's hidden-state sinks) -------------------------
+    def make_layer_pre_hook(self, layer: int, tau: float, dims, first: bool):
+        def hook(module, args, kwargs):
+            info = self.info
+            if self.is_paused or info is None or not info.is_prefill:
+                return None
+            hidden = args[0] if args else kwargs["hidden_states"]
+            length = hidden.shape[1]
+            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+            if info.first_valid is not None:
+                valid = torch.arange(length, device=hidden.device).view(1, -1) >= info.first_valid.view(-1, 1).to(hidden.device)
+            self.sinks.detect(layer, hidden, valid, tau, dims, first)
+            return None
+
+        return hook
 
     def info_for(self, query: torch.Tensor, key: torch.Tensor) -> ForwardInfo:
         info = self.info

@@ -545,7 +545,7 @@ def extrapolate_memory(mem_recs, name: str, n: int) -> tuple[float, int] | None:
 
 def describe_estimate(est, n: int) -> str:
     gib, n0 = est
-    return f"est. torch peak at {n}: ~{gib:.1f} GiB (from {n0}: quadratic extra + linear baseline)"
+    return f"est. torch peak at {n}: ~{gib:.3g} GiB (from {n0}: quadratic extra + linear baseline)"
 
 
 METHOD_TEXT = """\
@@ -699,7 +699,7 @@ def main(argv=None) -> None:
                     gib = 9 * n * n * 4 / 2**30
                     notes[(n, name)] = (
                         f"skipped (length > --skip-reference-above {args.skip_reference_above}): the reference "
-                        f"materialises 9 heads x {n}^2 fp32 = {gib:.1f} GiB per tensor per layer, several alive "
+                        f"materialises 9 heads x {n}^2 fp32 = {gib:.3g} GiB per tensor per layer, several alive "
                         "(float64 copies for softplus)"
                     )
                     continue

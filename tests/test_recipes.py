@@ -54,7 +54,7 @@ def test_folder_save_and_hash_changes_with_params(tmp_path):
         ({"interventions": [{"method": "softplus", "params": {"scoring": "relu"}}]}, ["scoring", "'softmax', 'lssa'"]),
         ({"interventions": [{"method": "act", "params": {"keep_first_sink": "yes"}}]}, ["keep_first_sink", "true or false"]),
         ({"interventions": [{"method": "actt"}]}, ["method", "'actt'", "Did you mean 'act'"]),
-        ({"interventions": [{"method": "var"}]}, ["'var'", "not implemented"]),
+        ({"interventions": [{"method": "agla"}]}, ["'agla'", "not implemented"]),
         ({"interventions": [{"method": "act", "beta": 0.4}]}, ["unknown key", "beta", "params"]),
         ({"interventions": [{"method": "act", "layers": "2-5"}]}, ["layers", "'2-5'", "slice"]),
         ({"interventions": [{"method": "act", "layers": []}]}, ["layers", "empty"]),

@@ -104,17 +104,27 @@ class LayerSite:
         self.stats = SiteStats(plan.methods)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        if self.state.is_paused:
+            return self.original(module, query, key, value, attention_mask, **kwargs)
         info = self.state.info_for(query, key)
-        if not self.plan.active(info.is_prefill):
+        prefill = info.is_prefill
+        if not self.plan.active(prefill):
             return self.original(module, query, key, value, attention_mask, **kwargs)
         if module.training and kwargs.get("dropout", 0.0):
             raise SteeringError("attnsteer steers inference only; call model.eval() before steering")
-        scaling = kwargs.get("scaling")
-        if scaling is None:
-            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-        mask = MaskView(attention_mask, query.shape[2], key.shape[2])
-        self.stats.begin(self.plan.weight_steps(info.is_prefill) + self.plan.score_steps(info.is_prefill))
-        out, weights = BACKENDS[self.backend](self.plan, query, key, value, mask, scaling, info, self.stats)
+        head_steps = self.plan.head_steps(prefill)
+        self.stats.begin(self.plan.weight_steps(prefill) + self.plan.score_steps(prefill) + head_steps)
+        if self.plan.weight_steps(prefill) or self.plan.score_steps(prefill):
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+            mask = MaskView(attention_mask, query.shape[2], key.shape[2])
+            out, weights = BACKENDS[self.backend](self.plan, query, key, value, mask, scaling, info, self.stats)
+        else:  # head-level only (VHR): the model's own attention, then per-head scaling
+            out, weights = self.original(module, query, key, value, attention_mask, **kwargs)
+        for method in head_steps:
+            out, rows = method.head_output(out, info)
+            self.stats.record(method, rows)
         self.stats.end()
         return out, weights
 

@@ -81,4 +81,5 @@ def row_context(visible: torch.Tensor, info: ForwardInfo, q0: int, key_abs: torc
     if info.first_valid is not None:
         pos = pos - info.first_valid.to(device).view(-1, 1, 1, 1)
     n_visible = visible.sum(-1, keepdim=True, dtype=torch.float32)
-    return RowContext(visible=visible, n_visible=n_visible, rel_pos=pos, key_abs=key_abs)
+    row_abs = torch.arange(q0, q0 + c, device=device).view(1, 1, c, 1) + info.past_len
+    return RowContext(visible=visible, n_visible=n_visible, rel_pos=pos, key_abs=key_abs, row_abs=row_abs)

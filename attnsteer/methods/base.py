@@ -35,8 +35,13 @@ class Param:
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
+    # For parameters that are not plain numbers/strings: check(value, field) -> normalised value.
+    check: Callable | None = None
+    allowed_text: str = ""
 
     def allowed(self) -> str:
+        if self.allowed_text:
+            return self.allowed_text
         if self.choices is not None:
             return "one of " + ", ".join(repr(c) for c in self.choices)
         if self.kind is bool:
@@ -49,6 +54,11 @@ class Param:
 
     def validate(self, value: Any, field_name: str) -> Any:
         bad = f"{field_name}: got {value!r}; allowed: {self.allowed()} ({self.doc}). Default: {self.default!r}"
+        if self.check is not None:
+            try:
+                return self.check(value)
+            except (TypeError, ValueError):
+                raise RecipeError(bad) from None
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise RecipeError(bad)
@@ -79,12 +89,14 @@ class RowContext:
     n_visible: float (B|1, 1, C, 1) -- N_i, number of visible keys of the row.
     rel_pos:   long (B, 1, C, 1) -- position of the row counted from its row's first non-pad token.
     key_abs:   long (K,) -- absolute (padded-layout) position of each key index.
+    row_abs:   long (1, 1, C, 1) -- absolute (padded-layout) position of each query row.
     """
 
     visible: torch.Tensor
     n_visible: torch.Tensor
     rel_pos: torch.Tensor
     key_abs: torch.Tensor
+    row_abs: torch.Tensor | None = None
 
 
 class Method:
@@ -101,11 +113,18 @@ class Method:
     citation: ClassVar[str] = ""
     has_score_step: ClassVar[bool] = False
     has_weight_step: ClassVar[bool] = False
+    has_head_step: ClassVar[bool] = False
+    has_logits_step: ClassVar[bool] = False
+    # Methods that act on image (or focus-span) keys and need them in the prompt.
+    needs_image: ClassVar[bool] = False
+    # Methods that need the text-only stream in the prefill batch (VHR).
+    needs_text_stream_in_batch: ClassVar[bool] = False
 
-    def __init__(self, params: dict[str, Any], layer: int, heads: torch.Tensor | None):
+    def __init__(self, params: dict[str, Any], layer: int, heads: torch.Tensor | None, state=None):
         self.p = dict(params)
         self.layer = layer
         self.heads = heads
+        self.state = state  # the handle's SteeringState (token roles, hidden-state sinks, streams)
         # Per-prompt state (e.g. ACT sink sets), reset whenever a new prompt starts.
         self.prompt_state: dict[str, Any] = {}
 
@@ -114,6 +133,30 @@ class Method:
     def is_identity_params(cls, params: dict[str, Any]) -> bool:
         """True when these parameters provably leave every attention row unchanged."""
         return False
+
+    @classmethod
+    def finalize_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """Fill defaults that depend on other parameters (e.g. VAR's variant)."""
+        return params
+
+    @classmethod
+    def layers_default(cls, params: dict[str, Any], arch=None):
+        """SPEC default layers; ``arch`` (archs.ResolvedArch or None) for family-dependent ones."""
+        return cls.default_layers
+
+    def crop_batch(self, rows: int) -> None:
+        """Keep the first ``rows`` batch rows of per-prompt state (after an augmented prefill)."""
+        for key, value in list(self.prompt_state.items()):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > rows:
+                self.prompt_state[key] = value[:rows]
+
+    def head_output(self, out: torch.Tensor, info) -> tuple[torch.Tensor, object]:  # pragma: no cover
+        """out: (B, Q, H_q, D) attention output before o_proj -> (scaled out, rows changed)."""
+        raise NotImplementedError
+
+    def logits_step(self, state, model, kwargs: dict, output) -> None:  # pragma: no cover
+        """Rewrite ``output.logits`` of a top-level forward (logits-level methods)."""
+        raise NotImplementedError
 
     def active(self, is_prefill: bool) -> bool:
         """Whether this step modifies anything in a forward of this phase."""
@@ -170,10 +213,7 @@ METHODS: dict[str, type[Method]] = {}
 # Methods SPEC.md defines whose implementation has not landed yet; recipes naming them fail with
 # a clear error instead of silently doing nothing.
 PLANNED_METHODS: dict[str, str] = {
-    "var": "SPEC.md section 1 (VAR, visual attention sink redistribution)",
-    "vhr": "SPEC.md section 3 (VHR, vision-aware head reinforcement)",
     "agla": "SPEC.md section 4 (AGLA, global/local view assembly)",
-    "pai": "SPEC.md section 6 (PAI, paying more attention to image)",
 }
 
 

@@ -1,0 +1,155 @@
+"""Flags and steps shared by ``attnsteer eval pope|chair|mmlu`` (lm-eval-style names).
+
+Import-light on purpose (argparse and the standard library only): the CLI builds every eval
+sub-parser at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_RUNS_DIR = "attnsteer_runs"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _limit(text: str) -> float:
+    """lm-eval's --limit: an item count (int >= 1) or a fraction in (0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (e.g. 100) or a fraction (e.g. 0.1), got {text!r}") from None
+    if value <= 0 or (value >= 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text!r}")
+    return int(value) if value >= 1 else value
+
+
+def add_model_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
+    from ..cli import MODEL_ARG_KEYS
+
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--model_args", default=None,
+                   help="key=value,... e.g. dtype=bfloat16,device=cuda; keys: " + ", ".join(MODEL_ARG_KEYS))
+
+
+def add_run_arguments(p: argparse.ArgumentParser, *, batch_default: int = 1, limit_help: str | None = None,
+                      samples_help: str | None = None) -> None:
+    """--recipe, --seed, --limit, --batch_size, --output_path, --log_samples, --backend, --no_progress."""
+    p.add_argument("--recipe", action="extend", nargs="+", metavar="R", default=None,
+                   help="recipe to compare: 'none' (the unsteered baseline), a built-in name, a YAML path or a hub "
+                        "repo; repeat for several, all run on the one loaded model (default: none)")
+    p.add_argument("--seed", action="extend", nargs="+", type=int, metavar="N", default=None,
+                   help="seed(s); repeat for several (default: 0). Greedy decoding gives the same output for every "
+                        "seed; seeds matter with sampling")
+    p.add_argument("--limit", type=_limit, default=None,
+                   help=limit_help or "only the first N items (or a fraction < 1) -- for quick checks, not for "
+                                      "reported numbers")
+    p.add_argument("--batch_size", type=_positive_int, default=batch_default,
+                   help=f"items per forward/generate call, left-padded (default: {batch_default})")
+    p.add_argument("--output_path", default=None,
+                   help=f"run directory for results.json + samples.jsonl (default: ./{DEFAULT_RUNS_DIR}/<task>-<model>-"
+                        "<settings hash>); rerunning the same command there resumes it")
+    p.add_argument("--log_samples", action="store_true",
+                   help=samples_help or "accepted for lm-eval compatibility: samples.jsonl is always written "
+                                        "(resuming needs it)")
+    p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",
+                   help="steering backend: auto = fused (O(N) memory); reference = float32 eager oracle")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+
+
+def seeds_of(args) -> list[int]:
+    return list(dict.fromkeys(args.seed)) if args.seed else [0]
+
+
+def apply_limit(items: Sequence, limit) -> list:
+    """First ``limit`` items (a count), or ``ceil(limit * n)`` for a fraction."""
+    items = list(items)
+    if limit is None:
+        return items
+    n = limit if isinstance(limit, int) else math.ceil(limit * len(items))
+    return items[:n]
+
+
+def slug(text: str) -> str:
+    text = text.rstrip("/").split("/")[-1] if "/" in text else text
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "model"
+
+
+def short_hash(data: Any, n: int = 8) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def output_dir(args, task: str, model_id: str, identity: dict) -> Path:
+    """``--output_path`` or the default ``./attnsteer_runs/<task>-<model>-<hash of identity>`` (the
+    same command lands in the same folder, so it resumes)."""
+    if args.output_path:
+        return Path(args.output_path).expanduser()
+    return Path(DEFAULT_RUNS_DIR) / f"{task}-{slug(model_id)}-{short_hash(identity)}"
+
+
+def model_identity(model_id: str, kwargs: dict) -> dict:
+    """The parts of --model/--model_args that can change outputs (not the device)."""
+    out: dict = {"model": model_id}
+    for key in ("dtype", "attn_implementation", "revision", "trust_remote_code"):
+        if key in kwargs:
+            out[key] = str(kwargs[key]).removeprefix("torch.")
+    return out
+
+
+def summarize_seeds(by_seed: dict) -> tuple[dict, dict]:
+    """Mean over seeds of every numeric metric, and the sample std (empty with one seed)."""
+    names: list[str] = []
+    for metrics in by_seed.values():
+        names += [k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    names = list(dict.fromkeys(names))
+    mean, std = {}, {}
+    for name in names:
+        values = [m[name] for m in by_seed.values() if isinstance(m.get(name), (int, float))]
+        if not values:
+            continue
+        mu = sum(values) / len(values)
+        mean[name] = mu
+        if len(values) > 1:
+            std[name] = math.sqrt(sum((v - mu) ** 2 for v in values) / (len(values) - 1))
+    return mean, std
+
+
+def hub_offline_if_unreachable() -> bool:
+    """Set the Hugging Face offline switches when the hub cannot be reached (so a missing dataset
+    fails at once instead of retrying for minutes). Returns True when offline."""
+    from ..cli import _hub_reachable
+
+    truthy = ("1", "true", "yes", "on")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy or os.environ.get(
+        "HF_DATASETS_OFFLINE", "").lower() in truthy
+    if not offline and not _hub_reachable():
+        offline = True
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["HF_DATASETS_OFFLINE"] = "1"
+        for mod_name, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                               ("datasets.config", "HF_DATASETS_OFFLINE")):
+            mod = sys.modules.get(mod_name)
+            if mod is not None and hasattr(mod, attr):
+                setattr(mod, attr, True)
+    return offline
+
+
+def print_table(markdown: str) -> None:
+    print(markdown, flush=True)

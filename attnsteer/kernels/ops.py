@@ -1,0 +1,463 @@
+"""Python launchers for the Triton kernels: shapes, strides, launch grids, block sizes.
+
+Importing this module imports torch only. Triton and the kernels themselves
+(:mod:`attnsteer.kernels._triton`) are imported on the first kernel call, so a machine without
+triton can import attnsteer (and this module) and gets :class:`TritonUnavailableError` only when a
+kernel is actually called. On CPU, kernels run only under Triton's interpreter:
+``TRITON_INTERPRET=1`` must be in the environment before that first call.
+
+Masks are never passed as tensors: every kernel takes the structure of transformers' causal mask
+as a :class:`MaskSpec` (query offset, per-batch-row first valid key, optional sliding window).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MAX_GROUPS = 4  # int8 group ids 0..3 (pass 2 and decode keep per-group state in registers)
+SOFTPLUS_FREE_ROWS = 3  # SPEC section 5: o_i = 0 for the first three positions of a row
+
+
+class TritonUnavailableError(ImportError):
+    """triton is not installed (or cannot be imported) but a Triton kernel was called."""
+
+
+class KernelLaunchError(RuntimeError):
+    """A kernel failed to compile or launch (the message names the kernel); callers may fall back."""
+
+
+_STATE: dict = {}
+
+
+def available() -> bool:
+    """Whether triton can be imported (checked once; does not define the kernels)."""
+    if "available" not in _STATE:
+        ok = importlib.util.find_spec("triton") is not None
+        if ok:
+            try:
+                importlib.import_module("triton")
+                importlib.import_module("triton.language")
+            except Exception as exc:  # pragma: no cover - broken installs
+                _STATE["import_error"] = exc
+                ok = False
+        _STATE["available"] = ok
+    return _STATE["available"]
+
+
+def interpreting() -> bool:
+    """Whether kernels run (or will run) under Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    if "kernels" in _STATE:
+        return _STATE["interpreted"]
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def kernels():
+    """The kernel module (imported, i.e. the kernels defined, on the first call)."""
+    mod = _STATE.get("kernels")
+    if mod is None:
+        if not available():
+            err = _STATE.get("import_error")
+            raise TritonUnavailableError(
+                "attnsteer's Triton kernels need the `triton` package"
+                + (f" (importing it failed: {err})" if err else "")
+                + ". Fix: pip install 'triton>=3.2' (Linux + CUDA), or use backend='fused' / 'reference', "
+                "which run in plain PyTorch"
+            )
+        mod = importlib.import_module("attnsteer.kernels._triton")
+        try:
+            from triton import knobs
+
+            interpreted = bool(knobs.runtime.interpret)
+        except Exception:  # pragma: no cover - older triton
+            interpreted = interpreting()
+        _STATE["interpreted"] = interpreted
+        _STATE["kernels"] = mod
+    return mod
+
+
+# ---------------------------------------------------------------------------------------------
+# arguments
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class MaskSpec:
+    """Structure of a causal + left-padding (+ sliding-window) mask, in key-index space.
+
+    q_offset: key index of query row 0 (query row i sits at key index q_offset + i; K - Q for a
+              dynamic cache).
+    kv_start: int32 (B,) first valid (non-pad) key index of each batch row, or None (all 0).
+    window:   sliding window W (key j visible from query position p iff j > p - W), 0 = none.
+    """
+
+    q_offset: int
+    kv_start: torch.Tensor | None = None
+    window: int = 0
+
+
+@dataclass
+class Groups:
+    """Per-key group ids: int8 ``gid`` (B, 1|H, P) indexed by absolute key position; key index
+    j is at position ``offset + j``; positions >= P are group 0. ``num_groups`` in 1..4."""
+
+    gid: torch.Tensor
+    num_groups: int
+    offset: int = 0
+
+
+@dataclass
+class SoftplusArgs:
+    """Softplus re-weighting (SPEC section 5) for pass 2 / decode.
+
+    lse: float32 (B, H, Q) row log-sum-exp from :func:`row_stats` (prefill only).
+    steer: int8 (H,) 1 for steered query heads. rel0: int32 (B,) position (from the row's first
+    non-pad token) of query row 0; row i is at rel0 + i.
+    """
+
+    p: float
+    offset: float
+    steer: torch.Tensor
+    rel0: torch.Tensor
+    lse: torch.Tensor | None = None
+
+
+def _pow2(n: int, low: int = 16) -> int:
+    return max(low, 1 << max(0, math.ceil(math.log2(max(1, n)))))
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def _check(q, k, v=None):
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"expected q (B, Hq, Q, D) and k (B, Hkv, K, D); got {tuple(q.shape)} and {tuple(k.shape)}")
+    b, hq, _, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or hq % k.shape[1]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not fit (batch, head dim, GQA ratio)")
+    tensors = (q, k) if v is None else (q, k, v)
+    if v is not None and v.shape != k.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
+    if any(t.dtype != q.dtype for t in tensors) or q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q, k, v must share one dtype among {SUPPORTED_DTYPES}; got {[t.dtype for t in tensors]}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {d} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
+    if any(t.device != q.device for t in tensors):
+        raise ValueError("q, k, v must be on one device")
+    kernels()
+    if q.device.type != "cuda" and not _STATE["interpreted"]:
+        raise ValueError(
+            f"Triton kernels got {q.device.type} tensors; they run on CUDA, or on CPU only under the interpreter "
+            "(set TRITON_INTERPRET=1 before the first kernel call)"
+        )
+
+
+def _dot_prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _blocks(q_len: int, d: int, block_m: int | None, block_n: int | None) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernels.
+
+    GPU defaults are untuned first choices (64 x 64, 4 warps; see docs/kernels.md);
+    ATTNSTEER_TRITON_BLOCK_M / _BLOCK_N override them. The interpreter uses 16 x 16 tiles so small
+    test shapes still cross tile boundaries.
+    """
+    if _STATE.get("interpreted"):
+        bm, bn = 16, 16
+    else:
+        bm = _env_int("ATTNSTEER_TRITON_BLOCK_M", 64)
+        bn = _env_int("ATTNSTEER_TRITON_BLOCK_N", 64 if d <= 128 else 32)
+    bm = block_m or bm
+    bn = block_n or bn
+    warps = _env_int("ATTNSTEER_TRITON_WARPS", 4 if bm <= 64 else 8)
+    stages = _env_int("ATTNSTEER_TRITON_STAGES", 2)
+    return bm, bn, warps, stages
+
+
+def _launch(name: str, kernel, grid, *args, **kwargs):
+    try:
+        kernel[grid](*args, **kwargs)
+    except (ValueError, TypeError, IndexError) as exc:
+        # argument bugs on our side are not something to fall back from silently
+        if not _STATE.get("interpreted") and "compil" in str(exc).lower():
+            raise KernelLaunchError(f"Triton kernel {name} failed to compile: {exc}") from exc
+        raise
+    except Exception as exc:
+        if _STATE.get("interpreted"):
+            raise
+        raise KernelLaunchError(f"Triton kernel {name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _mask_args(mask: MaskSpec, device):
+    if mask.kv_start is not None:
+        kvs = mask.kv_start
+        if kvs.dtype != torch.int32 or kvs.device != device:
+            kvs = kvs.to(device=device, dtype=torch.int32)
+        return kvs, True
+    return torch.empty(1, dtype=torch.int32, device=device), False
+
+
+def _group_args(groups: Groups | None, device):
+    if groups is None:
+        dummy = torch.empty(1, dtype=torch.int8, device=device)
+        return dummy, (0, 0, 0), 0, 0, 0
+    gid = groups.gid
+    if gid.dtype == torch.bool:
+        gid = gid.view(torch.int8)
+    if gid.dtype != torch.int8 or gid.dim() != 3:
+        raise ValueError(f"group ids must be int8 (B, 1|H, P); got {gid.dtype} {tuple(gid.shape)}")
+    if not 1 <= groups.num_groups <= MAX_GROUPS:
+        raise ValueError(f"num_groups must be in 1..{MAX_GROUPS}; got {groups.num_groups}")
+    sb, sh, sn = gid.stride()
+    if gid.shape[1] == 1:
+        sh = 0
+    return gid, (sb, sh, sn), groups.num_groups, int(groups.offset), gid.shape[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill
+# ---------------------------------------------------------------------------------------------
+def row_stats(q, k, mask: MaskSpec, scale: float, groups: Groups | None = None, lse: torch.Tensor | None = None,
+              block_m: int | None = None, block_n: int | None = None):
+    """Pass 1 (QK only). Returns (lse float32 (B, Hq, Q), masses float32 (B, Hq, Q, G) or None).
+
+    Without ``lse``: one online sweep gives the row LSE and, with ``groups``, the group masses
+    M_g = exp(lse_g - lse). With ``lse`` (from an earlier call) and ``groups``: masses only, summing
+    exp(s - lse) directly. Fully masked rows: lse = -inf, masses 0.
+    """
+    _check(q, k)
+    if lse is not None and groups is None:
+        raise ValueError("row_stats: `lse` is only used together with `groups`")
+    mod = kernels()
+    b, hq, q_len, d = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    bm, bn, warps, stages = _blocks(q_len, d, block_m, block_n)
+    kvs, has_kvs = _mask_args(mask, q.device)
+    gid, gstr, ng, goff, glen = _group_args(groups, q.device)
+    lse_out = lse if lse is not None else torch.empty(b, hq, q_len, dtype=torch.float32, device=q.device)
+    if lse is not None and (lse.shape != (b, hq, q_len) or lse.dtype != torch.float32 or not lse.is_contiguous()):
+        raise ValueError(f"lse must be contiguous float32 {(b, hq, q_len)}; got {lse.dtype} {tuple(lse.shape)}")
+    masses = torch.empty(b, hq, q_len, max(ng, 1), dtype=torch.float32, device=q.device) if ng else lse_out
+    grid = (triton_cdiv(q_len, bm), b * hq)
+    _launch(
+        "row_stats", mod.row_stats_kernel, grid,
+        q, k, lse_out, masses, gid, lse_out, kvs,
+        *q.stride(), *k.stride(), *gstr,
+        hq, hq // hkv, q_len, k_len, d, float(scale), int(mask.q_offset), int(mask.window), goff, glen,
+        HAS_KVS=has_kvs, NUM_GROUPS=ng, G_PAD=_pow2(max(ng, 1), 2), LSE_GIVEN=lse is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), DOT_PREC=_dot_prec(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    return lse_out, (masses if ng else None)
+
+
+def column_stats(q, k, lse: torch.Tensor, mask: MaskSpec, scale: float,
+                 block_m: int | None = None, block_n: int | None = None):
+    """ACT's column pass (QK only, after pass 1). Returns (colsum float32 (B, Hq, K) = sum over
+    the forward's rows of a_ij, count float32 (B, 1, K) = rows that see key j)."""
+    _check(q, k)
+    mod = kernels()
+    b, hq, q_len, d = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    bm, bn, warps, stages = _blocks(q_len, d, block_m, block_n)
+    kvs, has_kvs = _mask_args(mask, q.device)
+    colsum = torch.empty(b, hq, k_len, dtype=torch.float32, device=q.device)
+    count = torch.empty(b, 1, k_len, dtype=torch.float32, device=q.device)
+    grid = (triton_cdiv(k_len, bn), b * hq)
+    _launch(
+        "column_stats", mod.column_stats_kernel, grid,
+        q, k, lse.contiguous(), colsum, count, kvs,
+        *q.stride(), *k.stride(),
+        hq, hq // hkv, q_len, k_len, d, float(scale), int(mask.q_offset), int(mask.window),
+        HAS_KVS=has_kvs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), DOT_PREC=_dot_prec(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    return colsum, count
+
+
+def attention(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, bias: torch.Tensor | None = None,
+              softplus: SoftplusArgs | None = None, out: torch.Tensor | None = None,
+              block_m: int | None = None, block_n: int | None = None):
+    """Pass 2: one fused attention sweep. Returns (out (B, Q, Hq, D) in q.dtype, modified int8
+    (B, Hq, Q) for softplus else None).
+
+    ``groups`` + ``bias`` float32 (B, Hq, Q, G): scores get bias[b, h, i, group(j)] (the exact
+    one-pass form of any rule that rescales whole groups by per-row factors: bias = log(M'_g/M_g)).
+    ``softplus``: score p log(N_i exp(s - lse_i) - o_i) where positive, else masked; rows of a
+    steered head where nothing survives keep plain attention. Without either: plain attention.
+    """
+    _check(q, k, v)
+    if (groups is None) != (bias is None):
+        raise ValueError("attention: `groups` and `bias` go together")
+    if softplus is not None and bias is not None:
+        raise ValueError("attention: bias and softplus re-weighting are separate modes")
+    mod = kernels()
+    b, hq, q_len, d = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    bm, bn, warps, stages = _blocks(q_len, d, block_m, block_n)
+    kvs, has_kvs = _mask_args(mask, q.device)
+    gid, gstr, ng, goff, glen = _group_args(groups, q.device)
+    if bias is not None:
+        if bias.shape != (b, hq, q_len, ng):
+            raise ValueError(f"bias must be (B, Hq, Q, G) = {(b, hq, q_len, ng)}; got {tuple(bias.shape)}")
+        bias = bias.to(torch.float32).contiguous()
+    else:
+        bias = torch.empty(1, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(b, q_len, hq, d, dtype=q.dtype, device=q.device)
+    modified = None
+    if softplus is not None:
+        if softplus.lse is None:
+            raise ValueError("attention: softplus re-weighting needs pass 1's lse")
+        lse = softplus.lse.contiguous()
+        steer = softplus.steer.to(device=q.device, dtype=torch.int8).contiguous()
+        rel0 = softplus.rel0.to(device=q.device, dtype=torch.int32).contiguous()
+        modified = torch.empty(b, hq, q_len, dtype=torch.int8, device=q.device)
+        sp = (float(softplus.p), float(softplus.offset), SOFTPLUS_FREE_ROWS)
+    else:
+        lse = steer = rel0 = torch.empty(1, dtype=torch.float32, device=q.device)
+        steer = torch.empty(1, dtype=torch.int8, device=q.device)
+        rel0 = torch.empty(1, dtype=torch.int32, device=q.device)
+        sp = (1.0, 0.0, SOFTPLUS_FREE_ROWS)
+    mod_buf = modified if modified is not None else torch.empty(1, dtype=torch.int8, device=q.device)
+    grid = (triton_cdiv(q_len, bm), b * hq)
+    _launch(
+        "attn_fwd", mod.attn_fwd_kernel, grid,
+        q, k, v, out, gid, bias, lse, steer, rel0, mod_buf, kvs,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *gstr,
+        hq, hq // hkv, q_len, k_len, d, float(scale), int(mask.q_offset), int(mask.window), goff, glen,
+        *sp,
+        HAS_KVS=has_kvs, NUM_GROUPS=ng, G_PAD=_pow2(max(ng, 1), 2), SOFTPLUS=softplus is not None,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), DOT_PREC=_dot_prec(q.dtype),
+        num_warps=warps, num_stages=stages,
+    )
+    return out, modified
+
+
+# ---------------------------------------------------------------------------------------------
+# decode
+# ---------------------------------------------------------------------------------------------
+def _num_sms(device) -> int:
+    key = ("sms", str(device))
+    if key not in _STATE:
+        _STATE[key] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return _STATE[key]
+
+
+def decode_splits(batch: int, kv_heads: int, k_len: int, block_n: int, device, num_splits: int | None = None):
+    """(num_splits, split_len): enough (b, kv head, split) programs to fill the GPU twice over,
+    each split a whole number of key tiles."""
+    tiles = max(1, triton_cdiv(k_len, block_n))
+    if num_splits is None:
+        if _STATE.get("interpreted"):
+            num_splits = min(4, tiles)
+        else:
+            want = triton_cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
+            num_splits = max(1, min(want, tiles, _env_int("ATTNSTEER_TRITON_MAX_SPLITS", 128)))
+    num_splits = max(1, min(num_splits, tiles))
+    split_len = triton_cdiv(tiles, num_splits) * block_n
+    return triton_cdiv(k_len, split_len) if k_len else 1, split_len
+
+
+def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, rule: str = "none",
+           beta: float = 1.0, softplus: SoftplusArgs | None = None, steer: torch.Tensor | None = None,
+           rel0: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None):
+    """One query row per (batch row, head) against a long cache. Returns (out (B, 1, Hq, D),
+    modified int8 (B, Hq) or None).
+
+    rule "none": plain attention (groups, if given, are only carried through the sweep);
+    "act": groups 0 = non-sinks, 1 = sinks; a steered row (``steer`` int8 (Hq,), position
+    ``rel0`` >= 1, both groups non-empty) keeps ``beta`` of its sink mass and gives the rest to the
+    non-sinks: out = beta M_1 o_1 + (M_0 + (1 - beta) M_1) o_0, applied at the merge;
+    "softplus": two sweeps (scores + LSE, then V with the re-weighted scores), see ``SoftplusArgs``.
+    """
+    _check(q, k, v)
+    if q.shape[2] != 1:
+        raise ValueError(f"decode takes one query row; got Q = {q.shape[2]}")
+    if rule not in ("none", "act", "softplus"):
+        raise ValueError(f"decode rule must be none, act or softplus; got {rule!r}")
+    if rule == "act" and (groups is None or groups.num_groups != 2):
+        raise ValueError("decode rule 'act' needs 2 groups (0 = non-sink, 1 = sink)")
+    if rule == "softplus" and softplus is None:
+        raise ValueError("decode rule 'softplus' needs SoftplusArgs")
+    mod = kernels()
+    b, hq, _, d = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    group = hq // hkv
+    dev = q.device
+    bn = block_n or (16 if _STATE.get("interpreted") else _env_int("ATTNSTEER_TRITON_DECODE_BLOCK_N", 64))
+    splits, split_len = decode_splits(b, hkv, k_len, bn, dev, num_splits)
+    kvs, has_kvs = _mask_args(mask, dev)
+    f32 = torch.float32
+    dummy_f = torch.empty(1, dtype=f32, device=dev)
+    if rule == "softplus":
+        steer_t = softplus.steer.to(device=dev, dtype=torch.int8).contiguous()
+        rel_t = softplus.rel0.to(device=dev, dtype=torch.int32).contiguous()
+    else:
+        steer_t = (steer if steer is not None else torch.ones(hq, dtype=torch.int8, device=dev)).to(dev, torch.int8)
+        rel_t = (rel0 if rel0 is not None else torch.ones(b, dtype=torch.int32, device=dev)).to(dev, torch.int32)
+    common = dict(BLOCK_H=_pow2(group), BLOCK_N=bn, BLOCK_D=_pow2(d), DOT_PREC=_dot_prec(q.dtype), num_warps=4)
+    out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=dev)
+    grid = (splits, b * hkv)
+    mask_args = (hq, hkv, group, k_len, d, float(scale), int(mask.q_offset), int(mask.window))
+
+    if rule == "softplus":
+        ng = 2
+        scores = torch.empty(b, hq, k_len, dtype=f32, device=dev)
+        pm1 = torch.empty(b, hq, splits, 1, dtype=f32, device=dev)
+        pl1 = torch.empty_like(pm1)
+        gdummy, gstr, _, _, _ = _group_args(None, dev)
+        _launch(
+            "decode_split(scores)", mod.decode_split_kernel, grid,
+            q, k, v, pm1, pl1, dummy_f, gdummy, scores, dummy_f, dummy_f, steer_t, rel_t, kvs,
+            q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
+            *mask_args, 0, 0, splits, split_len, 1.0, 0.0, SOFTPLUS_FREE_ROWS,
+            HAS_KVS=has_kvs, MODE=1, NUM_GROUPS=1, G_PAD=2, S_PAD=_pow2(splits, 2), **common,
+        )
+        pm = torch.empty(b, hq, splits, ng, dtype=f32, device=dev)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(b, hq, splits, ng, d, dtype=f32, device=dev)
+        _launch(
+            "decode_split(softplus)", mod.decode_split_kernel, grid,
+            q, k, v, pm, pl, pacc, gdummy, scores, pm1, pl1, steer_t, rel_t, kvs,
+            q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
+            *mask_args, 0, 0, splits, split_len,
+            float(softplus.p), float(softplus.offset), SOFTPLUS_FREE_ROWS,
+            HAS_KVS=has_kvs, MODE=2, NUM_GROUPS=ng, G_PAD=2, S_PAD=_pow2(splits, 2), **common,
+        )
+        rule_id = 2
+    else:
+        gid, gstr, ng, goff, glen = _group_args(groups, dev)
+        ng = max(ng, 1)
+        pm = torch.empty(b, hq, splits, ng, dtype=f32, device=dev)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(b, hq, splits, ng, d, dtype=f32, device=dev)
+        _launch(
+            "decode_split", mod.decode_split_kernel, grid,
+            q, k, v, pm, pl, pacc, gid, dummy_f, dummy_f, dummy_f, steer_t, rel_t, kvs,
+            q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
+            *mask_args, goff, glen, splits, split_len, 1.0, 0.0, SOFTPLUS_FREE_ROWS,
+            HAS_KVS=has_kvs, MODE=0, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), S_PAD=_pow2(splits, 2), **common,
+        )
+        rule_id = 1 if rule == "act" else 0
+    modified = torch.empty(b, hq, dtype=torch.int8, device=dev) if rule_id else None
+    _launch(
+        "decode_merge", mod.decode_merge_kernel, (b * hq,),
+        pm, pl, pacc, out, steer_t, rel_t, modified if modified is not None else torch.empty(1, dtype=torch.int8, device=dev),
+        out.stride(0), out.stride(2), out.stride(3),
+        hq, d, splits, float(beta),
+        NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), RULE=rule_id, BLOCK_D=_pow2(d), num_warps=4,
+    )
+    return out, modified
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,85 @@
+"""PAI -- Paying More Attention to Image (SPEC.md section 6).
+
+Liu et al., ECCV 2024 (arXiv 2407.21771).
+
+Attention step (score level): in the last prompt row and every decode row,
+``s_ij <- s_ij + alpha |s_ij|`` for visible image keys ``j``. Optional logits step (``gamma``):
+with a text-only stream (same prompt without the image, its own KV cache, not steered),
+``z = gamma (log p_img - log p_text) + log p_text``, keeping tokens with
+``p_img >= 0.1 max p_img``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Method, Param, RowContext, register
+
+PLAUSIBILITY = 0.1
+
+
+def _check_gamma(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(value)
+    return float(value)
+
+
+@register
+class PAI(Method):
+    name = "pai"
+    spec_section = "SPEC.md section 6"
+    citation = "Liu et al., ECCV 2024, arXiv 2407.21771"
+    default_layers = "2:"
+    has_score_step = True
+    needs_image = True
+    params = {
+        "alpha": Param("alpha", float, 0.5, "amplification of image-key scores (paper 0.5; code 0.2)", low=0.0),
+        "gamma": Param(
+            "gamma", object, None, "logits-step strength with a text-only stream", check=lambda v: _check_gamma(v),
+            allowed_text="null (off) or a number > 0, e.g. 1.1 (paper)",
+        ),
+    }
+
+    def __init__(self, params, layer, heads, state=None):
+        super().__init__(params, layer, heads, state)
+        self.has_logits_step = params.get("gamma") is not None
+
+    @classmethod
+    def is_identity_params(cls, params) -> bool:
+        return params["alpha"] == 0.0 and params.get("gamma") is None
+
+    def scores(self, s, q, k, ctx: RowContext, qk):
+        """s (B, H, C, K): amplify visible image keys in the last prompt row and decode rows."""
+        if self.p["alpha"] == 0.0:
+            return s
+        roles = self.state.roles
+        image = roles.keys(ctx.key_abs)[:, None, None, :]
+        rows = ctx.row_abs >= roles.length - 1
+        target = image & rows & ctx.visible
+        hm = self.head_mask(s)
+        if hm is not None:
+            target = target & hm
+        self._touched = target.any(-1).sum() * (s.shape[1] if target.shape[1] == 1 else 1)
+        return torch.where(target, s + self.p["alpha"] * s.abs(), s)
+
+    def rows_touched(self, s):
+        """(batch, head, row) triples whose image-key scores the last call amplified."""
+        return getattr(self, "_touched", 0)
+
+    def logits_step(self, state, model, kwargs, output) -> None:
+        """Contrast the steered logits of the last position with the text-only stream's."""
+        text_logits = state.text_stream.step(model, kwargs)
+        if text_logits is None:
+            return
+        logits = output.logits
+        last = logits[:, -1].float()
+        log_img = torch.log_softmax(last, dim=-1)
+        log_text = torch.log_softmax(text_logits.float(), dim=-1)
+        z = self.p["gamma"] * (log_img - log_text) + log_text
+        cutoff = log_img.max(-1, keepdim=True).values + torch.log(torch.tensor(PLAUSIBILITY))
+        z = z.masked_fill(log_img < cutoff, float("-inf"))
+        logits = logits.clone()
+        logits[:, -1] = z.to(logits.dtype)
+        output.logits = logits

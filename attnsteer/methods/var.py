@@ -1,0 +1,122 @@
+"""VAR -- Visual Attention Redistribution (SPEC.md section 1).
+
+Kang et al., "See What You Are Told: Visual Attention Sink in Large Multimodal Models",
+ICLR 2025 (arXiv 2503.03321).
+
+Sinks ``S`` (per layer, per prompt) are tokens whose hidden state entering the layer has a
+massive activation: ``phi_j = max_{d in D} |x_j[d]| / RMS(x_j) >= tau`` (see
+:mod:`attnsteer.sinks`). In an image-centric (head, row) -- image mass ``m_img >=
+min_image_attention`` and visual non-sink share ``r >= rho`` -- every sink gives up the
+fraction ``p`` of its weight, and the budget goes to the visual non-sinks ``V = I_img \\ S`` in
+proportion to their weights. Query rows: text after the last image token, and generated tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Method, Param, RowContext, StepInfo, masked_sum, register
+
+def _check_dims(value):
+    if value == "auto":
+        return value
+    if not isinstance(value, list) or not value or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in value):
+        raise ValueError(value)
+    return sorted(set(value))
+
+
+VARIANT_DEFAULTS = {"paper": {"p": 0.6, "layers": "2:-1"}, "released": {"p": 0.4, "layers": "2:"}}
+
+
+@register
+class VAR(Method):
+    name = "var"
+    spec_section = "SPEC.md section 1"
+    citation = "Kang et al., ICLR 2025, arXiv 2503.03321"
+    default_layers = "2:-1"
+    has_weight_step = True
+    needs_image = True
+    params = {
+        "tau": Param("tau", float, 20.0, "massive-activation threshold on |x_d| / RMS(x)", low=0.0, low_open=True),
+        "rho": Param("rho", float, 0.5, "minimum visual non-sink share of the row's image mass", low=0.0, high=1.0),
+        "p": Param(
+            "p", float, None, "fraction of sink weight moved (paper meaning; default 0.6, or 0.4 with variant: released)",
+            low=0.0, high=1.0,
+        ),
+        "min_image_attention": Param(
+            "min_image_attention", float, 0.2, "minimum total attention on image keys", low=0.0, high=1.0
+        ),
+        "sink_dims": Param(
+            "sink_dims", object, "auto", "hidden dims D of the sink score", check=lambda v: _check_dims(v),
+            allowed_text='"auto" or a non-empty list of hidden-dim indices, e.g. [1415, 2533]',
+        ),
+        "variant": Param("variant", str, "paper", "paper semantics, or the released code's defaults", choices=("paper", "released")),
+    }
+
+    @classmethod
+    def finalize_params(cls, params):
+        params = dict(params)
+        if params.get("p") is None:
+            params["p"] = VARIANT_DEFAULTS[params["variant"]]["p"]
+        return params
+
+    @classmethod
+    def layers_default(cls, params, arch=None):
+        return VARIANT_DEFAULTS[params.get("variant", "paper")]["layers"]
+
+    @classmethod
+    def is_identity_params(cls, params) -> bool:
+        return params["p"] == 0.0
+
+    # ---- groups -------------------------------------------------------------------------
+    def _groups(self, ctx: RowContext, batch: int):
+        """image keys, sinks (B, 1, 1, K) and the query-row / visual-sink gates."""
+        roles = self.state.roles
+        image = roles.keys(ctx.key_abs)[:, None, None, :]
+        sinks = self.state.sinks.for_keys(self.layer, ctx.key_abs)[:, None, None, :]
+        after_image = ctx.row_abs > roles.last_image.view(-1, 1, 1, 1)  # (B, 1, C, 1)
+        gate = after_image & roles.has_image.view(-1, 1, 1, 1)
+        if self.p["variant"] == "released":  # no visual sink in this layer -> layer untouched
+            gate = gate & (image & sinks).flatten(1).any(-1).view(-1, 1, 1, 1)
+        return image, sinks, gate
+
+    def _selected(self, gate, m_img, m_sink, m_vis, like):
+        rows = (
+            gate
+            & (m_img >= self.p["min_image_attention"])
+            & (m_vis >= self.p["rho"] * m_img)
+            & (m_sink > 0)
+            & (m_vis > 0)
+        )
+        hm = self.head_mask(like)
+        return rows if hm is None else rows & hm
+
+    def reference_weights(self, a, ctx: RowContext, info: StepInfo):
+        """Literal SPEC formula on the float32 map a (B, H, Q, K)."""
+        image, sinks, gate = self._groups(ctx, a.shape[0])
+        visual = image & ~sinks
+        m_img = (a * image).sum(-1, keepdim=True)
+        m_sink = (a * sinks).sum(-1, keepdim=True)
+        m_vis = (a * visual).sum(-1, keepdim=True)
+        r = m_vis / m_img.clamp(min=1e-30)
+        rows = gate & (m_img >= self.p["min_image_attention"]) & (r >= self.p["rho"]) & (m_sink > 0) & (m_vis > 0)
+        hm = self.head_mask(a)
+        rows = rows if hm is None else rows & hm
+        p = self.p["p"]
+        omega = p * m_sink
+        new = torch.where(sinks, (1.0 - p) * a, torch.where(visual, a + omega * a / m_vis.clamp(min=1e-30), a))
+        return torch.where(rows, new, a), rows.sum()
+
+    def fused_weights(self, w, ctx: RowContext, info: StepInfo):
+        """Group-mass form on one chunk w (B, H, C, K): factors on the sink / visual / other groups."""
+        image, sinks, gate = self._groups(ctx, w.shape[0])
+        visual = image & ~sinks
+        m_img, m_sink, m_vis = masked_sum(w, image), masked_sum(w, sinks), masked_sum(w, visual)
+        rows = self._selected(gate, m_img, m_sink, m_vis, w)
+        p = self.p["p"]
+        factor = torch.where(
+            sinks,
+            torch.full_like(m_vis, 1.0 - p),
+            torch.where(visual, 1.0 + p * m_sink / m_vis.clamp(min=1e-30), torch.ones_like(m_vis)),
+        )
+        return torch.where(rows, w * factor, w), rows.sum()

@@ -1,0 +1,90 @@
+"""VHR -- Vision-aware Head Reinforcement with the VHD score (SPEC.md section 3).
+
+He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence",
+arXiv 2412.13949 (ACL 2025).
+
+The prompt runs together with its text-only copy (image tokens removed) as one prefill batch.
+At each steered layer, at the last prompt position: ``VHD_h = ||A_h(img) - A_h(text)||_2``,
+``TA_h = ||A_h(text)||_2^2``; heads with both VHD and TA above mean + std (population, over the
+layer's heads) get VHD 0; ``H_l = {h : VHD_h > median(VHD)}``. Their outputs are multiplied by
+``alpha`` at every prefill position and every later decode step (frozen heads); later layers
+see earlier layers already reinforced. The text-only rows are dropped after the prefill.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SteeringError
+from .base import Method, Param, register
+
+
+@register
+class VHR(Method):
+    name = "vhr"
+    spec_section = "SPEC.md section 3"
+    citation = "He et al., ACL 2025, arXiv 2412.13949"
+    default_layers = [1, "-14:"]
+    has_head_step = True
+    needs_image = True
+    needs_text_stream_in_batch = True
+    params = {
+        "alpha": Param("alpha", float, 2.0, "scale of the selected heads' outputs (paper: 2; 4 breaks generation)", low=0.0),
+        "reinforce_text_stream": Param(
+            "reinforce_text_stream", bool, True, "also scale the text-only stream (later layers' VHD see it)"
+        ),
+    }
+
+    @classmethod
+    def is_identity_params(cls, params) -> bool:
+        return params["alpha"] == 1.0
+
+    @classmethod
+    def layers_default(cls, params, arch=None):
+        return list(arch.spec.vhr_default_layers) if arch is not None and isinstance(
+            arch.spec.vhr_default_layers, tuple
+        ) else (arch.spec.vhr_default_layers if arch is not None else "family default")
+
+    @staticmethod
+    def select_heads(image_out: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:
+        """image_out, text_out: (B, H, D) head outputs at the last prompt position -> bool (B, H)."""
+        image_out, text_out = image_out.float(), text_out.float()
+        vhd = (image_out - text_out).norm(dim=-1)
+        ta = text_out.pow(2).sum(-1)
+        outlier = (vhd > vhd.mean(-1, keepdim=True) + vhd.std(-1, unbiased=False, keepdim=True)) & (
+            ta > ta.mean(-1, keepdim=True) + ta.std(-1, unbiased=False, keepdim=True)
+        )
+        vhd = vhd.masked_fill(outlier, 0.0)
+        return vhd > vhd.quantile(0.5, dim=-1, keepdim=True)
+
+    def head_output(self, out: torch.Tensor, info):
+        alpha = self.p["alpha"]
+        if info.is_prefill:
+            base = self.state.stream_rows
+            if base is None or out.shape[0] != 2 * base:
+                raise SteeringError(
+                    f"VHR on layer {self.layer}: the prefill has no text-only stream in its batch (batch {out.shape[0]}). "
+                    "It is added by the model's forward pre-hook; call the steered model itself (model(...) or "
+                    "model.generate(...)), not one of its sub-modules"
+                )
+            selected = self.select_heads(out[:base, -1], out[base:, -1])
+            hm = self.head_mask(out)
+            if hm is not None:
+                selected = selected & hm.view(1, -1)
+            self.prompt_state["heads"] = selected
+            scale = torch.where(selected, alpha, 1.0).to(out.dtype)[:, None, :, None]
+            text_scale = scale if self.p["reinforce_text_stream"] else torch.ones_like(scale)
+            return torch.cat([out[:base] * scale, out[base:] * text_scale]), selected.sum() * out.shape[1]
+        selected = self.prompt_state.get("heads")
+        if selected is None:
+            raise SteeringError(
+                f"VHR on layer {self.layer} has no selected heads for this prompt: decode steps reuse the heads "
+                "chosen at the prompt. Fix: run the prompt through the steered model first (model.generate does)"
+            )
+        if selected.shape[0] != out.shape[0]:
+            raise SteeringError(
+                f"VHR on layer {self.layer}: heads were selected for batch {selected.shape[0]}, this forward has "
+                f"{out.shape[0]} rows. Beam search and batch changes mid-generation are not supported with VHR"
+            )
+        scale = torch.where(selected, alpha, 1.0).to(out.dtype)[:, None, :, None]
+        return out * scale, selected.sum() * out.shape[1]
