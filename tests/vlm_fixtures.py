@@ -160,7 +160,7 @@ def vlm_config(family: str, **text_overrides):
 
         vision = InstructBlipVisionConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=INSTRUCTBLIP_IMAGE_SIZE, patch_size=4,
+            image_size=INSTRUCTBLIP_IMAGE_SIZE, patch_size=4, initializer_range=0.02,  # default 1e-10: blind tower
         )
         qformer = InstructBlipQFormerConfig(
             vocab_size=QFORMER_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -208,13 +208,16 @@ def build_vlm(
 
     ``attn_implementation`` applies to the language model only (the vision tower / Q-Former keep
     sdpa). ``plant_sinks`` scales the text layers' q/k projections by 3 like ``conftest._plant_sinks``
-    so heads have real attention sinks. ``text_overrides`` are set on ``config.text_config``
-    (e.g. ``sliding_window=6``)."""
+    so heads have real attention sinks. ``text_overrides`` are set on ``config.text_config`` after
+    it is built, like conftest's ``tiny_config`` (e.g. ``sliding_window=6`` for llava_next's Mistral)."""
     cfg = vlm_config(family, **text_overrides)
     torch.manual_seed(seed)
     model = _model_class(family)._from_config(
         cfg, dtype=dtype, attn_implementation=attn_implementation_dict(family, attn_implementation)
     )
+    if family == "instructblip":  # initialised to zeros: every query (so every placeholder) would be equal
+        with torch.no_grad():
+            model.query_tokens.normal_(0.0, 1.0)
     if plant_sinks:
         with torch.no_grad():
             for layer in text_layers(model):
@@ -247,7 +250,8 @@ def text_layers(model) -> nn.ModuleList:
 
 
 def vision_module(model) -> nn.Module:
-    """The vision tower; for InstructBLIP an ``nn.ModuleDict`` of ``vision_model`` and ``qformer``."""
+    """The vision tower; for InstructBLIP a fresh ``nn.ModuleDict`` of ``vision_model`` and ``qformer``
+    (never called itself: hook its children, or use ``vision_modules``)."""
     family = _family_of(model)
     if family == "instructblip":
         return nn.ModuleDict({"vision_model": model.vision_model, "qformer": model.qformer})

@@ -31,6 +31,17 @@ NEG_INF = float("-inf")
 # helpers
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """tl.dot with float32 accumulation. UPCAST (interpreter + bfloat16 only): Triton 3.x's
+    interpreter multiplies bfloat16 operands as raw uint16 bits, so they are widened to float32
+    first (after any rounding to bfloat16 already happened); compiled kernels never set it."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=DOT_PREC)
+
+
+@triton.jit
 def _row_bounds(offs_m, Q_LEN, K_LEN, q_offset, kv_start, window):
     """Per-row visible key range [lo, hi] (hi = -1 for rows beyond Q_LEN)."""
     qpos = q_offset + offs_m
@@ -64,11 +75,14 @@ def _load_kv_start(KVS, b, HAS_KVS: tl.constexpr):
 
 
 @triton.jit
-def _score_tile(q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC: tl.constexpr):
+def _score_tile(
+    q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
     """s (BLOCK_M, BLOCK_N) float32 with -inf where invisible, and the visibility mask."""
     kmask = (offs_n[None, :] < K_LEN) & (offs_d[:, None] < D)
     kt = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=kmask, other=0.0)
-    s = tl.dot(q, kt, input_precision=DOT_PREC) * scale
+    s = _dot(q, kt, DOT_PREC, UPCAST) * scale
     vis = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
     s = tl.where(vis, s, NEG_INF)
     return s, vis
@@ -93,7 +107,7 @@ def row_stats_kernel(
     stride_gb, stride_gh, stride_gn,
     H, GROUP, Q_LEN, K_LEN, D, scale, q_offset, window, gid_offset, gid_len,
     HAS_KVS: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, LSE_GIVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """LSE (B, H, Q) and, with NUM_GROUPS > 0, MASS (B, H, Q, NUM_GROUPS) = exp(lse_g - lse).
 
@@ -126,7 +140,7 @@ def row_stats_kernel(
         lse_safe = tl.where(lse == NEG_INF, 0.0, lse)
         for start_n in range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            s, vis = _score_tile(q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC)
+            s, vis = _score_tile(q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC, UPCAST)
             p = tl.where(vis, tl.exp(s - lse_safe[:, None]), 0.0)
             g = _load_gid_row(GID, b, h, offs_n, stride_gb, stride_gh, stride_gn, gid_offset, gid_len, K_LEN)
             for gi in tl.static_range(NUM_GROUPS):
@@ -138,7 +152,7 @@ def row_stats_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_n in range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            s, vis = _score_tile(q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC)
+            s, vis = _score_tile(q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC, UPCAST)
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
@@ -170,7 +184,7 @@ def column_stats_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     H, GROUP, Q_LEN, K_LEN, D, scale, q_offset, window,
     HAS_KVS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """COLSUM (B, H, K) = sum over rows of exp(s_ij - lse_i); COUNT (B, K) float = rows seeing j
     (written by the head-0 programs only: visibility does not depend on the head)."""
@@ -206,7 +220,7 @@ def column_stats_kernel(
         lo, hi = _row_bounds(offs_m, Q_LEN, K_LEN, q_offset, kv_start, window)
         lse = tl.load(LSE + pid_bh * Q_LEN + offs_m, mask=row_ok, other=NEG_INF)
         lse_safe = tl.where(lse == NEG_INF, 0.0, lse)
-        s = tl.dot(q, kt, input_precision=DOT_PREC) * scale
+        s = _dot(q, kt, DOT_PREC, UPCAST) * scale
         vis = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] <= hi[:, None])
         a = tl.where(vis, tl.exp(tl.where(vis, s, 0.0) - lse_safe[:, None]), 0.0)
         colsum += tl.sum(a, axis=0)
@@ -227,7 +241,7 @@ def _attn_sweep(
     GID, b, h, stride_gb, stride_gh, stride_gn, gid_offset, gid_len, bias_rows, offs_g,
     lse_safe, nvis, off_row, sp_p, steer,
     NUM_GROUPS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One online-softmax sweep over the key tiles [start, end); returns (acc, l)."""
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
@@ -235,7 +249,7 @@ def _attn_sweep(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        s, vis = _score_tile(q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC)
+        s, vis = _score_tile(q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC, UPCAST)
         if NUM_GROUPS > 0:
             g = _load_gid_row(GID, b, h, offs_n, stride_gb, stride_gh, stride_gn, gid_offset, gid_len, K_LEN)
             btile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -259,7 +273,7 @@ def _attn_sweep(
             mask=(offs_n[:, None] < K_LEN) & (offs_d[None, :] < D),
             other=0.0,
         )
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
         m_i = m_new
     return acc, l_i
 
@@ -275,7 +289,7 @@ def attn_fwd_kernel(
     H, GROUP, Q_LEN, K_LEN, D, scale, q_offset, window, gid_offset, gid_len,
     sp_p, sp_offset, sp_free_rows,
     HAS_KVS: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, SOFTPLUS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """OUT (B, Q, H, D) = softmax(s + bias[b, h, i, gid_j]) V, or softplus re-weighting.
 
@@ -332,7 +346,7 @@ def attn_fwd_kernel(
         stride_kn, stride_kd, stride_vn, stride_vd, K_LEN, D, scale,
         GID, b, h, stride_gb, stride_gh, stride_gn, gid_offset, gid_len, bias_rows, offs_g,
         lse_safe, nvis, off_row, sp_p, steer,
-        NUM_GROUPS, SOFTPLUS, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC,
+        NUM_GROUPS, SOFTPLUS, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, UPCAST,
     )
     if SOFTPLUS:
         failed = steer & (l_i == 0.0) & (nvis > 0.0) & row_ok
@@ -344,7 +358,7 @@ def attn_fwd_kernel(
                 stride_kn, stride_kd, stride_vn, stride_vd, K_LEN, D, scale,
                 GID, b, h, stride_gb, stride_gh, stride_gn, gid_offset, gid_len, bias_rows, offs_g,
                 lse_safe, nvis, off_row, sp_p, False,
-                NUM_GROUPS, SOFTPLUS, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC,
+                NUM_GROUPS, SOFTPLUS, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, UPCAST,
             )
             acc = tl.where(failed[:, None], acc0, acc)
             l_i = tl.where(failed, l0, l_i)
@@ -369,7 +383,7 @@ def decode_split_kernel(
     NUM_SPLITS, SPLIT_LEN, sp_p, sp_offset, sp_free_rows,
     HAS_KVS: tl.constexpr, MODE: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """One (batch row, kv head, split) program; rows = the GROUP query heads of that kv head.
 
@@ -443,9 +457,9 @@ def decode_split_kernel(
                 other=0.0,
             )
             l0 += tl.sum(w0, axis=1)
-            acc0 += tl.dot(w0.to(vt.dtype), vt, input_precision=DOT_PREC)
+            acc0 += _dot(w0.to(vt.dtype), vt, DOT_PREC, UPCAST)
             l1 = l1 * alpha + tl.sum(p1, axis=1)
-            acc1 = acc1 * alpha[:, None] + tl.dot(p1.to(vt.dtype), vt, input_precision=DOT_PREC)
+            acc1 = acc1 * alpha[:, None] + _dot(p1.to(vt.dtype), vt, DOT_PREC, UPCAST)
             m1 = m_new
         m_g = tl.where(offs_g[None, :] == 0, 0.0, m1[:, None])
         l_g = tl.where(offs_g[None, :] == 0, l0[:, None], l1[:, None])
@@ -465,7 +479,7 @@ def decode_split_kernel(
                 mask=(offs_n[None, :] < K_LEN) & (offs_d[:, None] < D),
                 other=0.0,
             )
-            s = tl.dot(q, kt, input_precision=DOT_PREC) * scale
+            s = _dot(q, kt, DOT_PREC, UPCAST) * scale
             vis_n = (offs_n >= lo) & (offs_n < s1)
             vis = row_ok[:, None] & vis_n[None, :]
             s = tl.where(vis, s, NEG_INF)
@@ -494,11 +508,11 @@ def decode_split_kernel(
                     for gi in tl.static_range(NUM_GROUPS):
                         pg = tl.where(g == gi, p, 0.0)
                         l_g += tl.where(offs_g[None, :] == gi, tl.sum(pg, axis=1)[:, None], 0.0)
-                        pv = tl.dot(pg.to(vt.dtype), vt, input_precision=DOT_PREC)
+                        pv = _dot(pg.to(vt.dtype), vt, DOT_PREC, UPCAST)
                         acc += tl.where((offs_g == gi)[None, :, None], pv[:, None, :], 0.0)
                 else:
                     l_g += tl.where(offs_g[None, :] == 0, tl.sum(p, axis=1)[:, None], 0.0)
-                    pv = tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PREC)
+                    pv = _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
                     acc += tl.where((offs_g == 0)[None, :, None], pv[:, None, :], 0.0)
             m_i = m_new
         m_g = m_i[:, None] + tl.zeros([BLOCK_H, G_PAD], dtype=tl.float32)

@@ -163,6 +163,11 @@ def _dot_prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _dot_args(dtype) -> dict:
+    """DOT_PREC, and UPCAST for the interpreter's bfloat16 dot bug (see _triton._dot)."""
+    return {"DOT_PREC": _dot_prec(dtype), "UPCAST": bool(_STATE.get("interpreted")) and dtype == torch.bfloat16}
+
+
 def _blocks(q_len: int, d: int, block_m: int | None, block_n: int | None) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernels.
 
@@ -253,7 +258,7 @@ def row_stats(q, k, mask: MaskSpec, scale: float, groups: Groups | None = None, 
         *q.stride(), *k.stride(), *gstr,
         hq, hq // hkv, q_len, k_len, d, float(scale), int(mask.q_offset), int(mask.window), goff, glen,
         HAS_KVS=has_kvs, NUM_GROUPS=ng, G_PAD=_pow2(max(ng, 1), 2), LSE_GIVEN=lse is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return lse_out, (masses if ng else None)
@@ -277,7 +282,7 @@ def column_stats(q, k, lse: torch.Tensor, mask: MaskSpec, scale: float,
         q, k, lse.contiguous(), colsum, count, kvs,
         *q.stride(), *k.stride(),
         hq, hq // hkv, q_len, k_len, d, float(scale), int(mask.q_offset), int(mask.window),
-        HAS_KVS=has_kvs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), DOT_PREC=_dot_prec(q.dtype),
+        HAS_KVS=has_kvs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return colsum, count
@@ -336,7 +341,7 @@ def attention(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = Non
         hq, hq // hkv, q_len, k_len, d, float(scale), int(mask.q_offset), int(mask.window), goff, glen,
         *sp,
         HAS_KVS=has_kvs, NUM_GROUPS=ng, G_PAD=_pow2(max(ng, 1), 2), SOFTPLUS=softplus is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), DOT_PREC=_dot_prec(q.dtype),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out, modified
@@ -404,7 +409,7 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
     else:
         steer_t = (steer if steer is not None else torch.ones(hq, dtype=torch.int8, device=dev)).to(dev, torch.int8)
         rel_t = (rel0 if rel0 is not None else torch.ones(b, dtype=torch.int32, device=dev)).to(dev, torch.int32)
-    common = dict(BLOCK_H=_pow2(group), BLOCK_N=bn, BLOCK_D=_pow2(d), DOT_PREC=_dot_prec(q.dtype), num_warps=4)
+    common = dict(BLOCK_H=_pow2(group), BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype), num_warps=4)
     out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=dev)
     grid = (splits, b * hkv)
     mask_args = (hq, hkv, group, k_len, d, float(scale), int(mask.q_offset), int(mask.window))

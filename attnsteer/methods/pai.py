@@ -11,6 +11,8 @@ with a text-only stream (same prompt without the image, its own KV cache, not st
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .base import Method, Param, RowContext, register
@@ -24,6 +26,16 @@ def _check_gamma(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(value)
     return float(value)
+
+
+def contrast_logits(image_logits: torch.Tensor, text_logits: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B, V) logits of the image and text-only streams -> PAI's log-space contrast (B, V) float32:
+    ``gamma (log p_img - log p_text) + log p_text``, -inf where ``p_img < 0.1 max p_img``."""
+    log_img = torch.log_softmax(image_logits.float(), dim=-1)
+    log_text = torch.log_softmax(text_logits.float(), dim=-1)
+    z = gamma * (log_img - log_text) + log_text
+    cutoff = log_img.max(-1, keepdim=True).values + math.log(PLAUSIBILITY)
+    return z.masked_fill(log_img < cutoff, float("-inf"))
 
 
 @register
@@ -73,13 +85,6 @@ class PAI(Method):
         text_logits = state.text_stream.step(model, kwargs)
         if text_logits is None:
             return
-        logits = output.logits
-        last = logits[:, -1].float()
-        log_img = torch.log_softmax(last, dim=-1)
-        log_text = torch.log_softmax(text_logits.float(), dim=-1)
-        z = self.p["gamma"] * (log_img - log_text) + log_text
-        cutoff = log_img.max(-1, keepdim=True).values + torch.log(torch.tensor(PLAUSIBILITY))
-        z = z.masked_fill(log_img < cutoff, float("-inf"))
-        logits = logits.clone()
-        logits[:, -1] = z.to(logits.dtype)
+        logits = output.logits.clone()
+        logits[:, -1] = contrast_logits(logits[:, -1], text_logits, self.p["gamma"]).to(logits.dtype)
         output.logits = logits

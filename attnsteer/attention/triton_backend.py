@@ -1,0 +1,298 @@
+"""The ``fused`` backend on Triton kernels (CUDA; CPU only under ``TRITON_INTERPRET=1``).
+
+``triton_attention`` has the contract of :func:`attnsteer.attention.fused.fused_attention` and
+produces the same numbers (to float rounding) for what it supports:
+
+* one weight-level step per layer, softmax scoring, of a method with glue below (keyed by
+  ``method.name``): ``act`` (prefill with sink detection, continuation chunks and decode with the
+  prompt's sinks) and ``softplus`` (re-weighting, ``scoring: softmax``);
+* masks that are causal + left padding (+ a sliding window): ``None`` (plain causal, MaskView's
+  rule) or a 4D bool / additive float mask whose visibility is exactly
+  ``kv_start[b] <= j <= q_offset + i`` (and ``j > q_offset + i - W``). The structure comes from
+  ``info.first_valid`` plus the key offset; it is checked against the mask tensor transformers
+  built, once per forward and mask (the mask is shared by all layers of a forward, so the check --
+  O(B Q K) elementwise and one host sync -- is paid once per forward, not per layer);
+* fp16 / bf16 / fp32, head dim <= 256, Hq a multiple of Hkv.
+
+Everything else -- a score-level step (LSSA scoring, PAI), two weight steps on one layer, another
+method, any other mask -- goes to ``fused_attention`` (plain PyTorch), never to an approximation.
+Each call is counted in :data:`COUNTERS` (``"triton/<method>/<phase>"`` or ``"fallback/<reason>"``)
+so benchmarks and tests can tell which path ran.
+
+Dispatch (see :func:`select_fused_backend`): CUDA tensors use these kernels when triton imports;
+CPU tensors only when ``ATTNSTEER_TRITON=1`` and ``TRITON_INTERPRET=1`` (interpreter tests);
+``ATTNSTEER_TRITON=0`` turns the kernels off everywhere.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .. import kernels as K
+from ..errors import AttnsteerWarning
+from ..methods.base import StepInfo
+from .fused import fused_attention
+from .rows import ForwardInfo, MaskView
+
+COUNTERS: collections.Counter = collections.Counter()
+_DISABLED: dict[str, str] = {}  # set when a kernel failed to compile/launch: the process falls back
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def reset_counters() -> None:
+    COUNTERS.clear()
+
+
+def select_fused_backend(query: torch.Tensor):
+    """The implementation behind the ``fused`` backend for this call: ``triton_attention`` on CUDA
+    when triton imports (unless ``ATTNSTEER_TRITON=0``), on CPU only with ``ATTNSTEER_TRITON=1``
+    under ``TRITON_INTERPRET=1``; ``fused_attention`` otherwise."""
+    mode = os.environ.get("ATTNSTEER_TRITON", "").strip().lower()
+    if mode in _FALSE or _DISABLED:
+        return fused_attention
+    if query.is_cuda:
+        return triton_attention if K.available() else fused_attention
+    if mode in _TRUE and K.interpreting() and K.available():
+        return triton_attention
+    return fused_attention
+
+
+# ---------------------------------------------------------------------------------------------
+# mask structure (cached per forward)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class _Structure:
+    spec: K.MaskSpec
+    key_offset: int  # absolute position of key index 0
+    rel0: torch.Tensor  # int32 (B,): position of query row 0 counted from the row's first token
+
+
+_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_CACHE_SIZE = 32
+
+
+def _mask_key(mask: MaskView, info: ForwardInfo, b: int, q_len: int, k_len: int, device) -> tuple:
+    t = mask.mask
+    if t is None:
+        return (id(info), None, b, q_len, k_len, str(device))
+    return (
+        id(info), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
+        b, q_len, k_len, str(device),
+    )
+
+
+def _verify(mask: MaskView, q_offset: int, kv_start: torch.Tensor | None, q_len: int, k_len: int):
+    """(ok, window): whether the mask is exactly causal + left padding (+ a window W, inferred as
+    the largest number of keys any row sees). One host sync."""
+    t = mask.mask
+    dev = t.device
+    vis = t if mask.is_bool else t > torch.finfo(t.dtype).min / 2
+    rows = torch.arange(q_len, device=dev).view(1, 1, -1, 1) + q_offset
+    keys = torch.arange(k_len, device=dev).view(1, 1, 1, -1)
+    expected = keys <= rows
+    if kv_start is not None:
+        expected = expected & (keys >= kv_start.view(-1, 1, 1, 1))
+    width = vis.sum(-1, dtype=torch.int64).amax()
+    expected = expected & (keys > rows - width)
+    ok = (vis == expected).all()
+    if not mask.is_bool:  # additive masks: visible entries must add exactly 0
+        ok = ok & (t.masked_fill(~vis, 0) == 0).all()
+    ok_v, width_v = torch.stack([ok.to(torch.int64), width]).tolist()
+    return bool(ok_v), int(width_v)
+
+
+def _structure(mask: MaskView, info: ForwardInfo, b: int, q_len: int, k_len: int, device):
+    """The kernels' MaskSpec for this call, or a string saying why the mask does not fit."""
+    key = _mask_key(mask, info, b, q_len, k_len, device)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is info:
+        return hit[1]
+    result = _build_structure(mask, info, b, q_len, k_len, device)
+    try:
+        _CACHE[key] = (weakref.ref(info), result)
+    except TypeError:  # pragma: no cover - info without weakref support: no caching
+        return result
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return result
+
+
+def _build_structure(mask: MaskView, info: ForwardInfo, b: int, q_len: int, k_len: int, device):
+    key_offset = max(info.total_len - k_len, 0)
+    fv = info.first_valid
+    if fv is not None and fv.shape[0] != b:
+        return "first_valid does not match the batch"
+    if fv is not None:
+        fv = fv.to(device)
+        rel0 = (info.past_len - fv).to(torch.int32)
+    else:
+        rel0 = torch.full((b,), info.past_len, dtype=torch.int32, device=device)
+    if mask.mask is None:
+        # MaskView's rule for a missing mask: plain causal, query i at key index K - Q + i
+        if k_len < q_len:
+            return "fewer keys than queries"
+        return _Structure(K.MaskSpec(q_offset=k_len - q_len), key_offset, rel0)
+    t = mask.mask
+    if t.shape[1] != 1:
+        return "per-head attention mask"
+    if t.shape[0] not in (1, b) or t.shape[-2] != q_len or t.shape[-1] != k_len:
+        return f"mask of shape {tuple(t.shape)} for Q={q_len}, K={k_len}"
+    q_offset = info.past_len - key_offset
+    if q_offset < 0 or q_offset + q_len > k_len:
+        return "query positions outside the keys"
+    kv_start = None if fv is None else (fv - key_offset).clamp(min=0).to(torch.int32)
+    ok, width = _verify(mask, q_offset, kv_start, q_len, k_len)
+    if not ok or width == 0:
+        return "mask is not causal + left padding + sliding window"
+    window = 0 if width >= q_offset + q_len else width
+    return _Structure(K.MaskSpec(q_offset=q_offset, kv_start=kv_start, window=window), key_offset, rel0)
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+# ---------------------------------------------------------------------------------------------
+def _route(plan, query, key, value, info: ForwardInfo):
+    """The single method this call can run on the kernels, or the reason it cannot."""
+    if _DISABLED:
+        return "kernels disabled after a launch failure"
+    if not K.available():
+        return "triton unavailable"
+    if not query.is_cuda and not K.interpreting():
+        return "cpu tensors without TRITON_INTERPRET=1"
+    if query.dtype not in K.SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtype {query.dtype}"
+    if query.shape[-1] > 256 or query.shape[1] % key.shape[1] or key.shape[2] == 0:
+        return "shape"
+    if plan.score_steps(info.is_prefill):
+        return "score-level step"
+    steps = plan.weight_steps(info.is_prefill)
+    if len(steps) != 1:
+        return f"{len(steps)} weight steps on one layer"
+    method = steps[0]
+    if method.name not in _GLUE:
+        return f"method {method.name}"
+    if method.name == "softplus" and (method.p["scoring"] != "softmax" or method.weight_identity):
+        return "softplus variant"
+    return method
+
+
+def _fallback(reason: str, plan, query, key, value, mask, scaling, info, stats):
+    COUNTERS[f"fallback/{reason}"] += 1
+    return fused_attention(plan, query, key, value, mask, scaling, info, stats)
+
+
+def triton_attention(plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats):
+    """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None)."""
+    route = _route(plan, query, key, value, info)
+    if isinstance(route, str):
+        return _fallback(route, plan, query, key, value, mask, scaling, info, stats)
+    b, _, q_len, _ = query.shape
+    struct = _structure(mask, info, b, q_len, key.shape[2], query.device)
+    if isinstance(struct, str):
+        return _fallback(struct, plan, query, key, value, mask, scaling, info, stats)
+    try:
+        out, rows, phase = _GLUE[route.name](route, query, key, value, struct, float(scaling), info)
+    except K.KernelLaunchError as exc:
+        if os.environ.get("ATTNSTEER_TRITON_STRICT", "").strip().lower() in _TRUE:
+            raise
+        _DISABLED["reason"] = str(exc)
+        warnings.warn(
+            f"attnsteer: a Triton kernel failed ({exc}); this process now uses the PyTorch fused path. "
+            "Set ATTNSTEER_TRITON_STRICT=1 to raise instead, and please report it",
+            AttnsteerWarning,
+            stacklevel=2,
+        )
+        return _fallback("kernel failure", plan, query, key, value, mask, scaling, info, stats)
+    stats.record(route, rows)
+    COUNTERS[f"triton/{route.name}/{phase}"] += 1
+    return out, None
+
+
+# ---------------------------------------------------------------------------------------------
+# per-method glue
+# ---------------------------------------------------------------------------------------------
+def _steer_flags(method, hq: int, device) -> torch.Tensor:
+    if method.heads is None:
+        return torch.ones(hq, dtype=torch.int8, device=device)
+    return method.heads.to(device=device, dtype=torch.int8)
+
+
+def _act_groups(method, b: int, k_len: int, struct: _Structure, step: StepInfo, device) -> K.Groups:
+    """Group 1 = the prompt's sinks (per query head, absolute positions), 0 = everything else."""
+    table = method.prompt_state.get("sinks")
+    if table is None or table.shape[0] != b:
+        # ACT's own lookup raises the SteeringError that explains the problem
+        method.sinks_for_keys(torch.arange(k_len, device=device) + struct.key_offset, b, step)
+        raise AssertionError("unreachable: sinks_for_keys accepted a missing sink table")  # pragma: no cover
+    if table.device != device:
+        table = table.to(device)
+    return K.Groups(table.view(torch.int8), 2, offset=struct.key_offset)
+
+
+def _act_bias(method, masses: torch.Tensor, struct: _Structure, q_len: int):
+    """Per-row bias log(M'_g / M_g) for ACT: sinks keep beta, non-sinks take the freed mass."""
+    beta = float(method.p["beta"])
+    m_other, m_sink = masses[..., 0], masses[..., 1]
+    rel = struct.rel0.view(-1, 1, 1) + torch.arange(q_len, device=masses.device).view(1, 1, -1)
+    rows = (rel >= 1) & (m_sink > 0) & (m_other > 0)
+    if method.heads is not None:
+        rows = rows & method.heads.to(masses.device).view(1, -1, 1)
+    factor_other = (m_other + (1.0 - beta) * m_sink) / m_other.clamp(min=1e-30)
+    log_beta = torch.log(torch.tensor(beta, device=masses.device))
+    bias = torch.stack([torch.log(factor_other), log_beta.expand_as(factor_other)], dim=-1)
+    bias = torch.where(rows.unsqueeze(-1), bias, torch.zeros_like(bias))
+    return bias, rows.sum()
+
+
+def _act(method, query, key, value, struct: _Structure, scaling: float, info: ForwardInfo):
+    b, hq, q_len, _ = query.shape
+    k_len = key.shape[2]
+    dev = query.device
+    spec = struct.spec
+    step = StepInfo(is_prefill=info.is_prefill, key_offset=struct.key_offset, num_keys=k_len)
+    if method.needs_column_stats(info.is_prefill):
+        # prefill: LSE pass, column pass (sink detection), group-mass pass, biased pass
+        lse, _ = K.row_stats(query, key, spec, scaling)
+        colsum, count = K.column_stats(query, key, lse, spec, scaling)
+        key_abs = torch.arange(k_len, device=dev) + struct.key_offset
+        method.set_column_stats(colsum, count, step, key_abs=key_abs)
+        groups = _act_groups(method, b, k_len, struct, step, dev)
+        _, masses = K.row_stats(query, key, spec, scaling, groups=groups, lse=lse)
+        phase = "prefill"
+    else:
+        groups = _act_groups(method, b, k_len, struct, step, dev)
+        if q_len == 1:
+            out, modified = K.decode(
+                query, key, value, spec, scaling, groups=groups, rule="act", beta=float(method.p["beta"]),
+                steer=_steer_flags(method, hq, dev), rel0=struct.rel0,
+            )
+            return out, modified.sum(), "decode"
+        _, masses = K.row_stats(query, key, spec, scaling, groups=groups)
+        phase = "chunk"
+    bias, rows = _act_bias(method, masses, struct, q_len)
+    out, _ = K.attention(query, key, value, spec, scaling, groups=groups, bias=bias)
+    return out, rows, phase
+
+
+def _softplus(method, query, key, value, struct: _Structure, scaling: float, info: ForwardInfo):
+    hq, q_len = query.shape[1], query.shape[2]
+    args = K.SoftplusArgs(
+        p=float(method.p["p"]), offset=float(method.p["offset"]),
+        steer=_steer_flags(method, hq, query.device), rel0=struct.rel0,
+    )
+    if q_len == 1 and not info.is_prefill:
+        out, modified = K.decode(query, key, value, struct.spec, scaling, rule="softplus", softplus=args)
+        return out, modified.sum(), "decode"
+    args.lse, _ = K.row_stats(query, key, struct.spec, scaling)
+    out, modified = K.attention(query, key, value, struct.spec, scaling, softplus=args)
+    return out, modified.sum(), "prefill" if info.is_prefill else "chunk"
+
+
+_GLUE = {"act": _act, "softplus": _softplus}
