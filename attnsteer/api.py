@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from . import archs
 from .attention import dispatch
-from .errors import AttnsteerWarning, RecipeError, SteeringError
+from .errors import AttnsteerWarning, RecipeError, SteeringError, UnsupportedModelError
 from .methods import METHODS
 from .recipe import Recipe, load_recipe
 from .selectors import head_dict_layers, resolve_heads, resolve_layers
@@ -203,6 +203,17 @@ class SteeringHandle:
         return f"SteeringHandle(recipe={self.recipe.name!r}, backend={self.backend!r}, layers={sorted(self.plans)}, {state})"
 
 
+class _InstanceAttribute:
+    """Sets an attribute on an instance; ``remove()`` deletes it again (hook-handle interface)."""
+
+    def __init__(self, obj, name, value):
+        self.obj, self.name = obj, name
+        obj.__dict__[name] = value
+
+    def remove(self):
+        self.obj.__dict__.pop(self.name, None)
+
+
 class _Focus:
     def __init__(self, state, mask):
         self.state, self.mask = state, mask
@@ -256,11 +267,19 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
         method.state = state
     key = arch.spec.text_config_key
     model.set_attn_implementation({key: name} if key else name)
+    host = archs.get_path(model, arch.spec.stream_host)
+    if host is None:
+        raise UnsupportedModelError(
+            f"{model_type}: the module {arch.spec.stream_host!r} was not found; pass the full model to attnsteer.apply"
+        )
     hooks = [
-        model.register_forward_pre_hook(state.model_pre_hook, with_kwargs=True),
-        model.register_forward_hook(state.model_post_hook, with_kwargs=True),
+        host.register_forward_pre_hook(state.model_pre_hook, with_kwargs=True),
+        host.register_forward_hook(state.model_post_hook, with_kwargs=True),
         arch.decoder.register_forward_pre_hook(state.decoder_pre_hook, with_kwargs=True),
     ]
+    if host is not model:
+        hooks.append(model.register_forward_pre_hook(state.record_prompt_ids, with_kwargs=True))
+        hooks.append(_InstanceAttribute(model, "generate", state.wrap_generate(model.generate)))
     var_layers = sorted(layer for layer, plan in plans.items() for m in plan.methods if m.name == "var")
     for layer in var_layers:
         method = next(m for m in plans[layer].methods if m.name == "var")

@@ -38,6 +38,10 @@ class ArchSpec:
     wrapper_token_attrs: tuple[str, ...] = ()
     batch_state_attrs: tuple[str, ...] = ()
     vhr_default_layers: object = (1, "-14:")
+    # Module (path from the model) whose forward sees the language model's whole input: the
+    # model itself, or for InstructBLIP the language model, because its generate() calls
+    # language_model.generate(inputs_embeds=...) without going through the top-level forward.
+    stream_host: str = ""
 
     @property
     def is_multimodal(self) -> bool:
@@ -76,9 +80,19 @@ ARCHS: dict[str, ArchSpec] = {
             text_config_key="text_config",
             image_token_attrs=("image_token_id",),
             vhr_default_layers="14:",
+            stream_host="language_model",
         ),
     )
 }
+
+
+def get_path(obj, path: str):
+    """Attribute path ("a.b.c") from ``obj``; "" is ``obj`` itself; None if missing."""
+    for part in filter(None, path.split(".")):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
 
 
 @dataclass

@@ -51,6 +51,26 @@ def _bind(module, args, kwargs, cache: dict) -> dict:
     return {**bound, **extra}
 
 
+def text_only_inputs(ids, embeds, mask, drop: torch.Tensor, pad_id: int):
+    """The prompt without its ``drop`` (B, L) positions, left-padded back to length L.
+
+    Built from ``input_ids`` when given, else from ``inputs_embeds`` (whose image positions already
+    hold image features, as in InstructBLIP). Returns (ids or None, embeds or None, mask (B, L)).
+    """
+    if ids is not None:
+        text_ids, text_mask = text_only_stream(ids, mask, drop, pad_id)
+        return text_ids, None, text_mask
+    if embeds is None or tuple(drop.shape) != tuple(embeds.shape[:2]):
+        raise SteeringError(
+            "the text-only stream (VHR, PAI gamma) is built from input_ids or inputs_embeds of the prompt; "
+            "this call passed neither in a usable form"
+        )
+    index = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[:2]).contiguous()
+    kept, text_mask = text_only_stream(index, mask, drop, 0)
+    text_embeds = torch.gather(embeds, 1, kept.unsqueeze(-1).expand_as(embeds))
+    return None, text_embeds * text_mask.unsqueeze(-1).to(embeds.dtype), text_mask
+
+
 class TextStream:
     """The unsteered text-only copy of the prompt with its own KV cache, advanced in lockstep
     (PAI's logits step). Runs with steering switched off (``state.paused``)."""
@@ -67,23 +87,26 @@ class TextStream:
     def step(self, model, kwargs: dict):
         """Run the text-only stream for this forward; returns its last-position logits (B, V)."""
         ids = kwargs.get("input_ids")
-        if ids is None:
-            raise SteeringError("PAI's gamma step needs input_ids (the text-only stream is built from them)")
         past = kwargs.get("past_key_values")
         past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
         if past_len == 0:
-            drop = image_mask(ids, self.state.drop_ids)
-            text_ids, self.mask = text_only_stream(ids, kwargs.get("attention_mask"), drop, self.state.pad_id)
-            step_ids, self.cache = text_ids, None
+            drop = self.state.roles.image
+            if ids is not None:
+                drop = drop | image_mask(ids, self.state.drop_ids)
+            step_ids, step_embeds, self.mask = text_only_inputs(
+                ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), drop, self.state.pad_id
+            )
+            self.cache = None
         else:
-            if self.cache is None:
+            if self.cache is None or ids is None:
                 return None
             self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], ids.shape[1])], dim=1)
-            step_ids = ids
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -step_ids.shape[1] :]
+            step_ids, step_embeds = ids, None
+        width = (step_ids if step_ids is not None else step_embeds[..., 0]).shape[1]
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
         with self.state.paused():
             out = model(
-                input_ids=step_ids, attention_mask=self.mask, position_ids=positions,
+                input_ids=step_ids, inputs_embeds=step_embeds, attention_mask=self.mask, position_ids=positions,
                 past_key_values=self.cache, use_cache=True,
             )
         self.cache = out.past_key_values
@@ -109,6 +132,7 @@ class SteeringState:
         self.rows_without_image = 0
         self.is_paused = False
         self._signatures: dict = {}
+        self.pending_ids: torch.Tensor | None = None  # prompt ids seen above the stream host
         self.needs_image = any(m.needs_image for m in self.methods)
         self.needs_stream = any(m.needs_text_stream_in_batch for m in self.methods)
         self.logits_methods = [m for m in self.methods if m.has_logits_step]
@@ -129,6 +153,23 @@ class SteeringState:
         return self._Pause(self)
 
     # ---- hooks on the steered model ------------------------------------------------------------
+    def record_prompt_ids(self, module, args, kwargs):
+        """Pre-hook on a model above the stream host (InstructBLIP): remember the prompt's ids."""
+        if not self.is_paused:
+            ids = _bind(module, args, kwargs, self._signatures).get("input_ids")
+            self.pending_ids = ids
+        return None
+
+    def wrap_generate(self, generate):
+        """InstructBLIP's generate() bypasses its forward: remember the prompt ids it is given."""
+        def generate_with_roles(*args, **kwargs):
+            self.pending_ids = kwargs.get("input_ids", args[2] if len(args) > 2 else None)
+            return generate(*args, **kwargs)
+
+        generate_with_roles.__wrapped__ = generate
+        generate_with_roles.__doc__ = generate.__doc__
+        return generate_with_roles
+
     def model_pre_hook(self, module, args, kwargs):
         if self.is_paused:
             return None
@@ -138,6 +179,10 @@ class SteeringState:
         if past:
             return None
         ids = bound.get("input_ids")
+        if ids is None and self.pending_ids is not None:
+            embeds = bound.get("inputs_embeds")
+            if embeds is not None and tuple(embeds.shape[:2]) == tuple(self.pending_ids.shape):
+                ids = self.pending_ids
         self._new_prompt(ids)
         if self.needs_stream and self.roles is not None and bool(self.roles.has_image.any()):
             return (), self._append_text_stream(bound)
@@ -187,15 +232,18 @@ class SteeringState:
 
     def _append_text_stream(self, bound: dict) -> dict:
         ids = bound.get("input_ids")
-        if ids is None:
-            raise SteeringError("VHR builds its text-only stream from input_ids; this call passed inputs_embeds only")
-        rows = ids.shape[0]
+        embeds = bound.get("inputs_embeds")
         mask = bound.get("attention_mask")
-        drop = image_mask(ids, self.drop_ids) | self.roles.image
-        text_ids, text_mask = text_only_stream(ids, mask, drop, self.pad_id)
         out = dict(bound)
-        out["input_ids"] = torch.cat([ids, text_ids])
-        base_mask = mask if mask is not None else torch.ones_like(ids)
+        drop = self.roles.image if ids is None else self.roles.image | image_mask(ids, self.drop_ids)
+        text_ids, text_embeds, text_mask = text_only_inputs(ids, embeds, mask, drop, self.pad_id)
+        if ids is not None:
+            out["input_ids"] = torch.cat([ids, text_ids])
+        else:
+            out["inputs_embeds"] = torch.cat([embeds, text_embeds])
+        like = ids if ids is not None else embeds[..., 0]
+        rows = like.shape[0]
+        base_mask = mask if mask is not None else torch.ones(like.shape, dtype=torch.long, device=like.device)
         out["attention_mask"] = torch.cat([base_mask, text_mask.to(base_mask.dtype)])
         if bound.get("position_ids") is not None:
             pos = bound["position_ids"]

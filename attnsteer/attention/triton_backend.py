@@ -274,10 +274,11 @@ def _act(method, query, key, value, struct: _Structure, scaling: float, info: Fo
                 steer=_steer_flags(method, hq, dev), rel0=struct.rel0,
             )
             return out, modified.sum(), "decode"
-        _, masses = K.row_stats(query, key, spec, scaling, groups=groups)
+        lse, masses = K.row_stats(query, key, spec, scaling, groups=groups)
         phase = "chunk"
     bias, rows = _act_bias(method, masses, struct, q_len)
-    out, _ = K.attention(query, key, value, spec, scaling, groups=groups, bias=bias)
+    # ACT conserves each row's mass, so exp(s + bias - lse) are the final weights (no running max)
+    out, _ = K.attention(query, key, value, spec, scaling, groups=groups, bias=bias, lse=lse)
     return out, rows, phase
 
 
@@ -290,7 +291,7 @@ def _softplus(method, query, key, value, struct: _Structure, scaling: float, inf
     if q_len == 1 and not info.is_prefill:
         out, modified = K.decode(query, key, value, struct.spec, scaling, rule="softplus", softplus=args)
         return out, modified.sum(), "decode"
-    args.lse, _ = K.row_stats(query, key, struct.spec, scaling)
+    args.lse, _, args.rowmax = K.row_stats(query, key, struct.spec, scaling, with_max=True)
     out, modified = K.attention(query, key, value, struct.spec, scaling, softplus=args)
     return out, modified.sum(), "prefill" if info.is_prefill else "chunk"
 

@@ -101,18 +101,20 @@ def _load_gid_row(GID, b, h, offs_n, stride_gb, stride_gh, stride_gn, gid_offset
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["Q_LEN", "K_LEN", "q_offset", "window", "gid_offset", "gid_len"])
 def row_stats_kernel(
-    Qp, Kp, LSE, MASS, GID, LSE_IN, KVS,
+    Qp, Kp, LSE, MAXS, MASS, GID, LSE_IN, KVS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_gb, stride_gh, stride_gn,
-    H, GROUP, Q_LEN, K_LEN, D, scale, q_offset, window, gid_offset, gid_len,
-    HAS_KVS: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, LSE_GIVEN: tl.constexpr,
+    H, GROUP, Q_LEN, K_LEN, scale, q_offset, window, gid_offset, gid_len,
+    D: tl.constexpr, HAS_KVS: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, LSE_GIVEN: tl.constexpr,
+    WITH_MAX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """LSE (B, H, Q) and, with NUM_GROUPS > 0, MASS (B, H, Q, NUM_GROUPS) = exp(lse_g - lse).
+    """LSE and MAXS (row max of the scores) (B, H, Q) and, with NUM_GROUPS > 0,
+    MASS (B, H, Q, NUM_GROUPS) = exp(lse_g - lse).
 
     LSE_GIVEN: read the row LSE from LSE_IN (pass 1 already ran) and sum exp(s - lse) per group
-    directly -- no online rescaling; LSE is then not written.
+    directly -- no online rescaling; LSE and MAXS are then not written.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -168,6 +170,8 @@ def row_stats_kernel(
         has = l_i > 0.0
         lse = tl.where(has, m_i + tl.log(tl.where(has, l_i, 1.0)), NEG_INF)
         tl.store(LSE + pid_bh * Q_LEN + offs_m, lse, mask=row_ok)
+        if WITH_MAX:
+            tl.store(MAXS + pid_bh * Q_LEN + offs_m, m_i, mask=row_ok)
         mass = tl.where(has[:, None], lg / tl.where(has, l_i, 1.0)[:, None], 0.0)
     if NUM_GROUPS > 0:
         mptr = MASS + (pid_bh * Q_LEN + offs_m[:, None]) * NUM_GROUPS + offs_g[None, :]
@@ -182,8 +186,8 @@ def column_stats_kernel(
     Qp, Kp, LSE, COLSUM, COUNT, KVS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
-    H, GROUP, Q_LEN, K_LEN, D, scale, q_offset, window,
-    HAS_KVS: tl.constexpr,
+    H, GROUP, Q_LEN, K_LEN, scale, q_offset, window,
+    D: tl.constexpr, HAS_KVS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """COLSUM (B, H, K) = sum over rows of exp(s_ij - lse_i); COUNT (B, K) float = rows seeing j
@@ -235,15 +239,36 @@ def column_stats_kernel(
 # prefill pass 2: fused attention with a per-row, per-group bias, or softplus re-weighting
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _pow_weights(u, sp_p, P_INT: tl.constexpr, P_HALF: tl.constexpr):
+    """u ** p for u in [0, 1]: multiplications (+ one sqrt) when 2p is an integer <= 32 (P_INT >= 0),
+    exp2(p log2 u) otherwise (P_INT < 0). u = 0 gives 0."""
+    if P_INT >= 0:
+        w = tl.where(u > 0.0, 1.0, 0.0)
+        for _ in tl.static_range(P_INT):
+            w = w * u
+        if P_HALF:
+            w = w * tl.sqrt(u)
+    else:
+        w = tl.where(u > 0.0, tl.exp2(sp_p * tl.log2(tl.where(u > 0.0, u, 1.0))), 0.0)
+    return w
+
+
+@triton.jit
 def _attn_sweep(
-    q, k_base, v_base, offs_m, offs_d, start, end, lo, hi,
-    stride_kn, stride_kd, stride_vn, stride_vd, K_LEN, D, scale,
+    q, k_base, v_base, offs_d, start, end, lo, hi,
+    stride_kn, stride_kd, stride_vn, stride_vd, K_LEN, scale,
     GID, b, h, stride_gb, stride_gh, stride_gn, gid_offset, gid_len, bias_rows, offs_g,
-    lse_safe, nvis, off_row, sp_p, steer,
-    NUM_GROUPS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    lse_safe, nvis, off_row, inv_tmax, sp_p, steer,
+    D: tl.constexpr, NUM_GROUPS: tl.constexpr, HAS_LSE: tl.constexpr, SOFTPLUS: tl.constexpr,
+    P_INT: tl.constexpr, P_HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """One online-softmax sweep over the key tiles [start, end); returns (acc, l)."""
+    """One sweep over the key tiles [start, end); returns (acc, l) with out = acc / l.
+
+    HAS_LSE: the row LSE of the plain scores is known (pass 1), so weights are formed directly --
+    exp(s + bias - lse) (already normalised: no running max, no rescaling of acc) or the softplus
+    weights ((N a - o) / t_max)^p, whose largest value is 1. Without it: online softmax.
+    """
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -257,48 +282,57 @@ def _attn_sweep(
                 bg = tl.max(tl.where(offs_g[None, :] == gi, bias_rows, NEG_INF), axis=1)
                 btile = tl.where(g[None, :] == gi, bg[:, None], btile)
             s = tl.where(vis, s + btile, NEG_INF)
-        if SOFTPLUS:
-            # log-space re-weighting: p * log(N_i * a_ij - o_i) where positive, else masked
-            t = nvis[:, None] * tl.exp(s - lse_safe[:, None]) - off_row[:, None]
-            keep = vis & (t > 0.0)
-            s_sp = tl.where(keep, sp_p * tl.log(tl.where(keep, t, 1.0)), NEG_INF)
-            s = tl.where(steer, s_sp, s)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if HAS_LSE:
+            p = tl.exp(s - lse_safe[:, None])  # 0 where invisible
+            if SOFTPLUS:
+                t = nvis[:, None] * p - off_row[:, None]
+                u = tl.where(vis & (t > 0.0), t * inv_tmax[:, None], 0.0)
+                p = tl.where(steer, _pow_weights(u, sp_p, P_INT, P_HALF), p)
+            l_i += tl.sum(p, axis=1)
+            scaled = p
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            p = tl.exp(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+            scaled = p
         vt = tl.load(
             v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
             mask=(offs_n[:, None] < K_LEN) & (offs_d[None, :] < D),
             other=0.0,
         )
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
-        m_i = m_new
+        acc += _dot(scaled.to(vt.dtype), vt, DOT_PREC, UPCAST)
     return acc, l_i
 
 
 @triton.jit(do_not_specialize=["Q_LEN", "K_LEN", "q_offset", "window", "gid_offset", "gid_len"])
 def attn_fwd_kernel(
-    Qp, Kp, Vp, OUT, GID, BIAS, LSE_IN, STEER, REL0, MOD, KVS,
+    Qp, Kp, Vp, OUT, GID, BIAS, LSE_IN, MAX_IN, STEER, REL0, MOD, KVS,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_gb, stride_gh, stride_gn,
-    H, GROUP, Q_LEN, K_LEN, D, scale, q_offset, window, gid_offset, gid_len,
+    H, GROUP, Q_LEN, K_LEN, scale, q_offset, window, gid_offset, gid_len,
     sp_p, sp_offset, sp_free_rows,
-    HAS_KVS: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, SOFTPLUS: tl.constexpr,
+    D: tl.constexpr, HAS_KVS: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
+    HAS_LSE: tl.constexpr, SOFTPLUS: tl.constexpr, P_INT: tl.constexpr, P_HALF: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """OUT (B, Q, H, D) = softmax(s + bias[b, h, i, gid_j]) V, or softplus re-weighting.
 
     BIAS (B, H, Q, NUM_GROUPS) float32: log(M'_g / M_g) per row and group (0 = unchanged row).
-    SOFTPLUS: s' = p log(N_i exp(s - lse_i) - o_i) where positive, else masked, with
-    o_i = 0 for rows whose position from the row's first token (REL0[b] + i) is below
-    ``sp_free_rows`` and ``sp_offset`` after; LSE_IN (B, H, Q) from pass 1. Rows of a steered head
-    where no key survives keep plain attention (a second sweep, only in blocks that have such a
-    row). MOD (B, H, Q) int8 = 1 where the row was re-weighted.
+    HAS_LSE: LSE_IN (B, H, Q) is the row LSE of the unbiased scores from pass 1 (then
+    exp(s + bias - lse) are the final weights whenever sum_g M'_g = 1).
+    SOFTPLUS (needs HAS_LSE and MAX_IN, the row max of the scores): weights
+    max(N_i a_ij - o_i, 0)^p, computed as (t / t_max)^p so the largest is 1, with o_i = 0 for rows
+    whose position from the row's first token (REL0[b] + i) is below ``sp_free_rows`` and
+    ``sp_offset`` after. Rows of a steered head (STEER (H,) int8) where no key survives keep plain
+    attention (a second sweep, only in blocks that have such a row). MOD (B, H, Q) int8 = 1 where
+    the row was re-weighted.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -329,24 +363,29 @@ def attn_fwd_kernel(
         )
     else:
         bias_rows = tl.zeros([BLOCK_M, G_PAD], dtype=tl.float32)
-
-    if SOFTPLUS:
+    if HAS_LSE:
         lse = tl.load(LSE_IN + pid_bh * Q_LEN + offs_m, mask=row_ok, other=NEG_INF)
         lse_safe = tl.where(lse == NEG_INF, 0.0, lse)
+    else:
+        lse_safe = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SOFTPLUS:
         rel = tl.load(REL0 + b).to(tl.int32) + offs_m
         off_row = tl.where(rel < sp_free_rows, 0.0, sp_offset)
         steer = tl.load(STEER + h) != 0
+        rmax = tl.load(MAX_IN + pid_bh * Q_LEN + offs_m, mask=row_ok, other=NEG_INF)
+        t_max = nvis * tl.exp(tl.where(rmax == NEG_INF, 0.0, rmax) - lse_safe) - off_row
+        inv_tmax = tl.where(t_max > 0.0, 1.0 / tl.where(t_max > 0.0, t_max, 1.0), 1.0 / tl.maximum(nvis, 1.0))
     else:
-        lse_safe = tl.zeros([BLOCK_M], dtype=tl.float32)
         off_row = tl.zeros([BLOCK_M], dtype=tl.float32)
+        inv_tmax = tl.zeros([BLOCK_M], dtype=tl.float32)
         steer = False
 
     acc, l_i = _attn_sweep(
-        q, k_base, v_base, offs_m, offs_d, start, end, lo, hi,
-        stride_kn, stride_kd, stride_vn, stride_vd, K_LEN, D, scale,
+        q, k_base, v_base, offs_d, start, end, lo, hi,
+        stride_kn, stride_kd, stride_vn, stride_vd, K_LEN, scale,
         GID, b, h, stride_gb, stride_gh, stride_gn, gid_offset, gid_len, bias_rows, offs_g,
-        lse_safe, nvis, off_row, sp_p, steer,
-        NUM_GROUPS, SOFTPLUS, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, UPCAST,
+        lse_safe, nvis, off_row, inv_tmax, sp_p, steer,
+        D, NUM_GROUPS, HAS_LSE, SOFTPLUS, P_INT, P_HALF, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, UPCAST,
     )
     if SOFTPLUS:
         failed = steer & (l_i == 0.0) & (nvis > 0.0) & row_ok
@@ -354,11 +393,11 @@ def attn_fwd_kernel(
         if tl.sum(failed.to(tl.int32), axis=0) > 0:
             # rows where nothing is above the uniform level: SPEC says leave them unchanged
             acc0, l0 = _attn_sweep(
-                q, k_base, v_base, offs_m, offs_d, start, end, lo, hi,
-                stride_kn, stride_kd, stride_vn, stride_vd, K_LEN, D, scale,
+                q, k_base, v_base, offs_d, start, end, lo, hi,
+                stride_kn, stride_kd, stride_vn, stride_vd, K_LEN, scale,
                 GID, b, h, stride_gb, stride_gh, stride_gn, gid_offset, gid_len, bias_rows, offs_g,
-                lse_safe, nvis, off_row, sp_p, False,
-                NUM_GROUPS, SOFTPLUS, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, UPCAST,
+                lse_safe, nvis, off_row, inv_tmax, sp_p, False,
+                D, NUM_GROUPS, HAS_LSE, SOFTPLUS, P_INT, P_HALF, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PREC, UPCAST,
             )
             acc = tl.where(failed[:, None], acc0, acc)
             l_i = tl.where(failed, l0, l_i)
@@ -379,9 +418,9 @@ def decode_split_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_gb, stride_gh, stride_gn,
-    HQ, HKV, GROUP, K_LEN, D, scale, q_offset, window, gid_offset, gid_len,
+    HQ, HKV, GROUP, K_LEN, scale, q_offset, window, gid_offset, gid_len,
     NUM_SPLITS, SPLIT_LEN, sp_p, sp_offset, sp_free_rows,
-    HAS_KVS: tl.constexpr, MODE: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
+    D: tl.constexpr, HAS_KVS: tl.constexpr, MODE: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr,
     S_PAD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -530,8 +569,8 @@ def decode_split_kernel(
 def decode_merge_kernel(
     PM, PL, PACC, OUT, STEER, REL0, MOD,
     stride_ob, stride_oh, stride_od,
-    HQ, D, NUM_SPLITS, beta,
-    NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, RULE: tl.constexpr, BLOCK_D: tl.constexpr,
+    HQ, NUM_SPLITS, beta,
+    D: tl.constexpr, NUM_GROUPS: tl.constexpr, G_PAD: tl.constexpr, RULE: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Merge the split partials per group (flash-decoding), then apply the rule at the merge:
 

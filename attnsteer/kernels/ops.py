@@ -115,7 +115,8 @@ class Groups:
 class SoftplusArgs:
     """Softplus re-weighting (SPEC section 5) for pass 2 / decode.
 
-    lse: float32 (B, H, Q) row log-sum-exp from :func:`row_stats` (prefill only).
+    lse, rowmax: float32 (B, H, Q) row log-sum-exp and row max of the scores from
+    :func:`row_stats` (``with_max=True``); pass 2 only (decode computes its own).
     steer: int8 (H,) 1 for steered query heads. rel0: int32 (B,) position (from the row's first
     non-pad token) of query row 0; row i is at rel0 + i.
     """
@@ -125,6 +126,7 @@ class SoftplusArgs:
     steer: torch.Tensor
     rel0: torch.Tensor
     lse: torch.Tensor | None = None
+    rowmax: torch.Tensor | None = None
 
 
 def _pow2(n: int, low: int = 16) -> int:
@@ -231,16 +233,17 @@ def _group_args(groups: Groups | None, device):
 # prefill
 # ---------------------------------------------------------------------------------------------
 def row_stats(q, k, mask: MaskSpec, scale: float, groups: Groups | None = None, lse: torch.Tensor | None = None,
-              block_m: int | None = None, block_n: int | None = None):
-    """Pass 1 (QK only). Returns (lse float32 (B, Hq, Q), masses float32 (B, Hq, Q, G) or None).
+              with_max: bool = False, block_m: int | None = None, block_n: int | None = None):
+    """Pass 1 (QK only). Returns (lse float32 (B, Hq, Q), masses float32 (B, Hq, Q, G) or None),
+    plus the row max of the scores (B, Hq, Q) as a third item when ``with_max``.
 
     Without ``lse``: one online sweep gives the row LSE and, with ``groups``, the group masses
     M_g = exp(lse_g - lse). With ``lse`` (from an earlier call) and ``groups``: masses only, summing
-    exp(s - lse) directly. Fully masked rows: lse = -inf, masses 0.
+    exp(s - lse) directly. Fully masked rows: lse = -inf (row max -inf), masses 0.
     """
     _check(q, k)
-    if lse is not None and groups is None:
-        raise ValueError("row_stats: `lse` is only used together with `groups`")
+    if lse is not None and (groups is None or with_max):
+        raise ValueError("row_stats: `lse` is only used together with `groups` (and then no row max is computed)")
     mod = kernels()
     b, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
@@ -251,16 +254,19 @@ def row_stats(q, k, mask: MaskSpec, scale: float, groups: Groups | None = None, 
     if lse is not None and (lse.shape != (b, hq, q_len) or lse.dtype != torch.float32 or not lse.is_contiguous()):
         raise ValueError(f"lse must be contiguous float32 {(b, hq, q_len)}; got {lse.dtype} {tuple(lse.shape)}")
     masses = torch.empty(b, hq, q_len, max(ng, 1), dtype=torch.float32, device=q.device) if ng else lse_out
+    rowmax = torch.empty_like(lse_out) if with_max else lse_out  # (not written when lse is given)
     grid = (triton_cdiv(q_len, bm), b * hq)
     _launch(
         "row_stats", mod.row_stats_kernel, grid,
-        q, k, lse_out, masses, gid, lse_out, kvs,
+        q, k, lse_out, rowmax, masses, gid, lse_out, kvs,
         *q.stride(), *k.stride(), *gstr,
-        hq, hq // hkv, q_len, k_len, d, float(scale), int(mask.q_offset), int(mask.window), goff, glen,
-        HAS_KVS=has_kvs, NUM_GROUPS=ng, G_PAD=_pow2(max(ng, 1), 2), LSE_GIVEN=lse is not None,
+        hq, hq // hkv, q_len, k_len, float(scale), int(mask.q_offset), int(mask.window), goff, glen,
+        D=d, HAS_KVS=has_kvs, NUM_GROUPS=ng, G_PAD=_pow2(max(ng, 1), 2), LSE_GIVEN=lse is not None, WITH_MAX=with_max,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype),
         num_warps=warps, num_stages=stages,
     )
+    if with_max:
+        return lse_out, (masses if ng else None), rowmax
     return lse_out, (masses if ng else None)
 
 
@@ -281,23 +287,35 @@ def column_stats(q, k, lse: torch.Tensor, mask: MaskSpec, scale: float,
         "column_stats", mod.column_stats_kernel, grid,
         q, k, lse.contiguous(), colsum, count, kvs,
         *q.stride(), *k.stride(),
-        hq, hq // hkv, q_len, k_len, d, float(scale), int(mask.q_offset), int(mask.window),
-        HAS_KVS=has_kvs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype),
+        hq, hq // hkv, q_len, k_len, float(scale), int(mask.q_offset), int(mask.window),
+        D=d, HAS_KVS=has_kvs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return colsum, count
 
 
+def _power_plan(p: float) -> tuple[int, bool]:
+    """(P_INT, P_HALF): u**p by multiplications when 2p is an integer <= 32, else (-1, False)."""
+    twice = 2.0 * p
+    if abs(twice - round(twice)) < 1e-12 and 0 < round(twice) <= 32:
+        n = int(round(twice))
+        return n // 2, bool(n % 2)
+    return -1, False
+
+
 def attention(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, bias: torch.Tensor | None = None,
-              softplus: SoftplusArgs | None = None, out: torch.Tensor | None = None,
+              lse: torch.Tensor | None = None, softplus: SoftplusArgs | None = None, out: torch.Tensor | None = None,
               block_m: int | None = None, block_n: int | None = None):
     """Pass 2: one fused attention sweep. Returns (out (B, Q, Hq, D) in q.dtype, modified int8
     (B, Hq, Q) for softplus else None).
 
-    ``groups`` + ``bias`` float32 (B, Hq, Q, G): scores get bias[b, h, i, group(j)] (the exact
-    one-pass form of any rule that rescales whole groups by per-row factors: bias = log(M'_g/M_g)).
-    ``softplus``: score p log(N_i exp(s - lse_i) - o_i) where positive, else masked; rows of a
-    steered head where nothing survives keep plain attention. Without either: plain attention.
+    ``groups`` + ``bias`` float32 (B, Hq, Q, G): scores get bias[b, h, i, group(j)] -- the exact
+    one-pass form of any rule that rescales whole groups by per-row factors: bias = log(M'_g/M_g).
+    ``lse`` (B, Hq, Q), pass 1's LSE of the unbiased scores: weights are formed directly as
+    exp(s + bias - lse) (valid when sum_g M'_g = 1, i.e. the rule conserves each row's mass); without
+    it, online softmax. ``softplus`` (with its ``lse`` and ``rowmax``): weights
+    max(N_i a_ij - o_i, 0)^p; rows of a steered head where nothing survives keep plain attention.
+    Without groups and softplus: plain attention.
     """
     _check(q, k, v)
     if (groups is None) != (bias is None):
@@ -307,40 +325,51 @@ def attention(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = Non
     mod = kernels()
     b, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
+    dev = q.device
     bm, bn, warps, stages = _blocks(q_len, d, block_m, block_n)
-    kvs, has_kvs = _mask_args(mask, q.device)
-    gid, gstr, ng, goff, glen = _group_args(groups, q.device)
+    kvs, has_kvs = _mask_args(mask, dev)
+    gid, gstr, ng, goff, glen = _group_args(groups, dev)
+    f32 = torch.float32
     if bias is not None:
         if bias.shape != (b, hq, q_len, ng):
             raise ValueError(f"bias must be (B, Hq, Q, G) = {(b, hq, q_len, ng)}; got {tuple(bias.shape)}")
-        bias = bias.to(torch.float32).contiguous()
+        bias = bias.to(f32).contiguous()
     else:
-        bias = torch.empty(1, dtype=torch.float32, device=q.device)
+        bias = torch.empty(1, dtype=f32, device=dev)
     if out is None:
-        out = torch.empty(b, q_len, hq, d, dtype=q.dtype, device=q.device)
+        out = torch.empty(b, q_len, hq, d, dtype=q.dtype, device=dev)
+    steer = torch.empty(1, dtype=torch.int8, device=dev)
+    rel0 = torch.empty(1, dtype=torch.int32, device=dev)
+    rowmax = torch.empty(1, dtype=f32, device=dev)
     modified = None
+    p_int, p_half = 0, False
+    sp = (1.0, 0.0, SOFTPLUS_FREE_ROWS)
     if softplus is not None:
-        if softplus.lse is None:
-            raise ValueError("attention: softplus re-weighting needs pass 1's lse")
-        lse = softplus.lse.contiguous()
-        steer = softplus.steer.to(device=q.device, dtype=torch.int8).contiguous()
-        rel0 = softplus.rel0.to(device=q.device, dtype=torch.int32).contiguous()
-        modified = torch.empty(b, hq, q_len, dtype=torch.int8, device=q.device)
+        if softplus.lse is None or softplus.rowmax is None:
+            raise ValueError("attention: softplus re-weighting needs pass 1's lse and row max (row_stats(with_max=True))")
+        lse = softplus.lse
+        rowmax = softplus.rowmax.to(f32).contiguous()
+        steer = softplus.steer.to(device=dev, dtype=torch.int8).contiguous()
+        rel0 = softplus.rel0.to(device=dev, dtype=torch.int32).contiguous()
+        modified = torch.empty(b, hq, q_len, dtype=torch.int8, device=dev)
         sp = (float(softplus.p), float(softplus.offset), SOFTPLUS_FREE_ROWS)
+        p_int, p_half = _power_plan(float(softplus.p))
+    if lse is not None:
+        if lse.shape != (b, hq, q_len):
+            raise ValueError(f"lse must be (B, Hq, Q) = {(b, hq, q_len)}; got {tuple(lse.shape)}")
+        lse_t = lse.to(f32).contiguous()
     else:
-        lse = steer = rel0 = torch.empty(1, dtype=torch.float32, device=q.device)
-        steer = torch.empty(1, dtype=torch.int8, device=q.device)
-        rel0 = torch.empty(1, dtype=torch.int32, device=q.device)
-        sp = (1.0, 0.0, SOFTPLUS_FREE_ROWS)
-    mod_buf = modified if modified is not None else torch.empty(1, dtype=torch.int8, device=q.device)
+        lse_t = torch.empty(1, dtype=f32, device=dev)
+    mod_buf = modified if modified is not None else torch.empty(1, dtype=torch.int8, device=dev)
     grid = (triton_cdiv(q_len, bm), b * hq)
     _launch(
         "attn_fwd", mod.attn_fwd_kernel, grid,
-        q, k, v, out, gid, bias, lse, steer, rel0, mod_buf, kvs,
+        q, k, v, out, gid, bias, lse_t, rowmax, steer, rel0, mod_buf, kvs,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *gstr,
-        hq, hq // hkv, q_len, k_len, d, float(scale), int(mask.q_offset), int(mask.window), goff, glen,
+        hq, hq // hkv, q_len, k_len, float(scale), int(mask.q_offset), int(mask.window), goff, glen,
         *sp,
-        HAS_KVS=has_kvs, NUM_GROUPS=ng, G_PAD=_pow2(max(ng, 1), 2), SOFTPLUS=softplus is not None,
+        D=d, HAS_KVS=has_kvs, NUM_GROUPS=ng, G_PAD=_pow2(max(ng, 1), 2),
+        HAS_LSE=lse is not None, SOFTPLUS=softplus is not None, P_INT=p_int, P_HALF=p_half,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype),
         num_warps=warps, num_stages=stages,
     )
@@ -412,7 +441,7 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
     common = dict(BLOCK_H=_pow2(group), BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype), num_warps=4)
     out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=dev)
     grid = (splits, b * hkv)
-    mask_args = (hq, hkv, group, k_len, d, float(scale), int(mask.q_offset), int(mask.window))
+    mask_args = (hq, hkv, group, k_len, float(scale), int(mask.q_offset), int(mask.window))
 
     if rule == "softplus":
         ng = 2
@@ -425,7 +454,7 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
             q, k, v, pm1, pl1, dummy_f, gdummy, scores, dummy_f, dummy_f, steer_t, rel_t, kvs,
             q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
             *mask_args, 0, 0, splits, split_len, 1.0, 0.0, SOFTPLUS_FREE_ROWS,
-            HAS_KVS=has_kvs, MODE=1, NUM_GROUPS=1, G_PAD=2, S_PAD=_pow2(splits, 2), **common,
+            D=d, HAS_KVS=has_kvs, MODE=1, NUM_GROUPS=1, G_PAD=2, S_PAD=_pow2(splits, 2), **common,
         )
         pm = torch.empty(b, hq, splits, ng, dtype=f32, device=dev)
         pl = torch.empty_like(pm)
@@ -436,7 +465,7 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
             q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
             *mask_args, 0, 0, splits, split_len,
             float(softplus.p), float(softplus.offset), SOFTPLUS_FREE_ROWS,
-            HAS_KVS=has_kvs, MODE=2, NUM_GROUPS=ng, G_PAD=2, S_PAD=_pow2(splits, 2), **common,
+            D=d, HAS_KVS=has_kvs, MODE=2, NUM_GROUPS=ng, G_PAD=2, S_PAD=_pow2(splits, 2), **common,
         )
         rule_id = 2
     else:
@@ -450,7 +479,7 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
             q, k, v, pm, pl, pacc, gid, dummy_f, dummy_f, dummy_f, steer_t, rel_t, kvs,
             q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
             *mask_args, goff, glen, splits, split_len, 1.0, 0.0, SOFTPLUS_FREE_ROWS,
-            HAS_KVS=has_kvs, MODE=0, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), S_PAD=_pow2(splits, 2), **common,
+            D=d, HAS_KVS=has_kvs, MODE=0, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), S_PAD=_pow2(splits, 2), **common,
         )
         rule_id = 1 if rule == "act" else 0
     modified = torch.empty(b, hq, dtype=torch.int8, device=dev) if rule_id else None
@@ -458,8 +487,8 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
         "decode_merge", mod.decode_merge_kernel, (b * hq,),
         pm, pl, pacc, out, steer_t, rel_t, modified if modified is not None else torch.empty(1, dtype=torch.int8, device=dev),
         out.stride(0), out.stride(2), out.stride(3),
-        hq, d, splits, float(beta),
-        NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), RULE=rule_id, BLOCK_D=_pow2(d), num_warps=4,
+        hq, splits, float(beta),
+        D=d, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), RULE=rule_id, BLOCK_D=_pow2(d), num_warps=4,
     )
     return out, modified
 

@@ -1,0 +1,838 @@
+"""``attnsteer eval speed``: prefill latency, decode tokens/s and peak memory of steered models
+against the unsteered model, in one process.
+
+Method (also written into every result file):
+
+* The model is built once (``--random-weights``: from its config, nothing downloaded but the
+  config of a hub id; built-in config names work offline) with ``attn_implementation="sdpa"`` --
+  the baseline is the model's own SDPA attention.
+* Configurations: ``baseline`` (no recipe) and, for each ``--recipe`` and each ``--backends``
+  entry, the recipe applied with that backend: ``auto`` (what ``attnsteer.apply`` does by
+  default: the Triton kernels on CUDA once dispatch uses them, plain PyTorch on CPU),
+  ``fused-pytorch`` / ``fused-triton`` (the fused backend forced onto one implementation) and
+  ``reference`` (float32 eager with materialised weights -- how the papers' code runs).
+* Every configuration is warmed up once (Triton compiles, cuBLAS picks kernels). Then, per
+  repeat, each steered configuration runs next to a baseline run (ABBA order: the order inside a
+  pair flips every repeat). Ratios are medians over repeats of steered / the adjacent baseline.
+* One run = prefill (one ``model(prompt, use_cache=True, logits_to_keep=1)`` call, as
+  ``generate`` does it) + ``--new-tokens`` greedy decode steps with the KV cache; decode tokens/s
+  counts batch x new tokens over the decode loop. CUDA is synchronised around each timed region.
+* Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during the run (weights, KV cache and
+  activations; also reported above the memory allocated before the run). On CPU the resident-set
+  high-water mark above the RSS before the run (Linux ``/proc``; same process, so memory the
+  allocator kept from earlier runs is not counted again: a lower bound, indicative only).
+
+Results: ``<output_path>/<stem>.csv`` (long format: one row per run, metric and value, plus median
+and ratio rows), ``.json`` (the same plus machine, library versions, git hash and arguments),
+``.md`` (a table and the issue's goals) and ``.png`` (ratios; needs matplotlib).
+
+Run ``python -m attnsteer.evals.speed --help`` (the same flags as ``attnsteer eval speed``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import gc
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+# ---- built-in configs (offline): name -> (config kwargs, prompt layout, description) -------------
+_LLAMA2_7B = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    vocab_size=32000,
+    hidden_act="silu",
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
+BUILTIN_CONFIGS: dict[str, dict] = {
+    "llama-2-7b": {
+        "config": dict(_LLAMA2_7B),
+        "image_tokens": 0,
+        "prompt_len": 4096,
+        "description": "Llama-2-7B shape (hidden 4096, 32 layers, 32 heads, MLP 11008, vocab 32000)",
+    },
+    "llava-1.5-7b": {
+        "config": dict(_LLAMA2_7B, vocab_size=32064, pad_token_id=32001),
+        "image_tokens": 576,
+        "image_token_id": 32000,
+        "prompt_len": 640,
+        "description": (
+            "LLaVA-1.5-7B's language model (Llama-2-7B shape, vocab 32064). Timed: the language model on a "
+            "prompt of 576 image-placeholder + 64 text tokens; the CLIP ViT-L/14-336 tower and projector "
+            "(once per prompt, unsteered) are not timed"
+        ),
+    },
+    "llama-tiny": {
+        "config": dict(
+            _LLAMA2_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096,
+        ),
+        "image_tokens": 0,
+        "prompt_len": 64,
+        "description": "a tiny random Llama (4 layers, 4/2 heads, head dim 16) for smoke tests",
+    },
+}
+
+BACKEND_CHOICES = ("auto", "fused-pytorch", "fused-triton", "reference")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "auto": "auto"}
+GOALS = {"prefill_ratio_min": 0.85, "decode_ratio_min": 0.95, "memory_ratio_max": 1.10, "reference_speedup_min": 3.0}
+MIB = 1024 * 1024
+
+
+class SpeedError(Exception):
+    """A usage problem: printed as one line, exit code 2."""
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- arguments ------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Flags of ``attnsteer eval speed`` (lm-eval-style underscores, dashed aliases accepted)."""
+    parser.add_argument("--model", required=True,
+                        help=f"built-in config name ({', '.join(BUILTIN_CONFIGS)}), a local config.json or model "
+                             "folder, or a hub id (with --random-weights only its config is downloaded)")
+    parser.add_argument("--recipe", action="append", required=True, metavar="RECIPE",
+                        help="recipe name, YAML path or hub repo; repeat for several")
+    parser.add_argument("--random-weights", "--random_weights", dest="random_weights", action="store_true",
+                        help="build the model from its config with random weights (no weight download)")
+    parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=1)
+    parser.add_argument("--prompt-len", "--prompt_len", dest="prompt_len", type=int, default=None,
+                        help="prompt tokens (default: the built-in config's, e.g. 640 = 576 + 64 for llava-1.5-7b; "
+                             "512 otherwise)")
+    parser.add_argument("--new-tokens", "--new_tokens", dest="new_tokens", type=int, default=128,
+                        help="greedy decode steps after the prefill")
+    parser.add_argument("--image-tokens", "--image_tokens", dest="image_tokens", type=int, default=None,
+                        help="image-placeholder tokens at the start of the prompt (default: 576 for llava-1.5-7b, "
+                             "else 0); they are ordinary token ids for the timed language model")
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                        help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a (text) config field, e.g. --override num_hidden_layers=4")
+    parser.add_argument("--backends", default="auto,reference",
+                        help=f"comma-separated backends per recipe, from {', '.join(BACKEND_CHOICES)} "
+                             "(default: auto,reference)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed (baseline, steered) pairs per recipe")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
+    parser.add_argument("--output_path", "--output-path", dest="output_path", default="evals/speed",
+                        help="folder for the CSV / JSON / Markdown / PNG results")
+    parser.add_argument("--label", default=None, help="name for this run in file names (default: from the flags)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
+    parser.add_argument("--no-plot", "--no_plot", dest="no_plot", action="store_true", help="skip the PNG chart")
+    return parser
+
+
+EXAMPLE = (
+    "attnsteer eval speed --model llava-1.5-7b --random-weights --recipe act-default --recipe softplus-reweight "
+    "--batch_size 1 --new-tokens 128 --dtype bfloat16"
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnsteer eval speed",
+        description="Prefill latency, decode tokens/s and peak memory of recipes against the unsteered model.",
+        epilog=f"example:\n  {EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return add_arguments(parser)
+
+
+# ---- model -----------------------------------------------------------------------------------------
+def _parse_value(text: str):
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def resolve_config(model: str, overrides: list[str]):
+    """(text config, info dict) for a built-in name, a local config.json / folder or a hub id."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    info = {"model": model, "source": None, "image_tokens": 0, "prompt_len": 512, "description": ""}
+    if model in BUILTIN_CONFIGS:
+        spec = BUILTIN_CONFIGS[model]
+        kwargs = dict(spec["config"])
+        config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+        info.update(source="built-in", image_tokens=spec["image_tokens"], prompt_len=spec["prompt_len"],
+                    description=spec["description"], image_token_id=spec.get("image_token_id"))
+    else:
+        path = Path(model).expanduser()
+        try:
+            if path.is_file():
+                data = json.loads(path.read_text())
+                if "model_type" not in data:
+                    raise SpeedError(f"--model {model!r}: {path} has no model_type; it is not a transformers config")
+                config = AutoConfig.for_model(data.pop("model_type"), **data)
+                info["source"] = "local config file"
+            else:
+                config = AutoConfig.from_pretrained(str(path) if path.exists() else model)
+                info["source"] = "local folder" if path.exists() else "hub config"
+        except SpeedError:
+            raise
+        except Exception as exc:
+            raise SpeedError(
+                f"--model {model!r}: could not load a config ({type(exc).__name__}: {exc}). Fix: pass a built-in name "
+                f"({', '.join(BUILTIN_CONFIGS)}), a config.json, a model folder or a hub id"
+            ) from None
+    text_config = config
+    from .. import archs
+
+    if getattr(config, "model_type", None) not in archs.ARCHS and getattr(config, "text_config", None) is not None:
+        text_config = config.text_config
+        info["description"] = (info["description"] + "; " if info["description"] else "") + (
+            f"{config.model_type}: timed its language model ({text_config.model_type}) only"
+        )
+        image_tokens = getattr(config, "image_seq_length", None)
+        if image_tokens:
+            info["image_tokens"] = int(image_tokens)
+            info["prompt_len"] = int(image_tokens) + 64
+        info["image_token_id"] = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpeedError(f"--override {item!r}: expected KEY=VALUE, e.g. --override num_hidden_layers=4")
+        if not hasattr(text_config, key):
+            raise SpeedError(
+                f"--override {item!r}: the {text_config.model_type} config has no field {key!r}. Fix: use a field of "
+                "its config.json (e.g. num_hidden_layers, max_position_embeddings)"
+            )
+        setattr(text_config, key, _parse_value(value))
+    if not isinstance(text_config, PretrainedConfig):  # pragma: no cover - defensive
+        raise SpeedError(f"--model {model!r}: not a transformers config")
+    if text_config.model_type not in archs.ARCHS:
+        raise SpeedError(
+            f"--model {model!r}: model_type {text_config.model_type!r} is not one attnsteer steers "
+            f"({sorted(archs.ARCHS)})"
+        )
+    return text_config, info
+
+
+def build_model(config, model_id: str, random_weights: bool, dtype, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config._attn_implementation = "sdpa"
+    if random_weights:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    else:
+        if model_id in BUILTIN_CONFIGS:
+            raise SpeedError(f"--model {model_id!r} is a built-in config without weights. Fix: add --random-weights")
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id, config=config, dtype=dtype, attn_implementation="sdpa"
+        ).to(device)
+    return model.eval()
+
+
+def build_prompt(config, batch: int, n_tokens: int, image_tokens: int, image_token_id, seed: int, device):
+    """(batch, n_tokens) ids: BOS, ``image_tokens`` placeholder ids, then random text ids."""
+    import torch
+
+    vocab = int(config.vocab_size)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, min(vocab, 32000), (batch, n_tokens), generator=g)
+    bos = getattr(config, "bos_token_id", None)
+    if isinstance(bos, int) and 0 <= bos < vocab:
+        ids[:, 0] = bos
+    if image_tokens:
+        token = image_token_id if isinstance(image_token_id, int) and 0 <= image_token_id < vocab else vocab - 1
+        ids[:, 1:1 + image_tokens] = token
+    return ids.to(device)
+
+
+# ---- measurement -----------------------------------------------------------------------------------
+def _proc_kib(key: str) -> int | None:
+    try:
+        m = re.search(rf"^{key}:\s+(\d+)\s+kB", Path("/proc/self/status").read_text(), re.M)
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _backend_forced(backend: str):
+    """fused-pytorch / fused-triton: force the fused backend onto one implementation for a run."""
+    if backend not in ("fused-pytorch", "fused-triton"):
+        yield
+        return
+    from ..attention import dispatch, triton_backend
+    from ..attention.fused import fused_attention
+
+    impl = fused_attention if backend == "fused-pytorch" else triton_backend.triton_attention
+    old_env = os.environ.get("ATTNSTEER_TRITON")
+    old_fn = dispatch.BACKENDS["fused"]
+    os.environ["ATTNSTEER_TRITON"] = "0" if backend == "fused-pytorch" else "1"
+    dispatch.BACKENDS["fused"] = impl
+    try:
+        yield
+    finally:
+        dispatch.BACKENDS["fused"] = old_fn
+        if old_env is None:
+            os.environ.pop("ATTNSTEER_TRITON", None)
+        else:
+            os.environ["ATTNSTEER_TRITON"] = old_env
+
+
+def _api_backend(backend: str) -> str:
+    return {"auto": "auto", "fused-pytorch": "fused", "fused-triton": "fused", "reference": "reference"}[backend]
+
+
+def run_once(model, ids, new_tokens: int, config: dict, device) -> dict:
+    """One prefill + greedy decode under ``config``; timings in seconds, memory in bytes."""
+    import torch
+
+    import attnsteer
+
+    from ..attention import triton_backend
+
+    cuda = device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    handle = None
+    counters_before = dict(triton_backend.COUNTERS)
+    with _backend_forced(config.get("backend") or "auto"):
+        if config["recipe"] is not None:
+            handle = attnsteer.apply(model, config["recipe"], backend=_api_backend(config["backend"]))
+        try:
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                mem_before = torch.cuda.memory_allocated(device)
+            else:
+                mem_before = (_proc_kib("VmRSS") or 0) * 1024
+                hwm_ok = _reset_hwm()
+            with torch.inference_mode():
+                sync()
+                t0 = time.perf_counter()
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                sync()
+                t1 = time.perf_counter()
+                cache = out.past_key_values
+                del out
+                sync()
+                t2 = time.perf_counter()
+                for _ in range(new_tokens):
+                    out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                sync()
+                t3 = time.perf_counter()
+                del cache
+            if cuda:
+                peak = torch.cuda.max_memory_allocated(device)
+                extra = peak - mem_before
+            else:
+                hwm = _proc_kib("VmHWM")
+                extra = (hwm * 1024 - mem_before) if (hwm and hwm_ok) else None
+                peak = hwm * 1024 if (hwm and hwm_ok) else None
+        finally:
+            summary = None
+            if handle is not None:
+                stats = handle.stats()
+                summary = {
+                    "sites": len(stats),
+                    "sites_fired": sum(1 for s in stats if s["fired"] > 0),
+                    "rows_modified": int(sum(int(s["rows_modified"]) for s in stats)),
+                }
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    handle.remove()
+    counters = {k: v - counters_before.get(k, 0) for k, v in triton_backend.COUNTERS.items()
+                if v != counters_before.get(k, 0)}
+    decode_s = t3 - t2
+    return {
+        "prefill_s": t1 - t0,
+        "decode_s": decode_s,
+        "decode_tok_s": ids.shape[0] * new_tokens / decode_s if new_tokens and decode_s > 0 else None,
+        "peak_mem_bytes": peak,
+        "peak_extra_bytes": extra,
+        "steering": summary,
+        "kernel_calls": counters,
+    }
+
+
+def _impl(backend: str | None, counters: dict, device) -> str:
+    """Which implementation actually ran the steered layers."""
+    if backend is None:
+        return "sdpa"
+    if backend == "reference":
+        return "reference"
+    triton = sum(v for k, v in counters.items() if k.startswith("triton/"))
+    fallback = sum(v for k, v in counters.items() if k.startswith("fallback/"))
+    if triton and not fallback:
+        return "triton"
+    if triton:
+        return "triton+pytorch"
+    return "pytorch"
+
+
+# ---- machine facts ---------------------------------------------------------------------------------
+def _git_hash() -> str:
+    here = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(device) -> dict:
+    import torch
+    from importlib import metadata
+
+    def ver(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or "unknown"
+    try:
+        m = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        cpu = m.group(1).strip() if m else cpu
+    except OSError:
+        pass
+    info = {
+        "device": str(device),
+        "cpu_model": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": ver("transformers"),
+        "triton": ver("triton"),
+        "attnsteer": ver("attnsteer"),
+        "cuda": torch.version.cuda,
+        "git": _git_hash(),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                    gpu_capability=f"{props.major}.{props.minor}", gpu_count=torch.cuda.device_count())
+    info["hardware"] = info.get("gpu") or info["cpu_model"]
+    return info
+
+
+# ---- summary ---------------------------------------------------------------------------------------
+def _median(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return statistics.median(xs) if xs else None
+
+
+METRICS = ("prefill_s", "decode_tok_s", "peak_mem_bytes", "peak_extra_bytes")
+
+
+def summarise(runs: list[dict], configs: list[dict]) -> list[dict]:
+    """Per config: medians of each metric; per steered config: median over repeats of the ratio to the
+    baseline run of the same pair (prefill: baseline time / steered time, i.e. relative speed)."""
+    out = []
+    for c in configs:
+        mine = [r for r in runs if r["config"] == c["name"] and r.get("status") == "ok"]
+        row = {"config": c["name"], "recipe": c["recipe_label"], "backend": c["backend"],
+               "impl": ",".join(sorted({r["impl"] for r in mine})) or None,
+               "runs": len(mine), "status": "ok" if mine else _status(runs, c["name"])}
+        for m in METRICS:
+            row[m] = _median([r.get(m) for r in mine])
+        if c["recipe"] is not None:
+            ratios = {"prefill_speed_ratio": [], "decode_speed_ratio": [], "memory_ratio": []}
+            for r in mine:
+                base = next((x for x in runs if x["config"] == "baseline" and x["pair"] == c["name"]
+                             and x["repeat"] == r["repeat"] and x.get("status") == "ok"), None)
+                if base is None:
+                    continue
+                if r["prefill_s"] and base["prefill_s"]:
+                    ratios["prefill_speed_ratio"].append(base["prefill_s"] / r["prefill_s"])
+                if r.get("decode_tok_s") and base.get("decode_tok_s"):
+                    ratios["decode_speed_ratio"].append(r["decode_tok_s"] / base["decode_tok_s"])
+                if r.get("peak_mem_bytes") and base.get("peak_mem_bytes"):
+                    ratios["memory_ratio"].append(r["peak_mem_bytes"] / base["peak_mem_bytes"])
+            for k, v in ratios.items():
+                row[k] = _median(v)
+        out.append(row)
+    by_name = {r["config"]: r for r in out}
+    for c in configs:  # speed-up of each recipe's fast path over its reference run
+        if c["recipe"] is None or c["backend"] == "reference":
+            continue
+        ref = by_name.get(f"{c['recipe_label']}@reference")
+        row = by_name[c["name"]]
+        if ref and ref.get("prefill_s") and row.get("prefill_s"):
+            row["prefill_speedup_vs_reference"] = ref["prefill_s"] / row["prefill_s"]
+        if ref and ref.get("decode_tok_s") and row.get("decode_tok_s"):
+            row["decode_speedup_vs_reference"] = row["decode_tok_s"] / ref["decode_tok_s"]
+    return out
+
+
+def _status(runs, name):
+    states = {r.get("status") for r in runs if r["config"] == name}
+    return ",".join(sorted(s for s in states if s)) or "not run"
+
+
+def _fmt(x, spec="{:.3f}"):
+    return "-" if x is None else spec.format(x)
+
+
+def markdown(meta: dict, summary: list[dict]) -> str:
+    a = meta["args"]
+    lines = [
+        f"# attnsteer speed: {meta['model']['model']} (batch {a['batch_size']}, prompt {a['prompt_len']} tokens, "
+        f"{a['new_tokens']} new tokens, {a['dtype']})",
+        "",
+        f"- hardware: {meta['machine']['hardware']} ({meta['machine']['device']}); torch {meta['machine']['torch']}, "
+        f"transformers {meta['machine']['transformers']}, triton {meta['machine']['triton']}, "
+        f"git {meta['machine']['git']}",
+        f"- model: {meta['model']['description'] or meta['model']['model']} [{meta['model']['source']}], "
+        f"{meta['model']['num_hidden_layers']} layers, random weights: {a['random_weights']}",
+        f"- {a['repeats']} ABBA repeats after {a['warmup']} warm-up run(s); medians. Ratios: steered vs the "
+        "adjacent baseline run (speed ratios > 1 = faster than baseline; memory ratio < 1 = less memory).",
+        f"- peak memory: {meta['memory_note']}",
+        "",
+        "| config | ran on | prefill ms | prefill speed ratio | decode tok/s | decode speed ratio | peak MiB "
+        "| memory ratio | prefill x vs reference |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in summary:
+        lines.append(
+            f"| {r['config']} | {r['impl'] or r['status']} | {_fmt(r['prefill_s'] and r['prefill_s'] * 1000, '{:.1f}')} "
+            f"| {_fmt(r.get('prefill_speed_ratio'))} | {_fmt(r['decode_tok_s'], '{:.1f}')} "
+            f"| {_fmt(r.get('decode_speed_ratio'))} | {_fmt(r['peak_mem_bytes'] and r['peak_mem_bytes'] / MIB, '{:.0f}')} "
+            f"| {_fmt(r.get('memory_ratio'))} | {_fmt(r.get('prefill_speedup_vs_reference'), '{:.2f}')} |"
+        )
+    lines += ["", "## Goals (issue 4)", ""]
+    g = GOALS
+    for r in summary:
+        if r["backend"] in (None, "reference") or r.get("prefill_speed_ratio") is None:
+            continue
+        checks = [
+            ("prefill >= %.2fx" % g["prefill_ratio_min"], r.get("prefill_speed_ratio"), lambda x: x >= g["prefill_ratio_min"]),
+            ("decode >= %.2fx" % g["decode_ratio_min"], r.get("decode_speed_ratio"), lambda x: x >= g["decode_ratio_min"]),
+            ("memory <= %.2fx" % g["memory_ratio_max"], r.get("memory_ratio"), lambda x: x <= g["memory_ratio_max"]),
+            ("prefill >= %.0fx faster than reference" % g["reference_speedup_min"], r.get("prefill_speedup_vs_reference"),
+             lambda x: x >= g["reference_speedup_min"]),
+        ]
+        parts = []
+        for label, value, ok in checks:
+            parts.append(f"{label}: {'n/a' if value is None else ('%.3f %s' % (value, 'met' if ok(value) else 'NOT met'))}")
+        lines.append(f"- {r['config']} ({r['impl']}): " + "; ".join(parts))
+    if meta["machine"]["device"].startswith("cpu"):
+        lines += ["", "CPU run: the goals are defined for an H100/H200; these numbers only validate the harness."]
+    lines += ["", f"Command: `{meta['command']}`", ""]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, meta: dict, runs: list[dict], summary: list[dict]) -> None:
+    a, mach = meta["args"], meta["machine"]
+    common = {
+        "model": meta["model"]["model"], "hardware": mach["hardware"], "device": mach["device"],
+        "dtype": a["dtype"], "batch_size": a["batch_size"], "prompt_len": a["prompt_len"],
+        "new_tokens": a["new_tokens"], "git": mach["git"],
+    }
+    fields = ["model", "hardware", "device", "dtype", "batch_size", "prompt_len", "new_tokens", "git",
+              "config", "recipe", "backend", "impl", "stat", "repeat", "metric", "value"]
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in runs:
+            for m in METRICS + ("decode_s",):
+                w.writerow({**common, "config": r["config"], "recipe": r["recipe"], "backend": r["backend"],
+                            "impl": r.get("impl"), "stat": "raw" if r.get("status") == "ok" else r.get("status"),
+                            "repeat": r["repeat"], "metric": m, "value": r.get(m)})
+        for s in summary:
+            for m in METRICS:
+                w.writerow({**common, "config": s["config"], "recipe": s["recipe"], "backend": s["backend"],
+                            "impl": s["impl"], "stat": "median", "repeat": "", "metric": m, "value": s.get(m)})
+            for m in ("prefill_speed_ratio", "decode_speed_ratio", "memory_ratio", "prefill_speedup_vs_reference",
+                      "decode_speedup_vs_reference"):
+                if s.get(m) is not None:
+                    w.writerow({**common, "config": s["config"], "recipe": s["recipe"], "backend": s["backend"],
+                                "impl": s["impl"], "stat": "ratio", "repeat": "", "metric": m, "value": s[m]})
+
+
+def plot(path: Path, meta: dict, summary: list[dict]) -> str | None:
+    """PNG of the ratios; returns a message instead when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: skipped the PNG chart (pip install matplotlib, or attnsteer[eval])"
+    rows = [r for r in summary if r["backend"] is not None and r.get("prefill_speed_ratio") is not None]
+    if not rows:
+        return "no ratios to plot"
+    metrics = [("prefill_speed_ratio", "prefill speed", GOALS["prefill_ratio_min"]),
+               ("decode_speed_ratio", "decode speed", GOALS["decode_ratio_min"]),
+               ("memory_ratio", "peak memory", GOALS["memory_ratio_max"])]
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4.2))
+    width = 0.8 / len(metrics)
+    colors = ["#4C72B0", "#55A868", "#C44E52"]
+    for mi, (key, label, goal) in enumerate(metrics):
+        xs = [i + (mi - 1) * width for i in range(len(rows))]
+        vals = [r.get(key) or 0.0 for r in rows]
+        bars = ax.bar(xs, vals, width, label=f"{label} (goal {'>=' if key != 'memory_ratio' else '<='} {goal})",
+                      color=colors[mi])
+        for bar, v in zip(bars, vals):
+            ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                        fontsize=7)
+        ax.axhline(goal, color=colors[mi], linestyle="--", linewidth=0.8)
+    ax.axhline(1.0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['config']}\n({r['impl']})" for r in rows], fontsize=8)
+    ax.set_ylabel("steered / unsteered (same process)")
+    a = meta["args"]
+    ax.set_title(f"{meta['model']['model']} on {meta['machine']['hardware']}: batch {a['batch_size']}, "
+                 f"{a['prompt_len']} + {a['new_tokens']} tokens, {a['dtype']}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# ---- the command -----------------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
+
+
+def _validate(args) -> None:
+    for name in ("batch_size", "new_tokens", "repeats"):
+        if getattr(args, name) < (0 if name == "new_tokens" else 1):
+            raise SpeedError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
+    if args.warmup < 0:
+        raise SpeedError(f"--warmup {args.warmup}: must be >= 0")
+    if args.prompt_len is not None and args.prompt_len < 2:
+        raise SpeedError(f"--prompt-len {args.prompt_len}: must be >= 2")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    bad = [b for b in backends if b not in BACKEND_CHOICES]
+    if bad or not backends:
+        raise SpeedError(f"--backends {args.backends!r}: allowed entries are {', '.join(BACKEND_CHOICES)}")
+    args.backend_list = list(dict.fromkeys(backends))
+
+
+def run(args) -> int:
+    """Run the benchmark described by ``args`` (from :func:`add_arguments`); returns an exit code."""
+    try:
+        _validate(args)
+        return _run(args)
+    except SpeedError as exc:
+        print(f"attnsteer eval speed: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args) -> int:
+    import torch
+    import transformers
+
+    import attnsteer
+
+    transformers.utils.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SpeedError(f"--device {args.device}: CUDA is not available on this machine. Fix: --device cpu")
+    dtype_name = DTYPES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32")
+    if dtype_name == "auto":
+        dtype_name = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = getattr(torch, dtype_name)
+
+    recipes = []
+    for value in args.recipe:
+        try:
+            recipes.append((value, attnsteer.load_recipe(value)))
+        except attnsteer.AttnsteerError as exc:
+            raise SpeedError(f"--recipe {value!r}: {exc}") from None
+    config, model_info = resolve_config(args.model, args.override)
+    prompt_len = args.prompt_len or model_info["prompt_len"]
+    image_tokens = model_info["image_tokens"] if args.image_tokens is None else args.image_tokens
+    if image_tokens >= prompt_len:
+        raise SpeedError(f"--image-tokens {image_tokens} leaves no text in a {prompt_len}-token prompt")
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos and prompt_len + args.new_tokens > max_pos:
+        raise SpeedError(
+            f"--prompt-len {prompt_len} + --new-tokens {args.new_tokens} exceeds max_position_embeddings {max_pos}. "
+            f"Fix: shorter prompt, or --override max_position_embeddings={prompt_len + args.new_tokens}"
+        )
+    args.prompt_len, args.image_tokens, args.dtype = prompt_len, image_tokens, dtype_name
+
+    _log(f"building {args.model} ({'random weights' if args.random_weights else 'pretrained'}) on {device} "
+         f"in {dtype_name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+    torch.manual_seed(args.seed)
+    model = build_model(config, args.model, args.random_weights, dtype, device)
+    ids = build_prompt(config, args.batch_size, prompt_len, image_tokens, model_info.get("image_token_id"),
+                       args.seed, device)
+
+    configs = [{"name": "baseline", "recipe": None, "recipe_label": None, "backend": None}]
+    for label, recipe in recipes:
+        try:  # does the recipe fit the model? (fails here, not in the middle of the timing)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                attnsteer.apply(model, recipe).remove()
+        except attnsteer.AttnsteerError as exc:
+            raise SpeedError(f"--recipe {label!r} does not fit --model {args.model!r}: {exc}") from None
+        for backend in args.backend_list:
+            configs.append({"name": f"{label}@{backend}", "recipe": recipe, "recipe_label": label, "backend": backend})
+
+    runs: list[dict] = []
+    failed: set[str] = set()
+
+    def one(c, repeat, pair, warm=False):
+        if c["name"] in failed:
+            return None
+        try:
+            res = run_once(model, ids, min(args.new_tokens, 4) if warm else args.new_tokens, c, device)
+            status = "ok"
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            res, status = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}, "oom"
+        except RuntimeError as exc:
+            if "out of memory" not in str(exc).lower():
+                raise
+            res, status = {"error": str(exc).splitlines()[0][:200]}, "oom"
+        if status != "ok":
+            failed.add(c["name"])
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            _log(f"  {c['name']}: {status} ({res['error']}); skipping its remaining runs")
+        if warm:
+            return res
+        rec = {"config": c["name"], "recipe": c["recipe_label"], "backend": c["backend"], "repeat": repeat,
+               "pair": pair, "status": status, **res}
+        rec["impl"] = _impl(c["backend"], res.get("kernel_calls") or {}, device) if status == "ok" else None
+        runs.append(rec)
+        if status == "ok":
+            _log(f"  rep {repeat} {c['name']:<34s} prefill {res['prefill_s'] * 1000:9.1f} ms  decode "
+                 f"{(res['decode_tok_s'] or 0):8.1f} tok/s  peak {((res['peak_mem_bytes'] or 0) / MIB):8.0f} MiB  "
+                 f"[{rec['impl']}]")
+        return rec
+
+    t_start = time.perf_counter()
+    for c in configs:
+        for _ in range(args.warmup):
+            one(c, -1, None, warm=True)
+    steered = configs[1:]
+    for r in range(args.repeats):
+        for c in steered:
+            order = (configs[0], c) if r % 2 == 0 else (c, configs[0])
+            for x in order:
+                one(x, r, c["name"])
+    elapsed = time.perf_counter() - t_start
+
+    summary = summarise(runs, configs)
+    mach = machine_info(device)
+    command = "attnsteer eval speed " + _args_to_cli(args)
+    meta = {
+        "command": command,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)},
+        "model": {**model_info, "num_hidden_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+                  "num_attention_heads": config.num_attention_heads,
+                  "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+                  "model_type": config.model_type},
+        "machine": mach,
+        "memory_note": ("torch.cuda.max_memory_allocated during the run (weights + KV cache + activations)"
+                        if device.type == "cuda" else
+                        "CPU: VmHWM - VmRSS before the run (Linux /proc; same process, allocator reuse makes it a "
+                        "lower bound); the memory ratio compares these peaks including the resident model"),
+        "method": __doc__.split("Results:")[0].strip(),
+        "goals": GOALS,
+        "elapsed_s": elapsed,
+    }
+    out_dir = Path(args.output_path).expanduser()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = args.label or (
+        f"speed_{_slug(args.model)}_b{args.batch_size}_n{prompt_len}_t{args.new_tokens}_{dtype_name}_{device.type}"
+    )
+    paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md", "png")}
+    paths["json"].write_text(json.dumps({"meta": meta, "configs": [
+        {k: (v if k != "recipe" else (v.name if v is not None else None)) for k, v in c.items()} for c in configs
+    ], "runs": runs, "summary": summary}, indent=2, default=str))
+    write_csv(paths["csv"], meta, runs, summary)
+    paths["md"].write_text(markdown(meta, summary))
+    note = None if args.no_plot else plot(paths["png"], meta, summary)
+    if note:
+        _log(f"note: {note}")
+    print(markdown(meta, summary))
+    written = [str(p) for k, p in paths.items() if p.exists() and (k != "png" or not (args.no_plot or note))]
+    print("wrote " + ", ".join(written))
+    return EXIT_OK if not failed or len(failed) < len(configs) else EXIT_FAILED
+
+
+def _args_to_cli(args) -> str:
+    parts = [f"--model {args.model}"] + [f"--recipe {r}" for r in args.recipe]
+    if args.random_weights:
+        parts.append("--random-weights")
+    parts += [f"--batch_size {args.batch_size}", f"--prompt-len {args.prompt_len}", f"--new-tokens {args.new_tokens}",
+              f"--dtype {args.dtype}", f"--backends {args.backends}", f"--repeats {args.repeats}"]
+    if args.image_tokens:
+        parts.append(f"--image-tokens {args.image_tokens}")
+    parts += [f"--override {o}" for o in args.override]
+    if args.device:
+        parts.append(f"--device {args.device}")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
