@@ -63,6 +63,7 @@ def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPla
     for i, iv in enumerate(recipe.interventions):
         where = f"{recipe.name}.interventions[{i}]"
         cls = METHODS[iv.method]
+        cls.check_model(iv.params, arch, where)
         if cls.is_identity_params(iv.params):
             warnings.warn(
                 f"{where} ({iv.method} with {iv.params}) uses identity parameters and leaves attention unchanged; "
@@ -147,15 +148,13 @@ class SteeringHandle:
         out = []
         for layer, site in sorted(self._sites.items()):
             for method in site.plan.methods:
-                key = id(method)
-                rows, fired = site.stats.rows[key], site.stats.fired[key]
                 out.append(
                     {
                         "layer": layer,
                         "method": method.name,
-                        "calls": site.stats.calls[key],
-                        "fired": int(fired),
-                        "rows_modified": int(rows),
+                        "calls": site.stats.calls[id(method)],
+                        "fired": site.stats.fired(method),
+                        "rows_modified": site.stats.rows(method),
                         **({"rows_without_image": self._state.rows_without_image} if method.needs_image else {}),
                     }
                 )

@@ -295,8 +295,9 @@ class SteeringState:
         q_len = tokens.shape[1]
         cache = bound.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+        first_valid = first_valid_positions(bound.get("attention_mask"))
         self.info = ForwardInfo(
-            q_len=q_len, past_len=past, total_len=past + q_len, first_valid=first_valid_positions(bound.get("attention_mask"))
+            q_len=q_len, past_len=past, total_len=past + q_len, first_valid=first_valid
         )
         self.forwards += 1
         return None

@@ -96,6 +96,7 @@ def test_softplus_reweighting_by_hand():
     info = ForwardInfo(3, 6, 9, None)
     ctx = row_context(visible, info, 0, torch.arange(3))
     ctx.rel_pos = torch.tensor([1, 7, 8]).view(1, 1, 3, 1)
+    ctx.max_pad = 10  # rows are not all past position 3: no scalar shortcut
     out, rows = sp.reference_weights(a, ctx, StepInfo(False, 0, 3))
     w0 = torch.tensor([1.5, 0.9, 0.6]) ** 2
     torch.testing.assert_close(out[0, 0, 0], w0 / w0.sum())

@@ -195,3 +195,38 @@ def test_vhr_batched_text_stream_gives_the_vhd_of_separate_passes(family, vlm):
         expected = VHR.select_heads(image_out, text_out)[0].nonzero().flatten().tolist()
         assert batched[row] == expected, (row, batched[row], expected)
     hook.remove()
+
+
+def test_builtin_paper_recipes_check_the_model(family, vlm):
+    """var-llava15-7b names Llama-2-7B's sink dims: on a 64-wide model that is a clear error."""
+    if family in ("llava", "llava_next"):
+        with pytest.raises(attnsteer.RecipeError, match="sink_dims"):
+            attnsteer.apply(vlm, "var-llava15-7b")
+    else:
+        with pytest.raises(attnsteer.RecipeError, match="model_types"):
+            attnsteer.apply(vlm, "var-llava15-7b")
+    if family == "instructblip":  # "14:" on a 4-layer model selects nothing: a clear error
+        with pytest.raises(attnsteer.RecipeError, match="selects no layer"):
+            attnsteer.apply(vlm, "vhr-instructblip")
+
+
+def test_processor_made_inputs_are_steered(family, vlm):
+    """Token roles come from the ids a real (offline-built) processor inserts."""
+    processor = F.make_processor(family, vlm)
+    image = F.random_pil_image(16, 16, seed=1)
+    text = F.token_text([5, 6, 7])
+    if family in ("llava", "llava_next"):
+        prompt = f"<image> {text}"
+    elif family.startswith("qwen"):
+        prompt = f"<|vision_start|><|image_pad|><|vision_end|> {text}"
+    else:
+        prompt = text
+    try:
+        inputs = processor(images=image, text=prompt, return_tensors="pt")
+    except Exception as exc:  # pragma: no cover - documents what the processor needs
+        pytest.skip(f"offline processor for {family} did not accept this prompt: {exc}")
+    inputs = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    with attnsteer.apply(vlm, RECIPES["pai"]) as handle:
+        logits(vlm, inputs)
+        assert handle.stats()[0]["fired"] == 1
+        assert handle._state.roles.image.sum() == F.image_token_mask(family, vlm, inputs["input_ids"]).sum() > 0

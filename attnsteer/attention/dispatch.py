@@ -12,6 +12,7 @@ import sys
 import weakref
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from ..errors import SteeringError, UnsupportedModelError
@@ -70,26 +71,50 @@ def registered_name(impl: str) -> str:
 
 
 class SiteStats:
-    """How often each method of one layer ran and fired. Counters stay on the device (no syncs)."""
+    """How often each method of one layer ran and fired.
+
+    Row counts stay on the device and are reduced only when read (no sync, few ops per call).
+    """
+
+    COLLAPSE_EVERY = 256
 
     def __init__(self, methods):
         self.calls = {id(m): 0 for m in methods}
-        self.rows = {id(m): 0 for m in methods}
-        self.fired = {id(m): 0 for m in methods}
-        self._current: dict[int, object] = {}
+        self._per_call = {id(m): [] for m in methods}  # rows changed in each call (tensors or ints)
+        self._totals = {id(m): (0, 0) for m in methods}  # collapsed (rows, fired) so far
+        self._current: dict[int, list] = {}
 
     def begin(self, active) -> None:
-        self._current = {id(m): 0 for m in active}
+        self._current = {id(m): [] for m in active}
 
     def record(self, method, rows) -> None:
-        self._current[id(method)] = self._current[id(method)] + rows
+        self._current[id(method)].append(rows)
 
     def end(self) -> None:
-        for key, rows in self._current.items():
+        for key, parts in self._current.items():
             self.calls[key] += 1
-            self.rows[key] = self.rows[key] + rows
-            self.fired[key] = self.fired[key] + (rows > 0 if not isinstance(rows, int) else int(rows > 0))
+            if parts:
+                log = self._per_call[key]
+                log.append(parts[0] if len(parts) == 1 else sum(parts))
+                if len(log) >= self.COLLAPSE_EVERY:
+                    self._collapse(key)
         self._current = {}
+
+    def _collapse(self, key) -> None:
+        log = self._per_call[key]
+        if log:
+            counts = torch.stack([torch.as_tensor(r).reshape(()) for r in log])
+            rows, fired = self._totals[key]
+            self._totals[key] = (rows + counts.sum(), fired + (counts > 0).sum())
+            self._per_call[key] = []
+
+    def rows(self, method) -> int:
+        self._collapse(id(method))
+        return int(self._totals[id(method)][0])
+
+    def fired(self, method) -> int:
+        self._collapse(id(method))
+        return int(self._totals[id(method)][1])
 
 
 class LayerSite:

@@ -51,8 +51,9 @@ def fused_attention(plan, query, key, value, mask: MaskView, scaling: float, inf
     q = query.float()
     k = key.float()
     v = value.float()
+    key_offset = max(info.total_len - k_len, 0)
     key_abs = key_positions(info, k_len, query.device)
-    step = StepInfo(is_prefill=info.is_prefill, key_offset=int(key_abs[0]) if k_len else 0, num_keys=k_len)
+    step = StepInfo(is_prefill=info.is_prefill, key_offset=key_offset, num_keys=k_len)
     score_steps = plan.score_steps(info.is_prefill)
     weight_steps = plan.weight_steps(info.is_prefill)
     size = chunk or chunk_rows(b, hq, q_len, k_len)
@@ -61,19 +62,20 @@ def fused_attention(plan, query, key, value, mask: MaskView, scaling: float, inf
     def probs(q0: int, q1: int, record: bool = False):
         """Normalised weights of rows q0..q1: (B, H_q, C, K) float32, and their RowContext."""
         visible, bias = mask.chunk(q0, q1, query.device)
-        ctx = row_context(visible, info, q0, key_abs)
+        ctx = row_context(visible, info, q0, key_abs, rows=q1 - q0)
         qc = q[:, :, q0:q1]
         s = grouped_qk(qc, k) * scaling
         if bias is not None:
             s = s + bias
-        s = s.masked_fill(~visible, float("-inf"))
+        if visible is not None:
+            s = s.masked_fill(~visible, float("-inf"))
         for method in score_steps:
             s = method.scores(s, qc, k, ctx, grouped_qk)
             if record:
                 stats.record(method, method.rows_touched(s))
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # fully masked rows
-        p = torch.exp(s - lse)
+        p = torch.softmax(s, dim=-1)
+        if visible is not None:
+            p = p.nan_to_num(0.0)  # fully masked rows (padding queries): 0, not NaN
         return p, ctx
 
     out = torch.empty(b, q_len, hq, d, dtype=query.dtype, device=query.device)

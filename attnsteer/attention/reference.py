@@ -30,8 +30,9 @@ def reference_attention(
     v = _repeat_kv(value.to(compute_dtype), groups)
     visible, bias = mask.chunk(0, query.shape[2], query.device)
     key_abs = key_positions(info, key.shape[2], query.device)
-    ctx = row_context(visible, info, 0, key_abs)
-    step = StepInfo(is_prefill=info.is_prefill, key_offset=int(key_abs[0]) if key_abs.numel() else 0, num_keys=key.shape[2])
+    ctx = row_context(visible, info, 0, key_abs, rows=query.shape[2])
+    visible = ctx.visible  # the oracle always materialises it
+    step = StepInfo(is_prefill=info.is_prefill, key_offset=max(info.total_len - key.shape[2], 0), num_keys=key.shape[2])
 
     s = torch.matmul(q, k.transpose(-1, -2)) * scaling
     if bias is not None:

@@ -29,6 +29,11 @@ class ForwardInfo:
     past_len: int
     total_len: int
     first_valid: torch.Tensor | None
+    max_pad: int = 0  # int(first_valid.max()), taken once per forward (set in __post_init__)
+
+    def __post_init__(self):
+        if self.first_valid is not None:
+            self.max_pad = int(self.first_valid.max())
 
     @property
     def is_prefill(self) -> bool:
@@ -50,8 +55,12 @@ class MaskView:
             self.mask = mask[..., -q_len:, :k_len] if mask.shape[-2] != q_len else mask[..., :k_len]
 
     def chunk(self, q0: int, q1: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Visibility bool (B|1, 1|H, C, K) and additive float bias (or None) for rows q0..q1."""
+        """Visibility bool (B|1, 1|H, C, K) and additive float bias (or None) for rows q0..q1.
+
+        Visibility is None when every row sees every key (a decode step without padding)."""
         if self.mask is None:
+            if self.q_len == 1:
+                return None, None
             offset = self.k_len - self.q_len  # query i sits at key index offset + i
             rows = torch.arange(q0, q1, device=device).view(1, 1, -1, 1) + offset
             keys = torch.arange(self.k_len, device=device).view(1, 1, 1, -1)
@@ -73,13 +82,8 @@ def key_positions(info: ForwardInfo, k_len: int, device) -> torch.Tensor:
     return torch.arange(k_len, device=device) + offset
 
 
-def row_context(visible: torch.Tensor, info: ForwardInfo, q0: int, key_abs: torch.Tensor) -> RowContext:
-    """Per-row facts for rows q0..q0+C of the current forward."""
-    c = visible.shape[-2]
-    device = visible.device
-    pos = torch.arange(q0, q0 + c, device=device).view(1, 1, c, 1) + info.past_len
-    if info.first_valid is not None:
-        pos = pos - info.first_valid.to(device).view(-1, 1, 1, 1)
-    n_visible = visible.sum(-1, keepdim=True, dtype=torch.float32)
-    row_abs = torch.arange(q0, q0 + c, device=device).view(1, 1, c, 1) + info.past_len
-    return RowContext(visible=visible, n_visible=n_visible, rel_pos=pos, key_abs=key_abs, row_abs=row_abs)
+def row_context(visible: torch.Tensor | None, info: ForwardInfo, q0: int, key_abs: torch.Tensor, rows: int | None = None) -> RowContext:
+    """Per-row facts for rows q0..q0+C of the current forward (``visible`` None: all keys)."""
+    return RowContext(
+        visible, key_abs, past_len=info.past_len, q0=q0, rows=rows, first_valid=info.first_valid, max_pad=info.max_pad
+    )

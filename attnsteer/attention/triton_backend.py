@@ -218,10 +218,19 @@ def triton_attention(plan, query, key, value, mask: MaskView, scaling: float, in
 # ---------------------------------------------------------------------------------------------
 # per-method glue
 # ---------------------------------------------------------------------------------------------
+_STEER_FLAGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def _steer_flags(method, hq: int, device) -> torch.Tensor:
-    if method.heads is None:
-        return torch.ones(hq, dtype=torch.int8, device=device)
-    return method.heads.to(device=device, dtype=torch.int8)
+    """int8 (Hq,) 1 for the method's steered query heads, kept per method and device (decode calls
+    it every step: no new host-to-device copy each time)."""
+    key = (hq, str(device))
+    cached = _STEER_FLAGS.get(method)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    flags = (torch.ones(hq, dtype=torch.int8) if method.heads is None else method.heads.to(torch.int8)).to(device)
+    _STEER_FLAGS[method] = (key, flags)
+    return flags
 
 
 def _act_groups(method, b: int, k_len: int, struct: _Structure, step: StepInfo, device) -> K.Groups:

@@ -203,8 +203,7 @@ def rescore(args) -> int:
                    "synonyms": str(Path(args.synonyms).resolve()), "data": {**gt_info, "captions": files}},
         "metrics": metrics, "headline": HEADLINE, "versions": library_versions(), "written": now_iso(),
     }
-    print(run_markdown(record, baseline="__none__").replace(
-        "(no '__none__' column (run with --recipe none for deltas)", "(rescored caption files"))
+    print(run_markdown(record, baseline=None))
     if args.output_path:
         out = Path(args.output_path).expanduser()
         out.mkdir(parents=True, exist_ok=True)

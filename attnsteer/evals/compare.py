@@ -88,12 +88,13 @@ def describe(record: dict) -> str:
     return "; ".join(parts)
 
 
-def run_markdown(record: dict, path: str | None = None, baseline: str = BASELINE,
+def run_markdown(record: dict, path: str | None = None, baseline: str | None = BASELINE,
                  metrics: Sequence[str] | None = None) -> str:
-    """The Markdown table of one run: one row per headline metric, one column per recipe."""
+    """The Markdown table of one run: one row per headline metric, one column per recipe (and the
+    difference to the ``baseline`` column when there is one; ``baseline=None``: no deltas)."""
     results = record.get("metrics") or {}
     labels = list(results)
-    base = baseline if baseline in results else None
+    base = baseline if baseline and baseline in results else None
     others = [lbl for lbl in labels if lbl != base]
     headline = headline_of(record)
     if metrics:
@@ -146,7 +147,7 @@ def run_markdown(record: dict, path: str | None = None, baseline: str = BASELINE
         notes.append("+- = " + " / ".join(sorted(spreads)))
     if base:
         notes.append(f"delta = recipe - {base}")
-    else:
+    elif baseline:
         notes.append(f"no {baseline!r} column (run with --recipe none for deltas)")
     lines += ["", "(" + "; ".join(notes) + ")"]
     return "\n".join(lines)
@@ -183,12 +184,15 @@ def plot(records: Sequence[tuple[str, dict]], png: Path, baseline: str = BASELIN
             labels.remove(baseline)
             labels.insert(0, baseline)
         width = 0.8 / max(1, len(labels))
+        colors = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
         for j, lbl in enumerate(labels):
             entry = results[lbl]
             values = [100 * ((entry.get("summary") or {}).get(h["metric"]) or 0.0) for h in hl]
             errs = [100 * (_spread(entry, h["metric"])[0] or 0.0) for h in hl]
+            yerr = [[min(e, v) for e, v in zip(errs, values)], [min(e, 100 - v) for e, v in zip(errs, values)]]
             xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(hl))]
-            bars = ax.bar(xs, values, width, yerr=errs if any(errs) else None, capsize=2, label=lbl)
+            bars = ax.bar(xs, values, width, yerr=yerr if any(errs) else None, capsize=2, label=lbl,
+                          color=colors(j % colors.N))
             if lbl != baseline and baseline in results:
                 base = results[baseline].get("summary") or {}
                 for bar, h, v in zip(bars, hl, values):

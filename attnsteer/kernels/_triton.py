@@ -142,7 +142,9 @@ def row_stats_kernel(
         lse_safe = tl.where(lse == NEG_INF, 0.0, lse)
         for start_n in range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            s, vis = _score_tile(q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC, UPCAST)
+            s, vis = _score_tile(
+                q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC, UPCAST
+            )
             p = tl.where(vis, tl.exp(s - lse_safe[:, None]), 0.0)
             g = _load_gid_row(GID, b, h, offs_n, stride_gb, stride_gh, stride_gn, gid_offset, gid_len, K_LEN)
             for gi in tl.static_range(NUM_GROUPS):
@@ -154,7 +156,9 @@ def row_stats_kernel(
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_n in range(start, end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            s, vis = _score_tile(q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC, UPCAST)
+            s, vis = _score_tile(
+                q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC, UPCAST
+            )
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)

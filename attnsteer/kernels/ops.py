@@ -346,7 +346,9 @@ def attention(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = Non
     sp = (1.0, 0.0, SOFTPLUS_FREE_ROWS)
     if softplus is not None:
         if softplus.lse is None or softplus.rowmax is None:
-            raise ValueError("attention: softplus re-weighting needs pass 1's lse and row max (row_stats(with_max=True))")
+            raise ValueError(
+                "attention: softplus re-weighting needs pass 1's lse and row max (row_stats(with_max=True))"
+            )
         lse = softplus.lse
         rowmax = softplus.rowmax.to(f32).contiguous()
         steer = softplus.steer.to(device=dev, dtype=torch.int8).contiguous()
@@ -483,9 +485,10 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
         )
         rule_id = 1 if rule == "act" else 0
     modified = torch.empty(b, hq, dtype=torch.int8, device=dev) if rule_id else None
+    mod_buf = modified if modified is not None else torch.empty(1, dtype=torch.int8, device=dev)
     _launch(
         "decode_merge", mod.decode_merge_kernel, (b * hq,),
-        pm, pl, pacc, out, steer_t, rel_t, modified if modified is not None else torch.empty(1, dtype=torch.int8, device=dev),
+        pm, pl, pacc, out, steer_t, rel_t, mod_buf,
         out.stride(0), out.stride(2), out.stride(3),
         hq, splits, float(beta),
         D=d, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), RULE=rule_id, BLOCK_D=_pow2(d), num_warps=4,

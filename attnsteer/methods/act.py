@@ -103,7 +103,9 @@ class ACT(Method):
 
     # ---- calibration ---------------------------------------------------------------------------
     def _rows(self, sink_mass, other_mass, ctx: RowContext, like) -> torch.Tensor:
-        rows = (ctx.rel_pos >= 1) & (sink_mass > 0) & (other_mass > 0)
+        rows = (sink_mass > 0) & (other_mass > 0)
+        if not ctx.all_rows_at_least(1):
+            rows = rows & (ctx.rel_pos >= 1)
         hm = self.head_mask(like)
         return rows if hm is None else rows & hm
 

@@ -13,6 +13,7 @@ steps in recipe order.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
@@ -81,22 +82,55 @@ class Param:
         return value
 
 
-@dataclass
 class RowContext:
     """Per-chunk row facts shared by every step (shapes broadcast against (B, H_q, C, K)).
 
-    visible:   bool (B|1, 1, C, K) -- key j visible to query row i (causal, padding, window).
-    n_visible: float (B|1, 1, C, 1) -- N_i, number of visible keys of the row.
-    rel_pos:   long (B, 1, C, 1) -- position of the row counted from its row's first non-pad token.
-    key_abs:   long (K,) -- absolute (padded-layout) position of each key index.
+    Everything but ``key_abs`` is computed on first use, so a step pays only for what it reads.
+
+    visible:   bool (B|1, 1|H, C, K) -- key j visible to query row i (causal, padding, window).
+    n_visible: float (B|1, 1|H, C, 1) -- N_i, number of visible keys of the row.
+    rel_pos:   long (B|1, 1, C, 1) -- row position counted from its row's first non-pad token.
     row_abs:   long (1, 1, C, 1) -- absolute (padded-layout) position of each query row.
+    key_abs:   long (K,) -- absolute (padded-layout) position of each key index.
     """
 
-    visible: torch.Tensor
-    n_visible: torch.Tensor
-    rel_pos: torch.Tensor
-    key_abs: torch.Tensor
-    row_abs: torch.Tensor | None = None
+    def __init__(self, visible, key_abs, *, past_len=0, q0=0, rows=None, first_valid=None, max_pad=0):
+        self._visible = visible  # None: every key visible to every row
+        self.key_abs = key_abs
+        self.past_len, self.q0 = past_len, q0
+        self.rows = rows if rows is not None else visible.shape[-2]
+        self.first_valid = first_valid
+        self.max_pad = max_pad  # largest first_valid (python int), for scalar shortcuts
+
+    @property
+    def all_visible(self) -> bool:
+        return self._visible is None
+
+    @functools.cached_property
+    def visible(self) -> torch.Tensor:
+        if self._visible is not None:
+            return self._visible
+        return torch.ones(1, 1, self.rows, self.key_abs.numel(), dtype=torch.bool, device=self.key_abs.device)
+
+    @functools.cached_property
+    def n_visible(self) -> torch.Tensor:
+        if self._visible is None:
+            return torch.full((1, 1, self.rows, 1), float(self.key_abs.numel()), device=self.key_abs.device)
+        return self._visible.sum(-1, keepdim=True, dtype=torch.float32)
+
+    @functools.cached_property
+    def row_abs(self) -> torch.Tensor:
+        return torch.arange(self.rows, device=self.key_abs.device).view(1, 1, -1, 1) + (self.past_len + self.q0)
+
+    @functools.cached_property
+    def rel_pos(self) -> torch.Tensor:
+        if self.first_valid is None:
+            return self.row_abs
+        return self.row_abs - self.first_valid.to(self.key_abs.device).view(-1, 1, 1, 1)
+
+    def all_rows_at_least(self, position: int) -> bool:
+        """True when every row of the chunk sits at relative position >= ``position`` (no sync)."""
+        return self.past_len + self.q0 - self.max_pad >= position
 
 
 class Method:
@@ -138,6 +172,10 @@ class Method:
     def finalize_params(cls, params: dict[str, Any]) -> dict[str, Any]:
         """Fill defaults that depend on other parameters (e.g. VAR's variant)."""
         return params
+
+    @classmethod
+    def check_model(cls, params: dict[str, Any], arch, where: str) -> None:
+        """Raise RecipeError when these parameters cannot fit the model (e.g. hidden dims)."""
 
     @classmethod
     def layers_default(cls, params: dict[str, Any], arch=None):

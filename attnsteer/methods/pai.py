@@ -69,7 +69,7 @@ class PAI(Method):
         roles = self.state.roles
         image = roles.keys(ctx.key_abs)[:, None, None, :]
         rows = ctx.row_abs >= roles.length - 1
-        target = image & rows & ctx.visible
+        target = image & rows if ctx.all_visible else image & rows & ctx.visible
         hm = self.head_mask(s)
         if hm is not None:
             target = target & hm

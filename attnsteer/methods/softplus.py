@@ -48,8 +48,10 @@ class SoftplusReweight(Method):
     def is_identity_params(cls, params) -> bool:
         return params["scoring"] == "softmax" and params["p"] == 1.0 and params["offset"] == 0.0
 
-    def _offsets(self, ctx: RowContext) -> torch.Tensor:
-        """o_i: (B, 1, C, 1) float."""
+    def _offsets(self, ctx: RowContext):
+        """o_i: (B, 1, C, 1) float, or a python float when every row is past the first three."""
+        if ctx.all_rows_at_least(FIRST_ROWS_WITHOUT_OFFSET):
+            return self.p["offset"]
         off = torch.full(ctx.rel_pos.shape, self.p["offset"], dtype=torch.float32, device=ctx.rel_pos.device)
         return torch.where(ctx.rel_pos < FIRST_ROWS_WITHOUT_OFFSET, torch.zeros_like(off), off)
 
@@ -69,7 +71,8 @@ class SoftplusReweight(Method):
         if self.weight_identity:
             return a, a.new_zeros(())
         a64 = a.double()
-        t = ctx.n_visible.double() * a64 - self._offsets(ctx).double()
+        offsets = self._offsets(ctx)
+        t = ctx.n_visible.double() * a64 - (offsets.double() if isinstance(offsets, torch.Tensor) else offsets)
         w = t.clamp(min=0.0) ** self.p["p"]
         total = w.sum(-1, keepdim=True)
         rows = total > 0

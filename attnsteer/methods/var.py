@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import RecipeError
 from .base import Method, Param, RowContext, StepInfo, masked_sum, register
 
 def _check_dims(value):
@@ -67,6 +68,16 @@ class VAR(Method):
     @classmethod
     def is_identity_params(cls, params) -> bool:
         return params["p"] == 0.0
+
+    @classmethod
+    def check_model(cls, params, arch, where) -> None:
+        dims = params["sink_dims"]
+        hidden = arch.text_config.hidden_size
+        if dims != "auto" and max(dims) >= hidden:
+            raise RecipeError(
+                f"{where}.params.sink_dims: {dims} names hidden dims the model does not have (hidden size {hidden}). "
+                "Fix: use the dims of this backbone (e.g. [1415, 2533] for Llama-2-7B) or sink_dims: auto"
+            )
 
     # ---- groups -------------------------------------------------------------------------
     def _groups(self, ctx: RowContext, batch: int):

@@ -1,0 +1,136 @@
+"""The speed benchmark harness on a tiny config (CPU): files, formats, ratios and usage errors."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # the fused-triton run below uses the interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from attnsteer.evals import speed  # noqa: E402
+
+
+def _run(tmp_path, *extra):
+    argv = [
+        "--model", "llama-tiny", "--random-weights", "--recipe", "act-mtbench", "--recipe", "softplus-reweight",
+        "--override", "num_hidden_layers=3", "--prompt-len", "12", "--new-tokens", "2", "--batch_size", "2",
+        "--repeats", "1", "--warmup", "0", "--device", "cpu", "--output_path", str(tmp_path), "--no-plot", *extra,
+    ]
+    return speed.main(argv)
+
+
+def test_speed_on_a_tiny_config_writes_long_csv_json_and_markdown(tmp_path, capsys):
+    assert _run(tmp_path) == 0
+    stem = tmp_path / "speed_llama-tiny_b2_n12_t2_float32_cpu"
+    data = json.loads(stem.with_suffix(".json").read_text())
+    meta = data["meta"]
+    for key in ("git", "torch", "transformers", "hardware", "cpu_model", "date_utc"):
+        assert key in meta["machine"], key
+    assert meta["model"]["num_hidden_layers"] == 3 and meta["args"]["prompt_len"] == 12
+    names = [c["name"] for c in data["configs"]]
+    assert names == ["baseline", "act-mtbench@auto", "act-mtbench@reference", "softplus-reweight@auto",
+                     "softplus-reweight@reference"]
+    rows = {r["config"]: r for r in data["summary"]}
+    for name in names[1:]:
+        r = rows[name]
+        assert r["status"] == "ok" and r["prefill_speed_ratio"] > 0 and r["decode_speed_ratio"] > 0
+    assert rows["act-mtbench@auto"]["impl"] == "pytorch"  # CPU without ATTNSTEER_TRITON: plain PyTorch
+    assert rows["act-mtbench@reference"]["impl"] == "reference"
+    assert rows["softplus-reweight@auto"]["prefill_speedup_vs_reference"] > 0
+    # every steered run fired (the recipes changed rows)
+    steered = [r for r in data["runs"] if r["recipe"]]
+    assert steered and all(r["steering"]["rows_modified"] > 0 for r in steered)
+    with stem.with_suffix(".csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert {"config", "metric", "value", "stat", "repeat", "hardware", "git"} <= set(table[0])
+    assert {r["stat"] for r in table} == {"raw", "median", "ratio"}
+    assert {r["metric"] for r in table if r["stat"] == "ratio"} >= {"prefill_speed_ratio", "decode_speed_ratio"}
+    md = stem.with_suffix(".md").read_text()
+    assert "| config |" in md and "Goals" in md and "attnsteer eval speed --model llama-tiny" in md
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_speed_png_chart(tmp_path):
+    pytest.importorskip("matplotlib")
+    argv = ["--model", "llama-tiny", "--random-weights", "--recipe", "softplus-reweight", "--override",
+            "num_hidden_layers=2", "--prompt-len", "8", "--new-tokens", "1", "--repeats", "1", "--warmup", "0",
+            "--backends", "auto", "--device", "cpu", "--output_path", str(tmp_path), "--label", "chart"]
+    assert speed.main(argv) == 0
+    png = tmp_path / "chart.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speed_reports_the_triton_path(tmp_path):
+    pytest.importorskip("triton")
+    from attnsteer import kernels
+
+    device = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
+    if device == "cpu" and not kernels.interpreting():
+        pytest.skip("the Triton kernels were defined without the interpreter in this process")
+    argv = ["--model", "llama-tiny", "--random-weights", "--recipe", "act-mtbench", "--override",
+            "num_hidden_layers=3", "--prompt-len", "10", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
+            "--backends", "fused-triton,fused-pytorch", "--device", device, "--output_path", str(tmp_path),
+            "--no-plot", "--label", "tri"]
+    assert speed.main(argv) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "tri.json").read_text())["summary"]}
+    assert rows["act-mtbench@fused-triton"]["impl"] == "triton"
+    assert rows["act-mtbench@fused-pytorch"]["impl"] == "pytorch"
+
+
+def test_builtin_configs_resolve_offline():
+    cfg, info = speed.resolve_config("llava-1.5-7b", [])
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.vocab_size) == (
+        4096, 32, 32, 11008, 32064)
+    assert info["image_tokens"] == 576 and info["prompt_len"] == 640 and "not timed" in info["description"]
+    cfg, info = speed.resolve_config("llama-2-7b", ["num_hidden_layers=4", "max_position_embeddings=8192"])
+    assert cfg.num_hidden_layers == 4 and cfg.max_position_embeddings == 8192 and cfg.vocab_size == 32000
+    assert cfg.rope_parameters["rope_theta"] == 10000.0
+
+
+def test_local_config_file_and_folder(tmp_path):
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                vocab_size=64).save_pretrained(tmp_path)
+    for path in (tmp_path, tmp_path / "config.json"):
+        cfg, info = speed.resolve_config(str(path), [])
+        assert cfg.hidden_size == 32 and info["source"].startswith("local")
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--override", "no_such_field=1"], "has no field 'no_such_field'"),
+        (["--backends", "fast"], "allowed entries"),
+        (["--prompt-len", "4000", "--new-tokens", "200"], "max_position_embeddings"),
+        (["--recipe", "no-such-recipe"], "--recipe 'no-such-recipe'"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_fix(tmp_path, capsys, extra, message):
+    argv = ["--model", "llama-tiny", "--random-weights", "--recipe", "act-default", "--device", "cpu",
+            "--output_path", str(tmp_path), *extra]
+    assert speed.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_builtin_without_random_weights_says_so(tmp_path, capsys):
+    argv = ["--model", "llama-tiny", "--recipe", "act-default", "--override", "num_hidden_layers=1", "--device",
+            "cpu", "--output_path", str(tmp_path)]
+    assert speed.main(argv) == 2
+    assert "--random-weights" in capsys.readouterr().err
+
+
+def test_add_arguments_on_a_subparser():
+    root = argparse.ArgumentParser(prog="attnsteer")
+    sub = root.add_subparsers()
+    speed.add_arguments(sub.add_parser("speed"))
+    args = root.parse_args(["speed", "--model", "llava-1.5-7b", "--recipe", "a", "--recipe", "b", "--random-weights",
+                            "--batch-size", "8", "--prompt_len", "640", "--new-tokens", "128"])
+    assert args.recipe == ["a", "b"] and args.batch_size == 8 and args.prompt_len == 640 and args.random_weights
