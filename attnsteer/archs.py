@@ -58,21 +58,16 @@ ARCHS: dict[str, ArchSpec] = {
         ArchSpec("qwen3"),
         ArchSpec("llava", _VLM_PATHS, text_config_key="text_config", image_token_attrs=("image_token_id",)),
         ArchSpec("llava_next", _VLM_PATHS, text_config_key="text_config", image_token_attrs=("image_token_id",)),
-        ArchSpec(
-            "qwen2_vl",
-            _VLM_PATHS,
-            text_config_key="text_config",
-            image_token_attrs=("image_token_id", "video_token_id"),
-            wrapper_token_attrs=("vision_start_token_id", "vision_end_token_id"),
-            batch_state_attrs=("model.rope_deltas",),
-        ),
-        ArchSpec(
-            "qwen2_5_vl",
-            _VLM_PATHS,
-            text_config_key="text_config",
-            image_token_attrs=("image_token_id", "video_token_id"),
-            wrapper_token_attrs=("vision_start_token_id", "vision_end_token_id"),
-            batch_state_attrs=("model.rope_deltas",),
+        *(
+            ArchSpec(
+                qwen_type,
+                _VLM_PATHS,
+                text_config_key="text_config",
+                image_token_attrs=("image_token_id", "video_token_id"),
+                wrapper_token_attrs=("vision_start_token_id", "vision_end_token_id"),
+                batch_state_attrs=("model.rope_deltas",),
+            )
+            for qwen_type in ("qwen2_vl", "qwen2_5_vl")
         ),
         ArchSpec(
             "instructblip",

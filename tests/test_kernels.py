@@ -469,8 +469,10 @@ def test_models_generate_like_the_pytorch_backend(family, recipe, monkeypatch):
     attention_mask[1, :4] = 0
     results = {}
     for backend in ("pytorch", "triton"):
+        # both ways dispatch may route the fused backend: its BACKENDS entry, or select_fused_backend
         impl = tb.triton_attention if backend == "triton" else fused_attention
         monkeypatch.setitem(dispatch.BACKENDS, "fused", impl)
+        monkeypatch.setenv("ATTNSTEER_TRITON", "1" if backend == "triton" else "0")
         tb.reset_counters()
         with attnsteer.apply(model, recipe) as handle, torch.no_grad():
             out = model.generate(
@@ -602,6 +604,7 @@ def test_gpu_model_triton_matches_pytorch_fused(recipe, monkeypatch):
     logits = {}
     for backend in ("pytorch", "triton"):
         monkeypatch.setitem(dispatch.BACKENDS, "fused", tb.triton_attention if backend == "triton" else fused_attention)
+        monkeypatch.setenv("ATTNSTEER_TRITON", "1" if backend == "triton" else "0")
         with attnsteer.apply(model, recipe), torch.no_grad():
             logits[backend] = model(input_ids=ids, attention_mask=attention_mask).logits.float()
     valid = attention_mask.bool()

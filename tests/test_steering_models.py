@@ -225,3 +225,23 @@ def test_untouched_layers_run_models_own_attention(model):
             steered = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
     assert torch.equal(base[1], steered[1])
     assert not torch.equal(base[-1], steered[-1])
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fused_in_many_small_chunks_equals_reference(model, method, monkeypatch):
+    """Prompts longer than one chunk: causal key truncation and ACT's separate column pass."""
+    from attnsteer.attention import fused
+
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 2 * 4 * 14 * 3)  # ~3 query rows per chunk
+    ids, mask = inputs()
+    out = {}
+    for backend in ("reference", "fused"):
+        with attnsteer.apply(model, METHODS[method][0], backend=backend) as handle:
+            out[backend] = logits(model, ids, mask)
+            sinks = handle.sinks()
+        if method.startswith("act"):
+            out[backend + "_sinks"] = sinks
+    valid = mask.bool()
+    torch.testing.assert_close(out["fused"][valid], out["reference"][valid], **FP32_TOL)
+    if method.startswith("act"):
+        assert out["fused_sinks"] == out["reference_sinks"]

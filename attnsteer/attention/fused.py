@@ -44,8 +44,14 @@ def grouped_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.view(b, hq, c, v.shape[-1])
 
 
-def fused_attention(plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats, chunk=None):
-    """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None)."""
+def fused_attention(
+    plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats, chunk=None, causal: bool = True
+):
+    """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None).
+
+    With ``causal`` (decoder self-attention), a chunk of rows q0..q1 only reads the keys up to its
+    last row's position: the keys after it are masked anyway, so prefill does half the work.
+    """
     b, hq, q_len, d = query.shape
     k_len = key.shape[2]
     q = query.float()
@@ -59,18 +65,28 @@ def fused_attention(plan, query, key, value, mask: MaskView, scaling: float, inf
     size = chunk or chunk_rows(b, hq, q_len, k_len)
     spans = [(s, min(s + size, q_len)) for s in range(0, q_len, size)]
 
+    def key_limit(q1: int) -> int:
+        """Keys a causal chunk ending at row q1 can see: indices < limit."""
+        return min(k_len, info.past_len + q1 - key_offset) if causal else k_len
+
     def probs(q0: int, q1: int, record: bool = False):
-        """Normalised weights of rows q0..q1: (B, H_q, C, K) float32, and their RowContext."""
+        """Normalised weights of rows q0..q1 over their keys: (B, H_q, C, K') float32 (K' <= K,
+        see ``key_limit``) and their RowContext."""
+        limit = key_limit(q1)
         visible, bias = mask.chunk(q0, q1, query.device)
-        ctx = row_context(visible, info, q0, key_abs, rows=q1 - q0)
+        if limit < k_len:
+            visible = visible[..., :limit] if visible is not None else None
+            bias = bias[..., :limit] if bias is not None else None
+        ctx = row_context(visible, info, q0, key_abs[:limit], rows=q1 - q0)
         qc = q[:, :, q0:q1]
-        s = grouped_qk(qc, k) * scaling
+        kc = k[:, :, :limit]
+        s = grouped_qk(qc, kc) * scaling
         if bias is not None:
             s = s + bias
         if visible is not None:
             s = s.masked_fill(~visible, float("-inf"))
         for method in score_steps:
-            s = method.scores(s, qc, k, ctx, grouped_qk)
+            s = method.scores(s, qc, kc, ctx, grouped_qk)
             if record:
                 stats.record(method, method.rows_touched(s))
         p = torch.softmax(s, dim=-1)
@@ -100,9 +116,12 @@ def fused_attention(plan, query, key, value, mask: MaskView, scaling: float, inf
             p, ctx = probs(q0, q1)
             for earlier in weight_steps[:idx]:
                 p, _ = earlier.fused_weights(p, ctx, step)
-            colsum += p.sum(dim=-2)
+            limit = p.shape[-1]
+            colsum[..., :limit] += p.sum(dim=-2)
             seen = ctx.visible.sum(dim=-2, dtype=torch.float32)
-            count = seen if count is None else count + seen
+            if count is None:
+                count = torch.zeros(*seen.shape[:-1], k_len, device=query.device)
+            count[..., :limit] += seen
         method.set_column_stats(colsum, count, step, key_abs=key_abs)
 
     for q0, q1 in spans:
@@ -110,5 +129,5 @@ def fused_attention(plan, query, key, value, mask: MaskView, scaling: float, inf
         for method in weight_steps:
             p, rows = method.fused_weights(p, ctx, step)
             stats.record(method, rows)
-        out[:, q0:q1] = grouped_pv(p, v).transpose(1, 2).to(query.dtype)
+        out[:, q0:q1] = grouped_pv(p, v[:, :, : p.shape[-1]]).transpose(1, 2).to(query.dtype)
     return out, None

@@ -315,8 +315,10 @@ def run(args) -> int:
     if args.captions:
         return rescore(args)
     from ..cli import CLIError, _resolve_model
-    from .runner import Decoding, EvalItem, collect, execute, parse_recipes
+    from .runner import Decoding, EvalItem, collect, execute, parse_recipes, require_vlm
 
+    if args.model:
+        require_vlm(args.model)
     specs = parse_recipes(args.recipe)
     seeds = _cli.seeds_of(args)
     scorer, lemmatizer = make_scorer(args)

@@ -21,9 +21,12 @@ requests of an interrupted evaluation, so a rerun recomputes nothing finished.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import os
+import shutil
 import sys
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -232,12 +235,10 @@ def run(args) -> int:
             raise CLIError(f"--include_path {inc!r}: no such folder")
         local_names.update(_yaml_names(folder))
     all_local = all(t in local_names for t in tasks)
-    if all_local:
+    if all_local:  # local JSON data: never ask the hub
         os.environ["HF_DATASETS_OFFLINE"] = "1"
         os.environ["HF_HUB_OFFLINE"] = "1"
-        _cli.hub_offline_if_unreachable()
-    else:
-        _cli.hub_offline_if_unreachable()
+    _cli.hub_offline_if_unreachable()
     try:
         import lm_eval  # noqa: F401
         from lm_eval import simple_evaluate
@@ -266,22 +267,12 @@ def run(args) -> int:
               "bootstrap_iters": args.bootstrap_iters, "include_path": [str(Path(p).resolve()) for p in args.include_path],
               "data": {"files": data_hashes} if data_hashes else {}}
     recipes_json = {s.label: s.to_json() for s in specs}
-    run_dir.open({"config": config, "recipes": recipes_json, "seeds": seeds})
-    task_dir = out_dir / "lm_eval_tasks"
-    if dist.is_main:
-        materialize(shipped, task_dir)
-        print(f"run directory: {out_dir}", file=sys.stderr)
-    dist.barrier()
-
-    started = now_iso()
-    t0 = time.perf_counter()
-    if dist.distributed and "device" not in kwargs and dist.device():
-        kwargs = {**kwargs, "device": dist.device()}
-    tokenizer, model = _load_model(model_id, kwargs, sys.stderr)
-    load_s = time.perf_counter() - t0
-    notes = check_recipes_fit(model, specs, model_id, args.backend)
-    tm = TaskManager(include_path=[str(task_dir)] + [str(Path(p).expanduser()) for p in args.include_path],
-                     include_defaults=not all_local)
+    task_dir = Path(tempfile.mkdtemp(prefix="attnsteer_lm_eval_tasks_"))
+    atexit.register(shutil.rmtree, task_dir, ignore_errors=True)
+    materialize(shipped, task_dir)
+    with quiet_lm_eval():
+        tm = TaskManager(include_path=[str(task_dir)] + [str(Path(p).expanduser()) for p in args.include_path],
+                         include_defaults=not all_local)
     known = set(tm.all_tasks) | set(tm.all_groups) | set(getattr(tm, "all_tags", []) or [])
     unknown = [t for t in tasks if t not in known]
     if unknown:
@@ -290,6 +281,18 @@ def run(args) -> int:
             "attnsteer_mc_demo_mmlu; lm-eval's own: `lm_eval ls tasks` (mmlu, hellaswag, ...); your YAMLs: "
             "--include_path DIR"
         )
+    run_dir.check()
+    run_dir.open({"config": config, "recipes": recipes_json, "seeds": seeds})
+    if dist.is_main:
+        print(f"run directory: {out_dir}", file=sys.stderr)
+    dist.barrier()
+    started = now_iso()
+    t0 = time.perf_counter()
+    if dist.distributed and "device" not in kwargs and dist.device():
+        kwargs = {**kwargs, "device": dist.device()}
+    tokenizer, model = _load_model(model_id, kwargs, sys.stderr)
+    load_s = time.perf_counter() - t0
+    notes = check_recipes_fit(model, specs, model_id, args.backend)
     with quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size)
     if dist.distributed:  # data-parallel over the processes of `accelerate launch`

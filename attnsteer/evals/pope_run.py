@@ -99,7 +99,7 @@ def load_items(args) -> tuple[list, list, dict, dict]:
             try:
                 rows = pope.load_pope_hf(split=split, revision=args.hf_revision, repo_id=args.hf)
             except RuntimeError as exc:
-                raise CLIError(f"--hf {args.hf}: {exc}") from None
+                raise CLIError(f"--hf {args.hf}: {exc} (On the command line: --pope_dir DIR --coco_dir DIR.)") from None
             pope_items += _cli.apply_limit(rows, args.limit)
         data.update({"hf_repo": args.hf, "hf_revision": args.hf_revision})
         data_identity = {f"hf:{args.hf}": args.hf_revision}
@@ -245,8 +245,10 @@ def make_record_fn(parser: str):
 # ---- entry point --------------------------------------------------------------------------------
 def run(args) -> int:
     from ..cli import _resolve_model
-    from .runner import Decoding, execute, parse_recipes
+    from .runner import Decoding, execute, parse_recipes, require_vlm
 
+    if args.model:
+        require_vlm(args.model)
     specs = parse_recipes(args.recipe)
     seeds = _cli.seeds_of(args)
     items, pope_items, data, data_identity = load_items(args)

@@ -370,6 +370,18 @@ def run_generation(
 
 
 # ---- model loading ------------------------------------------------------------------------------
+def require_vlm(model_id: str) -> None:
+    """Refuse the embedded text-only default up front (before any data or run directory work)."""
+    from ..cli import CLIError
+    from ..models import SMOLLM2_ID
+
+    if model_id == SMOLLM2_ID:
+        raise CLIError(
+            f"--model {SMOLLM2_ID}: this benchmark needs a vision-language model (images in, text out), and "
+            f"{SMOLLM2_ID} reads text only. Fix: pass e.g. --model llava-hf/llava-1.5-7b-hf (or a local folder of it)"
+        )
+
+
 def load_vlm(model_id: str, kwargs: dict, dist: Dist | None = None):
     """(processor, model) of a vision-language model from a hub id or local folder.
 
@@ -380,13 +392,8 @@ def load_vlm(model_id: str, kwargs: dict, dist: Dist | None = None):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from ..cli import CLIError
-    from ..models import SMOLLM2_ID
 
-    if model_id == SMOLLM2_ID:
-        raise CLIError(
-            f"--model {SMOLLM2_ID}: this benchmark needs a vision-language model (images in, text out), and "
-            f"{SMOLLM2_ID} reads text only. Fix: pass e.g. --model llava-hf/llava-1.5-7b-hf (or a local folder of it)"
-        )
+    require_vlm(model_id)
     kwargs = dict(kwargs)
     device = kwargs.pop("device", None) or (dist.device() if dist is not None else None)
     dtype = kwargs.pop("dtype", None)

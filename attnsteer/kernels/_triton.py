@@ -276,15 +276,23 @@ def _attn_sweep(
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # per-group bias columns, extracted once (ids >= NUM_GROUPS never occur)
+    b0 = tl.max(tl.where(offs_g[None, :] == 0, bias_rows, NEG_INF), axis=1)
+    b1 = tl.max(tl.where(offs_g[None, :] == 1, bias_rows, NEG_INF), axis=1)
+    b2 = tl.max(tl.where(offs_g[None, :] == 2, bias_rows, NEG_INF), axis=1)
+    b3 = tl.max(tl.where(offs_g[None, :] == 3, bias_rows, NEG_INF), axis=1)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         s, vis = _score_tile(q, k_base, offs_n, offs_d, stride_kn, stride_kd, K_LEN, D, scale, lo, hi, DOT_PREC, UPCAST)
         if NUM_GROUPS > 0:
             g = _load_gid_row(GID, b, h, offs_n, stride_gb, stride_gh, stride_gn, gid_offset, gid_len, K_LEN)
-            btile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for gi in tl.static_range(NUM_GROUPS):
-                bg = tl.max(tl.where(offs_g[None, :] == gi, bias_rows, NEG_INF), axis=1)
-                btile = tl.where(g[None, :] == gi, bg[:, None], btile)
+            btile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + b0[:, None]
+            if NUM_GROUPS > 1:
+                btile = tl.where(g[None, :] == 1, b1[:, None], btile)
+            if NUM_GROUPS > 2:
+                btile = tl.where(g[None, :] == 2, b2[:, None], btile)
+            if NUM_GROUPS > 3:
+                btile = tl.where(g[None, :] == 3, b3[:, None], btile)
             s = tl.where(vis, s + btile, NEG_INF)
         if HAS_LSE:
             p = tl.exp(s - lse_safe[:, None])  # 0 where invisible

@@ -87,7 +87,7 @@ class ACT(Method):
                 "Fix: start a new prompt (a forward without past_key_values) for the new batch"
             )
         length = table.shape[-1]
-        if info is not None and info.key_offset == 0 and info.num_keys == length:
+        if info is not None and info.key_offset == 0 and key_abs.numel() == length:
             return table  # the prompt's own keys (prefill): no gather needed
         in_prompt = key_abs < length
         idx = key_abs.clamp(max=max(length - 1, 0))
