@@ -409,6 +409,22 @@ def test_sliding_window_mask_is_recognised():
     assert struct.spec.window == 4
 
 
+def test_additive_float_mask_is_recognised():
+    """Models loaded with eager attention pass a 0 / min float mask: same structure, same kernels."""
+    q_len = k_len = 12
+    q, k, v = _inputs(2, 6, 2, q_len, k_len, 16, seed=12)
+    raw = _padded_mask(2, q_len, k_len, (0, 4))
+    low = torch.tensor(torch.finfo(torch.float32).min, device=DEVICE)
+    mask = MaskView(torch.where(raw, torch.zeros((), device=DEVICE), low), q_len, k_len)
+    info = ForwardInfo(q_len, 0, k_len, torch.tensor([0, 4], device=DEVICE))
+    plan_ref, plan_tri = _plans("act", k_len, 0)
+    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, _Stats())
+    tb.reset_counters()
+    out, _ = triton_attention_checked(plan_tri, q, k, v, mask, 0.35, info, _Stats())
+    valid = torch.tensor([[True] * q_len, [r >= 4 for r in range(q_len)]], device=DEVICE)
+    _close(out[valid], ref[valid], atol=3e-6)
+
+
 @pytest.mark.parametrize("case", ["holes-in-mask", "lssa", "two-weight-steps", "float-mask-with-bias"])
 def test_unsupported_inputs_fall_back_to_pytorch(case):
     q_len = k_len = 10
@@ -458,6 +474,8 @@ def test_select_fused_backend(monkeypatch):
     [
         ("llama", "act-mtbench"),  # ACT prefill (sink detection) + decode with the prompt's sinks
         ("mistral", {"interventions": [{"method": "softplus", "layers": [1, 3], "params": {"p": 2.0}}]}),
+        # sliding-window cache: decode keys start at a key offset, the sink table is absolute
+        ("mistral", {"interventions": [{"method": "act", "layers": [2], "params": {"apply_to": "all"}}]}),
     ],
 )
 def test_models_generate_like_the_pytorch_backend(family, recipe, monkeypatch):

@@ -16,13 +16,19 @@ import torch
 import torch.nn as nn
 
 from ..errors import SteeringError, UnsupportedModelError
-from .fused import fused_attention
 from .reference import reference_attention
 from .rows import ForwardInfo, MaskView
 
 # original implementation -> the name attnsteer registers for models that had it
 REGISTERED_NAMES = {"sdpa": "attnsteer_sd", "eager": "attnsteer_eg"}
-BACKENDS = {"reference": reference_attention, "fused": fused_attention}
+def _fused(plan, query, key, value, mask, scaling, info, stats):
+    """The fused backend: Triton kernels on CUDA (when triton imports), plain PyTorch otherwise."""
+    from .triton_backend import select_fused_backend
+
+    return select_fused_backend(query)(plan, query, key, value, mask, scaling, info, stats)
+
+
+BACKENDS = {"reference": reference_attention, "fused": _fused}
 
 # attention module -> LayerSite, for the modules of every steered model in this process
 _SITES: "weakref.WeakKeyDictionary[nn.Module, LayerSite]" = weakref.WeakKeyDictionary()

@@ -118,7 +118,7 @@ def run_markdown(record: dict, path: str | None = None, baseline: str | None = B
         row = [h.get("label", m) + ("" if h.get("higher_is_better") is None else (" (up)" if h["higher_is_better"] else " (down)"))]
         base_value = (results.get(base, {}).get("summary") or {}).get(m) if base else None
 
-        def cell(label: str) -> str:
+        def cell(label: str, m: str = m, pct: bool = pct) -> str:
             entry = results.get(label, {})
             value = (entry.get("summary") or {}).get(m)
             text = _fmt(value, pct)
@@ -167,7 +167,7 @@ def plot(records: Sequence[tuple[str, dict]], png: Path, baseline: str = BASELIN
               file=sys.stderr)
         return None
     panels = []
-    for path, record in records:
+    for path, record in records:  # noqa: B007 - path kept for the panel order
         hl = [h for h in headline_of(record) if h.get("percent")]
         if metrics:
             hl = [h for h in hl if h["metric"] in set(metrics)]

@@ -17,6 +17,7 @@ across sharding at ``--batch_size 1``.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 import warnings
@@ -93,16 +94,31 @@ def check_recipes_fit(model, specs: Sequence[RecipeSpec], model_id: str, backend
 
 
 # ---- processes ----------------------------------------------------------------------------------
+def use_cpu_processes() -> bool:
+    """Whether the processes of a launch run on the CPU (gloo): asked for (``accelerate launch --cpu``
+    sets ACCELERATE_USE_CPU), or no CUDA device exists. Without it accelerate leaves a torchrun-style
+    launch (``accelerate launch --multi_gpu`` or ``torchrun``) on a CPU-only machine undistributed."""
+    import torch
+
+    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return flag or not torch.cuda.is_available()
+
+
 class Dist:
-    """This process in an ``accelerate launch`` run (or the only one)."""
+    """This process in an ``accelerate launch`` run (or the only one).
+
+    GPUs: ``accelerate launch --num_processes N -m attnsteer.cli eval ...``. CPU-only machines:
+    ``accelerate launch --multi_gpu --num_processes N ...`` or ``torchrun --nproc_per_node N -m
+    attnsteer.cli eval ...`` (``accelerate launch --cpu`` starts several CPU processes only through
+    MPI); the processes then talk over gloo."""
 
     def __init__(self):
         self._state = None
         try:
             from accelerate import PartialState
 
-            self._state = PartialState()
-        except Exception:  # pragma: no cover - accelerate is a dependency; be robust anyway
+            self._state = PartialState(cpu=use_cpu_processes())
+        except ImportError:  # pragma: no cover - accelerate is a dependency
             self._state = None
 
     @property
@@ -446,6 +462,9 @@ def execute(
     from .results import now_iso, write_json_atomic
 
     dist = Dist()
+    if len(seeds) > 1 and not decoding.do_sample and dist.is_main:
+        print("note: decoding is greedy, so every --seed gives the same outputs; seeds matter with --do_sample",
+              file=sys.stderr)
     out = _cli.output_dir(args, task, model_id, identity)
     run = RunDir(out, task, identity, data=data, rank=dist.rank, world_size=dist.world_size, is_main=dist.is_main)
     recipes_json = {s.label: s.to_json() for s in specs}

@@ -152,6 +152,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+HELP = "prefill latency, decode tokens/s and peak memory: unsteered model vs recipes"
+DESCRIPTION = (
+    "Time the unsteered model (its own SDPA attention) against each recipe in one process, alternating runs: "
+    "prefill latency, decode tokens/s, peak memory and their ratios, plus the reference (eager) backend. "
+    "--random-weights builds the model from its config, so 7B shapes (built-in: llava-1.5-7b, llama-2-7b) need no "
+    "weight download. Writes CSV, JSON, Markdown and a PNG chart to --output_path."
+)
 EXAMPLE = (
     "attnsteer eval speed --model llava-1.5-7b --random-weights --recipe act-default --recipe softplus-reweight "
     "--batch_size 1 --new-tokens 128 --dtype bfloat16"
