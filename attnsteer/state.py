@@ -295,9 +295,14 @@ class SteeringState:
         q_len = tokens.shape[1]
         cache = bound.get("past_key_values")
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        first_valid = first_valid_positions(bound.get("attention_mask"))
+        mask = bound.get("attention_mask")
+        first_valid = first_valid_positions(mask)
+        row_valid = None
+        if mask is not None and mask.dim() == 2 and mask.shape[-1] >= q_len:
+            rows = mask[:, -q_len:] != 0
+            row_valid = None if bool(rows.all()) else rows
         self.info = ForwardInfo(
-            q_len=q_len, past_len=past, total_len=past + q_len, first_valid=first_valid
+            q_len=q_len, past_len=past, total_len=past + q_len, first_valid=first_valid, row_valid=row_valid
         )
         self.forwards += 1
         return None

@@ -91,7 +91,7 @@ def test_no_command_prints_help_and_exits_2(capsys):
     assert code == 2 and "generate" in err
 
 
-@pytest.mark.parametrize("command", ["eval", "calibrate"])
+@pytest.mark.parametrize("command", ["calibrate"])
 def test_reserved_commands_say_not_implemented(capsys, command):
     code, _, err = run(capsys, command, "--model", "smollm2", "--tasks", "x")
     assert code == 2

@@ -54,6 +54,7 @@ def test_pope_two_processes_equal_one(tiny_llava_dir, eval_data, tmp_path):
 
 @pytest.mark.slow
 def test_mmlu_two_processes_equal_one(smollm2, tmp_path):
+    pytest.importorskip("lm_eval")
     common = ["eval", "mmlu", "--model", "smollm2", "--tasks", "attnsteer_mc_demo", "--recipe", "none", "--recipe",
               "act-default", "--limit", "2", "--batch_size", "4"]
     one = run_cli(*common, "--output_path", tmp_path / "one")

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from test_eval_helpers import read_results, read_samples
 
+pytest.importorskip("lm_eval", reason="needs lm-eval (pip install 'attnsteer[eval]')")
+
 from attnsteer.cli import main
 from attnsteer.evals import mmlu
 

@@ -122,13 +122,19 @@ def test_changed_settings_are_refused(pope_run, tiny_llava_dir, eval_data, capsy
 
 def test_pope_recipe_on_llava_runs_or_fails_cleanly(tiny_llava_dir, eval_data, tmp_path, capsys):
     """Steered VLM runs need the core's LLaVA support; until then the error names the recipe and model."""
-    code, out, err = cli(capsys, *pope_argv(tiny_llava_dir, eval_data, tmp_path / "run", "--recipe", "none",
-                                            "--recipe", "act-default", "--limit", "2", "--splits", "random"))
+    argv = ["--recipe", "none", "--recipe", "act-default", "--limit", "3", "--splits", "random"]
+    code, out, err = cli(capsys, *pope_argv(tiny_llava_dir, eval_data, tmp_path / "run", *argv, "--batch_size", "3"))
     if code == 0:
         res = read_results(tmp_path / "run")
         assert set(res["metrics"]) == {"baseline", "act-default"}
         assert res["recipes"]["act-default"]["recipe"]["interventions"][0]["method"] == "act"
-        assert "| act-default | delta |" in out.replace("delta |", "delta |")
+        assert "| baseline | act-default | delta |" in out
+        assert res["steering"]["act-default"]["calls"] > 0
+        # steered generation does not depend on the batch either (left padding)
+        code, _, _ = cli(capsys, *pope_argv(tiny_llava_dir, eval_data, tmp_path / "b1", *argv, "--batch_size", "1"))
+        assert code == 0
+        assert {s["key"]: s["output"] for s in read_samples(tmp_path / "b1")} == \
+            {s["key"]: s["output"] for s in read_samples(tmp_path / "run")}
     else:
         assert code == 2 and "--recipe 'act-default' cannot steer --model" in err
 

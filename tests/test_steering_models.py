@@ -245,3 +245,16 @@ def test_fused_in_many_small_chunks_equals_reference(model, method, monkeypatch)
     torch.testing.assert_close(out["fused"][valid], out["reference"][valid], **FP32_TOL)
     if method.startswith("act"):
         assert out["fused_sinks"] == out["reference_sinks"]
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+def test_right_padded_batch_equals_rows_alone_for_act(model, backend):
+    """Right padding (as lm-eval batches): padding query rows must not vote in ACT's sink means."""
+    ids, _ = inputs(batch=2, pad=(0, 0), length=14)
+    mask = torch.ones_like(ids)
+    ids[1, -5:], mask[1, -5:] = 0, 0
+    with attnsteer.apply(model, METHODS["act"][0], backend=backend):
+        with torch.no_grad():
+            batched = model(input_ids=ids, attention_mask=mask).logits
+            alone = model(input_ids=ids[1:, :-5]).logits
+    torch.testing.assert_close(batched[1, :-5], alone[0], **FP32_TOL)

@@ -100,7 +100,11 @@ def fused_attention(
         p, ctx = probs(0, q_len, record=True)
         for method in weight_steps:
             if method.needs_column_stats(info.is_prefill):
-                method.set_column_stats(p.sum(dim=-2), ctx.visible.sum(dim=-2, dtype=torch.float32), step, key_abs=key_abs)
+                voting = p if ctx.row_valid is None else p * ctx.row_valid  # padding query rows do not vote
+                visible = ctx.visible if ctx.row_valid is None else ctx.visible & ctx.row_valid
+                method.set_column_stats(
+                    voting.sum(dim=-2), visible.sum(dim=-2, dtype=torch.float32), step, key_abs=key_abs
+                )
             p, rows = method.fused_weights(p, ctx, step)
             stats.record(method, rows)
         out[:] = grouped_pv(p, v).transpose(1, 2).to(query.dtype)
@@ -117,8 +121,11 @@ def fused_attention(
             for earlier in weight_steps[:idx]:
                 p, _ = earlier.fused_weights(p, ctx, step)
             limit = p.shape[-1]
+            if ctx.row_valid is not None:  # padding query rows do not vote
+                p = p * ctx.row_valid
             colsum[..., :limit] += p.sum(dim=-2)
-            seen = ctx.visible.sum(dim=-2, dtype=torch.float32)
+            visible = ctx.visible if ctx.row_valid is None else ctx.visible & ctx.row_valid
+            seen = visible.sum(dim=-2, dtype=torch.float32)
             if count is None:
                 count = torch.zeros(*seen.shape[:-1], k_len, device=query.device)
             count[..., :limit] += seen

@@ -30,6 +30,9 @@ class ForwardInfo:
     total_len: int
     first_valid: torch.Tensor | None
     max_pad: int = 0  # int(first_valid.max()), taken once per forward (set in __post_init__)
+    # bool (B, Q): False for query rows that are padding themselves (right padding), else None.
+    # Such rows still "see" real keys, so statistics over rows (ACT's column means) skip them.
+    row_valid: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.first_valid is not None:
@@ -84,6 +87,11 @@ def key_positions(info: ForwardInfo, k_len: int, device) -> torch.Tensor:
 
 def row_context(visible: torch.Tensor | None, info: ForwardInfo, q0: int, key_abs: torch.Tensor, rows: int | None = None) -> RowContext:
     """Per-row facts for rows q0..q0+C of the current forward (``visible`` None: all keys)."""
+    c = rows if rows is not None else visible.shape[-2]
+    row_valid = None
+    if info.row_valid is not None:
+        row_valid = info.row_valid[:, q0 : q0 + c].to(key_abs.device)[:, None, :, None]
     return RowContext(
-        visible, key_abs, past_len=info.past_len, q0=q0, rows=rows, first_valid=info.first_valid, max_pad=info.max_pad
+        visible, key_abs, past_len=info.past_len, q0=q0, rows=rows, first_valid=info.first_valid,
+        max_pad=info.max_pad, row_valid=row_valid,
     )

@@ -288,8 +288,12 @@ def run(args) -> int:
     dist.barrier()
     started = now_iso()
     t0 = time.perf_counter()
-    if dist.distributed and "device" not in kwargs and dist.device():
-        kwargs = {**kwargs, "device": dist.device()}
+    if "device" not in kwargs:  # each process its own device under accelerate; else the GPU if there is one
+        import torch
+
+        device = dist.device() if dist.distributed else ("cuda" if torch.cuda.is_available() else None)
+        if device:
+            kwargs = {**kwargs, "device": device}
     tokenizer, model = _load_model(model_id, kwargs, sys.stderr)
     load_s = time.perf_counter() - t0
     notes = check_recipes_fit(model, specs, model_id, args.backend)

@@ -374,7 +374,11 @@ def run_generation(
                 finally:
                     if handle is not None:
                         handle.remove()
-            notes += [str(w.message) for w in record if issubclass(w.category, attnsteer.AttnsteerWarning)]
+            for w in record:
+                if issubclass(w.category, attnsteer.AttnsteerWarning):
+                    notes.append(str(w.message))
+                else:  # not ours: show it as usual
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             elapsed = time.perf_counter() - t0
             timings[spec.label] = {"items": n_items, "s": round(elapsed, 3),
                                    "items_per_s": round(n_items / elapsed, 4) if elapsed > 0 else None}
@@ -411,7 +415,8 @@ def load_vlm(model_id: str, kwargs: dict, dist: Dist | None = None):
 
     require_vlm(model_id)
     kwargs = dict(kwargs)
-    device = kwargs.pop("device", None) or (dist.device() if dist is not None else None)
+    device = kwargs.pop("device", None) or (dist.device() if dist is not None else None) or (
+        "cuda" if torch.cuda.is_available() else None)  # lm-eval's default: the GPU when there is one
     dtype = kwargs.pop("dtype", None)
     attn = kwargs.pop("attn_implementation", "sdpa")
     hub = {k: kwargs.pop(k) for k in ("revision", "trust_remote_code") if k in kwargs}

@@ -112,8 +112,9 @@ class ACT(Method):
     def reference_weights(self, a, ctx: RowContext, info: StepInfo):
         """Literal SPEC formula on the full float32 map a (B, H, Q, K)."""
         if info.is_prefill:
-            count = ctx.visible.sum(dim=-2).to(a.dtype)  # (B|1, 1, K) rows that see key j
-            col_mean = torch.where(count > 0, a.sum(dim=-2) / count.clamp(min=1), torch.zeros_like(a[:, :, 0]))
+            seen = ctx.visible if ctx.row_valid is None else ctx.visible & ctx.row_valid
+            count = seen.sum(dim=-2).to(a.dtype)  # (B|1, 1, K) real prompt rows that see key j
+            col_mean = torch.where(count > 0, (a * seen).sum(dim=-2) / count.clamp(min=1), torch.zeros_like(a[:, :, 0]))
             self._store_sinks(sinks_from_column_means(col_mean, self.p["threshold"], self.p["keep_first_sink"]), info)
         if not self.active(info.is_prefill):
             return a, a.new_zeros(())

@@ -94,8 +94,10 @@ class RowContext:
     key_abs:   long (K,) -- absolute (padded-layout) position of each key index.
     """
 
-    def __init__(self, visible, key_abs, *, past_len=0, q0=0, rows=None, first_valid=None, max_pad=0):
+    def __init__(self, visible, key_abs, *, past_len=0, q0=0, rows=None, first_valid=None, max_pad=0, row_valid=None):
         self._visible = visible  # None: every key visible to every row
+        # bool (B, 1, C, 1): False for query rows that are padding (right padding); None: all real
+        self.row_valid = row_valid
         self.key_abs = key_abs
         self.past_len, self.q0 = past_len, q0
         self.rows = rows if rows is not None else visible.shape[-2]
