@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .evals._cli import _positive_int
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -47,16 +49,6 @@ def _subparser(sub, name: str, help_text: str, example: str, description: str | 
     )
     parser.set_defaults(_prog=parser.prog, _accepts_extra=False)
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 # ---- --model / --model_args ---------------------------------------------------------------------

