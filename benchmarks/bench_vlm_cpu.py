@@ -37,9 +37,10 @@ import attnsteer  # noqa: E402
 
 IMAGE_TOKEN = 32000
 RECIPES = {
-    "var": {"name": "var", "interventions": [{"method": "var", "params": {"tau": 3.5, "rho": 0.3, "min_image_attention": 0.05}}]},
-    "pai": {"name": "pai", "interventions": [{"method": "pai", "params": {"alpha": 0.5}}]},
-    "pai+gamma": {"name": "pai+gamma", "interventions": [{"method": "pai", "params": {"alpha": 0.5, "gamma": 1.1}}]},
+    # layers "all": the reduced-depth 7B config has too few layers for the SPEC defaults ("2:-1", "2:")
+    "var": {"name": "var", "interventions": [{"method": "var", "layers": "all", "params": {"tau": 3.5, "rho": 0.3, "min_image_attention": 0.05}}]},
+    "pai": {"name": "pai", "interventions": [{"method": "pai", "layers": "all", "params": {"alpha": 0.5}}]},
+    "pai+gamma": {"name": "pai+gamma", "interventions": [{"method": "pai", "layers": "all", "params": {"alpha": 0.5, "gamma": 1.1}}]},
     "vhr": {"name": "vhr", "interventions": [{"method": "vhr", "layers": "all"}]},
 }
 
