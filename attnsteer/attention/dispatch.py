@@ -17,14 +17,13 @@ import torch.nn as nn
 
 from ..errors import SteeringError, UnsupportedModelError
 from .reference import reference_attention
+from .triton_backend import select_fused_backend
 from .rows import ForwardInfo, MaskView
 
 # original implementation -> the name attnsteer registers for models that had it
 REGISTERED_NAMES = {"sdpa": "attnsteer_sd", "eager": "attnsteer_eg"}
 def _fused(plan, query, key, value, mask, scaling, info, stats):
     """The fused backend: Triton kernels on CUDA (when triton imports), plain PyTorch otherwise."""
-    from .triton_backend import select_fused_backend
-
     return select_fused_backend(query)(plan, query, key, value, mask, scaling, info, stats)
 
 
@@ -144,8 +143,9 @@ class LayerSite:
         if module.training and kwargs.get("dropout", 0.0):
             raise SteeringError("attnsteer steers inference only; call model.eval() before steering")
         head_steps = self.plan.head_steps(prefill)
-        self.stats.begin(self.plan.weight_steps(prefill) + self.plan.score_steps(prefill) + head_steps)
-        if self.plan.weight_steps(prefill) or self.plan.score_steps(prefill):
+        attention_steps = self.plan.weight_steps(prefill) + self.plan.score_steps(prefill)
+        self.stats.begin(attention_steps + head_steps)
+        if attention_steps:
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)

@@ -276,5 +276,3 @@ class StepInfo:
     num_keys: int
     extra: dict = field(default_factory=dict)
 
-
-Transform = Callable[[torch.Tensor], torch.Tensor]
