@@ -10,11 +10,16 @@
 # met / NOT met with the measured number).
 #
 # Backends per recipe: fused-triton (the Triton kernels, forced), fused-pytorch (the plain PyTorch
-# fused path, forced) and reference. Once attnsteer/attention/dispatch.py routes the fused backend
-# through triton_backend.select_fused_backend, `auto` (the default of attnsteer.apply) is the same
-# as fused-triton on CUDA; add `auto` to BACKENDS to time it as such.
-# Recipes: act-default (ACT on prompt rows only: decode is untouched), act-mtbench (ACT on decode
-# rows too: exercises the split-K decode kernel), softplus-reweight (every layer, prefill + decode).
+# fused path, forced) and reference. `auto` (the default of attnsteer.apply) is fused-triton on
+# CUDA (dispatch goes through triton_backend.select_fused_backend); add `auto` to BACKENDS to time
+# it under that name.
+# Recipes: benchmarks/recipes/act-timing.yaml (act-mtbench's setting -- prompt and decode rows, so
+# the split-K decode kernel runs -- with a sink threshold that finds sinks on random weights; the
+# paper thresholds find none there), softplus-reweight (every layer, prefill + decode); with image
+# placeholders also var-timing.yaml (VAR with a sink threshold that fires on random weights) and
+# vhr-timing.yaml (VHR: the model's own attention + head scaling, and the text-only stream at
+# prefill). The harness marks the placeholders with handle.focus and reports the rows each recipe
+# steered (a recipe that steers nothing is flagged in the Markdown).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +27,8 @@ PY=${PY:-python}
 GPU=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
 OUT=${OUT:-evals/speed/$GPU}
 BACKENDS=${BACKENDS:-fused-triton,fused-pytorch,reference}
-RECIPES=(--recipe act-default --recipe act-mtbench --recipe softplus-reweight)
+RECIPES=(--recipe benchmarks/recipes/act-timing.yaml --recipe softplus-reweight)
+VLM_RECIPES=("${RECIPES[@]}" --recipe benchmarks/recipes/var-timing.yaml --recipe benchmarks/recipes/vhr-timing.yaml)
 REPEATS=${REPEATS:-3}
 STEP=${STEP:-all}
 mkdir -p "$OUT"
@@ -39,14 +45,14 @@ fi
 
 if [[ $STEP == all || $STEP == llava-b1 ]]; then
   # 1. LLaVA-1.5-7B's language model: 576 image-placeholder + 64 text tokens, 128 new tokens, batch 1
-  run $PY -m attnsteer.evals.speed --model llava-1.5-7b --random-weights "${RECIPES[@]}" \
+  run $PY -m attnsteer.evals.speed --model llava-1.5-7b --random-weights "${VLM_RECIPES[@]}" \
     --batch_size 1 --prompt-len 640 --image-tokens 576 --new-tokens 128 --dtype bfloat16 \
     --backends "$BACKENDS" --repeats "$REPEATS" --output_path "$OUT"
 fi
 
 if [[ $STEP == all || $STEP == llava-b8 ]]; then
   # 2. the same at batch 8
-  run $PY -m attnsteer.evals.speed --model llava-1.5-7b --random-weights "${RECIPES[@]}" \
+  run $PY -m attnsteer.evals.speed --model llava-1.5-7b --random-weights "${VLM_RECIPES[@]}" \
     --batch_size 8 --prompt-len 640 --image-tokens 576 --new-tokens 128 --dtype bfloat16 \
     --backends "$BACKENDS" --repeats "$REPEATS" --output_path "$OUT"
 fi

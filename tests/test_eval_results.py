@@ -115,6 +115,7 @@ _WRITER = textwrap.dedent("""
             continue
         print("compute", i, flush=True)
         run.append({"key": key, "i": i})
+        print("saved", i, flush=True)
         if i >= 4:
             time.sleep(5)   # killed in here
 """)
@@ -127,8 +128,10 @@ def test_killed_process_loses_nothing_finished_and_resume_skips_it(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), str(run_dir)], stdout=subprocess.PIPE, text=True)
     seen = []
     deadline = time.time() + 60
-    while len(seen) < 5 and time.time() < deadline:
-        seen.append(proc.stdout.readline().split()[-1])
+    while len(seen) < 5 and time.time() < deadline:  # kill right after the 5th item is saved
+        words = proc.stdout.readline().split()
+        if words and words[0] == "saved":
+            seen.append(words[-1])
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert seen == ["0", "1", "2", "3", "4"]

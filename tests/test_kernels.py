@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import torch
 
@@ -33,7 +34,11 @@ from attnsteer.attention.reference import reference_attention  # noqa: E402
 from attnsteer.attention.rows import ForwardInfo, MaskView  # noqa: E402
 from attnsteer.methods.act import ACT  # noqa: E402
 from attnsteer.methods.softplus import SoftplusReweight  # noqa: E402
+from attnsteer.methods.var import VAR  # noqa: E402
+from attnsteer.roles import PromptRoles  # noqa: E402
+from attnsteer.sinks import HiddenSinks  # noqa: E402
 
+import vlm_fixtures as F  # noqa: E402
 from conftest import build_tiny  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -247,7 +252,17 @@ DECODE_CASES = {
 }
 
 
-@pytest.mark.parametrize("rule", ["none", "act", "softplus"])
+def _var_ref(a, g, p, rho, min_image, rows_gate):
+    """SPEC section 1 on float32 weights a (B, H, 1, K) with VAR groups g (B, H, 1, K): 0 other,
+    1 text sink, 2 image sink, 3 visual non-sink; rows_gate bool broadcasting to (B, H, 1, 1)."""
+    sinks, image, visual = (g == 1) | (g == 2), (g == 2) | (g == 3), g == 3
+    m_img, m_sink, m_vis = ((a * grp).sum(-1, keepdim=True) for grp in (image, sinks, visual))
+    rows = rows_gate & (m_img >= min_image) & (m_vis >= rho * m_img) & (m_sink > 0) & (m_vis > 0)
+    new = torch.where(sinks, (1 - p) * a, torch.where(visual, a + p * m_sink * a / m_vis.clamp(min=1e-30), a))
+    return torch.where(rows, new, a), rows
+
+
+@pytest.mark.parametrize("rule", ["none", "act", "softplus", "var"])
 @pytest.mark.parametrize("name", list(DECODE_CASES))
 def test_decode(name, rule):
     c = DECODE_CASES[name]
@@ -275,6 +290,18 @@ def test_decode(name, rule):
         calibrated = torch.where(g == 1, 0.3 * a, a + 0.7 * m_sink * a / m_other.clamp(min=1e-30))
         ref = torch.where(rows, calibrated, a)
         assert torch.equal(modified.bool(), rows[..., 0, 0])
+    elif rule == "var":
+        gid = _group_ids(b, 1, k_len - 4, 4, seed=6)  # shared by the heads; the last 4 keys: generated
+        gate = torch.tensor([1, 0, 1][:b], dtype=torch.int32, device=DEVICE)
+        args = K.VarArgs(p=0.6, rho=0.1, min_image=0.2, gate=gate)
+        out, modified = K.decode(
+            q, k, v, spec, 0.3, groups=K.Groups(gid, 4), rule="var", var=args, steer=steer, num_splits=c["splits"]
+        )
+        rows_gate = gate.bool().view(-1, 1, 1, 1) & steer.bool().view(1, -1, 1, 1)
+        ref, rows = _var_ref(a, _gather_groups(gid, 0, k_len, hq), 0.6, 0.1, 0.2, rows_gate)
+        assert torch.equal(modified.bool(), rows[..., 0, 0])
+        if name != "static-cache-d64":  # a mix of steered and untouched rows
+            assert 0 < int(rows.sum()) < rows.numel()
     else:
         args = K.SoftplusArgs(p=3.0, offset=1.0, steer=steer, rel0=rel0)
         out, modified = K.decode(q, k, v, spec, 0.3, rule="softplus", softplus=args, num_splits=c["splits"])
@@ -332,11 +359,30 @@ def _params(cls, **over):
 
 
 HEADS = torch.tensor([True, False, True, False, False, True])
+
+
+def _var(variant="paper", heads=None, p=0.6):
+    """VAR on a fake 14-token prompt (the decode phase's row 14 is the first generated token):
+    image tokens at 4..9 (batch row 1: 6..11); sinks at 0, 5, 7 (text, image, image) in row 0 and
+    at 5, 8 (padding, image) in row 1."""
+    image = torch.zeros(2, 14, dtype=torch.bool)
+    image[0, 4:10], image[1, 6:12] = True, True
+    table = torch.zeros(2, 14, dtype=torch.bool)
+    table[0, [0, 5, 7]], table[1, [5, 8]] = True, True
+    sinks = HiddenSinks()
+    sinks.by_layer[0] = table.to(DEVICE)
+    state = types.SimpleNamespace(roles=PromptRoles(image.to(DEVICE)), sinks=sinks)
+    params = _params(VAR, rho=0.2, min_image_attention=0.05, variant=variant, p=p)
+    return VAR(VAR.finalize_params(params), 0, heads, state=state)
+
+
 METHODS = {
     "act": lambda: ACT(_params(ACT, threshold=0.05, beta=0.2), 0, None),
     "act-heads": lambda: ACT(_params(ACT, threshold=0.05, beta=0.2, keep_first_sink=False), 0, HEADS),
     "softplus": lambda: SoftplusReweight(_params(SoftplusReweight, p=2.5), 0, None),
     "softplus-heads": lambda: SoftplusReweight(_params(SoftplusReweight, p=3.0, offset=0.5), 0, HEADS),
+    "var": lambda: _var(),
+    "var-released-heads": lambda: _var("released", HEADS, p=1.0),
 }
 PHASES = {"prefill": (11, 11, 0), "chunk": (9, 15, 6), "decode": (1, 15, 14)}
 
@@ -383,6 +429,9 @@ def test_triton_attention_matches_reference(name, phase):
     _close(out[valid], ref[valid], atol=3e-6)
     assert torch.isfinite(out).all()
     assert list(stats_tri.rows.values()) == list(stats_ref.rows.values())
+    if name.startswith("var"):  # rows after the image are steered
+        assert sum(stats_tri.rows.values()) > 0
+        assert tb.COUNTERS[f"triton/var/{phase}"] == 1
     if name.startswith("act") and phase == "prefill":  # same sinks detected from the column pass
         assert torch.equal(plan_ref.methods[0].prompt_state["sinks"], plan_tri.methods[0].prompt_state["sinks"])
 
@@ -507,6 +556,35 @@ def test_models_generate_like_the_pytorch_backend(family, recipe, monkeypatch):
     assert ref_rows == tri_rows and sum(tri_rows) > 0
 
 
+@pytest.mark.parametrize("family,variant", [("llava", "paper"), ("qwen2_vl", "released")])
+def test_vlm_var_generates_like_the_pytorch_backend(family, variant, monkeypatch):
+    """VAR on a tiny VLM: left-padded batch with 2 / 0 / 1 images, generate with the KV cache --
+    prefill (4 key groups, the row gate after the last image) and split-K decode with the rule
+    at the merge give the PyTorch fused backend's tokens, logits and steered-row counts."""
+    model = F.build_vlm(family).to(DEVICE)
+    inputs = {k: v.to(DEVICE) if torch.is_tensor(v) else v
+              for k, v in F.make_inputs(family, model, n_images=[2, 0, 1], seed=3).items()}
+    recipe = {"interventions": [{"method": "var", "layers": "all", "params": {
+        "tau": 2.8 if family == "llava" else 3.0, "rho": 0.3, "min_image_attention": 0.05, "variant": variant}}]}
+    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True,
+                  return_dict_in_generate=True, suppress_tokens=[128, 129, 130, 131])
+    results = {}
+    for backend in ("pytorch", "triton"):
+        monkeypatch.setitem(dispatch.BACKENDS, "fused", tb.triton_attention if backend == "triton" else fused_attention)
+        monkeypatch.setenv("ATTNSTEER_TRITON", "1" if backend == "triton" else "0")
+        tb.reset_counters()
+        with attnsteer.apply(model, recipe) as handle, torch.no_grad():
+            out = model.generate(**inputs, **kwargs)
+            results[backend] = (out, [s["rows_modified"] for s in handle.stats()], dict(tb.COUNTERS))
+    (ref, ref_rows, _), (tri, tri_rows, counters) = results["pytorch"], results["triton"]
+    assert not any(key.startswith("fallback/") for key in counters), counters
+    assert counters.get("triton/var/prefill") and counters.get("triton/var/decode"), counters
+    assert torch.equal(ref.sequences, tri.sequences)
+    for a, b in zip(ref.logits, tri.logits):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    assert ref_rows == tri_rows and sum(tri_rows) > 0
+
+
 # ---- GPU: real sizes in bf16 / fp16 -------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not COMPILED_GPU, reason="needs compiled Triton kernels on CUDA (not the interpreter)")
@@ -574,7 +652,7 @@ def test_gpu_kernels_real_sizes(dtype, d, hq, hkv):
 @pytest.mark.gpu
 @pytest.mark.skipif(not COMPILED_GPU, reason="needs compiled Triton kernels on CUDA (not the interpreter)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rule", ["none", "act", "softplus"])
+@pytest.mark.parametrize("rule", ["none", "act", "softplus", "var"])
 def test_gpu_decode_real_sizes(dtype, rule):
     b, hq, hkv, k_len, d = 8, 32, 8, 4096, 128
     q, k, v = _inputs(b, hq, hkv, 1, k_len, d, seed=13)
@@ -601,6 +679,13 @@ def test_gpu_decode_real_sizes(dtype, rule):
             return torch.where(g == 1, 0.4 * w, w + 0.6 * ms * w / mo.clamp(min=1e-30))
 
         ref, low = act(a), act(a_low)
+    elif rule == "var":
+        gid = _group_ids(b, 1, k_len, 4, seed=14)
+        gate = torch.ones(b, dtype=torch.int32, device=DEVICE)
+        args = K.VarArgs(p=0.6, rho=0.1, min_image=0.05, gate=gate)
+        out, _ = K.decode(ql, kl, vl, spec, scale, groups=K.Groups(gid, 4), rule="var", var=args, steer=steer)
+        g = _gather_groups(gid, 0, k_len, hq)
+        ref, low = (_var_ref(w, g, 0.6, 0.1, 0.05, True)[0] for w in (a, a_low))
     else:
         args = K.SoftplusArgs(p=3.0, offset=1.0, steer=steer, rel0=rel0)
         out, _ = K.decode(ql, kl, vl, spec, scale, rule="softplus", softplus=args)

@@ -134,3 +134,29 @@ def test_add_arguments_on_a_subparser():
     args = root.parse_args(["speed", "--model", "llava-1.5-7b", "--recipe", "a", "--recipe", "b", "--random-weights",
                             "--batch-size", "8", "--prompt_len", "640", "--new-tokens", "128"])
     assert args.recipe == ["a", "b"] and args.batch_size == 8 and args.prompt_len == 640 and args.random_weights
+
+
+def test_speed_marks_image_placeholders_for_vlm_recipes(tmp_path):
+    """VAR / VHR steer toward the image: on a language model the harness marks the placeholder
+    tokens with handle.focus, so the timing recipes steer rows; a recipe that steers nothing is
+    called out in the Markdown instead of passing silently."""
+    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "recipes")
+    never_fires = tmp_path / "var-never.yaml"
+    never_fires.write_text(
+        "schema_version: 1\nname: var-never\ninterventions:\n  - method: var\n    layers: all\n"
+        "    params: {tau: 1000.0, sink_dims: [0, 1]}\n"
+    )
+    argv = ["--model", "llama-tiny", "--random-weights", "--recipe", os.path.join(root, "vhr-timing.yaml"),
+            "--recipe", os.path.join(root, "act-timing.yaml"), "--recipe", str(never_fires), "--prompt-len", "24", "--image-tokens", "12", "--new-tokens", "2",
+            "--repeats", "1", "--warmup", "0", "--backends", "fused-pytorch", "--device", "cpu",
+            "--output_path", str(tmp_path), "--no-plot", "--label", "vlm"]
+    assert speed.main(argv) == 0
+    rows = {r["config"]: r for r in json.loads((tmp_path / "vlm.json").read_text())["summary"]}
+    assert rows["vhr-timing@fused-pytorch"]["rows_steered"] > 0  # files are named by their stem
+    assert rows["act-timing@fused-pytorch"]["rows_steered"] > 0  # finds sinks on random weights
+    assert rows["var-never@fused-pytorch"]["rows_steered"] == 0
+    md = (tmp_path / "vlm.md").read_text()
+    import attnsteer
+
+    assert attnsteer.load_recipe(os.path.join(root, "var-timing.yaml")).hash  # the GPU script's VAR recipe is valid
+    assert "steered no (batch, head, row)" in md and "var-never@" in md.split("**Warning:**")[1]

@@ -5,7 +5,8 @@ produces the same numbers (to float rounding) for what it supports:
 
 * one weight-level step per layer, softmax scoring, of a method with glue below (keyed by
   ``method.name``): ``act`` (prefill with sink detection, continuation chunks and decode with the
-  prompt's sinks) and ``softplus`` (re-weighting, ``scoring: softmax``);
+  prompt's sinks), ``softplus`` (re-weighting, ``scoring: softmax``) and ``var`` (four key
+  groups: other / text sink / image sink / visual non-sink; prefill, chunks and decode);
 * masks that are causal + left padding (+ a sliding window): ``None`` (plain causal, MaskView's
   rule) or a 4D bool / additive float mask whose visibility is exactly
   ``kv_start[b] <= j <= q_offset + i`` (and ``j > q_offset + i - W``). The structure comes from
@@ -27,6 +28,7 @@ CPU tensors only when ``ATTNSTEER_TRITON=1`` and ``TRITON_INTERPRET=1`` (interpr
 from __future__ import annotations
 
 import collections
+import math
 import os
 import warnings
 import weakref
@@ -305,4 +307,62 @@ def _softplus(method, query, key, value, struct: _Structure, scaling: float, inf
     return out, modified.sum(), "prefill" if info.is_prefill else "chunk"
 
 
-_GLUE = {"act": _act, "softplus": _softplus}
+_VAR_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _var_groups(method, struct: _Structure, k_len: int, device) -> tuple[K.Groups, torch.Tensor]:
+    """VAR's groups of the prompt positions (int8 (B, 1, P): 0 other, 1 text sink, 2 image sink,
+    3 visual non-sink; generated tokens are group 0) and the bool (B,) gate of query rows after
+    the prompt (decode rows) for this forward's keys. Cached per prompt and layer (the cache keeps
+    the sink and image tables it was built from, and is rebuilt when either is replaced) and per
+    span of prompt positions among the keys (constant across decode steps)."""
+    state = method.state
+    sinks, image = state.sinks.by_layer.get(method.layer), state.roles.image
+    prompt_len = image.shape[-1]
+    span = (struct.key_offset, min(struct.key_offset + k_len, prompt_len), str(device))
+    cached = _VAR_TABLES.get(method)
+    if cached is None or cached[0] is not sinks or cached[1] is not image or cached[2] != str(device):
+        gid = method.group_ids(torch.arange(prompt_len, device=image.device))  # VAR's error if no sinks
+        cached = (sinks, image, str(device), gid.to(device).unsqueeze(1), {})
+        _VAR_TABLES[method] = cached
+    gid, gates = cached[3], cached[4]
+    if span not in gates:
+        keys = torch.arange(span[0], max(span[1], span[0]), device=image.device)
+        after_prompt = torch.full((1,), prompt_len, device=image.device)
+        gates[span] = method.row_gate(after_prompt, *method.key_groups(keys)).view(-1).to(device)
+    return K.Groups(gid, 4, offset=struct.key_offset), gates[span]
+
+
+def _var(method, query, key, value, struct: _Structure, scaling: float, info: ForwardInfo):
+    b, hq, q_len, _ = query.shape
+    k_len = key.shape[2]
+    dev = query.device
+    spec = struct.spec
+    groups, decode_gate = _var_groups(method, struct, k_len, dev)
+    first_row = struct.key_offset + spec.q_offset  # absolute position of query row 0
+    p = float(method.p["p"])
+    if q_len == 1 and not info.is_prefill and first_row >= groups.gid.shape[-1]:
+        args = K.VarArgs(
+            p=p, rho=float(method.p["rho"]), min_image=float(method.p["min_image_attention"]), gate=decode_gate
+        )
+        out, modified = K.decode(
+            query, key, value, spec, scaling, groups=groups, rule="var", var=args,
+            steer=_steer_flags(method, hq, dev),
+        )
+        return out, modified.sum(), "decode"
+    lse, masses = K.row_stats(query, key, spec, scaling, groups=groups)
+    m_other, m_text_sink, m_image_sink, m_vis = masses.unsqueeze(-2).unbind(-1)  # each (B, H, C, 1)
+    m_sink, m_img = m_text_sink + m_image_sink, m_image_sink + m_vis
+    row_abs = torch.arange(q_len, device=dev) + first_row
+    gate = method.row_gate(row_abs, *method.key_groups(torch.arange(k_len, device=dev) + struct.key_offset))
+    rows = method.select_rows(gate[:, None, :, None], m_img, m_sink, m_vis, m_vis)  # (B, H, C, 1)
+    # VAR conserves each row's mass: exp(s + bias - lse) are the final weights (no running max)
+    sink_bias = torch.full_like(m_vis, math.log(1.0 - p) if p < 1.0 else float("-inf"))
+    vis_bias = torch.log1p(p * m_sink / m_vis.clamp(min=1e-30))
+    bias = torch.cat([torch.zeros_like(m_other), sink_bias, sink_bias, vis_bias], dim=-1)
+    bias = torch.where(rows, bias, torch.zeros_like(bias))
+    out, _ = K.attention(query, key, value, spec, scaling, groups=groups, bias=bias, lse=lse)
+    return out, rows.sum(), "prefill" if info.is_prefill else "chunk"
+
+
+_GLUE = {"act": _act, "softplus": _softplus, "var": _var}

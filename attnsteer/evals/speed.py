@@ -333,8 +333,11 @@ def _api_backend(backend: str) -> str:
     return {"auto": "auto", "fused-pytorch": "fused", "fused-triton": "fused", "reference": "reference"}[backend]
 
 
-def run_once(model, ids, new_tokens: int, config: dict, device) -> dict:
-    """One prefill + greedy decode under ``config``; timings in seconds, memory in bytes."""
+def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> dict:
+    """One prefill + greedy decode under ``config``; timings in seconds, memory in bytes.
+
+    focus: bool (B, L) image-placeholder positions of ``ids``; when given, the recipe runs inside
+    ``handle.focus(focus)`` so methods that steer toward the image (VAR, VHR, PAI) see them."""
     import torch
 
     import attnsteer
@@ -352,6 +355,7 @@ def run_once(model, ids, new_tokens: int, config: dict, device) -> dict:
     with _backend_forced(config.get("backend") or "auto"):
         if config["recipe"] is not None:
             handle = attnsteer.apply(model, config["recipe"], backend=_api_backend(config["backend"]))
+        focused = handle.focus(focus) if (handle is not None and focus is not None) else contextlib.nullcontext()
         try:
             gc.collect()
             if cuda:
@@ -361,7 +365,7 @@ def run_once(model, ids, new_tokens: int, config: dict, device) -> dict:
             else:
                 mem_before = (_proc_kib("VmRSS") or 0) * 1024
                 hwm_ok = _reset_hwm()
-            with torch.inference_mode():
+            with torch.inference_mode(), focused:
                 sync()
                 t0 = time.perf_counter()
                 out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -499,6 +503,7 @@ def summarise(runs: list[dict], configs: list[dict]) -> list[dict]:
         for m in METRICS:
             row[m] = _median([r.get(m) for r in mine])
         if c["recipe"] is not None:
+            row["rows_steered"] = _median([(r.get("steering") or {}).get("rows_modified") for r in mine])
             ratios = {"prefill_speed_ratio": [], "decode_speed_ratio": [], "memory_ratio": []}
             for r in mine:
                 base = next((x for x in runs if x["config"] == "baseline" and x["pair"] == c["name"]
@@ -556,8 +561,8 @@ def markdown(meta: dict, summary: list[dict]) -> str:
         f"- peak memory: {meta['memory_note']}",
         "",
         "| config | ran on | prefill ms | prefill speed ratio | decode tok/s | decode speed ratio | peak MiB "
-        "| memory ratio | prefill x vs reference |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| memory ratio | prefill x vs reference | rows steered |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in summary:
         prefill_ms = r["prefill_s"] * 1000 if r["prefill_s"] is not None else None
@@ -566,8 +571,13 @@ def markdown(meta: dict, summary: list[dict]) -> str:
             r["config"], r["impl"] or r["status"], _fmt(prefill_ms, "{:.1f}"), _fmt(r.get("prefill_speed_ratio")),
             _fmt(r["decode_tok_s"], "{:.1f}"), _fmt(r.get("decode_speed_ratio")), _fmt(peak_mib, "{:.0f}"),
             _fmt(r.get("memory_ratio")), _fmt(r.get("prefill_speedup_vs_reference"), "{:.2f}"),
+            _fmt(r.get("rows_steered"), "{:.0f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    idle = [r["config"] for r in summary if r["recipe"] is not None and r.get("rows_steered") == 0]
+    if idle:
+        lines += ["", f"**Warning:** steered no (batch, head, row) in the timed runs: {', '.join(idle)}. Their "
+                  "timings are of the steering machinery, not of an intervention that changed the output."]
     lines += ["", "## Goals (issue 4)", ""]
     g = GOALS
     for r in summary:
@@ -609,7 +619,7 @@ def write_csv(path: Path, meta: dict, runs: list[dict], summary: list[dict]) -> 
                             "impl": r.get("impl"), "stat": "raw" if r.get("status") == "ok" else r.get("status"),
                             "repeat": r["repeat"], "metric": m, "value": r.get(m)})
         for s in summary:
-            for m in METRICS:
+            for m in METRICS + (("rows_steered",) if s["recipe"] is not None else ()):
                 w.writerow({**common, "config": s["config"], "recipe": s["recipe"], "backend": s["backend"],
                             "impl": s["impl"], "stat": "median", "repeat": "", "metric": m, "value": s.get(m)})
             for m in ("prefill_speed_ratio", "decode_speed_ratio", "memory_ratio", "prefill_speedup_vs_reference",
@@ -651,7 +661,8 @@ def plot(path: Path, meta: dict, summary: list[dict]) -> str | None:
     ax.set_xticklabels([f"{r['config']}\n({r['impl']})" for r in rows], fontsize=8)
     ax.set_ylabel("steered / unsteered (same process)")
     a = meta["args"]
-    ax.set_title(f"{meta['model']['model']} on {meta['machine']['hardware']}: batch {a['batch_size']}, "
+    ax.set_title(f"{meta['model']['model']} ({meta['model']['num_hidden_layers']} layers) on "
+                 f"{meta['machine']['hardware']}: batch {a['batch_size']}, "
                  f"{a['prompt_len']} + {a['new_tokens']} tokens, {a['dtype']}", fontsize=9)
     top = max([1.2] + [r.get(k) or 0.0 for r in rows for k, _, _ in metrics])
     ax.set_ylim(0, top * 1.12)
@@ -692,6 +703,14 @@ def run(args) -> int:
         return EXIT_USAGE
 
 
+def _recipe_label(value: str, taken: list[str]) -> str:
+    """Short name of a --recipe in tables and charts: a YAML file's stem (e.g. var-timing), else
+    the value itself; the full value when the stem is already taken."""
+    path = Path(value)
+    label = path.stem if path.suffix in (".yaml", ".yml") else value
+    return value if label in taken else label
+
+
 def _run(args) -> int:
     import torch
     import transformers
@@ -712,7 +731,7 @@ def _run(args) -> int:
     recipes = []
     for value in args.recipe:
         try:
-            recipes.append((value, attnsteer.load_recipe(value)))
+            recipes.append((_recipe_label(value, [label for label, _ in recipes]), attnsteer.load_recipe(value)))
         except attnsteer.AttnsteerError as exc:
             raise SpeedError(f"--recipe {value!r}: {exc}") from None
     config, model_info = resolve_config(args.model, args.override)
@@ -734,6 +753,10 @@ def _run(args) -> int:
     model = build_model(config, args.model, args.random_weights, dtype, device)
     ids = build_prompt(config, args.batch_size, prompt_len, image_tokens, model_info.get("image_token_id"),
                        args.seed, device)
+    focus = None
+    if image_tokens:  # the placeholders play the image role for VAR / VHR / PAI (handle.focus)
+        focus = torch.zeros_like(ids, dtype=torch.bool)
+        focus[:, 1:1 + image_tokens] = True
 
     configs = [{"name": "baseline", "recipe": None, "recipe_label": None, "backend": None}]
     for label, recipe in recipes:
@@ -753,7 +776,7 @@ def _run(args) -> int:
         if c["name"] in failed:
             return None
         try:
-            res = run_once(model, ids, min(args.new_tokens, 4) if warm else args.new_tokens, c, device)
+            res = run_once(model, ids, min(args.new_tokens, 4) if warm else args.new_tokens, c, device, focus=focus)
             status = "ok"
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             res, status = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}, "oom"
@@ -802,6 +825,7 @@ def _run(args) -> int:
                   "num_key_value_heads": getattr(config, "num_key_value_heads", None),
                   "model_type": config.model_type},
         "machine": mach,
+        "recipes": [{"label": label, "name": recipe.name, "hash": recipe.hash} for label, recipe in recipes],
         "memory_note": ("torch.cuda.max_memory_allocated during the run (weights + KV cache + activations)"
                         if device.type == "cuda" else
                         "CPU: VmHWM - VmRSS before the run (Linux /proc; same process, allocator reuse makes it a "

@@ -10,7 +10,7 @@ Triton's interpreter, which is how the test suite checks them without a GPU.
 * :func:`attention`   -- pass 2: fused attention with a per-row, per-group bias, or softplus
   re-weighting that reads pass 1's LSE;
 * :func:`decode`      -- split-K decode (one query row) with per-group masses and outputs, the
-  rule (ACT, softplus) applied at the merge.
+  rule (ACT, softplus, VAR) applied at the merge.
 
 See docs/kernels.md for the design, the memory traffic of each pass and what falls back.
 """
@@ -23,6 +23,7 @@ from .ops import (
     MaskSpec,
     SoftplusArgs,
     TritonUnavailableError,
+    VarArgs,
     attention,
     available,
     column_stats,
@@ -40,6 +41,7 @@ __all__ = [
     "MaskSpec",
     "SoftplusArgs",
     "TritonUnavailableError",
+    "VarArgs",
     "attention",
     "available",
     "column_stats",

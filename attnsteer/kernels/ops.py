@@ -129,6 +129,17 @@ class SoftplusArgs:
     rowmax: torch.Tensor | None = None
 
 
+@dataclass
+class VarArgs:
+    """VAR's rule (SPEC section 1) at the decode merge, on 4 groups (0 other, 1 text sink, 2 image
+    sink, 3 visual non-sink). gate: int32 / bool (B,) 1 where the batch row may be steered."""
+
+    p: float
+    rho: float
+    min_image: float
+    gate: torch.Tensor
+
+
 def _pow2(n: int, low: int = 16) -> int:
     return max(low, 1 << max(0, math.ceil(math.log2(max(1, n)))))
 
@@ -154,7 +165,7 @@ def _check(q, k, v=None):
     if any(t.device != q.device for t in tensors):
         raise ValueError("q, k, v must be on one device")
     kernels()
-    if q.device.type != "cuda" and not _STATE["interpreted"]:
+    if q.device.type != "cuda" and not _STATE["interpreted"] and _STATE.get("compile_only") is None:
         raise ValueError(
             f"Triton kernels got {q.device.type} tensors; they run on CUDA, or on CPU only under the interpreter "
             "(set TRITON_INTERPRET=1 before the first kernel call)"
@@ -170,18 +181,21 @@ def _dot_args(dtype) -> dict:
     return {"DOT_PREC": _dot_prec(dtype), "UPCAST": bool(_STATE.get("interpreted")) and dtype == torch.bfloat16}
 
 
-def _blocks(q_len: int, d: int, block_m: int | None, block_n: int | None) -> tuple[int, int, int, int]:
+def _blocks(q_len: int, d: int, block_m: int | None, block_n: int | None,
+            dtype=torch.bfloat16) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernels.
 
-    GPU defaults are untuned first choices (64 x 64, 4 warps; see docs/kernels.md);
-    ATTNSTEER_TRITON_BLOCK_M / _BLOCK_N override them. The interpreter uses 16 x 16 tiles so small
-    test shapes still cross tile boundaries.
+    GPU defaults are untuned first choices (64 x 64, 4 warps; 32 x 32 for float32, whose 64-wide
+    tiles spill registers at compile time -- see evals/kernels/); ATTNSTEER_TRITON_BLOCK_M /
+    _BLOCK_N override them. The interpreter uses 16 x 16 tiles so small test shapes still cross
+    tile boundaries.
     """
     if _STATE.get("interpreted"):
         bm, bn = 16, 16
     else:
-        bm = _env_int("ATTNSTEER_TRITON_BLOCK_M", 64)
-        bn = _env_int("ATTNSTEER_TRITON_BLOCK_N", 64 if d <= 128 else 32)
+        wide = 32 if dtype == torch.float32 else 64
+        bm = _env_int("ATTNSTEER_TRITON_BLOCK_M", wide)
+        bn = _env_int("ATTNSTEER_TRITON_BLOCK_N", wide if d <= 128 else 32)
     bm = block_m or bm
     bn = block_n or bn
     warps = _env_int("ATTNSTEER_TRITON_WARPS", 4 if bm <= 64 else 8)
@@ -190,6 +204,10 @@ def _blocks(q_len: int, d: int, block_m: int | None, block_n: int | None) -> tup
 
 
 def _launch(name: str, kernel, grid, *args, **kwargs):
+    builds = _STATE.get("compile_only")
+    if builds is not None:  # attnsteer.kernels.compile_check: compile for its target, never launch
+        builds.append((name, kernel.warmup(*args, grid=grid, **kwargs)))
+        return
     try:
         kernel[grid](*args, **kwargs)
     except (ValueError, TypeError, IndexError) as exc:
@@ -247,7 +265,7 @@ def row_stats(q, k, mask: MaskSpec, scale: float, groups: Groups | None = None, 
     mod = kernels()
     b, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
-    bm, bn, warps, stages = _blocks(q_len, d, block_m, block_n)
+    bm, bn, warps, stages = _blocks(q_len, d, block_m, block_n, q.dtype)
     kvs, has_kvs = _mask_args(mask, q.device)
     gid, gstr, ng, goff, glen = _group_args(groups, q.device)
     lse_out = lse if lse is not None else torch.empty(b, hq, q_len, dtype=torch.float32, device=q.device)
@@ -279,7 +297,7 @@ def column_stats(q, k, lse: torch.Tensor, mask: MaskSpec, scale: float,
     mod = kernels()
     b, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
-    bm, bn, warps, stages = _blocks(q_len, d, block_m, block_n)
+    bm, bn, warps, stages = _blocks(q_len, d, block_m, block_n, q.dtype)
     kvs, has_kvs = _mask_args(mask, q.device)
     colsum = torch.empty(b, hq, k_len, dtype=torch.float32, device=q.device)
     count = torch.empty(b, 1, k_len, dtype=torch.float32, device=q.device)
@@ -327,7 +345,7 @@ def attention(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = Non
     b, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
     dev = q.device
-    bm, bn, warps, stages = _blocks(q_len, d, block_m, block_n)
+    bm, bn, warps, stages = _blocks(q_len, d, block_m, block_n, q.dtype)
     kvs, has_kvs = _mask_args(mask, dev)
     gid, gstr, ng, goff, glen = _group_args(groups, dev)
     f32 = torch.float32
@@ -404,9 +422,13 @@ def decode_splits(batch: int, kv_heads: int, k_len: int, block_n: int, device, n
     return triton_cdiv(k_len, split_len) if k_len else 1, split_len
 
 
+_DECODE_RULES = {"none": 0, "act": 1, "softplus": 2, "var": 3}  # RULE of decode_merge_kernel
+
+
 def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, rule: str = "none",
            beta: float = 1.0, softplus: SoftplusArgs | None = None, steer: torch.Tensor | None = None,
-           rel0: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None):
+           rel0: torch.Tensor | None = None, var: VarArgs | None = None, num_splits: int | None = None,
+           block_n: int | None = None):
     """One query row per (batch row, head) against a long cache. Returns (out (B, 1, Hq, D),
     modified int8 (B, Hq) or None).
 
@@ -414,15 +436,20 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
     "act": groups 0 = non-sinks, 1 = sinks; a steered row (``steer`` int8 (Hq,), position
     ``rel0`` >= 1, both groups non-empty) keeps ``beta`` of its sink mass and gives the rest to the
     non-sinks: out = beta M_1 o_1 + (M_0 + (1 - beta) M_1) o_0, applied at the merge;
-    "softplus": two sweeps (scores + LSE, then V with the re-weighted scores), see ``SoftplusArgs``.
+    "softplus": two sweeps (scores + LSE, then V with the re-weighted scores), see ``SoftplusArgs``;
+    "var": 4 groups (``VarArgs``); in a steered row (``steer``, ``var.gate``, SPEC section 1's
+    conditions on the group masses) sinks keep 1 - p of their mass and the visual non-sinks gain
+    p M_sink: out = sum_g M'_g o_g, applied at the merge.
     """
     _check(q, k, v)
     if q.shape[2] != 1:
         raise ValueError(f"decode takes one query row; got Q = {q.shape[2]}")
-    if rule not in ("none", "act", "softplus"):
-        raise ValueError(f"decode rule must be none, act or softplus; got {rule!r}")
+    if rule not in _DECODE_RULES:
+        raise ValueError(f"decode rule must be one of {sorted(_DECODE_RULES)}; got {rule!r}")
     if rule == "act" and (groups is None or groups.num_groups != 2):
         raise ValueError("decode rule 'act' needs 2 groups (0 = non-sink, 1 = sink)")
+    if rule == "var" and (groups is None or groups.num_groups != 4 or var is None):
+        raise ValueError("decode rule 'var' needs VarArgs and 4 groups (other, text sink, image sink, visual)")
     if rule == "softplus" and softplus is None:
         raise ValueError("decode rule 'softplus' needs SoftplusArgs")
     mod = kernels()
@@ -440,8 +467,11 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
         rel_t = softplus.rel0.to(device=dev, dtype=torch.int32).contiguous()
     else:
         steer_t = (steer if steer is not None else torch.ones(hq, dtype=torch.int8, device=dev)).to(dev, torch.int8)
-        rel_t = (rel0 if rel0 is not None else torch.ones(b, dtype=torch.int32, device=dev)).to(dev, torch.int32)
-    common = dict(BLOCK_H=_pow2(group), BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype), num_warps=4)
+        row_arg = var.gate if rule == "var" else rel0
+        rel_t = (row_arg if row_arg is not None else torch.ones(b, dtype=torch.int32, device=dev)).to(dev, torch.int32)
+    # 8 warps where the per-group accumulators (BLOCK_H x groups x D floats) spill with 4 (compile check)
+    warps = 8 if (q.dtype == torch.float32 or rule == "var") else 4
+    common = dict(BLOCK_H=_pow2(group), BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype), num_warps=warps)
     out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=dev)
     grid = (splits, b * hkv)
     mask_args = (hq, hkv, group, k_len, float(scale), int(mask.q_offset), int(mask.window))
@@ -484,14 +514,14 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
             *mask_args, goff, glen, splits, split_len, 1.0, 0.0, SOFTPLUS_FREE_ROWS,
             D=d, HAS_KVS=has_kvs, MODE=0, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), S_PAD=_pow2(splits, 2), **common,
         )
-        rule_id = 1 if rule == "act" else 0
+        rule_id = _DECODE_RULES[rule]
     modified = torch.empty(b, hq, dtype=torch.int8, device=dev) if rule_id else None
     mod_buf = modified if modified is not None else torch.empty(1, dtype=torch.int8, device=dev)
     _launch(
         "decode_merge", mod.decode_merge_kernel, (b * hq,),
         pm, pl, pacc, out, steer_t, rel_t, mod_buf,
         out.stride(0), out.stride(2), out.stride(3),
-        hq, splits, float(beta),
+        hq, splits, float(beta), *((float(var.p), float(var.rho), float(var.min_image)) if var else (0.0, 0.0, 0.0)),
         D=d, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), RULE=rule_id, BLOCK_D=_pow2(d), num_warps=4,
     )
     return out, modified

@@ -80,18 +80,35 @@ class VAR(Method):
             )
 
     # ---- groups -------------------------------------------------------------------------
-    def _groups(self, ctx: RowContext, batch: int):
-        """image keys, sinks (B, 1, 1, K) and the query-row / visual-sink gates."""
-        roles = self.state.roles
-        image = roles.keys(ctx.key_abs)[:, None, None, :]
-        sinks = self.state.sinks.for_keys(self.layer, ctx.key_abs)[:, None, None, :]
-        after_image = ctx.row_abs > roles.last_image.view(-1, 1, 1, 1)  # (B, 1, C, 1)
-        gate = after_image & roles.has_image.view(-1, 1, 1, 1)
-        if self.p["variant"] == "released":  # no visual sink in this layer -> layer untouched
-            gate = gate & (image & sinks).flatten(1).any(-1).view(-1, 1, 1, 1)
-        return image, sinks, gate
+    def key_groups(self, key_abs: torch.Tensor):
+        """image and sink flags, bool (B, K), of the keys at absolute positions ``key_abs`` (K,)."""
+        return self.state.roles.keys(key_abs), self.state.sinks.for_keys(self.layer, key_abs)
 
-    def _selected(self, gate, m_img, m_sink, m_vis, like):
+    def row_gate(self, row_abs: torch.Tensor, image: torch.Tensor, sinks: torch.Tensor) -> torch.Tensor:
+        """bool (B, C): query rows VAR may steer -- rows after the row's last image token, in a row
+        with an image (variant ``released``: and a visual sink among the keys ``image``/``sinks``
+        (B, K) of this forward). row_abs: long (C,) absolute positions of the query rows."""
+        roles = self.state.roles
+        gate = (row_abs.view(1, -1) > roles.last_image.view(-1, 1)) & roles.has_image.view(-1, 1)
+        if self.p["variant"] == "released":  # no visual sink in this layer -> layer untouched
+            gate = gate & (image & sinks).any(-1, keepdim=True)
+        return gate
+
+    def group_ids(self, key_abs: torch.Tensor) -> torch.Tensor:
+        """int8 (B, K) group of each key for the group-mass kernels: 0 other, 1 text sink, 2 image
+        sink, 3 visual non-sink. M_img = M_2 + M_3, M_sink = M_1 + M_2, M_vis = M_3."""
+        image, sinks = self.key_groups(key_abs)
+        return (sinks.to(torch.int8) * (1 + image.to(torch.int8)) + (image & ~sinks).to(torch.int8) * 3)
+
+    def _groups(self, ctx: RowContext):
+        """image keys, sinks (B, 1, 1, K) and the query-row gate (B, 1, C, 1)."""
+        image, sinks = self.key_groups(ctx.key_abs)
+        gate = self.row_gate(ctx.row_abs.view(-1), image, sinks)
+        return image[:, None, None, :], sinks[:, None, None, :], gate[:, None, :, None]
+
+    def select_rows(self, gate, m_img, m_sink, m_vis, like):
+        """Steered (batch, head, row)s: gate & m_img >= min_image_attention & m_vis >= rho m_img &
+        both the sink and visual groups non-empty (& the head mask); broadcasts like ``like``."""
         rows = (
             gate
             & (m_img >= self.p["min_image_attention"])
@@ -104,7 +121,7 @@ class VAR(Method):
 
     def reference_weights(self, a, ctx: RowContext, info: StepInfo):
         """Literal SPEC formula on the float32 map a (B, H, Q, K)."""
-        image, sinks, gate = self._groups(ctx, a.shape[0])
+        image, sinks, gate = self._groups(ctx)
         visual = image & ~sinks
         m_img = (a * image).sum(-1, keepdim=True)
         m_sink = (a * sinks).sum(-1, keepdim=True)
@@ -120,10 +137,10 @@ class VAR(Method):
 
     def fused_weights(self, w, ctx: RowContext, info: StepInfo):
         """Group-mass form on one chunk w (B, H, C, K): factors on the sink / visual / other groups."""
-        image, sinks, gate = self._groups(ctx, w.shape[0])
+        image, sinks, gate = self._groups(ctx)
         visual = image & ~sinks
         m_img, m_sink, m_vis = masked_sum(w, image), masked_sum(w, sinks), masked_sum(w, visual)
-        rows = self._selected(gate, m_img, m_sink, m_vis, w)
+        rows = self.select_rows(gate, m_img, m_sink, m_vis, w)
         p = self.p["p"]
         factor = torch.where(
             sinks,
