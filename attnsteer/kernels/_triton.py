@@ -423,6 +423,21 @@ def attn_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # decode: split-K sweep over the cache (all query heads of one kv head together), then a merge
 # ---------------------------------------------------------------------------------------------
+@triton.jit
+def _store_partials(
+    PM, PL, PACC, m, l, acc, b, hk, pid_s, rows_h, rows_g, offs_d, HQ, GROUP, NUM_SPLITS,
+    D: tl.constexpr, NUM_GROUPS: tl.constexpr, WITH_ACC: tl.constexpr,
+):
+    """Write one split's partials: row r is head ``hk * GROUP + rows_h[r]``, group ``rows_g[r]``,
+    at ((b, head, split, group)) of the contiguous (B, HQ, NUM_SPLITS, NUM_GROUPS[, D]) buffers."""
+    idx = ((b * HQ + hk * GROUP + rows_h) * NUM_SPLITS + pid_s) * NUM_GROUPS + rows_g
+    ok = (rows_h < GROUP) & (rows_g < NUM_GROUPS)
+    tl.store(PM + idx, m, mask=ok)
+    tl.store(PL + idx, l, mask=ok)
+    if WITH_ACC:
+        tl.store(PACC + idx[:, None] * D + offs_d[None, :], acc, mask=ok[:, None] & (offs_d[None, :] < D))
+
+
 @triton.jit(do_not_specialize=["K_LEN", "q_offset", "window", "gid_offset", "gid_len", "NUM_SPLITS", "SPLIT_LEN"])
 def decode_split_kernel(
     Qp, Kp, Vp, PM, PL, PACC, GID, SCORES, LSE_PM, LSE_PL, STEER, REL0, KVS,
@@ -445,6 +460,10 @@ def decode_split_kernel(
     MODE 2 (softplus): reads SCORES and the MODE-1 partials (LSE_PM/LSE_PL) instead of K; group 0
       accumulates the unchanged weights exp(s - lse) (max fixed at 0), group 1 the re-weighted
       scores s' = p log(N exp(s - lse) - o) online.
+    With several groups (MODE 0 with NUM_GROUPS > 1, MODE 2) the per-group state is stacked: row
+    r = g * BLOCK_H + h of a (G_PAD * BLOCK_H, BLOCK_D) accumulator, so each key tile takes one
+    P @ V product for all groups (per-group (BLOCK_H, G_PAD, BLOCK_D) accumulators updated with
+    tl.where spilled registers at compile time).
     """
     pid_s = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -465,30 +484,34 @@ def decode_split_kernel(
     start = tl.maximum(s0, (lo // BLOCK_N) * BLOCK_N)
     v_base = Vp + b * stride_vb + hk * stride_vh
 
-    m_g = tl.full([BLOCK_H, G_PAD], NEG_INF, dtype=tl.float32)
-    l_g = tl.zeros([BLOCK_H, G_PAD], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, G_PAD, BLOCK_D], dtype=tl.float32)
+    offs_gr = tl.arange(0, G_PAD * BLOCK_H)  # stacked per-group rows: r = g * BLOCK_H + h
+    g_of_r = offs_gr // BLOCK_H
+    h_of_r = offs_gr % BLOCK_H
 
     if MODE == 2:
-        # row LSE from the MODE-1 partials of every split
-        offs_s = tl.arange(0, S_PAD)
-        pbase = (b * HQ + heads[:, None]) * NUM_SPLITS + offs_s[None, :]
-        pmask = row_ok[:, None] & (offs_s[None, :] < NUM_SPLITS)
-        pm = tl.load(LSE_PM + pbase, mask=pmask, other=NEG_INF)
-        pl = tl.load(LSE_PL + pbase, mask=pmask, other=0.0)
-        mx = tl.max(pm, axis=1)
+        # row LSE from the MODE-1 partials of every split, S_PAD splits at a time
+        mx = tl.full([BLOCK_H], NEG_INF, dtype=tl.float32)
+        tot = tl.zeros([BLOCK_H], dtype=tl.float32)
+        for s_first in range(0, NUM_SPLITS, S_PAD):
+            offs_s = s_first + tl.arange(0, S_PAD)
+            pbase = (b * HQ + heads[:, None]) * NUM_SPLITS + offs_s[None, :]
+            pmask = row_ok[:, None] & (offs_s[None, :] < NUM_SPLITS)
+            pm = tl.load(LSE_PM + pbase, mask=pmask, other=NEG_INF)
+            pl = tl.load(LSE_PL + pbase, mask=pmask, other=0.0)
+            mx_new = tl.maximum(mx, tl.max(pm, axis=1))
+            mx_safe = tl.where(mx_new == NEG_INF, 0.0, mx_new)
+            tot = tot * tl.exp(mx - mx_safe) + tl.sum(pl * tl.exp(pm - mx_safe[:, None]), axis=1)
+            mx = mx_new
         mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
-        tot = tl.sum(pl * tl.exp(pm - mx_safe[:, None]), axis=1)
         lse_safe = tl.where(tot > 0.0, mx_safe + tl.log(tl.where(tot > 0.0, tot, 1.0)), 0.0)
         nvis = tl.maximum(hi - lo + 1, 0).to(tl.float32)
         rel = tl.load(REL0 + b).to(tl.int32)
         off_row = tl.where(rel < sp_free_rows, 0.0, sp_offset)
         steer = tl.load(STEER + heads, mask=row_ok, other=0) != 0
         m1 = tl.full([BLOCK_H], NEG_INF, dtype=tl.float32)
-        l0 = tl.zeros([BLOCK_H], dtype=tl.float32)
-        l1 = tl.zeros([BLOCK_H], dtype=tl.float32)
-        acc0 = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-        acc1 = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        # stacked rows: group 0 (unchanged weights, no rescaling) then group 1 (re-weighted, online)
+        l_r = tl.zeros([G_PAD * BLOCK_H], dtype=tl.float32)
+        acc_r = tl.zeros([G_PAD * BLOCK_H, BLOCK_D], dtype=tl.float32)
         for start_n in range(start, s1, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             vis_n = (offs_n >= lo) & (offs_n < s1)
@@ -507,14 +530,15 @@ def decode_split_kernel(
                 mask=(offs_n[:, None] < K_LEN) & (offs_d[None, :] < D),
                 other=0.0,
             )
-            l0 += tl.sum(w0, axis=1)
-            acc0 += _dot(w0.to(vt.dtype), vt, DOT_PREC, UPCAST)
-            l1 = l1 * alpha + tl.sum(p1, axis=1)
-            acc1 = acc1 * alpha[:, None] + _dot(p1.to(vt.dtype), vt, DOT_PREC, UPCAST)
+            w_r = tl.reshape(tl.where((offs_g == 0)[:, None, None], w0[None, :, :], p1[None, :, :]),
+                             [G_PAD * BLOCK_H, BLOCK_N])
+            a_r = tl.reshape(tl.where((offs_g == 0)[:, None], 1.0, alpha[None, :]), [G_PAD * BLOCK_H])
+            l_r = l_r * a_r + tl.sum(w_r, axis=1)
+            acc_r = acc_r * a_r[:, None] + _dot(w_r.to(vt.dtype), vt, DOT_PREC, UPCAST)
             m1 = m_new
-        m_g = tl.where(offs_g[None, :] == 0, 0.0, m1[:, None])
-        l_g = tl.where(offs_g[None, :] == 0, l0[:, None], l1[:, None])
-        acc = tl.where((offs_g == 0)[None, :, None], acc0[:, None, :], acc1[:, None, :])
+        m_r = tl.reshape(tl.where((offs_g == 0)[:, None], 0.0, m1[None, :]), [G_PAD * BLOCK_H])
+        _store_partials(PM, PL, PACC, m_r, l_r, acc_r, b, hk, pid_s, h_of_r, g_of_r, offs_d,
+                        HQ, GROUP, NUM_SPLITS, D, NUM_GROUPS, True)
     else:
         q = tl.load(
             Qp + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
@@ -523,6 +547,10 @@ def decode_split_kernel(
         )
         k_base = Kp + b * stride_kb + hk * stride_kh
         m_i = tl.full([BLOCK_H], NEG_INF, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        l_r = tl.zeros([G_PAD * BLOCK_H], dtype=tl.float32)
+        acc_r = tl.zeros([G_PAD * BLOCK_H, BLOCK_D], dtype=tl.float32)
         for start_n in range(start, s1, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             kt = tl.load(
@@ -540,41 +568,36 @@ def decode_split_kernel(
             m_safe = tl.where(m_new == NEG_INF, 0.0, m_new)
             alpha = tl.exp(m_i - m_safe)
             p = tl.exp(s - m_safe[:, None])
-            l_g = l_g * alpha[:, None]
-            if MODE == 1:
-                l_g += tl.where(offs_g[None, :] == 0, tl.sum(p, axis=1)[:, None], 0.0)
-            else:
-                acc = acc * alpha[:, None, None]
+            if MODE == 0:
                 vt = tl.load(
                     v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=(offs_n[:, None] < K_LEN) & (offs_d[None, :] < D),
                     other=0.0,
                 )
-                if NUM_GROUPS > 1:
-                    g = tl.load(
-                        GID + b * stride_gb + heads[:, None] * stride_gh + (gid_offset + offs_n[None, :]) * stride_gn,
-                        mask=vis & ((gid_offset + offs_n[None, :]) < gid_len),
-                        other=0,
-                    ).to(tl.int32)
-                    for gi in tl.static_range(NUM_GROUPS):
-                        pg = tl.where(g == gi, p, 0.0)
-                        l_g += tl.where(offs_g[None, :] == gi, tl.sum(pg, axis=1)[:, None], 0.0)
-                        pv = _dot(pg.to(vt.dtype), vt, DOT_PREC, UPCAST)
-                        acc += tl.where((offs_g == gi)[None, :, None], pv[:, None, :], 0.0)
-                else:
-                    l_g += tl.where(offs_g[None, :] == 0, tl.sum(p, axis=1)[:, None], 0.0)
-                    pv = _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
-                    acc += tl.where((offs_g == 0)[None, :, None], pv[:, None, :], 0.0)
+            if NUM_GROUPS > 1:
+                # stacked rows g * BLOCK_H + h: one P @ V product serves every group
+                g = tl.load(
+                    GID + b * stride_gb + heads[:, None] * stride_gh + (gid_offset + offs_n[None, :]) * stride_gn,
+                    mask=vis & ((gid_offset + offs_n[None, :]) < gid_len),
+                    other=0,
+                ).to(tl.int32)
+                p_r = tl.reshape(tl.where(g[None, :, :] == offs_g[:, None, None], p[None, :, :], 0.0),
+                                 [G_PAD * BLOCK_H, BLOCK_N])
+                a_r = tl.reshape(alpha[None, :] + tl.zeros([G_PAD, BLOCK_H], dtype=tl.float32), [G_PAD * BLOCK_H])
+                l_r = l_r * a_r + tl.sum(p_r, axis=1)
+                acc_r = acc_r * a_r[:, None] + _dot(p_r.to(vt.dtype), vt, DOT_PREC, UPCAST)
+            else:
+                l_i = l_i * alpha + tl.sum(p, axis=1)
+                if MODE == 0:
+                    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
             m_i = m_new
-        m_g = m_i[:, None] + tl.zeros([BLOCK_H, G_PAD], dtype=tl.float32)
-
-    pidx = ((b * HQ + heads[:, None]) * NUM_SPLITS + pid_s) * NUM_GROUPS + offs_g[None, :]
-    pmask = row_ok[:, None] & (offs_g[None, :] < NUM_GROUPS)
-    tl.store(PM + pidx, m_g, mask=pmask)
-    tl.store(PL + pidx, l_g, mask=pmask)
-    if MODE != 1:
-        aptr = PACC + pidx[:, :, None] * D + offs_d[None, None, :]
-        tl.store(aptr, acc, mask=pmask[:, :, None] & (offs_d[None, None, :] < D))
+        if NUM_GROUPS > 1:
+            m_r = tl.reshape(m_i[None, :] + tl.zeros([G_PAD, BLOCK_H], dtype=tl.float32), [G_PAD * BLOCK_H])
+            _store_partials(PM, PL, PACC, m_r, l_r, acc_r, b, hk, pid_s, h_of_r, g_of_r, offs_d,
+                            HQ, GROUP, NUM_SPLITS, D, NUM_GROUPS, MODE == 0)
+        else:
+            _store_partials(PM, PL, PACC, m_i, l_i, acc, b, hk, pid_s, offs_r, offs_r * 0, offs_d,
+                            HQ, GROUP, NUM_SPLITS, D, NUM_GROUPS, MODE == 0)
 
 
 @triton.jit(do_not_specialize=["NUM_SPLITS"])

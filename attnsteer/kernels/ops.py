@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -185,20 +186,23 @@ def _blocks(q_len: int, d: int, block_m: int | None, block_n: int | None,
             dtype=torch.bfloat16) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernels.
 
-    GPU defaults are untuned first choices (64 x 64, 4 warps; 32 x 32 for float32, whose 64-wide
-    tiles spill registers at compile time -- see evals/kernels/); ATTNSTEER_TRITON_BLOCK_M /
-    _BLOCK_N override them. The interpreter uses 16 x 16 tiles so small test shapes still cross
-    tile boundaries.
+    GPU defaults are untuned first choices (64 x 64, 4 warps; 64 x 32 and 8 warps over head dim
+    128; 16 x 16 for float32, whose exact ("ieee") dots run on FMA units with whole operand rows per
+    thread: wider tiles spill registers at compile time -- see evals/kernels/);
+    ATTNSTEER_TRITON_BLOCK_M / _BLOCK_N / _WARPS / _STAGES override them. The interpreter uses
+    16 x 16 tiles so small test shapes still cross tile boundaries.
     """
     if _STATE.get("interpreted"):
         bm, bn = 16, 16
     else:
-        wide = 32 if dtype == torch.float32 else 64
+        wide = 16 if dtype == torch.float32 else 64
         bm = _env_int("ATTNSTEER_TRITON_BLOCK_M", wide)
-        bn = _env_int("ATTNSTEER_TRITON_BLOCK_N", wide if d <= 128 else 32)
+        bn = _env_int("ATTNSTEER_TRITON_BLOCK_N", wide if d <= 128 else min(wide, 32))
     bm = block_m or bm
     bn = block_n or bn
-    warps = _env_int("ATTNSTEER_TRITON_WARPS", 4 if bm <= 64 else 8)
+    # 8 warps for head dims over 128 (a 64 x 256 float32 accumulator spills with 4; compile check)
+    wide_rows = bm > 64 or (d > 128 and bm > 16)
+    warps = _env_int("ATTNSTEER_TRITON_WARPS", 8 if wide_rows else 4)
     stages = _env_int("ATTNSTEER_TRITON_STAGES", 2)
     return bm, bn, warps, stages
 
@@ -206,7 +210,9 @@ def _blocks(q_len: int, d: int, block_m: int | None, block_n: int | None,
 def _launch(name: str, kernel, grid, *args, **kwargs):
     builds = _STATE.get("compile_only")
     if builds is not None:  # attnsteer.kernels.compile_check: compile for its target, never launch
-        builds.append((name, kernel.warmup(*args, grid=grid, **kwargs)))
+        t0 = time.perf_counter()
+        compiled = kernel.warmup(*args, grid=grid, **kwargs)
+        builds.append((name, compiled, time.perf_counter() - t0))
         return
     try:
         kernel[grid](*args, **kwargs)
@@ -457,7 +463,11 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
     hkv, k_len = k.shape[1], k.shape[2]
     group = hq // hkv
     dev = q.device
-    bn = block_n or (16 if _STATE.get("interpreted") else _env_int("ATTNSTEER_TRITON_DECODE_BLOCK_N", 64))
+    # float32: 32-key tiles, 16 over head dim 128 (exact dots on FMA units spill registers with
+    # wider ones; compile check)
+    fp32_bn = 32 if d <= 128 else 16
+    bn = block_n or (16 if _STATE.get("interpreted") else
+                     _env_int("ATTNSTEER_TRITON_DECODE_BLOCK_N", fp32_bn if q.dtype == torch.float32 else 64))
     splits, split_len = decode_splits(b, hkv, k_len, bn, dev, num_splits)
     kvs, has_kvs = _mask_args(mask, dev)
     f32 = torch.float32
@@ -469,9 +479,14 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
         steer_t = (steer if steer is not None else torch.ones(hq, dtype=torch.int8, device=dev)).to(dev, torch.int8)
         row_arg = var.gate if rule == "var" else rel0
         rel_t = (row_arg if row_arg is not None else torch.ones(b, dtype=torch.int32, device=dev)).to(dev, torch.int32)
-    # 8 warps where the per-group accumulators (BLOCK_H x groups x D floats) spill with 4 (compile check)
-    warps = 8 if (q.dtype == torch.float32 or rule == "var") else 4
+    # 8 warps for float32, head dims over 128 and sweeps with several groups (a BLOCK_H x groups x D
+    # accumulator): with 4 they spill or sit at the 255-register limit (compile check, evals/kernels/)
+    several = rule != "softplus" and groups is not None and groups.num_groups > 1
+    warps = _env_int("ATTNSTEER_TRITON_DECODE_WARPS", 8 if (q.dtype == torch.float32 or several or d > 128) else 4)
     common = dict(BLOCK_H=_pow2(group), BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype), num_warps=warps)
+    # splits whose partials the softplus sweep reads per step (a constant, so the split count never
+    # causes a recompile; 2 under the interpreter so its small tests take several steps)
+    s_pad = 2 if _STATE.get("interpreted") else 16
     out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=dev)
     grid = (splits, b * hkv)
     mask_args = (hq, hkv, group, k_len, float(scale), int(mask.q_offset), int(mask.window))
@@ -487,7 +502,7 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
             q, k, v, pm1, pl1, dummy_f, gdummy, scores, dummy_f, dummy_f, steer_t, rel_t, kvs,
             q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
             *mask_args, 0, 0, splits, split_len, 1.0, 0.0, SOFTPLUS_FREE_ROWS,
-            D=d, HAS_KVS=has_kvs, MODE=1, NUM_GROUPS=1, G_PAD=2, S_PAD=_pow2(splits, 2), **common,
+            D=d, HAS_KVS=has_kvs, MODE=1, NUM_GROUPS=1, G_PAD=2, S_PAD=s_pad, **common,
         )
         pm = torch.empty(b, hq, splits, ng, dtype=f32, device=dev)
         pl = torch.empty_like(pm)
@@ -498,7 +513,7 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
             q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
             *mask_args, 0, 0, splits, split_len,
             float(softplus.p), float(softplus.offset), SOFTPLUS_FREE_ROWS,
-            D=d, HAS_KVS=has_kvs, MODE=2, NUM_GROUPS=ng, G_PAD=2, S_PAD=_pow2(splits, 2), **common,
+            D=d, HAS_KVS=has_kvs, MODE=2, NUM_GROUPS=ng, G_PAD=2, S_PAD=s_pad, **common,
         )
         rule_id = 2
     else:
@@ -512,7 +527,7 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
             q, k, v, pm, pl, pacc, gid, dummy_f, dummy_f, dummy_f, steer_t, rel_t, kvs,
             q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
             *mask_args, goff, glen, splits, split_len, 1.0, 0.0, SOFTPLUS_FREE_ROWS,
-            D=d, HAS_KVS=has_kvs, MODE=0, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), S_PAD=_pow2(splits, 2), **common,
+            D=d, HAS_KVS=has_kvs, MODE=0, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), S_PAD=s_pad, **common,
         )
         rule_id = _DECODE_RULES[rule]
     modified = torch.empty(b, hq, dtype=torch.int8, device=dev) if rule_id else None
