@@ -6,11 +6,12 @@
     print(handle.stats())
 """
 
-from ._compat import check_versions
+from .compat import check_versions
 
 check_versions()
 
 from .api import SteeringHandle, apply  # noqa: E402
+from .compat import CompatibilityError  # noqa: E402
 from .errors import (  # noqa: E402
     AttnsteerError,
     AttnsteerWarning,
@@ -31,6 +32,7 @@ __all__ = [
     "builtin_names",
     "AttnsteerError",
     "AttnsteerWarning",
+    "CompatibilityError",
     "RecipeError",
     "SteeringError",
     "UnsupportedModelError",

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import archs
+from . import archs, compat
 from .attention import dispatch
 from .errors import AttnsteerWarning, RecipeError, SteeringError, UnsupportedModelError
 from .methods import METHODS
@@ -43,21 +43,10 @@ class LayerPlan:
         return any(m.active(is_prefill) and (m.has_score_step or m.has_weight_step or m.has_head_step) for m in self.methods)
 
 
-def _config_tree(config) -> list:
-    """The config and every nested sub-config (each once)."""
-    seen, out, todo = set(), [], [config]
-    while todo:
-        cfg = todo.pop()
-        if cfg is None or id(cfg) in seen:
-            continue
-        seen.add(id(cfg))
-        out.append(cfg)
-        for key in getattr(cfg, "sub_configs", {}) or {}:
-            todo.append(getattr(cfg, key, None))
-    return out
-
-
 def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPlan]:
+    """Resolve every intervention's layers and heads against the model (touches nothing).
+
+    Each method object records the intervention it came from (``method.intervention``)."""
     plans: dict[int, LayerPlan] = {}
     n_layers, n_heads = arch.num_layers, arch.num_heads
     for i, iv in enumerate(recipe.interventions):
@@ -94,7 +83,17 @@ def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPla
             if heads is not None:
                 mask = torch.zeros(n_heads, dtype=torch.bool)
                 mask[heads] = True
-            plans.setdefault(layer, LayerPlan(layer)).methods.append(cls(iv.params, layer, mask))
+            plan = plans.setdefault(layer, LayerPlan(layer))
+            if cls.one_per_layer and any(m.name == iv.method for m in plan.methods):
+                first = next(m.intervention for m in plan.methods if m.name == iv.method)
+                raise RecipeError(
+                    f"{where}: layer {layer} is already steered by {iv.method} from {recipe.name}.interventions[{first}]; "
+                    f"{iv.method} keeps one sink set per layer, so two {iv.method} interventions cannot share a layer. "
+                    "Fix: give them disjoint layers, or merge them into one intervention"
+                )
+            method = cls(iv.params, layer, mask)
+            method.intervention, method.first_layer = i, layer == layers[0]
+            plan.methods.append(method)
     return plans
 
 
@@ -122,8 +121,7 @@ class SteeringHandle:
             hook.remove()
         for layer in self._sites:
             dispatch.detach(self.arch.attention_modules[layer])
-        for config, value in self._snapshot:
-            config._attn_implementation_internal = value
+        compat.restore_attn_implementations(self._snapshot)
         _STEERED.pop(self.model, None)
         self.removed = True
         silent = [f"layer {s['layer']} {s['method']}" for s in self.stats() if s["calls"] > 0 and s["fired"] == 0]
@@ -159,6 +157,35 @@ class SteeringHandle:
                     }
                 )
         return out
+
+    def resolved_recipe(self) -> Recipe:
+        """The recipe that runs, with every intervention's concrete layers (a list of layer
+        indices) and heads (``"all"`` or ``{layer: [heads]}``) resolved against this model.
+        Re-applying it steers exactly the same sites; interventions skipped for identity
+        parameters are left out (they change nothing)."""
+        by_intervention: dict[int, list] = {}
+        for layer, plan in sorted(self.plans.items()):
+            for method in plan.methods:
+                by_intervention.setdefault(method.intervention, []).append(method)
+        items = []
+        for index, methods in sorted(by_intervention.items()):
+            source = self.recipe.interventions[index]
+            layers = [m.layer for m in methods]
+            if all(m.heads is None for m in methods):
+                heads: Any = "all"
+            else:
+                heads = {
+                    m.layer: (list(range(self.arch.num_heads)) if m.heads is None else m.heads.nonzero().flatten().tolist())
+                    for m in methods
+                }
+                heads = {layer: h for layer, h in heads.items() if h}
+            item = {"method": source.method, "layers": layers, "heads": heads, "params": dict(source.params)}
+            if isinstance(heads, dict):
+                item.pop("layers")  # the head mapping decides the layers
+            items.append(item)
+        data = self.recipe.to_dict()
+        data["interventions"] = items
+        return Recipe.from_dict(data, origin=f"resolved recipe {self.recipe.name!r}")
 
     def focus(self, mask) -> "_Focus":
         """Mark key positions to steer toward, for any model: ``with handle.focus(mask): ...``.
@@ -226,8 +253,32 @@ class _Focus:
         self.state.focus_mask = self.saved
 
 
+# Test seam: called with each install step's name after that step has changed the model, so
+# tests can inject a failure there and check that apply() leaves the model exactly as before.
+_after_install_step = None
+
+
+class _Install:
+    """The model changes of one ``apply()``, undone in reverse order if a later one fails."""
+
+    def __init__(self):
+        self.undo: list = []
+
+    def step(self, name: str, undo) -> None:
+        self.undo.append(undo)
+        if _after_install_step is not None:
+            _after_install_step(name)
+
+    def rollback(self) -> None:
+        while self.undo:
+            self.undo.pop()()
+
+
 def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
     """Steer a loaded transformers model in place.
+
+    Everything is resolved and validated before the model is touched; if installing fails part
+    way, every change made so far is undone and the model is exactly as before.
 
     Args:
         model: a supported ``*ForCausalLM`` (or base) model; see ``attnsteer.archs.ARCHS``.
@@ -238,6 +289,7 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
     Returns:
         A :class:`SteeringHandle`; ``.remove()`` or a ``with`` block restores the model exactly.
     """
+    # ---- resolve and validate: nothing below changes the model ----------------------------------
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend: got {backend!r}; allowed: {list(BACKEND_CHOICES)}")
     recipe = load_recipe(recipe)
@@ -253,42 +305,61 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
             f"{recipe.name}.model_types: the recipe is made for {recipe.model_types}, and this model's model_type is "
             f"{model_type!r}. Fix: use a recipe for {model_type!r}, or drop model_types if it is generic"
         )
-    impl = arch.text_config._attn_implementation or "eager"
+    impl = compat.attn_implementation(arch.text_config)
     name = dispatch.registered_name(impl)
     plans = _build_plans(recipe, arch)
     resolved_backend = "fused" if backend == "auto" else backend
-
-    snapshot = [(cfg, cfg._attn_implementation_internal) for cfg in _config_tree(model.config)]
-    methods = [m for plan in plans.values() for m in plan.methods]
-    state = SteeringState(arch, methods)
-    state.pad_id = int(getattr(arch.text_config, "pad_token_id", None) or 0)
-    for method in methods:
-        method.state = state
-    key = arch.spec.text_config_key
-    model.set_attn_implementation({key: name} if key else name)
     host = archs.get_path(model, arch.spec.stream_host)
     if host is None:
         raise UnsupportedModelError(
             f"{model_type}: the module {arch.spec.stream_host!r} was not found; pass the full model to attnsteer.apply"
         )
-    hooks = [
-        host.register_forward_pre_hook(state.model_pre_hook, with_kwargs=True),
-        host.register_forward_hook(state.model_post_hook, with_kwargs=True),
-        arch.decoder.register_forward_pre_hook(state.decoder_pre_hook, with_kwargs=True),
+    snapshot = compat.snapshot_attn_implementations(model)
+    methods = [m for plan in plans.values() for m in plan.methods]
+    state = SteeringState(arch, methods)
+    state.pad_id = int(getattr(arch.text_config, "pad_token_id", None) or 0)
+    state.steered_layers = tuple(sorted(plans))
+    for method in methods:
+        method.state = state
+    sites = {
+        layer: dispatch.LayerSite(
+            layer, plan, resolved_backend, dispatch.original_function(impl, arch.attention_modules[layer]), state
+        )
+        for layer, plan in plans.items()
+    }
+    hook_specs = [
+        (host.register_forward_pre_hook, state.model_pre_hook),
+        (host.register_forward_hook, state.model_post_hook),
+        (arch.decoder.register_forward_pre_hook, state.decoder_pre_hook),
     ]
     if host is not model:
-        hooks.append(model.register_forward_pre_hook(state.record_prompt_ids, with_kwargs=True))
-        hooks.append(_InstanceAttribute(model, "generate", state.wrap_generate(model.generate)))
-    var_layers = sorted(layer for layer, plan in plans.items() for m in plan.methods if m.name == "var")
-    for layer in var_layers:
-        method = next(m for m in plans[layer].methods if m.name == "var")
-        hook = state.make_layer_pre_hook(layer, method.p["tau"], method.p["sink_dims"], first=layer == var_layers[0])
-        hooks.append(arch.decoder.layers[layer].register_forward_pre_hook(hook, with_kwargs=True))
-    handle = SteeringHandle(model, recipe, resolved_backend, arch, plans, state, snapshot, hooks)
-    for layer, plan in plans.items():
-        module = arch.attention_modules[layer]
-        site = dispatch.LayerSite(layer, plan, resolved_backend, dispatch.original_function(impl, module), state)
-        dispatch.attach(module, site)
-        handle._sites[layer] = site
-    _STEERED[model] = handle
+        hook_specs.append((model.register_forward_pre_hook, state.record_prompt_ids))
+    for method in methods:
+        hook_specs.extend(method.layer_hooks(arch.decoder.layers[method.layer], state))
+
+    # ---- install: each change is recorded with its undo ------------------------------------------
+    install = _Install()
+    hooks: list = []
+    try:
+        compat.set_text_attention(model, arch.spec.text_config_key, name)
+        install.step("attention implementation", lambda: compat.restore_attn_implementations(snapshot))
+        for register, hook in hook_specs:
+            handle_ = register(hook, with_kwargs=True)
+            hooks.append(handle_)
+            install.step("hook", handle_.remove)
+        if host is not model:
+            attribute = _InstanceAttribute(model, "generate", state.wrap_generate(model.generate))
+            hooks.append(attribute)
+            install.step("generate wrapper", attribute.remove)
+        for layer, site in sites.items():
+            module = arch.attention_modules[layer]
+            dispatch.attach(module, site)
+            install.step("attention site", lambda module=module: dispatch.detach(module))
+        handle = SteeringHandle(model, recipe, resolved_backend, arch, plans, state, snapshot, hooks)
+        handle._sites.update(sites)
+        _STEERED[model] = handle
+        install.step("registry", lambda: _STEERED.pop(model, None))
+    except BaseException:
+        install.rollback()
+        raise
     return handle

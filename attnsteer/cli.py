@@ -246,22 +246,25 @@ def _load_recipes(values: list[str], flag: str = "--recipe") -> list[tuple[str, 
     return label_recipes(pairs)
 
 
-def _check_recipes_fit(model, recipes: list[tuple[str, object]], model_id: str, backend: str) -> list[str]:
-    """Build each recipe's plan on the model (apply, then remove at once); returns warnings."""
+def _check_recipes_fit(model, recipes: list[tuple[str, object]], model_id: str, backend: str):
+    """Build each recipe's plan on the model (apply, then remove at once). Returns the warnings
+    and, per label, the recipe with the concrete layers and heads it steers on this model."""
     import warnings
 
     import attnsteer
 
-    notes = []
+    notes, applied = [], {}
     for label, recipe in recipes:
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always", attnsteer.AttnsteerWarning)
             try:
-                attnsteer.apply(model, recipe, backend=backend).remove()
+                handle = attnsteer.apply(model, recipe, backend=backend)
+                applied[label] = handle.resolved_recipe().to_dict()
+                handle.remove()
             except attnsteer.AttnsteerError as exc:
                 raise CLIError(f"--recipe {label!r} does not fit --model {model_id!r}: {exc}") from None
         notes += [str(w.message) for w in record if issubclass(w.category, attnsteer.AttnsteerWarning)]
-    return notes
+    return notes, applied
 
 
 def _seed(seed: int) -> None:
@@ -478,7 +481,7 @@ def cmd_generate(args) -> int:
     _seed(args.seed)
     t_start = time.perf_counter()
     tokenizer, model = _load_model(model_id, kwargs, sys.stderr)
-    notes = _check_recipes_fit(model, recipes, model_id, args.backend)
+    notes, applied = _check_recipes_fit(model, recipes, model_id, args.backend)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.chat and not has_template:
         raise CLIError(f"--chat: the tokenizer of --model {model_id!r} has no chat template. Fix: use --no-chat")
@@ -513,7 +516,10 @@ def cmd_generate(args) -> int:
             "chat": chat,
             "batch_size": args.batch_size,
             "seed": args.seed,
-            "recipes": [{"label": lbl, "name": r.name, "hash": r.hash, "recipe": r.to_dict()} for lbl, r in recipes],
+            "recipes": [
+                {"label": lbl, "name": r.name, "hash": r.hash, "recipe": r.to_dict(), "applied": applied[lbl]}
+                for lbl, r in recipes
+            ],
             "versions": {"attnsteer": attnsteer.__version__, "torch": torch.__version__,
                          "transformers": transformers.__version__},
             "results": demo.results_to_json(results),

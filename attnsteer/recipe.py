@@ -81,7 +81,7 @@ class Recipe:
         """Validate a plain mapping (e.g. parsed YAML). Errors name the field, value and fix."""
         if not isinstance(data, dict):
             raise RecipeError(f"{origin}: a recipe must be a mapping with keys {list(_TOP_KEYS)}; got {type(data).__name__}")
-        unknown = [k for k in data if k not in _TOP_KEYS]
+        unknown = [k for k in data if not isinstance(k, str) or k not in _TOP_KEYS]
         if unknown:
             raise RecipeError(
                 f"{origin}: unknown key(s) {unknown}; allowed: {list(_TOP_KEYS)}.{_closest(unknown[0], _TOP_KEYS)}"
@@ -100,7 +100,11 @@ class Recipe:
         if model_types is not None:
             if isinstance(model_types, str):
                 model_types = [model_types]
-            if not isinstance(model_types, list) or not model_types or not all(isinstance(m, str) for m in model_types):
+            if (
+                not isinstance(model_types, list)
+                or not model_types
+                or not all(isinstance(m, str) and m.strip() for m in model_types)
+            ):
                 raise RecipeError(
                     f"{origin}.model_types: got {model_types!r}; allowed: a non-empty list of model_type strings, "
                     "e.g. [llama, mistral], or leave it out"
@@ -167,11 +171,16 @@ class Recipe:
         return repo_id
 
     def resolved_dict(self) -> dict:
-        """:meth:`to_dict` with every default written out (layers included)."""
+        """:meth:`to_dict` with every model-independent default written out: a method's default
+        layers, unless a head mapping decides the layers (then they stay implicit) or the
+        default depends on the model family (VHR). The concrete layers and heads steered on a
+        given model are :meth:`attnsteer.SteeringHandle.resolved_recipe`."""
         out = self.to_dict()
         for iv, item in zip(self.interventions, out["interventions"]):
-            if iv.layers is None:
-                item["layers"] = METHODS[iv.method].layers_default(iv.params)
+            if iv.layers is None and not isinstance(iv.heads, dict):
+                default = METHODS[iv.method].layers_default(iv.params)
+                if default is not None:
+                    item["layers"] = default
         return out
 
     @property
@@ -190,13 +199,20 @@ class Recipe:
 def _parse_intervention(item: Any, where: str) -> Intervention:
     if not isinstance(item, dict):
         raise RecipeError(f"{where}: got {item!r}; an intervention is a mapping with keys {list(_INTERVENTION_KEYS)}")
-    unknown = [k for k in item if k not in _INTERVENTION_KEYS]
+    unknown = [k for k in item if not isinstance(k, str) or k not in _INTERVENTION_KEYS]
     if unknown:
         raise RecipeError(
             f"{where}: unknown key(s) {unknown}; allowed: {list(_INTERVENTION_KEYS)}."
             f"{_closest(unknown[0], _INTERVENTION_KEYS)} (method parameters go under params:)"
         )
-    method = item.get("method")
+    if "method" not in item:
+        raise RecipeError(f"{where}.method: missing; every intervention names its method, one of {sorted(METHODS)}")
+    method = item["method"]
+    if not isinstance(method, str):
+        raise RecipeError(
+            f"{where}.method: got {method!r} ({type(method).__name__}); allowed: one method name as a string, "
+            f"one of {sorted(METHODS)}"
+        )
     if method in PLANNED_METHODS:
         raise RecipeError(
             f"{where}.method: {method!r} ({PLANNED_METHODS[method]}) is not implemented in this attnsteer version; "
@@ -209,10 +225,10 @@ def _parse_intervention(item: Any, where: str) -> Intervention:
     # None = the method's default layers (SPEC), resolved against the model at apply time.
     layers = validate_layers(item["layers"], f"{where}.layers") if item.get("layers") is not None else None
     heads = validate_heads(item.get("heads", "all"), f"{where}.heads")
-    raw = item.get("params") or {}
+    raw = item.get("params", {})
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}.params: got {raw!r}; allowed: a mapping of parameter names to values")
-    unknown = [k for k in raw if k not in cls.params]
+    unknown = [k for k in raw if not isinstance(k, str) or k not in cls.params]
     if unknown:
         raise RecipeError(
             f"{where}.params: unknown parameter(s) {unknown} for method {method!r}; allowed: {list(cls.params)}."
@@ -235,9 +251,42 @@ def _builtin_text(name: str) -> str:
     return (resources.files("attnsteer") / "recipes" / f"{name}.yaml").read_text()
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(f"key {key!r} on line {line} repeats the key of line {first_line}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no tags execute) that rejects a mapping naming one key twice -- plain
+    YAML keeps the last value silently."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            self.flatten_mapping(node)
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise _DuplicateKey(key, line, seen[key])
+                    seen[key] = line
+                except TypeError:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"unhashable mapping key {key!r}", key_node.start_mark
+                    ) from None
+        return super().construct_mapping(node, deep=deep)
+
+
 def _from_yaml_text(text: str, origin: str) -> Recipe:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise RecipeError(
+            f"{origin}: line {exc.line}: the key {exc.key!r} appears twice in one mapping (first on line "
+            f"{exc.first_line}); YAML would silently keep the last value. Fix: keep one {exc.key!r}"
+        ) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{origin}: not valid YAML: {exc}") from exc
     return Recipe.from_dict(data, origin=origin)

@@ -95,9 +95,13 @@ def validate_heads(spec: Any, field: str) -> HeadSpec:
         layer = int(key)
         if isinstance(heads, int) and not isinstance(heads, bool):
             heads = [heads]
-        if not isinstance(heads, list) or not heads or any(isinstance(h, bool) or not isinstance(h, int) for h in heads):
+        if (
+            not isinstance(heads, list)
+            or not heads
+            or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in heads)
+        ):
             raise RecipeError(
-                f"{field}[{key}]: got {heads!r}; allowed: a non-empty list of query-head indices, e.g. [0, 3]"
+                f"{field}[{key}]: got {heads!r}; allowed: a non-empty list of query-head indices >= 0, e.g. [0, 3]"
             )
         if layer in out:
             raise RecipeError(f"{field}: layer {layer} is listed twice. Fix: merge its head lists")
@@ -123,11 +127,17 @@ def resolve_heads(spec: HeadSpec, layer: int, num_layers: int, num_heads: int, f
 
 def head_dict_layers(spec: dict, num_layers: int, field: str) -> list[int]:
     """Layers named in a head mapping, checked against the model."""
-    layers = []
+    seen: dict[int, int] = {}
     for key in spec:
         if not -num_layers <= key < num_layers:
             raise RecipeError(
                 f"{field}: layer {key} does not exist; the model has {num_layers} layers. Fix: use 0..{num_layers - 1}"
             )
-        layers.append(key % num_layers)
-    return sorted(set(layers))
+        layer = key % num_layers
+        if layer in seen:
+            raise RecipeError(
+                f"{field}: keys {seen[layer]} and {key} both name layer {layer} of this {num_layers}-layer model. "
+                "Fix: merge their head lists under one key"
+            )
+        seen[layer] = key
+    return sorted(seen)

@@ -26,19 +26,23 @@ class HiddenSinks:
 
     def __init__(self):
         self.by_layer: dict[int, torch.Tensor] = {}
-        self.auto_dims: torch.Tensor | None = None  # bool (B, D)
+        # intervention index -> bool (B, D) auto dims, found at its first layer's input
+        self.auto_dims: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.by_layer.clear()
-        self.auto_dims = None
+        self.auto_dims.clear()
 
-    def detect(self, layer: int, hidden: torch.Tensor, valid: torch.Tensor, tau: float, dims, first_layer: bool) -> None:
-        """hidden (B, L, D) entering ``layer``; valid bool (B, L) non-pad prompt tokens."""
+    def detect(
+        self, layer: int, hidden: torch.Tensor, valid: torch.Tensor, tau: float, dims, first_layer: bool, group: int = 0
+    ) -> None:
+        """hidden (B, L, D) entering ``layer``; valid bool (B, L) non-pad prompt tokens. ``group``:
+        the intervention whose ``first_layer`` fixes the ``auto`` dims of its later layers."""
         ratio = activation_ratio(hidden)
         if dims == "auto":
-            if first_layer or self.auto_dims is None:
-                self.auto_dims = ((ratio >= tau) & valid.unsqueeze(-1)).any(dim=1)  # (B, D)
-            chosen = self.auto_dims.unsqueeze(1)  # (B, 1, D)
+            if first_layer or group not in self.auto_dims:
+                self.auto_dims[group] = ((ratio >= tau) & valid.unsqueeze(-1)).any(dim=1)  # (B, D)
+            chosen = self.auto_dims[group].unsqueeze(1)  # (B, 1, D)
             phi = torch.where(chosen, ratio, torch.zeros_like(ratio)).amax(-1)
         else:
             phi = ratio[..., list(dims)].amax(-1)
@@ -53,5 +57,4 @@ class HiddenSinks:
 
     def crop(self, rows: int) -> None:
         self.by_layer = {k: v[:rows] for k, v in self.by_layer.items()}
-        if self.auto_dims is not None:
-            self.auto_dims = self.auto_dims[:rows]
+        self.auto_dims = {k: v[:rows] for k, v in self.auto_dims.items()}

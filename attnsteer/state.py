@@ -13,42 +13,51 @@ boundaries travel here, filled by forward hooks the handle installs:
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
-from .attention.dispatch import forward_info_from_shapes
+from . import compat
 from .attention.rows import ForwardInfo
 from .errors import SteeringError
 from .roles import PromptRoles, image_mask, positions_like, text_only_stream
 from .sinks import HiddenSinks
 
-# Per-token inputs that follow the batch when the text-only stream is appended.
-PER_TOKEN_INPUTS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "token_type_ids")
+def padding_facts(mask: torch.Tensor | None, batch: int, q_len: int, past_len: int):
+    """Padding of one forward, from the decoder's ``attention_mask``.
 
-
-def first_valid_positions(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Index of each row's first attended token from a 2D (B, L) padding mask or a 4D mask."""
+    mask: None, a 2D (B, past + Q) padding mask (1 = token) or a 4D (B, 1, Q, K) mask (bool, True =
+    attend; or additive float). Returns (first_valid long (B,) or None, row_valid bool (B, Q) or
+    None): each row's first real token, and which query rows are real tokens (None = all). Any other
+    form raises: attnsteer never assumes "no padding" for a mask it cannot read.
+    """
     if mask is None:
-        return None
+        return None, None
     if mask.dim() == 2:
+        if tuple(mask.shape) != (batch, past_len + q_len):
+            raise SteeringError(
+                f"attention_mask has shape {tuple(mask.shape)}, but this forward has batch {batch}, {past_len} cached "
+                f"and {q_len} new tokens, so a (batch, cached + new) = {(batch, past_len + q_len)} padding mask was "
+                "expected. Fix: pass the mask of the whole sequence so far (generate() does this)"
+            )
         valid = mask != 0
+        rows = valid[:, -q_len:]
+        row_valid = None if bool(rows.all()) else rows
     elif mask.dim() == 4:
-        valid = mask[:, 0].any(-2) if mask.dtype == torch.bool else (mask[:, 0] > torch.finfo(mask.dtype).min / 2).any(-2)
+        if mask.shape[0] != batch:
+            raise SteeringError(
+                f"the 4D attention_mask has batch {mask.shape[0]}, this forward has batch {batch}. Fix: build the mask "
+                "for the batch you pass"
+            )
+        visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        valid = visible[:, 0].any(-2)
+        row_valid = None
     else:
-        return None
+        raise SteeringError(
+            f"attention_mask has {mask.dim()} dimensions (shape {tuple(mask.shape)}); attnsteer reads a 2D (batch, "
+            "seq) padding mask or a 4D (batch, 1, query, key) mask. Fix: pass one of those"
+        )
     if bool(valid.all()):
-        return None
-    return valid.int().argmax(dim=-1)
-
-
-def _bind(module, args, kwargs, cache: dict) -> dict:
-    sig = cache.get(type(module))
-    if sig is None:
-        sig = cache[type(module)] = inspect.signature(module.forward)
-    bound = sig.bind_partial(*args, **kwargs).arguments
-    extra = bound.pop("kwargs", {}) or {}
-    return {**bound, **extra}
+        return None, row_valid
+    return valid.int().argmax(dim=-1), row_valid
 
 
 def text_only_inputs(ids, embeds, mask, drop: torch.Tensor, pad_id: int):
@@ -87,8 +96,7 @@ class TextStream:
     def step(self, model, kwargs: dict):
         """Run the text-only stream for this forward; returns its last-position logits (B, V)."""
         ids = kwargs.get("input_ids")
-        past = kwargs.get("past_key_values")
-        past_len = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+        past_len = compat.cache_length(compat.find_cache(kwargs.values()))
         if past_len == 0:
             drop = self.state.roles.image
             if ids is not None:
@@ -104,12 +112,15 @@ class TextStream:
             step_ids, step_embeds = ids, None
         width = (step_ids if step_ids is not None else step_embeds[..., 0]).shape[1]
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+        cache_arg = {compat.cache_argument(model.forward): self.cache}
         with self.state.paused():
             out = model(
                 input_ids=step_ids, inputs_embeds=step_embeds, attention_mask=self.mask, position_ids=positions,
-                past_key_values=self.cache, use_cache=True,
+                use_cache=True, **cache_arg,
             )
-        self.cache = out.past_key_values
+        self.cache = compat.output_cache(out)
+        if self.cache is None:
+            raise compat.CompatibilityError("KV cache", "the text-only stream's forward returned no Cache")
         return out.logits[:, -1]
 
 
@@ -131,7 +142,8 @@ class SteeringState:
         self.prompts = 0
         self.rows_without_image = 0
         self.is_paused = False
-        self._signatures: dict = {}
+        # decoder layers whose attention attnsteer steers: their key lengths are cross-checked
+        self.steered_layers: tuple[int, ...] = ()
         self.pending_ids: torch.Tensor | None = None  # prompt ids seen above the stream host
         self.needs_image = any(m.needs_image for m in self.methods)
         self.needs_stream = any(m.needs_text_stream_in_batch for m in self.methods)
@@ -156,14 +168,14 @@ class SteeringState:
     def record_prompt_ids(self, module, args, kwargs):
         """Pre-hook on a model above the stream host (InstructBLIP): remember the prompt's ids."""
         if not self.is_paused:
-            ids = _bind(module, args, kwargs, self._signatures).get("input_ids")
+            ids = compat.bind_arguments(module.forward, args, kwargs).get("input_ids")
             self.pending_ids = ids
         return None
 
     def wrap_generate(self, generate):
         """InstructBLIP's generate() bypasses its forward: remember the prompt ids it is given."""
         def generate_with_roles(*args, **kwargs):
-            self.pending_ids = kwargs.get("input_ids", args[2] if len(args) > 2 else None)
+            self.pending_ids = compat.generate_prompt_ids(generate, args, kwargs)
             return generate(*args, **kwargs)
 
         generate_with_roles.__wrapped__ = generate
@@ -173,10 +185,8 @@ class SteeringState:
     def model_pre_hook(self, module, args, kwargs):
         if self.is_paused:
             return None
-        bound = _bind(module, args, kwargs, self._signatures)
-        cache = bound.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        if past:
+        bound = compat.bind_arguments(module.forward, args, kwargs)
+        if compat.cache_length(compat.find_cache(bound.values())):
             return None
         ids = bound.get("input_ids")
         if ids is None and self.pending_ids is not None:
@@ -194,7 +204,7 @@ class SteeringState:
         if self.stream_rows is not None:
             self._drop_text_stream(module, output)
         for method in self.logits_methods:
-            method.logits_step(self, module, _bind(module, args, kwargs, self._signatures), output)
+            method.logits_step(self, module, compat.bind_arguments(module.forward, args, kwargs), output)
         return output
 
     def _new_prompt(self, ids) -> None:
@@ -258,11 +268,10 @@ class SteeringState:
     def _drop_text_stream(self, module, output) -> None:
         rows = self.stream_rows
         self.stream_rows = None
-        keep = torch.arange(rows, device=output.logits.device)
         output.logits = output.logits[:rows]
-        cache = getattr(output, "past_key_values", None)
-        if cache is not None and hasattr(cache, "batch_select_indices"):
-            cache.batch_select_indices(keep)
+        cache = compat.output_cache(output)
+        if cache is not None:
+            compat.keep_batch_rows(cache, rows, output.logits.device)
         for name in ("hidden_states", "attentions"):
             value = getattr(output, name, None)
             if isinstance(value, tuple):
@@ -282,51 +291,65 @@ class SteeringState:
 
     # ---- hook on the text decoder -------------------------------------------------------------
     def decoder_pre_hook(self, module, args, kwargs):
+        """Record this forward's :class:`ForwardInfo`: cache length from the Cache among the bound
+        arguments (found by type), padding from the mask, and the key length each steered layer's
+        attention must receive (checked again in :meth:`info_for`)."""
         if self.is_paused:
             self.info = None
             return None
-        bound = _bind(module, args, kwargs, self._signatures)
+        bound = compat.bind_arguments(module.forward, args, kwargs)
         tokens = bound.get("input_ids")
         if tokens is None:
             tokens = bound.get("inputs_embeds")
         if tokens is None:
-            self.info = None
-            return None
-        q_len = tokens.shape[1]
-        cache = bound.get("past_key_values")
-        past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
-        mask = bound.get("attention_mask")
-        first_valid = first_valid_positions(mask)
-        row_valid = None
-        if mask is not None and mask.dim() == 2 and mask.shape[-1] >= q_len:
-            rows = mask[:, -q_len:] != 0
-            row_valid = None if bool(rows.all()) else rows
+            raise compat.CompatibilityError(
+                "decoder inputs", f"{type(module).__name__}.forward received neither input_ids nor inputs_embeds"
+            )
+        batch, q_len = tokens.shape[0], tokens.shape[1]
+        cache = compat.find_cache(bound.values())
+        past = compat.cache_length(cache)
+        first_valid, row_valid = padding_facts(bound.get("attention_mask"), batch, q_len, past)
         self.info = ForwardInfo(
-            q_len=q_len, past_len=past, total_len=past + q_len, first_valid=first_valid, row_valid=row_valid
+            q_len=q_len, past_len=past, total_len=past + q_len, first_valid=first_valid, row_valid=row_valid,
+            batch=batch, key_lengths={l: compat.expected_key_length(cache, q_len, l) for l in self.steered_layers},
         )
         self.forwards += 1
         return None
 
-    # ---- hooks on steered decoder layers (VAR's hidden-state sinks) -------------------------
-    def make_layer_pre_hook(self, layer: int, tau: float, dims, first: bool):
-        def hook(module, args, kwargs):
-            info = self.info
-            if self.is_paused or info is None or not info.is_prefill:
-                return None
-            hidden = args[0] if args else kwargs["hidden_states"]
-            length = hidden.shape[1]
-            valid = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
-            if info.first_valid is not None:
-                valid = torch.arange(length, device=hidden.device).view(1, -1) >= info.first_valid.view(-1, 1).to(hidden.device)
-            self.sinks.detect(layer, hidden, valid, tau, dims, first)
-            return None
-
-        return hook
-
-    def info_for(self, query: torch.Tensor, key: torch.Tensor) -> ForwardInfo:
+    # ---- prompt tokens of a prefill (VAR's hidden-state sinks) ---------------------------------
+    def prompt_tokens(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """bool (B, L) non-pad prompt tokens of a prefill's hidden states (B, L, D); None when this
+        forward is not an (unpaused) prefill."""
         info = self.info
-        if info is None or info.q_len != query.shape[2] or (
-            info.first_valid is not None and info.first_valid.shape[0] != query.shape[0]
-        ):
-            return forward_info_from_shapes(query, key)
+        if self.is_paused or info is None or not info.is_prefill:
+            return None
+        length = hidden.shape[1]
+        if info.first_valid is None:
+            return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        return torch.arange(length, device=hidden.device).view(1, -1) >= info.first_valid.view(-1, 1).to(hidden.device)
+
+    def info_for(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> ForwardInfo:
+        """This forward's facts, cross-checked against what layer ``layer``'s attention function
+        received: query (B, H, Q, D) and key (B, H_kv, K, D). Raises when they disagree."""
+        info = self.info
+        if info is None:
+            raise SteeringError(
+                f"layer {layer}: attention ran in a forward that attnsteer's decoder pre-hook did not see, so its "
+                "cache length and padding are unknown. Fix: call the steered model (model(...) / model.generate) "
+                "or its decoder, not an attention module directly"
+            )
+        problems = []
+        if query.shape[0] != info.batch:
+            problems.append(f"batch {query.shape[0]} (the decoder saw {info.batch})")
+        if query.shape[2] != info.q_len:
+            problems.append(f"{query.shape[2]} query rows (the decoder saw {info.q_len} new tokens)")
+        expected = info.key_lengths.get(layer) if info.key_lengths is not None else None
+        if expected is not None and key.shape[2] != expected:
+            problems.append(
+                f"{key.shape[2]} keys, but the KV cache ({info.past_len} cached tokens) makes {expected} keys expected"
+            )
+        if problems:
+            raise compat.CompatibilityError(
+                "per-forward facts", f"layer {layer}'s attention function received " + "; ".join(problems)
+            )
         return info

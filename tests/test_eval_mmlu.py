@@ -87,6 +87,8 @@ def test_lm_eval_baseline_vs_recipe_identical_at_batch_sizes_1_and_4(smollm2, tm
     assert any(d1[("baseline", t, i)]["resps"] != d1[("act-default", t, i)]["resps"] for _, t, i in d1)
     rec = r1["recipes"]["act-default"]
     assert len(rec["hash"]) == 64 and rec["recipe"]["interventions"][0]["method"] == "act"
+    applied = rec["applied"]["interventions"][0]  # the concrete sites that ran: ACT's "2:-1"
+    assert applied["heads"] == "all" and applied["layers"][0] == 2 and all(type(x) is int for x in applied["layers"])
     assert r1["config"]["num_fewshot_used"] == 0 and r1["config"]["n_questions"] == 8
     assert r1["identity"]["lm_eval"]
     # rerunning the same command recomputes nothing

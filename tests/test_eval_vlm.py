@@ -128,6 +128,7 @@ def test_pope_recipe_on_llava_runs_or_fails_cleanly(tiny_llava_dir, eval_data, t
         res = read_results(tmp_path / "run")
         assert set(res["metrics"]) == {"baseline", "act-default"}
         assert res["recipes"]["act-default"]["recipe"]["interventions"][0]["method"] == "act"
+        assert res["recipes"]["act-default"]["applied"]["interventions"][0]["layers"][0] == 2
         assert "| baseline | act-default | delta |" in out
         assert res["steering"]["act-default"]["calls"] > 0
         # steered generation does not depend on the batch either (left padding)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import attnsteer
+from attnsteer import compat
 from attnsteer.errors import AttnsteerWarning
 
 from conftest import FAMILIES, VOCAB, build_tiny
@@ -158,15 +159,15 @@ def _greedy_cached(model, ids, steps, between=None):
     """Greedy decoding with the KV cache through plain model() calls; ``between`` runs after prefill."""
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True)
-    cache, seq = out.past_key_values, ids
+    cache, seq = compat.output_cache(out), ids
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     if between:
         between()
     for _ in range(steps):
         seq = torch.cat([seq, nxt], dim=1)
         with torch.no_grad():
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+            out = model(input_ids=nxt, use_cache=True, **compat.with_cache(model, cache))
+        cache = compat.output_cache(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     return torch.cat([seq, nxt], dim=1)
 

@@ -8,17 +8,17 @@ model's own implementation would, and are delegated to it unchanged.
 
 from __future__ import annotations
 
-import sys
 import weakref
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
+from .. import compat
 from ..errors import SteeringError, UnsupportedModelError
 from .reference import reference_attention
 from .triton_backend import select_fused_backend
-from .rows import ForwardInfo, MaskView
+from .rows import MaskView
 
 # original implementation -> the name attnsteer registers for models that had it
 REGISTERED_NAMES = {"sdpa": "attnsteer_sd", "eager": "attnsteer_eg"}
@@ -35,11 +35,7 @@ _SITES: "weakref.WeakKeyDictionary[nn.Module, LayerSite]" = weakref.WeakKeyDicti
 
 def original_function(impl: str, module: nn.Module) -> Callable:
     """The attention function the model used before steering."""
-    if impl == "eager":
-        return sys.modules[type(module).__module__].eager_attention_forward
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    return ALL_ATTENTION_FUNCTIONS[impl]
+    return compat.attention_function(impl, module)
 
 
 def _make_dispatch(impl: str) -> Callable:
@@ -63,15 +59,8 @@ def registered_name(impl: str) -> str:
             f"attn_implementation in {sorted(REGISTERED_NAMES)}. Fix: load with attn_implementation='sdpa' "
             "(or call model.set_attn_implementation('sdpa')) before attnsteer.apply"
         )
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
     name = REGISTERED_NAMES[impl]
-    if name not in ALL_ATTENTION_FUNCTIONS.valid_keys():
-        AttentionInterface.register(name, _make_dispatch(impl))
-    if name not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl])
+    compat.register_attention(name, _make_dispatch(impl), mask_of=impl)
     return name
 
 
@@ -136,7 +125,7 @@ class LayerSite:
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
         if self.state.is_paused:
             return self.original(module, query, key, value, attention_mask, **kwargs)
-        info = self.state.info_for(query, key)
+        info = self.state.info_for(self.layer, query, key)
         prefill = info.is_prefill
         if not self.plan.active(prefill):
             return self.original(module, query, key, value, attention_mask, **kwargs)
@@ -149,6 +138,9 @@ class LayerSite:
             scaling = kwargs.get("scaling")
             if scaling is None:
                 scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+            if key.shape[2] > info.total_len:
+                # a preallocated (static) cache: slots past the sequence so far are empty
+                key, value = key[:, :, : info.total_len], value[:, :, : info.total_len]
             mask = MaskView(attention_mask, query.shape[2], key.shape[2])
             out, weights = BACKENDS[self.backend](self.plan, query, key, value, mask, scaling, info, self.stats)
         else:  # head-level only (VHR): the model's own attention, then per-head scaling
@@ -167,8 +159,3 @@ def attach(module: nn.Module, site: LayerSite) -> None:
 def detach(module: nn.Module) -> None:
     _SITES.pop(module, None)
 
-
-def forward_info_from_shapes(query, key) -> ForwardInfo:
-    """Fallback when the decoder pre-hook did not see this forward: no padding, cache = K - Q."""
-    q_len, k_len = query.shape[2], key.shape[2]
-    return ForwardInfo(q_len=q_len, past_len=k_len - q_len, total_len=k_len, first_valid=None)

@@ -33,6 +33,9 @@ class ForwardInfo:
     # bool (B, Q): False for query rows that are padding themselves (right padding), else None.
     # Such rows still "see" real keys, so statistics over rows (ACT's column means) skip them.
     row_valid: torch.Tensor | None = None
+    batch: int | None = None  # batch rows the decoder saw (None: not recorded, e.g. in unit tests)
+    # layer -> keys its attention function must receive (from the KV cache); None: not recorded
+    key_lengths: dict | None = None
 
     def __post_init__(self):
         if self.first_valid is not None:

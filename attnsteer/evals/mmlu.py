@@ -395,7 +395,7 @@ def run(args) -> int:
     config["n_questions"] = n_questions
     record = run_dir.write_results({
         "config": {**config, "batch_size": args.batch_size, "backend": args.backend},
-        "recipes": recipes_json, "seeds": seeds, "data": config["data"], "metrics": metrics,
+        "recipes": {s.label: s.to_json() for s in specs}, "seeds": seeds, "data": config["data"], "metrics": metrics,
         "headline": headline or [], "timings": {"model_load_s": round(load_s, 3), "per_recipe": per_recipe,
                                                 "total_s": round(time.perf_counter() - t0, 3)},
         "notes": list(dict.fromkeys(notes)),

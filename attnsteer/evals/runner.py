@@ -38,6 +38,9 @@ class RecipeSpec:
 
     label: str
     recipe: Any = None  # attnsteer.Recipe or None
+    # the concrete layers and heads it steered on the run's model (handle.resolved_recipe()),
+    # filled by check_recipes_fit
+    applied: dict | None = None
 
     @property
     def is_baseline(self) -> bool:
@@ -50,8 +53,11 @@ class RecipeSpec:
     def to_json(self) -> dict:
         if self.recipe is None:
             return {"label": self.label, "name": NONE_RECIPE, "hash": BASELINE_HASH, "recipe": None}
-        return {"label": self.label, "name": self.recipe.name, "hash": self.recipe.hash,
-                "recipe": self.recipe.resolved_dict()}
+        out = {"label": self.label, "name": self.recipe.name, "hash": self.recipe.hash,
+               "recipe": self.recipe.resolved_dict()}
+        if self.applied is not None:
+            out["applied"] = self.applied
+        return out
 
 
 def parse_recipes(values: Sequence[str] | None) -> list[RecipeSpec]:
@@ -83,7 +89,9 @@ def check_recipes_fit(model, specs: Sequence[RecipeSpec], model_id: str, backend
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always", attnsteer.AttnsteerWarning)
             try:
-                attnsteer.apply(model, spec.recipe, backend=backend).remove()
+                handle = attnsteer.apply(model, spec.recipe, backend=backend)
+                spec.applied = handle.resolved_recipe().to_dict()
+                handle.remove()
             except attnsteer.AttnsteerError as exc:
                 raise CLIError(
                     f"--recipe {spec.label!r} cannot steer --model {model_id!r}: {exc}. The baseline (--recipe none) "
@@ -502,7 +510,7 @@ def execute(
     example = builder.prompt_text(items[0].prompt, items[0].image is not None) if items else None
     payload = {
         "config": {**config, "prompt_example": example, "batch_size": args.batch_size, "backend": args.backend},
-        "recipes": recipes_json,
+        "recipes": {s.label: s.to_json() for s in specs},  # now with the layers and heads that ran
         "seeds": list(seeds),
         "data": config.get("data"),
         **scored,

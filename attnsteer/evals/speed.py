@@ -48,6 +48,8 @@ import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import compat
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_FAILED = 1
@@ -372,12 +374,12 @@ def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> d
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
                 sync()
                 t1 = time.perf_counter()
-                cache = out.past_key_values
+                cache = compat.output_cache(out)
                 del out
                 sync()
                 t2 = time.perf_counter()
                 for _ in range(new_tokens):
-                    out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+                    out = model(input_ids=tok, use_cache=True, **compat.with_cache(model, cache))
                     tok = out.logits[:, -1].argmax(-1, keepdim=True)
                 sync()
                 t3 = time.perf_counter()

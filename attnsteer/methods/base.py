@@ -155,6 +155,8 @@ class Method:
     needs_image: ClassVar[bool] = False
     # Methods that need the text-only stream in the prefill batch (VHR).
     needs_text_stream_in_batch: ClassVar[bool] = False
+    # Methods whose per-layer prompt state allows one intervention of theirs per layer (VAR).
+    one_per_layer: ClassVar[bool] = False
 
     def __init__(self, params: dict[str, Any], layer: int, heads: torch.Tensor | None, state=None):
         self.p = dict(params)
@@ -163,6 +165,8 @@ class Method:
         self.state = state  # the handle's SteeringState (token roles, hidden-state sinks, streams)
         # Per-prompt state (e.g. ACT sink sets), reset whenever a new prompt starts.
         self.prompt_state: dict[str, Any] = {}
+        self.intervention = 0  # index of the recipe intervention this site comes from
+        self.first_layer = True  # the lowest layer of that intervention (set when planning)
 
     # ---- recipe-level facts ---------------------------------------------------------------
     @classmethod
@@ -183,6 +187,12 @@ class Method:
     def layers_default(cls, params: dict[str, Any], arch=None):
         """SPEC default layers; ``arch`` (archs.ResolvedArch or None) for family-dependent ones."""
         return cls.default_layers
+
+    def layer_hooks(self, decoder_layer, state) -> list:
+        """Extra hooks this method needs: ``[(register, hook)]`` with ``register`` one of
+        ``decoder_layer.register_forward_pre_hook`` / ``register_forward_hook`` (called with
+        ``with_kwargs=True`` by ``apply``, removed by ``remove``)."""
+        return []
 
     def crop_batch(self, rows: int) -> None:
         """Keep the first ``rows`` batch rows of per-prompt state (after an augmented prefill)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import compat
 from ..errors import RecipeError
 from .base import Method, Param, RowContext, StepInfo, masked_sum, register
 
@@ -37,6 +38,7 @@ class VAR(Method):
     default_layers = "2:-1"
     has_weight_step = True
     needs_image = True
+    one_per_layer = True
     params = {
         "tau": Param("tau", float, 20.0, "massive-activation threshold on |x_d| / RMS(x)", low=0.0, low_open=True),
         "rho": Param("rho", float, 0.5, "minimum visual non-sink share of the row's image mass", low=0.0, high=1.0),
@@ -78,6 +80,20 @@ class VAR(Method):
                 f"{where}.params.sink_dims: {dims} names hidden dims the model does not have (hidden size {hidden}). "
                 "Fix: use the dims of this backbone (e.g. [1415, 2533] for Llama-2-7B) or sink_dims: auto"
             )
+
+    # ---- hidden-state sinks at prefill -----------------------------------------------------
+    def layer_hooks(self, decoder_layer, state) -> list:
+        return [(decoder_layer.register_forward_pre_hook, self._detect_sinks)]
+
+    def _detect_sinks(self, module, args, kwargs):
+        """Pre-hook on this layer's decoder layer: sinks from the hidden states entering it."""
+        hidden = compat.first_argument(module.forward, args, kwargs)
+        valid = self.state.prompt_tokens(hidden)
+        if valid is not None:
+            self.state.sinks.detect(
+                self.layer, hidden, valid, self.p["tau"], self.p["sink_dims"], self.first_layer, self.intervention
+            )
+        return None
 
     # ---- groups -------------------------------------------------------------------------
     def key_groups(self, key_abs: torch.Tensor):

@@ -41,9 +41,11 @@ class VHR(Method):
 
     @classmethod
     def layers_default(cls, params, arch=None):
-        return list(arch.spec.vhr_default_layers) if arch is not None and isinstance(
-            arch.spec.vhr_default_layers, tuple
-        ) else (arch.spec.vhr_default_layers if arch is not None else "family default")
+        """The family's default layers; None without a model (it depends on the family)."""
+        if arch is None:
+            return None
+        default = arch.spec.vhr_default_layers
+        return list(default) if isinstance(default, tuple) else default
 
     @staticmethod
     def select_heads(image_out: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:

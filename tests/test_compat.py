@@ -1,0 +1,289 @@
+"""Every touchpoint with transformers internals (attnsteer/compat.py), one test each.
+
+Each test fails with a message naming the touchpoint, so a transformers release that changes one
+is caught here -- not by users getting silently different numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import attnsteer
+import vlm_fixtures as F
+from attnsteer import api, compat
+from attnsteer.attention import dispatch
+from attnsteer.errors import SteeringError
+from conftest import FAMILIES, VOCAB, build_tiny
+
+ACT_ALL = {"interventions": [{"method": "act", "layers": "all", "params": {"threshold": 0.05, "apply_to": "all"}}]}
+SOFTPLUS = {"interventions": [{"method": "softplus", "layers": "all", "params": {"p": 2.0}}]}
+
+
+def _ids(batch=2, length=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+def _decoder_calls(model, **inputs):
+    """The bound arguments of every call of the text decoder's forward during ``model(**inputs)``."""
+    seen = []
+    decoder = model.model
+
+    def hook(module, args, kwargs):
+        seen.append(compat.bind_arguments(module.forward, args, kwargs))
+
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = model(**inputs)
+    finally:
+        handle.remove()
+    return out, seen
+
+
+# ---- attention / mask interface ------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_registration_puts_attention_and_mask_builder_under_the_neutral_name(impl):
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = dispatch.registered_name(impl)
+    assert name in ALL_ATTENTION_FUNCTIONS.valid_keys(), "attention interface: registered name missing"
+    assert name in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys(), "mask interface: registered name missing"
+    assert ALL_MASK_ATTENTION_FUNCTIONS[name] is ALL_MASK_ATTENTION_FUNCTIONS[impl], (
+        "mask interface: the neutral name must build the original implementation's masks"
+    )
+    for word in ("flash", "sdpa", "flex_attention"):
+        assert word not in name  # transformers substring-matches these names
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_original_attention_function_of_every_family(family, impl):
+    model = build_tiny(family, attn_implementation=impl)
+    module = model.model.layers[0].self_attn
+    function = compat.attention_function(impl, module)
+    assert callable(function), f"{family}: no {impl} attention function"
+    params = list(inspect.signature(function).parameters)
+    assert params[:5] == ["module", "query", "key", "value", "attention_mask"], (
+        f"attention call contract changed for {family}/{impl}: {params}"
+    )
+
+
+def test_missing_eager_function_is_a_compatibility_error(monkeypatch):
+    model = build_tiny("llama")
+    module = model.model.layers[0].self_attn
+    import transformers.models.llama.modeling_llama as llama
+
+    monkeypatch.delattr(llama, "eager_attention_forward")
+    with pytest.raises(compat.CompatibilityError, match="eager_attention_forward"):
+        compat.attention_function("eager", module)
+
+
+# ---- attention implementation on configs -----------------------------------------------------------
+@pytest.mark.parametrize("family", F.FAMILIES)
+def test_text_attention_switch_and_restore_on_every_sub_config(family):
+    model = F.build_vlm(family)
+    before = [(type(c).__name__, c._attn_implementation) for c in compat.config_tree(model.config)]
+    snapshot = compat.snapshot_attn_implementations(model)
+    text_key = attnsteer.archs.ARCHS[model.config.model_type].text_config_key
+    name = dispatch.registered_name("sdpa")
+    compat.set_text_attention(model, text_key, name)
+    after = {type(c).__name__: c._attn_implementation for c in compat.config_tree(model.config)}
+    text = getattr(model.config, text_key)
+    assert text._attn_implementation == name, "set_attn_implementation dict form did not switch the text config"
+    switched = [n for n, v in after.items() if v == name]
+    assert switched == [type(text).__name__], f"only the text config may switch; switched: {switched}"
+    compat.restore_attn_implementations(snapshot)
+    assert [(type(c).__name__, c._attn_implementation) for c in compat.config_tree(model.config)] == before
+
+
+def test_attn_implementation_without_the_attribute_is_a_compatibility_error():
+    with pytest.raises(compat.CompatibilityError, match="_attn_implementation"):
+        compat.attn_implementation(object())
+
+
+# ---- KV cache -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_is_found_by_type_in_decoder_calls_and_outputs(family):
+    model = build_tiny(family)
+    ids = _ids()
+    with torch.no_grad():
+        out, calls = _decoder_calls(model, input_ids=ids, use_cache=True)
+        cache = compat.output_cache(out)
+        assert cache is not None, "model outputs: no Cache among the output's fields"
+        assert compat.cache_length(cache) == ids.shape[1]
+        step = ids[:, -1:]
+        _, calls = _decoder_calls(model, input_ids=step, use_cache=True, **compat.with_cache(model, cache))
+    found = compat.find_cache(calls[0].values())
+    assert found is cache, "decoder forward: the cache passed to the model did not reach the decoder's arguments"
+    assert compat.cache_length(found) == ids.shape[1] + 1  # updated in place by that forward
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cache_argument_is_read_from_the_signature(family):
+    model = build_tiny(family)
+    for forward in (model.forward, model.model.forward):
+        name = compat.cache_argument(forward)
+        assert name in inspect.signature(forward).parameters
+
+
+def test_cache_argument_of_every_vlm_and_instructblip_language_model():
+    for family in F.FAMILIES:
+        model = F.build_vlm(family)
+        host = attnsteer.archs.get_path(model, attnsteer.archs.ARCHS[model.config.model_type].stream_host)
+        assert compat.cache_argument(host.forward)
+
+
+def test_cache_argument_refuses_to_guess():
+    def forward(input_ids, attention_mask=None):
+        return input_ids
+
+    with pytest.raises(compat.CompatibilityError, match="0 Cache-annotated"):
+        compat.cache_argument(forward)
+
+
+def test_two_caches_in_one_call_are_ambiguous():
+    from transformers import DynamicCache
+
+    with pytest.raises(compat.CompatibilityError, match="2 Cache objects"):
+        compat.find_cache([DynamicCache(), DynamicCache()])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_expected_key_length_matches_what_attention_receives(family):
+    """The mask size transformers reports per layer equals the keys the attention function gets
+    (prefill, then decode steps past mistral's sliding window of 6)."""
+    model = build_tiny(family)
+    got = {}
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        got[module.layer_idx] = key.shape[2]
+        return compat.attention_function("sdpa", module)(module, query, key, value, attention_mask, **kwargs)
+
+    name = f"attnsteer_test_spy_{family}"  # registration is once per process and name
+    compat.register_attention(name, spy, mask_of="sdpa")
+    model.set_attn_implementation(name)
+    ids = _ids(length=9)
+    with torch.no_grad():
+        expected = {l: compat.expected_key_length(None, ids.shape[1], l) for l in range(4)}
+        out = model(input_ids=ids, use_cache=True)
+        assert got == expected
+        cache = compat.output_cache(out)
+        for _ in range(3):
+            expected = {l: compat.expected_key_length(cache, 1, l) for l in range(4)}
+            out = model(input_ids=ids[:, -1:], use_cache=True, **compat.with_cache(model, cache))
+            assert got == expected, f"{family}: keys seen {got}, cache said {expected}"
+
+
+def test_keep_batch_rows_crops_the_cache():
+    model = build_tiny("llama")
+    with torch.no_grad():
+        out = model(input_ids=_ids(batch=4), use_cache=True)
+    cache = compat.output_cache(out)
+    compat.keep_batch_rows(cache, 2, out.logits.device)
+    with torch.no_grad():
+        step = model(input_ids=_ids(batch=2, length=1), use_cache=True, **compat.with_cache(model, cache))
+    assert step.logits.shape[0] == 2
+
+
+# ---- binding -------------------------------------------------------------------------------------------
+def test_generate_prompt_ids_positional_and_keyword():
+    model = F.build_vlm("instructblip")
+    inputs = F.make_inputs("instructblip", model, n_images=[1, 1], seed=1)
+    gen = model.generate
+    args = (inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"], inputs["input_ids"])
+    assert compat.generate_prompt_ids(gen, args, {}) is inputs["input_ids"]
+    assert compat.generate_prompt_ids(gen, (), {"input_ids": inputs["input_ids"]}) is inputs["input_ids"]
+    assert compat.generate_prompt_ids(gen, args[:3], {}) is None
+
+
+def test_instructblip_generate_with_positional_input_ids_steers():
+    """transformers' InstructBLIP generate takes (pixel_values, qformer_input_ids,
+    qformer_attention_mask, input_ids, ...): a positional input_ids must reach the roles."""
+    model = F.build_vlm("instructblip")
+    inputs = F.make_inputs("instructblip", model, n_images=[1, 1], seed=1)
+    recipe = {"interventions": [{"method": "pai", "params": {"alpha": 0.8}}]}
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, attention_mask=inputs["attention_mask"])
+    with attnsteer.apply(model, recipe) as handle:
+        by_name = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        positional = model.generate(
+            inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"], inputs["input_ids"],
+            **kwargs,
+        )
+        assert sum(s["fired"] for s in handle.stats()) > 0
+    assert torch.equal(by_name, positional)
+
+
+def test_first_argument_of_a_decoder_layer():
+    model = build_tiny("llama")
+    layer = model.model.layers[0]
+    hidden = torch.zeros(1, 2, 64)
+    assert compat.first_argument(layer.forward, (hidden,), {}) is hidden
+    assert compat.first_argument(layer.forward, (), {"hidden_states": hidden}) is hidden
+
+
+# ---- the cross-checks: disagreement raises, never guesses ------------------------------------------
+def test_a_release_that_hides_the_cache_fails_loudly(monkeypatch):
+    """What transformers 5.24 did to the old lookup by name: the decoder hook cannot find the cache.
+    The attention function then receives more keys than a prefill has, and attnsteer must raise,
+    naming the transformers version -- not recompute ACT's sinks from one decode row."""
+    model = build_tiny("llama")
+    ids = _ids()
+    real_find = compat.find_cache
+    with attnsteer.apply(model, ACT_ALL):
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+            monkeypatch.setattr(compat, "find_cache", lambda values: None)
+            with pytest.raises(compat.CompatibilityError) as err:
+                model(input_ids=ids[:, -1:], use_cache=True, **compat.with_cache(model, real_find(out.values())))
+    message = str(err.value)
+    assert compat.transformers_version() in message and "keys" in message and "layer" in message
+
+
+def test_attention_called_outside_a_seen_forward_raises():
+    model = build_tiny("llama")
+    with attnsteer.apply(model, SOFTPLUS) as handle:
+        handle._state.info = None
+        module = model.model.layers[0].self_attn
+        q = torch.zeros(1, 4, 3, 16)
+        kv = torch.zeros(1, 2, 3, 16)
+        with pytest.raises(SteeringError, match="decoder pre-hook did not see"):
+            handle._sites[0](module, q, kv, kv, None, scaling=0.25)
+
+
+def test_a_mask_of_the_wrong_width_raises_instead_of_assuming_no_padding():
+    model = build_tiny("llama")
+    ids = _ids(length=6)
+    with attnsteer.apply(model, SOFTPLUS), torch.no_grad():
+        with pytest.raises(SteeringError, match="padding mask was expected"):
+            model.model(input_ids=ids, attention_mask=torch.ones(2, 4, dtype=torch.long))
+
+
+def test_a_3d_mask_raises():
+    from attnsteer.state import padding_facts
+
+    with pytest.raises(SteeringError, match="3 dimensions"):
+        padding_facts(torch.ones(2, 1, 5), 2, 5, 0)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_static_cache_generation_steers_like_the_dynamic_cache(family):
+    """StaticCache hands every layer max_cache_len keys (later ones empty): the cross-check takes
+    the layer's mask size from the cache, and results equal the dynamic cache's."""
+    model = build_tiny(family)
+    ids = _ids(length=7)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=mask)
+    with attnsteer.apply(model, SOFTPLUS) as handle:
+        dynamic = model.generate(ids, **kwargs)
+        static = model.generate(ids, cache_implementation="static", **kwargs)
+        assert sum(s["fired"] for s in handle.stats()) > 0
+    assert torch.equal(dynamic, static)
+
+
+def test_transactional_apply_names_every_step():
+    assert api._after_install_step is None  # the seam is off unless a test sets it
