@@ -1,9 +1,9 @@
 """attnsteer: training-free attention interventions for Hugging Face models, exact and fused.
 
-    import attnsteer
-    with attnsteer.apply(model, "act-default") as handle:
-        out = model.generate(**inputs)
-    print(handle.stats())
+import attnsteer
+with attnsteer.apply(model, "act-default") as handle:
+    out = model.generate(**inputs)
+print(handle.stats())
 """
 
 from .compat import check_versions
@@ -19,12 +19,15 @@ from .errors import (  # noqa: E402
     SteeringError,
     UnsupportedModelError,
 )
+from .plan import Plan, plan  # noqa: E402
 from .recipe import Intervention, Recipe, builtin_names, load_recipe  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "apply",
+    "plan",
+    "Plan",
     "SteeringHandle",
     "Recipe",
     "Intervention",

@@ -27,7 +27,6 @@ class ArchSpec:
                       (e.g. Qwen2-VL's vision start / end markers).
     batch_state_attrs: per-batch tensors the model keeps between forwards (e.g. Qwen2-VL's
                       ``rope_deltas``) that must follow the batch when a prefill is augmented.
-    vhr_default_layers: VHR's SPEC default layers for this family.
     """
 
     model_type: str
@@ -37,7 +36,6 @@ class ArchSpec:
     image_token_attrs: tuple[str, ...] = ()
     wrapper_token_attrs: tuple[str, ...] = ()
     batch_state_attrs: tuple[str, ...] = ()
-    vhr_default_layers: object = (1, "-14:")
     # Module (path from the model) whose forward sees the language model's whole input: the
     # model itself, or for InstructBLIP the language model, because its generate() calls
     # language_model.generate(inputs_embeds=...) without going through the top-level forward.
@@ -74,7 +72,6 @@ ARCHS: dict[str, ArchSpec] = {
             _VLM_PATHS,
             text_config_key="text_config",
             image_token_attrs=("image_token_id",),
-            vhr_default_layers="14:",
             stream_host="language_model",
         ),
     )
@@ -147,6 +144,7 @@ def resolve(model: nn.Module) -> ResolvedArch:
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+
     def ids(attrs):
         found = []
         for attr in attrs:

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections.abc import Callable, Iterable
 from importlib import metadata
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .errors import SteeringError
 
@@ -107,9 +108,7 @@ def attention_function(impl: str, module) -> Callable:
     if impl == "eager":
         function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if function is None:
-            raise CompatibilityError(
-                "eager attention", f"{type(module).__module__} defines no eager_attention_forward"
-            )
+            raise CompatibilityError("eager attention", f"{type(module).__module__} defines no eager_attention_forward")
         return function
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -218,7 +217,9 @@ def find_cache(values: Iterable):
     cache_type = _cache_type()
     found = [v for v in values if isinstance(v, cache_type)]
     if len(found) > 1:
-        raise CompatibilityError("KV cache", f"{len(found)} Cache objects in one call; cannot tell which is the KV cache")
+        raise CompatibilityError(
+            "KV cache", f"{len(found)} Cache objects in one call; cannot tell which is the KV cache"
+        )
     return found[0] if found else None
 
 

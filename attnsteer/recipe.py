@@ -9,7 +9,7 @@ YAML on disk (``schema_version: 1``), a :class:`Recipe` in memory::
     model_types: [llama]          # optional; checked against model.config.model_type
     interventions:
       - method: act               # act | softplus (var | vhr | pai | agla: planned)
-        layers: "2:-1"            # slice string, int, or a list of both; default per SPEC
+        layers: "2:-1"            # slice string, int, or a list of both; the method's default (docs/methods.md)
         heads: all                # or {layer: [query heads]}
         params: {beta: 0.4, threshold: 0.1, apply_to: prefill}
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError
+from .errors import RecipeError, UsageError
 from .methods import METHODS, PLANNED_METHODS
 from .selectors import validate_heads, validate_layers
 
@@ -77,10 +77,12 @@ class Recipe:
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict, *, origin: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: dict, *, origin: str = "recipe") -> Recipe:
         """Validate a plain mapping (e.g. parsed YAML). Errors name the field, value and fix."""
         if not isinstance(data, dict):
-            raise RecipeError(f"{origin}: a recipe must be a mapping with keys {list(_TOP_KEYS)}; got {type(data).__name__}")
+            raise RecipeError(
+                f"{origin}: a recipe must be a mapping with keys {list(_TOP_KEYS)}; got {type(data).__name__}"
+            )
         unknown = [k for k in data if not isinstance(k, str) or k not in _TOP_KEYS]
         if unknown:
             raise RecipeError(
@@ -126,7 +128,7 @@ class Recipe:
         )
 
     @classmethod
-    def from_pretrained(cls, name_or_path: "str | Path | dict | Recipe", *, revision: str | None = None) -> "Recipe":
+    def from_pretrained(cls, name_or_path: str | Path | dict | Recipe, *, revision: str | None = None) -> Recipe:
         """Alias of :func:`load_recipe` (PEFT-style)."""
         return load_recipe(name_or_path, revision=revision)
 
@@ -145,7 +147,7 @@ class Recipe:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
-    def save(self, path: "str | Path") -> Path:
+    def save(self, path: str | Path) -> Path:
         """Write YAML to ``path`` (a file, or a folder that gets ``recipe.yaml``)."""
         path = Path(path)
         if path.is_dir() or path.suffix == "":
@@ -222,7 +224,7 @@ def _parse_intervention(item: Any, where: str) -> Intervention:
         allowed = sorted(METHODS) + sorted(PLANNED_METHODS)
         raise RecipeError(f"{where}.method: got {method!r}; allowed: {allowed}.{_closest(method, allowed)}")
     cls = METHODS[method]
-    # None = the method's default layers (SPEC), resolved against the model at apply time.
+    # None = the method's default layers (docs/methods.md), resolved against the model at apply time.
     layers = validate_layers(item["layers"], f"{where}.layers") if item.get("layers") is not None else None
     heads = validate_heads(item.get("heads", "all"), f"{where}.heads")
     raw = item.get("params", {})
@@ -238,6 +240,37 @@ def _parse_intervention(item: Any, where: str) -> Intervention:
     for pname, spec in cls.params.items():
         params[pname] = spec.validate(raw[pname], f"{where}.params.{pname}") if pname in raw else spec.default
     return Intervention(method=method, layers=layers, heads=heads, params=cls.finalize_params(params))
+
+
+# ---- several recipes side by side (command lines, evaluations) ------------------------------------
+BASELINE_LABEL = "baseline"  # the label of the unsteered model; no recipe may take it
+
+
+def label_recipes(pairs: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """(argument, Recipe) -> (unique display label, Recipe); labels are recipe names."""
+    out, used = [], {BASELINE_LABEL}
+    for arg, recipe in pairs:
+        base = recipe.name or str(arg)
+        label, k = base, 1
+        while label in used:
+            k += 1
+            label = f"{base}#{k}"
+        used.add(label)
+        out.append((label, recipe))
+    return out
+
+
+def load_labelled_recipes(values, flag: str = "--recipe") -> list[tuple[str, Recipe]]:
+    """Load each recipe argument (built-in name, file, Hub repo) -> ``(unique label, Recipe)``;
+    a bad one raises :class:`UsageError` naming ``flag`` and the value."""
+    pairs = []
+    for value in values:
+        try:
+            pairs.append((value, load_recipe(value)))
+        except RecipeError as exc:
+            hint = f" (check the file with `attnsteer recipes validate {value}`)" if Path(value).exists() else ""
+            raise UsageError(f"{flag} {value!r}: {exc}{hint}") from None
+    return label_recipes(pairs)
 
 
 # ---- built-ins and loading -------------------------------------------------------------------
@@ -292,7 +325,7 @@ def _from_yaml_text(text: str, origin: str) -> Recipe:
     return Recipe.from_dict(data, origin=origin)
 
 
-def load_recipe(recipe: "str | Path | dict | Recipe", *, revision: str | None = None) -> Recipe:
+def load_recipe(recipe: str | Path | dict | Recipe, *, revision: str | None = None) -> Recipe:
     """Load a recipe from a built-in name, a YAML file or folder, a dict, a Hub repo or a Recipe."""
     if isinstance(recipe, Recipe):
         return Recipe.from_dict(recipe.to_dict(), origin=f"recipe {recipe.name!r}")

@@ -41,7 +41,7 @@ class PromptRoles:
         inside = key_abs < length
         return self.image[:, key_abs.clamp(max=max(length - 1, 0))] & inside.view(1, -1)
 
-    def select(self, rows) -> "PromptRoles":
+    def select(self, rows) -> PromptRoles:
         return PromptRoles(self.image[rows])
 
 

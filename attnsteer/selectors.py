@@ -9,20 +9,17 @@ Head selectors are ``"all"`` or ``{layer: [query heads]}`` (GQA: query head ``h`
 from __future__ import annotations
 
 import re
-from typing import Any, Union
+from typing import Any
 
 from .errors import RecipeError
 
-LayerSpec = Union[int, str, list]
-HeadSpec = Union[str, dict]
+LayerSpec = int | str | list
+HeadSpec = str | dict
 
 _SLICE_RE = re.compile(r"^\s*(-?\d+)?\s*:\s*(-?\d+)?\s*(?::\s*(-?\d+)?\s*)?$")
 _INT_RE = re.compile(r"^\s*-?\d+\s*$")
 
-_LAYER_HELP = (
-    'allowed: an int (5, -1), a slice string ("2:-1", "::2"), "all", or a list of those, '
-    'e.g. [1, "-14:"]'
-)
+_LAYER_HELP = 'allowed: an int (5, -1), a slice string ("2:-1", "::2"), "all", or a list of those, e.g. [1, "-14:"]'
 
 
 def _check_layer_item(item: Any, field: str) -> None:
@@ -73,7 +70,7 @@ def resolve_layers(spec: LayerSpec, num_layers: int, field: str) -> list[int]:
     if not chosen:
         raise RecipeError(
             f"{field}: {spec!r} selects no layer of a model with {num_layers} layers. "
-            f"Fix: widen the selector, e.g. \"2:-1\" or \"all\""
+            f'Fix: widen the selector, e.g. "2:-1" or "all"'
         )
     return sorted(chosen)
 
@@ -82,7 +79,9 @@ def validate_heads(spec: Any, field: str) -> HeadSpec:
     """Check the syntax of a head selector; return ``"all"`` or ``{layer(int): sorted heads}``."""
     if isinstance(spec, str):
         if spec.strip() != "all":
-            raise RecipeError(f'{field}: got {spec!r}; allowed: "all" or a mapping {{layer: [heads]}}, e.g. {{2: [0, 5]}}')
+            raise RecipeError(
+                f'{field}: got {spec!r}; allowed: "all" or a mapping {{layer: [heads]}}, e.g. {{2: [0, 5]}}'
+            )
         return "all"
     if not isinstance(spec, dict) or not spec:
         raise RecipeError(

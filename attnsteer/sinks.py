@@ -1,4 +1,4 @@
-"""Hidden-state sink detection (VAR, SPEC.md section 1).
+"""Hidden-state sink detection (VAR, docs/methods.md#var).
 
 For the hidden state ``x_j`` entering decoder layer ``l`` (the residual stream before the
 layer's input norm): ``phi_j = max_{d in D} |x_j[d]| / sqrt(mean_d x_j[d]^2 + 1e-6)``;

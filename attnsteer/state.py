@@ -21,6 +21,7 @@ from .errors import SteeringError
 from .roles import PromptRoles, image_mask, positions_like, text_only_stream
 from .sinks import HiddenSinks
 
+
 def padding_facts(mask: torch.Tensor | None, batch: int, q_len: int, past_len: int):
     """Padding of one forward, from the decoder's ``attention_mask``.
 
@@ -115,8 +116,12 @@ class TextStream:
         cache_arg = {compat.cache_argument(model.forward): self.cache}
         with self.state.paused():
             out = model(
-                input_ids=step_ids, inputs_embeds=step_embeds, attention_mask=self.mask, position_ids=positions,
-                use_cache=True, **cache_arg,
+                input_ids=step_ids,
+                inputs_embeds=step_embeds,
+                attention_mask=self.mask,
+                position_ids=positions,
+                use_cache=True,
+                **cache_arg,
             )
         self.cache = compat.output_cache(out)
         if self.cache is None:
@@ -147,7 +152,12 @@ class SteeringState:
         self.pending_ids: torch.Tensor | None = None  # prompt ids seen above the stream host
         self.needs_image = any(m.needs_image for m in self.methods)
         self.needs_stream = any(m.needs_text_stream_in_batch for m in self.methods)
-        self.logits_methods = [m for m in self.methods if m.has_logits_step]
+        # logits-level steps run once per forward and intervention (not once per steered layer)
+        first_site: dict[int, object] = {}
+        for method in self.methods:
+            if method.has_logits_step:
+                first_site.setdefault(method.intervention, method)
+        self.logits_methods = list(first_site.values())
 
     # ---- pausing (the text-only stream runs unsteered) --------------------------------------
     class _Pause:
@@ -174,6 +184,7 @@ class SteeringState:
 
     def wrap_generate(self, generate):
         """InstructBLIP's generate() bypasses its forward: remember the prompt ids it is given."""
+
         def generate_with_roles(*args, **kwargs):
             self.pending_ids = compat.generate_prompt_ids(generate, args, kwargs)
             return generate(*args, **kwargs)
@@ -231,7 +242,9 @@ class SteeringState:
             has = self.roles.has_image if self.roles is not None else None
             if has is None or not bool(has.any()):
                 looked = list(self.arch.image_token_ids)
-                what = f"image token id(s) {looked} in input_ids" if looked else "image tokens (this is a text-only model)"
+                what = (
+                    f"image token id(s) {looked} in input_ids" if looked else "image tokens (this is a text-only model)"
+                )
                 raise SteeringError(
                     f"the recipe's {sorted({m.name for m in self.methods if m.needs_image})} steer attention toward "
                     f"image keys, but no row of this input has any: looked for {what}, and no focus span is set. "
@@ -310,8 +323,13 @@ class SteeringState:
         past = compat.cache_length(cache)
         first_valid, row_valid = padding_facts(bound.get("attention_mask"), batch, q_len, past)
         self.info = ForwardInfo(
-            q_len=q_len, past_len=past, total_len=past + q_len, first_valid=first_valid, row_valid=row_valid,
-            batch=batch, key_lengths={l: compat.expected_key_length(cache, q_len, l) for l in self.steered_layers},
+            q_len=q_len,
+            past_len=past,
+            total_len=past + q_len,
+            first_valid=first_valid,
+            row_valid=row_valid,
+            batch=batch,
+            key_lengths={l: compat.expected_key_length(cache, q_len, l) for l in self.steered_layers},
         )
         self.forwards += 1
         return None

@@ -224,7 +224,7 @@ def build_prompt(tokenizer, n_tokens: int, batch: int):
     need = n_tokens - len(head_ids) - len(tail_ids)
     rows = []
     for b in range(batch):
-        order = PARAGRAPHS[b % len(PARAGRAPHS):] + PARAGRAPHS[: b % len(PARAGRAPHS)]
+        order = PARAGRAPHS[b % len(PARAGRAPHS) :] + PARAGRAPHS[: b % len(PARAGRAPHS)]
         one = tokenizer("\n\n".join(order) + "\n\n", add_special_tokens=False).input_ids
         passage = (one * (need // max(1, len(one)) + 1))[:need]
         rows.append(head_ids + passage + tail_ids)
@@ -263,7 +263,7 @@ def run_once(model, ids, new_tokens: int, config: dict, tracker=None) -> dict:
     try:
         gc.collect()
         gc.disable()
-        with torch.inference_mode(), (tracker if tracker is not None else _null()):
+        with torch.inference_mode(), tracker if tracker is not None else _null():
             c0, t0 = time.process_time(), time.perf_counter()
             out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
             t1, c1 = time.perf_counter(), time.process_time()
@@ -571,9 +571,21 @@ def write_outputs(output: Path, meta: dict, rows: list[dict], time_recs, mem_rec
     doc = {"meta": meta, "rows": rows, "time_runs": time_recs, "mem_runs": mem_recs}
     Path(f"{stem}.json").write_text(json.dumps(doc, indent=1))
     fields = [
-        "length_requested", "length", "config", "recipe", "backend", "runs", "prefill_s", "decode_tok_s",
-        "peak_extra_mib", "torch_peak_mib", "prefill_ratio", "decode_ratio", "mem_ratio",
-        "same_tokens_as_baseline", "note",
+        "length_requested",
+        "length",
+        "config",
+        "recipe",
+        "backend",
+        "runs",
+        "prefill_s",
+        "decode_tok_s",
+        "peak_extra_mib",
+        "torch_peak_mib",
+        "prefill_ratio",
+        "decode_ratio",
+        "mem_ratio",
+        "same_tokens_as_baseline",
+        "note",
     ]
     with open(f"{stem}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
@@ -616,23 +628,30 @@ def write_outputs(output: Path, meta: dict, rows: list[dict], time_recs, mem_rec
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--lengths", default=None, help="comma-separated prompt lengths (default 512,2048,8192)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--new_tokens", "--new-tokens", type=int, default=None, help="decode steps (default 32)")
     ap.add_argument("--recipes", default=None, help="comma-separated recipes (default act-default,softplus-reweight)")
     ap.add_argument("--backends", default="reference,fused", help="comma-separated backends (default reference,fused)")
     ap.add_argument(
-        "--repeats", default=None,
+        "--repeats",
+        default=None,
         help="timed repeats: one number for all lengths or one per length (default: 3 for length <= 2048, else 1)",
     )
     ap.add_argument(
-        "--skip-reference-above", type=int, default=4096,
+        "--skip-reference-above",
+        type=int,
+        default=4096,
         help="skip the reference backend above this prompt length (default 4096; at ~8k tokens the reference "
         "needs ~10 GiB for ACT and ~21 GiB for softplus, whose oracle works in float64)",
     )
     ap.add_argument(
-        "--reference-max-gib", type=float, default=12.0,
+        "--reference-max-gib",
+        type=float,
+        default=12.0,
         help="also skip a reference configuration whose peak memory, extrapolated quadratically from this run's "
         "own memory measurement at the longest shorter length, exceeds this (default 12 GiB)",
     )
@@ -642,7 +661,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-torch-memory", action="store_true", help="skip the TorchDispatchMode memory pass")
     ap.add_argument("--worker-timeout", type=float, default=None, help="seconds before a worker is killed")
     ap.add_argument("--quick", action="store_true", help="smoke run: lengths 256,512, new_tokens 8, repeats 1")
-    ap.add_argument("--output", default=None, help=f"output path stem (.json/.csv/.md written; default {DEFAULT_OUTPUT})")
+    ap.add_argument(
+        "--output", default=None, help=f"output path stem (.json/.csv/.md written; default {DEFAULT_OUTPUT})"
+    )
     ap.add_argument("--_worker", choices=["time", "mem"], help=argparse.SUPPRESS)
     ap.add_argument("--_spec", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -660,9 +681,9 @@ def main(argv=None) -> None:
     threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     output = Path(args.output) if args.output else (DEFAULT_QUICK_OUTPUT if args.quick else DEFAULT_OUTPUT)
 
-    import attnsteer
     from transformers import AutoConfig
 
+    import attnsteer
     from attnsteer.models import load_smollm2, smollm2_cache_dir
 
     if not (smollm2_cache_dir() / "config.json").is_file():
@@ -711,10 +732,17 @@ def main(argv=None) -> None:
         "machine": machine_info(),
         "threads": threads,
         "args": {
-            "lengths": lengths, "batch": args.batch, "new_tokens": new_tokens, "recipes": recipes, "backends": backends,
-            "repeats": repeats, "skip_reference_above": args.skip_reference_above,
-            "reference_max_gib": args.reference_max_gib, "quick": args.quick,
-            "warmup_tokens": args.warmup_tokens, "memory": not args.no_memory,
+            "lengths": lengths,
+            "batch": args.batch,
+            "new_tokens": new_tokens,
+            "recipes": recipes,
+            "backends": backends,
+            "repeats": repeats,
+            "skip_reference_above": args.skip_reference_above,
+            "reference_max_gib": args.reference_max_gib,
+            "quick": args.quick,
+            "warmup_tokens": args.warmup_tokens,
+            "memory": not args.no_memory,
             "torch_memory": not args.no_torch_memory,
         },
         "model": "SmolLM2-135M-Instruct (attnsteer.models.load_smollm2, float32, attn_implementation=sdpa)",
@@ -728,10 +756,13 @@ def main(argv=None) -> None:
     t_start = time.perf_counter()
     time_recs, mem_recs = [], []
     base = {
-        "batch": args.batch, "new_tokens": new_tokens, "threads": threads, "warmup_tokens": args.warmup_tokens,
+        "batch": args.batch,
+        "new_tokens": new_tokens,
+        "threads": threads,
+        "warmup_tokens": args.warmup_tokens,
         "torch_memory": not args.no_torch_memory,
     }
-    for (req, n), reps in zip(lengths_used, repeats):
+    for (_req, n), reps in zip(lengths_used, repeats):
         for c in list(configs_by_len[n]):
             est = extrapolate_memory(mem_recs, c["name"], n) if c["backend"] == "reference" else None
             if est and est[0] > args.reference_max_gib:

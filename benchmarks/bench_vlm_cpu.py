@@ -38,10 +38,18 @@ from attnsteer import compat  # noqa: E402
 
 IMAGE_TOKEN = 32000
 RECIPES = {
-    # layers "all": the reduced-depth 7B config has too few layers for the SPEC defaults ("2:-1", "2:")
-    "var": {"name": "var", "interventions": [{"method": "var", "layers": "all", "params": {"tau": 3.5, "rho": 0.3, "min_image_attention": 0.05}}]},
+    # layers "all": the reduced-depth 7B config has too few layers for the default layers ("2:-1", "2:")
+    "var": {
+        "name": "var",
+        "interventions": [
+            {"method": "var", "layers": "all", "params": {"tau": 3.5, "rho": 0.3, "min_image_attention": 0.05}}
+        ],
+    },
     "pai": {"name": "pai", "interventions": [{"method": "pai", "layers": "all", "params": {"alpha": 0.5}}]},
-    "pai+gamma": {"name": "pai+gamma", "interventions": [{"method": "pai", "layers": "all", "params": {"alpha": 0.5, "gamma": 1.1}}]},
+    "pai+gamma": {
+        "name": "pai+gamma",
+        "interventions": [{"method": "pai", "layers": "all", "params": {"alpha": 0.5, "gamma": 1.1}}],
+    },
     "vhr": {"name": "vhr", "interventions": [{"method": "vhr", "layers": "all"}]},
 }
 
@@ -50,19 +58,53 @@ def build(model_name: str, text_layers: int):
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     if model_name == "tiny":
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=16, patch_size=4, projection_dim=32)
-        text = LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+            projection_dim=32,
+        )
+        text = LlamaConfig(
+            vocab_size=32064,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+        )
         image_tokens, text_tokens, side = 16, 32, 16
     else:
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=16,
-                                  image_size=336, patch_size=14, projection_dim=768)
-        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=text_layers,
-                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=2,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        )
+        text = LlamaConfig(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=text_layers,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+        )
         image_tokens, text_tokens, side = 576, 64, 336
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default")
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_TOKEN,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(config).eval()
     g = torch.Generator().manual_seed(1)
@@ -111,7 +153,11 @@ def time_worker(args) -> list[dict]:
                 with attnsteer.apply(model, RECIPES[recipe], backend=backend):
                     samples[label].append(run_once(model, inputs, args.new_tokens))
     return [
-        {"config": label, "prefill_s": statistics.median(p for p, _ in s), "decode_tok_s": statistics.median(d for _, d in s)}
+        {
+            "config": label,
+            "prefill_s": statistics.median(p for p, _ in s),
+            "decode_tok_s": statistics.median(d for _, d in s),
+        }
         for label, s in samples.items()
     ]
 
@@ -151,8 +197,23 @@ def main() -> None:
         return
 
     def worker(mode, model, extra=()):
-        cmd = [sys.executable, __file__, "--_worker", mode, "--model", model, "--text-layers", str(args.text_layers),
-               "--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats), "--threads", str(args.threads), *extra]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_worker",
+            mode,
+            "--model",
+            model,
+            "--text-layers",
+            str(args.text_layers),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--repeats",
+            str(args.repeats),
+            "--threads",
+            str(args.threads),
+            *extra,
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         return json.loads(next(l for l in out.splitlines() if l.startswith("RESULT "))[7:])
 
@@ -164,15 +225,21 @@ def main() -> None:
             extra = ["--recipe", recipe, "--backend", backend] if recipe else []
             mem = worker("mem", model, extra)
             rows.append({"model": model, **timed[label], **mem})
-            print(f"  {label:22s} prefill {timed[label]['prefill_s']:.3f} s  decode {timed[label]['decode_tok_s']:.2f} tok/s  "
-                  f"peak extra {mem['peak_extra_mib']:.0f} MiB", flush=True)
+            print(
+                f"  {label:22s} prefill {timed[label]['prefill_s']:.3f} s  decode {timed[label]['decode_tok_s']:.2f} tok/s  "
+                f"peak extra {mem['peak_extra_mib']:.0f} MiB",
+                flush=True,
+            )
     for row in rows:
         base = next(r for r in rows if r["model"] == row["model"] and r["config"] == "baseline")
         row["prefill_ratio"] = row["prefill_s"] / base["prefill_s"]
         row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"]
         row["mem_ratio"] = row["peak_extra_mib"] / max(base["peak_extra_mib"], 1e-9)
-    meta = {"machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items() if not k.startswith("_")},
-            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    meta = {
+        "machine": machine_info(),
+        "args": {k: str(v) for k, v in vars(args).items() if not k.startswith("_")},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
     lines = [
         f"# VLM steering cost on CPU ({meta['machine']['cpu_model']}, {args.threads} threads, torch {meta['machine']['torch']}, "
         f"transformers {meta['machine']['transformers']}, git {meta['machine']['git'][:12]})",
@@ -184,8 +251,10 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['config']} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.2f} | {r['peak_extra_mib']:.0f} | "
-                     f"{r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | {r['mem_ratio']:.2f} |")
+        lines.append(
+            f"| {r['model']} | {r['config']} | {r['prefill_s']:.3f} | {r['decode_tok_s']:.2f} | {r['peak_extra_mib']:.0f} | "
+            f"{r['prefill_ratio']:.2f} | {r['decode_ratio']:.2f} | {r['mem_ratio']:.2f} |"
+        )
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     args.output.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -13,7 +13,7 @@
 # fused path, forced) and reference. `auto` (the default of attnsteer.apply) is fused-triton on
 # CUDA (dispatch goes through triton_backend.select_fused_backend); add `auto` to BACKENDS to time
 # it under that name.
-# Recipes: benchmarks/recipes/act-timing.yaml (act-mtbench's setting -- prompt and decode rows, so
+# Recipes: recipes/timing/act-timing.yaml (act-mtbench's setting -- prompt and decode rows, so
 # the split-K decode kernel runs -- with a sink threshold that finds sinks on random weights; the
 # paper thresholds find none there), softplus-reweight (every layer, prefill + decode); with image
 # placeholders also var-timing.yaml (VAR with a sink threshold that fires on random weights) and
@@ -27,8 +27,8 @@ PY=${PY:-python}
 GPU=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
 OUT=${OUT:-evals/speed/$GPU}
 BACKENDS=${BACKENDS:-fused-triton,fused-pytorch,reference}
-RECIPES=(--recipe benchmarks/recipes/act-timing.yaml --recipe softplus-reweight)
-VLM_RECIPES=("${RECIPES[@]}" --recipe benchmarks/recipes/var-timing.yaml --recipe benchmarks/recipes/vhr-timing.yaml)
+RECIPES=(--recipe recipes/timing/act-timing.yaml --recipe softplus-reweight)
+VLM_RECIPES=("${RECIPES[@]}" --recipe recipes/timing/var-timing.yaml --recipe recipes/timing/vhr-timing.yaml)
 REPEATS=${REPEATS:-3}
 STEP=${STEP:-all}
 mkdir -p "$OUT"

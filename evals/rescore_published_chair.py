@@ -2,13 +2,13 @@
 """Re-score OPERA's twelve released CHAIR caption logs and compare with the published numbers.
 
 The logs (4 models x greedy / beam5 / OPERA, 500 captions each, max_new_tokens 512) and the
-numbers of the OPERA paper's CHAIR table are described in shared/data/chair/MANIFEST.md. Ground
+numbers of the OPERA paper's CHAIR table are described in the data folder's MANIFEST.md. Ground
 truth is the pre-built gt_coco2014.json (COCO 2014 instances + reference-caption objects).
 
 Usage (from the repository root):
 
     python evals/rescore_published_chair.py \
-        --data ../shared/data/chair --gt ../shared/data/chair/gt_coco2014.json \
+        --data DATA --gt DATA/gt_coco2014.json \
         --lemmatizers rules rules_pattern wordnet_noun wordnet --output table.md
 
 A lemmatiser whose dependencies are missing (``wordnet`` needs NLTK plus its punkt_tab, tagger and
@@ -42,10 +42,18 @@ DECODING_NAMES = {"greedy": "greedy", "beam5": "beam search (5)", "ours": "OPERA
 
 #: OPERA paper (CVPR 2024, arXiv 2311.17911), CHAIR table, max new tokens 512: (C_S, C_I).
 PUBLISHED = {
-    ("instructblip", "greedy"): (58.8, 23.7), ("instructblip", "beam5"): (55.6, 15.8), ("instructblip", "ours"): (46.4, 14.2),
-    ("minigpt4", "greedy"): (31.8, 9.9), ("minigpt4", "beam5"): (30.6, 9.5), ("minigpt4", "ours"): (26.2, 9.5),
-    ("llava-1.5", "greedy"): (45.0, 14.7), ("llava-1.5", "beam5"): (48.8, 13.9), ("llava-1.5", "ours"): (44.6, 12.8),
-    ("shikra", "greedy"): (55.8, 15.4), ("shikra", "beam5"): (50.4, 13.3), ("shikra", "ours"): (36.2, 12.1),
+    ("instructblip", "greedy"): (58.8, 23.7),
+    ("instructblip", "beam5"): (55.6, 15.8),
+    ("instructblip", "ours"): (46.4, 14.2),
+    ("minigpt4", "greedy"): (31.8, 9.9),
+    ("minigpt4", "beam5"): (30.6, 9.5),
+    ("minigpt4", "ours"): (26.2, 9.5),
+    ("llava-1.5", "greedy"): (45.0, 14.7),
+    ("llava-1.5", "beam5"): (48.8, 13.9),
+    ("llava-1.5", "ours"): (44.6, 12.8),
+    ("shikra", "greedy"): (55.8, 15.4),
+    ("shikra", "beam5"): (50.4, 13.3),
+    ("shikra", "ours"): (36.2, 12.1),
 }
 TOLERANCE = 1.0
 
@@ -53,11 +61,20 @@ TOLERANCE = 1.0
 def main(argv=None) -> int:
     default_data = REPO.parent / "shared" / "data" / "chair"
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=default_data, help="shared/data/chair folder (has opera_chair_eval_results/)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=default_data,
+        help="folder with opera_chair_eval_results/, gt_coco2014.json and synonyms.txt",
+    )
     ap.add_argument("--gt", type=Path, default=None, help="ground-truth JSON (default: <data>/gt_coco2014.json)")
     ap.add_argument("--synonyms", type=Path, default=None, help="CHAIR synonym list (default: <data>/synonyms.txt)")
-    ap.add_argument("--lemmatizers", nargs="+", default=["rules", "rules_pattern", "wordnet_noun", "wordnet"],
-                    help="lemmatisers to compare (default: rules rules_pattern wordnet_noun wordnet)")
+    ap.add_argument(
+        "--lemmatizers",
+        nargs="+",
+        default=["rules", "rules_pattern", "wordnet_noun", "wordnet"],
+        help="lemmatisers to compare (default: rules rules_pattern wordnet_noun wordnet)",
+    )
     ap.add_argument("--output", type=Path, default=None, help="also write the Markdown to this file")
     args = ap.parse_args(argv)
 
@@ -84,11 +101,15 @@ def main(argv=None) -> int:
         nltk_version = nltk.__version__
     except ImportError:
         nltk_version = "not installed"
-    cmd = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + list(argv if argv is not None else sys.argv[1:]))
+    cmd = "python " + " ".join(
+        shlex.quote(a) for a in [str(Path(sys.argv[0]))] + list(argv if argv is not None else sys.argv[1:])
+    )
     out = []
     out.append(f"Generated {_dt.date.today().isoformat()} by `{cmd}`  ")
-    out.append(f"Python {platform.python_version()}, nltk {nltk_version}; ground truth `{gt_path.name}` "
-               f"(sha256 `{file_sha256(gt_path)[:16]}…`), synonyms `{syn_path.name}` (sha256 `{file_sha256(syn_path)[:16]}…`).")
+    out.append(
+        f"Python {platform.python_version()}, nltk {nltk_version}; ground truth `{gt_path.name}` "
+        f"(sha256 `{file_sha256(gt_path)[:16]}…`), synonyms `{syn_path.name}` (sha256 `{file_sha256(syn_path)[:16]}…`)."
+    )
     out.append("")
     out.append(f"CHAIR_s / CHAIR_i in percent; Δ = ours − published; ✓ = both within {TOLERANCE} point.")
     out.append("")
@@ -117,16 +138,22 @@ def main(argv=None) -> int:
     if results:
         first = next(iter(results))
         out.append("")
-        out.append(f"Other metrics with `{first}` (not published for these logs): Recall and Len as OPERA's "
-                   "`chair.py` prints them (Len = mean tokens after tokenisation and two-word merging), mean "
-                   "white-space words, share of captions with an exactly repeated sentence.")
+        out.append(
+            f"Other metrics with `{first}` (not published for these logs): Recall and Len as OPERA's "
+            "`chair.py` prints them (Len = mean tokens after tokenisation and two-word merging), mean "
+            "white-space words, share of captions with an exactly repeated sentence."
+        )
         out.append("")
-        out.append("| model | decoding | Recall | Len | mean words | repetition rate | mentions | hallucinated mentions |")
+        out.append(
+            "| model | decoding | Recall | Len | mean words | repetition rate | mentions | hallucinated mentions |"
+        )
         out.append("|---|---|---|---|---|---|---|---|")
-        for (m, d) in PUBLISHED:
+        for m, d in PUBLISHED:
             r = results[first][m, d]
-            out.append(f"| {m} | {DECODING_NAMES[d]} | {100 * r['Recall']:.1f} | {r['Len']:.1f} | {r['mean_words']:.1f} | "
-                       f"{100 * r['repetition_rate']:.1f}% | {r['n_mentions']} | {r['n_hallucinated_mentions']} |")
+            out.append(
+                f"| {m} | {DECODING_NAMES[d]} | {100 * r['Recall']:.1f} | {r['Len']:.1f} | {r['mean_words']:.1f} | "
+                f"{100 * r['repetition_rate']:.1f}% | {r['n_mentions']} | {r['n_hallucinated_mentions']} |"
+            )
     text = "\n".join(out) + "\n"
     print(text, end="")
     if args.output:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import vlm_fixtures as F
+from conftest import VOCAB, build_tiny
 
 import attnsteer
-import vlm_fixtures as F
 from attnsteer import RecipeError, api, compat
 from attnsteer.attention import dispatch
-from conftest import VOCAB, build_tiny
 
 
 def fingerprint(model) -> dict:
@@ -17,21 +17,35 @@ def fingerprint(model) -> dict:
     implementation of every (sub-)config, attnsteer's registries."""
     modules = {
         name: (
-            len(m._forward_pre_hooks), len(m._forward_hooks), sorted(k for k in vars(m) if not k.startswith("_")),
+            len(m._forward_pre_hooks),
+            len(m._forward_hooks),
+            sorted(k for k in vars(m) if not k.startswith("_")),
             m in dispatch._SITES,
         )
         for name, m in model.named_modules()
     }
-    configs = [(type(c).__name__, vars(c).get("_attn_implementation_internal")) for c in compat.config_tree(model.config)]
-    return {"modules": modules, "configs": configs, "steered": model in api._STEERED, "generate": "generate" in vars(model)}
+    configs = [
+        (type(c).__name__, vars(c).get("_attn_implementation_internal")) for c in compat.config_tree(model.config)
+    ]
+    return {
+        "modules": modules,
+        "configs": configs,
+        "steered": model in api._STEERED,
+        "generate": "generate" in vars(model),
+    }
 
 
 CASES = {
     # VAR: layer pre-hooks; PAI gamma: logits hook; InstructBLIP: generate wrapper and a second host
-    "llava-var-pai": ("llava", {"interventions": [
-        {"method": "var", "layers": "1:", "params": {"tau": 3.0}},
-        {"method": "pai", "params": {"alpha": 0.5, "gamma": 1.1}},
-    ]}),
+    "llava-var-pai": (
+        "llava",
+        {
+            "interventions": [
+                {"method": "var", "layers": "1:", "params": {"tau": 3.0}},
+                {"method": "pai", "params": {"alpha": 0.5, "gamma": 1.1}},
+            ]
+        },
+    ),
     "instructblip-pai": ("instructblip", {"interventions": [{"method": "pai", "params": {"alpha": 0.5}}]}),
 }
 
@@ -143,10 +157,12 @@ def test_a_head_mapping_naming_one_layer_twice_is_an_error():
 
 def test_two_var_interventions_on_one_layer_are_an_error():
     model = F.build_vlm("llava")
-    recipe = {"interventions": [
-        {"method": "var", "layers": "1:", "params": {"tau": 3.0}},
-        {"method": "var", "layers": [2], "params": {"tau": 9.0}},
-    ]}
+    recipe = {
+        "interventions": [
+            {"method": "var", "layers": "1:", "params": {"tau": 3.0}},
+            {"method": "var", "layers": [2], "params": {"tau": 9.0}},
+        ]
+    }
     with pytest.raises(RecipeError, match=r"interventions\[1\].*layer 2 is already steered by var"):
         attnsteer.apply(model, recipe)
 
@@ -155,12 +171,70 @@ def test_two_var_interventions_on_different_layers_each_use_their_own_tau():
     model = F.build_vlm("llava")
     inputs = F.make_inputs("llava", model, n_images=[1], seed=4)
     n = len(F.text_layers(model))
-    recipe = {"interventions": [
-        {"method": "var", "layers": [0], "params": {"tau": 2.5}},
-        {"method": "var", "layers": [n - 1], "params": {"tau": 1000.0}},
-    ]}
+    recipe = {
+        "interventions": [
+            {"method": "var", "layers": [0], "params": {"tau": 2.5}},
+            {"method": "var", "layers": [n - 1], "params": {"tau": 1000.0}},
+        ]
+    }
     with attnsteer.apply(model, recipe) as handle, torch.no_grad():
         model(**inputs)
         sinks = handle._state.sinks.by_layer
     assert bool(sinks[0].any()), "layer 0 (tau 2.5) should find sinks in this prompt"
     assert not bool(sinks[n - 1].any()), "the last layer (tau 1000) must not reuse the first intervention's tau"
+
+
+# ---- plan(): pure resolution ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "family, recipe",
+    [
+        ("llava", {"interventions": [{"method": "var", "params": {"tau": 3.0}}, {"method": "vhr"}]}),
+        ("instructblip", {"interventions": [{"method": "pai", "params": {"alpha": 0.5, "gamma": 1.1}}]}),
+    ],
+)
+def test_plan_touches_nothing_and_is_what_apply_installs(family, recipe):
+    model = F.build_vlm(family)
+    inputs = F.make_inputs(family, model, n_images=[1, 1], seed=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before_logits = model(**inputs).logits
+    before = fingerprint(model)
+    planned = attnsteer.plan(model, recipe)
+    assert fingerprint(model) == before
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, before_logits)
+    assert planned.sites() and {s["method"] for s in planned.sites()} == {i["method"] for i in recipe["interventions"]}
+    with attnsteer.apply(model, recipe) as handle:
+        assert handle.plan.sites() == planned.sites()
+        assert handle.resolved_recipe() == planned.resolved_recipe()
+
+
+def test_plan_raises_what_apply_raises_without_touching_the_model():
+    model = build_tiny("llama")
+    before = fingerprint(model)
+    with pytest.raises(RecipeError, match="layer 9 does not exist"):
+        attnsteer.plan(model, {"interventions": [{"method": "act", "layers": [9]}]})
+    assert fingerprint(model) == before
+
+
+def test_handle_report_collects_each_methods_report():
+    model = F.build_vlm("llava")
+    inputs = F.make_inputs("llava", model, n_images=[1, 1], seed=2)
+    recipe = {
+        "interventions": [
+            {"method": "act", "layers": [0], "params": {"threshold": 0.05}},
+            {"method": "vhr", "layers": [1]},
+            {"method": "var", "layers": [2], "params": {"tau": 2.5}},
+        ]
+    }
+    with attnsteer.apply(model, recipe) as handle, torch.no_grad():
+        assert handle.report() == {}  # nothing before the first prompt
+        model(**inputs)
+        report = handle.report()
+        assert set(report) == {0, 1, 2}
+        assert set(report[0]) == {"act"} and len(report[0]["act"]["sinks"]) == 2
+        assert set(report[1]) == {"vhr"} and len(report[1]["vhr"]["heads"]) == 2
+        assert set(report[2]) == {"var"} and len(report[2]["var"]["sinks"]) == 2
+        assert handle.sinks() == {0: report[0]["act"]["sinks"]}
+        assert handle.vhr_heads() == {1: report[1]["vhr"]["heads"]}

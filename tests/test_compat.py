@@ -10,13 +10,13 @@ import inspect
 
 import pytest
 import torch
+import vlm_fixtures as F
+from conftest import FAMILIES, VOCAB, build_tiny
 
 import attnsteer
-import vlm_fixtures as F
 from attnsteer import api, compat
 from attnsteer.attention import dispatch
 from attnsteer.errors import SteeringError
-from conftest import FAMILIES, VOCAB, build_tiny
 
 ACT_ALL = {"interventions": [{"method": "act", "layers": "all", "params": {"threshold": 0.05, "apply_to": "all"}}]}
 SOFTPLUS = {"interventions": [{"method": "softplus", "layers": "all", "params": {"p": 2.0}}]}
@@ -210,7 +210,10 @@ def test_instructblip_generate_with_positional_input_ids_steers():
     with attnsteer.apply(model, recipe) as handle:
         by_name = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0)
         positional = model.generate(
-            inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"], inputs["input_ids"],
+            inputs["pixel_values"],
+            inputs["qformer_input_ids"],
+            inputs["qformer_attention_mask"],
+            inputs["input_ids"],
             **kwargs,
         )
         assert sum(s["fired"] for s in handle.stats()) > 0

@@ -19,26 +19,59 @@ def accelerate_cmd():
     exe = shutil.which("accelerate")
     if exe is None:
         pytest.skip("accelerate CLI not installed")
-    return [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "-m", "attnsteer.cli"]
+    return [
+        exe,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "attnsteer.cli",
+    ]
 
 
 def _launch(args, tmp_path):
     import os
     import subprocess
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    proc = subprocess.run([*accelerate_cmd(), *map(str, args)], capture_output=True, text=True, env=env, timeout=600,
-                          cwd=tmp_path)
+    proc = subprocess.run(
+        [*accelerate_cmd(), *map(str, args)], capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def test_pope_two_processes_equal_one(tiny_llava_dir, eval_data, tmp_path):
-    common = ["eval", "pope", "--model", tiny_llava_dir, "--pope_dir", eval_data["pope"], "--coco_dir",
-              eval_data["images"], "--recipe", "none", "--batch_size", "2", "--no_progress"]
+    common = [
+        "eval",
+        "pope",
+        "--model",
+        tiny_llava_dir,
+        "--pope_dir",
+        eval_data["pope"],
+        "--coco_dir",
+        eval_data["images"],
+        "--recipe",
+        "none",
+        "--batch_size",
+        "2",
+        "--no_progress",
+    ]
     one = run_cli(*common, "--output_path", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
     _launch([*common, "--output_path", tmp_path / "two"], tmp_path)
@@ -55,8 +88,22 @@ def test_pope_two_processes_equal_one(tiny_llava_dir, eval_data, tmp_path):
 @pytest.mark.slow
 def test_mmlu_two_processes_equal_one(smollm2, tmp_path):
     pytest.importorskip("lm_eval")
-    common = ["eval", "mmlu", "--model", "smollm2", "--tasks", "attnsteer_mc_demo", "--recipe", "none", "--recipe",
-              "act-default", "--limit", "2", "--batch_size", "4"]
+    common = [
+        "eval",
+        "mmlu",
+        "--model",
+        "smollm2",
+        "--tasks",
+        "attnsteer_mc_demo",
+        "--recipe",
+        "none",
+        "--recipe",
+        "act-default",
+        "--limit",
+        "2",
+        "--batch_size",
+        "4",
+    ]
     one = run_cli(*common, "--output_path", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
     _launch([*common, "--output_path", tmp_path / "two"], tmp_path)

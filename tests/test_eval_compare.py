@@ -18,9 +18,15 @@ def cli(capsys, *argv):
 
 
 POPE = {
-    "task": "pope", "status": "complete", "seeds": [0, 1],
-    "config": {"model": "llava-hf/llava-1.5-7b-hf", "n_items": 9000, "parser": "pope",
-               "decoding": {"strategy": "greedy", "max_new_tokens": 16}},
+    "task": "pope",
+    "status": "complete",
+    "seeds": [0, 1],
+    "config": {
+        "model": "llava-hf/llava-1.5-7b-hf",
+        "n_items": 9000,
+        "parser": "pope",
+        "decoding": {"strategy": "greedy", "max_new_tokens": 16},
+    },
     "headline": [
         {"metric": "f1_mean", "label": "F1, mean of splits", "higher_is_better": True, "percent": True},
         {"metric": "unknown", "label": "unparsable answers", "higher_is_better": False, "percent": False},
@@ -31,14 +37,19 @@ POPE = {
     },
 }
 MMLU = {
-    "task": "mmlu", "status": "complete", "seeds": [0],
+    "task": "mmlu",
+    "status": "complete",
+    "seeds": [0],
     "config": {"model": "smollm2", "tasks": ["attnsteer_mc_demo"], "num_fewshot_used": 0, "n_questions": 96},
-    "headline": [{"metric": "attnsteer_mc_demo/acc", "label": "attnsteer_mc_demo acc", "higher_is_better": True,
-                  "percent": True}],
+    "headline": [
+        {"metric": "attnsteer_mc_demo/acc", "label": "attnsteer_mc_demo acc", "higher_is_better": True, "percent": True}
+    ],
     "metrics": {
         "baseline": {"summary": {"attnsteer_mc_demo/acc": 0.6}, "summary_stderr": {"attnsteer_mc_demo/acc": 0.05}},
-        "softplus-gentle": {"summary": {"attnsteer_mc_demo/acc": 0.55},
-                            "summary_stderr": {"attnsteer_mc_demo/acc": 0.051}},
+        "softplus-gentle": {
+            "summary": {"attnsteer_mc_demo/acc": 0.55},
+            "summary_stderr": {"attnsteer_mc_demo/acc": 0.051},
+        },
     },
 }
 
@@ -78,8 +89,9 @@ def test_compare_command_writes_markdown_and_png(runs, tmp_path, capsys):
         assert not png.exists() and "matplotlib is not installed" in err
     else:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code, _, _ = cli(capsys, "compare", runs[0], "--output_path", tmp_path / "cmp2", "--no_plot",
-                     "--metrics", "unknown")
+    code, _, _ = cli(
+        capsys, "compare", runs[0], "--output_path", tmp_path / "cmp2", "--no_plot", "--metrics", "unknown"
+    )
     assert code == 0 and not (tmp_path / "cmp2" / "compare.png").exists()
 
 
@@ -88,8 +100,9 @@ def test_compare_missing_run_is_a_usage_error(tmp_path, capsys):
     assert code == 2 and "no results.json" in err
 
 
-@pytest.mark.parametrize("argv", [["eval", "pope"], ["eval", "chair"], ["eval", "mmlu"], ["eval", "speed"],
-                                  ["compare"]])
+@pytest.mark.parametrize(
+    "argv", [["eval", "pope"], ["eval", "chair"], ["eval", "mmlu"], ["eval", "speed"], ["compare"]]
+)
 def test_eval_help_ends_with_a_runnable_example(capsys, argv):
     code, out, _ = cli(capsys, *argv, "--help")
     assert code == 0

@@ -34,8 +34,26 @@ CHAT_TEMPLATE = (
 
 # COCO val2014 ids used by the synthetic data (a few from the published CHAIR / POPE lists)
 IMAGE_IDS = [2239, 3845, 4108, 4677, 5294, 6040, 6471, 7320]
-SYNONYMS = ["person, man, woman, people, girl, boy", "dog, puppy", "cat, kitten", "car", "chair", "dining table, table",
-            "bus", "truck", "bird", "horse", "umbrella", "cup", "pizza", "laptop", "tv", "book", "clock", "bench"]
+SYNONYMS = [
+    "person, man, woman, people, girl, boy",
+    "dog, puppy",
+    "cat, kitten",
+    "car",
+    "chair",
+    "dining table, table",
+    "bus",
+    "truck",
+    "bird",
+    "horse",
+    "umbrella",
+    "cup",
+    "pizza",
+    "laptop",
+    "tv",
+    "book",
+    "clock",
+    "bench",
+]
 
 
 def build_tokenizer():
@@ -53,8 +71,14 @@ def build_tokenizer():
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tk.decoder = decoders.WordPiece(prefix="##", cleanup=True)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
 
 
 def build_processor():
@@ -65,9 +89,14 @@ def build_processor():
     except ImportError:  # pragma: no cover - older transformers
         from transformers import CLIPImageProcessor as ImageProcessor
     image_processor = ImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(), patch_size=4,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=CHAT_TEMPLATE)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=4,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
 
 
 def build_tiny_llava():
@@ -79,13 +108,35 @@ def build_tiny_llava():
         import torch
         from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=16, patch_size=4, projection_dim=32)
-        text = LlamaConfig(vocab_size=136, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-                           bos_token_id=1, eos_token_id=2)
-        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=128, image_seq_length=16,
-                          vision_feature_layer=-2, vision_feature_select_strategy="default")
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=16,
+            patch_size=4,
+            projection_dim=32,
+        )
+        text = LlamaConfig(
+            vocab_size=136,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        cfg = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=128,
+            image_seq_length=16,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+        )
         torch.manual_seed(0)
         return LlavaForConditionalGeneration(cfg).eval()
 
@@ -125,8 +176,16 @@ def write_pope(folder: Path, ids=IMAGE_IDS[:4], objects=("dog", "car", "chair"))
         lines, qid = [], 1
         for k, image_id in enumerate(ids):
             for label, obj in (("yes", objects[(k + s) % 3]), ("no", objects[(k + s + 1) % 3])):
-                lines.append(json.dumps({"question_id": qid, "image": coco_name(image_id),
-                                         "text": f"Is there a {obj} in the image?", "label": label}))
+                lines.append(
+                    json.dumps(
+                        {
+                            "question_id": qid,
+                            "image": coco_name(image_id),
+                            "text": f"Is there a {obj} in the image?",
+                            "label": label,
+                        }
+                    )
+                )
                 qid += 1
         (folder / f"coco_pope_{split}.json").write_text("\n".join(lines) + "\n")
     return folder
@@ -160,10 +219,22 @@ def eval_data(tmp_path_factory) -> dict:
 
 def run_cli(*argv, cwd=None, env=None, timeout=600) -> subprocess.CompletedProcess:
     """``python -m attnsteer.cli ARGV`` in a fresh process."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "attnsteer.cli", *map(str, argv)], cwd=cwd or REPO, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    full_env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "attnsteer.cli", *map(str, argv)],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def read_samples(run_dir: Path) -> list[dict]:

@@ -56,9 +56,26 @@ def test_materialize_makes_data_files_absolute(tmp_path):
 
 
 def mc_argv(out, batch, *extra):
-    return ["eval", "mmlu", "--model", "smollm2", "--tasks", "attnsteer_mc_demo", "--recipe", "none",
-            "--recipe", "act-default", "--limit", "2", "--batch_size", str(batch), "--log_samples",
-            "--output_path", out, *extra]
+    return [
+        "eval",
+        "mmlu",
+        "--model",
+        "smollm2",
+        "--tasks",
+        "attnsteer_mc_demo",
+        "--recipe",
+        "none",
+        "--recipe",
+        "act-default",
+        "--limit",
+        "2",
+        "--batch_size",
+        str(batch),
+        "--log_samples",
+        "--output_path",
+        out,
+        *extra,
+    ]
 
 
 def _docs(run_dir):
@@ -99,13 +116,13 @@ def test_lm_eval_baseline_vs_recipe_identical_at_batch_sizes_1_and_4(smollm2, tm
     monkeypatch.setattr(lm_eval, "simple_evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
     code, out, err = cli(capsys, *mc_argv(tmp_path / "b4", 4))
     assert code == 0 and calls == [] and "finished in an earlier session" in err
-    assert read_results(tmp_path / "b4")["metrics"]["act-default"]["summary"] == \
-        r4["metrics"]["act-default"]["summary"]
+    assert read_results(tmp_path / "b4")["metrics"]["act-default"]["summary"] == r4["metrics"]["act-default"]["summary"]
 
 
 def test_unknown_task_and_changed_task_are_errors(tmp_path, capsys):
-    code, _, err = cli(capsys, "eval", "mmlu", "--model", "smollm2", "--tasks", "no_such_task_xyz",
-                       "--output_path", tmp_path / "x")
+    code, _, err = cli(
+        capsys, "eval", "mmlu", "--model", "smollm2", "--tasks", "no_such_task_xyz", "--output_path", tmp_path / "x"
+    )
     assert code == 2 and "unknown lm-eval task(s) ['no_such_task_xyz']" in err and "attnsteer_mc_demo" in err
     assert not (tmp_path / "x").exists()
 

@@ -27,8 +27,20 @@ def cli(capsys, *argv):
 
 
 def pope_argv(model, data, out, *extra):
-    return ["eval", "pope", "--model", model, "--pope_dir", data["pope"], "--coco_dir", data["images"],
-            "--output_path", out, "--no_progress", *extra]
+    return [
+        "eval",
+        "pope",
+        "--model",
+        model,
+        "--pope_dir",
+        data["pope"],
+        "--coco_dir",
+        data["images"],
+        "--output_path",
+        out,
+        "--no_progress",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +56,17 @@ def test_pope_baseline_results_and_samples(pope_run, eval_data):
     assert res["status"] == "complete" and res["task"] == "pope"
     base = res["metrics"]["baseline"]
     summary = base["summary"]
-    for key in ("f1_mean", "acc_mean", "f1_pooled", "acc_pooled", "yes_ratio_pooled", "unknown",
-                "random/f1", "popular/acc", "adversarial/yes_ratio"):
+    for key in (
+        "f1_mean",
+        "acc_mean",
+        "f1_pooled",
+        "acc_pooled",
+        "yes_ratio_pooled",
+        "unknown",
+        "random/f1",
+        "popular/acc",
+        "adversarial/yes_ratio",
+    ):
         assert key in summary
     cfg = res["config"]
     assert set(cfg["data"]["files"]) == {"random", "popular", "adversarial"}
@@ -76,8 +97,9 @@ def test_pope_batch_size_one_gives_the_same_outputs(pope_run, tiny_llava_dir, ev
     assert one == four
 
 
-def test_interrupted_run_resumes_without_recomputing(pope_run, tiny_llava_dir, eval_data, tmp_path, capsys,
-                                                     monkeypatch):
+def test_interrupted_run_resumes_without_recomputing(
+    pope_run, tiny_llava_dir, eval_data, tmp_path, capsys, monkeypatch
+):
     real = runner.generate_batch
     calls = {"batches": 0, "items": 0}
 
@@ -107,8 +129,10 @@ def test_interrupted_run_resumes_without_recomputing(pope_run, tiny_llava_dir, e
     final = read_samples(tmp_path / "run")
     assert final[:6] == first and len(final) == 24
     # same numbers as the uninterrupted run
-    assert read_results(tmp_path / "run")["metrics"]["baseline"]["summary"] == \
-        read_results(pope_run)["metrics"]["baseline"]["summary"]
+    assert (
+        read_results(tmp_path / "run")["metrics"]["baseline"]["summary"]
+        == read_results(pope_run)["metrics"]["baseline"]["summary"]
+    )
     # a rerun generates nothing, and may rescore with another parser
     calls["items"] = 0
     code, out, _ = cli(capsys, *pope_argv(tiny_llava_dir, eval_data, tmp_path / "run", "--parser", "strict"))
@@ -134,18 +158,41 @@ def test_pope_recipe_on_llava_runs_or_fails_cleanly(tiny_llava_dir, eval_data, t
         # steered generation does not depend on the batch either (left padding)
         code, _, _ = cli(capsys, *pope_argv(tiny_llava_dir, eval_data, tmp_path / "b1", *argv, "--batch_size", "1"))
         assert code == 0
-        assert {s["key"]: s["output"] for s in read_samples(tmp_path / "b1")} == \
-            {s["key"]: s["output"] for s in read_samples(tmp_path / "run")}
+        assert {s["key"]: s["output"] for s in read_samples(tmp_path / "b1")} == {
+            s["key"]: s["output"] for s in read_samples(tmp_path / "run")
+        }
     else:
         assert code == 2 and "--recipe 'act-default' cannot steer --model" in err
 
 
 def test_chair_baseline_end_to_end_and_rescoring(tiny_llava_dir, eval_data, tmp_path, capsys):
     run = tmp_path / "chair"
-    code, out, _ = cli(capsys, "eval", "chair", "--model", tiny_llava_dir, "--coco_dir", eval_data["images"],
-                       "--gt", eval_data["gt"], "--synonyms", eval_data["synonyms"], "--num_images", "5",
-                       "--image_seed", "3", "--max_new_tokens", "24", "--batch_size", "3", "--output_path", run,
-                       "--no_progress", "--lemmatizer", "rules")
+    code, out, _ = cli(
+        capsys,
+        "eval",
+        "chair",
+        "--model",
+        tiny_llava_dir,
+        "--coco_dir",
+        eval_data["images"],
+        "--gt",
+        eval_data["gt"],
+        "--synonyms",
+        eval_data["synonyms"],
+        "--num_images",
+        "5",
+        "--image_seed",
+        "3",
+        "--max_new_tokens",
+        "24",
+        "--batch_size",
+        "3",
+        "--output_path",
+        run,
+        "--no_progress",
+        "--lemmatizer",
+        "rules",
+    )
     assert code == 0 and "CHAIR_s" in out
     res = read_results(run)
     images = json.loads((run / "chair_images.json").read_text())
@@ -160,9 +207,25 @@ def test_chair_baseline_end_to_end_and_rescoring(tiny_llava_dir, eval_data, tmp_
     assert summary["n_captions"] == 5
     assert len(read_samples(run)) == 5
     # rescoring our own samples file with no model gives the same numbers
-    code, out, _ = cli(capsys, "eval", "chair", "--captions", run / "samples.jsonl", "--caption_key", "output",
-                       "--gt", eval_data["gt"], "--synonyms", eval_data["synonyms"], "--lemmatizer", "rules",
-                       "--drop_incomplete", "yes", "--output_path", tmp_path / "rescored")
+    code, out, _ = cli(
+        capsys,
+        "eval",
+        "chair",
+        "--captions",
+        run / "samples.jsonl",
+        "--caption_key",
+        "output",
+        "--gt",
+        eval_data["gt"],
+        "--synonyms",
+        eval_data["synonyms"],
+        "--lemmatizer",
+        "rules",
+        "--drop_incomplete",
+        "yes",
+        "--output_path",
+        tmp_path / "rescored",
+    )
     assert code == 0
     rescored = read_results(tmp_path / "rescored")["metrics"]["samples"]["summary"]
     for key in ("CHAIRs", "CHAIRi", "Recall", "Len"):
@@ -172,10 +235,32 @@ def test_chair_baseline_end_to_end_and_rescoring(tiny_llava_dir, eval_data, tmp_
 def test_chair_image_list(tiny_llava_dir, eval_data, tmp_path, capsys):
     listing = tmp_path / "ids.txt"
     listing.write_text("\n".join(f"COCO_val2014_{i:012d}.jpg" for i in IMAGE_IDS[5:]) + "\n")
-    code, _, _ = cli(capsys, "eval", "chair", "--model", tiny_llava_dir, "--coco_dir", eval_data["images"],
-                     "--gt", eval_data["gt"], "--synonyms", eval_data["synonyms"], "--image_list", listing,
-                     "--max_new_tokens", "12", "--drop_incomplete", "no", "--output_path", tmp_path / "run",
-                     "--no_progress", "--lemmatizer", "rules", "--limit", "2")
+    code, _, _ = cli(
+        capsys,
+        "eval",
+        "chair",
+        "--model",
+        tiny_llava_dir,
+        "--coco_dir",
+        eval_data["images"],
+        "--gt",
+        eval_data["gt"],
+        "--synonyms",
+        eval_data["synonyms"],
+        "--image_list",
+        listing,
+        "--max_new_tokens",
+        "12",
+        "--drop_incomplete",
+        "no",
+        "--output_path",
+        tmp_path / "run",
+        "--no_progress",
+        "--lemmatizer",
+        "rules",
+        "--limit",
+        "2",
+    )
     assert code == 0
     res = read_results(tmp_path / "run")
     assert res["config"]["image_ids"] == IMAGE_IDS[5:7]
@@ -189,42 +274,104 @@ def test_rescore_published_opera_log(capsys, tmp_path):
     log = SHARED_DATA / "chair" / "opera_chair_eval_results" / "llava-1.5" / "greedy.jsonl"
     if not log.is_file():
         pytest.skip("shared CHAIR data not available")
-    code, out, _ = cli(capsys, "eval", "chair", "--captions", log, "--gt", SHARED_DATA / "chair" / "gt_coco2014.json",
-                       "--synonyms", SHARED_DATA / "chair" / "synonyms.txt", "--lemmatizer", "rules",
-                       "--output_path", tmp_path / "r")
+    code, out, _ = cli(
+        capsys,
+        "eval",
+        "chair",
+        "--captions",
+        log,
+        "--gt",
+        SHARED_DATA / "chair" / "gt_coco2014.json",
+        "--synonyms",
+        SHARED_DATA / "chair" / "synonyms.txt",
+        "--lemmatizer",
+        "rules",
+        "--output_path",
+        tmp_path / "r",
+    )
     assert code == 0 and "greedy" in out
     m = read_results(tmp_path / "r")["metrics"]["greedy"]["summary"]
     assert m["n_captions"] == 500 and 0.3 < m["CHAIRs"] < 0.7
 
 
 # ---- missing data ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", ["no_pope_dir", "empty_pope_dir", "no_coco_dir", "missing_images", "smollm2",
-                                  "hf_offline", "chair_no_coco", "chair_no_gt", "chair_no_synonyms",
-                                  "chair_too_few_images", "captions_with_model"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "no_pope_dir",
+        "empty_pope_dir",
+        "no_coco_dir",
+        "missing_images",
+        "smollm2",
+        "hf_offline",
+        "chair_no_coco",
+        "chair_no_gt",
+        "chair_no_synonyms",
+        "chair_too_few_images",
+        "captions_with_model",
+    ],
+)
 def test_missing_data_errors_say_what_to_download(case, tiny_llava_dir, eval_data, tmp_path, capsys, monkeypatch):
     d, m = eval_data, tiny_llava_dir
     empty = tmp_path / "empty"
     empty.mkdir()
     chair = ["eval", "chair", "--model", m, "--output_path", tmp_path / "c"]
     cases = {
-        "no_pope_dir": (["eval", "pope", "--model", m], ["github.com/RUCAIBox/POPE", "--pope_dir", "val2014.zip", "--hf"]),
-        "empty_pope_dir": (["eval", "pope", "--model", m, "--pope_dir", empty], ["coco_pope_random.json", "RUCAIBox/POPE"]),
-        "no_coco_dir": (["eval", "pope", "--model", m, "--pope_dir", d["pope"]], ["--coco_dir is missing", "val2014.zip"]),
-        "missing_images": (["eval", "pope", "--model", m, "--pope_dir", d["pope"], "--coco_dir", empty],
-                           ["4 images the questions need are not there", "COCO_val2014_000000002239.jpg", "val2014.zip"]),
-        "smollm2": (["eval", "pope", "--model", "smollm2", "--pope_dir", d["pope"], "--coco_dir", d["images"],
-                     "--output_path", tmp_path / "s"], ["vision-language model"]),
-        "hf_offline": (["eval", "pope", "--model", m, "--hf", "--splits", "random"],
-                       ["lmms-lab/POPE", "huggingface-cli download", "--pope_dir"]),
-        "chair_no_coco": (chair + ["--gt", d["gt"], "--synonyms", d["synonyms"]], ["--coco_dir is missing", "val2014.zip"]),
-        "chair_no_gt": (chair + ["--coco_dir", d["images"], "--synonyms", d["synonyms"], "--num_images", "2"],
-                        ["annotations_trainval2014.zip", "--gt FILE", "--coco_annotations"]),
-        "chair_no_synonyms": (chair + ["--coco_dir", d["images"], "--gt", d["gt"]],
-                              ["--synonyms is missing", "LisaAnne/Hallucination"]),
-        "chair_too_few_images": (chair + ["--coco_dir", d["images"], "--gt", d["gt"], "--synonyms", d["synonyms"]],
-                                 ["holds 8 COCO images but --num_images is 500", "val2014"]),
-        "captions_with_model": (chair + ["--captions", d["gt"], "--gt", d["gt"], "--synonyms", d["synonyms"]],
-                                ["loads no model"]),
+        "no_pope_dir": (
+            ["eval", "pope", "--model", m],
+            ["github.com/RUCAIBox/POPE", "--pope_dir", "val2014.zip", "--hf"],
+        ),
+        "empty_pope_dir": (
+            ["eval", "pope", "--model", m, "--pope_dir", empty],
+            ["coco_pope_random.json", "RUCAIBox/POPE"],
+        ),
+        "no_coco_dir": (
+            ["eval", "pope", "--model", m, "--pope_dir", d["pope"]],
+            ["--coco_dir is missing", "val2014.zip"],
+        ),
+        "missing_images": (
+            ["eval", "pope", "--model", m, "--pope_dir", d["pope"], "--coco_dir", empty],
+            ["4 images the questions need are not there", "COCO_val2014_000000002239.jpg", "val2014.zip"],
+        ),
+        "smollm2": (
+            [
+                "eval",
+                "pope",
+                "--model",
+                "smollm2",
+                "--pope_dir",
+                d["pope"],
+                "--coco_dir",
+                d["images"],
+                "--output_path",
+                tmp_path / "s",
+            ],
+            ["vision-language model"],
+        ),
+        "hf_offline": (
+            ["eval", "pope", "--model", m, "--hf", "--splits", "random"],
+            ["lmms-lab/POPE", "huggingface-cli download", "--pope_dir"],
+        ),
+        "chair_no_coco": (
+            chair + ["--gt", d["gt"], "--synonyms", d["synonyms"]],
+            ["--coco_dir is missing", "val2014.zip"],
+        ),
+        "chair_no_gt": (
+            chair + ["--coco_dir", d["images"], "--synonyms", d["synonyms"], "--num_images", "2"],
+            ["annotations_trainval2014.zip", "--gt FILE", "--coco_annotations"],
+        ),
+        "chair_no_synonyms": (
+            chair + ["--coco_dir", d["images"], "--gt", d["gt"]],
+            ["--synonyms is missing", "LisaAnne/Hallucination"],
+        ),
+        "chair_too_few_images": (
+            chair + ["--coco_dir", d["images"], "--gt", d["gt"], "--synonyms", d["synonyms"]],
+            ["holds 8 COCO images but --num_images is 500", "val2014"],
+        ),
+        "captions_with_model": (
+            chair + ["--captions", d["gt"], "--gt", d["gt"], "--synonyms", d["synonyms"]],
+            ["loads no model"],
+        ),
     }
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

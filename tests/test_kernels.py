@@ -24,9 +24,11 @@ import pytest  # noqa: E402
 
 pytest.importorskip("triton")
 
+import vlm_fixtures as F  # noqa: E402
+from conftest import build_tiny  # noqa: E402
+
 import attnsteer  # noqa: E402
 from attnsteer import kernels as K  # noqa: E402
-from attnsteer.api import LayerPlan  # noqa: E402
 from attnsteer.attention import dispatch  # noqa: E402
 from attnsteer.attention import triton_backend as tb  # noqa: E402
 from attnsteer.attention.fused import fused_attention  # noqa: E402
@@ -35,11 +37,9 @@ from attnsteer.attention.rows import ForwardInfo, MaskView  # noqa: E402
 from attnsteer.methods.act import ACT  # noqa: E402
 from attnsteer.methods.softplus import SoftplusReweight  # noqa: E402
 from attnsteer.methods.var import VAR  # noqa: E402
+from attnsteer.plan import LayerPlan  # noqa: E402
 from attnsteer.roles import PromptRoles  # noqa: E402
 from attnsteer.sinks import HiddenSinks  # noqa: E402
-
-import vlm_fixtures as F  # noqa: E402
-from conftest import build_tiny  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = K.interpreting()
@@ -253,7 +253,7 @@ DECODE_CASES = {
 
 
 def _var_ref(a, g, p, rho, min_image, rows_gate):
-    """SPEC section 1 on float32 weights a (B, H, 1, K) with VAR groups g (B, H, 1, K): 0 other,
+    """docs/methods.md#var on float32 weights a (B, H, 1, K) with VAR groups g (B, H, 1, K): 0 other,
     1 text sink, 2 image sink, 3 visual non-sink; rows_gate bool broadcasting to (B, H, 1, 1)."""
     sinks, image, visual = (g == 1) | (g == 2), (g == 2) | (g == 3), g == 3
     m_img, m_sink, m_vis = ((a * grp).sum(-1, keepdim=True) for grp in (image, sinks, visual))
@@ -280,7 +280,16 @@ def test_decode(name, rule):
     elif rule == "act":
         gid = _group_ids(b, hq, k_len - 4, 2, seed=6)  # the last 4 keys: generated, never sinks
         out, modified = K.decode(
-            q, k, v, spec, 0.3, groups=K.Groups(gid, 2), rule="act", beta=0.3, steer=steer, rel0=rel0,
+            q,
+            k,
+            v,
+            spec,
+            0.3,
+            groups=K.Groups(gid, 2),
+            rule="act",
+            beta=0.3,
+            steer=steer,
+            rel0=rel0,
             num_splits=c["splits"],
         )
         g = _gather_groups(gid, 0, k_len, hq)
@@ -543,8 +552,13 @@ def test_models_generate_like_the_pytorch_backend(family, recipe, monkeypatch):
         tb.reset_counters()
         with attnsteer.apply(model, recipe) as handle, torch.no_grad():
             out = model.generate(
-                input_ids=ids, attention_mask=attention_mask, max_new_tokens=3, do_sample=False,
-                output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+                input_ids=ids,
+                attention_mask=attention_mask,
+                max_new_tokens=3,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
             )
             results[backend] = (out, [s["rows_modified"] for s in handle.stats()], dict(tb.COUNTERS))
     (ref, ref_rows, _), (tri, tri_rows, counters) = results["pytorch"], results["triton"]
@@ -562,12 +576,33 @@ def test_vlm_var_generates_like_the_pytorch_backend(family, variant, monkeypatch
     prefill (4 key groups, the row gate after the last image) and split-K decode with the rule
     at the merge give the PyTorch fused backend's tokens, logits and steered-row counts."""
     model = F.build_vlm(family).to(DEVICE)
-    inputs = {k: v.to(DEVICE) if torch.is_tensor(v) else v
-              for k, v in F.make_inputs(family, model, n_images=[2, 0, 1], seed=3).items()}
-    recipe = {"interventions": [{"method": "var", "layers": "all", "params": {
-        "tau": 2.8 if family == "llava" else 3.0, "rho": 0.3, "min_image_attention": 0.05, "variant": variant}}]}
-    kwargs = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True,
-                  return_dict_in_generate=True, suppress_tokens=[128, 129, 130, 131])
+    inputs = {
+        k: v.to(DEVICE) if torch.is_tensor(v) else v
+        for k, v in F.make_inputs(family, model, n_images=[2, 0, 1], seed=3).items()
+    }
+    recipe = {
+        "interventions": [
+            {
+                "method": "var",
+                "layers": "all",
+                "params": {
+                    "tau": 2.8 if family == "llava" else 3.0,
+                    "rho": 0.3,
+                    "min_image_attention": 0.05,
+                    "variant": variant,
+                },
+            }
+        ]
+    }
+    kwargs = dict(
+        max_new_tokens=3,
+        min_new_tokens=3,
+        do_sample=False,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+        suppress_tokens=[128, 129, 130, 131],
+    )
     results = {}
     for backend in ("pytorch", "triton"):
         monkeypatch.setitem(dispatch.BACKENDS, "fused", tb.triton_attention if backend == "triton" else fused_attention)
@@ -594,7 +629,7 @@ def test_gpu_kernels_real_sizes(dtype, d, hq, hkv):
     b, n = 2, 1024
     q, k, v = _inputs(b, hq, hkv, n, n, d, seed=11)
     spec = _spec(b, n, n, (0, 100))
-    scale = d ** -0.5
+    scale = d**-0.5
     s, a, vis = _ref_probs(q, k, spec, scale)
     oracle = _ref_out(a, v, hq)
     ql, kl, vl = (t.to(dtype) for t in (q, k, v))
@@ -644,8 +679,10 @@ def test_gpu_kernels_real_sizes(dtype, d, hq, hkv):
     out, _ = K.attention(ql, kl, vl, spec, scale, softplus=args)
     sp_oracle = _ref_out(_softplus_ref(a, vis, rel, 3.0, 1.0, steer)[0], v, hq)
     _, a_low, _ = _ref_probs(ql, kl, spec, scale)
-    sp_naive = (_softplus_ref(a_low.to(dtype).float(), vis, rel, 3.0, 1.0, steer)[0].to(dtype)
-                @ vl.repeat_interleave(hq // hkv, 1)).transpose(1, 2)
+    sp_naive = (
+        _softplus_ref(a_low.to(dtype).float(), vis, rel, 3.0, 1.0, steer)[0].to(dtype)
+        @ vl.repeat_interleave(hq // hkv, 1)
+    ).transpose(1, 2)
     _fa_rule(out, sp_naive, sp_oracle, valid)
 
 
@@ -657,7 +694,7 @@ def test_gpu_decode_real_sizes(dtype, rule):
     b, hq, hkv, k_len, d = 8, 32, 8, 4096, 128
     q, k, v = _inputs(b, hq, hkv, 1, k_len, d, seed=13)
     spec = _spec(b, 1, k_len, tuple(range(0, 8 * 37, 37)))
-    scale = d ** -0.5
+    scale = d**-0.5
     _, a, vis = _ref_probs(q, k, spec, scale)
     ql, kl, vl = (t.to(dtype) for t in (q, k, v))
     _, a_low, _ = _ref_probs(ql, kl, spec, scale)

@@ -39,8 +39,9 @@ def _run(code: str, cache_dir, interpret: bool = False, timeout: int = 1800):
     env["TRITON_CACHE_DIR"] = str(cache_dir)
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=timeout
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -80,14 +81,32 @@ def test_variants_cover_every_launcher_mode():
         return [f"{k} {v}" for k, v, _ in CC.variants(torch.bfloat16, 128, scope)]
 
     smoke, modes, full = labels("smoke"), labels("modes"), labels("full")
-    for want in ("row_stats lse;", "row_stats lse + row max", "row_stats 4 groups, online",
-                 "row_stats 4 groups, lse given", "column_stats", "attention plain",
-                 "attention 4-group bias, lse given", "attention 4-group bias, online", "attention softplus p=1.5",
-                 "attention softplus p=0.7", "decode plain", "decode 4 groups carried", "decode act",
-                 "decode var", "decode softplus;", "decode softplus, 128 splits"):
+    for want in (
+        "row_stats lse;",
+        "row_stats lse + row max",
+        "row_stats 4 groups, online",
+        "row_stats 4 groups, lse given",
+        "column_stats",
+        "attention plain",
+        "attention 4-group bias, lse given",
+        "attention 4-group bias, online",
+        "attention softplus p=1.5",
+        "attention softplus p=0.7",
+        "decode plain",
+        "decode 4 groups carried",
+        "decode act",
+        "decode var",
+        "decode softplus;",
+        "decode softplus, 128 splits",
+    ):
         assert any(label.startswith(want) for label in smoke), want
-    for want in ("row_stats 2 groups, online", "row_stats 3 groups, lse given", "attention 2-group bias, online",
-                 "attention softplus p=1.0", "decode 2 groups carried"):
+    for want in (
+        "row_stats 2 groups, online",
+        "row_stats 3 groups, lse given",
+        "attention 2-group bias, online",
+        "attention softplus p=1.0",
+        "decode 2 groups carried",
+    ):
         assert any(label.startswith(want) for label in modes) and not any(label.startswith(want) for label in smoke)
     assert len(set(smoke)) == len(smoke) and len(set(full)) == len(full)
     for want in ("mha 32/32, contiguous, causal", "gqa 32/8, (B,L,H,D) strides, padding+window"):
@@ -101,8 +120,15 @@ def test_every_kernel_mode_compiles_for_sm90(tmp_path):
     records = _run(COMPILE.format(cc=90, dtypes=("bfloat16",), dims=(128,), scope="smoke"), tmp_path)
     assert not _problems(records, 90), _problems(records, 90)
     names = {r["kernel"] for r in records}
-    assert names == {"row_stats", "column_stats", "attn_fwd", "decode_split", "decode_merge",
-                     "decode_split(scores)", "decode_split(softplus)"}, names
+    assert names == {
+        "row_stats",
+        "column_stats",
+        "attn_fwd",
+        "decode_split",
+        "decode_merge",
+        "decode_split(scores)",
+        "decode_split(softplus)",
+    }, names
     assert all(r["cc"] == 90 for r in records)
 
 
@@ -111,7 +137,8 @@ def test_compile_only_in_an_interpreter_process_restores_everything(tmp_path):
     compile-only mode still compiles real kernels, and afterwards the launchers' state, triton's
     active driver, the interpret knob, the environment and triton's language library are what they
     were: the next kernel call runs interpreted and is right."""
-    result = _run("""
+    result = _run(
+        """
         import json, os, torch
         import triton.language as tl
         from triton import knobs
@@ -143,7 +170,10 @@ def test_compile_only_in_an_interpreter_process_restores_everything(tmp_path):
                           "interpreted": ops._STATE["interpreted"],
                           "ok": [r.ok for r in records], "kernels": [r.kernel for r in records],
                           "compiled": all(r.registers for r in records)}))
-    """, tmp_path, interpret=True)
+    """,
+        tmp_path,
+        interpret=True,
+    )
     assert result["ok"] == [True] * 3 and result["compiled"], result
     assert result["kernels"] == ["row_stats", "decode_split", "decode_merge"], result
     assert result["before"] == result["after"], result
@@ -157,7 +187,8 @@ def test_compile_only_in_an_interpreter_process_restores_everything(tmp_path):
 def test_a_kernel_that_cannot_compile_is_reported(tmp_path):
     """Compile errors are reported, not passed (the check found a plain-float NEG_INF global this
     way): with NEG_INF a plain float again, the calls fail with triton's CompilationError."""
-    result = _run("""
+    result = _run(
+        """
         import json
         from attnsteer.kernels import compile_check as CC
         only = "^(row_stats lse;|attention plain)"
@@ -165,7 +196,9 @@ def test_a_kernel_that_cannot_compile_is_reported(tmp_path):
         CC._compiled_kernel_module().NEG_INF = float("-inf")  # not a constexpr: compiled code may not read it
         bad = CC.compile_variants(90, ("float16",), (80,), scope="smoke", only=only)  # new shapes: not cached
         print(json.dumps({"good": [r.ok for r in good], "bad": [[r.ok, r.error] for r in bad]}))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
     assert result["good"] == [True, True]
     assert len(result["bad"]) == 2 and not any(ok for ok, _ in result["bad"]), result["bad"]
     assert all("CompilationError" in err for _, err in result["bad"]), result["bad"]
@@ -177,9 +210,27 @@ def test_cli_writes_the_reports(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
     proc = subprocess.run(
-        [sys.executable, "-m", "attnsteer.kernels.compile_check", "--arch", "80", "--dtype", "float16",
-         "--head-dim", "64", "--scope", "smoke", "--only", "^column_stats", "--output", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "attnsteer.kernels.compile_check",
+            "--arch",
+            "80",
+            "--dtype",
+            "float16",
+            "--head-dim",
+            "64",
+            "--scope",
+            "smoke",
+            "--only",
+            "^column_stats",
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "out" / "compile_sm80.json").read_text())
@@ -197,7 +248,8 @@ def test_the_whole_matrix_compiles_without_spills(cc, tmp_path):
     contiguous strides, causal / padding / window masks for bf16 at D = 128 (about 5 min per arch
     on 2 CPU cores). ``python -m attnsteer.kernels.compile_check --scope full`` is the same with the
     layouts and masks for every dtype and head dim (the reports in evals/kernels/)."""
-    records = _run(COMPILE.format(cc=cc, dtypes=tuple(CC.DTYPES), dims=CC.HEAD_DIMS, scope="modes"),
-                   tmp_path, timeout=3600)
+    records = _run(
+        COMPILE.format(cc=cc, dtypes=tuple(CC.DTYPES), dims=CC.HEAD_DIMS, scope="modes"), tmp_path, timeout=3600
+    )
     records += _run(COMPILE.format(cc=cc, dtypes=("bfloat16",), dims=(128,), scope="full"), tmp_path, timeout=3600)
     assert not _problems(records, cc), _problems(records, cc)

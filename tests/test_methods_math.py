@@ -1,16 +1,14 @@
-"""The SPEC formulas on hand-made numbers, and the fused backend against the oracle on odd shapes."""
+"""The methods' formulas on hand-made numbers, and the fused backend against the oracle on odd shapes."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import build_tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnsteer
-from attnsteer.api import LayerPlan
 from attnsteer.attention import fused as fused_mod
 from attnsteer.attention.fused import fused_attention
 from attnsteer.attention.reference import reference_attention
@@ -19,8 +17,7 @@ from attnsteer.errors import AttnsteerWarning, SteeringError
 from attnsteer.methods.act import ACT, sinks_from_column_means
 from attnsteer.methods.base import StepInfo
 from attnsteer.methods.softplus import SoftplusReweight
-
-from conftest import build_tiny
+from attnsteer.plan import LayerPlan
 
 
 def _params(cls, **over):
@@ -59,9 +56,7 @@ def test_act_calibration_by_hand():
 
 def test_act_sink_detection_by_hand():
     """m_j = mean over the rows that see j (1/(N - j) on a causal map); first sink dropped."""
-    a = torch.tensor(
-        [[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.5, 0.3, 0.2, 0], [0.4, 0.3, 0.05, 0.25]]
-    ).view(1, 1, 4, 4)
+    a = torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0.5, 0.3, 0.2, 0], [0.4, 0.3, 0.05, 0.25]]).view(1, 1, 4, 4)
     visible = torch.tril(torch.ones(4, 4, dtype=torch.bool)).view(1, 1, 4, 4)
     ctx = row_context(visible, ForwardInfo(4, 0, 4, None), 0, torch.arange(4))
     # m = [2.4/4, 1.1/3, 0.25/2, 0.25/1] = [0.6, 0.367, 0.125, 0.25]
@@ -147,6 +142,7 @@ def _padded_mask(b, q_len, k_len, pads):
 @pytest.mark.parametrize("recipe", ["act", "act_heads", "softplus", "lssa", "act+softplus"])
 def test_fused_matches_reference_on_odd_shapes(chunk, recipe):
     """GQA 6/2, padding (a row fully padded at the start), cache offset (K > Q), chunking."""
+
     def build():
         heads = torch.tensor([True, False, True, False, False, True])
         make = {
@@ -190,7 +186,9 @@ def test_fused_identity_matches_sdpa():
     q, k, v = _random_attention(b=2, hq=4, hkv=4, q_len=11, k_len=11)
     mask = _padded_mask(2, 11, 11, (0, 3))
     plan = _plan(ACT(_params(ACT, beta=1.0, threshold=0.05), 0, None))
-    out, _ = fused_attention(plan, q, k, v, MaskView(mask, 11, 11), 0.3, ForwardInfo(11, 0, 11, torch.tensor([0, 3])), NoStats())
+    out, _ = fused_attention(
+        plan, q, k, v, MaskView(mask, 11, 11), 0.3, ForwardInfo(11, 0, 11, torch.tensor([0, 3])), NoStats()
+    )
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
     torch.testing.assert_close(out[0], sdpa[0], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out[1, 3:], sdpa[1, 3:], atol=1e-6, rtol=1e-5)
@@ -215,7 +213,9 @@ def test_fused_never_builds_a_queries_by_keys_tensor(method, monkeypatch):
     b, h, n, d = 1, 4, 128, 8
     q, k, v = _random_attention(b=b, hq=h, hkv=2, q_len=n, k_len=n, d=d)
     plan = _plan(
-        ACT(_params(ACT, threshold=0.05), 0, None) if method == "act" else SoftplusReweight(_params(SoftplusReweight), 0, None)
+        ACT(_params(ACT, threshold=0.05), 0, None)
+        if method == "act"
+        else SoftplusReweight(_params(SoftplusReweight), 0, None)
     )
     with _LargestTensor() as probe:
         fused_attention(plan, q, k, v, MaskView(None, n, n), 0.3, ForwardInfo(n, 0, n, None), NoStats())
@@ -239,7 +239,9 @@ def test_low_precision_error_within_twice_naive_error(dtype, method):
             m = ACT(_params(ACT, apply_to="all"), 0, None)
             m.prompt_state["sinks"] = sinks
         else:
-            m = SoftplusReweight(_params(SoftplusReweight, p=2.0, scoring="lssa" if method == "lssa" else "softmax"), 0, None)
+            m = SoftplusReweight(
+                _params(SoftplusReweight, p=2.0, scoring="lssa" if method == "lssa" else "softmax"), 0, None
+            )
         return _plan(m)
 
     oracle, _ = reference_attention(plan(), q.float(), k.float(), v.float(), mask, 0.125, info, NoStats())
@@ -275,7 +277,9 @@ def test_eager_original_is_supported_and_restored():
     mask[1, :3] = 0
     out = []
     for model in (sdpa, eager):
-        with attnsteer.apply(model, {"interventions": [{"method": "act", "layers": "1:", "params": {"threshold": 0.05}}]}):
+        with attnsteer.apply(
+            model, {"interventions": [{"method": "act", "layers": "1:", "params": {"threshold": 0.05}}]}
+        ):
             out.append(model(input_ids=ids, attention_mask=mask).logits)
     assert eager.config._attn_implementation == "eager"
     valid = mask.bool()
@@ -297,7 +301,9 @@ def test_double_apply_raises_and_context_manager_cleans_up_on_error():
 def test_site_that_never_fires_warns_on_remove():
     model = build_tiny("llama")
     ids = torch.randint(3, 96, (1, 10))
-    handle = attnsteer.apply(model, {"interventions": [{"method": "act", "layers": "all", "params": {"threshold": 0.999}}]})
+    handle = attnsteer.apply(
+        model, {"interventions": [{"method": "act", "layers": "all", "params": {"threshold": 0.999}}]}
+    )
     model(input_ids=ids)
     assert all(s["calls"] == 1 and s["fired"] == 0 for s in handle.stats())
     with pytest.warns(AttnsteerWarning, match="never changed a row"):

@@ -86,12 +86,16 @@ def test_parser_errors():
 
 def _items():
     labels = ["yes", "no"] * 3
-    items = [POPEItem(i + 1, f"img{i // 2}.jpg", "Is there a dog in the image?", lab, "random", "coco")
-             for i, lab in enumerate(labels)]
-    items += [POPEItem(i + 1, f"img{i // 2}.jpg", "Is there a cat in the image?", lab, "popular", "coco")
-              for i, lab in enumerate(labels)]
-    answers = ["Yes", "No", "No", "Yes", "maybe", "maybe"]          # random: TP TN FN FP unk(yes) unk(no)
-    answers += ["Yes", "No", "Yes", "No", "Yes", "Yes"]            # popular: TP TN TP TN TP FP
+    items = [
+        POPEItem(i + 1, f"img{i // 2}.jpg", "Is there a dog in the image?", lab, "random", "coco")
+        for i, lab in enumerate(labels)
+    ]
+    items += [
+        POPEItem(i + 1, f"img{i // 2}.jpg", "Is there a cat in the image?", lab, "popular", "coco")
+        for i, lab in enumerate(labels)
+    ]
+    answers = ["Yes", "No", "No", "Yes", "maybe", "maybe"]  # random: TP TN FN FP unk(yes) unk(no)
+    answers += ["Yes", "No", "Yes", "No", "Yes", "Yes"]  # popular: TP TN TP TN TP FP
     return items, answers
 
 
@@ -102,9 +106,9 @@ def test_hand_computed_confusion_matrix():
     assert (r["tp"], r["tn"], r["fp"], r["fn"], r["unknown"], r["n"]) == (1, 1, 1, 2, 2, 6)
     assert r["accuracy"] == pytest.approx(2 / 6)
     assert r["precision"] == pytest.approx(0.5)
-    assert r["recall"] == pytest.approx(1 / 3)        # the unknown on a yes-question is a false negative
+    assert r["recall"] == pytest.approx(1 / 3)  # the unknown on a yes-question is a false negative
     assert r["f1"] == pytest.approx(0.4)
-    assert r["yes_ratio"] == pytest.approx(2 / 6)      # of predictions, not labels
+    assert r["yes_ratio"] == pytest.approx(2 / 6)  # of predictions, not labels
     p = res["per_split"]["popular"]
     assert (p["tp"], p["tn"], p["fp"], p["fn"], p["unknown"]) == (3, 2, 1, 0, 0)
     assert p["accuracy"] == pytest.approx(5 / 6)
@@ -169,16 +173,24 @@ def test_prompt():
 
 
 def test_loader_jsonl_crlf_and_array(tmp_path):
-    recs = [{"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"},
-            {"question_id": 2, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"}]
+    recs = [
+        {"question_id": 1, "image": "a.jpg", "text": "Is there a dog in the image?", "label": "yes"},
+        {"question_id": 2, "image": "a.jpg", "text": "Is there a cat in the image?", "label": "no"},
+    ]
     jl = tmp_path / "coco_pope_popular.json"
     jl.write_bytes(("\r\n".join(json.dumps(r) for r in recs) + "\r\n").encode())
     arr = tmp_path / "gqa_pope_seem_adversarial.json"
     arr.write_text(json.dumps(recs, indent=4))
     a = load_pope_file(jl)
     b = load_pope_file(arr)
-    assert [(i.question_id, i.label, i.split, i.source) for i in a] == [(1, "yes", "popular", "coco"), (2, "no", "popular", "coco")]
-    assert [(i.question, i.split, i.source) for i in b] == [(recs[0]["text"], "adversarial", "gqa"), (recs[1]["text"], "adversarial", "gqa")]
+    assert [(i.question_id, i.label, i.split, i.source) for i in a] == [
+        (1, "yes", "popular", "coco"),
+        (2, "no", "popular", "coco"),
+    ]
+    assert [(i.question, i.split, i.source) for i in b] == [
+        (recs[0]["text"], "adversarial", "gqa"),
+        (recs[1]["text"], "adversarial", "gqa"),
+    ]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"question_id": 1, "image": "a.jpg", "text": "?"}) + "\n")
     with pytest.raises(ValueError, match="label"):
@@ -203,21 +215,126 @@ def test_find_file_error_names_file_and_source(tmp_path):
 
 PUBLISHED = [
     # (folder, file, records, yes, no, sha256)
-    ("head", "coco_pope_random.json", 3000, 1500, 1500, "ac25245170b975a5bdf9080b23fd431dfe6be458bc038259c1f4f09a6bef7994"),
-    ("head", "coco_pope_popular.json", 3000, 1500, 1500, "72c1a8ad45d0c13514f5f22598261df41d3b533854d29682e924db50ed8aa753"),
-    ("head", "coco_pope_adversarial.json", 3000, 1500, 1500, "420b3407db1fa9f1187a805dca41cb7b97fd91504e6c2179706188c107fb8ef8"),
-    ("head", "aokvqa_pope_seem_random.json", 3000, 1500, 1500, "f06eecde6d6ef4a00b95a7bbb510490708a09a6a67d952b59b8bdd33ac2c7200"),
-    ("head", "aokvqa_pope_seem_popular.json", 3000, 1500, 1500, "2ae5bedee3450cda52f9b033942c7b04a3917a86a110e859a66c1e41934c6ffd"),
-    ("head", "aokvqa_pope_seem_adversarial.json", 3000, 1500, 1500, "2ddd3bdfa0df7a77a2cb1765ed06ac5ed190b5a093aa405b96986e862e8cdac1"),
-    ("head", "gqa_pope_seem_random.json", 3000, 1500, 1500, "6ce488eade3770185034939fabfe742fa32ed369011c8d9c3ac77bc0c85abd94"),
-    ("head", "gqa_pope_seem_popular.json", 3000, 1500, 1500, "dd03f06a458dd216e83233160fbf6628af9c63c84b11e99599f4fc0304b3361d"),
-    ("head", "gqa_pope_seem_adversarial.json", 3000, 1500, 1500, "74e01b41d8308e2392e3b8d961167496ff3901c01100265d931a7a392f138a7a"),
-    ("e3e3926", "coco_pope_random.json", 2910, 1500, 1410, "c16b65d2df6d70bb0814c8a4375833d39cdb09928fd936d3fc546491efa37f35"),
-    ("e3e3926", "coco_pope_popular.json", 3000, 1500, 1500, "5b16653023bf4f64d57eb0d168259de6627f5cde7538b85ebed3cc33034aa6cc"),
-    ("e3e3926", "coco_pope_adversarial.json", 3000, 1500, 1500, "1d8f0906a9b50c05640f6f23abfac97523be2a1bed28f7eadc63b811699b2d26"),
-    ("edebdda", "coco_pope_random.json", 3000, 1500, 1500, "ac25245170b975a5bdf9080b23fd431dfe6be458bc038259c1f4f09a6bef7994"),
-    ("edebdda", "coco_pope_popular.json", 3000, 1500, 1500, "72c1a8ad45d0c13514f5f22598261df41d3b533854d29682e924db50ed8aa753"),
-    ("edebdda", "coco_pope_adversarial.json", 3000, 1500, 1500, "207273ac3b7fdd04df206c6809b77a4e7f60360a730ade6b7e32804e8dd5602f"),
+    (
+        "head",
+        "coco_pope_random.json",
+        3000,
+        1500,
+        1500,
+        "ac25245170b975a5bdf9080b23fd431dfe6be458bc038259c1f4f09a6bef7994",
+    ),
+    (
+        "head",
+        "coco_pope_popular.json",
+        3000,
+        1500,
+        1500,
+        "72c1a8ad45d0c13514f5f22598261df41d3b533854d29682e924db50ed8aa753",
+    ),
+    (
+        "head",
+        "coco_pope_adversarial.json",
+        3000,
+        1500,
+        1500,
+        "420b3407db1fa9f1187a805dca41cb7b97fd91504e6c2179706188c107fb8ef8",
+    ),
+    (
+        "head",
+        "aokvqa_pope_seem_random.json",
+        3000,
+        1500,
+        1500,
+        "f06eecde6d6ef4a00b95a7bbb510490708a09a6a67d952b59b8bdd33ac2c7200",
+    ),
+    (
+        "head",
+        "aokvqa_pope_seem_popular.json",
+        3000,
+        1500,
+        1500,
+        "2ae5bedee3450cda52f9b033942c7b04a3917a86a110e859a66c1e41934c6ffd",
+    ),
+    (
+        "head",
+        "aokvqa_pope_seem_adversarial.json",
+        3000,
+        1500,
+        1500,
+        "2ddd3bdfa0df7a77a2cb1765ed06ac5ed190b5a093aa405b96986e862e8cdac1",
+    ),
+    (
+        "head",
+        "gqa_pope_seem_random.json",
+        3000,
+        1500,
+        1500,
+        "6ce488eade3770185034939fabfe742fa32ed369011c8d9c3ac77bc0c85abd94",
+    ),
+    (
+        "head",
+        "gqa_pope_seem_popular.json",
+        3000,
+        1500,
+        1500,
+        "dd03f06a458dd216e83233160fbf6628af9c63c84b11e99599f4fc0304b3361d",
+    ),
+    (
+        "head",
+        "gqa_pope_seem_adversarial.json",
+        3000,
+        1500,
+        1500,
+        "74e01b41d8308e2392e3b8d961167496ff3901c01100265d931a7a392f138a7a",
+    ),
+    (
+        "e3e3926",
+        "coco_pope_random.json",
+        2910,
+        1500,
+        1410,
+        "c16b65d2df6d70bb0814c8a4375833d39cdb09928fd936d3fc546491efa37f35",
+    ),
+    (
+        "e3e3926",
+        "coco_pope_popular.json",
+        3000,
+        1500,
+        1500,
+        "5b16653023bf4f64d57eb0d168259de6627f5cde7538b85ebed3cc33034aa6cc",
+    ),
+    (
+        "e3e3926",
+        "coco_pope_adversarial.json",
+        3000,
+        1500,
+        1500,
+        "1d8f0906a9b50c05640f6f23abfac97523be2a1bed28f7eadc63b811699b2d26",
+    ),
+    (
+        "edebdda",
+        "coco_pope_random.json",
+        3000,
+        1500,
+        1500,
+        "ac25245170b975a5bdf9080b23fd431dfe6be458bc038259c1f4f09a6bef7994",
+    ),
+    (
+        "edebdda",
+        "coco_pope_popular.json",
+        3000,
+        1500,
+        1500,
+        "72c1a8ad45d0c13514f5f22598261df41d3b533854d29682e924db50ed8aa753",
+    ),
+    (
+        "edebdda",
+        "coco_pope_adversarial.json",
+        3000,
+        1500,
+        1500,
+        "207273ac3b7fdd04df206c6809b77a4e7f60360a730ade6b7e32804e8dd5602f",
+    ),
 ]
 
 
@@ -263,10 +380,24 @@ def _fake_datasets(monkeypatch, load_dataset):
 
 def test_hf_column_mapping(monkeypatch):
     rows = [
-        {"id": "0", "question_id": "1", "question": "Is there a snowboard in the image?", "answer": "yes",
-         "image_source": "COCO_val2014_000000310196", "image": object(), "category": "adversarial"},
-        {"id": "1", "question_id": "2", "question": "Is there a umbrella in the imange?", "answer": "No",
-         "image_source": "COCO_val2014_000000310196", "image": None, "category": "random"},
+        {
+            "id": "0",
+            "question_id": "1",
+            "question": "Is there a snowboard in the image?",
+            "answer": "yes",
+            "image_source": "COCO_val2014_000000310196",
+            "image": object(),
+            "category": "adversarial",
+        },
+        {
+            "id": "1",
+            "question_id": "2",
+            "question": "Is there a umbrella in the imange?",
+            "answer": "No",
+            "image_source": "COCO_val2014_000000310196",
+            "image": None,
+            "category": "random",
+        },
     ]
     calls = []
 
@@ -312,6 +443,8 @@ def test_import_is_light():
         "bad = [m for m in ('nltk', 'datasets', 'torch') if m in new]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert pope.__name__ == "attnsteer.evals.pope"

@@ -21,12 +21,21 @@ from attnsteer.methods import METHODS
 
 ORIGIN = "recipe"
 NOT_A_MAPPING = st.one_of(
-    st.integers(), st.floats(allow_nan=False), st.text(max_size=8), st.booleans(), st.none(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=8),
+    st.booleans(),
+    st.none(),
     st.lists(st.integers(), max_size=3),
 )
 JUNK = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=6),
-    st.lists(st.integers(0, 5), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.text(max_size=6),
+    st.lists(st.integers(0, 5), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
 
 
@@ -56,12 +65,22 @@ def _invalid_value(param):
     if param.check is not None:
         if param.name == "sink_dims":
             return st.one_of(
-                st.text(max_size=5).filter(lambda s: s != "auto"), st.just([]), st.integers(),
-                st.lists(st.integers(max_value=-1), min_size=1, max_size=2), st.just([True]),
+                st.text(max_size=5).filter(lambda s: s != "auto"),
+                st.just([]),
+                st.integers(),
+                st.lists(st.integers(max_value=-1), min_size=1, max_size=2),
+                st.just([True]),
                 st.lists(st.floats(0.5, 9.5), min_size=1, max_size=2),
             )
-        return st.one_of(st.floats(max_value=0.0), st.text(max_size=4), st.booleans(), st.lists(st.integers(), max_size=2))
-    wrong_type = st.one_of(st.text(max_size=5), st.lists(st.integers(), max_size=2), st.none(), st.dictionaries(st.text(max_size=2), st.integers(), max_size=1))
+        return st.one_of(
+            st.floats(max_value=0.0), st.text(max_size=4), st.booleans(), st.lists(st.integers(), max_size=2)
+        )
+    wrong_type = st.one_of(
+        st.text(max_size=5),
+        st.lists(st.integers(), max_size=2),
+        st.none(),
+        st.dictionaries(st.text(max_size=2), st.integers(), max_size=1),
+    )
     if param.choices is not None:
         return st.one_of(st.text(max_size=8).filter(lambda s: s not in param.choices), st.integers(), st.none())
     if param.kind is bool:
@@ -95,11 +114,28 @@ def malformed(draw):
     i = draw(st.integers(0, len(items) - 1))
     where = f"{ORIGIN}.interventions[{i}]"
     item = items[i]
-    kind = draw(st.sampled_from([
-        "param_value", "param_value", "param_value", "param_unknown", "params_container", "method", "method_missing",
-        "layers", "heads", "item_unknown", "item_container", "top_unknown", "top_field", "schema", "model_types",
-        "interventions",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "param_value",
+                "param_value",
+                "param_value",
+                "param_unknown",
+                "params_container",
+                "method",
+                "method_missing",
+                "layers",
+                "heads",
+                "item_unknown",
+                "item_container",
+                "top_unknown",
+                "top_field",
+                "schema",
+                "model_types",
+                "interventions",
+            ]
+        )
+    )
     if kind == "param_value":
         cls = METHODS[item["method"]]
         name = draw(st.sampled_from(sorted(cls.params)))
@@ -113,10 +149,15 @@ def malformed(draw):
         item["params"] = draw(NOT_A_MAPPING)
         return recipe, f"{where}.params"
     if kind == "method":
-        item["method"] = draw(st.one_of(
-            st.text(max_size=8).filter(lambda m: m not in METHODS), st.integers(), st.none(),
-            st.lists(st.sampled_from(sorted(METHODS)), min_size=1, max_size=2), st.booleans(),
-        ))
+        item["method"] = draw(
+            st.one_of(
+                st.text(max_size=8).filter(lambda m: m not in METHODS),
+                st.integers(),
+                st.none(),
+                st.lists(st.sampled_from(sorted(METHODS)), min_size=1, max_size=2),
+                st.booleans(),
+            )
+        )
         item.pop("params")  # a bad method name must be reported as such, not via its params
         return recipe, f"{where}.method"
     if kind == "method_missing":
@@ -124,24 +165,49 @@ def malformed(draw):
         item.pop("params")
         return recipe, f"{where}.method"
     if kind == "layers":
-        item["layers"] = draw(st.one_of(
-            st.booleans(), st.floats(allow_nan=False), st.just([]), st.text(max_size=6).filter(
-                lambda s: not _is_layer_text(s)
-            ),
-            st.lists(st.one_of(st.floats(0.5, 3.5), st.booleans(), st.lists(st.integers(), max_size=1)), min_size=1, max_size=2),
-            st.sampled_from(["1:2:0", "::0", "a:b", "1-3", "all:"]),
-            st.dictionaries(st.text(max_size=2), st.integers(), min_size=1, max_size=2),
-        ))
+        item["layers"] = draw(
+            st.one_of(
+                st.booleans(),
+                st.floats(allow_nan=False),
+                st.just([]),
+                st.text(max_size=6).filter(lambda s: not _is_layer_text(s)),
+                st.lists(
+                    st.one_of(st.floats(0.5, 3.5), st.booleans(), st.lists(st.integers(), max_size=1)),
+                    min_size=1,
+                    max_size=2,
+                ),
+                st.sampled_from(["1:2:0", "::0", "a:b", "1-3", "all:"]),
+                st.dictionaries(st.text(max_size=2), st.integers(), min_size=1, max_size=2),
+            )
+        )
         return recipe, f"{where}.layers"
     if kind == "heads":
-        item["heads"] = draw(st.one_of(
-            st.text(max_size=6).filter(lambda s: s.strip() != "all"), st.just([]), st.just({}), st.integers(),
-            st.dictionaries(st.integers(0, 3), st.one_of(
-                st.just([]), st.lists(st.integers(max_value=-1), min_size=1, max_size=2), st.lists(st.booleans(), min_size=1, max_size=2),
-                st.text(max_size=3), st.lists(st.floats(0.5, 2.5), min_size=1, max_size=2),
-            ), min_size=1, max_size=2),
-            st.dictionaries(st.text(min_size=1, max_size=3).filter(lambda s: not s.strip().lstrip("-").isdigit()), st.just([0]), min_size=1, max_size=1),
-        ))
+        item["heads"] = draw(
+            st.one_of(
+                st.text(max_size=6).filter(lambda s: s.strip() != "all"),
+                st.just([]),
+                st.just({}),
+                st.integers(),
+                st.dictionaries(
+                    st.integers(0, 3),
+                    st.one_of(
+                        st.just([]),
+                        st.lists(st.integers(max_value=-1), min_size=1, max_size=2),
+                        st.lists(st.booleans(), min_size=1, max_size=2),
+                        st.text(max_size=3),
+                        st.lists(st.floats(0.5, 2.5), min_size=1, max_size=2),
+                    ),
+                    min_size=1,
+                    max_size=2,
+                ),
+                st.dictionaries(
+                    st.text(min_size=1, max_size=3).filter(lambda s: not s.strip().lstrip("-").isdigit()),
+                    st.just([0]),
+                    min_size=1,
+                    max_size=1,
+                ),
+            )
+        )
         return recipe, f"{where}.heads"
     if kind == "item_unknown":
         key = draw(st.text(min_size=1, max_size=8).filter(lambda k: k not in ("method", "layers", "heads", "params")))
@@ -151,24 +217,38 @@ def malformed(draw):
         items[i] = draw(NOT_A_MAPPING)
         return recipe, where
     if kind == "top_unknown":
-        key = draw(st.text(min_size=1, max_size=10).filter(
-            lambda k: k not in ("schema_version", "name", "description", "source", "model_types", "interventions")
-        ))
+        key = draw(
+            st.text(min_size=1, max_size=10).filter(
+                lambda k: k not in ("schema_version", "name", "description", "source", "model_types", "interventions")
+            )
+        )
         recipe[key] = draw(JUNK)
         return recipe, ORIGIN
     if kind == "top_field":
         field = draw(st.sampled_from(["name", "description", "source"]))
-        recipe[field] = draw(st.one_of(st.integers(), st.booleans(), st.lists(st.text(max_size=2), max_size=2), st.none()))
+        recipe[field] = draw(
+            st.one_of(st.integers(), st.booleans(), st.lists(st.text(max_size=2), max_size=2), st.none())
+        )
         return recipe, f"{ORIGIN}.{field}"
     if kind == "schema":
-        recipe["schema_version"] = draw(st.one_of(st.integers().filter(lambda v: v != 1), st.text(max_size=3), st.none(), st.floats(1.5, 9)))
+        recipe["schema_version"] = draw(
+            st.one_of(st.integers().filter(lambda v: v != 1), st.text(max_size=3), st.none(), st.floats(1.5, 9))
+        )
         return recipe, "schema_version"
     if kind == "model_types":
-        recipe["model_types"] = draw(st.one_of(
-            st.just([]), st.integers(), st.lists(st.integers(), min_size=1, max_size=2), st.just([""]), st.just({"llama": 1}),
-        ))
+        recipe["model_types"] = draw(
+            st.one_of(
+                st.just([]),
+                st.integers(),
+                st.lists(st.integers(), min_size=1, max_size=2),
+                st.just([""]),
+                st.just({"llama": 1}),
+            )
+        )
         return recipe, f"{ORIGIN}.model_types"
-    recipe["interventions"] = draw(st.one_of(st.just([]), st.none(), st.integers(), st.text(max_size=4), st.just({"method": "act"})))
+    recipe["interventions"] = draw(
+        st.one_of(st.just([]), st.none(), st.integers(), st.text(max_size=4), st.just({"method": "act"}))
+    )
     return recipe, f"{ORIGIN}.interventions"
 
 
@@ -188,8 +268,13 @@ def test_at_least_500_distinct_malformed_recipes_each_raise_naming_the_field():
     seen: set[str] = set()
     escapes: list[str] = []
 
-    @settings(max_examples=900, deadline=None, database=None, derandomize=True,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+    @settings(
+        max_examples=900,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
     @given(malformed())
     def check(case):
         recipe, field = case
@@ -217,12 +302,19 @@ def test_valid_recipes_load_and_round_trip(items):
     assert attnsteer.Recipe.from_dict(__import__("yaml").safe_load(recipe.to_yaml())) == recipe
 
 
-@pytest.mark.parametrize("text, key, line", [
-    ("interventions: [{method: act, params: {beta: 0.4, beta: 0.5}}]", "beta", 1),
-    ("name: a\nname: b\ninterventions: [{method: act}]", "name", 2),
-    ("interventions:\n  - method: act\n    method: softplus\n", "method", 3),
-    ("interventions:\n  - method: act\n    params:\n      beta: 0.3\n      threshold: 0.2\n      beta: 0.2\n", "beta", 6),
-])
+@pytest.mark.parametrize(
+    "text, key, line",
+    [
+        ("interventions: [{method: act, params: {beta: 0.4, beta: 0.5}}]", "beta", 1),
+        ("name: a\nname: b\ninterventions: [{method: act}]", "name", 2),
+        ("interventions:\n  - method: act\n    method: softplus\n", "method", 3),
+        (
+            "interventions:\n  - method: act\n    params:\n      beta: 0.3\n      threshold: 0.2\n      beta: 0.2\n",
+            "beta",
+            6,
+        ),
+    ],
+)
 def test_duplicate_yaml_keys_are_rejected_with_key_and_line(tmp_path, text, key, line):
     path = tmp_path / "dup.yaml"
     path.write_text(text)
@@ -231,10 +323,13 @@ def test_duplicate_yaml_keys_are_rejected_with_key_and_line(tmp_path, text, key,
     assert f"line {line}" in str(err.value) and repr(key) in str(err.value)
 
 
-@pytest.mark.parametrize("text", [
-    "!!python/object/apply:os.system ['touch /tmp/attnsteer_pwned']",
-    "interventions: !!python/object/new:os.system ['touch /tmp/attnsteer_pwned']",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "!!python/object/apply:os.system ['touch /tmp/attnsteer_pwned']",
+        "interventions: !!python/object/new:os.system ['touch /tmp/attnsteer_pwned']",
+    ],
+)
 def test_yaml_tags_never_execute(tmp_path, text):
     import os
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import build_tiny
 
 import attnsteer
 from attnsteer import RecipeError, UnsupportedModelError
-
-from conftest import build_tiny
 
 
 def act(**params):
@@ -28,9 +27,14 @@ def test_builtins_load_and_round_trip(tmp_path):
 
 def test_defaults_are_spec_defaults():
     recipe = attnsteer.load_recipe({"interventions": [{"method": "act"}, {"method": "softplus"}]})
-    assert recipe.interventions[0].params == {"beta": 0.4, "threshold": 0.1, "apply_to": "prefill", "keep_first_sink": True}
+    assert recipe.interventions[0].params == {
+        "beta": 0.4,
+        "threshold": 0.1,
+        "apply_to": "prefill",
+        "keep_first_sink": True,
+    }
     assert recipe.interventions[1].params == {"p": 3.0, "offset": 1.0, "scoring": "softmax"}
-    assert recipe.interventions[0].layers is None  # resolved per SPEC at apply time ("2:-1" for ACT)
+    assert recipe.interventions[0].layers is None  # resolved per method at apply time ("2:-1" for ACT)
 
 
 def test_folder_save_and_hash_changes_with_params(tmp_path):
@@ -52,7 +56,10 @@ def test_folder_save_and_hash_changes_with_params(tmp_path):
         ({"interventions": [{"method": "act", "params": {"threshold": 0}}]}, ["threshold", "(0, 1]"]),
         ({"interventions": [{"method": "softplus", "params": {"p": -1}}]}, ["params.p", "-1"]),
         ({"interventions": [{"method": "softplus", "params": {"scoring": "relu"}}]}, ["scoring", "'softmax', 'lssa'"]),
-        ({"interventions": [{"method": "act", "params": {"keep_first_sink": "yes"}}]}, ["keep_first_sink", "true or false"]),
+        (
+            {"interventions": [{"method": "act", "params": {"keep_first_sink": "yes"}}]},
+            ["keep_first_sink", "true or false"],
+        ),
         ({"interventions": [{"method": "actt"}]}, ["method", "'actt'", "Did you mean 'act'"]),
         ({"interventions": [{"method": "agla"}]}, ["'agla'", "not implemented"]),
         ({"interventions": [{"method": "act", "beta": 0.4}]}, ["unknown key", "beta", "params"]),
@@ -64,7 +71,10 @@ def test_folder_save_and_hash_changes_with_params(tmp_path):
         ({"interventions": [{"method": "act", "heads": {1: []}}]}, ["heads[1]", "non-empty"]),
         ({"interventions": [{"method": "act", "heads": {"x": [1]}}]}, ["heads", "'x'"]),
         ({"interventions": []}, ["interventions", "non-empty"]),
-        ({"interventions": [{"method": "act"}], "modle_types": ["llama"]}, ["modle_types", "Did you mean 'model_types'"]),
+        (
+            {"interventions": [{"method": "act"}], "modle_types": ["llama"]},
+            ["modle_types", "Did you mean 'model_types'"],
+        ),
         ({"schema_version": 2, "interventions": [{"method": "act"}]}, ["schema_version", "2"]),
         ({"interventions": [{"method": "act"}], "model_types": []}, ["model_types"]),
         ({"interventions": [{"method": "act"}], "name": 5}, ["name", "5"]),
@@ -107,7 +117,10 @@ def tiny():
         ({"interventions": [{"method": "act", "layers": "9:"}]}, ["selects no layer", "4 layers"]),
         ({"interventions": [{"method": "act", "heads": {1: [0, 9]}}]}, ["heads[1]", "[9]", "4 query heads"]),
         ({"interventions": [{"method": "act", "heads": {6: [0]}}]}, ["heads", "layer 6 does not exist"]),
-        ({"interventions": [{"method": "act", "layers": "0:2", "heads": {3: [0]}}]}, ["heads", "[3]", "does not select"]),
+        (
+            {"interventions": [{"method": "act", "layers": "0:2", "heads": {3: [0]}}]},
+            ["heads", "[3]", "does not select"],
+        ),
         ({"model_types": ["qwen2"], "interventions": [{"method": "act"}]}, ["model_types", "'llama'"]),
     ],
 )
@@ -161,3 +174,38 @@ def test_hash_ignores_whether_defaults_are_written_out():
     explicit = attnsteer.load_recipe({"interventions": [{"method": "act", "layers": "2:-1", "params": {"beta": 0.4}}]})
     assert implicit.hash == explicit.hash
     assert implicit.hash != attnsteer.load_recipe({"interventions": [{"method": "act", "layers": "all"}]}).hash
+
+
+def test_an_installed_wheel_ships_the_builtin_recipes(tmp_path):
+    """`pip install .` (no editable checkout) keeps `attnsteer recipes list` working: the built-ins
+    live in the top-level recipes/builtin folder and the wheel carries them as package data."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "src"  # a copy, so the build leaves nothing in the checkout
+    for name in ("attnsteer", "recipes"):
+        shutil.copytree(repo / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target)]
+    proc = subprocess.run([*pip, str(source)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shipped = sorted(p.stem for p in (target / "attnsteer" / "recipes").glob("*.yaml"))
+    assert shipped == sorted(p.stem for p in (repo / "recipes" / "builtin").glob("*.yaml"))
+    code = (
+        "import attnsteer, sys\n"
+        f"assert attnsteer.__file__.startswith({str(target)!r}), attnsteer.__file__\n"
+        "from attnsteer.cli import main\n"
+        "sys.exit(main(['recipes', 'list']))\n"
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(target)}
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in shipped:
+        assert name in run.stdout

@@ -14,7 +14,10 @@ PROMPTS = [
 
 
 def encode(tokenizer, texts):
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True) for t in texts]
+    chats = [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
     tokenizer.padding_side = "left"
     return tokenizer(chats, return_tensors="pt", padding=True)
 

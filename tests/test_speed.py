@@ -19,9 +19,31 @@ from attnsteer.evals import speed  # noqa: E402
 
 def _run(tmp_path, *extra):
     argv = [
-        "--model", "llama-tiny", "--random-weights", "--recipe", "act-mtbench", "--recipe", "softplus-reweight",
-        "--override", "num_hidden_layers=3", "--prompt-len", "12", "--new-tokens", "2", "--batch_size", "2",
-        "--repeats", "1", "--warmup", "0", "--device", "cpu", "--output_path", str(tmp_path), "--no-plot", *extra,
+        "--model",
+        "llama-tiny",
+        "--random-weights",
+        "--recipe",
+        "act-mtbench",
+        "--recipe",
+        "softplus-reweight",
+        "--override",
+        "num_hidden_layers=3",
+        "--prompt-len",
+        "12",
+        "--new-tokens",
+        "2",
+        "--batch_size",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp_path),
+        "--no-plot",
+        *extra,
     ]
     return speed.main(argv)
 
@@ -35,8 +57,13 @@ def test_speed_on_a_tiny_config_writes_long_csv_json_and_markdown(tmp_path, caps
         assert key in meta["machine"], key
     assert meta["model"]["num_hidden_layers"] == 3 and meta["args"]["prompt_len"] == 12
     names = [c["name"] for c in data["configs"]]
-    assert names == ["baseline", "act-mtbench@auto", "act-mtbench@reference", "softplus-reweight@auto",
-                     "softplus-reweight@reference"]
+    assert names == [
+        "baseline",
+        "act-mtbench@auto",
+        "act-mtbench@reference",
+        "softplus-reweight@auto",
+        "softplus-reweight@reference",
+    ]
     rows = {r["config"]: r for r in data["summary"]}
     for name in names[1:]:
         r = rows[name]
@@ -59,9 +86,31 @@ def test_speed_on_a_tiny_config_writes_long_csv_json_and_markdown(tmp_path, caps
 
 def test_speed_png_chart(tmp_path):
     pytest.importorskip("matplotlib")
-    argv = ["--model", "llama-tiny", "--random-weights", "--recipe", "softplus-reweight", "--override",
-            "num_hidden_layers=2", "--prompt-len", "8", "--new-tokens", "1", "--repeats", "1", "--warmup", "0",
-            "--backends", "auto", "--device", "cpu", "--output_path", str(tmp_path), "--label", "chart"]
+    argv = [
+        "--model",
+        "llama-tiny",
+        "--random-weights",
+        "--recipe",
+        "softplus-reweight",
+        "--override",
+        "num_hidden_layers=2",
+        "--prompt-len",
+        "8",
+        "--new-tokens",
+        "1",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--backends",
+        "auto",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp_path),
+        "--label",
+        "chart",
+    ]
     assert speed.main(argv) == 0
     png = tmp_path / "chart.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -74,10 +123,32 @@ def test_speed_reports_the_triton_path(tmp_path):
     device = "cuda" if torch.cuda.is_available() and not kernels.interpreting() else "cpu"
     if device == "cpu" and not kernels.interpreting():
         pytest.skip("the Triton kernels were defined without the interpreter in this process")
-    argv = ["--model", "llama-tiny", "--random-weights", "--recipe", "act-mtbench", "--override",
-            "num_hidden_layers=3", "--prompt-len", "10", "--new-tokens", "2", "--repeats", "1", "--warmup", "0",
-            "--backends", "fused-triton,fused-pytorch", "--device", device, "--output_path", str(tmp_path),
-            "--no-plot", "--label", "tri"]
+    argv = [
+        "--model",
+        "llama-tiny",
+        "--random-weights",
+        "--recipe",
+        "act-mtbench",
+        "--override",
+        "num_hidden_layers=3",
+        "--prompt-len",
+        "10",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--backends",
+        "fused-triton,fused-pytorch",
+        "--device",
+        device,
+        "--output_path",
+        str(tmp_path),
+        "--no-plot",
+        "--label",
+        "tri",
+    ]
     assert speed.main(argv) == 0
     rows = {r["config"]: r for r in json.loads((tmp_path / "tri.json").read_text())["summary"]}
     assert rows["act-mtbench@fused-triton"]["impl"] == "triton"
@@ -87,7 +158,12 @@ def test_speed_reports_the_triton_path(tmp_path):
 def test_builtin_configs_resolve_offline():
     cfg, info = speed.resolve_config("llava-1.5-7b", [])
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.vocab_size) == (
-        4096, 32, 32, 11008, 32064)
+        4096,
+        32,
+        32,
+        11008,
+        32064,
+    )
     assert info["image_tokens"] == 576 and info["prompt_len"] == 640 and "not timed" in info["description"]
     cfg, info = speed.resolve_config("llama-2-7b", ["num_hidden_layers=4", "max_position_embeddings=8192"])
     assert cfg.num_hidden_layers == 4 and cfg.max_position_embeddings == 8192 and cfg.vocab_size == 32000
@@ -97,8 +173,9 @@ def test_builtin_configs_resolve_offline():
 def test_local_config_file_and_folder(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                vocab_size=64).save_pretrained(tmp_path)
+    LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=64
+    ).save_pretrained(tmp_path)
     for path in (tmp_path, tmp_path / "config.json"):
         cfg, info = speed.resolve_config(str(path), [])
         assert cfg.hidden_size == 32 and info["source"].startswith("local")
@@ -114,15 +191,35 @@ def test_local_config_file_and_folder(tmp_path):
     ],
 )
 def test_usage_errors_exit_2_with_a_fix(tmp_path, capsys, extra, message):
-    argv = ["--model", "llama-tiny", "--random-weights", "--recipe", "act-default", "--device", "cpu",
-            "--output_path", str(tmp_path), *extra]
+    argv = [
+        "--model",
+        "llama-tiny",
+        "--random-weights",
+        "--recipe",
+        "act-default",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp_path),
+        *extra,
+    ]
     assert speed.main(argv) == 2
     assert message in capsys.readouterr().err
 
 
 def test_builtin_without_random_weights_says_so(tmp_path, capsys):
-    argv = ["--model", "llama-tiny", "--recipe", "act-default", "--override", "num_hidden_layers=1", "--device",
-            "cpu", "--output_path", str(tmp_path)]
+    argv = [
+        "--model",
+        "llama-tiny",
+        "--recipe",
+        "act-default",
+        "--override",
+        "num_hidden_layers=1",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp_path),
+    ]
     assert speed.main(argv) == 2
     assert "--random-weights" in capsys.readouterr().err
 
@@ -131,8 +228,24 @@ def test_add_arguments_on_a_subparser():
     root = argparse.ArgumentParser(prog="attnsteer")
     sub = root.add_subparsers()
     speed.add_arguments(sub.add_parser("speed"))
-    args = root.parse_args(["speed", "--model", "llava-1.5-7b", "--recipe", "a", "--recipe", "b", "--random-weights",
-                            "--batch-size", "8", "--prompt_len", "640", "--new-tokens", "128"])
+    args = root.parse_args(
+        [
+            "speed",
+            "--model",
+            "llava-1.5-7b",
+            "--recipe",
+            "a",
+            "--recipe",
+            "b",
+            "--random-weights",
+            "--batch-size",
+            "8",
+            "--prompt_len",
+            "640",
+            "--new-tokens",
+            "128",
+        ]
+    )
     assert args.recipe == ["a", "b"] and args.batch_size == 8 and args.prompt_len == 640 and args.random_weights
 
 
@@ -140,16 +253,42 @@ def test_speed_marks_image_placeholders_for_vlm_recipes(tmp_path):
     """VAR / VHR steer toward the image: on a language model the harness marks the placeholder
     tokens with handle.focus, so the timing recipes steer rows; a recipe that steers nothing is
     called out in the Markdown instead of passing silently."""
-    root = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "recipes")
+    root = os.path.join(os.path.dirname(__file__), "..", "recipes", "timing")
     never_fires = tmp_path / "var-never.yaml"
     never_fires.write_text(
         "schema_version: 1\nname: var-never\ninterventions:\n  - method: var\n    layers: all\n"
         "    params: {tau: 1000.0, sink_dims: [0, 1]}\n"
     )
-    argv = ["--model", "llama-tiny", "--random-weights", "--recipe", os.path.join(root, "vhr-timing.yaml"),
-            "--recipe", os.path.join(root, "act-timing.yaml"), "--recipe", str(never_fires), "--prompt-len", "24", "--image-tokens", "12", "--new-tokens", "2",
-            "--repeats", "1", "--warmup", "0", "--backends", "fused-pytorch", "--device", "cpu",
-            "--output_path", str(tmp_path), "--no-plot", "--label", "vlm"]
+    argv = [
+        "--model",
+        "llama-tiny",
+        "--random-weights",
+        "--recipe",
+        os.path.join(root, "vhr-timing.yaml"),
+        "--recipe",
+        os.path.join(root, "act-timing.yaml"),
+        "--recipe",
+        str(never_fires),
+        "--prompt-len",
+        "24",
+        "--image-tokens",
+        "12",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--backends",
+        "fused-pytorch",
+        "--device",
+        "cpu",
+        "--output_path",
+        str(tmp_path),
+        "--no-plot",
+        "--label",
+        "vlm",
+    ]
     assert speed.main(argv) == 0
     rows = {r["config"]: r for r in json.loads((tmp_path / "vlm.json").read_text())["summary"]}
     assert rows["vhr-timing@fused-pytorch"]["rows_steered"] > 0  # files are named by their stem

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
+from conftest import FAMILIES, VOCAB, build_tiny
 
 import attnsteer
 from attnsteer import compat
 from attnsteer.errors import AttnsteerWarning
-
-from conftest import FAMILIES, VOCAB, build_tiny
 
 # name -> (real recipe, identity recipe)
 METHODS = {
@@ -20,7 +17,11 @@ METHODS = {
         {"interventions": [{"method": "act", "layers": "1:", "params": {"beta": 1.0}}]},
     ),
     "act_all": (
-        {"interventions": [{"method": "act", "layers": "all", "params": {"beta": 0.3, "threshold": 0.08, "apply_to": "all"}}]},
+        {
+            "interventions": [
+                {"method": "act", "layers": "all", "params": {"beta": 0.3, "threshold": 0.08, "apply_to": "all"}}
+            ]
+        },
         None,
     ),
     "softplus": (

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import VOCAB, build_tiny
 
 import attnsteer
+from attnsteer import compat
 from attnsteer.attention.rows import ForwardInfo, row_context
 from attnsteer.errors import AttnsteerWarning, SteeringError
 from attnsteer.methods.base import StepInfo
@@ -14,8 +16,6 @@ from attnsteer.methods.var import VAR
 from attnsteer.methods.vhr import VHR
 from attnsteer.roles import PromptRoles
 from attnsteer.sinks import HiddenSinks, activation_ratio
-
-from conftest import VOCAB, build_tiny
 
 
 class FakeState:
@@ -159,7 +159,11 @@ def test_vhr_outlier_rule_and_median_selection_by_hand():
 
 # ---- focus spans on a text-only model ----------------------------------------------------------
 FOCUS_RECIPES = {
-    "var": {"interventions": [{"method": "var", "layers": "all", "params": {"tau": 3.0, "rho": 0.3, "min_image_attention": 0.05}}]},
+    "var": {
+        "interventions": [
+            {"method": "var", "layers": "all", "params": {"tau": 3.0, "rho": 0.3, "min_image_attention": 0.05}}
+        ]
+    },
     "pai": {"interventions": [{"method": "pai", "layers": "all", "params": {"alpha": 0.8}}]},
     "pai_gamma": {"interventions": [{"method": "pai", "params": {"alpha": 0.5, "gamma": 1.1}}]},
     "vhr": {"interventions": [{"method": "vhr", "layers": "all"}]},
@@ -222,7 +226,7 @@ def test_var_generate_with_cache_equals_recompute(tiny):
         sinks_found = handle._state.sinks.by_layer
         assert sum(s["fired"] for s in handle.stats()) > 0  # VAR steered rows in both runs
     assert torch.equal(gen, seq)
-    assert all(not table[0, ids.shape[1]:].any() for table in sinks_found.values())
+    assert all(not table[0, ids.shape[1] :].any() for table in sinks_found.values())
 
 
 def test_identity_params_of_vision_methods_warn_and_change_nothing(tiny):
@@ -238,3 +242,40 @@ def test_identity_params_of_vision_methods_warn_and_change_nothing(tiny):
                 handle = attnsteer.apply(tiny, recipe)
             with handle, handle.focus(focus):
                 assert torch.equal(tiny(input_ids=ids, attention_mask=mask).logits, base)
+
+
+def test_pai_gamma_is_the_contrast_with_the_text_only_stream_once_per_step(tiny):
+    """With alpha 0 the attention is unchanged; the logits of every step must then equal the
+    contrast of the unsteered logits with the text-only prompt's, applied once (a recipe steering
+    many layers has one logits step per forward, not one per layer)."""
+    ids, _, focus = _batch()
+    ids, focus = ids[:1], focus[:1]
+    text_ids = ids[:, ~focus[0]]
+    recipe = {"interventions": [{"method": "pai", "layers": "all", "params": {"alpha": 0.0, "gamma": 1.1}}]}
+    steps = [5, 17]  # tokens fed after the prompt
+    with torch.no_grad():
+        expected, seq, text_seq = [], ids, text_ids
+        for nxt in [None, *steps]:
+            if nxt is not None:
+                seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+                text_seq = torch.cat([text_seq, torch.tensor([[nxt]])], 1)
+            img = tiny(input_ids=seq).logits[:, -1]
+            txt = tiny(input_ids=text_seq).logits[:, -1]
+            expected.append(contrast_logits(img, txt, 1.1))
+        with attnsteer.apply(tiny, recipe) as handle, handle.focus(focus):
+            calls = []
+            stream = handle._state.text_stream
+            real_step = stream.step
+            stream.step = lambda *a, **k: calls.append(1) or real_step(*a, **k)
+            out = tiny(input_ids=ids, use_cache=True)
+            got = [out.logits[:, -1]]
+            cache = compat.output_cache(out)
+            for nxt in steps:
+                out = tiny(input_ids=torch.tensor([[nxt]]), use_cache=True, **compat.with_cache(tiny, cache))
+                cache = compat.output_cache(out)
+                got.append(out.logits[:, -1])
+    assert len(calls) == 1 + len(steps), f"text-only stream ran {len(calls)} times for {1 + len(steps)} forwards"
+    for g, e in zip(got, expected):
+        finite = torch.isfinite(e)
+        assert torch.equal(torch.isfinite(g), finite)
+        torch.testing.assert_close(g[finite], e[finite], atol=2e-5, rtol=2e-5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 import vlm_fixtures as F
 
 FAMILIES = list(F.FAMILIES)
@@ -48,7 +47,12 @@ def test_build_is_tiny_seeded_and_keeps_vision_on_sdpa(family):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
     text = a.config.text_config
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (64, 4, 4, 2)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        64,
+        4,
+        4,
+        2,
+    )
     assert sum(p.numel() for p in a.parameters()) < 400_000
 
     eager = F.build_vlm(family, attn_implementation="eager")

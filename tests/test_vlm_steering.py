@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import vlm_fixtures as F
 
 import attnsteer
-import vlm_fixtures as F
 from attnsteer.errors import AttnsteerWarning, SteeringError
 
 RECIPES = {
@@ -109,16 +109,22 @@ def test_no_image_anywhere_raises_naming_the_token(family, vlm):
 def test_generate_with_kv_cache(family, vlm, method):
     inputs = batch(family, vlm)
     # never sample a placeholder id: recomputation would read it as another image
-    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, suppress_tokens=[128, 129, 130, 131])
+    kwargs = dict(
+        max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0, suppress_tokens=[128, 129, 130, 131]
+    )
     with attnsteer.apply(vlm, RECIPES[method]) as handle:
         cached = vlm.generate(**inputs, **kwargs)
         assert all(s["calls"] >= 4 for s in handle.stats())
     if method == "var":
         # Decode rows behave like prefill rows, so cached generation equals recomputing every step
-        # (up to SPEC's rule that generated tokens are never sinks, which recomputation cannot know;
+        # (up to VAR's rule that generated tokens are never sinks, which recomputation cannot know;
         # tau is set per family so the prompt has sinks and VAR fires).
         tau = {"llava": 2.8, "llava_next": 3.3, "qwen2_vl": 3.0, "qwen2_5_vl": 3.0, "instructblip": 2.8}[family]
-        recipe = {"interventions": [{"method": "var", "layers": "all", "params": {"tau": tau, "rho": 0.3, "min_image_attention": 0.05}}]}
+        recipe = {
+            "interventions": [
+                {"method": "var", "layers": "all", "params": {"tau": tau, "rho": 0.3, "min_image_attention": 0.05}}
+            ]
+        }
         with attnsteer.apply(vlm, recipe) as handle:
             cached = vlm.generate(**inputs, **kwargs)
             recomputed = vlm.generate(**inputs, use_cache=False, **kwargs)
@@ -141,7 +147,9 @@ def test_remove_restores_exactly_and_vision_is_untouched(family, vlm):
 
     logits(vlm, inputs)  # warm-up: transformers installs its output-capturing hooks lazily
     hooks = [m.register_forward_hook(record(n)) for n, m in F.vision_modules(vlm).items() if n != "model.image_newline"]
-    impls = {id(c): c._attn_implementation for c in [vlm.config, *[getattr(vlm.config, k) for k in vlm.config.sub_configs]]}
+    impls = {
+        id(c): c._attn_implementation for c in [vlm.config, *[getattr(vlm.config, k) for k in vlm.config.sub_configs]]
+    }
     dicts = {n: set(m.__dict__) for n, m in vlm.named_modules()}
     top_dict = set(vlm.__dict__)
     base = logits(vlm, inputs)
@@ -156,7 +164,9 @@ def test_remove_restores_exactly_and_vision_is_untouched(family, vlm):
         for out in outs[1:]:
             assert torch.equal(out[: outs[0].shape[0]], outs[0][: out.shape[0]]), name
     assert torch.equal(logits(vlm, inputs), base)
-    assert {id(c): c._attn_implementation for c in [vlm.config, *[getattr(vlm.config, k) for k in vlm.config.sub_configs]]} == impls
+    assert {
+        id(c): c._attn_implementation for c in [vlm.config, *[getattr(vlm.config, k) for k in vlm.config.sub_configs]]
+    } == impls
     assert {n: set(m.__dict__) for n, m in vlm.named_modules()} == dicts and set(vlm.__dict__) == top_dict
     hooks_after = {n: (set(m._forward_pre_hooks), set(m._forward_hooks)) for n, m in vlm.named_modules()}
     for name, (pre, post) in hooks_after.items():  # transformers' own lazily installed hooks stay
@@ -181,7 +191,9 @@ def test_vhr_batched_text_stream_gives_the_vhd_of_separate_passes(family, vlm):
     for row in range(inputs["input_ids"].shape[0]):
         alone = F.row_inputs(family, vlm, inputs, row)
         image_rows = F.image_token_mask(family, vlm, alone["input_ids"])
-        drop = image_rows | torch.isin(alone["input_ids"], torch.tensor(list(F.vision_wrapper_ids(family, vlm).values()) or [-1]))
+        drop = image_rows | torch.isin(
+            alone["input_ids"], torch.tensor(list(F.vision_wrapper_ids(family, vlm).values()) or [-1])
+        )
         text_ids = alone["input_ids"][:, ~drop[0]]
         captured.clear()
         logits(vlm, alone)

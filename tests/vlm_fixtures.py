@@ -110,66 +110,114 @@ def vlm_config(family: str, **text_overrides):
         from transformers import LlavaConfig
 
         vision = CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=LLAVA_IMAGE_SIZE, patch_size=4, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=LLAVA_IMAGE_SIZE,
+            patch_size=4,
+            projection_dim=32,
         )
         cfg = LlavaConfig(
-            vision_config=vision, text_config=LlamaConfig(**_text_common()), image_token_index=IMAGE_TOKEN,
-            image_seq_length=(LLAVA_IMAGE_SIZE // 4) ** 2, vision_feature_layer=-2,
+            vision_config=vision,
+            text_config=LlamaConfig(**_text_common()),
+            image_token_index=IMAGE_TOKEN,
+            image_seq_length=(LLAVA_IMAGE_SIZE // 4) ** 2,
+            vision_feature_layer=-2,
             vision_feature_select_strategy="default",
         )
     elif family == "llava_next":
         from transformers import LlavaNextConfig
 
         vision = CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=LLAVA_NEXT_TILE, patch_size=8, projection_dim=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=LLAVA_NEXT_TILE,
+            patch_size=8,
+            projection_dim=32,
         )
         cfg = LlavaNextConfig(
-            vision_config=vision, text_config=MistralConfig(**_text_common(sliding_window=None)),
-            image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS],
-            image_seq_length=(LLAVA_NEXT_TILE // 8) ** 2, vision_feature_layer=-2,
+            vision_config=vision,
+            text_config=MistralConfig(**_text_common(sliding_window=None)),
+            image_token_index=IMAGE_TOKEN,
+            image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS],
+            image_seq_length=(LLAVA_NEXT_TILE // 8) ** 2,
+            vision_feature_layer=-2,
             vision_feature_select_strategy="default",
         )
     elif family in ("qwen2_vl", "qwen2_5_vl"):
         text = _text_common(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
         specials = dict(
-            image_token_id=IMAGE_TOKEN, video_token_id=VIDEO_TOKEN,
-            vision_start_token_id=VISION_START, vision_end_token_id=VISION_END,
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=VIDEO_TOKEN,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
         )
         if family == "qwen2_vl":
             from transformers import Qwen2VLConfig
 
             vision = dict(
-                depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, in_channels=3,
-                patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL,
+                depth=2,
+                embed_dim=32,
+                hidden_size=64,
+                num_heads=2,
+                mlp_ratio=2,
+                in_channels=3,
+                patch_size=QWEN_PATCH,
+                spatial_merge_size=QWEN_MERGE,
+                temporal_patch_size=QWEN_TEMPORAL,
             )
             cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **specials)
         else:
             from transformers import Qwen2_5_VLConfig
 
             vision = dict(
-                depth=2, hidden_size=32, intermediate_size=64, out_hidden_size=64, num_heads=2, in_channels=3,
-                patch_size=QWEN_PATCH, spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL,
+                depth=2,
+                hidden_size=32,
+                intermediate_size=64,
+                out_hidden_size=64,
+                num_heads=2,
+                in_channels=3,
+                patch_size=QWEN_PATCH,
+                spatial_merge_size=QWEN_MERGE,
+                temporal_patch_size=QWEN_TEMPORAL,
                 window_size=QWEN_PATCH * QWEN_MERGE * 2,  # windows of 2x2 merged tokens
-                fullatt_block_indexes=[1], tokens_per_second=2,
+                fullatt_block_indexes=[1],
+                tokens_per_second=2,
             )
             cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **specials)
     else:  # instructblip
         from transformers import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
 
         vision = InstructBlipVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=INSTRUCTBLIP_IMAGE_SIZE, patch_size=4, initializer_range=0.02,  # default 1e-10: blind tower
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=INSTRUCTBLIP_IMAGE_SIZE,
+            patch_size=4,
+            initializer_range=0.02,  # default 1e-10: blind tower
         )
         qformer = InstructBlipQFormerConfig(
-            vocab_size=QFORMER_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-            intermediate_size=64, cross_attention_frequency=1, max_position_embeddings=128,
-            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0,
+            vocab_size=QFORMER_VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            cross_attention_frequency=1,
+            max_position_embeddings=128,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+            pad_token_id=0,
         )
         cfg = InstructBlipConfig(
-            vision_config=vision, qformer_config=qformer, text_config=LlamaConfig(**_text_common()),
-            num_query_tokens=NUM_QUERY_TOKENS, image_token_index=IMAGE_TOKEN,
+            vision_config=vision,
+            qformer_config=qformer,
+            text_config=LlamaConfig(**_text_common()),
+            num_query_tokens=NUM_QUERY_TOKENS,
+            image_token_index=IMAGE_TOKEN,
         )
     for key, value in text_overrides.items():
         setattr(cfg.text_config, key, value)
@@ -455,8 +503,8 @@ def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, t
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if side == "left":
-            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
         else:
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, : len(r)] = 1
@@ -525,8 +573,10 @@ def image_features(family: str, model, inputs: dict) -> torch.Tensor:
     _check_family(family)
     if family == "instructblip":
         out = model.get_image_features(
-            inputs["pixel_values"], qformer_input_ids=inputs["qformer_input_ids"],
-            qformer_attention_mask=inputs.get("qformer_attention_mask"), return_dict=True,
+            inputs["pixel_values"],
+            qformer_input_ids=inputs["qformer_input_ids"],
+            qformer_attention_mask=inputs.get("qformer_attention_mask"),
+            return_dict=True,
         )
         return out.pooler_output.reshape(-1, out.pooler_output.shape[-1])
     if "pixel_values" not in inputs:
@@ -590,10 +640,14 @@ def make_processor(family: str, model=None):
         tokenizer = _word_tokenizer(names, VOCAB, bos=True, extra_special={"image_token": "<image>"})
         vc = cfg.vision_config
         common = dict(
-            tokenizer=tokenizer, patch_size=vc.patch_size, num_additional_image_tokens=1,
+            tokenizer=tokenizer,
+            patch_size=vc.patch_size,
+            num_additional_image_tokens=1,
             vision_feature_select_strategy=cfg.vision_feature_select_strategy,
         )
-        square = dict(size={"shortest_edge": vc.image_size}, crop_size={"height": vc.image_size, "width": vc.image_size})
+        square = dict(
+            size={"shortest_edge": vc.image_size}, crop_size={"height": vc.image_size, "width": vc.image_size}
+        )
         if family == "llava":
             from transformers import LlavaProcessor
 
@@ -609,31 +663,46 @@ def make_processor(family: str, model=None):
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         names = {
-            PAD: "<|endoftext|>", EOS: "<|im_end|>", IMAGE_TOKEN: "<|image_pad|>", VIDEO_TOKEN: "<|video_pad|>",
-            VISION_START: "<|vision_start|>", VISION_END: "<|vision_end|>",
+            PAD: "<|endoftext|>",
+            EOS: "<|im_end|>",
+            IMAGE_TOKEN: "<|image_pad|>",
+            VIDEO_TOKEN: "<|video_pad|>",
+            VISION_START: "<|vision_start|>",
+            VISION_END: "<|vision_end|>",
         }
         tokenizer = _word_tokenizer(
-            names, VOCAB, bos=False,
-            extra_special={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                           "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"},
+            names,
+            VOCAB,
+            bos=False,
+            extra_special={
+                "image_token": "<|image_pad|>",
+                "video_token": "<|video_pad|>",
+                "vision_bos_token": "<|vision_start|>",
+                "vision_eos_token": "<|vision_end|>",
+            },
         )
         vc = cfg.vision_config
         unit = vc.patch_size * vc.spatial_merge_size
         image_processor = Qwen2VLImageProcessorPil(
-            patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size,
+            patch_size=vc.patch_size,
+            temporal_patch_size=vc.temporal_patch_size,
+            merge_size=vc.spatial_merge_size,
             size={"shortest_edge": unit * unit, "longest_edge": 64 * 64},
         )
         if family == "qwen2_vl":
             from transformers import Qwen2VLProcessor as Processor
         else:
             from transformers import Qwen2_5_VLProcessor as Processor
+
         # Without torchvision there is no video processor class to check a ``None`` against: skip that check.
         def check_argument_for_proper_class(self, argument_name, argument):
             if argument is None and argument_name == "video_processor":
                 return None
             return Processor.check_argument_for_proper_class(self, argument_name, argument)
 
-        no_video = type(Processor.__name__, (Processor,), {"check_argument_for_proper_class": check_argument_for_proper_class})
+        no_video = type(
+            Processor.__name__, (Processor,), {"check_argument_for_proper_class": check_argument_for_proper_class}
+        )
         return no_video(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
     # instructblip
     from transformers import InstructBlipProcessor
@@ -653,7 +722,9 @@ def make_processor(family: str, model=None):
     side = cfg.vision_config.image_size
     image_processor = BlipImageProcessorPil(size={"height": side, "width": side})
     return InstructBlipProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, qformer_tokenizer=qformer_tokenizer,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        qformer_tokenizer=qformer_tokenizer,
         num_query_tokens=cfg.num_query_tokens,
     )
 

@@ -9,7 +9,7 @@ model's own implementation would, and are delegated to it unchanged.
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -17,11 +17,13 @@ import torch.nn as nn
 from .. import compat
 from ..errors import SteeringError, UnsupportedModelError
 from .reference import reference_attention
-from .triton_backend import select_fused_backend
 from .rows import MaskView
+from .triton_backend import select_fused_backend
 
 # original implementation -> the name attnsteer registers for models that had it
 REGISTERED_NAMES = {"sdpa": "attnsteer_sd", "eager": "attnsteer_eg"}
+
+
 def _fused(plan, query, key, value, mask, scaling, info, stats):
     """The fused backend: Triton kernels on CUDA (when triton imports), plain PyTorch otherwise."""
     return select_fused_backend(query)(plan, query, key, value, mask, scaling, info, stats)
@@ -30,7 +32,7 @@ def _fused(plan, query, key, value, mask, scaling, info, stats):
 BACKENDS = {"reference": reference_attention, "fused": _fused}
 
 # attention module -> LayerSite, for the modules of every steered model in this process
-_SITES: "weakref.WeakKeyDictionary[nn.Module, LayerSite]" = weakref.WeakKeyDictionary()
+_SITES: weakref.WeakKeyDictionary[nn.Module, LayerSite] = weakref.WeakKeyDictionary()
 
 
 def original_function(impl: str, module: nn.Module) -> Callable:
@@ -49,8 +51,9 @@ def _make_dispatch(impl: str) -> Callable:
     return attnsteer_attention
 
 
-def registered_name(impl: str) -> str:
-    """Register (once per process) and return the neutral name standing in for ``impl``."""
+def check_implementation(text_config) -> str:
+    """The text attention implementation of a model, if attnsteer can steer it (else raise)."""
+    impl = compat.attn_implementation(text_config)
     if impl not in REGISTERED_NAMES:
         if impl in REGISTERED_NAMES.values():
             raise SteeringError("this model is already steered by attnsteer. Fix: call .remove() on its handle first")
@@ -59,6 +62,11 @@ def registered_name(impl: str) -> str:
             f"attn_implementation in {sorted(REGISTERED_NAMES)}. Fix: load with attn_implementation='sdpa' "
             "(or call model.set_attn_implementation('sdpa')) before attnsteer.apply"
         )
+    return impl
+
+
+def registered_name(impl: str) -> str:
+    """Register (once per process) and return the neutral name standing in for ``impl``."""
     name = REGISTERED_NAMES[impl]
     compat.register_attention(name, _make_dispatch(impl), mask_of=impl)
     return name
@@ -158,4 +166,3 @@ def attach(module: nn.Module, site: LayerSite) -> None:
 
 def detach(module: nn.Module) -> None:
     _SITES.pop(module, None)
-

@@ -1,4 +1,4 @@
-"""The oracle: float32 eager attention with materialised weights and the SPEC formulas applied
+"""The oracle: float32 eager attention with materialised weights and the formulas of docs/methods.md applied
 literally, step by step. Slow and O(Q K) memory by design; every fast path is tested against it.
 """
 

@@ -51,7 +51,9 @@ class MaskView:
 
     def __init__(self, mask: torch.Tensor | None, q_len: int, k_len: int):
         if mask is not None and mask.dim() != 4:
-            raise ValueError(f"attention_mask of shape {tuple(mask.shape)} reached attnsteer; expected a 4D mask or None")
+            raise ValueError(
+                f"attention_mask of shape {tuple(mask.shape)} reached attnsteer; expected a 4D mask or None"
+            )
         self.mask = mask
         self.q_len = q_len
         self.k_len = k_len
@@ -88,13 +90,21 @@ def key_positions(info: ForwardInfo, k_len: int, device) -> torch.Tensor:
     return torch.arange(k_len, device=device) + offset
 
 
-def row_context(visible: torch.Tensor | None, info: ForwardInfo, q0: int, key_abs: torch.Tensor, rows: int | None = None) -> RowContext:
+def row_context(
+    visible: torch.Tensor | None, info: ForwardInfo, q0: int, key_abs: torch.Tensor, rows: int | None = None
+) -> RowContext:
     """Per-row facts for rows q0..q0+C of the current forward (``visible`` None: all keys)."""
     c = rows if rows is not None else visible.shape[-2]
     row_valid = None
     if info.row_valid is not None:
         row_valid = info.row_valid[:, q0 : q0 + c].to(key_abs.device)[:, None, :, None]
     return RowContext(
-        visible, key_abs, past_len=info.past_len, q0=q0, rows=rows, first_valid=info.first_valid,
-        max_pad=info.max_pad, row_valid=row_valid,
+        visible,
+        key_abs,
+        past_len=info.past_len,
+        q0=q0,
+        rows=rows,
+        first_valid=info.first_valid,
+        max_pad=info.max_pad,
+        row_valid=row_valid,
     )

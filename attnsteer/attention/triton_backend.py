@@ -28,7 +28,6 @@ CPU tensors only when ``ATTNSTEER_TRITON=1`` and ``TRITON_INTERPRET=1`` (interpr
 from __future__ import annotations
 
 import collections
-import math
 import os
 import warnings
 import weakref
@@ -76,7 +75,7 @@ class _Structure:
     rel0: torch.Tensor  # int32 (B,): position of query row 0 counted from the row's first token
 
 
-_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_CACHE: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
 _CACHE_SIZE = 32
 
 
@@ -85,8 +84,16 @@ def _mask_key(mask: MaskView, info: ForwardInfo, b: int, q_len: int, k_len: int,
     if t is None:
         return (id(info), None, b, q_len, k_len, str(device))
     return (
-        id(info), t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype,
-        b, q_len, k_len, str(device),
+        id(info),
+        t.untyped_storage().data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+        b,
+        q_len,
+        k_len,
+        str(device),
     )
 
 
@@ -178,10 +185,8 @@ def _route(plan, query, key, value, info: ForwardInfo):
     if len(steps) != 1:
         return f"{len(steps)} weight steps on one layer"
     method = steps[0]
-    if method.name not in _GLUE:
-        return f"method {method.name}"
-    if method.name == "softplus" and (method.p["scoring"] != "softmax" or method.weight_identity):
-        return "softplus variant"
+    if method.kernel_rule not in _GLUE:
+        return f"method {method.name}" + (f" ({method.kernel_rule})" if method.kernel_rule else "")
     return method
 
 
@@ -200,7 +205,7 @@ def triton_attention(plan, query, key, value, mask: MaskView, scaling: float, in
     if isinstance(struct, str):
         return _fallback(struct, plan, query, key, value, mask, scaling, info, stats)
     try:
-        out, rows, phase = _GLUE[route.name](route, query, key, value, struct, float(scaling), info)
+        out, rows, phase = _GLUE[route.kernel_rule](route, query, key, value, struct, float(scaling), info)
     except K.KernelLaunchError as exc:
         if os.environ.get("ATTNSTEER_TRITON_STRICT", "").strip().lower() in _TRUE:
             raise
@@ -213,14 +218,14 @@ def triton_attention(plan, query, key, value, mask: MaskView, scaling: float, in
         )
         return _fallback("kernel failure", plan, query, key, value, mask, scaling, info, stats)
     stats.record(route, rows)
-    COUNTERS[f"triton/{route.name}/{phase}"] += 1
+    COUNTERS[f"triton/{route.kernel_rule}/{phase}"] += 1
     return out, None
 
 
 # ---------------------------------------------------------------------------------------------
 # per-method glue
 # ---------------------------------------------------------------------------------------------
-_STEER_FLAGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STEER_FLAGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _steer_flags(method, hq: int, device) -> torch.Tensor:
@@ -248,17 +253,13 @@ def _act_groups(method, b: int, k_len: int, struct: _Structure, step: StepInfo, 
 
 
 def _act_bias(method, masses: torch.Tensor, struct: _Structure, q_len: int):
-    """Per-row bias log(M'_g / M_g) for ACT: sinks keep beta, non-sinks take the freed mass."""
-    beta = float(method.p["beta"])
-    m_other, m_sink = masses[..., 0], masses[..., 1]
-    rel = struct.rel0.view(-1, 1, 1) + torch.arange(q_len, device=masses.device).view(1, 1, -1)
-    rows = (rel >= 1) & (m_sink > 0) & (m_other > 0)
-    if method.heads is not None:
-        rows = rows & method.heads.to(masses.device).view(1, -1, 1)
-    factor_other = (m_other + (1.0 - beta) * m_sink) / m_other.clamp(min=1e-30)
-    log_beta = torch.log(torch.tensor(beta, device=masses.device))
-    bias = torch.stack([torch.log(factor_other), log_beta.expand_as(factor_other)], dim=-1)
-    bias = torch.where(rows.unsqueeze(-1), bias, torch.zeros_like(bias))
+    """Per-row bias log(M'_g / M_g) of ACT's groups (0 other, 1 sinks), from ``ACT.group_factors``."""
+    m_other, m_sink = masses[..., :1], masses[..., 1:2]  # (B, H, Q, 1)
+    rel = struct.rel0.view(-1, 1, 1, 1) + torch.arange(q_len, device=masses.device).view(1, 1, -1, 1)
+    rows = method.steered_rows(m_sink, m_other, rel, m_sink)
+    log_sink, log_other = method.group_factors(m_sink, m_other, log=True)
+    bias = torch.cat([log_other, torch.full_like(log_other, log_sink)], dim=-1)
+    bias = torch.where(rows, bias, torch.zeros_like(bias))
     return bias, rows.sum()
 
 
@@ -281,8 +282,16 @@ def _act(method, query, key, value, struct: _Structure, scaling: float, info: Fo
         groups = _act_groups(method, b, k_len, struct, step, dev)
         if q_len == 1:
             out, modified = K.decode(
-                query, key, value, spec, scaling, groups=groups, rule="act", beta=float(method.p["beta"]),
-                steer=_steer_flags(method, hq, dev), rel0=struct.rel0,
+                query,
+                key,
+                value,
+                spec,
+                scaling,
+                groups=groups,
+                rule="act",
+                beta=float(method.p["beta"]),
+                steer=_steer_flags(method, hq, dev),
+                rel0=struct.rel0,
             )
             return out, modified.sum(), "decode"
         lse, masses = K.row_stats(query, key, spec, scaling, groups=groups)
@@ -296,8 +305,10 @@ def _act(method, query, key, value, struct: _Structure, scaling: float, info: Fo
 def _softplus(method, query, key, value, struct: _Structure, scaling: float, info: ForwardInfo):
     hq, q_len = query.shape[1], query.shape[2]
     args = K.SoftplusArgs(
-        p=float(method.p["p"]), offset=float(method.p["offset"]),
-        steer=_steer_flags(method, hq, query.device), rel0=struct.rel0,
+        p=float(method.p["p"]),
+        offset=float(method.p["offset"]),
+        steer=_steer_flags(method, hq, query.device),
+        rel0=struct.rel0,
     )
     if q_len == 1 and not info.is_prefill:
         out, modified = K.decode(query, key, value, struct.spec, scaling, rule="softplus", softplus=args)
@@ -307,7 +318,7 @@ def _softplus(method, query, key, value, struct: _Structure, scaling: float, inf
     return out, modified.sum(), "prefill" if info.is_prefill else "chunk"
 
 
-_VAR_TABLES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_VAR_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _var_groups(method, struct: _Structure, k_len: int, device) -> tuple[K.Groups, torch.Tensor]:
@@ -346,7 +357,14 @@ def _var(method, query, key, value, struct: _Structure, scaling: float, info: Fo
             p=p, rho=float(method.p["rho"]), min_image=float(method.p["min_image_attention"]), gate=decode_gate
         )
         out, modified = K.decode(
-            query, key, value, spec, scaling, groups=groups, rule="var", var=args,
+            query,
+            key,
+            value,
+            spec,
+            scaling,
+            groups=groups,
+            rule="var",
+            var=args,
             steer=_steer_flags(method, hq, dev),
         )
         return out, modified.sum(), "decode"
@@ -357,8 +375,8 @@ def _var(method, query, key, value, struct: _Structure, scaling: float, info: Fo
     gate = method.row_gate(row_abs, *method.key_groups(torch.arange(k_len, device=dev) + struct.key_offset))
     rows = method.select_rows(gate[:, None, :, None], m_img, m_sink, m_vis, m_vis)  # (B, H, C, 1)
     # VAR conserves each row's mass: exp(s + bias - lse) are the final weights (no running max)
-    sink_bias = torch.full_like(m_vis, math.log(1.0 - p) if p < 1.0 else float("-inf"))
-    vis_bias = torch.log1p(p * m_sink / m_vis.clamp(min=1e-30))
+    log_sink, vis_bias = method.group_factors(m_sink, m_vis, log=True)
+    sink_bias = torch.full_like(m_vis, log_sink)
     bias = torch.cat([torch.zeros_like(m_other), sink_bias, sink_bias, vis_bias], dim=-1)
     bias = torch.where(rows, bias, torch.zeros_like(bias))
     out, _ = K.attention(query, key, value, spec, scaling, groups=groups, bias=bias, lse=lse)

@@ -13,13 +13,14 @@ import math
 import os
 import re
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 DEFAULT_RUNS_DIR = "attnsteer_runs"
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -34,42 +35,81 @@ def _limit(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count (e.g. 100) or a fraction (e.g. 0.1), got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a count (e.g. 100) or a fraction (e.g. 0.1), got {text!r}"
+        ) from None
     if value <= 0 or (value >= 1 and not value.is_integer()):
         raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text!r}")
     return int(value) if value >= 1 else value
 
 
 def add_model_arguments(p: argparse.ArgumentParser, model_help: str) -> None:
-    from ..cli import MODEL_ARG_KEYS
+    from ..models import MODEL_ARG_KEYS
 
     p.add_argument("--model", default=None, help=model_help)
-    p.add_argument("--model_args", default=None,
-                   help="key=value,... e.g. dtype=bfloat16,device=cuda; keys: " + ", ".join(MODEL_ARG_KEYS))
+    p.add_argument(
+        "--model_args",
+        default=None,
+        help="key=value,... e.g. dtype=bfloat16,device=cuda; keys: " + ", ".join(MODEL_ARG_KEYS),
+    )
 
 
-def add_run_arguments(p: argparse.ArgumentParser, *, batch_default: int = 1, limit_help: str | None = None,
-                      samples_help: str | None = None) -> None:
+def add_run_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    batch_default: int = 1,
+    limit_help: str | None = None,
+    samples_help: str | None = None,
+) -> None:
     """--recipe, --seed, --limit, --batch_size, --output_path, --log_samples, --backend, --no_progress."""
-    p.add_argument("--recipe", action="extend", nargs="+", metavar="R", default=None,
-                   help="recipe to compare: 'none' (the unsteered baseline), a built-in name, a YAML path or a hub "
-                        "repo; repeat for several, all run on the one loaded model (default: none)")
-    p.add_argument("--seed", action="extend", nargs="+", type=int, metavar="N", default=None,
-                   help="seed(s); repeat for several (default: 0). Greedy decoding gives the same output for every "
-                        "seed; seeds matter with sampling")
-    p.add_argument("--limit", type=_limit, default=None,
-                   help=limit_help or "only the first N items (or a fraction < 1) -- for quick checks, not for "
-                                      "reported numbers")
-    p.add_argument("--batch_size", type=_positive_int, default=batch_default,
-                   help=f"items per forward/generate call, left-padded (default: {batch_default})")
-    p.add_argument("--output_path", default=None,
-                   help=f"run directory for results.json + samples.jsonl (default: ./{DEFAULT_RUNS_DIR}/<task>-<model>-"
-                        "<settings hash>); rerunning the same command there resumes it")
-    p.add_argument("--log_samples", action="store_true",
-                   help=samples_help or "accepted for lm-eval compatibility: samples.jsonl is always written "
-                                        "(resuming needs it)")
-    p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto",
-                   help="steering backend: auto = fused (O(N) memory); reference = float32 eager oracle")
+    p.add_argument(
+        "--recipe",
+        action="extend",
+        nargs="+",
+        metavar="R",
+        default=None,
+        help="recipe to compare: 'none' (the unsteered baseline), a built-in name, a YAML path or a hub "
+        "repo; repeat for several, all run on the one loaded model (default: none)",
+    )
+    p.add_argument(
+        "--seed",
+        action="extend",
+        nargs="+",
+        type=int,
+        metavar="N",
+        default=None,
+        help="seed(s); repeat for several (default: 0). Greedy decoding gives the same output for every "
+        "seed; seeds matter with sampling",
+    )
+    p.add_argument(
+        "--limit",
+        type=_limit,
+        default=None,
+        help=limit_help or "only the first N items (or a fraction < 1) -- for quick checks, not for reported numbers",
+    )
+    p.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=batch_default,
+        help=f"items per forward/generate call, left-padded (default: {batch_default})",
+    )
+    p.add_argument(
+        "--output_path",
+        default=None,
+        help=f"run directory for results.json + samples.jsonl (default: ./{DEFAULT_RUNS_DIR}/<task>-<model>-"
+        "<settings hash>); rerunning the same command there resumes it",
+    )
+    p.add_argument(
+        "--log_samples",
+        action="store_true",
+        help=samples_help or "accepted for lm-eval compatibility: samples.jsonl is always written (resuming needs it)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=("auto", "fused", "reference"),
+        default="auto",
+        help="steering backend: auto = fused (O(N) memory); reference = float32 eager oracle",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
@@ -133,18 +173,23 @@ def summarize_seeds(by_seed: dict) -> tuple[dict, dict]:
 def hub_offline_if_unreachable() -> bool:
     """Set the Hugging Face offline switches when the hub cannot be reached (so a missing dataset
     fails at once instead of retrying for minutes). Returns True when offline."""
-    from ..cli import _hub_reachable
+    from ..models import hub_reachable as _hub_reachable
 
     truthy = ("1", "true", "yes", "on")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy or os.environ.get(
-        "HF_DATASETS_OFFLINE", "").lower() in truthy
+    offline = (
+        os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy
+        or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in truthy
+    )
     if not offline and not _hub_reachable():
         offline = True
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["HF_DATASETS_OFFLINE"] = "1"
-        for mod_name, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
-                               ("datasets.config", "HF_DATASETS_OFFLINE")):
+        for mod_name, attr in (
+            ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
+            ("datasets.config", "HF_HUB_OFFLINE"),
+            ("datasets.config", "HF_DATASETS_OFFLINE"),
+        ):
             mod = sys.modules.get(mod_name)
             if mod is not None and hasattr(mod, attr):
                 setattr(mod, attr, True)

@@ -17,9 +17,9 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 __all__ = [
     "file_sha256",
@@ -38,7 +38,7 @@ def file_sha256(path: PathLike) -> str:
     return h.hexdigest()
 
 
-def read_json_records(path: PathLike) -> List[Dict[str, Any]]:
+def read_json_records(path: PathLike) -> list[dict[str, Any]]:
     """Read ``path`` as a JSON array of objects or as JSON Lines (one object per line).
 
     The format is detected from the first non-white-space character (``[`` means a JSON array),
@@ -85,16 +85,14 @@ def read_json_records(path: PathLike) -> List[Dict[str, Any]]:
 # ---------------------------------------------------------------------------------------------
 
 # Abbreviations after which a period does not end a sentence (lower-case, without the final '.').
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr st jr sr prof vs etc e.g i.e approx no fig inc ltd co mt ft".split()
-)
+_ABBREVIATIONS = frozenset("mr mrs ms dr st jr sr prof vs etc e.g i.e approx no fig inc ltd co mt ft".split())
 
 # A sentence ends at '.', '!' or '?' (possibly repeated, e.g. '...' or '?!'), optionally followed by
 # closing quotes/brackets, when white space or the end of the text follows.
 _SENT_END = re.compile(r"""[.!?]+["'\)\]\}\u201d\u2019]*(?=\s|$)""")
 
 
-def split_sentences(text: str) -> List[str]:
+def split_sentences(text: str) -> list[str]:
     """Split ``text`` into sentences (white space around each sentence stripped, empties dropped).
 
     A boundary is a run of ``.``/``!``/``?`` (plus closing quotes or brackets) followed by white
@@ -102,13 +100,13 @@ def split_sentences(text: str) -> List[str]:
     single letter initial. Text after the last terminator is returned as a final (incomplete)
     sentence.
     """
-    sentences: List[str] = []
+    sentences: list[str] = []
     start = 0
     for m in _SENT_END.finditer(text):
         end = m.end()
         if m.group(0).startswith(".") and m.group(0).rstrip("\"')]}\u201d\u2019") == ".":
             # look at the word before the period
-            before = text[start:m.start()]
+            before = text[start : m.start()]
             word = re.split(r"\s", before)[-1].lower() if before else ""
             word = word.lstrip("\"'([{\u201c\u2018")
             if word in _ABBREVIATIONS or (len(word) == 1 and word.isalpha()):
@@ -130,7 +128,7 @@ def split_sentences(text: str) -> List[str]:
 _RE_START_QUOTE = re.compile(r'^"')
 _RE_QUOTE_AFTER_OPEN = re.compile(r'(?<=[\s(\[{<])"')
 _RE_ELLIPSIS = re.compile(r"\.\.\.")
-_RE_COMMA_COLON = re.compile(r"([:,])(?!\d)")        # ',' or ':' not followed by a digit
+_RE_COMMA_COLON = re.compile(r"([:,])(?!\d)")  # ',' or ':' not followed by a digit
 _RE_COMMA_COLON_END = re.compile(r"([:,])$")
 _RE_MISC_PUNCT = re.compile(r"([;@#$%&?!\[\](){}<>])")
 _RE_DASHES = re.compile(r"--")
@@ -147,7 +145,7 @@ _RE_CONTRACTIONS = [
 ]
 
 
-def _tokenize_sentence(text: str) -> List[str]:
+def _tokenize_sentence(text: str) -> list[str]:
     text = _RE_START_QUOTE.sub(" `` ", text)
     text = _RE_QUOTE_AFTER_OPEN.sub(" `` ", text)
     text = _RE_ELLIPSIS.sub(" ... ", text)
@@ -166,14 +164,14 @@ def _tokenize_sentence(text: str) -> List[str]:
     return text.split()
 
 
-def word_tokenize(text: str) -> List[str]:
+def word_tokenize(text: str) -> list[str]:
     """Tokenise ``text`` into words and punctuation, Treebank style.
 
     ``"The dog's bowl, isn't it?"`` -> ``['The', 'dog', "'s", 'bowl', ',', 'is', "n't", 'it', '?']``.
     Sentence-final periods become their own token; periods inside a sentence (``e.g.``, ``3.5``)
     stay attached, as with ``nltk.word_tokenize``. Hyphenated words stay whole.
     """
-    tokens: List[str] = []
+    tokens: list[str] = []
     for sent in split_sentences(text):
         tokens.extend(_tokenize_sentence(sent))
     return tokens

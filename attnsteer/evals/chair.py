@@ -53,26 +53,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import (
     Any,
-    Callable,
-    Dict,
-    FrozenSet,
-    Iterable,
-    List,
-    Mapping,
-    Optional,
-    Sequence,
-    Tuple,
-    Union,
 )
 
 from ._text import read_json_records, split_sentences, word_tokenize
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 __all__ = [
     "COCO_DOUBLE_WORDS",
@@ -109,20 +100,52 @@ __all__ = [
 
 #: COCO names written as two words; each merges into itself. ``stove top oven`` has three words
 #: and can never be produced by a two-word merge (kept because the reference list has it).
-COCO_DOUBLE_WORDS: Tuple[str, ...] = (
-    "motor bike", "motor cycle", "air plane", "traffic light", "street light", "traffic signal",
-    "stop light", "fire hydrant", "stop sign", "parking meter", "suit case", "sports ball",
-    "baseball bat", "baseball glove", "tennis racket", "wine glass", "hot dog", "cell phone",
-    "mobile phone", "teddy bear", "hair drier", "potted plant", "bow tie", "laptop computer",
-    "stove top oven", "home plate", "train track",
+COCO_DOUBLE_WORDS: tuple[str, ...] = (
+    "motor bike",
+    "motor cycle",
+    "air plane",
+    "traffic light",
+    "street light",
+    "traffic signal",
+    "stop light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "suit case",
+    "sports ball",
+    "baseball bat",
+    "baseball glove",
+    "tennis racket",
+    "wine glass",
+    "hot dog",
+    "cell phone",
+    "mobile phone",
+    "teddy bear",
+    "hair drier",
+    "potted plant",
+    "bow tie",
+    "laptop computer",
+    "stove top oven",
+    "home plate",
+    "train track",
 )
 #: ``baby X`` and ``adult X`` merge into ``X`` (so that "baby" / "adult" do not fire *person*).
-ANIMAL_WORDS: Tuple[str, ...] = (
-    "bird", "cat", "dog", "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe",
-    "animal", "cub",
+ANIMAL_WORDS: tuple[str, ...] = (
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "animal",
+    "cub",
 )
 #: ``passenger X`` merges into ``X`` (so that "passenger" does not fire *person*).
-VEHICLE_WORDS: Tuple[str, ...] = ("jet", "train")
+VEHICLE_WORDS: tuple[str, ...] = ("jet", "train")
 
 NLTK_DOWNLOAD_COMMAND = "python -m nltk.downloader punkt_tab averaged_perceptron_tagger_eng wordnet"
 
@@ -136,9 +159,9 @@ COCO_ANNOTATIONS_HELP = (
 )
 
 
-def build_double_words() -> Dict[str, str]:
+def build_double_words() -> dict[str, str]:
     """Return the two-word merge table ``{"w1 w2": replacement}`` used by every CHAIR lineage."""
-    table: Dict[str, str] = {w: w for w in COCO_DOUBLE_WORDS}
+    table: dict[str, str] = {w: w for w in COCO_DOUBLE_WORDS}
     for a in ANIMAL_WORDS:
         table[f"baby {a}"] = a
         table[f"adult {a}"] = a
@@ -163,10 +186,10 @@ class Synonyms:
         path: the file it was read from, or ``None``.
     """
 
-    categories: Tuple[str, ...]
+    categories: tuple[str, ...]
     to_category: Mapping[str, str]
-    vocabulary: FrozenSet[str]
-    path: Optional[str] = None
+    vocabulary: frozenset[str]
+    path: str | None = None
 
 
 def load_synonyms(path: PathLike) -> Synonyms:
@@ -183,11 +206,11 @@ def load_synonyms(path: PathLike) -> Synonyms:
     if not p.is_file():
         raise FileNotFoundError(
             f"CHAIR synonym file not found: {p}. Pass the 80-category list (synonyms.txt from "
-            "LisaAnne/Hallucination data/synonyms.txt; a copy is in shared/data/chair/synonyms.txt) "
+            "the LisaAnne/Hallucination repository, data/synonyms.txt) "
             "as synonyms_path= / --synonyms."
         )
-    categories: List[str] = []
-    to_category: Dict[str, str] = {}
+    categories: list[str] = []
+    to_category: dict[str, str] = {}
     vocab: set = set()
     for line in p.read_text(encoding="utf-8").splitlines():
         entries = line.strip().split(", ")
@@ -212,17 +235,52 @@ class LemmatizerUnavailable(RuntimeError):
 
 
 # plural -> singular for irregular nouns (and a few regular-looking ones the rules would get wrong)
-_IRREGULAR_PLURALS: Dict[str, str] = {
-    "men": "man", "women": "woman", "children": "child", "grandchildren": "grandchild",
-    "persons": "person", "mice": "mouse", "geese": "goose", "oxen": "ox", "feet": "foot",
-    "teeth": "tooth", "dice": "die", "lice": "louse", "cacti": "cactus", "fungi": "fungus",
-    "knives": "knife", "pocketknives": "pocketknife", "wives": "wife", "lives": "life",
-    "wolves": "wolf", "calves": "calf", "halves": "half", "leaves": "leaf", "loaves": "loaf",
-    "shelves": "shelf", "thieves": "thief", "scarves": "scarf", "hooves": "hoof", "elves": "elf",
-    "selves": "self", "sheaves": "sheaf", "wharves": "wharf", "dwarves": "dwarf",
-    "buses": "bus", "minibuses": "minibus", "busses": "bus", "lenses": "lens",
-    "skis": "ski", "taxis": "taxi", "kiwis": "kiwi", "bikinis": "bikini", "buffaloes": "buffalo",
-    "quizzes": "quiz", "criteria": "criterion", "phenomena": "phenomenon", "taxies": "taxi",
+_IRREGULAR_PLURALS: dict[str, str] = {
+    "men": "man",
+    "women": "woman",
+    "children": "child",
+    "grandchildren": "grandchild",
+    "persons": "person",
+    "mice": "mouse",
+    "geese": "goose",
+    "oxen": "ox",
+    "feet": "foot",
+    "teeth": "tooth",
+    "dice": "die",
+    "lice": "louse",
+    "cacti": "cactus",
+    "fungi": "fungus",
+    "knives": "knife",
+    "pocketknives": "pocketknife",
+    "wives": "wife",
+    "lives": "life",
+    "wolves": "wolf",
+    "calves": "calf",
+    "halves": "half",
+    "leaves": "leaf",
+    "loaves": "loaf",
+    "shelves": "shelf",
+    "thieves": "thief",
+    "scarves": "scarf",
+    "hooves": "hoof",
+    "elves": "elf",
+    "selves": "self",
+    "sheaves": "sheaf",
+    "wharves": "wharf",
+    "dwarves": "dwarf",
+    "buses": "bus",
+    "minibuses": "minibus",
+    "busses": "bus",
+    "lenses": "lens",
+    "skis": "ski",
+    "taxis": "taxi",
+    "kiwis": "kiwi",
+    "bikinis": "bikini",
+    "buffaloes": "buffalo",
+    "quizzes": "quiz",
+    "criteria": "criterion",
+    "phenomena": "phenomenon",
+    "taxies": "taxi",
     "zebus": "zebu",
 }
 
@@ -231,49 +289,59 @@ _IRREGULAR_PLURALS: Dict[str, str] = {
 # by comparing WordNet verb and noun lemmas over the OPERA caption logs (docs/chair.md); "seating",
 # "training", "boating", "kayaking" and "bowling" are left out because in captions they are
 # nouns ("providing seating", "a seating area"), which the tagger tags NN.
-_VERB_FORMS: Dict[str, str] = {
-    "skiing": "ski", "skied": "ski", "seated": "seat", "tied": "tie", "tying": "tie",
-    "skateboarding": "skateboard", "skateboarded": "skateboard", "snowboarding": "snowboard",
-    "snowboarded": "snowboard", "grooming": "groom", "groomed": "groom",
+_VERB_FORMS: dict[str, str] = {
+    "skiing": "ski",
+    "skied": "ski",
+    "seated": "seat",
+    "tied": "tie",
+    "tying": "tie",
+    "skateboarding": "skateboard",
+    "skateboarded": "skateboard",
+    "snowboarding": "snowboard",
+    "snowboarded": "snowboard",
+    "grooming": "groom",
+    "groomed": "groom",
 }
 
 # WordNet 3.0 noun lemmas that differ from plain singularisation for CHAIR vocabulary words:
 # "men" is itself a WordNet noun (so it stays "men", which is not in the vocabulary), "vases"
 # becomes "vas", and plurals of words WordNet does not list stay plural (so they are not
 # mentions). Measured with WordNetLemmatizer on every vocabulary word's regular plurals.
-_WORDNET_NOUN_QUIRKS: Dict[str, str] = {
-    "men": "men", "vases": "vas",
-    **{w: w for w in """bikers bluejays brindles coworkers firetrucks hairdryers lenovos longboards
+_WORDNET_NOUN_QUIRKS: dict[str, str] = {
+    "men": "men",
+    "vases": "vas",
+    **{
+        w: w
+        for w in """bikers bluejays brindles coworkers firetrucks hairdryers lenovos longboards
     macbooks netbooks paddleboats pitbulls riverboats sailboards shortboards skimboards
-    smartphones soliders stovetops teddybears televisons""".split()},
+    smartphones soliders stovetops teddybears televisons""".split()
+    },
 }
 # words that look plural (or end in s) but are left unchanged
-_INVARIANT: FrozenSet[str] = frozenset(
+_INVARIANT: frozenset[str] = frozenset(
     """sheep deer fish cattle bison moose swine salmon trout offspring aircraft series species
     scissors pants jeans trousers shorts clothes news police people physics politics
     this his is has was its us yes as gas plus bus tennis axis iris chassis pelvis trellis oasis
     debris lens always perhaps sometimes whereas towards afterwards upwards downwards backwards
     christmas""".split()
 )
-_IES_KEEP: FrozenSet[str] = frozenset(
+_IES_KEEP: frozenset[str] = frozenset(
     """movies cookies ties neckties bowties pies lies dies hippies zombies goalies rookies selfies
     smoothies veggies collies brownies hoodies aussies birdies calories genies budgies bookies
     freebies groupies junkies magpies pixies prairies sweeties yuppies newbies talkies boogies
     eyries cowries lingeries kiddies walkies""".split()
 )
-_OES_KEEP: FrozenSet[str] = frozenset(
+_OES_KEEP: frozenset[str] = frozenset(
     """shoes toes canoes hoes oboes floes foes does goes horseshoes tiptoes snowshoes mistletoes
     throes""".split()
 )
-_CHES_KEEP: FrozenSet[str] = frozenset(
+_CHES_KEEP: frozenset[str] = frozenset(
     """aches headaches toothaches earaches backaches stomachaches mustaches moustaches niches
     caches cliches avalanches quiches psyches""".split()
 )
-_USES_KEEP_E: FrozenSet[str] = frozenset("causes muses fuses excuses abuses refuses uses".split())
-_US_PLURALS: FrozenSet[str] = frozenset("menus emus gnus tutus haikus".split())
-_MEN_NOT_PLURAL: FrozenSet[str] = frozenset(
-    "omen amen specimen abdomen semen stamen regimen ramen yemen hymen".split()
-)
+_USES_KEEP_E: frozenset[str] = frozenset("causes muses fuses excuses abuses refuses uses".split())
+_US_PLURALS: frozenset[str] = frozenset("menus emus gnus tutus haikus".split())
+_MEN_NOT_PLURAL: frozenset[str] = frozenset("omen amen specimen abdomen semen stamen regimen ramen yemen hymen".split())
 
 
 def singularize(word: str) -> str:
@@ -351,14 +419,12 @@ class RulesLemmatizer:
             raise ValueError(f"lineage must be 'wordnet' or 'pattern', got {lineage!r}")
         self.lineage = lineage
         self.name = "rules" if lineage == "wordnet" else "rules_pattern"
-        self._extra: Dict[str, str] = (
-            {**_VERB_FORMS, **_WORDNET_NOUN_QUIRKS} if lineage == "wordnet" else {}
-        )
+        self._extra: dict[str, str] = {**_VERB_FORMS, **_WORDNET_NOUN_QUIRKS} if lineage == "wordnet" else {}
 
-    def tokenize(self, text: str) -> List[str]:
+    def tokenize(self, text: str) -> list[str]:
         return word_tokenize(text)
 
-    def lemmatize(self, tokens: Sequence[str]) -> List[str]:
+    def lemmatize(self, tokens: Sequence[str]) -> list[str]:
         extra = self._extra
         return [extra.get(t) or _singularize_cached(t) for t in tokens]
 
@@ -420,10 +486,10 @@ class WordNetPOSLemmatizer:
             )
         self._nltk = nltk
 
-    def tokenize(self, text: str) -> List[str]:
+    def tokenize(self, text: str) -> list[str]:
         return self._nltk.word_tokenize(text)
 
-    def lemmatize(self, tokens: Sequence[str]) -> List[str]:
+    def lemmatize(self, tokens: Sequence[str]) -> list[str]:
         out = []
         for tok, tag in self._nltk.pos_tag(list(tokens)):
             if tag.startswith("J"):
@@ -464,12 +530,12 @@ class WordNetNounLemmatizer:
                 "python -m nltk.downloader wordnet (or NLTK_DATA pointing at a folder with "
                 "corpora/wordnet); offline, use lemmatizer='rules'."
             ) from e
-        self._cache: Dict[str, str] = {}
+        self._cache: dict[str, str] = {}
 
-    def tokenize(self, text: str) -> List[str]:
+    def tokenize(self, text: str) -> list[str]:
         return word_tokenize(text)
 
-    def lemmatize(self, tokens: Sequence[str]) -> List[str]:
+    def lemmatize(self, tokens: Sequence[str]) -> list[str]:
         out = []
         for t in tokens:
             lem = self._cache.get(t)
@@ -481,7 +547,7 @@ class WordNetNounLemmatizer:
 
 
 #: name -> lemmatiser class; :func:`get_lemmatizer` builds one by name.
-LEMMATIZERS: Dict[str, Callable[[], Any]] = {
+LEMMATIZERS: dict[str, Callable[[], Any]] = {
     "rules": RulesLemmatizer,
     "rules_pattern": lambda: RulesLemmatizer(lineage="pattern"),
     "wordnet": WordNetPOSLemmatizer,
@@ -489,7 +555,7 @@ LEMMATIZERS: Dict[str, Callable[[], Any]] = {
 }
 
 
-def get_lemmatizer(spec: Union[str, Any] = "rules"):
+def get_lemmatizer(spec: str | Any = "rules"):
     """Return a lemmatiser: a name from :data:`LEMMATIZERS` or an object with ``name``,
     ``tokenize(text) -> list[str]`` and ``lemmatize(tokens) -> list[str]``."""
     if isinstance(spec, str):
@@ -576,9 +642,9 @@ _CAPTION_KEYS = ("caption", "text", "output", "answer", "response")
 
 def load_caption_log(
     path: PathLike,
-    image_id_key: Optional[str] = None,
-    caption_key: Optional[str] = None,
-) -> List[CaptionRecord]:
+    image_id_key: str | None = None,
+    caption_key: str | None = None,
+) -> list[CaptionRecord]:
     """Read a caption log (JSON Lines or a JSON array of objects).
 
     Supported shapes (keys auto-detected when not given):
@@ -596,7 +662,7 @@ def load_caption_log(
             keys it has), or a caption is not a string.
     """
     records = read_json_records(path)
-    out: List[CaptionRecord] = []
+    out: list[CaptionRecord] = []
     for i, rec in enumerate(records):
         id_key = image_id_key or next((k for k in _ID_KEYS if k in rec), None)
         cap_key = caption_key or next((k for k in _CAPTION_KEYS if k in rec), None)
@@ -621,10 +687,10 @@ def load_caption_log(
 # Ground truth
 # ---------------------------------------------------------------------------------------------
 
-GroundTruth = Dict[int, FrozenSet[str]]
+GroundTruth = dict[int, frozenset[str]]
 
 
-def load_gt_json(path: PathLike, synonyms: Optional[Synonyms] = None) -> GroundTruth:
+def load_gt_json(path: PathLike, synonyms: Synonyms | None = None) -> GroundTruth:
     """Read ground-truth object sets: ``{"objects": {"<image id>": [canonical names]}}`` (or the
     bare ``{"<image id>": [...]}`` mapping).
 
@@ -656,7 +722,7 @@ def load_gt_json(path: PathLike, synonyms: Optional[Synonyms] = None) -> GroundT
     return gt
 
 
-def _read_coco_json(path: PathLike, kind: str) -> Dict[str, Any]:
+def _read_coco_json(path: PathLike, kind: str) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"COCO {kind} annotation file not found: {p}. {COCO_ANNOTATIONS_HELP}")
@@ -670,8 +736,8 @@ def _read_coco_json(path: PathLike, kind: str) -> Dict[str, Any]:
 def build_gt_from_coco(
     instances_paths: Sequence[PathLike],
     captions_paths: Sequence[PathLike],
-    scorer: "CHAIRScorer",
-    image_ids: Optional[Iterable[int]] = None,
+    scorer: CHAIRScorer,
+    image_ids: Iterable[int] | None = None,
 ) -> GroundTruth:
     """Build ground truth from COCO ``instances_*.json`` and ``captions_*.json`` files.
 
@@ -689,7 +755,7 @@ def build_gt_from_coco(
     if not instances_paths or not captions_paths:
         raise ValueError(f"need at least one instances and one captions file. {COCO_ANNOTATIONS_HELP}")
     wanted = None if image_ids is None else {int(i) for i in image_ids}
-    objects: Dict[int, set] = {}
+    objects: dict[int, set] = {}
     for path in instances_paths:
         data = _read_coco_json(path, "instances")
         id_to_name = {c["id"]: c["name"] for c in data.get("categories", [])}
@@ -722,9 +788,9 @@ def build_gt_from_coco(
 
 def build_gt_from_coco_dir(
     annotations_dir: PathLike,
-    scorer: "CHAIRScorer",
+    scorer: CHAIRScorer,
     splits: Sequence[str] = ("train", "val"),
-    image_ids: Optional[Iterable[int]] = None,
+    image_ids: Iterable[int] | None = None,
 ) -> GroundTruth:
     """:func:`build_gt_from_coco` on ``<dir>/instances_<split>2014.json`` and
     ``<dir>/captions_<split>2014.json`` for each split (default train and val, like the reference).
@@ -757,10 +823,10 @@ class CaptionParse:
         positions: index of each mention in ``tokens``.
     """
 
-    tokens: List[str]
-    mentions: List[str]
-    objects: List[str]
-    positions: List[int]
+    tokens: list[str]
+    mentions: list[str]
+    objects: list[str]
+    positions: list[int]
 
 
 @dataclass
@@ -779,15 +845,15 @@ class CHAIRResult:
         config: lemmatiser, synonym file, truncation flag.
     """
 
-    metrics: Dict[str, float]
-    captions: List[Dict[str, Any]] = field(default_factory=list)
-    config: Dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float]
+    captions: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return {"overall_metrics": self.metrics, "config": self.config, "sentences": self.captions}
 
 
-CaptionLike = Union[CaptionRecord, Tuple[Any, str], Mapping[str, Any]]
+CaptionLike = CaptionRecord | tuple[Any, str] | Mapping[str, Any]
 
 
 def _as_record(item: CaptionLike) -> CaptionRecord:
@@ -815,13 +881,13 @@ class CHAIRScorer:
 
     Example::
 
-        scorer = CHAIRScorer("shared/data/chair/synonyms.txt")
-        gt = load_gt_json("shared/data/chair/gt_coco2014.json")
+        scorer = CHAIRScorer("data/chair/synonyms.txt")
+        gt = load_gt_json("data/chair/gt_coco2014.json")
         result = scorer.score(load_caption_log("greedy.jsonl"), gt)
         result.metrics["CHAIRs"], result.metrics["CHAIRi"]
     """
 
-    def __init__(self, synonyms_path: PathLike, lemmatizer: Union[str, Any] = "rules") -> None:
+    def __init__(self, synonyms_path: PathLike, lemmatizer: str | Any = "rules") -> None:
         self.synonyms = load_synonyms(synonyms_path)
         self.lemmatizer = get_lemmatizer(lemmatizer)
         self.double_words = build_double_words()
@@ -833,7 +899,7 @@ class CHAIRScorer:
     def caption_to_objects(self, caption: str) -> CaptionParse:
         """Run the CHAIR pipeline on one caption (see the module docstring)."""
         words = self.lemmatizer.lemmatize(self.lemmatizer.tokenize(caption.lower()))
-        merged: List[str] = []
+        merged: list[str] = []
         i, n = 0, len(words)
         while i < n:
             if i + 1 < n:
@@ -890,7 +956,7 @@ class CHAIRScorer:
                 )
         n_caps = n_hall_caps = n_mentions = n_hall = n_gt = n_rec = n_rep = n_trunc = 0
         total_tokens = total_words = 0
-        details: List[Dict[str, Any]] = []
+        details: list[dict[str, Any]] = []
         for rec in records:
             cap = rec.caption
             if drop_incomplete:

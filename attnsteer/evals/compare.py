@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 HELP = "Markdown table + PNG chart of eval runs: baseline vs recipes, with deltas"
 EXAMPLE = "attnsteer compare attnsteer_runs/mmlu-smollm2-* --output_path compare"
@@ -88,8 +89,9 @@ def describe(record: dict) -> str:
     return "; ".join(parts)
 
 
-def run_markdown(record: dict, path: str | None = None, baseline: str | None = BASELINE,
-                 metrics: Sequence[str] | None = None) -> str:
+def run_markdown(
+    record: dict, path: str | None = None, baseline: str | None = BASELINE, metrics: Sequence[str] | None = None
+) -> str:
     """The Markdown table of one run: one row per headline metric, one column per recipe (and the
     difference to the ``baseline`` column when there is one; ``baseline=None``: no deltas)."""
     results = record.get("metrics") or {}
@@ -100,7 +102,8 @@ def run_markdown(record: dict, path: str | None = None, baseline: str | None = B
     if metrics:
         wanted = set(metrics)
         headline = [h for h in headline if h["metric"] in wanted] or [
-            {"metric": m, "label": m, "higher_is_better": None, "percent": False} for m in metrics]
+            {"metric": m, "label": m, "higher_is_better": None, "percent": False} for m in metrics
+        ]
     model = (record.get("config") or {}).get("model") or (record.get("identity") or {}).get("model", "?")
     title = f"### {record.get('task', '?')} - {model}"
     if path:
@@ -115,7 +118,10 @@ def run_markdown(record: dict, path: str | None = None, baseline: str | None = B
     spreads = set()
     for h in headline:
         m, pct = h["metric"], bool(h.get("percent"))
-        row = [h.get("label", m) + ("" if h.get("higher_is_better") is None else (" (up)" if h["higher_is_better"] else " (down)"))]
+        row = [
+            h.get("label", m)
+            + ("" if h.get("higher_is_better") is None else (" (up)" if h["higher_is_better"] else " (down)"))
+        ]
         base_value = (results.get(base, {}).get("summary") or {}).get(m) if base else None
 
         def cell(label: str, m: str = m, pct: bool = pct) -> str:
@@ -154,8 +160,9 @@ def run_markdown(record: dict, path: str | None = None, baseline: str | None = B
 
 
 # ---- chart --------------------------------------------------------------------------------------
-def plot(records: Sequence[tuple[str, dict]], png: Path, baseline: str = BASELINE,
-         metrics: Sequence[str] | None = None) -> Path | None:
+def plot(
+    records: Sequence[tuple[str, dict]], png: Path, baseline: str = BASELINE, metrics: Sequence[str] | None = None
+) -> Path | None:
     """Grouped bars per run (the percent-valued headline metrics), recipes side by side."""
     try:
         import matplotlib
@@ -163,8 +170,10 @@ def plot(records: Sequence[tuple[str, dict]], png: Path, baseline: str = BASELIN
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: no PNG chart: matplotlib is not installed (pip install matplotlib, or attnsteer[eval])",
-              file=sys.stderr)
+        print(
+            "note: no PNG chart: matplotlib is not installed (pip install matplotlib, or attnsteer[eval])",
+            file=sys.stderr,
+        )
         return None
     panels = []
     for path, record in records:  # noqa: B007 - path kept for the panel order
@@ -175,9 +184,10 @@ def plot(records: Sequence[tuple[str, dict]], png: Path, baseline: str = BASELIN
             panels.append((path, record, hl[:8]))
     if not panels:
         return None
-    fig, axes = plt.subplots(len(panels), 1, figsize=(max(7.0, 1.6 * max(len(p[2]) for p in panels) + 3),
-                                                      3.6 * len(panels)), squeeze=False)
-    for ax, (path, record, hl) in zip(axes[:, 0], panels):
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(max(7.0, 1.6 * max(len(p[2]) for p in panels) + 3), 3.6 * len(panels)), squeeze=False
+    )
+    for ax, (_path, record, hl) in zip(axes[:, 0], panels):
         results = record["metrics"]
         labels = list(results)
         if baseline in labels:
@@ -191,15 +201,21 @@ def plot(records: Sequence[tuple[str, dict]], png: Path, baseline: str = BASELIN
             errs = [100 * (_spread(entry, h["metric"])[0] or 0.0) for h in hl]
             yerr = [[min(e, v) for e, v in zip(errs, values)], [min(e, 100 - v) for e, v in zip(errs, values)]]
             xs = [i + (j - (len(labels) - 1) / 2) * width for i in range(len(hl))]
-            bars = ax.bar(xs, values, width, yerr=yerr if any(errs) else None, capsize=2, label=lbl,
-                          color=colors(j % colors.N))
+            bars = ax.bar(
+                xs, values, width, yerr=yerr if any(errs) else None, capsize=2, label=lbl, color=colors(j % colors.N)
+            )
             if lbl != baseline and baseline in results:
                 base = results[baseline].get("summary") or {}
                 for bar, h, v in zip(bars, hl, values):
                     b = base.get(h["metric"])
                     if isinstance(b, (int, float)):
-                        ax.annotate(f"{v - 100 * b:+.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                                    ha="center", va="bottom", fontsize=7)
+                        ax.annotate(
+                            f"{v - 100 * b:+.1f}",
+                            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                            ha="center",
+                            va="bottom",
+                            fontsize=7,
+                        )
         ax.set_xticks(range(len(hl)))
         ax.set_xticklabels([h.get("label", h["metric"]) for h in hl], fontsize=8, rotation=12)
         ax.set_ylabel("%")
@@ -217,15 +233,18 @@ def plot(records: Sequence[tuple[str, dict]], png: Path, baseline: str = BASELIN
 # ---- command ------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or their results.json)")
-    p.add_argument("--output_path", default="attnsteer_compare",
-                   help="folder for compare.md and compare.png (default: ./attnsteer_compare)")
+    p.add_argument(
+        "--output_path",
+        default="attnsteer_compare",
+        help="folder for compare.md and compare.png (default: ./attnsteer_compare)",
+    )
     p.add_argument("--baseline", default=BASELINE, help=f"label of the reference column (default: {BASELINE})")
     p.add_argument("--metrics", nargs="+", default=None, metavar="M", help="only these metrics (default: headline)")
     p.add_argument("--no_plot", action="store_true", help="skip the PNG chart")
 
 
 def run(args) -> int:
-    from ..cli import CLIError
+    from ..errors import EvalError
     from .results import RunDirError, load_results
 
     records = []
@@ -233,7 +252,7 @@ def run(args) -> int:
         try:
             records.append((path, load_results(path)))
         except RunDirError as exc:
-            raise CLIError(f"compare: {exc}") from None
+            raise EvalError(f"compare: {exc}") from None
     text = "\n\n".join(run_markdown(r, p, args.baseline, args.metrics) for p, r in records)
     print(text)
     out = Path(args.output_path).expanduser()

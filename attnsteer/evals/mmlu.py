@@ -34,8 +34,10 @@ from pathlib import Path
 from . import _cli
 
 HELP = "MMLU or any lm-eval task (lm-evaluation-harness) on the steered model"
-EXAMPLE = ("attnsteer eval mmlu --model smollm2 --tasks attnsteer_mc_demo --recipe none --recipe act-default "
-           "--recipe softplus-gentle")
+EXAMPLE = (
+    "attnsteer eval mmlu --model smollm2 --tasks attnsteer_mc_demo --recipe none --recipe act-default "
+    "--recipe softplus-gentle"
+)
 DESCRIPTION = (
     "Run lm-evaluation-harness tasks (default: mmlu, 5-shot) on the unsteered model (--recipe none) and with each "
     "recipe, one loaded model, and report accuracy and standard error per task and group. attnsteer ships an offline "
@@ -53,27 +55,55 @@ def packaged_tasks_dir() -> Path:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    _cli.add_model_arguments(p, "causal LM: hub id, local folder, or 'smollm2' (the embedded offline "
-                                "SmolLM2-135M-Instruct)")
+    _cli.add_model_arguments(
+        p, "causal LM: hub id, local folder, or 'smollm2' (the embedded offline SmolLM2-135M-Instruct)"
+    )
     g = p.add_argument_group("lm-eval")
-    g.add_argument("--tasks", action="extend", nargs="+", default=None, metavar="TASK",
-                   help="lm-eval task or group names, comma-separated or repeated (default: mmlu). Shipped offline: "
-                        "attnsteer_mc_demo, attnsteer_mc_demo_mmlu")
-    g.add_argument("--num_fewshot", type=int, default=None,
-                   help=f"few-shot examples (default: {MMLU_FEWSHOT} for mmlu* tasks, else the task's default, 0 for "
-                        "attnsteer_mc_demo)")
-    g.add_argument("--include_path", action="append", default=[], metavar="DIR",
-                   help="extra folder of lm-eval task YAMLs (repeatable)")
-    g.add_argument("--apply_chat_template", action="store_true",
-                   help="format prompts with the tokenizer's chat template (lm-eval flag; off for MMLU numbers)")
-    g.add_argument("--bootstrap_iters", type=int, default=100000,
-                   help="lm-eval bootstrap iterations for non-mean metrics (acc uses the closed form; 0 = no stderr)")
-    g.add_argument("--no_cache", action="store_true",
-                   help="do not keep lm-eval's per-request cache (then an interrupted recipe restarts from scratch)")
+    g.add_argument(
+        "--tasks",
+        action="extend",
+        nargs="+",
+        default=None,
+        metavar="TASK",
+        help="lm-eval task or group names, comma-separated or repeated (default: mmlu). Shipped offline: "
+        "attnsteer_mc_demo, attnsteer_mc_demo_mmlu",
+    )
+    g.add_argument(
+        "--num_fewshot",
+        type=int,
+        default=None,
+        help=f"few-shot examples (default: {MMLU_FEWSHOT} for mmlu* tasks, else the task's default, 0 for "
+        "attnsteer_mc_demo)",
+    )
+    g.add_argument(
+        "--include_path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="extra folder of lm-eval task YAMLs (repeatable)",
+    )
+    g.add_argument(
+        "--apply_chat_template",
+        action="store_true",
+        help="format prompts with the tokenizer's chat template (lm-eval flag; off for MMLU numbers)",
+    )
+    g.add_argument(
+        "--bootstrap_iters",
+        type=int,
+        default=100000,
+        help="lm-eval bootstrap iterations for non-mean metrics (acc uses the closed form; 0 = no stderr)",
+    )
+    g.add_argument(
+        "--no_cache",
+        action="store_true",
+        help="do not keep lm-eval's per-request cache (then an interrupted recipe restarts from scratch)",
+    )
     _cli.add_run_arguments(
-        p, batch_default=8, limit_help="lm-eval --limit: the first N documents of each task (or a fraction); "
-                                       "for quick checks only",
-        samples_help="also write every document's log-likelihoods and score to samples.jsonl (lm-eval log_samples)")
+        p,
+        batch_default=8,
+        limit_help="lm-eval --limit: the first N documents of each task (or a fraction); for quick checks only",
+        samples_help="also write every document's log-likelihoods and score to samples.jsonl (lm-eval log_samples)",
+    )
 
 
 # ---- tasks --------------------------------------------------------------------------------------
@@ -114,7 +144,7 @@ def materialize(src: Path, dst: Path) -> list[Path]:
     data_files: list[Path] = []
     for f in sorted(list(src.glob("*.yaml")) + list(src.glob("*_yaml"))):
         cfg = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
-        files = ((cfg.get("dataset_kwargs") or {}).get("data_files"))
+        files = (cfg.get("dataset_kwargs") or {}).get("data_files")
         if isinstance(files, dict):
             resolved = {}
             for split, rel in files.items():
@@ -152,8 +182,9 @@ def extract(out: dict) -> dict:
     """The parts of an lm-eval result dict that go into a sample line."""
     results = {}
     for name, entry in (out.get("results") or {}).items():
-        results[name] = {k: _json_safe(v) for k, v in entry.items()
-                         if isinstance(_json_safe(v), (int, float, str)) or v is None}
+        results[name] = {
+            k: _json_safe(v) for k, v in entry.items() if isinstance(_json_safe(v), (int, float, str)) or v is None
+        }
     return {
         "results": results,
         "groups": list((out.get("groups") or {}).keys()),
@@ -212,14 +243,22 @@ def summarize(tasks: list[str], info: dict) -> tuple[dict, dict, list]:
             if isinstance(err, (int, float)):
                 stderr[mname] = err
             better = (hib.get(name) or {}).get(metric, True)
-            headline.append({"metric": mname, "label": f"{indent}{alias.lstrip('- ')} {label}",
-                             "higher_is_better": better, "percent": metric.startswith(("acc", "exact", "f1", "mc"))})
+            headline.append(
+                {
+                    "metric": mname,
+                    "label": f"{indent}{alias.lstrip('- ')} {label}",
+                    "higher_is_better": better,
+                    "percent": metric.startswith(("acc", "exact", "f1", "mc")),
+                }
+            )
     return summary, stderr, headline
 
 
 # ---- entry point --------------------------------------------------------------------------------
 def run(args) -> int:
-    from ..cli import CLIError, _load_model, _resolve_model
+    from ..errors import EvalError
+    from ..models import load_checked as _load_model
+    from ..models import resolve_model as _resolve_model
     from ._text import file_sha256
     from .results import RunDir, now_iso, sample_key
     from .runner import Dist, check_recipes_fit, parse_recipes
@@ -232,7 +271,7 @@ def run(args) -> int:
     for inc in args.include_path:
         folder = Path(inc).expanduser()
         if not folder.is_dir():
-            raise CLIError(f"--include_path {inc!r}: no such folder")
+            raise EvalError(f"--include_path {inc!r}: no such folder")
         local_names.update(_yaml_names(folder))
     all_local = all(t in local_names for t in tasks)
     if all_local:  # local JSON data: never ask the hub
@@ -245,8 +284,9 @@ def run(args) -> int:
         from lm_eval.models.huggingface import HFLM  # noqa: F401
         from lm_eval.tasks import TaskManager
     except ImportError as exc:
-        raise CLIError(f"eval mmlu needs lm-evaluation-harness: pip install 'lm-eval>=0.4.9' (or attnsteer[eval]) "
-                       f"({exc})") from None
+        raise EvalError(
+            f"eval mmlu needs lm-evaluation-harness: pip install 'lm-eval>=0.4.9' (or attnsteer[eval]) ({exc})"
+        ) from None
     from importlib import metadata
 
     num_fewshot = _fewshot_default(tasks, args.num_fewshot)
@@ -256,27 +296,43 @@ def run(args) -> int:
     if shipped_used:
         for f in sorted(shipped.glob("*/*.jsonl")):
             data_hashes[f"mc_demo/{f.parent.name}/{f.name}"] = file_sha256(f)
-    identity = {**_cli.model_identity(model_id, kwargs), "tasks": tasks, "num_fewshot": num_fewshot,
-                "apply_chat_template": args.apply_chat_template, "lm_eval": metadata.version("lm-eval")}
+    identity = {
+        **_cli.model_identity(model_id, kwargs),
+        "tasks": tasks,
+        "num_fewshot": num_fewshot,
+        "apply_chat_template": args.apply_chat_template,
+        "lm_eval": metadata.version("lm-eval"),
+    }
     dist = Dist()
     out_dir = _cli.output_dir(args, "mmlu", model_id, identity)
-    run_dir = RunDir(out_dir, "mmlu", identity, data=data_hashes, rank=dist.rank, world_size=dist.world_size,
-                     is_main=dist.is_main)
-    config = {"task": "mmlu", "model": model_id, "model_args": args.model_args, "tasks": tasks,
-              "num_fewshot": num_fewshot, "limit": args.limit, "apply_chat_template": args.apply_chat_template,
-              "bootstrap_iters": args.bootstrap_iters, "include_path": [str(Path(p).resolve()) for p in args.include_path],
-              "data": {"files": data_hashes} if data_hashes else {}}
+    run_dir = RunDir(
+        out_dir, "mmlu", identity, data=data_hashes, rank=dist.rank, world_size=dist.world_size, is_main=dist.is_main
+    )
+    config = {
+        "task": "mmlu",
+        "model": model_id,
+        "model_args": args.model_args,
+        "tasks": tasks,
+        "num_fewshot": num_fewshot,
+        "limit": args.limit,
+        "apply_chat_template": args.apply_chat_template,
+        "bootstrap_iters": args.bootstrap_iters,
+        "include_path": [str(Path(p).resolve()) for p in args.include_path],
+        "data": {"files": data_hashes} if data_hashes else {},
+    }
     recipes_json = {s.label: s.to_json() for s in specs}
     task_dir = Path(tempfile.mkdtemp(prefix="attnsteer_lm_eval_tasks_"))
     atexit.register(shutil.rmtree, task_dir, ignore_errors=True)
     materialize(shipped, task_dir)
     with quiet_lm_eval():
-        tm = TaskManager(include_path=[str(task_dir)] + [str(Path(p).expanduser()) for p in args.include_path],
-                         include_defaults=not all_local)
+        tm = TaskManager(
+            include_path=[str(task_dir)] + [str(Path(p).expanduser()) for p in args.include_path],
+            include_defaults=not all_local,
+        )
     known = set(tm.all_tasks) | set(tm.all_groups) | set(getattr(tm, "all_tags", []) or [])
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise CLIError(
+        raise EvalError(
             f"--tasks: unknown lm-eval task(s) {unknown}. Shipped with attnsteer (offline): attnsteer_mc_demo, "
             "attnsteer_mc_demo_mmlu; lm-eval's own: `lm_eval ls tasks` (mmlu, hellaswag, ...); your YAMLs: "
             "--include_path DIR"
@@ -296,7 +352,7 @@ def run(args) -> int:
             kwargs = {**kwargs, "device": device}
     tokenizer, model = _load_model(model_id, kwargs, sys.stderr)
     load_s = time.perf_counter() - t0
-    notes = check_recipes_fit(model, specs, model_id, args.backend)
+    notes = check_recipes_fit(model, specs, model_id)
     with quiet_lm_eval():
         lm = left_padded_hflm(model, tokenizer, args.batch_size)
     if dist.distributed:  # data-parallel over the processes of `accelerate launch`
@@ -308,8 +364,9 @@ def run(args) -> int:
     item = f"lm_eval/{','.join(tasks)}/limit={args.limit}"
     done = run_dir.finished()
     per_recipe = {}
-    import attnsteer
     import warnings
+
+    import attnsteer
 
     for spec in specs:
         for seed in seeds:
@@ -319,8 +376,11 @@ def run(args) -> int:
                     print(f"{spec.label} seed {seed}: finished in an earlier session, kept", file=sys.stderr)
                 continue
             if dist.is_main:
-                print(f"{spec.label} seed {seed}: running {', '.join(tasks)}"
-                      f" ({'task default' if num_fewshot is None else num_fewshot}-shot)", file=sys.stderr)
+                print(
+                    f"{spec.label} seed {seed}: running {', '.join(tasks)}"
+                    f" ({'task default' if num_fewshot is None else num_fewshot}-shot)",
+                    file=sys.stderr,
+                )
             t1 = time.perf_counter()
             handle = None
             with warnings.catch_warnings(record=True) as record:
@@ -332,19 +392,29 @@ def run(args) -> int:
                     try:
                         with quiet_lm_eval(), _record_row_lengths():
                             out = simple_evaluate(
-                                model=lm, tasks=tasks, num_fewshot=num_fewshot, task_manager=tm, limit=args.limit,
-                                bootstrap_iters=args.bootstrap_iters, log_samples=args.log_samples, use_cache=cache,
-                                apply_chat_template=args.apply_chat_template, random_seed=seed,
+                                model=lm,
+                                tasks=tasks,
+                                num_fewshot=num_fewshot,
+                                task_manager=tm,
+                                limit=args.limit,
+                                bootstrap_iters=args.bootstrap_iters,
+                                log_samples=args.log_samples,
+                                use_cache=cache,
+                                apply_chat_template=args.apply_chat_template,
+                                random_seed=seed,
                                 numpy_random_seed=LM_EVAL_SEED_OFFSET + seed,
                                 torch_random_seed=LM_EVAL_SEED_OFFSET + seed,
                                 fewshot_random_seed=LM_EVAL_SEED_OFFSET + seed,
                             )
                     except (FileNotFoundError, ConnectionError, OSError) as exc:
-                        raise CLIError(_data_error(tasks, exc)) from None
+                        raise EvalError(_data_error(tasks, exc)) from None
                     except Exception as exc:
-                        if "offline" in str(exc).lower() or "couldn't reach" in str(exc).lower() or \
-                                type(exc).__name__ in ("DatasetNotFoundError", "LocalEntryNotFoundError"):
-                            raise CLIError(_data_error(tasks, exc)) from None
+                        if (
+                            "offline" in str(exc).lower()
+                            or "couldn't reach" in str(exc).lower()
+                            or type(exc).__name__ in ("DatasetNotFoundError", "LocalEntryNotFoundError")
+                        ):
+                            raise EvalError(_data_error(tasks, exc)) from None
                         raise
                 finally:
                     if handle is not None:
@@ -359,11 +429,22 @@ def run(args) -> int:
                 for task_name, samples in (out.get("samples") or {}).items():
                     for s in samples:
                         run_dir.append(_doc_record(task_name, s, spec, seed))
-            run_dir.append({"key": key, "kind": "lm_eval", "item_id": item, "recipe": spec.label,
-                            "recipe_hash": spec.hash, "seed": seed, "elapsed_s": round(elapsed, 3), **info})
+            run_dir.append(
+                {
+                    "key": key,
+                    "kind": "lm_eval",
+                    "item_id": item,
+                    "recipe": spec.label,
+                    "recipe_hash": spec.hash,
+                    "seed": seed,
+                    "elapsed_s": round(elapsed, 3),
+                    **info,
+                }
+            )
             if "configs" not in config:
-                config["configs"] = {k: {kk: str(vv) for kk, vv in v.items()}
-                                     for k, v in (out.get("configs") or {}).items()}
+                config["configs"] = {
+                    k: {kk: str(vv) for kk, vv in v.items()} for k, v in (out.get("configs") or {}).items()
+                }
     run_dir.close()
     dist.barrier()
     if not dist.is_main:
@@ -376,8 +457,10 @@ def run(args) -> int:
         for seed in seeds:
             rec = finished.get(sample_key(item, spec.hash, seed))
             if rec is None:
-                raise CLIError(f"{out_dir}: recipe {spec.label!r} seed {seed} has no result (interrupted). "
-                               "Fix: rerun the same command")
+                raise EvalError(
+                    f"{out_dir}: recipe {spec.label!r} seed {seed} has no result (interrupted). "
+                    "Fix: rerun the same command"
+                )
             summary, stderr, hl = summarize(tasks, rec)
             by_seed[str(seed)], errs[str(seed)] = summary, stderr
             headline = headline or hl
@@ -389,18 +472,33 @@ def run(args) -> int:
         stderr_mean = {}
         if len(seeds) == 1:
             stderr_mean = errs[str(seeds[0])]
-        metrics[spec.label] = {"recipe_hash": spec.hash, "summary": mean, "summary_std": std,
-                               "summary_stderr": stderr_mean, "by_seed": by_seed, "stderr_by_seed": errs}
+        metrics[spec.label] = {
+            "recipe_hash": spec.hash,
+            "summary": mean,
+            "summary_std": std,
+            "summary_stderr": stderr_mean,
+            "by_seed": by_seed,
+            "stderr_by_seed": errs,
+        }
     config["num_fewshot_used"] = shots.pop() if len(shots) == 1 else (sorted(shots) or None)
     config["n_questions"] = n_questions
-    record = run_dir.write_results({
-        "config": {**config, "batch_size": args.batch_size, "backend": args.backend},
-        "recipes": {s.label: s.to_json() for s in specs}, "seeds": seeds, "data": config["data"], "metrics": metrics,
-        "headline": headline or [], "timings": {"model_load_s": round(load_s, 3), "per_recipe": per_recipe,
-                                                "total_s": round(time.perf_counter() - t0, 3)},
-        "notes": list(dict.fromkeys(notes)),
-        "session": {"started": started, "world_size": dist.world_size, "batch_size": args.batch_size},
-    })
+    record = run_dir.write_results(
+        {
+            "config": {**config, "batch_size": args.batch_size, "backend": args.backend},
+            "recipes": {s.label: s.to_json() for s in specs},
+            "seeds": seeds,
+            "data": config["data"],
+            "metrics": metrics,
+            "headline": headline or [],
+            "timings": {
+                "model_load_s": round(load_s, 3),
+                "per_recipe": per_recipe,
+                "total_s": round(time.perf_counter() - t0, 3),
+            },
+            "notes": list(dict.fromkeys(notes)),
+            "session": {"started": started, "world_size": dist.world_size, "batch_size": args.batch_size},
+        }
+    )
     from .compare import run_markdown
 
     print(run_markdown(record, str(out_dir)))
@@ -478,15 +576,21 @@ def left_padded_hflm(model, tokenizer, batch_size: int):
     class LeftPaddedHFLM(HFLM):
         def _model_call(self, inps, attn_mask=None, labels=None):
             lengths = _ROW_LENGTHS[0] if _ROW_LENGTHS else None
-            if (attn_mask is not None or labels is not None or lengths is None or len(lengths) != inps.shape[0]
-                    or max(lengths) != inps.shape[1] or min(lengths) == inps.shape[1]):
+            if (
+                attn_mask is not None
+                or labels is not None
+                or lengths is None
+                or len(lengths) != inps.shape[0]
+                or max(lengths) != inps.shape[1]
+                or min(lengths) == inps.shape[1]
+            ):
                 return super()._model_call(inps, attn_mask, labels)
             rows, width = inps.shape
             left = torch.zeros_like(inps)
             mask = torch.zeros_like(inps)
             for i, n in enumerate(lengths):
-                left[i, width - n:] = inps[i, :n]
-                mask[i, width - n:] = 1
+                left[i, width - n :] = inps[i, :n]
+                mask[i, width - n :] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             dtype = getattr(self, "mixed_precision_dtype", None)
             with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
@@ -504,11 +608,19 @@ def _doc_record(task_name: str, s: dict, spec, seed: int) -> dict:
 
     doc_id = s.get("doc_id")
     resps = s.get("filtered_resps") or s.get("resps")
-    rec = {"key": sample_key(f"lm_eval_doc/{task_name}/{doc_id}", spec.hash, seed), "kind": "doc",
-           "task": task_name, "doc_id": doc_id, "recipe": spec.label, "recipe_hash": spec.hash, "seed": seed,
-           "doc": s.get("doc"), "target": s.get("target"),
-           "prompt": (s.get("arguments") or [[None]])[0][0] if s.get("arguments") else None,
-           "resps": [[_json_safe(x) for x in (r if isinstance(r, (list, tuple)) else [r])] for r in (resps or [])]}
+    rec = {
+        "key": sample_key(f"lm_eval_doc/{task_name}/{doc_id}", spec.hash, seed),
+        "kind": "doc",
+        "task": task_name,
+        "doc_id": doc_id,
+        "recipe": spec.label,
+        "recipe_hash": spec.hash,
+        "seed": seed,
+        "doc": s.get("doc"),
+        "target": s.get("target"),
+        "prompt": (s.get("arguments") or [[None]])[0][0] if s.get("arguments") else None,
+        "resps": [[_json_safe(x) for x in (r if isinstance(r, (list, tuple)) else [r])] for r in (resps or [])],
+    }
     for k in ("acc", "acc_norm", "exact_match"):
         if k in s:
             rec[k] = _json_safe(s[k])

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any
 
 from ._text import file_sha256, read_json_records
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 __all__ = [
     "SPLITS",
@@ -61,8 +62,8 @@ __all__ = [
     "score_pope",
 ]
 
-SPLITS: Tuple[str, ...] = ("random", "popular", "adversarial")
-SOURCES: Tuple[str, ...] = ("coco", "aokvqa", "gqa")
+SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+SOURCES: tuple[str, ...] = ("coco", "aokvqa", "gqa")
 
 #: Default prompt: the question followed by the one-word instruction (used by VCD and others).
 DEFAULT_POPE_TEMPLATE = "{question} Please answer this question with one word."
@@ -75,7 +76,7 @@ POPE_HF_REVISION = "4db1276663dfa5eb8ad16a52d24c31a09e470896"
 
 #: SHA-256 of the published COCO question files (whole-file bytes as stored in git) ->
 #: (POPE repository commit, source, split). The A-OKVQA / GQA files exist in one version only.
-KNOWN_POPE_SHA256: Dict[str, Tuple[str, str, str]] = {
+KNOWN_POPE_SHA256: dict[str, tuple[str, str, str]] = {
     "c16b65d2df6d70bb0814c8a4375833d39cdb09928fd936d3fc546491efa37f35": ("e3e3926", "coco", "random"),
     "5b16653023bf4f64d57eb0d168259de6627f5cde7538b85ebed3cc33034aa6cc": ("e3e3926", "coco", "popular"),
     "1d8f0906a9b50c05640f6f23abfac97523be2a1bed28f7eadc63b811699b2d26": ("e3e3926", "coco", "adversarial"),
@@ -114,16 +115,16 @@ class POPEItem:
             from equality and repr).
     """
 
-    question_id: Union[int, str]
+    question_id: int | str
     image: str
     question: str
     label: str
-    split: Optional[str] = None
-    source: Optional[str] = None
+    split: str | None = None
+    source: str | None = None
     image_data: Any = field(default=None, compare=False, repr=False)
 
     @property
-    def key(self) -> Tuple[Optional[str], Optional[str], Union[int, str]]:
+    def key(self) -> tuple[str | None, str | None, int | str]:
         """``(source, split, question_id)``: unique across the files of one version."""
         return (self.source, self.split, self.question_id)
 
@@ -178,9 +179,7 @@ def find_pope_file(folder: PathLike, source: str = "coco", split: str = "random"
 _NAME_RE = re.compile(r"(coco|aokvqa|gqa)_pope_(?:seem_)?(random|popular|adversarial)")
 
 
-def load_pope_file(
-    path: PathLike, split: Optional[str] = None, source: Optional[str] = None
-) -> List[POPEItem]:
+def load_pope_file(path: PathLike, split: str | None = None, source: str | None = None) -> list[POPEItem]:
     """Load one POPE question file (JSON Lines, LF or CRLF, or a JSON array).
 
     ``split`` and ``source`` default to what the file name says (``coco_pope_random.json`` ->
@@ -207,19 +206,19 @@ def load_pope_file(
             raise ValueError(f"{p}: record {i} lacks {missing}; POPE records have question_id, image, text, label")
         label = str(rec["label"]).strip().lower()
         if label not in ("yes", "no"):
-            raise ValueError(f"{p}: record {i} (question_id {rec['question_id']}) has label {rec['label']!r}; expected yes/no")
+            raise ValueError(
+                f"{p}: record {i} (question_id {rec['question_id']}) has label {rec['label']!r}; expected yes/no"
+            )
         items.append(POPEItem(rec["question_id"], rec["image"], rec["text"], label, split, source))
     return items
 
 
-def load_pope(
-    folder: PathLike, source: str = "coco", splits: Sequence[str] = SPLITS
-) -> Dict[str, List[POPEItem]]:
+def load_pope(folder: PathLike, source: str = "coco", splits: Sequence[str] = SPLITS) -> dict[str, list[POPEItem]]:
     """Load several splits from a folder: ``{split: [POPEItem, ...]}`` (see :func:`find_pope_file`)."""
     return {s: load_pope_file(find_pope_file(folder, source, s), split=s, source=source) for s in splits}
 
 
-def identify_pope_file(path: PathLike) -> Dict[str, Any]:
+def identify_pope_file(path: PathLike) -> dict[str, Any]:
     """Hash a question file and say which published version it is.
 
     Returns:
@@ -243,7 +242,7 @@ def identify_pope_file(path: PathLike) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def pope_items_from_hf_rows(rows: Iterable[Mapping[str, Any]], split: Optional[str] = None) -> List[POPEItem]:
+def pope_items_from_hf_rows(rows: Iterable[Mapping[str, Any]], split: str | None = None) -> list[POPEItem]:
     """Map rows of ``lmms-lab/POPE`` to :class:`POPEItem`.
 
     Column mapping: ``question_id`` -> question_id (kept as given, usually a str),
@@ -269,19 +268,17 @@ def pope_items_from_hf_rows(rows: Iterable[Mapping[str, Any]], split: Optional[s
         if not Path(img).suffix:
             img += ".jpg"
         row_split = split or row.get("category")
-        items.append(
-            POPEItem(row["question_id"], img, row["question"], label, row_split, "coco", row.get("image"))
-        )
+        items.append(POPEItem(row["question_id"], img, row["question"], label, row_split, "coco", row.get("image")))
     return items
 
 
 def load_pope_hf(
-    split: Optional[str] = None,
+    split: str | None = None,
     revision: str = POPE_HF_REVISION,
     repo_id: str = POPE_HF_REPO,
-    cache_dir: Optional[PathLike] = None,
+    cache_dir: PathLike | None = None,
     **load_kwargs: Any,
-) -> List[POPEItem]:
+) -> list[POPEItem]:
     """Load POPE from the Hugging Face dataset (``datasets`` is imported here, not at module load).
 
     Args:
@@ -303,8 +300,7 @@ def load_pope_hf(
         "(e.g. `huggingface-cli download --repo-type dataset "
         f"{repo_id} --revision {revision}`, then set HF_DATASETS_OFFLINE=1 and use the same "
         "cache), or use the original question files instead: load_pope_file(<path to "
-        "coco_pope_<split>.json>) / load_pope(<folder>) with a COCO val2014 image folder. "
-        + _POPE_REPO_HINT
+        "coco_pope_<split>.json>) / load_pope(<folder>) with a COCO val2014 image folder. " + _POPE_REPO_HINT
     )
     try:
         import datasets  # noqa: F401
@@ -314,7 +310,9 @@ def load_pope_hf(
         if split is None:
             ds = datasets.load_dataset(repo_id, revision=revision, split="test", cache_dir=cache_dir, **load_kwargs)
         else:
-            ds = datasets.load_dataset(repo_id, "Full", revision=revision, split=split, cache_dir=cache_dir, **load_kwargs)
+            ds = datasets.load_dataset(
+                repo_id, "Full", revision=revision, split=split, cache_dir=cache_dir, **load_kwargs
+            )
     except Exception as e:  # network errors, missing cache, auth: all end up here
         raise RuntimeError(f"could not load {repo_id}@{revision}: {type(e).__name__}: {e}. {offline_hint}") from e
     return pope_items_from_hf_rows(ds, split=split)
@@ -361,10 +359,10 @@ def parse_strict(text: str) -> str:
 
 
 #: Parser profiles by name.
-PARSERS: Dict[str, Callable[[str], str]] = {"pope": parse_pope, "opera": parse_opera, "strict": parse_strict}
+PARSERS: dict[str, Callable[[str], str]] = {"pope": parse_pope, "opera": parse_opera, "strict": parse_strict}
 
 
-def parse_answer(text: str, parser: Union[str, Callable[[str], str]] = "pope") -> str:
+def parse_answer(text: str, parser: str | Callable[[str], str] = "pope") -> str:
     """Parse a raw model answer with a named profile (:data:`PARSERS`) or a callable.
 
     Returns ``"yes"``, ``"no"`` or ``"unknown"``.
@@ -388,7 +386,7 @@ def parse_answer(text: str, parser: Union[str, Callable[[str], str]] = "pope") -
 # ---------------------------------------------------------------------------------------------
 
 
-def pope_metrics(labels: Sequence[str], preds: Sequence[str]) -> Dict[str, float]:
+def pope_metrics(labels: Sequence[str], preds: Sequence[str]) -> dict[str, float]:
     """Accuracy, precision, recall, F1, yes-ratio and counts for one set of answers.
 
     The positive class is ``yes``. ``unknown`` predictions count as wrong for accuracy and as
@@ -449,9 +447,9 @@ _AVERAGED = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 
 def score_pope(
     items: Sequence[POPEItem],
-    answers: Union[Sequence[str], Mapping[Any, str]],
-    parser: Union[str, Callable[[str], str]] = "pope",
-) -> Dict[str, Any]:
+    answers: Sequence[str] | Mapping[Any, str],
+    parser: str | Callable[[str], str] = "pope",
+) -> dict[str, Any]:
     """Parse raw answers and compute per-split metrics plus both aggregates.
 
     Args:
@@ -478,7 +476,7 @@ def score_pope(
         if len(raw) != len(items):
             raise ValueError(f"{len(items)} items but {len(raw)} answers; positional matching needs equal lengths")
     preds = [parse_answer(t, parser) for t in raw]
-    by_split: Dict[str, Tuple[List[str], List[str]]] = {}
+    by_split: dict[str, tuple[list[str], list[str]]] = {}
     for it, p in zip(items, preds):
         key = it.split if it.split is not None else "all"
         labs, ps = by_split.setdefault(key, ([], []))

@@ -20,8 +20,10 @@ from pathlib import Path
 from . import _cli
 
 HELP = "POPE: yes/no object-hallucination questions on COCO images (vision-language models)"
-EXAMPLE = ("attnsteer eval pope --model llava-hf/llava-1.5-7b-hf --pope_dir POPE/output/coco --coco_dir coco/val2014 "
-           "--recipe none --recipe act-default --batch_size 8 --limit 100")
+EXAMPLE = (
+    "attnsteer eval pope --model llava-hf/llava-1.5-7b-hf --pope_dir POPE/output/coco --coco_dir coco/val2014 "
+    "--recipe none --recipe act-default --batch_size 8 --limit 100"
+)
 DESCRIPTION = (
     "Answer the POPE yes/no questions with a vision-language model, unsteered (--recipe none) and with each recipe, "
     "and report per-split accuracy, precision, recall, F1, predicted yes-ratio and unknown count, plus the mean "
@@ -45,27 +47,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     _cli.add_model_arguments(p, "vision-language model: hub id (e.g. llava-hf/llava-1.5-7b-hf) or local folder")
     g = p.add_argument_group("data")
-    g.add_argument("--pope_dir", default=None,
-                   help="folder with the POPE question files (coco_pope_<split>.json; <source>_pope_seem_<split>.json; "
-                        "the POPE repo's output/ layout is searched too)")
-    g.add_argument("--coco_dir", "--image_dir", dest="coco_dir", default=None,
-                   help="COCO val2014 image folder (GQA image folder for --source gqa)")
-    g.add_argument("--hf", nargs="?", const=POPE_HF_REPO, default=None, metavar="REPO",
-                   help=f"load the Hugging Face dataset instead of files (default repo {POPE_HF_REPO}; images included)")
+    g.add_argument(
+        "--pope_dir",
+        default=None,
+        help="folder with the POPE question files (coco_pope_<split>.json; <source>_pope_seem_<split>.json; "
+        "the POPE repo's output/ layout is searched too)",
+    )
+    g.add_argument(
+        "--coco_dir",
+        "--image_dir",
+        dest="coco_dir",
+        default=None,
+        help="COCO val2014 image folder (GQA image folder for --source gqa)",
+    )
+    g.add_argument(
+        "--hf",
+        nargs="?",
+        const=POPE_HF_REPO,
+        default=None,
+        metavar="REPO",
+        help=f"load the Hugging Face dataset instead of files (default repo {POPE_HF_REPO}; images included)",
+    )
     g.add_argument("--hf_revision", default=POPE_HF_REVISION, help="dataset revision (default: the pinned commit)")
     g.add_argument("--source", choices=SOURCES, default="coco", help="question source (default: coco)")
-    g.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
-                   help="splits to run (default: all three)")
+    g.add_argument(
+        "--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="splits to run (default: all three)"
+    )
     g = p.add_argument_group("prompt, decoding and parsing")
-    g.add_argument("--prompt_template", default=DEFAULT_POPE_TEMPLATE,
-                   help=f"user message; {{question}} is replaced (default: {DEFAULT_POPE_TEMPLATE!r})")
-    g.add_argument("--parser", choices=sorted(PARSERS), default="pope",
-                   help="answer parser profile: pope (official rule, default), opera, strict")
-    g.add_argument("--max_new_tokens", type=_cli._positive_int, default=16, help="default: 16")
+    g.add_argument(
+        "--prompt_template",
+        default=DEFAULT_POPE_TEMPLATE,
+        help=f"user message; {{question}} is replaced (default: {DEFAULT_POPE_TEMPLATE!r})",
+    )
+    g.add_argument(
+        "--parser",
+        choices=sorted(PARSERS),
+        default="pope",
+        help="answer parser profile: pope (official rule, default), opera, strict",
+    )
+    g.add_argument("--max_new_tokens", type=_cli.positive_int, default=16, help="default: 16")
     g.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
     g.add_argument("--temperature", type=float, default=1.0, help="with --do_sample (default: 1.0)")
     g.add_argument("--top_p", type=float, default=1.0, help="with --do_sample (default: 1.0)")
-    g.add_argument("--num_beams", type=_cli._positive_int, default=1, help="beam search width (default: 1)")
+    g.add_argument("--num_beams", type=_cli.positive_int, default=1, help="beam search width (default: 1)")
     _cli.add_run_arguments(p, batch_default=1, limit_help="only the first N questions of each split (or a fraction)")
 
 
@@ -82,24 +106,26 @@ def _missing_data_error() -> str:
 
 def load_items(args) -> tuple[list, list, dict, dict]:
     """(eval items, POPE items, data description, data identity); errors say what to download."""
-    from ..cli import CLIError
+    from ..errors import EvalError
     from . import pope
     from .runner import EvalItem
 
     if args.hf and args.pope_dir:
-        raise CLIError("--hf and --pope_dir both given. Fix: use one data source")
+        raise EvalError("--hf and --pope_dir both given. Fix: use one data source")
     pope_items: list = []
     data: dict = {"source": args.source, "splits": list(args.splits)}
     data_identity: dict = {}
     if args.hf:
         if args.source != "coco":
-            raise CLIError(f"--hf holds the COCO questions only; --source {args.source} needs --pope_dir")
+            raise EvalError(f"--hf holds the COCO questions only; --source {args.source} needs --pope_dir")
         _cli.hub_offline_if_unreachable()
         for split in args.splits:
             try:
                 rows = pope.load_pope_hf(split=split, revision=args.hf_revision, repo_id=args.hf)
             except RuntimeError as exc:
-                raise CLIError(f"--hf {args.hf}: {exc} (On the command line: --pope_dir DIR --coco_dir DIR.)") from None
+                raise EvalError(
+                    f"--hf {args.hf}: {exc} (On the command line: --pope_dir DIR --coco_dir DIR.)"
+                ) from None
             pope_items += _cli.apply_limit(rows, args.limit)
         data.update({"hf_repo": args.hf, "hf_revision": args.hf_revision})
         data_identity = {f"hf:{args.hf}": args.hf_revision}
@@ -107,37 +133,45 @@ def load_items(args) -> tuple[list, list, dict, dict]:
         version = {}
     else:
         if not args.pope_dir:
-            raise CLIError(_missing_data_error())
+            raise EvalError(_missing_data_error())
         folder = Path(args.pope_dir).expanduser()
         if not folder.is_dir():
-            raise CLIError(f"--pope_dir {args.pope_dir!r}: no such folder. {_missing_data_error()}")
+            raise EvalError(f"--pope_dir {args.pope_dir!r}: no such folder. {_missing_data_error()}")
         files: dict = {}
         for split in args.splits:
             try:
                 path = pope.find_pope_file(folder, args.source, split)
             except FileNotFoundError as exc:
-                raise CLIError(f"--pope_dir {args.pope_dir!r}: {exc}") from None
+                raise EvalError(f"--pope_dir {args.pope_dir!r}: {exc}") from None
             try:
                 split_items = pope.load_pope_file(path, split=split, source=args.source)
             except ValueError as exc:
-                raise CLIError(f"--pope_dir {args.pope_dir!r}: {exc}") from None
+                raise EvalError(f"--pope_dir {args.pope_dir!r}: {exc}") from None
             info = pope.identify_pope_file(path)
-            files[split] = {"path": str(path.resolve()), "sha256": info["sha256"], "known_version": info["version"],
-                            "questions": len(split_items)}
+            files[split] = {
+                "path": str(path.resolve()),
+                "sha256": info["sha256"],
+                "known_version": info["version"],
+                "questions": len(split_items),
+            }
             data_identity[f"{args.source}/{split}"] = info["sha256"]
             pope_items += _cli.apply_limit(split_items, args.limit)
         data["files"] = files
         if not args.coco_dir:
-            raise CLIError(f"--coco_dir is missing: the questions refer to images by file name. "
-                           f"{GQA_IMAGES_HELP if args.source == 'gqa' else COCO_IMAGES_HELP}")
+            raise EvalError(
+                f"--coco_dir is missing: the questions refer to images by file name. "
+                f"{GQA_IMAGES_HELP if args.source == 'gqa' else COCO_IMAGES_HELP}"
+            )
         image_dir = Path(args.coco_dir).expanduser()
         if not image_dir.is_dir():
-            raise CLIError(f"--coco_dir {args.coco_dir!r}: no such folder. "
-                           f"{GQA_IMAGES_HELP if args.source == 'gqa' else COCO_IMAGES_HELP}")
+            raise EvalError(
+                f"--coco_dir {args.coco_dir!r}: no such folder. "
+                f"{GQA_IMAGES_HELP if args.source == 'gqa' else COCO_IMAGES_HELP}"
+            )
         needed = sorted({it.image for it in pope_items})
         missing = [name for name in needed if not (image_dir / name).is_file()]
         if missing:
-            raise CLIError(
+            raise EvalError(
                 f"--coco_dir {args.coco_dir!r}: {len(missing)} of the {len(needed)} images the questions need are not "
                 f"there (first: {', '.join(missing[:3])}). {GQA_IMAGES_HELP if args.source == 'gqa' else COCO_IMAGES_HELP}"
             )
@@ -148,18 +182,26 @@ def load_items(args) -> tuple[list, list, dict, dict]:
     try:
         pope.build_pope_prompt("x", template)
     except ValueError as exc:
-        raise CLIError(f"--prompt_template: {exc}") from None
+        raise EvalError(f"--prompt_template: {exc}") from None
     prefix = f"hf:{args.hf_revision[:12]}" if args.hf else None
     items = []
     for it in pope_items:
         tag = prefix or (data_identity[f"{args.source}/{it.split}"][:12])
-        items.append(EvalItem(
-            id=f"{it.source}/{it.split}/{tag}/{it.question_id}",
-            prompt=pope.build_pope_prompt(it.question, template),
-            image=images[id(it)],
-            meta={"split": it.split, "source": it.source, "question_id": it.question_id, "image": it.image,
-                  "question": it.question, "label": it.label},
-        ))
+        items.append(
+            EvalItem(
+                id=f"{it.source}/{it.split}/{tag}/{it.question_id}",
+                prompt=pope.build_pope_prompt(it.question, template),
+                image=images[id(it)],
+                meta={
+                    "split": it.split,
+                    "source": it.source,
+                    "question_id": it.question_id,
+                    "image": it.image,
+                    "question": it.question,
+                    "label": it.label,
+                },
+            )
+        )
     if version:
         data["versions"] = version
     return items, pope_items, data, data_identity
@@ -209,22 +251,36 @@ def make_scorer(items, pope_items, parser: str):
                 for other in PARSERS:
                     if other != parser:
                         s = score_pope(pope_items, outputs, other)
-                        others[other] = {"f1_mean": s["mean_over_splits"]["f1"], "acc_mean": s["mean_over_splits"]["accuracy"],
-                                         "f1_pooled": s["pooled"]["f1"], "acc_pooled": s["pooled"]["accuracy"],
-                                         "unknown": s["pooled"]["unknown"]}
+                        others[other] = {
+                            "f1_mean": s["mean_over_splits"]["f1"],
+                            "acc_mean": s["mean_over_splits"]["accuracy"],
+                            "f1_pooled": s["pooled"]["f1"],
+                            "acc_pooled": s["pooled"]["accuracy"],
+                            "unknown": s["pooled"]["unknown"],
+                        }
                 details[str(seed)] = {"scores": scores, "other_parsers": others}
             mean, std = _cli.summarize_seeds(by_seed)
-            metrics[spec.label] = {"recipe_hash": spec.hash, "summary": mean, "summary_std": std, "by_seed": by_seed,
-                                   "details": details}
+            metrics[spec.label] = {
+                "recipe_hash": spec.hash,
+                "summary": mean,
+                "summary_std": std,
+                "by_seed": by_seed,
+                "details": details,
+            }
         splits = list(dict.fromkeys(it.split for it in pope_items))
         headline = list(HEADLINE)
         if len(splits) > 1:
-            headline += [{"metric": f"{s}/f1", "label": f"F1 {s}", "higher_is_better": True, "percent": True}
-                         for s in splits]
-        return {"metrics": metrics, "headline": headline, "aggregates": {
-            "mean": "mean over splits of the per-split metrics (LLaVA-1.5 reports the mean F1)",
-            "pooled": "metrics over all rows together (lmms-eval `pope`, VLMEvalKit 'Overall')",
-        }}
+            headline += [
+                {"metric": f"{s}/f1", "label": f"F1 {s}", "higher_is_better": True, "percent": True} for s in splits
+            ]
+        return {
+            "metrics": metrics,
+            "headline": headline,
+            "aggregates": {
+                "mean": "mean over splits of the per-split metrics (LLaVA-1.5 reports the mean F1)",
+                "pooled": "metrics over all rows together (lmms-eval `pope`, VLMEvalKit 'Overall')",
+            },
+        }
 
     return score
 
@@ -235,16 +291,25 @@ def make_record_fn(parser: str):
     def make_record(item, output: str) -> dict:
         parsed = {name: parse_answer(output, name) for name in PARSERS}
         m = item.meta
-        return {"split": m["split"], "source": m["source"], "question_id": m["question_id"], "image": m["image"],
-                "question": m["question"], "prompt": item.prompt, "label": m["label"], "parsed": parsed,
-                "parser": parser, "correct": parsed[parser] == m["label"]}
+        return {
+            "split": m["split"],
+            "source": m["source"],
+            "question_id": m["question_id"],
+            "image": m["image"],
+            "question": m["question"],
+            "prompt": item.prompt,
+            "label": m["label"],
+            "parsed": parsed,
+            "parser": parser,
+            "correct": parsed[parser] == m["label"],
+        }
 
     return make_record
 
 
 # ---- entry point --------------------------------------------------------------------------------
 def run(args) -> int:
-    from ..cli import _resolve_model
+    from ..models import resolve_model as _resolve_model
     from .runner import Decoding, execute, parse_recipes, require_vlm
 
     if args.model:
@@ -254,8 +319,12 @@ def run(args) -> int:
     items, pope_items, data, data_identity = load_items(args)
     model_id, kwargs = _resolve_model(args.model, args.model_args)
     decoding = Decoding(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams)
-    identity = {**_cli.model_identity(model_id, kwargs), "source": args.source, "prompt_template": args.prompt_template,
-                "decoding": decoding.to_json()}
+    identity = {
+        **_cli.model_identity(model_id, kwargs),
+        "source": args.source,
+        "prompt_template": args.prompt_template,
+        "decoding": decoding.to_json(),
+    }
     config = {
         "task": "pope",
         "model": model_id,
@@ -268,10 +337,23 @@ def run(args) -> int:
         "n_items": len(items),
     }
     n = {s: sum(1 for it in pope_items if it.split == s) for s in args.splits}
-    print(f"POPE {args.source}: {', '.join(f'{s} {c}' for s, c in n.items())} questions; recipes "
-          f"{', '.join(s.label for s in specs)}; seeds {seeds}", file=sys.stderr)
+    print(
+        f"POPE {args.source}: {', '.join(f'{s} {c}' for s, c in n.items())} questions; recipes "
+        f"{', '.join(s.label for s in specs)}; seeds {seeds}",
+        file=sys.stderr,
+    )
     return execute(
-        args=args, task="pope", model_id=model_id, model_kwargs=kwargs, identity=identity, data=data_identity,
-        config=config, items=items, specs=specs, seeds=seeds, decoding=decoding,
-        make_record=make_record_fn(args.parser), score=make_scorer(items, pope_items, args.parser),
+        args=args,
+        task="pope",
+        model_id=model_id,
+        model_kwargs=kwargs,
+        identity=identity,
+        data=data_identity,
+        config=config,
+        items=items,
+        specs=specs,
+        seeds=seeds,
+        decoding=decoding,
+        make_record=make_record_fn(args.parser),
+        score=make_scorer(items, pope_items, args.parser),
     )

@@ -33,8 +33,9 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ..errors import AttnsteerError
 
@@ -44,8 +45,18 @@ RESULTS_SCHEMA = 1
 BASELINE_HASH = "none"  # the "recipe hash" of the unsteered baseline in sample keys
 
 _VERSION_PACKAGES = (
-    "attnsteer", "torch", "transformers", "accelerate", "tokenizers", "lm-eval", "datasets",
-    "huggingface-hub", "numpy", "pillow", "nltk", "matplotlib",
+    "attnsteer",
+    "torch",
+    "transformers",
+    "accelerate",
+    "tokenizers",
+    "lm-eval",
+    "datasets",
+    "huggingface-hub",
+    "numpy",
+    "pillow",
+    "nltk",
+    "matplotlib",
 )
 
 
@@ -85,8 +96,13 @@ def git_info() -> dict[str, Any]:
         if commit.returncode != 0:
             return info
         info["commit"] = commit.stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                                capture_output=True, text=True, timeout=10)
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         info["dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass
@@ -201,8 +217,17 @@ class RunDir:
         rank, world_size, is_main: this process in an ``accelerate launch`` run.
     """
 
-    def __init__(self, path: "str | Path", task: str, identity: dict, *, data: dict | None = None, rank: int = 0,
-                 world_size: int = 1, is_main: bool = True):
+    def __init__(
+        self,
+        path: str | Path,
+        task: str,
+        identity: dict,
+        *,
+        data: dict | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        is_main: bool = True,
+    ):
         self.path = Path(path).expanduser()
         self.task = task
         self.identity = _jsonable({"task": task, **identity})
@@ -243,7 +268,8 @@ class RunDir:
             old_data = previous.get("data_identity") or {}
             changed = [
                 f"{name}: {old_data[name]!r} in the existing run, {self.data[name]!r} now"
-                for name in sorted(set(old_data) & set(self.data)) if old_data[name] != self.data[name]
+                for name in sorted(set(old_data) & set(self.data))
+                if old_data[name] != self.data[name]
             ]
             if changed:
                 raise RunDirError(
@@ -257,7 +283,7 @@ class RunDir:
                 "Fix: pass another --output_path, or delete the folder to start over"
             )
 
-    def open(self, initial: dict | None = None) -> "RunDir":
+    def open(self, initial: dict | None = None) -> RunDir:
         """Check the identity; on the main process create the directory and write the initial
         ``results.json`` (``status: running``) if there is none. Call :meth:`sync` on every process
         afterwards (other processes wait for the main one there)."""
@@ -370,7 +396,7 @@ class RunDir:
         return record
 
 
-def load_results(path: "str | Path") -> dict:
+def load_results(path: str | Path) -> dict:
     """``results.json`` of a run directory (or the file itself)."""
     p = Path(path).expanduser()
     if p.is_dir():

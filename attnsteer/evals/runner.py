@@ -21,9 +21,10 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .results import BASELINE_HASH, RunDir, sample_key
 
@@ -53,8 +54,12 @@ class RecipeSpec:
     def to_json(self) -> dict:
         if self.recipe is None:
             return {"label": self.label, "name": NONE_RECIPE, "hash": BASELINE_HASH, "recipe": None}
-        out = {"label": self.label, "name": self.recipe.name, "hash": self.recipe.hash,
-               "recipe": self.recipe.resolved_dict()}
+        out = {
+            "label": self.label,
+            "name": self.recipe.name,
+            "hash": self.recipe.hash,
+            "recipe": self.recipe.resolved_dict(),
+        }
         if self.applied is not None:
             out["applied"] = self.applied
         return out
@@ -62,8 +67,8 @@ class RecipeSpec:
 
 def parse_recipes(values: Sequence[str] | None) -> list[RecipeSpec]:
     """``--recipe`` values -> specs, baseline first. ``none`` (any case) is the baseline; no
-    ``--recipe`` at all means the baseline only. A bad recipe is a CLIError naming the value."""
-    from ..cli import _load_recipes
+    ``--recipe`` at all means the baseline only. A bad recipe is a EvalError naming the value."""
+    from ..recipe import load_labelled_recipes as _load_recipes
 
     values = list(values or [NONE_RECIPE])
     specs: list[RecipeSpec] = []
@@ -75,30 +80,16 @@ def parse_recipes(values: Sequence[str] | None) -> list[RecipeSpec]:
     return specs
 
 
-def check_recipes_fit(model, specs: Sequence[RecipeSpec], model_id: str, backend: str) -> list[str]:
-    """Apply and remove each recipe once before any work, so a recipe that cannot steer this model
-    (e.g. a family attnsteer does not support yet) fails at once with a clear message."""
-    import attnsteer
+def check_recipes_fit(model, specs: Sequence[RecipeSpec], model_id: str) -> list[str]:
+    """Plan every recipe of ``specs`` on the model (``attnsteer.plan``: nothing changes), record
+    the concrete layers and heads each steers (``spec.applied``); returns the plans' warnings."""
+    from ..plan import check_recipes
 
-    from ..cli import CLIError
-
-    notes: list[str] = []
+    steered = [(spec.label, spec.recipe) for spec in specs if not spec.is_baseline]
+    notes, applied = check_recipes(model, steered, model_id)
     for spec in specs:
-        if spec.is_baseline:
-            continue
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always", attnsteer.AttnsteerWarning)
-            try:
-                handle = attnsteer.apply(model, spec.recipe, backend=backend)
-                spec.applied = handle.resolved_recipe().to_dict()
-                handle.remove()
-            except attnsteer.AttnsteerError as exc:
-                raise CLIError(
-                    f"--recipe {spec.label!r} cannot steer --model {model_id!r}: {exc}. The baseline (--recipe none) "
-                    "needs no steering and still runs"
-                ) from None
-        notes += [str(w.message) for w in record if issubclass(w.category, attnsteer.AttnsteerWarning)]
-    return list(dict.fromkeys(notes))
+        spec.applied = applied.get(spec.label)
+    return notes
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -196,8 +187,14 @@ class Decoding:
         config = copy.deepcopy(model.generation_config)
         eos = config.eos_token_id if config.eos_token_id is not None else eos_id
         pad = pad_id if pad_id is not None else (eos[0] if isinstance(eos, (list, tuple)) else eos)
-        kwargs = dict(max_new_tokens=self.max_new_tokens, min_new_tokens=None, do_sample=self.do_sample,
-                      num_beams=self.num_beams, eos_token_id=eos, pad_token_id=pad)
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=None,
+            do_sample=self.do_sample,
+            num_beams=self.num_beams,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
         if self.do_sample:
             kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=None)
         else:
@@ -228,14 +225,14 @@ class VLMInputs:
     """Batches of (prompt, image) through the processor's chat template, left-padded."""
 
     def __init__(self, processor, model_id: str = "the model"):
-        from ..cli import CLIError
+        from ..errors import EvalError
 
         self.processor = processor
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is None:
-            raise CLIError(f"--model {model_id!r}: its processor has no tokenizer; a vision-language model is needed")
+            raise EvalError(f"--model {model_id!r}: its processor has no tokenizer; a vision-language model is needed")
         if not getattr(processor, "chat_template", None):
-            raise CLIError(
+            raise EvalError(
                 f"--model {model_id!r}: its processor has no chat template, so prompts cannot be formatted the way "
                 "the model was trained. Fix: use a checkpoint whose processor ships one (e.g. the llava-hf/* "
                 "conversions)"
@@ -247,8 +244,9 @@ class VLMInputs:
 
     def prompt_text(self, prompt: str, with_image: bool = True) -> str:
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
 
     def __call__(self, items: Sequence[EvalItem], device) -> dict:
         texts = [self.prompt_text(it.prompt, it.image is not None) for it in items]
@@ -292,8 +290,16 @@ def generate_batch(model, builder: VLMInputs, items: Sequence[EvalItem], decodin
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="item", disable=not enabled or total == 0, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.05, mininterval=0.5)
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="item",
+        disable=not enabled or total == 0,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        smoothing=0.05,
+        mininterval=0.5,
+    )
 
 
 def run_generation(
@@ -319,8 +325,9 @@ def run_generation(
     score, ...); the runner adds ``key``, ``item_id``, ``recipe``, ``recipe_hash``, ``seed``,
     ``output``, ``new_tokens`` and ``hit_max_new_tokens``.
     """
-    import attnsteer
     import torch
+
+    import attnsteer
 
     device = next(model.parameters()).device
     mine = dist.shard(items)
@@ -333,8 +340,11 @@ def run_generation(
     total = sum(len(todo) for _, _, todo in plan)
     skipped = len(mine) * len(specs) * len(seeds) - total
     if skipped and dist.is_main:
-        print(f"resuming {run.path}: {skipped} finished item(s) are kept, {total} to go"
-              + (" on this process" if dist.distributed else ""), file=sys.stderr)
+        print(
+            f"resuming {run.path}: {skipped} finished item(s) are kept, {total} to go"
+            + (" on this process" if dist.distributed else ""),
+            file=sys.stderr,
+        )
     timings: dict = {}
     notes: list[str] = []
     steering: dict = {}
@@ -388,23 +398,30 @@ def run_generation(
                 else:  # not ours: show it as usual
                     warnings.showwarning(w.message, w.category, w.filename, w.lineno)
             elapsed = time.perf_counter() - t0
-            timings[spec.label] = {"items": n_items, "s": round(elapsed, 3),
-                                   "items_per_s": round(n_items / elapsed, 4) if elapsed > 0 else None}
+            timings[spec.label] = {
+                "items": n_items,
+                "s": round(elapsed, 3),
+                "items_per_s": round(n_items / elapsed, 4) if elapsed > 0 else None,
+            }
     finally:
         bar.close()
         run.close()
-    return {"per_recipe": timings, "notes": list(dict.fromkeys(notes)), "steering": steering,
-            "items_this_session": total}
+    return {
+        "per_recipe": timings,
+        "notes": list(dict.fromkeys(notes)),
+        "steering": steering,
+        "items_this_session": total,
+    }
 
 
 # ---- model loading ------------------------------------------------------------------------------
 def require_vlm(model_id: str) -> None:
     """Refuse the embedded text-only default up front (before any data or run directory work)."""
-    from ..cli import CLIError
+    from ..errors import EvalError
     from ..models import SMOLLM2_ID
 
     if model_id == SMOLLM2_ID:
-        raise CLIError(
+        raise EvalError(
             f"--model {SMOLLM2_ID}: this benchmark needs a vision-language model (images in, text out), and "
             f"{SMOLLM2_ID} reads text only. Fix: pass e.g. --model llava-hf/llava-1.5-7b-hf (or a local folder of it)"
         )
@@ -419,12 +436,15 @@ def load_vlm(model_id: str, kwargs: dict, dist: Dist | None = None):
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from ..cli import CLIError
+    from ..errors import EvalError
 
     require_vlm(model_id)
     kwargs = dict(kwargs)
-    device = kwargs.pop("device", None) or (dist.device() if dist is not None else None) or (
-        "cuda" if torch.cuda.is_available() else None)  # lm-eval's default: the GPU when there is one
+    device = (
+        kwargs.pop("device", None)
+        or (dist.device() if dist is not None else None)
+        or ("cuda" if torch.cuda.is_available() else None)
+    )  # lm-eval's default: the GPU when there is one
     dtype = kwargs.pop("dtype", None)
     attn = kwargs.pop("attn_implementation", "sdpa")
     hub = {k: kwargs.pop(k) for k in ("revision", "trust_remote_code") if k in kwargs}
@@ -435,7 +455,7 @@ def load_vlm(model_id: str, kwargs: dict, dist: Dist | None = None):
             model_id, dtype=dtype if dtype is not None else torch.float32, attn_implementation=attn, **hub
         )
     except (OSError, ValueError) as exc:
-        raise CLIError(
+        raise EvalError(
             f"--model {model_id!r}: could not load it as a vision-language model ({type(exc).__name__}: {exc}). "
             "Fix: pass a folder (or hub id) with config.json, the processor files and weights of an image-text-to-text "
             "model such as llava-hf/llava-1.5-7b-hf"
@@ -476,8 +496,10 @@ def execute(
 
     dist = Dist()
     if len(seeds) > 1 and not decoding.do_sample and dist.is_main:
-        print("note: decoding is greedy, so every --seed gives the same outputs; seeds matter with --do_sample",
-              file=sys.stderr)
+        print(
+            "note: decoding is greedy, so every --seed gives the same outputs; seeds matter with --do_sample",
+            file=sys.stderr,
+        )
     out = _cli.output_dir(args, task, model_id, identity)
     run = RunDir(out, task, identity, data=data, rank=dist.rank, world_size=dist.world_size, is_main=dist.is_main)
     recipes_json = {s.label: s.to_json() for s in specs}
@@ -490,17 +512,27 @@ def execute(
             write_json_atomic(out / name, content)
     started = now_iso()
     t0 = time.perf_counter()
-    from ..demo import quiet_transformers
+    from ..console import quiet_transformers
 
     with quiet_transformers():
         processor, model = load_vlm(model_id, model_kwargs, dist)
     load_s = time.perf_counter() - t0
-    notes = check_recipes_fit(model, specs, model_id, args.backend)
+    notes = check_recipes_fit(model, specs, model_id)
     builder = VLMInputs(processor, model_id)
     gen = run_generation(
-        model=model, builder=builder, items=items, specs=specs, seeds=seeds, decoding=decoding,
-        batch_size=args.batch_size, run=run, make_record=make_record, dist=dist, backend=args.backend,
-        progress=not args.no_progress, desc=f"{task} {model_id.rstrip('/').split('/')[-1]}",
+        model=model,
+        builder=builder,
+        items=items,
+        specs=specs,
+        seeds=seeds,
+        decoding=decoding,
+        batch_size=args.batch_size,
+        run=run,
+        make_record=make_record,
+        dist=dist,
+        backend=args.backend,
+        progress=not args.no_progress,
+        desc=f"{task} {model_id.rstrip('/').split('/')[-1]}",
     )
     dist.barrier()
     if not dist.is_main:
@@ -514,8 +546,12 @@ def execute(
         "seeds": list(seeds),
         "data": config.get("data"),
         **scored,
-        "timings": {"model_load_s": round(load_s, 3), "total_s": round(time.perf_counter() - t0, 3),
-                    "generation": gen["per_recipe"], "items_this_session": gen["items_this_session"]},
+        "timings": {
+            "model_load_s": round(load_s, 3),
+            "total_s": round(time.perf_counter() - t0, 3),
+            "generation": gen["per_recipe"],
+            "items_this_session": gen["items_this_session"],
+        },
         "steering": gen["steering"],
         "notes": list(dict.fromkeys(notes + gen["notes"])),
         "session": {"started": started, "world_size": dist.world_size, "batch_size": args.batch_size},
@@ -531,12 +567,12 @@ def execute(
 def collect(run: RunDir, items: Sequence[EvalItem], spec: RecipeSpec, seed: int) -> list[dict]:
     """The sample records of ``items`` for (spec, seed), in item order; an error if some are
     missing (an interrupted run: rerunning the command finishes it)."""
-    from ..cli import CLIError
+    from ..errors import EvalError
 
     keys = [sample_key(it.id, spec.hash, seed) for it in items]
     records = list(run.records(keys))
     if len(records) != len(keys):
-        raise CLIError(
+        raise EvalError(
             f"{run.path}: {len(keys) - len(records)} of {len(keys)} items of recipe {spec.label!r} seed {seed} have no "
             "sample yet (the run was interrupted). Fix: rerun the same command to finish them"
         )

@@ -92,8 +92,14 @@ BUILTIN_CONFIGS: dict[str, dict] = {
     },
     "llama-tiny": {
         "config": dict(
-            _LLAMA2_7B, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096,
+            _LLAMA2_7B,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            max_position_embeddings=4096,
         ),
         "image_tokens": 0,
         "prompt_len": 64,
@@ -102,8 +108,15 @@ BUILTIN_CONFIGS: dict[str, dict] = {
 }
 
 BACKEND_CHOICES = ("auto", "fused-pytorch", "fused-triton", "reference")
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "auto": "auto"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "auto": "auto",
+}
 GOALS = {"prefill_ratio_min": 0.85, "decode_ratio_min": 0.95, "memory_ratio_max": 1.10, "reference_speedup_min": 3.0}
 MIB = 1024 * 1024
 
@@ -119,34 +132,77 @@ def _log(msg: str) -> None:
 # ---- arguments ------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Flags of ``attnsteer eval speed`` (lm-eval-style underscores, dashed aliases accepted)."""
-    parser.add_argument("--model", required=True,
-                        help=f"built-in config name ({', '.join(BUILTIN_CONFIGS)}), a local config.json or model "
-                             "folder, or a hub id (with --random-weights only its config is downloaded)")
-    parser.add_argument("--recipe", action="append", required=True, metavar="RECIPE",
-                        help="recipe name, YAML path or hub repo; repeat for several")
-    parser.add_argument("--random-weights", "--random_weights", dest="random_weights", action="store_true",
-                        help="build the model from its config with random weights (no weight download)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help=f"built-in config name ({', '.join(BUILTIN_CONFIGS)}), a local config.json or model "
+        "folder, or a hub id (with --random-weights only its config is downloaded)",
+    )
+    parser.add_argument(
+        "--recipe",
+        action="append",
+        required=True,
+        metavar="RECIPE",
+        help="recipe name, YAML path or hub repo; repeat for several",
+    )
+    parser.add_argument(
+        "--random-weights",
+        "--random_weights",
+        dest="random_weights",
+        action="store_true",
+        help="build the model from its config with random weights (no weight download)",
+    )
     parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=1)
-    parser.add_argument("--prompt-len", "--prompt_len", dest="prompt_len", type=int, default=None,
-                        help="prompt tokens (default: the built-in config's, e.g. 640 = 576 + 64 for llava-1.5-7b; "
-                             "512 otherwise)")
-    parser.add_argument("--new-tokens", "--new_tokens", dest="new_tokens", type=int, default=128,
-                        help="greedy decode steps after the prefill")
-    parser.add_argument("--image-tokens", "--image_tokens", dest="image_tokens", type=int, default=None,
-                        help="image-placeholder tokens at the start of the prompt (default: 576 for llava-1.5-7b, "
-                             "else 0); they are ordinary token ids for the timed language model")
-    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                        help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    parser.add_argument(
+        "--prompt-len",
+        "--prompt_len",
+        dest="prompt_len",
+        type=int,
+        default=None,
+        help="prompt tokens (default: the built-in config's, e.g. 640 = 576 + 64 for llava-1.5-7b; 512 otherwise)",
+    )
+    parser.add_argument(
+        "--new-tokens",
+        "--new_tokens",
+        dest="new_tokens",
+        type=int,
+        default=128,
+        help="greedy decode steps after the prefill",
+    )
+    parser.add_argument(
+        "--image-tokens",
+        "--image_tokens",
+        dest="image_tokens",
+        type=int,
+        default=None,
+        help="image-placeholder tokens at the start of the prompt (default: 576 for llava-1.5-7b, "
+        "else 0); they are ordinary token ids for the timed language model",
+    )
+    parser.add_argument(
+        "--dtype", default=None, choices=sorted(DTYPES), help="model dtype (default: bfloat16 on CUDA, float32 on CPU)"
+    )
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="set a (text) config field, e.g. --override num_hidden_layers=4")
-    parser.add_argument("--backends", default="auto,reference",
-                        help=f"comma-separated backends per recipe, from {', '.join(BACKEND_CHOICES)} "
-                             "(default: auto,reference)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a (text) config field, e.g. --override num_hidden_layers=4",
+    )
+    parser.add_argument(
+        "--backends",
+        default="auto,reference",
+        help=f"comma-separated backends per recipe, from {', '.join(BACKEND_CHOICES)} (default: auto,reference)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed (baseline, steered) pairs per recipe")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
-    parser.add_argument("--output_path", "--output-path", dest="output_path", default="evals/speed",
-                        help="folder for the CSV / JSON / Markdown / PNG results")
+    parser.add_argument(
+        "--output_path",
+        "--output-path",
+        dest="output_path",
+        default="evals/speed",
+        help="folder for the CSV / JSON / Markdown / PNG results",
+    )
     parser.add_argument("--label", default=None, help="name for this run in file names (default: from the flags)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (CPU runs)")
@@ -201,8 +257,13 @@ def resolve_config(model: str, overrides: list[str]):
         spec = BUILTIN_CONFIGS[model]
         kwargs = dict(spec["config"])
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-        info.update(source="built-in", image_tokens=spec["image_tokens"], prompt_len=spec["prompt_len"],
-                    description=spec["description"], image_token_id=spec.get("image_token_id"))
+        info.update(
+            source="built-in",
+            image_tokens=spec["image_tokens"],
+            prompt_len=spec["prompt_len"],
+            description=spec["description"],
+            image_token_id=spec.get("image_token_id"),
+        )
     else:
         path = Path(model).expanduser()
         try:
@@ -285,7 +346,7 @@ def build_prompt(config, batch: int, n_tokens: int, image_tokens: int, image_tok
         ids[:, 0] = bos
     if image_tokens:
         token = image_token_id if isinstance(image_token_id, int) and 0 <= image_token_id < vocab else vocab - 1
-        ids[:, 1:1 + image_tokens] = token
+        ids[:, 1 : 1 + image_tokens] = token
     return ids.to(device)
 
 
@@ -403,8 +464,9 @@ def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> d
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     handle.remove()
-    counters = {k: v - counters_before.get(k, 0) for k, v in triton_backend.COUNTERS.items()
-                if v != counters_before.get(k, 0)}
+    counters = {
+        k: v - counters_before.get(k, 0) for k, v in triton_backend.COUNTERS.items() if v != counters_before.get(k, 0)
+    }
     decode_s = t3 - t2
     return {
         "prefill_s": t1 - t0,
@@ -436,18 +498,24 @@ def _impl(backend: str | None, counters: dict, device) -> str:
 def _git_hash() -> str:
     here = Path(__file__).resolve().parents[2]
     try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 def machine_info(device) -> dict:
-    import torch
     from importlib import metadata
+
+    import torch
 
     def ver(name):
         try:
@@ -478,8 +546,12 @@ def machine_info(device) -> dict:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1),
-                    gpu_capability=f"{props.major}.{props.minor}", gpu_count=torch.cuda.device_count())
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_capability=f"{props.major}.{props.minor}",
+            gpu_count=torch.cuda.device_count(),
+        )
     info["hardware"] = info.get("gpu") or info["cpu_model"]
     return info
 
@@ -499,17 +571,31 @@ def summarise(runs: list[dict], configs: list[dict]) -> list[dict]:
     out = []
     for c in configs:
         mine = [r for r in runs if r["config"] == c["name"] and r.get("status") == "ok"]
-        row = {"config": c["name"], "recipe": c["recipe_label"], "backend": c["backend"],
-               "impl": ",".join(sorted({r["impl"] for r in mine})) or None,
-               "runs": len(mine), "status": "ok" if mine else _status(runs, c["name"])}
+        row = {
+            "config": c["name"],
+            "recipe": c["recipe_label"],
+            "backend": c["backend"],
+            "impl": ",".join(sorted({r["impl"] for r in mine})) or None,
+            "runs": len(mine),
+            "status": "ok" if mine else _status(runs, c["name"]),
+        }
         for m in METRICS:
             row[m] = _median([r.get(m) for r in mine])
         if c["recipe"] is not None:
             row["rows_steered"] = _median([(r.get("steering") or {}).get("rows_modified") for r in mine])
             ratios = {"prefill_speed_ratio": [], "decode_speed_ratio": [], "memory_ratio": []}
             for r in mine:
-                base = next((x for x in runs if x["config"] == "baseline" and x["pair"] == c["name"]
-                             and x["repeat"] == r["repeat"] and x.get("status") == "ok"), None)
+                base = next(
+                    (
+                        x
+                        for x in runs
+                        if x["config"] == "baseline"
+                        and x["pair"] == c["name"]
+                        and x["repeat"] == r["repeat"]
+                        and x.get("status") == "ok"
+                    ),
+                    None,
+                )
                 if base is None:
                     continue
                 if r["prefill_s"] and base["prefill_s"]:
@@ -555,8 +641,11 @@ def markdown(meta: dict, summary: list[dict]) -> str:
         f"- model: {meta['model']['description'] or meta['model']['model']} [{meta['model']['source']}], "
         f"{meta['model']['num_hidden_layers']} layers, random weights: {a['random_weights']}",
         f"- prompt: {a['batch_size']} x {a['prompt_len']} tokens"
-        + (f" ({a['image_tokens']} image-placeholder + {a['prompt_len'] - a['image_tokens']} text)"
-           if a.get("image_tokens") else "")
+        + (
+            f" ({a['image_tokens']} image-placeholder + {a['prompt_len'] - a['image_tokens']} text)"
+            if a.get("image_tokens")
+            else ""
+        )
         + ", no padding; random token ids",
         f"- {a['repeats']} ABBA repeats after {a['warmup']} warm-up run(s); medians. Ratios: steered vs the "
         "adjacent baseline run (speed ratios > 1 = faster than baseline; memory ratio < 1 = less memory).",
@@ -570,16 +659,25 @@ def markdown(meta: dict, summary: list[dict]) -> str:
         prefill_ms = r["prefill_s"] * 1000 if r["prefill_s"] is not None else None
         peak_mib = r["peak_mem_bytes"] / MIB if r["peak_mem_bytes"] is not None else None
         cells = [
-            r["config"], r["impl"] or r["status"], _fmt(prefill_ms, "{:.1f}"), _fmt(r.get("prefill_speed_ratio")),
-            _fmt(r["decode_tok_s"], "{:.1f}"), _fmt(r.get("decode_speed_ratio")), _fmt(peak_mib, "{:.0f}"),
-            _fmt(r.get("memory_ratio")), _fmt(r.get("prefill_speedup_vs_reference"), "{:.2f}"),
+            r["config"],
+            r["impl"] or r["status"],
+            _fmt(prefill_ms, "{:.1f}"),
+            _fmt(r.get("prefill_speed_ratio")),
+            _fmt(r["decode_tok_s"], "{:.1f}"),
+            _fmt(r.get("decode_speed_ratio")),
+            _fmt(peak_mib, "{:.0f}"),
+            _fmt(r.get("memory_ratio")),
+            _fmt(r.get("prefill_speedup_vs_reference"), "{:.2f}"),
             _fmt(r.get("rows_steered"), "{:.0f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     idle = [r["config"] for r in summary if r["recipe"] is not None and r.get("rows_steered") == 0]
     if idle:
-        lines += ["", f"**Warning:** steered no (batch, head, row) in the timed runs: {', '.join(idle)}. Their "
-                  "timings are of the steering machinery, not of an intervention that changed the output."]
+        lines += [
+            "",
+            f"**Warning:** steered no (batch, head, row) in the timed runs: {', '.join(idle)}. Their "
+            "timings are of the steering machinery, not of an intervention that changed the output.",
+        ]
     lines += ["", "## Goals (issue 4)", ""]
     g = GOALS
     for r in summary:
@@ -589,8 +687,12 @@ def markdown(meta: dict, summary: list[dict]) -> str:
             (f"prefill >= {g['prefill_ratio_min']:.2f}x", r.get("prefill_speed_ratio"), g["prefill_ratio_min"], 1),
             (f"decode >= {g['decode_ratio_min']:.2f}x", r.get("decode_speed_ratio"), g["decode_ratio_min"], 1),
             (f"memory <= {g['memory_ratio_max']:.2f}x", r.get("memory_ratio"), g["memory_ratio_max"], -1),
-            (f"prefill >= {g['reference_speedup_min']:.0f}x faster than reference",
-             r.get("prefill_speedup_vs_reference"), g["reference_speedup_min"], 1),
+            (
+                f"prefill >= {g['reference_speedup_min']:.0f}x faster than reference",
+                r.get("prefill_speedup_vs_reference"),
+                g["reference_speedup_min"],
+                1,
+            ),
         ]
         parts = []
         for label, value, goal, sign in checks:
@@ -606,29 +708,87 @@ def markdown(meta: dict, summary: list[dict]) -> str:
 def write_csv(path: Path, meta: dict, runs: list[dict], summary: list[dict]) -> None:
     a, mach = meta["args"], meta["machine"]
     common = {
-        "model": meta["model"]["model"], "hardware": mach["hardware"], "device": mach["device"],
-        "dtype": a["dtype"], "batch_size": a["batch_size"], "prompt_len": a["prompt_len"],
-        "new_tokens": a["new_tokens"], "git": mach["git"],
+        "model": meta["model"]["model"],
+        "hardware": mach["hardware"],
+        "device": mach["device"],
+        "dtype": a["dtype"],
+        "batch_size": a["batch_size"],
+        "prompt_len": a["prompt_len"],
+        "new_tokens": a["new_tokens"],
+        "git": mach["git"],
     }
-    fields = ["model", "hardware", "device", "dtype", "batch_size", "prompt_len", "new_tokens", "git",
-              "config", "recipe", "backend", "impl", "stat", "repeat", "metric", "value"]
+    fields = [
+        "model",
+        "hardware",
+        "device",
+        "dtype",
+        "batch_size",
+        "prompt_len",
+        "new_tokens",
+        "git",
+        "config",
+        "recipe",
+        "backend",
+        "impl",
+        "stat",
+        "repeat",
+        "metric",
+        "value",
+    ]
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields)
         w.writeheader()
         for r in runs:
             for m in METRICS + ("decode_s",):
-                w.writerow({**common, "config": r["config"], "recipe": r["recipe"], "backend": r["backend"],
-                            "impl": r.get("impl"), "stat": "raw" if r.get("status") == "ok" else r.get("status"),
-                            "repeat": r["repeat"], "metric": m, "value": r.get(m)})
+                w.writerow(
+                    {
+                        **common,
+                        "config": r["config"],
+                        "recipe": r["recipe"],
+                        "backend": r["backend"],
+                        "impl": r.get("impl"),
+                        "stat": "raw" if r.get("status") == "ok" else r.get("status"),
+                        "repeat": r["repeat"],
+                        "metric": m,
+                        "value": r.get(m),
+                    }
+                )
         for s in summary:
             for m in METRICS + (("rows_steered",) if s["recipe"] is not None else ()):
-                w.writerow({**common, "config": s["config"], "recipe": s["recipe"], "backend": s["backend"],
-                            "impl": s["impl"], "stat": "median", "repeat": "", "metric": m, "value": s.get(m)})
-            for m in ("prefill_speed_ratio", "decode_speed_ratio", "memory_ratio", "prefill_speedup_vs_reference",
-                      "decode_speedup_vs_reference"):
+                w.writerow(
+                    {
+                        **common,
+                        "config": s["config"],
+                        "recipe": s["recipe"],
+                        "backend": s["backend"],
+                        "impl": s["impl"],
+                        "stat": "median",
+                        "repeat": "",
+                        "metric": m,
+                        "value": s.get(m),
+                    }
+                )
+            for m in (
+                "prefill_speed_ratio",
+                "decode_speed_ratio",
+                "memory_ratio",
+                "prefill_speedup_vs_reference",
+                "decode_speedup_vs_reference",
+            ):
                 if s.get(m) is not None:
-                    w.writerow({**common, "config": s["config"], "recipe": s["recipe"], "backend": s["backend"],
-                                "impl": s["impl"], "stat": "ratio", "repeat": "", "metric": m, "value": s[m]})
+                    w.writerow(
+                        {
+                            **common,
+                            "config": s["config"],
+                            "recipe": s["recipe"],
+                            "backend": s["backend"],
+                            "impl": s["impl"],
+                            "stat": "ratio",
+                            "repeat": "",
+                            "metric": m,
+                            "value": s[m],
+                        }
+                    )
 
 
 def plot(path: Path, meta: dict, summary: list[dict]) -> str | None:
@@ -643,29 +803,36 @@ def plot(path: Path, meta: dict, summary: list[dict]) -> str | None:
     rows = [r for r in summary if r["backend"] is not None and r.get("prefill_speed_ratio") is not None]
     if not rows:
         return "no ratios to plot"
-    metrics = [("prefill_speed_ratio", "prefill speed", GOALS["prefill_ratio_min"]),
-               ("decode_speed_ratio", "decode speed", GOALS["decode_ratio_min"]),
-               ("memory_ratio", "peak memory", GOALS["memory_ratio_max"])]
+    metrics = [
+        ("prefill_speed_ratio", "prefill speed", GOALS["prefill_ratio_min"]),
+        ("decode_speed_ratio", "decode speed", GOALS["decode_ratio_min"]),
+        ("memory_ratio", "peak memory", GOALS["memory_ratio_max"]),
+    ]
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows) + 2), 4.6))
     width = 0.8 / len(metrics)
     colors = ["#4C72B0", "#55A868", "#C44E52"]
     for mi, (key, label, goal) in enumerate(metrics):
         xs = [i + (mi - 1) * width for i in range(len(rows))]
         vals = [r.get(key) or 0.0 for r in rows]
-        bars = ax.bar(xs, vals, width, label=f"{label} (goal {'>=' if key != 'memory_ratio' else '<='} {goal})",
-                      color=colors[mi])
+        bars = ax.bar(
+            xs, vals, width, label=f"{label} (goal {'>=' if key != 'memory_ratio' else '<='} {goal})", color=colors[mi]
+        )
         for bar, v in zip(bars, vals):
-            ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                        fontsize=7)
+            ax.annotate(
+                f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7
+            )
         ax.axhline(goal, color=colors[mi], linestyle="--", linewidth=0.8)
     ax.axhline(1.0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{r['config']}\n({r['impl']})" for r in rows], fontsize=8)
     ax.set_ylabel("steered / unsteered (same process)")
     a = meta["args"]
-    ax.set_title(f"{meta['model']['model']} ({meta['model']['num_hidden_layers']} layers) on "
-                 f"{meta['machine']['hardware']}: batch {a['batch_size']}, "
-                 f"{a['prompt_len']} + {a['new_tokens']} tokens, {a['dtype']}", fontsize=9)
+    ax.set_title(
+        f"{meta['model']['model']} ({meta['model']['num_hidden_layers']} layers) on "
+        f"{meta['machine']['hardware']}: batch {a['batch_size']}, "
+        f"{a['prompt_len']} + {a['new_tokens']} tokens, {a['dtype']}",
+        fontsize=9,
+    )
     top = max([1.2] + [r.get(k) or 0.0 for r in rows for k, _, _ in metrics])
     ax.set_ylim(0, top * 1.12)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
@@ -749,23 +916,26 @@ def _run(args) -> int:
         )
     args.prompt_len, args.image_tokens, args.dtype = prompt_len, image_tokens, dtype_name
 
-    _log(f"building {args.model} ({'random weights' if args.random_weights else 'pretrained'}) on {device} "
-         f"in {dtype_name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}")
+    _log(
+        f"building {args.model} ({'random weights' if args.random_weights else 'pretrained'}) on {device} "
+        f"in {dtype_name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}"
+    )
     torch.manual_seed(args.seed)
     model = build_model(config, args.model, args.random_weights, dtype, device)
-    ids = build_prompt(config, args.batch_size, prompt_len, image_tokens, model_info.get("image_token_id"),
-                       args.seed, device)
+    ids = build_prompt(
+        config, args.batch_size, prompt_len, image_tokens, model_info.get("image_token_id"), args.seed, device
+    )
     focus = None
     if image_tokens:  # the placeholders play the image role for VAR / VHR / PAI (handle.focus)
         focus = torch.zeros_like(ids, dtype=torch.bool)
-        focus[:, 1:1 + image_tokens] = True
+        focus[:, 1 : 1 + image_tokens] = True
 
     configs = [{"name": "baseline", "recipe": None, "recipe_label": None, "backend": None}]
     for label, recipe in recipes:
         try:  # does the recipe fit the model? (fails here, not in the middle of the timing)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                attnsteer.apply(model, recipe).remove()
+                attnsteer.plan(model, recipe)
         except attnsteer.AttnsteerError as exc:
             raise SpeedError(f"--recipe {label!r} does not fit --model {args.model!r}: {exc}") from None
         for backend in args.backend_list:
@@ -794,14 +964,23 @@ def _run(args) -> int:
             _log(f"  {c['name']}: {status} ({res['error']}); skipping its remaining runs")
         if warm:
             return res
-        rec = {"config": c["name"], "recipe": c["recipe_label"], "backend": c["backend"], "repeat": repeat,
-               "pair": pair, "status": status, **res}
+        rec = {
+            "config": c["name"],
+            "recipe": c["recipe_label"],
+            "backend": c["backend"],
+            "repeat": repeat,
+            "pair": pair,
+            "status": status,
+            **res,
+        }
         rec["impl"] = _impl(c["backend"], res.get("kernel_calls") or {}, device) if status == "ok" else None
         runs.append(rec)
         if status == "ok":
-            _log(f"  rep {repeat} {c['name']:<34s} prefill {res['prefill_s'] * 1000:9.1f} ms  decode "
-                 f"{(res['decode_tok_s'] or 0):8.1f} tok/s  peak {((res['peak_mem_bytes'] or 0) / MIB):8.0f} MiB  "
-                 f"[{rec['impl']}]")
+            _log(
+                f"  rep {repeat} {c['name']:<34s} prefill {res['prefill_s'] * 1000:9.1f} ms  decode "
+                f"{(res['decode_tok_s'] or 0):8.1f} tok/s  peak {((res['peak_mem_bytes'] or 0) / MIB):8.0f} MiB  "
+                f"[{rec['impl']}]"
+            )
         return rec
 
     t_start = time.perf_counter()
@@ -822,16 +1001,22 @@ def _run(args) -> int:
     meta = {
         "command": command,
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)},
-        "model": {**model_info, "num_hidden_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
-                  "num_attention_heads": config.num_attention_heads,
-                  "num_key_value_heads": getattr(config, "num_key_value_heads", None),
-                  "model_type": config.model_type},
+        "model": {
+            **model_info,
+            "num_hidden_layers": config.num_hidden_layers,
+            "hidden_size": config.hidden_size,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": getattr(config, "num_key_value_heads", None),
+            "model_type": config.model_type,
+        },
         "machine": mach,
         "recipes": [{"label": label, "name": recipe.name, "hash": recipe.hash} for label, recipe in recipes],
-        "memory_note": ("torch.cuda.max_memory_allocated during the run (weights + KV cache + activations)"
-                        if device.type == "cuda" else
-                        "CPU: VmHWM - VmRSS before the run (Linux /proc; same process, allocator reuse makes it a "
-                        "lower bound); the memory ratio compares these peaks including the resident model"),
+        "memory_note": (
+            "torch.cuda.max_memory_allocated during the run (weights + KV cache + activations)"
+            if device.type == "cuda"
+            else "CPU: VmHWM - VmRSS before the run (Linux /proc; same process, allocator reuse makes it a "
+            "lower bound); the memory ratio compares these peaks including the resident model"
+        ),
         "method": __doc__.split("Results:")[0].strip(),
         "goals": GOALS,
         "elapsed_s": elapsed,
@@ -842,9 +1027,21 @@ def _run(args) -> int:
         f"speed_{_slug(args.model)}_b{args.batch_size}_n{prompt_len}_t{args.new_tokens}_{dtype_name}_{device.type}"
     )
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md", "png")}
-    paths["json"].write_text(json.dumps({"meta": meta, "configs": [
-        {k: (v if k != "recipe" else (v.name if v is not None else None)) for k, v in c.items()} for c in configs
-    ], "runs": runs, "summary": summary}, indent=2, default=str))
+    paths["json"].write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "configs": [
+                    {k: (v if k != "recipe" else (v.name if v is not None else None)) for k, v in c.items()}
+                    for c in configs
+                ],
+                "runs": runs,
+                "summary": summary,
+            },
+            indent=2,
+            default=str,
+        )
+    )
     write_csv(paths["csv"], meta, runs, summary)
     paths["md"].write_text(markdown(meta, summary))
     note = None if args.no_plot else plot(paths["png"], meta, summary)
@@ -860,8 +1057,14 @@ def _args_to_cli(args) -> str:
     parts = [f"--model {args.model}"] + [f"--recipe {r}" for r in args.recipe]
     if args.random_weights:
         parts.append("--random-weights")
-    parts += [f"--batch_size {args.batch_size}", f"--prompt-len {args.prompt_len}", f"--new-tokens {args.new_tokens}",
-              f"--dtype {args.dtype}", f"--backends {args.backends}", f"--repeats {args.repeats}"]
+    parts += [
+        f"--batch_size {args.batch_size}",
+        f"--prompt-len {args.prompt_len}",
+        f"--new-tokens {args.new_tokens}",
+        f"--dtype {args.dtype}",
+        f"--backends {args.backends}",
+        f"--repeats {args.repeats}",
+    ]
     if args.image_tokens:
         parts.append(f"--image-tokens {args.image_tokens}")
     parts += [f"--override {o}" for o in args.override]

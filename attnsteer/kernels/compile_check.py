@@ -277,8 +277,14 @@ def compile_only(cc: int = 90, sms: int | None = None):
     with _compiled_language():
         driver.set_active(_fake_driver(cc))
         try:
-            ops._STATE.update({"kernels": _compiled_kernel_module(), "interpreted": False, "compile_only": builds,
-                               sms_key: sms or TARGET_SMS.get(cc, 132)})
+            ops._STATE.update(
+                {
+                    "kernels": _compiled_kernel_module(),
+                    "interpreted": False,
+                    "compile_only": builds,
+                    sms_key: sms or TARGET_SMS.get(cc, 132),
+                }
+            )
             yield builds
         finally:
             for key, value in saved.items():
@@ -297,6 +303,7 @@ DECODE_CACHE = 8192  # keys in the decode cache: enough tiles for the launcher's
 def _qkv(dtype, d, hq=32, hkv=8, b=2, q_len=64, k_len=64, transposed=True):
     """q (B, Hq, Q, D), k/v (B, Hkv, K, D), uninitialised (nothing runs); ``transposed``: views of
     (B, L, H, D) tensors, the strides transformers hands to attention functions."""
+
     def make(h, n):
         if transposed:
             return torch.empty(b, n, h, d, dtype=dtype).transpose(1, 2)
@@ -318,7 +325,7 @@ def variants(dtype: torch.dtype, d: int, scope: str = "modes"):
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}; got {scope!r}")
     k = ops
-    scale = d ** -0.5
+    scale = d**-0.5
     groups_set = (4,) if scope == "smoke" else (2, 3, 4)
     powers = (1.5, 0.7) if scope == "smoke" else (1.0, 1.5, 0.7)
     out = []
@@ -337,61 +344,111 @@ def variants(dtype: torch.dtype, d: int, scope: str = "modes"):
         padded = k.MaskSpec(q_offset=0, kv_start=kvs)
         masks = [("padding", padded)]
         if scope == "full":
-            masks = [("causal", k.MaskSpec(q_offset=0)), ("padding", padded),
-                     ("padding+window", k.MaskSpec(q_offset=0, kv_start=kvs, window=16))]
+            masks = [
+                ("causal", k.MaskSpec(q_offset=0)),
+                ("padding", padded),
+                ("padding+window", k.MaskSpec(q_offset=0, kv_start=kvs, window=16)),
+            ]
         lse = torch.zeros(b, hq, q.shape[2])
         for mask_name, mask in masks:
             tag = f"{lay_name}, {mask_name}"
             # prefill pass 1 and ACT's column pass
             add("row_stats", f"lse; {tag}", lambda q=q, kk=kk, m=mask: k.row_stats(q, kk, m, scale))
-            add("row_stats", f"lse + row max; {tag}",
-                lambda q=q, kk=kk, m=mask: k.row_stats(q, kk, m, scale, with_max=True))
+            add(
+                "row_stats",
+                f"lse + row max; {tag}",
+                lambda q=q, kk=kk, m=mask: k.row_stats(q, kk, m, scale, with_max=True),
+            )
             for g in groups_set:
                 gr = k.Groups(torch.zeros(b, 1, 64, dtype=torch.int8), g)
-                add("row_stats", f"{g} groups, online; {tag}",
-                    lambda q=q, kk=kk, m=mask, gr=gr: k.row_stats(q, kk, m, scale, groups=gr))
-                add("row_stats", f"{g} groups, lse given; {tag}",
-                    lambda q=q, kk=kk, m=mask, gr=gr: k.row_stats(q, kk, m, scale, groups=gr, lse=lse))
-            add("column_stats", tag, lambda q=q, kk=kk, m=mask: k.column_stats(q, kk, lse, m, scale))
+                add(
+                    "row_stats",
+                    f"{g} groups, online; {tag}",
+                    lambda q=q, kk=kk, m=mask, gr=gr: k.row_stats(q, kk, m, scale, groups=gr),
+                )
+                add(
+                    "row_stats",
+                    f"{g} groups, lse given; {tag}",
+                    lambda q=q, kk=kk, m=mask, gr=gr, lse=lse: k.row_stats(q, kk, m, scale, groups=gr, lse=lse),
+                )
+            add("column_stats", tag, lambda q=q, kk=kk, m=mask, lse=lse: k.column_stats(q, kk, lse, m, scale))
             # prefill pass 2
             add("attention", f"plain; {tag}", lambda q=q, kk=kk, v=v, m=mask: k.attention(q, kk, v, m, scale))
             for g in groups_set:
                 gr = k.Groups(torch.zeros(b, 1, 64, dtype=torch.int8), g)
                 bias = torch.zeros(b, hq, q.shape[2], g)
-                add("attention", f"{g}-group bias, lse given; {tag}",
-                    lambda q=q, kk=kk, v=v, m=mask, gr=gr, bi=bias: k.attention(
-                        q, kk, v, m, scale, groups=gr, bias=bi, lse=lse))
-                add("attention", f"{g}-group bias, online; {tag}",
-                    lambda q=q, kk=kk, v=v, m=mask, gr=gr, bi=bias: k.attention(
-                        q, kk, v, m, scale, groups=gr, bias=bi))
+                add(
+                    "attention",
+                    f"{g}-group bias, lse given; {tag}",
+                    lambda q=q, kk=kk, v=v, m=mask, gr=gr, bi=bias, lse=lse: k.attention(
+                        q, kk, v, m, scale, groups=gr, bias=bi, lse=lse
+                    ),
+                )
+                add(
+                    "attention",
+                    f"{g}-group bias, online; {tag}",
+                    lambda q=q, kk=kk, v=v, m=mask, gr=gr, bi=bias: k.attention(q, kk, v, m, scale, groups=gr, bias=bi),
+                )
             for p in powers:
-                sp = k.SoftplusArgs(p=p, offset=1.0, steer=torch.ones(hq, dtype=torch.int8),
-                                    rel0=torch.zeros(b, dtype=torch.int32), lse=lse, rowmax=lse)
-                add("attention", f"softplus p={p}; {tag}",
-                    lambda q=q, kk=kk, v=v, m=mask, sp=sp: k.attention(q, kk, v, m, scale, softplus=sp))
+                sp = k.SoftplusArgs(
+                    p=p,
+                    offset=1.0,
+                    steer=torch.ones(hq, dtype=torch.int8),
+                    rel0=torch.zeros(b, dtype=torch.int32),
+                    lse=lse,
+                    rowmax=lse,
+                )
+                add(
+                    "attention",
+                    f"softplus p={p}; {tag}",
+                    lambda q=q, kk=kk, v=v, m=mask, sp=sp: k.attention(q, kk, v, m, scale, softplus=sp),
+                )
             # decode: one query row against the cache (each call also compiles its merge kernel)
             qd = q[:, :, :1]
             dmask = k.MaskSpec(q_offset=DECODE_CACHE - 1, kv_start=mask.kv_start, window=mask.window)
             steer = torch.ones(hq, dtype=torch.int8)
             rel0 = torch.ones(b, dtype=torch.int32)
 
-            def gids(g):
+            def gids(g, b=b):
                 return k.Groups(torch.zeros(b, 1, DECODE_CACHE, dtype=torch.int8), g)
 
             add("decode", f"plain; {tag}", lambda qd=qd, m=dmask, kc=kc, vc=vc: k.decode(qd, kc, vc, m, scale))
             for g in groups_set:
-                add("decode", f"{g} groups carried, rule none; {tag}",
-                    lambda qd=qd, m=dmask, kc=kc, vc=vc, gr=gids(g): k.decode(qd, kc, vc, m, scale, groups=gr))
-            add("decode", f"act (2 groups); {tag}", lambda qd=qd, m=dmask, kc=kc, vc=vc, gr=gids(2): k.decode(
-                qd, kc, vc, m, scale, groups=gr, rule="act", beta=0.4, steer=steer, rel0=rel0))
+                add(
+                    "decode",
+                    f"{g} groups carried, rule none; {tag}",
+                    lambda qd=qd, m=dmask, kc=kc, vc=vc, gr=gids(g): k.decode(qd, kc, vc, m, scale, groups=gr),
+                )
+            add(
+                "decode",
+                f"act (2 groups); {tag}",
+                lambda qd=qd, m=dmask, kc=kc, vc=vc, gr=gids(2), steer=steer, rel0=rel0: k.decode(
+                    qd, kc, vc, m, scale, groups=gr, rule="act", beta=0.4, steer=steer, rel0=rel0
+                ),
+            )
             var = k.VarArgs(p=0.6, rho=0.5, min_image=0.2, gate=torch.ones(b, dtype=torch.int32))
-            add("decode", f"var (4 groups); {tag}", lambda qd=qd, m=dmask, kc=kc, vc=vc, gr=gids(4): k.decode(
-                qd, kc, vc, m, scale, groups=gr, rule="var", var=var, steer=steer))
+            add(
+                "decode",
+                f"var (4 groups); {tag}",
+                lambda qd=qd, m=dmask, kc=kc, vc=vc, gr=gids(4), var=var, steer=steer: k.decode(
+                    qd, kc, vc, m, scale, groups=gr, rule="var", var=var, steer=steer
+                ),
+            )
             sp = k.SoftplusArgs(p=3.0, offset=1.0, steer=steer, rel0=rel0)
-            add("decode", f"softplus; {tag}", lambda qd=qd, m=dmask, kc=kc, vc=vc: k.decode(
-                qd, kc, vc, m, scale, rule="softplus", softplus=sp))
-            add("decode", f"softplus, 128 splits; {tag}", lambda qd=qd, m=dmask, kc=kc, vc=vc: k.decode(
-                qd, kc, vc, m, scale, rule="softplus", softplus=sp, num_splits=128))
+            add(
+                "decode",
+                f"softplus; {tag}",
+                lambda qd=qd, m=dmask, kc=kc, vc=vc, sp=sp: k.decode(
+                    qd, kc, vc, m, scale, rule="softplus", softplus=sp
+                ),
+            )
+            add(
+                "decode",
+                f"softplus, 128 splits; {tag}",
+                lambda qd=qd, m=dmask, kc=kc, vc=vc, sp=sp: k.decode(
+                    qd, kc, vc, m, scale, rule="softplus", softplus=sp, num_splits=128
+                ),
+            )
     return out
 
 
@@ -404,8 +461,9 @@ def ptxas_version(cc: int) -> str:
     from triton.backends.nvidia.compiler import get_ptxas
 
     tool = get_ptxas(cc)
-    found = re.search(r"release ([\d.]+)", subprocess.run([tool.path, "--version"], capture_output=True,
-                                                          text=True).stdout)
+    found = re.search(
+        r"release ([\d.]+)", subprocess.run([tool.path, "--version"], capture_output=True, text=True).stdout
+    )
     return f"{Path(tool.path).name} {found.group(1) if found else '?'}"
 
 
@@ -422,9 +480,21 @@ def _ptxas_resources(compiled, cc: int) -> dict:
             src = Path(tmp) / "kernel.ptx"
             src.write_text(compiled.asm["ptx"])
             log = subprocess.run(
-                [get_ptxas(cc).path, "-v", "-lineinfo", *fmad, "--regAllocOptLevel=2", *extra,
-                 f"--gpu-name={sm_arch_from_capability(cc)}", str(src), "-o", str(Path(tmp) / "kernel.cubin")],
-                capture_output=True, text=True, check=False,
+                [
+                    get_ptxas(cc).path,
+                    "-v",
+                    "-lineinfo",
+                    *fmad,
+                    "--regAllocOptLevel=2",
+                    *extra,
+                    f"--gpu-name={sm_arch_from_capability(cc)}",
+                    str(src),
+                    "-o",
+                    str(Path(tmp) / "kernel.cubin"),
+                ],
+                capture_output=True,
+                text=True,
+                check=False,
             ).stderr
 
         def grab(pattern):
@@ -446,8 +516,14 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[-1][:400] if lines else ''}"
 
 
-def compile_variants(cc: int = 90, dtypes=("bfloat16",), head_dims=(128,), scope: str = "modes",
-                     sms: int | None = None, only: str | None = None) -> list[KernelBuild]:
+def compile_variants(
+    cc: int = 90,
+    dtypes=("bfloat16",),
+    head_dims=(128,),
+    scope: str = "modes",
+    sms: int | None = None,
+    only: str | None = None,
+) -> list[KernelBuild]:
     """Compile the variants of :func:`variants` for sm_<cc> through the launchers; one
     :class:`KernelBuild` per compiled kernel (a decode call compiles its split kernel(s) and the
     merge kernel) or per launcher call that failed. ``only``: a regular expression; only the calls
@@ -470,16 +546,28 @@ def compile_variants(cc: int = 90, dtypes=("bfloat16",), head_dims=(128,), scope
                         error = _error_text(exc)
                     seconds = time.perf_counter() - t0
                 if error is not None:
-                    records.append(KernelBuild(kernel, variant, cc, dtype_name, d, False, round(seconds, 3),
-                                               error=error))
+                    records.append(
+                        KernelBuild(kernel, variant, cc, dtype_name, d, False, round(seconds, 3), error=error)
+                    )
                     continue
                 for name, compiled, build_s in builds:
                     meta = compiled.metadata
-                    records.append(KernelBuild(
-                        name, variant, cc, dtype_name, d, True, round(build_s, 3),
-                        num_warps=meta.num_warps, num_stages=meta.num_stages, shared_bytes=meta.shared,
-                        kernel_hash=str(meta.hash)[:16], **_ptxas_resources(compiled, cc),
-                    ))
+                    records.append(
+                        KernelBuild(
+                            name,
+                            variant,
+                            cc,
+                            dtype_name,
+                            d,
+                            True,
+                            round(build_s, 3),
+                            num_warps=meta.num_warps,
+                            num_stages=meta.num_stages,
+                            shared_bytes=meta.shared,
+                            kernel_hash=str(meta.hash)[:16],
+                            **_ptxas_resources(compiled, cc),
+                        )
+                    )
     return records
 
 
@@ -496,8 +584,12 @@ def over_shared_limit(records: list[KernelBuild], cc: int) -> list[KernelBuild]:
 def versions(cc: int) -> dict:
     import triton
 
-    return {"triton": triton.__version__, "torch": torch.__version__, "ptxas": ptxas_version(cc),
-            "python": sys.version.split()[0]}
+    return {
+        "triton": triton.__version__,
+        "torch": torch.__version__,
+        "ptxas": ptxas_version(cc),
+        "python": sys.version.split()[0],
+    }
 
 
 def markdown(records: list[KernelBuild], cc: int, command: str | None = None) -> str:
@@ -513,13 +605,16 @@ def markdown(records: list[KernelBuild], cc: int, command: str | None = None) ->
     lines = [
         f"# Triton kernels compiled for sm_{cc} (ahead of time, no GPU)",
         "",
-        f"- triton {v['triton']}, torch {v['torch']}, {v['ptxas']}"
-        + (f"; `{command}`" if command else ""),
+        f"- triton {v['triton']}, torch {v['torch']}, {v['ptxas']}" + (f"; `{command}`" if command else ""),
         f"- {len(ok)} builds ({len(distinct)} distinct kernels) compiled, {len(failed)} launcher calls failed; "
         f"max {max([r.registers or 0 for r in ok] + [0])} registers per thread; "
         f"{len({r.kernel_hash for r in spilled})} distinct kernels spill registers"
-        + (f" (at most {max(max(r.spill_store_bytes or 0, r.spill_load_bytes or 0) for r in spilled)} B "
-           "spill stores / loads per thread)" if spilled else "")
+        + (
+            f" (at most {max(max(r.spill_store_bytes or 0, r.spill_load_bytes or 0) for r in spilled)} B "
+            "spill stores / loads per thread)"
+            if spilled
+            else ""
+        )
         + (f"; {len(over)} builds over the {limit // 1024} KiB shared-memory limit" if limit else ""),
         "- registers, stack frame and spill bytes per thread from `ptxas -v` (the ptxas triton compiled with); "
         "shared memory from triton's metadata; compile s = the launcher's `warmup` call (near 0 when the kernel "
@@ -541,8 +636,9 @@ def markdown(records: list[KernelBuild], cc: int, command: str | None = None) ->
             f"{max(r.stack_bytes or 0 for r in rs)} | {max(r.shared_bytes or 0 for r in rs) / 1024:.1f} |"
         )
     if failed:
-        lines += ["", "## Failures", ""] + [f"- {r.kernel} [{r.variant}; {r.dtype}, D={r.head_dim}]: {r.error}"
-                                             for r in failed]
+        lines += ["", "## Failures", ""] + [
+            f"- {r.kernel} [{r.variant}; {r.dtype}, D={r.head_dim}]: {r.error}" for r in failed
+        ]
     lines += [
         "",
         "## Every build",
@@ -558,50 +654,74 @@ def markdown(records: list[KernelBuild], cc: int, command: str | None = None) ->
                 f"{(r.shared_bytes or 0) / 1024:.1f} | {r.seconds:.2f} |"
             )
         else:
-            lines.append(f"| {r.kernel} | {r.variant} | {r.dtype} | {r.head_dim} | - | - | - | - | - | - | "
-                         f"FAILED: {r.error} |")
+            lines.append(
+                f"| {r.kernel} | {r.variant} | {r.dtype} | {r.head_dim} | - | - | - | - | - | - | FAILED: {r.error} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m attnsteer.kernels.compile_check",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m attnsteer.kernels.compile_check", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--arch", type=int, action="append", help="compute capability as 90, 80, ... (default 90)")
     parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="default: all three")
     parser.add_argument("--head-dim", type=int, action="append", help=f"default: {' '.join(map(str, HEAD_DIMS))}")
-    parser.add_argument("--scope", choices=SCOPES, default="modes",
-                        help="smoke: every kernel and mode once; modes (default): every constexpr variant (group "
-                             "counts, powers); full: also MHA / contiguous strides and causal / window masks")
-    parser.add_argument("--only", help="regular expression: compile only the calls whose 'launcher variant' "
-                                       "label matches (e.g. '^decode', 'softplus')")
+    parser.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="modes",
+        help="smoke: every kernel and mode once; modes (default): every constexpr variant (group "
+        "counts, powers); full: also MHA / contiguous strides and causal / window masks",
+    )
+    parser.add_argument(
+        "--only",
+        help="regular expression: compile only the calls whose 'launcher variant' "
+        "label matches (e.g. '^decode', 'softplus')",
+    )
     parser.add_argument("--output", help="folder for compile_sm<cc>.md / .json")
     args = parser.parse_args(argv)
     if not nvidia_backend_available():
-        print("compile_check: triton with its NVIDIA backend (ptxas) is not installed. Fix: pip install triton "
-              "(its Linux wheels include it)", file=sys.stderr)
+        print(
+            "compile_check: triton with its NVIDIA backend (ptxas) is not installed. Fix: pip install triton "
+            "(its Linux wheels include it)",
+            file=sys.stderr,
+        )
         return 2
     dtypes, dims = tuple(args.dtype or DTYPES), tuple(args.head_dim or HEAD_DIMS)
     bad = 0
     for cc in args.arch or [90]:
-        command = ("python -m attnsteer.kernels.compile_check --arch " + str(cc)
-                   + "".join(f" --dtype {x}" for x in args.dtype or ())
-                   + "".join(f" --head-dim {x}" for x in args.head_dim or ())
-                   + (f" --scope {args.scope}" if args.scope != "modes" else "")
-                   + (f" --only '{args.only}'" if args.only else ""))
+        command = (
+            "python -m attnsteer.kernels.compile_check --arch "
+            + str(cc)
+            + "".join(f" --dtype {x}" for x in args.dtype or ())
+            + "".join(f" --head-dim {x}" for x in args.head_dim or ())
+            + (f" --scope {args.scope}" if args.scope != "modes" else "")
+            + (f" --only '{args.only}'" if args.only else "")
+        )
         t0 = time.perf_counter()
         records = compile_variants(cc, dtypes, dims, scope=args.scope, only=args.only)
         text = markdown(records, cc, command)
         print(text)
         failed = [r for r in records if not r.ok] + over_shared_limit(records, cc)
-        print(f"sm_{cc}: {len(records)} builds, {len(failed)} failed, {time.perf_counter() - t0:.0f} s",
-              file=sys.stderr)
+        print(
+            f"sm_{cc}: {len(records)} builds, {len(failed)} failed, {time.perf_counter() - t0:.0f} s", file=sys.stderr
+        )
         bad += len(failed)
         if args.output:
             out = Path(args.output)
             out.mkdir(parents=True, exist_ok=True)
             (out / f"compile_sm{cc}.md").write_text(text)
-            doc = {"cc": cc, "command": command, "scope": args.scope, "only": args.only, "dtypes": list(dtypes),
-                   "head_dims": list(dims), **versions(cc), "records": [asdict(r) for r in records]}
+            doc = {
+                "cc": cc,
+                "command": command,
+                "scope": args.scope,
+                "only": args.only,
+                "dtypes": list(dtypes),
+                "head_dims": list(dims),
+                **versions(cc),
+                "records": [asdict(r) for r in records],
+            }
             (out / f"compile_sm{cc}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
     return 1 if bad else 0
 

@@ -21,10 +21,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..methods.softplus import FIRST_ROWS_WITHOUT_OFFSET
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_GROUPS = 4  # int8 group ids 0..3 (pass 2 and decode keep per-group state in registers)
-SOFTPLUS_FREE_ROWS = 3  # SPEC section 5: o_i = 0 for the first three positions of a row
+SOFTPLUS_FREE_ROWS = FIRST_ROWS_WITHOUT_OFFSET  # docs/methods.md#softplus: o_i = 0 in a row's first three positions
 
 
 class TritonUnavailableError(ImportError):
@@ -114,7 +116,7 @@ class Groups:
 
 @dataclass
 class SoftplusArgs:
-    """Softplus re-weighting (SPEC section 5) for pass 2 / decode.
+    """Softplus re-weighting (docs/methods.md#softplus) for pass 2 / decode.
 
     lse, rowmax: float32 (B, H, Q) row log-sum-exp and row max of the scores from
     :func:`row_stats` (``with_max=True``); pass 2 only (decode computes its own).
@@ -132,7 +134,7 @@ class SoftplusArgs:
 
 @dataclass
 class VarArgs:
-    """VAR's rule (SPEC section 1) at the decode merge, on 4 groups (0 other, 1 text sink, 2 image
+    """VAR's rule (docs/methods.md#var) at the decode merge, on 4 groups (0 other, 1 text sink, 2 image
     sink, 3 visual non-sink). gate: int32 / bool (B,) 1 where the batch row may be steered."""
 
     p: float
@@ -182,8 +184,9 @@ def _dot_args(dtype) -> dict:
     return {"DOT_PREC": _dot_prec(dtype), "UPCAST": bool(_STATE.get("interpreted")) and dtype == torch.bfloat16}
 
 
-def _blocks(q_len: int, d: int, block_m: int | None, block_n: int | None,
-            dtype=torch.bfloat16) -> tuple[int, int, int, int]:
+def _blocks(
+    q_len: int, d: int, block_m: int | None, block_n: int | None, dtype=torch.bfloat16
+) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the prefill kernels.
 
     GPU defaults are untuned first choices (64 x 64, 4 warps; 64 x 32 and 8 warps over head dim
@@ -256,8 +259,17 @@ def _group_args(groups: Groups | None, device):
 # ---------------------------------------------------------------------------------------------
 # prefill
 # ---------------------------------------------------------------------------------------------
-def row_stats(q, k, mask: MaskSpec, scale: float, groups: Groups | None = None, lse: torch.Tensor | None = None,
-              with_max: bool = False, block_m: int | None = None, block_n: int | None = None):
+def row_stats(
+    q,
+    k,
+    mask: MaskSpec,
+    scale: float,
+    groups: Groups | None = None,
+    lse: torch.Tensor | None = None,
+    with_max: bool = False,
+    block_m: int | None = None,
+    block_n: int | None = None,
+):
     """Pass 1 (QK only). Returns (lse float32 (B, Hq, Q), masses float32 (B, Hq, Q, G) or None),
     plus the row max of the scores (B, Hq, Q) as a third item when ``with_max``.
 
@@ -281,22 +293,50 @@ def row_stats(q, k, mask: MaskSpec, scale: float, groups: Groups | None = None, 
     rowmax = torch.empty_like(lse_out) if with_max else lse_out  # (not written when lse is given)
     grid = (triton_cdiv(q_len, bm), b * hq)
     _launch(
-        "row_stats", mod.row_stats_kernel, grid,
-        q, k, lse_out, rowmax, masses, gid, lse_out, kvs,
-        *q.stride(), *k.stride(), *gstr,
-        hq, hq // hkv, q_len, k_len, float(scale), int(mask.q_offset), int(mask.window), goff, glen,
-        D=d, HAS_KVS=has_kvs, NUM_GROUPS=ng, G_PAD=_pow2(max(ng, 1), 2), LSE_GIVEN=lse is not None,
+        "row_stats",
+        mod.row_stats_kernel,
+        grid,
+        q,
+        k,
+        lse_out,
+        rowmax,
+        masses,
+        gid,
+        lse_out,
+        kvs,
+        *q.stride(),
+        *k.stride(),
+        *gstr,
+        hq,
+        hq // hkv,
+        q_len,
+        k_len,
+        float(scale),
+        int(mask.q_offset),
+        int(mask.window),
+        goff,
+        glen,
+        D=d,
+        HAS_KVS=has_kvs,
+        NUM_GROUPS=ng,
+        G_PAD=_pow2(max(ng, 1), 2),
+        LSE_GIVEN=lse is not None,
         WITH_MAX=with_max,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype),
-        num_warps=warps, num_stages=stages,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=_pow2(d),
+        **_dot_args(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
     )
     if with_max:
         return lse_out, (masses if ng else None), rowmax
     return lse_out, (masses if ng else None)
 
 
-def column_stats(q, k, lse: torch.Tensor, mask: MaskSpec, scale: float,
-                 block_m: int | None = None, block_n: int | None = None):
+def column_stats(
+    q, k, lse: torch.Tensor, mask: MaskSpec, scale: float, block_m: int | None = None, block_n: int | None = None
+):
     """ACT's column pass (QK only, after pass 1). Returns (colsum float32 (B, Hq, K) = sum over
     the forward's rows of a_ij, count float32 (B, 1, K) = rows that see key j)."""
     _check(q, k)
@@ -309,12 +349,32 @@ def column_stats(q, k, lse: torch.Tensor, mask: MaskSpec, scale: float,
     count = torch.empty(b, 1, k_len, dtype=torch.float32, device=q.device)
     grid = (triton_cdiv(k_len, bn), b * hq)
     _launch(
-        "column_stats", mod.column_stats_kernel, grid,
-        q, k, lse.contiguous(), colsum, count, kvs,
-        *q.stride(), *k.stride(),
-        hq, hq // hkv, q_len, k_len, float(scale), int(mask.q_offset), int(mask.window),
-        D=d, HAS_KVS=has_kvs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype),
-        num_warps=warps, num_stages=stages,
+        "column_stats",
+        mod.column_stats_kernel,
+        grid,
+        q,
+        k,
+        lse.contiguous(),
+        colsum,
+        count,
+        kvs,
+        *q.stride(),
+        *k.stride(),
+        hq,
+        hq // hkv,
+        q_len,
+        k_len,
+        float(scale),
+        int(mask.q_offset),
+        int(mask.window),
+        D=d,
+        HAS_KVS=has_kvs,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=_pow2(d),
+        **_dot_args(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
     )
     return colsum, count
 
@@ -328,9 +388,20 @@ def _power_plan(p: float) -> tuple[int, bool]:
     return -1, False
 
 
-def attention(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, bias: torch.Tensor | None = None,
-              lse: torch.Tensor | None = None, softplus: SoftplusArgs | None = None, out: torch.Tensor | None = None,
-              block_m: int | None = None, block_n: int | None = None):
+def attention(
+    q,
+    k,
+    v,
+    mask: MaskSpec,
+    scale: float,
+    groups: Groups | None = None,
+    bias: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
+    softplus: SoftplusArgs | None = None,
+    out: torch.Tensor | None = None,
+    block_m: int | None = None,
+    block_n: int | None = None,
+):
     """Pass 2: one fused attention sweep. Returns (out (B, Q, Hq, D) in q.dtype, modified int8
     (B, Hq, Q) for softplus else None).
 
@@ -390,15 +461,50 @@ def attention(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = Non
     mod_buf = modified if modified is not None else torch.empty(1, dtype=torch.int8, device=dev)
     grid = (triton_cdiv(q_len, bm), b * hq)
     _launch(
-        "attn_fwd", mod.attn_fwd_kernel, grid,
-        q, k, v, out, gid, bias, lse_t, rowmax, steer, rel0, mod_buf, kvs,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *gstr,
-        hq, hq // hkv, q_len, k_len, float(scale), int(mask.q_offset), int(mask.window), goff, glen,
+        "attn_fwd",
+        mod.attn_fwd_kernel,
+        grid,
+        q,
+        k,
+        v,
+        out,
+        gid,
+        bias,
+        lse_t,
+        rowmax,
+        steer,
+        rel0,
+        mod_buf,
+        kvs,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *gstr,
+        hq,
+        hq // hkv,
+        q_len,
+        k_len,
+        float(scale),
+        int(mask.q_offset),
+        int(mask.window),
+        goff,
+        glen,
         *sp,
-        D=d, HAS_KVS=has_kvs, NUM_GROUPS=ng, G_PAD=_pow2(max(ng, 1), 2),
-        HAS_LSE=lse is not None, SOFTPLUS=softplus is not None, P_INT=p_int, P_HALF=p_half,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype),
-        num_warps=warps, num_stages=stages,
+        D=d,
+        HAS_KVS=has_kvs,
+        NUM_GROUPS=ng,
+        G_PAD=_pow2(max(ng, 1), 2),
+        HAS_LSE=lse is not None,
+        SOFTPLUS=softplus is not None,
+        P_INT=p_int,
+        P_HALF=p_half,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_D=_pow2(d),
+        **_dot_args(q.dtype),
+        num_warps=warps,
+        num_stages=stages,
     )
     return out, modified
 
@@ -431,10 +537,22 @@ def decode_splits(batch: int, kv_heads: int, k_len: int, block_n: int, device, n
 _DECODE_RULES = {"none": 0, "act": 1, "softplus": 2, "var": 3}  # RULE of decode_merge_kernel
 
 
-def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, rule: str = "none",
-           beta: float = 1.0, softplus: SoftplusArgs | None = None, steer: torch.Tensor | None = None,
-           rel0: torch.Tensor | None = None, var: VarArgs | None = None, num_splits: int | None = None,
-           block_n: int | None = None):
+def decode(
+    q,
+    k,
+    v,
+    mask: MaskSpec,
+    scale: float,
+    groups: Groups | None = None,
+    rule: str = "none",
+    beta: float = 1.0,
+    softplus: SoftplusArgs | None = None,
+    steer: torch.Tensor | None = None,
+    rel0: torch.Tensor | None = None,
+    var: VarArgs | None = None,
+    num_splits: int | None = None,
+    block_n: int | None = None,
+):
     """One query row per (batch row, head) against a long cache. Returns (out (B, 1, Hq, D),
     modified int8 (B, Hq) or None).
 
@@ -443,7 +561,7 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
     ``rel0`` >= 1, both groups non-empty) keeps ``beta`` of its sink mass and gives the rest to the
     non-sinks: out = beta M_1 o_1 + (M_0 + (1 - beta) M_1) o_0, applied at the merge;
     "softplus": two sweeps (scores + LSE, then V with the re-weighted scores), see ``SoftplusArgs``;
-    "var": 4 groups (``VarArgs``); in a steered row (``steer``, ``var.gate``, SPEC section 1's
+    "var": 4 groups (``VarArgs``); in a steered row (``steer``, ``var.gate``, docs/methods.md#var
     conditions on the group masses) sinks keep 1 - p of their mass and the visual non-sinks gain
     p M_sink: out = sum_g M'_g o_g, applied at the merge.
     """
@@ -466,8 +584,11 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
     # float32: 32-key tiles, 16 over head dim 128 (exact dots on FMA units spill registers with
     # wider ones; compile check)
     fp32_bn = 32 if d <= 128 else 16
-    bn = block_n or (16 if _STATE.get("interpreted") else
-                     _env_int("ATTNSTEER_TRITON_DECODE_BLOCK_N", fp32_bn if q.dtype == torch.float32 else 64))
+    bn = block_n or (
+        16
+        if _STATE.get("interpreted")
+        else _env_int("ATTNSTEER_TRITON_DECODE_BLOCK_N", fp32_bn if q.dtype == torch.float32 else 64)
+    )
     splits, split_len = decode_splits(b, hkv, k_len, bn, dev, num_splits)
     kvs, has_kvs = _mask_args(mask, dev)
     f32 = torch.float32
@@ -498,22 +619,85 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
         pl1 = torch.empty_like(pm1)
         gdummy, gstr, _, _, _ = _group_args(None, dev)
         _launch(
-            "decode_split(scores)", mod.decode_split_kernel, grid,
-            q, k, v, pm1, pl1, dummy_f, gdummy, scores, dummy_f, dummy_f, steer_t, rel_t, kvs,
-            q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
-            *mask_args, 0, 0, splits, split_len, 1.0, 0.0, SOFTPLUS_FREE_ROWS,
-            D=d, HAS_KVS=has_kvs, MODE=1, NUM_GROUPS=1, G_PAD=2, S_PAD=s_pad, **common,
+            "decode_split(scores)",
+            mod.decode_split_kernel,
+            grid,
+            q,
+            k,
+            v,
+            pm1,
+            pl1,
+            dummy_f,
+            gdummy,
+            scores,
+            dummy_f,
+            dummy_f,
+            steer_t,
+            rel_t,
+            kvs,
+            q.stride(0),
+            q.stride(1),
+            q.stride(3),
+            *k.stride(),
+            *v.stride(),
+            *gstr,
+            *mask_args,
+            0,
+            0,
+            splits,
+            split_len,
+            1.0,
+            0.0,
+            SOFTPLUS_FREE_ROWS,
+            D=d,
+            HAS_KVS=has_kvs,
+            MODE=1,
+            NUM_GROUPS=1,
+            G_PAD=2,
+            S_PAD=s_pad,
+            **common,
         )
         pm = torch.empty(b, hq, splits, ng, dtype=f32, device=dev)
         pl = torch.empty_like(pm)
         pacc = torch.empty(b, hq, splits, ng, d, dtype=f32, device=dev)
         _launch(
-            "decode_split(softplus)", mod.decode_split_kernel, grid,
-            q, k, v, pm, pl, pacc, gdummy, scores, pm1, pl1, steer_t, rel_t, kvs,
-            q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
-            *mask_args, 0, 0, splits, split_len,
-            float(softplus.p), float(softplus.offset), SOFTPLUS_FREE_ROWS,
-            D=d, HAS_KVS=has_kvs, MODE=2, NUM_GROUPS=ng, G_PAD=2, S_PAD=s_pad, **common,
+            "decode_split(softplus)",
+            mod.decode_split_kernel,
+            grid,
+            q,
+            k,
+            v,
+            pm,
+            pl,
+            pacc,
+            gdummy,
+            scores,
+            pm1,
+            pl1,
+            steer_t,
+            rel_t,
+            kvs,
+            q.stride(0),
+            q.stride(1),
+            q.stride(3),
+            *k.stride(),
+            *v.stride(),
+            *gstr,
+            *mask_args,
+            0,
+            0,
+            splits,
+            split_len,
+            float(softplus.p),
+            float(softplus.offset),
+            SOFTPLUS_FREE_ROWS,
+            D=d,
+            HAS_KVS=has_kvs,
+            MODE=2,
+            NUM_GROUPS=ng,
+            G_PAD=2,
+            S_PAD=s_pad,
+            **common,
         )
         rule_id = 2
     else:
@@ -523,21 +707,71 @@ def decode(q, k, v, mask: MaskSpec, scale: float, groups: Groups | None = None, 
         pl = torch.empty_like(pm)
         pacc = torch.empty(b, hq, splits, ng, d, dtype=f32, device=dev)
         _launch(
-            "decode_split", mod.decode_split_kernel, grid,
-            q, k, v, pm, pl, pacc, gid, dummy_f, dummy_f, dummy_f, steer_t, rel_t, kvs,
-            q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *gstr,
-            *mask_args, goff, glen, splits, split_len, 1.0, 0.0, SOFTPLUS_FREE_ROWS,
-            D=d, HAS_KVS=has_kvs, MODE=0, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), S_PAD=s_pad, **common,
+            "decode_split",
+            mod.decode_split_kernel,
+            grid,
+            q,
+            k,
+            v,
+            pm,
+            pl,
+            pacc,
+            gid,
+            dummy_f,
+            dummy_f,
+            dummy_f,
+            steer_t,
+            rel_t,
+            kvs,
+            q.stride(0),
+            q.stride(1),
+            q.stride(3),
+            *k.stride(),
+            *v.stride(),
+            *gstr,
+            *mask_args,
+            goff,
+            glen,
+            splits,
+            split_len,
+            1.0,
+            0.0,
+            SOFTPLUS_FREE_ROWS,
+            D=d,
+            HAS_KVS=has_kvs,
+            MODE=0,
+            NUM_GROUPS=ng,
+            G_PAD=_pow2(ng, 2),
+            S_PAD=s_pad,
+            **common,
         )
         rule_id = _DECODE_RULES[rule]
     modified = torch.empty(b, hq, dtype=torch.int8, device=dev) if rule_id else None
     mod_buf = modified if modified is not None else torch.empty(1, dtype=torch.int8, device=dev)
     _launch(
-        "decode_merge", mod.decode_merge_kernel, (b * hq,),
-        pm, pl, pacc, out, steer_t, rel_t, mod_buf,
-        out.stride(0), out.stride(2), out.stride(3),
-        hq, splits, float(beta), *((float(var.p), float(var.rho), float(var.min_image)) if var else (0.0, 0.0, 0.0)),
-        D=d, NUM_GROUPS=ng, G_PAD=_pow2(ng, 2), RULE=rule_id, BLOCK_D=_pow2(d), num_warps=4,
+        "decode_merge",
+        mod.decode_merge_kernel,
+        (b * hq,),
+        pm,
+        pl,
+        pacc,
+        out,
+        steer_t,
+        rel_t,
+        mod_buf,
+        out.stride(0),
+        out.stride(2),
+        out.stride(3),
+        hq,
+        splits,
+        float(beta),
+        *((float(var.p), float(var.rho), float(var.min_image)) if var else (0.0, 0.0, 0.0)),
+        D=d,
+        NUM_GROUPS=ng,
+        G_PAD=_pow2(ng, 2),
+        RULE=rule_id,
+        BLOCK_D=_pow2(d),
+        num_warps=4,
     )
     return out, modified
 

@@ -1,4 +1,4 @@
-"""ACT -- Attention Calibration Technique (SPEC.md section 2).
+"""ACT -- Attention Calibration Technique (docs/methods.md#act).
 
 Yu et al., "Unveiling and Harnessing Hidden Attention Sinks: Enhancing LLMs without Training
 through Attention Calibration", ICML 2024 (arXiv 2406.15765).
@@ -12,6 +12,8 @@ and the freed mass goes to the non-sink keys in proportion to their weights:
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,7 +39,7 @@ def sinks_from_column_means(col_mean: torch.Tensor, threshold: float, keep_first
 @register
 class ACT(Method):
     name = "act"
-    spec_section = "SPEC.md section 2"
+    docs = "docs/methods.md#act"
     citation = "Yu et al., ICML 2024, arXiv 2406.15765"
     default_layers = "2:-1"
     has_weight_step = True
@@ -47,7 +49,10 @@ class ACT(Method):
             "threshold", float, 0.1, "absolute mean-attention threshold for a sink", low=0.0, high=1.0, low_open=True
         ),
         "apply_to": Param(
-            "apply_to", str, "prefill", "which rows are calibrated: prompt rows, or decode rows too",
+            "apply_to",
+            str,
+            "prefill",
+            "which rows are calibrated: prompt rows, or decode rows too",
             choices=("prefill", "all"),
         ),
         "keep_first_sink": Param("keep_first_sink", bool, True, "leave the first (lowest-position) sink alone"),
@@ -68,7 +73,9 @@ class ACT(Method):
         if info.key_offset == 0:
             table = sinks
         else:
-            table = torch.zeros(*sinks.shape[:2], info.key_offset + info.num_keys, dtype=torch.bool, device=sinks.device)
+            table = torch.zeros(
+                *sinks.shape[:2], info.key_offset + info.num_keys, dtype=torch.bool, device=sinks.device
+            )
             table[:, :, info.key_offset :] = sinks
         self.prompt_state["sinks"] = table
 
@@ -101,16 +108,46 @@ class ACT(Method):
     def needs_column_stats(self, is_prefill: bool) -> bool:
         return is_prefill
 
+    def report(self) -> dict | None:
+        """``{"sinks": [per batch row {head: [key positions]}]}`` of the last prompt."""
+        table = self.prompt_state.get("sinks")
+        if table is None:
+            return None
+        rows = []
+        for b in range(table.shape[0]):
+            heads = {h: table[b, h].nonzero().flatten().tolist() for h in range(table.shape[1])}
+            rows.append({h: pos for h, pos in heads.items() if pos})
+        return {"sinks": rows}
+
     # ---- calibration ---------------------------------------------------------------------------
-    def _rows(self, sink_mass, other_mass, ctx: RowContext, like) -> torch.Tensor:
-        rows = (sink_mass > 0) & (other_mass > 0)
-        if not ctx.all_rows_at_least(1):
-            rows = rows & (ctx.rel_pos >= 1)
+    kernel_rule = "act"  # the Triton kernels' rule for this method (two key groups: other, sinks)
+
+    def group_factors(self, m_sink, m_other, log: bool = False):
+        """The calibration as factors on the row's group masses -- the one rule both fused paths
+        (PyTorch and the Triton kernels) apply: sinks keep ``beta`` of their mass, the others take
+        the freed ``(1 - beta) M_S`` in proportion, ``f_other = 1 + (1 - beta) M_S / M_N``.
+
+        m_sink, m_other: float tensors of the rows' sink / non-sink masses (same shape).
+        Returns (f_sink: float, f_other: tensor like m_other), or their logarithms with ``log``.
+        """
+        beta = self.p["beta"]
+        ratio = (1.0 - beta) * m_sink / m_other.clamp(min=1e-30)
+        if log:
+            return (math.log(beta) if beta > 0 else float("-inf")), torch.log1p(ratio)
+        return beta, 1.0 + ratio
+
+    def steered_rows(self, m_sink, m_other, rel_pos, like) -> torch.Tensor:
+        """bool: rows calibrated -- both groups non-empty, relative position >= 1 (``rel_pos``: long
+        positions from each row's first token, broadcastable; None when every row is past row 0),
+        and a steered head (``like``: a (B, H_q, ...) tensor the head mask broadcasts against)."""
+        rows = (m_sink > 0) & (m_other > 0)
+        if rel_pos is not None:
+            rows = rows & (rel_pos >= 1)
         hm = self.head_mask(like)
         return rows if hm is None else rows & hm
 
     def reference_weights(self, a, ctx: RowContext, info: StepInfo):
-        """Literal SPEC formula on the full float32 map a (B, H, Q, K)."""
+        """The formula applied literally on the full float32 map a (B, H, Q, K)."""
         if info.is_prefill:
             seen = ctx.visible if ctx.row_valid is None else ctx.visible & ctx.row_valid
             count = seen.sum(dim=-2).to(a.dtype)  # (B|1, 1, K) real prompt rows that see key j
@@ -124,16 +161,15 @@ class ACT(Method):
         other_sum = (a * ~sink).sum(-1, keepdim=True)
         freed = (1.0 - beta) * sink_sum
         calibrated = torch.where(sink, beta * a, a + freed * a / other_sum.clamp(min=1e-30))
-        rows = self._rows(sink_sum, other_sum, ctx, a)
+        rows = self.steered_rows(sink_sum, other_sum, None if ctx.all_rows_at_least(1) else ctx.rel_pos, a)
         return torch.where(rows, calibrated, a), rows.sum()
 
     def fused_weights(self, p, ctx: RowContext, info: StepInfo):
         """Group-mass form on one chunk p (B, H, C, K): per-row factors on the sink / non-sink groups."""
         sink = self.sinks_for_keys(ctx.key_abs, p.shape[0], info)[:, :, None, :]
-        beta = self.p["beta"]
         m_sink = masked_sum(p, sink)
         m_other = masked_sum(p, ~sink)
-        factor_other = (m_other + (1.0 - beta) * m_sink) / m_other.clamp(min=1e-30)
-        rows = self._rows(m_sink, m_other, ctx, p)
-        factor = torch.where(sink, torch.full_like(factor_other, beta), factor_other)
+        f_sink, f_other = self.group_factors(m_sink, m_other)
+        rows = self.steered_rows(m_sink, m_other, None if ctx.all_rows_at_least(1) else ctx.rel_pos, p)
+        factor = torch.where(sink, torch.full_like(f_other, f_sink), f_other)
         return torch.where(rows, p * factor, p), rows.sum()

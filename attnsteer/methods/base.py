@@ -1,13 +1,13 @@
 """What every steering method declares: its parameters, defaults, level and the two code paths.
 
-A method has two implementations of the same SPEC formula:
+A method has two implementations of the same formula (docs/methods.md):
 
 * ``reference_*``: the formula applied literally on the materialised float32 attention map
   ``a`` of shape (B, H_q, Q, K) -- the oracle every fast path is tested against;
 * ``fused_*``: the form the fused backend needs -- per-row group masses and factors on one
   query chunk ``p`` of shape (B, H_q, C, K) (never Q x K), or a score transform.
 
-Composition (SPEC section 7): score-level steps of every method run first, then weight-level
+Composition (docs/methods.md#composition): score-level steps of every method run first, then weight-level
 steps in recipe order.
 """
 
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -145,7 +146,7 @@ class Method:
     name: ClassVar[str]
     params: ClassVar[dict[str, Param]]
     default_layers: ClassVar[Any] = "all"
-    spec_section: ClassVar[str] = ""
+    docs: ClassVar[str] = ""  # where the rule is documented for users (docs/methods.md#<name>)
     citation: ClassVar[str] = ""
     has_score_step: ClassVar[bool] = False
     has_weight_step: ClassVar[bool] = False
@@ -157,6 +158,9 @@ class Method:
     needs_text_stream_in_batch: ClassVar[bool] = False
     # Methods whose per-layer prompt state allows one intervention of theirs per layer (VAR).
     one_per_layer: ClassVar[bool] = False
+    # Name of the Triton kernels' rule that computes this step (attention/triton_backend.py), or
+    # None: the PyTorch fused path runs it.
+    kernel_rule: ClassVar[str | None] = None
 
     def __init__(self, params: dict[str, Any], layer: int, heads: torch.Tensor | None, state=None):
         self.p = dict(params)
@@ -185,7 +189,7 @@ class Method:
 
     @classmethod
     def layers_default(cls, params: dict[str, Any], arch=None):
-        """SPEC default layers; ``arch`` (archs.ResolvedArch or None) for family-dependent ones."""
+        """The method's default layers; ``arch`` (archs.ResolvedArch or None) for family-dependent ones."""
         return cls.default_layers
 
     def layer_hooks(self, decoder_layer, state) -> list:
@@ -193,6 +197,11 @@ class Method:
         ``decoder_layer.register_forward_pre_hook`` / ``register_forward_hook`` (called with
         ``with_kwargs=True`` by ``apply``, removed by ``remove``)."""
         return []
+
+    def report(self) -> dict | None:
+        """What this site found for the last prompt (JSON-friendly), or None: see
+        :meth:`attnsteer.SteeringHandle.report`."""
+        return None
 
     def crop_batch(self, rows: int) -> None:
         """Keep the first ``rows`` batch rows of per-prompt state (after an augmented prefill)."""
@@ -260,10 +269,10 @@ class Method:
 
 METHODS: dict[str, type[Method]] = {}
 
-# Methods SPEC.md defines whose implementation has not landed yet; recipes naming them fail with
+# Methods docs/methods.md describes whose implementation has not landed yet; recipes naming them fail with
 # a clear error instead of silently doing nothing.
 PLANNED_METHODS: dict[str, str] = {
-    "agla": "SPEC.md section 4 (AGLA, global/local view assembly)",
+    "agla": "AGLA, global/local view assembly: docs/methods.md#agla",
 }
 
 
@@ -285,4 +294,3 @@ class StepInfo:
     key_offset: int
     num_keys: int
     extra: dict = field(default_factory=dict)
-

@@ -1,4 +1,4 @@
-"""PAI -- Paying More Attention to Image (SPEC.md section 6).
+"""PAI -- Paying More Attention to Image (docs/methods.md#pai).
 
 Liu et al., ECCV 2024 (arXiv 2407.21771).
 
@@ -41,7 +41,7 @@ def contrast_logits(image_logits: torch.Tensor, text_logits: torch.Tensor, gamma
 @register
 class PAI(Method):
     name = "pai"
-    spec_section = "SPEC.md section 6"
+    docs = "docs/methods.md#pai"
     citation = "Liu et al., ECCV 2024, arXiv 2407.21771"
     default_layers = "2:"
     has_score_step = True
@@ -49,7 +49,11 @@ class PAI(Method):
     params = {
         "alpha": Param("alpha", float, 0.5, "amplification of image-key scores (paper 0.5; code 0.2)", low=0.0),
         "gamma": Param(
-            "gamma", object, None, "logits-step strength with a text-only stream", check=lambda v: _check_gamma(v),
+            "gamma",
+            object,
+            None,
+            "logits-step strength with a text-only stream",
+            check=lambda v: _check_gamma(v),
             allowed_text="null (off) or a number > 0, e.g. 1.1 (paper)",
         ),
     }

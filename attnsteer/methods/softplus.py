@@ -1,4 +1,4 @@
-"""Softplus attention with re-weighting (SPEC.md section 5).
+"""Softplus attention with re-weighting (docs/methods.md#softplus).
 
 Gao & Spratling, "Softplus Attention with Re-weighting Boosts Length Extrapolation in LLMs",
 arXiv 2501.13428.
@@ -26,15 +26,20 @@ FIRST_ROWS_WITHOUT_OFFSET = 3
 @register
 class SoftplusReweight(Method):
     name = "softplus"
-    spec_section = "SPEC.md section 5"
+    docs = "docs/methods.md#softplus"
     citation = "Gao & Spratling, arXiv 2501.13428"
     default_layers = "all"
     has_weight_step = True
     params = {
-        "p": Param("p", float, 3.0, "sharpening exponent (1 with offset 0 is the identity)", low=0.0, low_open=True, high=64.0),
+        "p": Param(
+            "p", float, 3.0, "sharpening exponent (1 with offset 0 is the identity)", low=0.0, low_open=True, high=64.0
+        ),
         "offset": Param("offset", float, 1.0, "o_i subtracted from N_i a_ij after the first three rows", low=0.0),
         "scoring": Param(
-            "scoring", str, "softmax", "keep the model's softmax, or LSSA scoring for models trained with it",
+            "scoring",
+            str,
+            "softmax",
+            "keep the model's softmax, or LSSA scoring for models trained with it",
             choices=("softmax", "lssa"),
         ),
     }
@@ -43,6 +48,11 @@ class SoftplusReweight(Method):
         super().__init__(params, layer, heads)
         self.has_score_step = self.p["scoring"] == "lssa"
         self.weight_identity = self.p["p"] == 1.0 and self.p["offset"] == 0.0
+
+    @property
+    def kernel_rule(self) -> str | None:
+        """The Triton kernels run re-weighting on softmax scores (not LSSA scoring)."""
+        return "softplus" if self.p["scoring"] == "softmax" and not self.weight_identity else None
 
     @classmethod
     def is_identity_params(cls, params) -> bool:

@@ -1,4 +1,4 @@
-"""VAR -- Visual Attention Redistribution (SPEC.md section 1).
+"""VAR -- Visual Attention Redistribution (docs/methods.md#var).
 
 Kang et al., "See What You Are Told: Visual Attention Sink in Large Multimodal Models",
 ICLR 2025 (arXiv 2503.03321).
@@ -13,16 +13,23 @@ proportion to their weights. Query rows: text after the last image token, and ge
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import compat
 from ..errors import RecipeError
 from .base import Method, Param, RowContext, StepInfo, masked_sum, register
 
+
 def _check_dims(value):
     if value == "auto":
         return value
-    if not isinstance(value, list) or not value or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in value):
+    if (
+        not isinstance(value, list)
+        or not value
+        or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in value)
+    ):
         raise ValueError(value)
     return sorted(set(value))
 
@@ -33,7 +40,7 @@ VARIANT_DEFAULTS = {"paper": {"p": 0.6, "layers": "2:-1"}, "released": {"p": 0.4
 @register
 class VAR(Method):
     name = "var"
-    spec_section = "SPEC.md section 1"
+    docs = "docs/methods.md#var"
     citation = "Kang et al., ICLR 2025, arXiv 2503.03321"
     default_layers = "2:-1"
     has_weight_step = True
@@ -43,17 +50,27 @@ class VAR(Method):
         "tau": Param("tau", float, 20.0, "massive-activation threshold on |x_d| / RMS(x)", low=0.0, low_open=True),
         "rho": Param("rho", float, 0.5, "minimum visual non-sink share of the row's image mass", low=0.0, high=1.0),
         "p": Param(
-            "p", float, None, "fraction of sink weight moved (paper meaning; default 0.6, or 0.4 with variant: released)",
-            low=0.0, high=1.0,
+            "p",
+            float,
+            None,
+            "fraction of sink weight moved (paper meaning; default 0.6, or 0.4 with variant: released)",
+            low=0.0,
+            high=1.0,
         ),
         "min_image_attention": Param(
             "min_image_attention", float, 0.2, "minimum total attention on image keys", low=0.0, high=1.0
         ),
         "sink_dims": Param(
-            "sink_dims", object, "auto", "hidden dims D of the sink score", check=lambda v: _check_dims(v),
+            "sink_dims",
+            object,
+            "auto",
+            "hidden dims D of the sink score",
+            check=lambda v: _check_dims(v),
             allowed_text='"auto" or a non-empty list of hidden-dim indices, e.g. [1415, 2533]',
         ),
-        "variant": Param("variant", str, "paper", "paper semantics, or the released code's defaults", choices=("paper", "released")),
+        "variant": Param(
+            "variant", str, "paper", "paper semantics, or the released code's defaults", choices=("paper", "released")
+        ),
     }
 
     @classmethod
@@ -95,6 +112,11 @@ class VAR(Method):
             )
         return None
 
+    def report(self) -> dict | None:
+        """``{"sinks": [per batch row [prompt positions]]}``: this layer's hidden-state sinks."""
+        table = self.state.sinks.by_layer.get(self.layer) if self.state is not None else None
+        return None if table is None else {"sinks": [row.nonzero().flatten().tolist() for row in table]}
+
     # ---- groups -------------------------------------------------------------------------
     def key_groups(self, key_abs: torch.Tensor):
         """image and sink flags, bool (B, K), of the keys at absolute positions ``key_abs`` (K,)."""
@@ -114,13 +136,30 @@ class VAR(Method):
         """int8 (B, K) group of each key for the group-mass kernels: 0 other, 1 text sink, 2 image
         sink, 3 visual non-sink. M_img = M_2 + M_3, M_sink = M_1 + M_2, M_vis = M_3."""
         image, sinks = self.key_groups(key_abs)
-        return (sinks.to(torch.int8) * (1 + image.to(torch.int8)) + (image & ~sinks).to(torch.int8) * 3)
+        return sinks.to(torch.int8) * (1 + image.to(torch.int8)) + (image & ~sinks).to(torch.int8) * 3
 
     def _groups(self, ctx: RowContext):
         """image keys, sinks (B, 1, 1, K) and the query-row gate (B, 1, C, 1)."""
         image, sinks = self.key_groups(ctx.key_abs)
         gate = self.row_gate(ctx.row_abs.view(-1), image, sinks)
         return image[:, None, None, :], sinks[:, None, None, :], gate[:, None, :, None]
+
+    kernel_rule = "var"  # the Triton kernels' rule (four key groups, see group_ids)
+
+    def group_factors(self, m_sink, m_vis, log: bool = False):
+        """The redistribution as factors on the row's group masses -- the one rule both fused
+        paths (PyTorch and the Triton kernels) apply: every sink keeps ``1 - p`` of its mass, the
+        visual non-sinks share the budget ``p M_S`` in proportion, ``f_vis = 1 + p M_S / M_V``;
+        other keys keep theirs.
+
+        m_sink, m_vis: float tensors of the rows' sink / visual non-sink masses (same shape).
+        Returns (f_sink: float, f_vis: tensor like m_vis), or their logarithms with ``log``.
+        """
+        p = self.p["p"]
+        ratio = p * m_sink / m_vis.clamp(min=1e-30)
+        if log:
+            return (math.log(1.0 - p) if p < 1.0 else float("-inf")), torch.log1p(ratio)
+        return 1.0 - p, 1.0 + ratio
 
     def select_rows(self, gate, m_img, m_sink, m_vis, like):
         """Steered (batch, head, row)s: gate & m_img >= min_image_attention & m_vis >= rho m_img &
@@ -136,7 +175,7 @@ class VAR(Method):
         return rows if hm is None else rows & hm
 
     def reference_weights(self, a, ctx: RowContext, info: StepInfo):
-        """Literal SPEC formula on the float32 map a (B, H, Q, K)."""
+        """The formula applied literally on the float32 map a (B, H, Q, K)."""
         image, sinks, gate = self._groups(ctx)
         visual = image & ~sinks
         m_img = (a * image).sum(-1, keepdim=True)
@@ -157,10 +196,6 @@ class VAR(Method):
         visual = image & ~sinks
         m_img, m_sink, m_vis = masked_sum(w, image), masked_sum(w, sinks), masked_sum(w, visual)
         rows = self.select_rows(gate, m_img, m_sink, m_vis, w)
-        p = self.p["p"]
-        factor = torch.where(
-            sinks,
-            torch.full_like(m_vis, 1.0 - p),
-            torch.where(visual, 1.0 + p * m_sink / m_vis.clamp(min=1e-30), torch.ones_like(m_vis)),
-        )
+        f_sink, f_vis = self.group_factors(m_sink, m_vis)
+        factor = torch.where(sinks, torch.full_like(m_vis, f_sink), torch.where(visual, f_vis, torch.ones_like(m_vis)))
         return torch.where(rows, w * factor, w), rows.sum()

@@ -1,4 +1,4 @@
-"""VHR -- Vision-aware Head Reinforcement with the VHD score (SPEC.md section 3).
+"""VHR -- Vision-aware Head Reinforcement with the VHD score (docs/methods.md#vhr).
 
 He et al., "Cracking the Code of Hallucination in LVLMs with Vision-aware Head Divergence",
 arXiv 2412.13949 (ACL 2025).
@@ -22,14 +22,18 @@ from .base import Method, Param, register
 @register
 class VHR(Method):
     name = "vhr"
-    spec_section = "SPEC.md section 3"
+    docs = "docs/methods.md#vhr"
     citation = "He et al., ACL 2025, arXiv 2412.13949"
-    default_layers = [1, "-14:"]
+    default_layers = [1, "-14:"]  # 32-layer LLaVA-1.5 / LLaVA-NeXT: the second layer and the last 14
+    # model_type -> the paper's layers for families that differ from default_layers
+    family_layers = {"instructblip": "14:"}
     has_head_step = True
     needs_image = True
     needs_text_stream_in_batch = True
     params = {
-        "alpha": Param("alpha", float, 2.0, "scale of the selected heads' outputs (paper: 2; 4 breaks generation)", low=0.0),
+        "alpha": Param(
+            "alpha", float, 2.0, "scale of the selected heads' outputs (paper: 2; 4 breaks generation)", low=0.0
+        ),
         "reinforce_text_stream": Param(
             "reinforce_text_stream", bool, True, "also scale the text-only stream (later layers' VHD see it)"
         ),
@@ -44,8 +48,13 @@ class VHR(Method):
         """The family's default layers; None without a model (it depends on the family)."""
         if arch is None:
             return None
-        default = arch.spec.vhr_default_layers
-        return list(default) if isinstance(default, tuple) else default
+        default = cls.family_layers.get(arch.spec.model_type, cls.default_layers)
+        return list(default) if isinstance(default, list) else default
+
+    def report(self) -> dict | None:
+        """``{"heads": [per batch row [heads]]}`` selected at the last prompt."""
+        heads = self.prompt_state.get("heads")
+        return None if heads is None else {"heads": [row.nonzero().flatten().tolist() for row in heads]}
 
     @staticmethod
     def select_heads(image_out: torch.Tensor, text_out: torch.Tensor) -> torch.Tensor:

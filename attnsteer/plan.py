@@ -1,0 +1,205 @@
+"""``attnsteer.plan(model, recipe)``: what a recipe will steer on a model, resolved without touching it.
+
+A :class:`Plan` holds, per decoder layer, the method objects of every intervention that steers it
+(layers and heads resolved against the model, parameters validated, family defaults filled in).
+``attnsteer.apply`` is ``plan`` followed by installing the plan; ``attnsteer recipes validate``,
+the evaluation runners and result records use the plan alone.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from . import archs
+from .attention import dispatch
+from .errors import AttnsteerError, AttnsteerWarning, RecipeError, UsageError
+from .methods import METHODS
+from .recipe import Recipe, load_recipe
+from .selectors import head_dict_layers, resolve_heads, resolve_layers
+
+
+class LayerPlan:
+    """The methods steering one layer, in recipe order (composition: docs/methods.md#composition)."""
+
+    def __init__(self, layer: int):
+        self.layer = layer
+        self.methods: list = []
+
+    def score_steps(self, is_prefill: bool) -> list:
+        return [m for m in self.methods if m.has_score_step and m.active(is_prefill)]
+
+    def weight_steps(self, is_prefill: bool) -> list:
+        return [m for m in self.methods if m.has_weight_step and m.active(is_prefill)]
+
+    def head_steps(self, is_prefill: bool) -> list:
+        return [m for m in self.methods if m.has_head_step and m.active(is_prefill)]
+
+    def active(self, is_prefill: bool) -> bool:
+        return any(
+            m.active(is_prefill) and (m.has_score_step or m.has_weight_step or m.has_head_step) for m in self.methods
+        )
+
+
+def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPlan]:
+    """Resolve every intervention's layers and heads against the model (touches nothing).
+
+    Each method object records the intervention it came from (``method.intervention``)."""
+    plans: dict[int, LayerPlan] = {}
+    n_layers, n_heads = arch.num_layers, arch.num_heads
+    for i, iv in enumerate(recipe.interventions):
+        where = f"{recipe.name}.interventions[{i}]"
+        cls = METHODS[iv.method]
+        cls.check_model(iv.params, arch, where)
+        if cls.is_identity_params(iv.params):
+            warnings.warn(
+                f"{where} ({iv.method} with {iv.params}) uses identity parameters and leaves attention unchanged; "
+                "it is skipped. Fix: set real parameters (see `attnsteer recipes show`) or remove it",
+                AttnsteerWarning,
+                stacklevel=3,
+            )
+            continue
+        if isinstance(iv.heads, dict):
+            head_layers = head_dict_layers(iv.heads, n_layers, f"{where}.heads")
+            if iv.layers is None:
+                layers = head_layers
+            else:
+                explicit = set(resolve_layers(iv.layers, n_layers, f"{where}.layers"))
+                outside = [l for l in head_layers if l not in explicit]
+                if outside:
+                    raise RecipeError(
+                        f"{where}.heads: names layer(s) {outside}, which {where}.layers={iv.layers!r} does not select. "
+                        "Fix: drop `layers` (the head mapping then decides) or add those layers to it"
+                    )
+                layers = head_layers
+        else:
+            default = cls.layers_default(iv.params, arch)
+            layers = resolve_layers(iv.layers if iv.layers is not None else default, n_layers, f"{where}.layers")
+        for layer in layers:
+            heads = resolve_heads(iv.heads, layer, n_layers, n_heads, f"{where}.heads")
+            mask = None
+            if heads is not None:
+                mask = torch.zeros(n_heads, dtype=torch.bool)
+                mask[heads] = True
+            plan = plans.setdefault(layer, LayerPlan(layer))
+            if cls.one_per_layer and any(m.name == iv.method for m in plan.methods):
+                first = next(m.intervention for m in plan.methods if m.name == iv.method)
+                raise RecipeError(
+                    f"{where}: layer {layer} is already steered by {iv.method} from {recipe.name}.interventions[{first}]; "
+                    f"{iv.method} keeps one sink set per layer, so two {iv.method} interventions cannot share a layer. "
+                    "Fix: give them disjoint layers, or merge them into one intervention"
+                )
+            method = cls(iv.params, layer, mask)
+            method.intervention, method.first_layer = i, layer == layers[0]
+            plan.methods.append(method)
+    return plans
+
+
+@dataclass
+class Plan:
+    """A recipe resolved against one model.
+
+    recipe:     the validated :class:`Recipe`.
+    arch:       the model's :class:`attnsteer.archs.ResolvedArch` (decoder, attention modules, heads).
+    layers:     layer index -> :class:`LayerPlan` (only layers something steers).
+    impl:       the model's text attention implementation (``sdpa`` / ``eager``) it will delegate to.
+    """
+
+    recipe: Recipe
+    arch: archs.ResolvedArch
+    layers: dict[int, LayerPlan]
+    impl: str
+
+    @property
+    def methods(self) -> list:
+        """Every method object, layer by layer, in recipe order within a layer."""
+        return [m for layer in sorted(self.layers) for m in self.layers[layer].methods]
+
+    def sites(self) -> list[dict[str, Any]]:
+        """One row per steered (layer, method): ``layer``, ``method``, ``heads`` (list or ``"all"``)."""
+        return [
+            {
+                "layer": m.layer,
+                "method": m.name,
+                "heads": "all" if m.heads is None else m.heads.nonzero().flatten().tolist(),
+            }
+            for m in self.methods
+        ]
+
+    def resolved_recipe(self) -> Recipe:
+        """The recipe that runs, with every intervention's concrete layers (a list of layer
+        indices) and heads (``"all"`` or ``{layer: [heads]}``) resolved against the model.
+        Re-applying it steers exactly the same sites; interventions skipped for identity
+        parameters are left out (they change nothing)."""
+        by_intervention: dict[int, list] = {}
+        for _layer, plan in sorted(self.layers.items()):
+            for method in plan.methods:
+                by_intervention.setdefault(method.intervention, []).append(method)
+        items = []
+        for index, methods in sorted(by_intervention.items()):
+            source = self.recipe.interventions[index]
+            layers = [m.layer for m in methods]
+            if all(m.heads is None for m in methods):
+                heads: Any = "all"
+            else:
+                heads = {
+                    m.layer: (
+                        list(range(self.arch.num_heads)) if m.heads is None else m.heads.nonzero().flatten().tolist()
+                    )
+                    for m in methods
+                }
+                heads = {layer: h for layer, h in heads.items() if h}
+            item = {"method": source.method, "layers": layers, "heads": heads, "params": dict(source.params)}
+            if isinstance(heads, dict):
+                item.pop("layers")  # the head mapping decides the layers
+            items.append(item)
+        data = self.recipe.to_dict()
+        data["interventions"] = items
+        return Recipe.from_dict(data, origin=f"resolved recipe {self.recipe.name!r}")
+
+
+def plan(model: nn.Module, recipe) -> Plan:
+    """Resolve ``recipe`` against ``model`` without changing it.
+
+    Raises the same errors ``apply`` would (unsupported family or attention implementation, a
+    recipe made for another model type, layers or heads the model does not have, parameters that
+    do not fit); warns (:class:`AttnsteerWarning`) for interventions with identity parameters,
+    which are skipped.
+    """
+    recipe = load_recipe(recipe)
+    arch = archs.resolve(model)
+    model_type = model.config.model_type
+    if recipe.model_types and model_type not in recipe.model_types:
+        raise RecipeError(
+            f"{recipe.name}.model_types: the recipe is made for {recipe.model_types}, and this model's model_type is "
+            f"{model_type!r}. Fix: use a recipe for {model_type!r}, or drop model_types if it is generic"
+        )
+    impl = dispatch.check_implementation(arch.text_config)
+    return Plan(recipe, arch, _build_plans(recipe, arch), impl)
+
+
+def check_recipes(model: nn.Module, recipes, model_id: str) -> tuple[list[str], dict[str, dict]]:
+    """Plan each ``(label, recipe)`` on ``model`` before any work starts (nothing is changed).
+
+    Returns the warnings the plans gave (identity parameters, ...) and, per label, the recipe
+    with the concrete layers and heads it steers on this model (:meth:`Plan.resolved_recipe`).
+    A recipe that does not fit raises :class:`UsageError` naming ``--recipe`` and ``--model``.
+    """
+    notes: list[str] = []
+    applied: dict[str, dict] = {}
+    for label, recipe in recipes:
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always", AttnsteerWarning)
+            try:
+                applied[label] = plan(model, recipe).resolved_recipe().to_dict()
+            except AttnsteerError as exc:
+                raise UsageError(
+                    f"--recipe {label!r} cannot steer --model {model_id!r}: {exc}. The baseline (--recipe none) needs "
+                    "no steering and still runs"
+                ) from None
+        notes += [str(w.message) for w in record if issubclass(w.category, AttnsteerWarning)]
+    return list(dict.fromkeys(notes)), applied

@@ -1,0 +1,184 @@
+"""The library's layering: every module imports, the import graph has no cycle, nothing imports upward.
+
+Layers, bottom to top (a module may import its own layer and those below it):
+
+0. foundations: errors, compat, console, selectors, roles, sinks, recipe, archs, models, methods, kernels
+1. attention integration: attention, state
+2. the API: plan, api, the package itself (``import attnsteer``)
+3. evaluations and the demo: evals, demo
+4. the command line: cli
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "attnsteer"
+
+LAYERS = {
+    "errors": 0,
+    "compat": 0,
+    "console": 0,
+    "selectors": 0,
+    "roles": 0,
+    "sinks": 0,
+    "recipe": 0,
+    "archs": 0,
+    "models": 0,
+    "methods": 0,
+    "kernels": 0,
+    "attention": 1,
+    "state": 1,
+    "plan": 2,
+    "api": 2,
+    "": 2,
+    "evals": 3,
+    "demo": 3,
+    "cli": 4,
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """attnsteer modules ``name`` imports anywhere in its file (function-level imports too)."""
+    is_package = path.name == "__init__.py"
+    package = name if is_package else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            # `from . import x` names submodule x: the dependency is on x, not on the package
+            subs = [f"{module}.{alias.name}" for alias in node.names]
+            targets = subs if all(t in MODULES for t in subs) else [module]
+        else:
+            continue
+        for target in targets:
+            while target and target not in MODULES:
+                target = target.rpartition(".")[0]
+            if target and target.startswith("attnsteer") and target != name:
+                found.add(target)
+    return found
+
+
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+
+
+def _layer(module: str) -> int:
+    part = module.split(".")[1] if "." in module else ""
+    return LAYERS[part]
+
+
+def test_every_module_has_a_layer():
+    missing = sorted({m.split(".")[1] for m in MODULES if "." in m} - set(LAYERS))
+    assert not missing, f"give these top-level modules a layer in LAYERS: {missing}"
+
+
+def test_nothing_imports_upward():
+    upward = [
+        f"{module} (layer {_layer(module)}) imports {target} (layer {_layer(target)})"
+        for module, targets in GRAPH.items()
+        for target in sorted(targets)
+        if _layer(target) > _layer(module)
+    ]
+    assert not upward, "\n".join(upward)
+
+
+def test_nothing_below_the_cli_imports_it():
+    users = [
+        m
+        for m, targets in GRAPH.items()
+        if not m.startswith("attnsteer.cli") and any(t.startswith("attnsteer.cli") for t in targets)
+    ]
+    assert not users, f"the library imports its own command line: {users}"
+
+
+def test_the_import_graph_has_no_cycle():
+    """Package ``__init__`` files that re-export their submodules are the only allowed back edges
+    (``attnsteer.methods`` -> ``attnsteer.methods.act`` -> ``attnsteer.methods.base``)."""
+
+    def edges(module):
+        return [t for t in GRAPH[module] if not module.startswith(t + ".")]  # a submodule importing its package
+
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module):
+        state[module] = 1
+        stack.append(module)
+        for target in edges(module):
+            if state.get(target) == 1:
+                cycles.append(stack[stack.index(target) :] + [target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = 2
+
+    for module in sorted(GRAPH):
+        if module not in state:
+            visit(module)
+    assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles[:10])
+
+
+def test_kernels_never_import_transformers():
+    for name, path in MODULES.items():
+        if name.startswith("attnsteer.kernels"):
+            assert not {t for t in _external_imports(path) if t.split(".")[0] == "transformers"}, (
+                f"{name} must not depend on transformers"
+            )
+
+
+def _external_imports(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module)
+    return out
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    # _triton needs triton (tested in test_kernels); __main__ modules run a command when imported
+    names = [m for m in MODULES if m != "attnsteer.kernels._triton" and not m.endswith("__main__")]
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
+    proc = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("light", ["attnsteer"])
+def test_the_core_import_stays_light(light):
+    """``import attnsteer`` loads neither the evaluation stack nor triton."""
+    code = (
+        f"import sys, {light}\n"
+        "heavy = [m for m in ('lm_eval', 'datasets', 'triton', 'matplotlib', 'attnsteer.evals', 'attnsteer.cli') "
+        "if m in sys.modules]\n"
+        "print(heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
