@@ -268,7 +268,8 @@ def load_labelled_recipes(values, flag: str = "--recipe") -> list[tuple[str, Rec
         try:
             pairs.append((value, load_recipe(value)))
         except RecipeError as exc:
-            hint = f" (check the file with `attnsteer recipes validate {value}`)" if Path(value).exists() else ""
+            is_file = isinstance(value, (str, Path)) and Path(value).exists()
+            hint = f" (check the file with `attnsteer recipes validate {value}`)" if is_file else ""
             raise UsageError(f"{flag} {value!r}: {exc}{hint}") from None
     return label_recipes(pairs)
 

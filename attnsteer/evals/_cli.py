@@ -198,3 +198,35 @@ def hub_offline_if_unreachable() -> bool:
 
 def print_table(markdown: str) -> None:
     print(markdown, flush=True)
+
+
+def config_dataclass(name: str, add_arguments, doc: str):
+    """A dataclass with one field per option ``add_arguments(parser)`` defines -- same names and
+    defaults as the command line, the option's help in each field's metadata -- so a benchmark has
+    one definition of its settings that both the CLI (which parses into it) and Python callers
+    (``evaluate(model, processor, recipes, config)``) use."""
+    import dataclasses
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    fields, lines = [], []
+    for action in parser._actions:  # argparse's list of the options it defines
+        if action.dest in ("help", argparse.SUPPRESS):
+            continue
+        default = action.default
+        meta = {"help": action.help or "", "flag": action.option_strings[0] if action.option_strings else ""}
+        if isinstance(default, list):
+            value = dataclasses.field(default_factory=lambda d=default: list(d), metadata=meta)
+        else:
+            value = dataclasses.field(default=default, metadata=meta)
+        fields.append((action.dest, Any, value))
+        lines.append(f"    {action.dest}: {action.help or ''} (default: {default!r})")
+    cls = dataclasses.make_dataclass(name, fields)
+    cls.__doc__ = doc + "\n\nFields (the command line's options of the same names):\n" + "\n".join(lines)
+    return cls
+
+
+def loaded_model_identity(model, model_id: str | None) -> tuple[str, dict]:
+    """(model id, model kwargs) for a model the caller already loaded (the Python API)."""
+    name = model_id or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    return str(name), {}

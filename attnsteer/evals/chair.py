@@ -756,16 +756,21 @@ def build_gt_from_coco(
         raise ValueError(f"need at least one instances and one captions file. {COCO_ANNOTATIONS_HELP}")
     wanted = None if image_ids is None else {int(i) for i in image_ids}
     objects: dict[int, set] = {}
-    for path in instances_paths:
-        data = _read_coco_json(path, "instances")
-        id_to_name = {c["id"]: c["name"] for c in data.get("categories", [])}
+
+    def annotations(data):
+        """(image id, annotation) of the wanted images; every wanted image gets an entry."""
         for img in data.get("images", []):
             if wanted is None or img["id"] in wanted:
                 objects.setdefault(int(img["id"]), set())
         for ann in data["annotations"]:
             imid = int(ann["image_id"])
-            if wanted is not None and imid not in wanted:
-                continue
+            if wanted is None or imid in wanted:
+                yield imid, ann
+
+    for path in instances_paths:
+        data = _read_coco_json(path, "instances")
+        id_to_name = {c["id"]: c["name"] for c in data.get("categories", [])}
+        for imid, ann in annotations(data):
             name = id_to_name.get(ann["category_id"])
             if name is None:
                 raise ValueError(f"{path}: category_id {ann['category_id']} is not in its 'categories'")
@@ -774,14 +779,7 @@ def build_gt_from_coco(
                 raise ValueError(f"{path}: COCO category {name!r} is not in the synonym list {scorer.synonyms.path}")
             objects.setdefault(imid, set()).add(cat)
     for path in captions_paths:
-        data = _read_coco_json(path, "captions")
-        for img in data.get("images", []):
-            if wanted is None or img["id"] in wanted:
-                objects.setdefault(int(img["id"]), set())
-        for ann in data["annotations"]:
-            imid = int(ann["image_id"])
-            if wanted is not None and imid not in wanted:
-                continue
+        for imid, ann in annotations(_read_coco_json(path, "captions")):
             objects.setdefault(imid, set()).update(scorer.caption_to_objects(ann["caption"]).objects)
     return {k: frozenset(v) for k, v in objects.items()}
 

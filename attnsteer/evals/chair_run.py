@@ -363,10 +363,39 @@ def select_images(args) -> tuple[list[int], dict[int, Path], dict]:
     return ids, available, how
 
 
-# ---- entry point --------------------------------------------------------------------------------
+# ---- entry points -------------------------------------------------------------------------------
+ChairConfig = _cli.config_dataclass(
+    "ChairConfig", add_arguments, "Settings of one CHAIR run (`attnsteer eval chair`); pass to :func:`evaluate`."
+)
+
+
+def evaluate(model, processor, recipes=("none",), config=None, **settings) -> dict:
+    """CHAIR captioning on a vision-language model you already hold: the baseline (``"none"``) and
+    each recipe (built-in name, YAML path, dict or ``attnsteer.Recipe``), on ``config`` (a
+    :data:`ChairConfig`; keyword ``settings`` override its fields, e.g. ``coco_dir=..., gt=...,
+    synonyms=..., num_images=50``). Writes the run directory like the command line and returns
+    its results record (``results.json``)."""
+    import dataclasses
+
+    from ..errors import EvalError
+
+    config = dataclasses.replace(config or ChairConfig(), recipe=list(recipes), **settings)
+    if config.captions:
+        raise EvalError(
+            "evaluate() generates captions; to re-score caption files use `attnsteer eval chair --captions`"
+        )
+    return _evaluate(config, loaded=(processor, model))
+
+
 def run(args) -> int:
+    """``attnsteer eval chair``: the parsed options are a :data:`ChairConfig`."""
     if args.captions:
         return rescore(args)
+    _evaluate(args)
+    return 0
+
+
+def _evaluate(args, loaded=None) -> dict | None:
     from ..errors import EvalError
     from ..models import resolve_model as _resolve_model
     from .runner import Decoding, EvalItem, collect, execute, parse_recipes, require_vlm
@@ -385,7 +414,10 @@ def run(args) -> int:
             f"{no_gt[:3]}). Fix: ground truth built from the COCO 2014 annotations covers every val2014 image"
         )
     drop = drop_incomplete_of(args)
-    model_id, kwargs = _resolve_model(args.model, args.model_args)
+    if loaded is None:
+        model_id, kwargs = _resolve_model(args.model, args.model_args)
+    else:
+        model_id, kwargs = _cli.loaded_model_identity(loaded[1], args.model)
     decoding = Decoding(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams)
     items = [
         EvalItem(id=f"coco/{i}", prompt=args.prompt, image=files[i], meta={"image_id": i, "file": files[i].name})
@@ -460,4 +492,5 @@ def run(args) -> int:
         make_record=make_record,
         score=score,
         extra_files={"chair_images.json": image_list},
+        loaded=loaded,
     )

@@ -254,8 +254,31 @@ def summarize(tasks: list[str], info: dict) -> tuple[dict, dict, list]:
     return summary, stderr, headline
 
 
-# ---- entry point --------------------------------------------------------------------------------
+# ---- entry points -------------------------------------------------------------------------------
+MMLUConfig = _cli.config_dataclass(
+    "MMLUConfig", add_arguments, "Settings of one lm-eval run (`attnsteer eval mmlu`); pass to :func:`evaluate`."
+)
+
+
+def evaluate(model, tokenizer, recipes=("none",), config=None, **settings) -> dict:
+    """lm-eval tasks (MMLU, ``attnsteer_mc_demo``, any lm-eval task) on a causal LM you already
+    hold: the baseline (``"none"``) and each recipe (built-in name, YAML path, dict or
+    ``attnsteer.Recipe``), on ``config`` (an :data:`MMLUConfig`; keyword ``settings`` override its
+    fields, e.g. ``tasks=["attnsteer_mc_demo"], limit=8``). Writes the run directory like the
+    command line and returns its results record (``results.json``)."""
+    import dataclasses
+
+    config = dataclasses.replace(config or MMLUConfig(), recipe=list(recipes), **settings)
+    return _evaluate(config, loaded=(tokenizer, model))
+
+
 def run(args) -> int:
+    """``attnsteer eval mmlu``: the parsed options are an :data:`MMLUConfig`."""
+    _evaluate(args)
+    return 0
+
+
+def _evaluate(args, loaded=None) -> dict | None:
     from ..errors import EvalError
     from ..models import load_checked as _load_model
     from ..models import resolve_model as _resolve_model
@@ -290,7 +313,10 @@ def run(args) -> int:
     from importlib import metadata
 
     num_fewshot = _fewshot_default(tasks, args.num_fewshot)
-    model_id, kwargs = _resolve_model(args.model, args.model_args)
+    if loaded is None:
+        model_id, kwargs = _resolve_model(args.model, args.model_args)
+    else:
+        model_id, kwargs = _cli.loaded_model_identity(loaded[1], args.model)
     shipped_used = [t for t in tasks if local_names.get(t, Path()).parent == shipped]
     data_hashes = {}
     if shipped_used:
@@ -344,13 +370,13 @@ def run(args) -> int:
     dist.barrier()
     started = now_iso()
     t0 = time.perf_counter()
-    if "device" not in kwargs:  # each process its own device under accelerate; else the GPU if there is one
+    if loaded is None and "device" not in kwargs:  # own device per process under accelerate, else the GPU
         import torch
 
         device = dist.device() if dist.distributed else ("cuda" if torch.cuda.is_available() else None)
         if device:
             kwargs = {**kwargs, "device": device}
-    tokenizer, model = _load_model(model_id, kwargs, sys.stderr)
+    tokenizer, model = loaded if loaded is not None else _load_model(model_id, kwargs, sys.stderr)
     load_s = time.perf_counter() - t0
     notes = check_recipes_fit(model, specs, model_id)
     with quiet_lm_eval():
@@ -448,7 +474,7 @@ def run(args) -> int:
     run_dir.close()
     dist.barrier()
     if not dist.is_main:
-        return 0
+        return None
     run_dir.merge_shards()
     finished = run_dir.finished()
     metrics, headline, shots, n_questions = {}, None, set(), None
@@ -505,7 +531,7 @@ def run(args) -> int:
     for note in record["notes"]:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out_dir / 'results.json'}", file=sys.stderr)
-    return 0
+    return record
 
 
 @contextlib.contextmanager

@@ -307,8 +307,32 @@ def make_record_fn(parser: str):
     return make_record
 
 
-# ---- entry point --------------------------------------------------------------------------------
+# ---- entry points -------------------------------------------------------------------------------
+PopeConfig = _cli.config_dataclass(
+    "PopeConfig", add_arguments, "Settings of one POPE run (`attnsteer eval pope`); pass to :func:`evaluate`."
+)
+
+
+def evaluate(model, processor, recipes=("none",), config=None, **settings) -> dict:
+    """POPE on a vision-language model you already hold: the baseline (``"none"``) and each recipe
+    (built-in name, YAML path, dict or ``attnsteer.Recipe``), on ``config`` (a :data:`PopeConfig`;
+    keyword ``settings`` override its fields, e.g. ``pope_dir=..., coco_dir=..., limit=20``).
+    Writes the run directory like the command line (``output_path``; a rerun resumes) and returns
+    its results record (``results.json``: metrics per recipe, recipes with the layers and heads
+    they steered, data hashes, decoding, timings)."""
+    import dataclasses
+
+    config = dataclasses.replace(config or PopeConfig(), recipe=list(recipes), **settings)
+    return _evaluate(config, loaded=(processor, model))
+
+
 def run(args) -> int:
+    """``attnsteer eval pope``: the parsed options are a :data:`PopeConfig`."""
+    _evaluate(args)
+    return 0
+
+
+def _evaluate(args, loaded=None) -> dict | None:
     from ..models import resolve_model as _resolve_model
     from .runner import Decoding, execute, parse_recipes, require_vlm
 
@@ -317,7 +341,10 @@ def run(args) -> int:
     specs = parse_recipes(args.recipe)
     seeds = _cli.seeds_of(args)
     items, pope_items, data, data_identity = load_items(args)
-    model_id, kwargs = _resolve_model(args.model, args.model_args)
+    if loaded is None:
+        model_id, kwargs = _resolve_model(args.model, args.model_args)
+    else:
+        model_id, kwargs = _cli.loaded_model_identity(loaded[1], args.model)
     decoding = Decoding(args.max_new_tokens, args.do_sample, args.temperature, args.top_p, args.num_beams)
     identity = {
         **_cli.model_identity(model_id, kwargs),
@@ -356,4 +383,5 @@ def run(args) -> int:
         decoding=decoding,
         make_record=make_record_fn(args.parser),
         score=make_scorer(items, pope_items, args.parser),
+        loaded=loaded,
     )

@@ -65,16 +65,21 @@ class RecipeSpec:
         return out
 
 
-def parse_recipes(values: Sequence[str] | None) -> list[RecipeSpec]:
+def parse_recipes(values: Sequence | None) -> list[RecipeSpec]:
     """``--recipe`` values -> specs, baseline first. ``none`` (any case) is the baseline; no
-    ``--recipe`` at all means the baseline only. A bad recipe is a EvalError naming the value."""
+    ``--recipe`` at all means the baseline only. Values may also be ``Recipe`` objects or dicts
+    (the Python API). A bad recipe is a UsageError naming the value."""
     from ..recipe import load_labelled_recipes as _load_recipes
+
+    def is_baseline(value) -> bool:
+        return isinstance(value, str) and value.lower() == NONE_RECIPE
 
     values = list(values or [NONE_RECIPE])
     specs: list[RecipeSpec] = []
-    if any(v.lower() == NONE_RECIPE for v in values):
+    if any(is_baseline(v) for v in values):
         specs.append(RecipeSpec(BASELINE_LABEL))
-    others = list(dict.fromkeys(v for v in values if v.lower() != NONE_RECIPE))
+    strings = list(dict.fromkeys(v for v in values if isinstance(v, str) and not is_baseline(v)))
+    others = strings + [v for v in values if not isinstance(v, str)]  # Recipe objects, dicts
     for label, recipe in _load_recipes(others) if others else []:
         specs.append(RecipeSpec(label, recipe))
     return specs
@@ -484,12 +489,15 @@ def execute(
     make_record: Callable[[EvalItem, str], dict],
     score: Callable[[RunDir, Sequence[RecipeSpec], Sequence[int]], dict],
     extra_files: dict[str, Any] | None = None,
-) -> int:
+    loaded: tuple | None = None,
+) -> dict | None:
     """Run directory -> model -> generation -> (main process) merge, score, results.json, table.
 
     ``score(run, specs, seeds)`` returns ``{"metrics": {label: {...}}, "headline": [...], ...}``
     computed from the samples. ``extra_files`` (name -> JSON data) are written into the run
-    directory by the main process (e.g. the CHAIR image list).
+    directory by the main process (e.g. the CHAIR image list). ``loaded``: an already loaded
+    ``(processor, model)`` to evaluate instead of loading ``model_id``. Returns the results record
+    (``results.json``) on the main process, None on the others.
     """
     from . import _cli, compare
     from .results import now_iso, write_json_atomic
@@ -514,8 +522,11 @@ def execute(
     t0 = time.perf_counter()
     from ..console import quiet_transformers
 
-    with quiet_transformers():
-        processor, model = load_vlm(model_id, model_kwargs, dist)
+    if loaded is not None:
+        processor, model = loaded
+    else:
+        with quiet_transformers():
+            processor, model = load_vlm(model_id, model_kwargs, dist)
     load_s = time.perf_counter() - t0
     notes = check_recipes_fit(model, specs, model_id)
     builder = VLMInputs(processor, model_id)
@@ -536,7 +547,7 @@ def execute(
     )
     dist.barrier()
     if not dist.is_main:
-        return 0
+        return None
     run.merge_shards()
     scored = score(run, specs, seeds)
     example = builder.prompt_text(items[0].prompt, items[0].image is not None) if items else None
@@ -561,7 +572,7 @@ def execute(
     for note in record["notes"]:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {out / 'results.json'} and {out / 'samples.jsonl'}", file=sys.stderr)
-    return 0
+    return record
 
 
 def collect(run: RunDir, items: Sequence[EvalItem], spec: RecipeSpec, seed: int) -> list[dict]:
