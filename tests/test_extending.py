@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -12,7 +13,14 @@ import attnsteer
 from attnsteer import archs, compat
 from attnsteer.errors import AttnsteerWarning, RecipeError
 from attnsteer.methods import METHODS
-from attnsteer.methods.base import Method, Param, register
+from attnsteer.methods.base import Method, param, register
+
+
+@dataclass(frozen=True)
+class TemperatureParams:
+    """The toy method's parameters: type (annotation), default, help and range in one place."""
+
+    temperature: float = param(2.0, "divides the scores", low=0.0, low_open=True, high=100.0)
 
 
 class ScoreTemperature(Method):
@@ -23,16 +31,14 @@ class ScoreTemperature(Method):
     citation = "attnsteer test suite"
     default_layers = "1:"
     has_score_step = True
-    params = {
-        "temperature": Param("temperature", float, 2.0, "divides the scores", low=0.0, low_open=True, high=100.0),
-    }
+    Params = TemperatureParams
 
     @classmethod
     def is_identity_params(cls, params) -> bool:
         return params["temperature"] == 1.0
 
     def scores(self, s, q, k, ctx, qk):
-        return self.select_heads(s / self.p["temperature"], s)
+        return self.select_heads(s / self.p.temperature, s)
 
 
 @pytest.fixture

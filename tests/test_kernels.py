@@ -10,6 +10,7 @@ dtype, both against a float32 reference).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -410,7 +411,7 @@ def _plans(name, k_len, past):
     for _ in range(2):
         m = METHODS[name]()
         if past and m.name == "act":  # continuation rows reuse the prompt's sinks
-            m.p["apply_to"] = "all"
+            m.p = dataclasses.replace(m.p, apply_to="all")
             sinks = torch.rand(2, 6, k_len, generator=torch.Generator().manual_seed(1)) > 0.7
             m.prompt_state["sinks"] = sinks.to(DEVICE)
         plan = LayerPlan(0)

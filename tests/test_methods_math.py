@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,7 +48,7 @@ def test_act_calibration_by_hand():
     ctx = row_context(visible, ForwardInfo(1, 3, 4, None), 0, torch.arange(3))
     out, rows = act.reference_weights(a, ctx, StepInfo(False, 0, 3))
     expected = torch.tensor([0.5 + 0.18 * 0.5 / 0.7, 0.12, 0.2 + 0.18 * 0.2 / 0.7])
-    act.p["apply_to"] = "all"
+    act.p = dataclasses.replace(act.p, apply_to="all")
     out, rows = act.reference_weights(a, ctx, StepInfo(False, 0, 3))
     torch.testing.assert_close(out[0, 0, 0], expected)
     assert rows == 1 and abs(out.sum().item() - 1) < 1e-6
@@ -170,7 +172,7 @@ def test_fused_matches_reference_on_odd_shapes(chunk, recipe):
             for plan in (plan_ref, plan_fused):
                 for m in plan.methods:
                     if m.name == "act":
-                        m.p["apply_to"] = "all"
+                        m.p = dataclasses.replace(m.p, apply_to="all")
                         m.prompt_state["sinks"] = sinks
         ref, weights = reference_attention(plan_ref, qq, kk, vv, mask, 0.35, info, NoStats())
         out, _ = fused_attention(plan_fused, qq, kk, vv, mask, 0.35, info, NoStats(), chunk=chunk)

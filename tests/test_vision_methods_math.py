@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import VOCAB, build_tiny
@@ -89,7 +91,7 @@ def test_var_released_variant_needs_a_visual_sink():
     a = torch.tensor([0.25, 0.2, 0.3, 0.2, 0.05, 0.0]).view(1, 1, 1, 6)
     paper = VAR(_params(VAR), 0, None, FakeState(image, sinks))
     released = VAR(_params(VAR, variant="released"), 0, None, FakeState(image, sinks))
-    assert released.p["p"] == 0.4 and VAR.layers_default(released.p) == "2:"
+    assert released.p.p == 0.4 and VAR.layers_default(dataclasses.asdict(released.p)) == "2:"
     assert paper.reference_weights(a, _ctx(1, 6, past=5), StepInfo(False, 0, 6))[1] == 1
     assert released.reference_weights(a, _ctx(1, 6, past=5), StepInfo(False, 0, 6))[1] == 0
 

@@ -289,7 +289,7 @@ def _act(method, query, key, value, struct: _Structure, scaling: float, info: Fo
                 scaling,
                 groups=groups,
                 rule="act",
-                beta=float(method.p["beta"]),
+                beta=float(method.p.beta),
                 steer=_steer_flags(method, hq, dev),
                 rel0=struct.rel0,
             )
@@ -305,8 +305,8 @@ def _act(method, query, key, value, struct: _Structure, scaling: float, info: Fo
 def _softplus(method, query, key, value, struct: _Structure, scaling: float, info: ForwardInfo):
     hq, q_len = query.shape[1], query.shape[2]
     args = K.SoftplusArgs(
-        p=float(method.p["p"]),
-        offset=float(method.p["offset"]),
+        p=float(method.p.p),
+        offset=float(method.p.offset),
         steer=_steer_flags(method, hq, query.device),
         rel0=struct.rel0,
     )
@@ -351,11 +351,9 @@ def _var(method, query, key, value, struct: _Structure, scaling: float, info: Fo
     spec = struct.spec
     groups, decode_gate = _var_groups(method, struct, k_len, dev)
     first_row = struct.key_offset + spec.q_offset  # absolute position of query row 0
-    p = float(method.p["p"])
+    p = float(method.p.p)
     if q_len == 1 and not info.is_prefill and first_row >= groups.gid.shape[-1]:
-        args = K.VarArgs(
-            p=p, rho=float(method.p["rho"]), min_image=float(method.p["min_image_attention"]), gate=decode_gate
-        )
+        args = K.VarArgs(p=p, rho=float(method.p.rho), min_image=float(method.p.min_image_attention), gate=decode_gate)
         out, modified = K.decode(
             query,
             key,

@@ -14,11 +14,12 @@ and the freed mass goes to the non-sink keys in proportion to their weights:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import SteeringError
-from .base import Method, Param, RowContext, StepInfo, masked_sum, register
+from .base import Method, RowContext, StepInfo, masked_sum, param, register
 
 
 def sinks_from_column_means(col_mean: torch.Tensor, threshold: float, keep_first_sink: bool) -> torch.Tensor:
@@ -36,6 +37,18 @@ def sinks_from_column_means(col_mean: torch.Tensor, threshold: float, keep_first
     return sinks
 
 
+@dataclass(frozen=True)
+class ACTParams:
+    """ACT's parameters (docs/methods.md#act)."""
+
+    beta: float = param(0.4, "fraction of a sink's weight that is kept", low=0.0, high=1.0)
+    threshold: float = param(0.1, "absolute mean-attention threshold for a sink", low=0.0, high=1.0, low_open=True)
+    apply_to: str = param(
+        "prefill", "which rows are calibrated: prompt rows, or decode rows too", choices=("prefill", "all")
+    )
+    keep_first_sink: bool = param(True, "leave the first (lowest-position) sink alone")
+
+
 @register
 class ACT(Method):
     name = "act"
@@ -43,27 +56,14 @@ class ACT(Method):
     citation = "Yu et al., ICML 2024, arXiv 2406.15765"
     default_layers = "2:-1"
     has_weight_step = True
-    params = {
-        "beta": Param("beta", float, 0.4, "fraction of a sink's weight that is kept", low=0.0, high=1.0),
-        "threshold": Param(
-            "threshold", float, 0.1, "absolute mean-attention threshold for a sink", low=0.0, high=1.0, low_open=True
-        ),
-        "apply_to": Param(
-            "apply_to",
-            str,
-            "prefill",
-            "which rows are calibrated: prompt rows, or decode rows too",
-            choices=("prefill", "all"),
-        ),
-        "keep_first_sink": Param("keep_first_sink", bool, True, "leave the first (lowest-position) sink alone"),
-    }
+    Params = ACTParams
 
     @classmethod
     def is_identity_params(cls, params) -> bool:
         return params["beta"] == 1.0
 
     def active(self, is_prefill: bool) -> bool:
-        return is_prefill or self.p["apply_to"] == "all"
+        return is_prefill or self.p.apply_to == "all"
 
     # ---- sink sets ---------------------------------------------------------------------------
     def _store_sinks(self, sinks: torch.Tensor, info: StepInfo) -> None:
@@ -102,7 +102,7 @@ class ACT(Method):
 
     def set_column_stats(self, colsum, count, info: StepInfo, key_abs) -> None:
         col_mean = torch.where(count > 0, colsum / count.clamp(min=1), torch.zeros_like(colsum))
-        sinks = sinks_from_column_means(col_mean, self.p["threshold"], self.p["keep_first_sink"])
+        sinks = sinks_from_column_means(col_mean, self.p.threshold, self.p.keep_first_sink)
         self._store_sinks(sinks, info)
 
     def needs_column_stats(self, is_prefill: bool) -> bool:
@@ -130,7 +130,7 @@ class ACT(Method):
         m_sink, m_other: float tensors of the rows' sink / non-sink masses (same shape).
         Returns (f_sink: float, f_other: tensor like m_other), or their logarithms with ``log``.
         """
-        beta = self.p["beta"]
+        beta = self.p.beta
         ratio = (1.0 - beta) * m_sink / m_other.clamp(min=1e-30)
         if log:
             return (math.log(beta) if beta > 0 else float("-inf")), torch.log1p(ratio)
@@ -152,11 +152,11 @@ class ACT(Method):
             seen = ctx.visible if ctx.row_valid is None else ctx.visible & ctx.row_valid
             count = seen.sum(dim=-2).to(a.dtype)  # (B|1, 1, K) real prompt rows that see key j
             col_mean = torch.where(count > 0, (a * seen).sum(dim=-2) / count.clamp(min=1), torch.zeros_like(a[:, :, 0]))
-            self._store_sinks(sinks_from_column_means(col_mean, self.p["threshold"], self.p["keep_first_sink"]), info)
+            self._store_sinks(sinks_from_column_means(col_mean, self.p.threshold, self.p.keep_first_sink), info)
         if not self.active(info.is_prefill):
             return a, a.new_zeros(())
         sink = self.sinks_for_keys(ctx.key_abs, a.shape[0], info)[:, :, None, :]  # (B, H, 1, K)
-        beta = self.p["beta"]
+        beta = self.p.beta
         sink_sum = (a * sink).sum(-1, keepdim=True)
         other_sum = (a * ~sink).sum(-1, keepdim=True)
         freed = (1.0 - beta) * sink_sum

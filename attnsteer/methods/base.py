@@ -83,6 +83,50 @@ class Param:
         return value
 
 
+_KINDS = {"float": float, "int": int, "str": str, "bool": bool}
+
+
+def param(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    check: Callable | None = None,
+    allowed_text: str = "",
+):
+    """One field of a method's frozen parameter dataclass: its default, one-line help and what is
+    allowed (a range for numbers, ``choices`` for strings, or a ``check(value) -> value`` that
+    raises ValueError). The field's annotation gives its type."""
+    spec = dict(
+        choices=choices,
+        low=low,
+        high=high,
+        low_open=low_open,
+        high_open=high_open,
+        check=check,
+        allowed_text=allowed_text,
+        doc=doc,
+    )
+    return field(default=default, metadata={"attnsteer_param": spec})
+
+
+def params_of(params_class) -> dict[str, Param]:
+    """The :class:`Param` of every field of a method's parameter dataclass, in field order --
+    what the recipe validator, the error messages and ``attnsteer recipes show`` read."""
+    import dataclasses
+
+    out = {}
+    for f in dataclasses.fields(params_class):
+        spec = dict(f.metadata["attnsteer_param"])
+        annotation = str(f.type).replace(" | None", "").strip()
+        out[f.name] = Param(f.name, _KINDS.get(annotation, object), f.default, spec.pop("doc"), **spec)
+    return out
+
+
 class RowContext:
     """Per-chunk row facts shared by every step (shapes broadcast against (B, H_q, C, K)).
 
@@ -139,11 +183,15 @@ class RowContext:
 class Method:
     """Runtime object of one intervention on one layer.
 
-    Subclasses set ``name``, ``level`` and ``params`` and override the steps they need.
+    Subclasses set ``name``, ``Params`` (a frozen dataclass of :func:`param` fields), the level
+    flags, and override the steps they need. ``self.p`` is the validated ``Params`` instance.
     ``heads`` is a bool mask (H_q,) of steered query heads, or ``None`` for all heads.
     """
 
     name: ClassVar[str]
+    # the frozen dataclass of the method's parameters (fields built with :func:`param`); ``params``
+    # is derived from it by :func:`register` (name -> Param, for validation and help)
+    Params: ClassVar[type]
     params: ClassVar[dict[str, Param]]
     default_layers: ClassVar[Any] = "all"
     docs: ClassVar[str] = ""  # where the rule is documented for users (docs/methods.md#<name>)
@@ -163,7 +211,7 @@ class Method:
     kernel_rule: ClassVar[str | None] = None
 
     def __init__(self, params: dict[str, Any], layer: int, heads: torch.Tensor | None, state=None):
-        self.p = dict(params)
+        self.p = self.Params(**params)  # typed, frozen: self.p.beta
         self.layer = layer
         self.heads = heads
         self.state = state  # the handle's SteeringState (token roles, hidden-state sinks, streams)
@@ -277,6 +325,8 @@ PLANNED_METHODS: dict[str, str] = {
 
 
 def register(cls: type[Method]) -> type[Method]:
+    """Add a method to the registry (recipes name it by ``cls.name``)."""
+    cls.params = params_of(cls.Params)
     METHODS[cls.name] = cls
     return cls
 

@@ -12,10 +12,11 @@ with a text-only stream (same prompt without the image, its own KV cache, not st
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from .base import Method, Param, RowContext, register
+from .base import Method, RowContext, param, register
 
 PLAUSIBILITY = 0.1
 
@@ -38,6 +39,19 @@ def contrast_logits(image_logits: torch.Tensor, text_logits: torch.Tensor, gamma
     return z.masked_fill(log_img < cutoff, float("-inf"))
 
 
+@dataclass(frozen=True)
+class PAIParams:
+    """PAI's parameters (docs/methods.md#pai)."""
+
+    alpha: float = param(0.5, "amplification of image-key scores (paper 0.5; code 0.2)", low=0.0)
+    gamma: object = param(
+        None,
+        "logits-step strength with a text-only stream",
+        check=_check_gamma,
+        allowed_text="null (off) or a number > 0, e.g. 1.1 (paper)",
+    )
+
+
 @register
 class PAI(Method):
     name = "pai"
@@ -46,17 +60,7 @@ class PAI(Method):
     default_layers = "2:"
     has_score_step = True
     needs_image = True
-    params = {
-        "alpha": Param("alpha", float, 0.5, "amplification of image-key scores (paper 0.5; code 0.2)", low=0.0),
-        "gamma": Param(
-            "gamma",
-            object,
-            None,
-            "logits-step strength with a text-only stream",
-            check=lambda v: _check_gamma(v),
-            allowed_text="null (off) or a number > 0, e.g. 1.1 (paper)",
-        ),
-    }
+    Params = PAIParams
 
     def __init__(self, params, layer, heads, state=None):
         super().__init__(params, layer, heads, state)
@@ -68,7 +72,7 @@ class PAI(Method):
 
     def scores(self, s, q, k, ctx: RowContext, qk):
         """s (B, H, C, K): amplify visible image keys in the last prompt row and decode rows."""
-        if self.p["alpha"] == 0.0:
+        if self.p.alpha == 0.0:
             return s
         roles = self.state.roles
         image = roles.keys(ctx.key_abs)[:, None, None, :]
@@ -78,7 +82,7 @@ class PAI(Method):
         if hm is not None:
             target = target & hm
         self._touched = target.any(-1).sum() * (s.shape[1] if target.shape[1] == 1 else 1)
-        return torch.where(target, s + self.p["alpha"] * s.abs(), s)
+        return torch.where(target, s + self.p.alpha * s.abs(), s)
 
     def rows_touched(self, s):
         """(batch, head, row) triples whose image-key scores the last call amplified."""
@@ -90,5 +94,5 @@ class PAI(Method):
         if text_logits is None:
             return
         logits = output.logits.clone()
-        logits[:, -1] = contrast_logits(logits[:, -1], text_logits, self.p["gamma"]).to(logits.dtype)
+        logits[:, -1] = contrast_logits(logits[:, -1], text_logits, self.p.gamma).to(logits.dtype)
         output.logits = logits

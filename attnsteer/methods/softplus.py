@@ -14,13 +14,25 @@ i.e. the score becomes ``log softplus(s)`` before the usual normalisation.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .base import Method, Param, RowContext, StepInfo, register
+from .base import Method, RowContext, StepInfo, param, register
 
 FIRST_ROWS_WITHOUT_OFFSET = 3
+
+
+@dataclass(frozen=True)
+class SoftplusParams:
+    """Softplus re-weighting's parameters (docs/methods.md#softplus)."""
+
+    p: float = param(3.0, "sharpening exponent (1 with offset 0 is the identity)", low=0.0, high=64.0, low_open=True)
+    offset: float = param(1.0, "o_i subtracted from N_i a_ij after the first three rows", low=0.0)
+    scoring: str = param(
+        "softmax", "keep the model's softmax, or LSSA scoring for models trained with it", choices=("softmax", "lssa")
+    )
 
 
 @register
@@ -30,29 +42,17 @@ class SoftplusReweight(Method):
     citation = "Gao & Spratling, arXiv 2501.13428"
     default_layers = "all"
     has_weight_step = True
-    params = {
-        "p": Param(
-            "p", float, 3.0, "sharpening exponent (1 with offset 0 is the identity)", low=0.0, low_open=True, high=64.0
-        ),
-        "offset": Param("offset", float, 1.0, "o_i subtracted from N_i a_ij after the first three rows", low=0.0),
-        "scoring": Param(
-            "scoring",
-            str,
-            "softmax",
-            "keep the model's softmax, or LSSA scoring for models trained with it",
-            choices=("softmax", "lssa"),
-        ),
-    }
+    Params = SoftplusParams
 
     def __init__(self, params, layer, heads):
         super().__init__(params, layer, heads)
-        self.has_score_step = self.p["scoring"] == "lssa"
-        self.weight_identity = self.p["p"] == 1.0 and self.p["offset"] == 0.0
+        self.has_score_step = self.p.scoring == "lssa"
+        self.weight_identity = self.p.p == 1.0 and self.p.offset == 0.0
 
     @property
     def kernel_rule(self) -> str | None:
         """The Triton kernels run re-weighting on softmax scores (not LSSA scoring)."""
-        return "softplus" if self.p["scoring"] == "softmax" and not self.weight_identity else None
+        return "softplus" if self.p.scoring == "softmax" and not self.weight_identity else None
 
     @classmethod
     def is_identity_params(cls, params) -> bool:
@@ -61,8 +61,8 @@ class SoftplusReweight(Method):
     def _offsets(self, ctx: RowContext):
         """o_i: (B, 1, C, 1) float, or a python float when every row is past the first three."""
         if ctx.all_rows_at_least(FIRST_ROWS_WITHOUT_OFFSET):
-            return self.p["offset"]
-        off = torch.full(ctx.rel_pos.shape, self.p["offset"], dtype=torch.float32, device=ctx.rel_pos.device)
+            return self.p.offset
+        off = torch.full(ctx.rel_pos.shape, self.p.offset, dtype=torch.float32, device=ctx.rel_pos.device)
         return torch.where(ctx.rel_pos < FIRST_ROWS_WITHOUT_OFFSET, torch.zeros_like(off), off)
 
     # ---- LSSA scoring (score level) -------------------------------------------------------
@@ -83,7 +83,7 @@ class SoftplusReweight(Method):
         a64 = a.double()
         offsets = self._offsets(ctx)
         t = ctx.n_visible.double() * a64 - (offsets.double() if isinstance(offsets, torch.Tensor) else offsets)
-        w = t.clamp(min=0.0) ** self.p["p"]
+        w = t.clamp(min=0.0) ** self.p.p
         total = w.sum(-1, keepdim=True)
         rows = total > 0
         hm = self.head_mask(a)
@@ -97,7 +97,7 @@ class SoftplusReweight(Method):
             return p, p.new_zeros(())
         t = ctx.n_visible * p - self._offsets(ctx)
         keep = t > 0
-        log_w = torch.where(keep, self.p["p"] * torch.log(t.clamp(min=1e-38)), torch.full_like(t, float("-inf")))
+        log_w = torch.where(keep, self.p.p * torch.log(t.clamp(min=1e-38)), torch.full_like(t, float("-inf")))
         rows = keep.any(-1, keepdim=True)
         hm = self.head_mask(p)
         rows = rows if hm is None else rows & hm

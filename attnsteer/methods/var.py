@@ -14,12 +14,13 @@ proportion to their weights. Query rows: text after the last image token, and ge
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from .. import compat
 from ..errors import RecipeError
-from .base import Method, Param, RowContext, StepInfo, masked_sum, register
+from .base import Method, RowContext, StepInfo, masked_sum, param, register
 
 
 def _check_dims(value):
@@ -37,6 +38,28 @@ def _check_dims(value):
 VARIANT_DEFAULTS = {"paper": {"p": 0.6, "layers": "2:-1"}, "released": {"p": 0.4, "layers": "2:"}}
 
 
+@dataclass(frozen=True)
+class VARParams:
+    """VAR's parameters (docs/methods.md#var)."""
+
+    tau: float = param(20.0, "massive-activation threshold on |x_d| / RMS(x)", low=0.0, low_open=True)
+    rho: float = param(0.5, "minimum visual non-sink share of the row's image mass", low=0.0, high=1.0)
+    p: float | None = param(
+        None,
+        "fraction of sink weight moved (paper meaning; default 0.6, or 0.4 with variant: released)",
+        low=0.0,
+        high=1.0,
+    )
+    min_image_attention: float = param(0.2, "minimum total attention on image keys", low=0.0, high=1.0)
+    sink_dims: object = param(
+        "auto",
+        "hidden dims D of the sink score",
+        check=_check_dims,
+        allowed_text='"auto" or a non-empty list of hidden-dim indices, e.g. [1415, 2533]',
+    )
+    variant: str = param("paper", "paper semantics, or the released code's defaults", choices=("paper", "released"))
+
+
 @register
 class VAR(Method):
     name = "var"
@@ -46,32 +69,7 @@ class VAR(Method):
     has_weight_step = True
     needs_image = True
     one_per_layer = True
-    params = {
-        "tau": Param("tau", float, 20.0, "massive-activation threshold on |x_d| / RMS(x)", low=0.0, low_open=True),
-        "rho": Param("rho", float, 0.5, "minimum visual non-sink share of the row's image mass", low=0.0, high=1.0),
-        "p": Param(
-            "p",
-            float,
-            None,
-            "fraction of sink weight moved (paper meaning; default 0.6, or 0.4 with variant: released)",
-            low=0.0,
-            high=1.0,
-        ),
-        "min_image_attention": Param(
-            "min_image_attention", float, 0.2, "minimum total attention on image keys", low=0.0, high=1.0
-        ),
-        "sink_dims": Param(
-            "sink_dims",
-            object,
-            "auto",
-            "hidden dims D of the sink score",
-            check=lambda v: _check_dims(v),
-            allowed_text='"auto" or a non-empty list of hidden-dim indices, e.g. [1415, 2533]',
-        ),
-        "variant": Param(
-            "variant", str, "paper", "paper semantics, or the released code's defaults", choices=("paper", "released")
-        ),
-    }
+    Params = VARParams
 
     @classmethod
     def finalize_params(cls, params):
@@ -108,7 +106,7 @@ class VAR(Method):
         valid = self.state.prompt_tokens(hidden)
         if valid is not None:
             self.state.sinks.detect(
-                self.layer, hidden, valid, self.p["tau"], self.p["sink_dims"], self.first_layer, self.intervention
+                self.layer, hidden, valid, self.p.tau, self.p.sink_dims, self.first_layer, self.intervention
             )
         return None
 
@@ -128,7 +126,7 @@ class VAR(Method):
         (B, K) of this forward). row_abs: long (C,) absolute positions of the query rows."""
         roles = self.state.roles
         gate = (row_abs.view(1, -1) > roles.last_image.view(-1, 1)) & roles.has_image.view(-1, 1)
-        if self.p["variant"] == "released":  # no visual sink in this layer -> layer untouched
+        if self.p.variant == "released":  # no visual sink in this layer -> layer untouched
             gate = gate & (image & sinks).any(-1, keepdim=True)
         return gate
 
@@ -155,7 +153,7 @@ class VAR(Method):
         m_sink, m_vis: float tensors of the rows' sink / visual non-sink masses (same shape).
         Returns (f_sink: float, f_vis: tensor like m_vis), or their logarithms with ``log``.
         """
-        p = self.p["p"]
+        p = self.p.p
         ratio = p * m_sink / m_vis.clamp(min=1e-30)
         if log:
             return (math.log(1.0 - p) if p < 1.0 else float("-inf")), torch.log1p(ratio)
@@ -164,13 +162,7 @@ class VAR(Method):
     def select_rows(self, gate, m_img, m_sink, m_vis, like):
         """Steered (batch, head, row)s: gate & m_img >= min_image_attention & m_vis >= rho m_img &
         both the sink and visual groups non-empty (& the head mask); broadcasts like ``like``."""
-        rows = (
-            gate
-            & (m_img >= self.p["min_image_attention"])
-            & (m_vis >= self.p["rho"] * m_img)
-            & (m_sink > 0)
-            & (m_vis > 0)
-        )
+        rows = gate & (m_img >= self.p.min_image_attention) & (m_vis >= self.p.rho * m_img) & (m_sink > 0) & (m_vis > 0)
         hm = self.head_mask(like)
         return rows if hm is None else rows & hm
 
@@ -182,10 +174,10 @@ class VAR(Method):
         m_sink = (a * sinks).sum(-1, keepdim=True)
         m_vis = (a * visual).sum(-1, keepdim=True)
         r = m_vis / m_img.clamp(min=1e-30)
-        rows = gate & (m_img >= self.p["min_image_attention"]) & (r >= self.p["rho"]) & (m_sink > 0) & (m_vis > 0)
+        rows = gate & (m_img >= self.p.min_image_attention) & (r >= self.p.rho) & (m_sink > 0) & (m_vis > 0)
         hm = self.head_mask(a)
         rows = rows if hm is None else rows & hm
-        p = self.p["p"]
+        p = self.p.p
         omega = p * m_sink
         new = torch.where(sinks, (1.0 - p) * a, torch.where(visual, a + omega * a / m_vis.clamp(min=1e-30), a))
         return torch.where(rows, new, a), rows.sum()

@@ -13,10 +13,20 @@ see earlier layers already reinforced. The text-only rows are dropped after the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..errors import SteeringError
-from .base import Method, Param, register
+from .base import Method, param, register
+
+
+@dataclass(frozen=True)
+class VHRParams:
+    """VHR's parameters (docs/methods.md#vhr)."""
+
+    alpha: float = param(2.0, "scale of the selected heads' outputs (paper: 2; 4 breaks generation)", low=0.0)
+    reinforce_text_stream: bool = param(True, "also scale the text-only stream (later layers' VHD see it)")
 
 
 @register
@@ -30,14 +40,7 @@ class VHR(Method):
     has_head_step = True
     needs_image = True
     needs_text_stream_in_batch = True
-    params = {
-        "alpha": Param(
-            "alpha", float, 2.0, "scale of the selected heads' outputs (paper: 2; 4 breaks generation)", low=0.0
-        ),
-        "reinforce_text_stream": Param(
-            "reinforce_text_stream", bool, True, "also scale the text-only stream (later layers' VHD see it)"
-        ),
-    }
+    Params = VHRParams
 
     @classmethod
     def is_identity_params(cls, params) -> bool:
@@ -69,7 +72,7 @@ class VHR(Method):
         return vhd > vhd.quantile(0.5, dim=-1, keepdim=True)
 
     def head_output(self, out: torch.Tensor, info):
-        alpha = self.p["alpha"]
+        alpha = self.p.alpha
         if info.is_prefill:
             base = self.state.stream_rows
             if base is None or out.shape[0] != 2 * base:
@@ -84,7 +87,7 @@ class VHR(Method):
                 selected = selected & hm.view(1, -1)
             self.prompt_state["heads"] = selected
             scale = torch.where(selected, alpha, 1.0).to(out.dtype)[:, None, :, None]
-            text_scale = scale if self.p["reinforce_text_stream"] else torch.ones_like(scale)
+            text_scale = scale if self.p.reinforce_text_stream else torch.ones_like(scale)
             return torch.cat([out[:base] * scale, out[base:] * text_scale]), selected.sum() * out.shape[1]
         selected = self.prompt_state.get("heads")
         if selected is None:
