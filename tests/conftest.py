@@ -16,22 +16,26 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 VOCAB = 96
 
 
+# The shape of every tiny random text model: 4 layers, GQA 4 query / 2 kv heads, head dim 16.
+TINY_TEXT = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
 def tiny_config(family: str, **overrides):
     """A 4-layer random config of ``family`` (GQA 4 query / 2 kv heads, head dim 16)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    common = dict(TINY_TEXT)
     if family == "llama":
         cfg = LlamaConfig(**common)
     elif family == "mistral":

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import VOCAB, build_tiny
+from conftest import TINY_TEXT, VOCAB, build_tiny
 
 import attnsteer
 from attnsteer import archs, compat
@@ -89,18 +89,7 @@ def test_a_family_added_by_one_declarative_entry(monkeypatch):
 
     assert "olmo2" not in archs.ARCHS
     monkeypatch.setitem(archs.ARCHS, "olmo2", archs.ArchSpec("olmo2"))  # the one entry
-    cfg = Olmo2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
+    cfg = Olmo2Config(**TINY_TEXT)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa").eval()
     ids = _ids()

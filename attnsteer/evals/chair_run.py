@@ -106,11 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g = p.add_argument_group("prompt and decoding")
     g.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"user message (default: {DEFAULT_PROMPT!r})")
-    g.add_argument("--max_new_tokens", type=_cli.positive_int, default=512, help="default: 512 (64: the short setting)")
-    g.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
-    g.add_argument("--temperature", type=float, default=1.0, help="with --do_sample (default: 1.0)")
-    g.add_argument("--top_p", type=float, default=1.0, help="with --do_sample (default: 1.0)")
-    g.add_argument("--num_beams", type=_cli.positive_int, default=1, help="beam search width (default: 1)")
+    _cli.add_decoding_arguments(g, 512, "default: 512 (64: the short setting)")
     _cli.add_run_arguments(p, batch_default=1, limit_help="only the first N images of the list (or a fraction)")
 
 

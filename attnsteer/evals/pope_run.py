@@ -85,11 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="pope",
         help="answer parser profile: pope (official rule, default), opera, strict",
     )
-    g.add_argument("--max_new_tokens", type=_cli.positive_int, default=16, help="default: 16")
-    g.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding (seeded by --seed)")
-    g.add_argument("--temperature", type=float, default=1.0, help="with --do_sample (default: 1.0)")
-    g.add_argument("--top_p", type=float, default=1.0, help="with --do_sample (default: 1.0)")
-    g.add_argument("--num_beams", type=_cli.positive_int, default=1, help="beam search width (default: 1)")
+    _cli.add_decoding_arguments(g, 16, "default: 16")
     _cli.add_run_arguments(p, batch_default=1, limit_help="only the first N questions of each split (or a fraction)")
 
 
