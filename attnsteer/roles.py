@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import SteeringError
+
 
 @dataclass
 class PromptRoles:
@@ -77,3 +79,23 @@ def positions_like(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     rows have 1D positions, which M-RoPE (Qwen2-VL) spells as identical components."""
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     return pos.expand(*like.shape[:-2], *pos.shape).to(like.dtype)
+
+
+def text_only_inputs(ids, embeds, mask, drop: torch.Tensor, pad_id: int):
+    """The prompt without its ``drop`` (B, L) positions, left-padded back to length L.
+
+    Built from ``input_ids`` when given, else from ``inputs_embeds`` (whose image positions already
+    hold image features, as in InstructBLIP). Returns (ids or None, embeds or None, mask (B, L)).
+    """
+    if ids is not None:
+        text_ids, text_mask = text_only_stream(ids, mask, drop, pad_id)
+        return text_ids, None, text_mask
+    if embeds is None or tuple(drop.shape) != tuple(embeds.shape[:2]):
+        raise SteeringError(
+            "the text-only stream (VHR, PAI gamma) is built from input_ids or inputs_embeds of the prompt; "
+            "this call passed neither in a usable form"
+        )
+    index = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[:2]).contiguous()
+    kept, text_mask = text_only_stream(index, mask, drop, 0)
+    text_embeds = torch.gather(embeds, 1, kept.unsqueeze(-1).expand_as(embeds))
+    return None, text_embeds * text_mask.unsqueeze(-1).to(embeds.dtype), text_mask

@@ -18,7 +18,7 @@ import torch
 from . import compat
 from .attention.rows import ForwardInfo
 from .errors import SteeringError
-from .roles import PromptRoles, image_mask, positions_like, text_only_stream
+from .roles import PromptRoles, image_mask
 from .sinks import HiddenSinks
 
 
@@ -61,74 +61,6 @@ def padding_facts(mask: torch.Tensor | None, batch: int, q_len: int, past_len: i
     return valid.int().argmax(dim=-1), row_valid
 
 
-def text_only_inputs(ids, embeds, mask, drop: torch.Tensor, pad_id: int):
-    """The prompt without its ``drop`` (B, L) positions, left-padded back to length L.
-
-    Built from ``input_ids`` when given, else from ``inputs_embeds`` (whose image positions already
-    hold image features, as in InstructBLIP). Returns (ids or None, embeds or None, mask (B, L)).
-    """
-    if ids is not None:
-        text_ids, text_mask = text_only_stream(ids, mask, drop, pad_id)
-        return text_ids, None, text_mask
-    if embeds is None or tuple(drop.shape) != tuple(embeds.shape[:2]):
-        raise SteeringError(
-            "the text-only stream (VHR, PAI gamma) is built from input_ids or inputs_embeds of the prompt; "
-            "this call passed neither in a usable form"
-        )
-    index = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[:2]).contiguous()
-    kept, text_mask = text_only_stream(index, mask, drop, 0)
-    text_embeds = torch.gather(embeds, 1, kept.unsqueeze(-1).expand_as(embeds))
-    return None, text_embeds * text_mask.unsqueeze(-1).to(embeds.dtype), text_mask
-
-
-class TextStream:
-    """The unsteered text-only copy of the prompt with its own KV cache, advanced in lockstep
-    (PAI's logits step). Runs with steering switched off (``state.paused``)."""
-
-    def __init__(self, state):
-        self.state = state
-        self.cache = None
-        self.mask = None
-
-    def reset(self):
-        self.cache = None
-        self.mask = None
-
-    def step(self, model, kwargs: dict):
-        """Run the text-only stream for this forward; returns its last-position logits (B, V)."""
-        ids = kwargs.get("input_ids")
-        past_len = compat.cache_length(compat.find_cache(kwargs.values()))
-        if past_len == 0:
-            drop = self.state.roles.image
-            if ids is not None:
-                drop = drop | image_mask(ids, self.state.drop_ids)
-            step_ids, step_embeds, self.mask = text_only_inputs(
-                ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), drop, self.state.pad_id
-            )
-            self.cache = None
-        else:
-            if self.cache is None or ids is None:
-                return None
-            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], ids.shape[1])], dim=1)
-            step_ids, step_embeds = ids, None
-        width = (step_ids if step_ids is not None else step_embeds[..., 0]).shape[1]
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
-        cache_arg = {compat.cache_argument(model.forward): self.cache}
-        with self.state.paused():
-            out = model(
-                input_ids=step_ids,
-                inputs_embeds=step_embeds,
-                attention_mask=self.mask,
-                position_ids=positions,
-                use_cache=True,
-                **cache_arg,
-            )
-        self.cache = compat.output_cache(out)
-        if self.cache is None:
-            raise compat.CompatibilityError("KV cache", "the text-only stream's forward returned no Cache")
-        return out.logits[:, -1]
-
-
 class SteeringState:
     """Shared by all sites of one handle."""
 
@@ -140,7 +72,6 @@ class SteeringState:
         self.sinks = HiddenSinks()
         self.focus_mask: torch.Tensor | None = None
         self.stream_rows: int | None = None  # B when the prefill batch carries a text-only copy (2B rows)
-        self.text_stream = TextStream(self)
         self.drop_ids = tuple(arch.image_token_ids) + tuple(arch.wrapper_token_ids)
         self.pad_id = 0
         self.forwards = 0
@@ -151,13 +82,13 @@ class SteeringState:
         self.steered_layers: tuple[int, ...] = ()
         self.pending_ids: torch.Tensor | None = None  # prompt ids seen above the stream host
         self.needs_image = any(m.needs_image for m in self.methods)
-        self.needs_stream = any(m.needs_text_stream_in_batch for m in self.methods)
-        # logits-level steps run once per forward and intervention (not once per steered layer)
+        # model-level steps (around the steered model's forward) run once per forward and
+        # intervention, not once per steered layer; head level (VHR's stream) before logits level
         first_site: dict[int, object] = {}
         for method in self.methods:
-            if method.has_logits_step:
+            if method.has_model_step:
                 first_site.setdefault(method.intervention, method)
-        self.logits_methods = list(first_site.values())
+        self.model_methods = sorted(first_site.values(), key=lambda m: m.model_step_order)
 
     # ---- pausing (the text-only stream runs unsteered) --------------------------------------
     class _Pause:
@@ -205,23 +136,24 @@ class SteeringState:
             if embeds is not None and tuple(embeds.shape[:2]) == tuple(self.pending_ids.shape):
                 ids = self.pending_ids
         self._new_prompt(ids)
-        if self.needs_stream and self.roles is not None and bool(self.roles.has_image.any()):
-            return (), self._append_text_stream(bound)
-        return None
+        changed = False
+        for method in self.model_methods:
+            new = method.before_model(self, bound)
+            if new is not None:
+                bound, changed = new, True
+        return ((), bound) if changed else None
 
     def model_post_hook(self, module, args, kwargs, output):
         if self.is_paused:
             return None
-        if self.stream_rows is not None:
-            self._drop_text_stream(module, output)
-        for method in self.logits_methods:
-            method.logits_step(self, module, compat.bind_arguments(module.forward, args, kwargs), output)
+        bound = compat.bind_arguments(module.forward, args, kwargs)
+        for method in self.model_methods:
+            method.after_model(self, module, bound, output)
         return output
 
     def _new_prompt(self, ids) -> None:
         self.prompts += 1
         self.sinks.reset()
-        self.text_stream.reset()
         for method in self.methods:
             method.reset_prompt()
         if ids is None and self.focus_mask is None:
@@ -252,55 +184,6 @@ class SteeringState:
                     "`with handle.focus(mask): ...`"
                 )
             self.rows_without_image += int((~has).sum())
-
-    def _append_text_stream(self, bound: dict) -> dict:
-        ids = bound.get("input_ids")
-        embeds = bound.get("inputs_embeds")
-        mask = bound.get("attention_mask")
-        out = dict(bound)
-        drop = self.roles.image if ids is None else self.roles.image | image_mask(ids, self.drop_ids)
-        text_ids, text_embeds, text_mask = text_only_inputs(ids, embeds, mask, drop, self.pad_id)
-        if ids is not None:
-            out["input_ids"] = torch.cat([ids, text_ids])
-        else:
-            out["inputs_embeds"] = torch.cat([embeds, text_embeds])
-        like = ids if ids is not None else embeds[..., 0]
-        rows = like.shape[0]
-        base_mask = mask if mask is not None else torch.ones(like.shape, dtype=torch.long, device=like.device)
-        out["attention_mask"] = torch.cat([base_mask, text_mask.to(base_mask.dtype)])
-        if bound.get("position_ids") is not None:
-            pos = bound["position_ids"]
-            out["position_ids"] = torch.cat([pos, positions_like(text_mask, pos)], dim=-2)
-        for name in ("mm_token_type_ids", "token_type_ids"):
-            if bound.get(name) is not None:
-                out[name] = torch.cat([bound[name], torch.zeros_like(bound[name])])
-        self.roles = PromptRoles(torch.cat([self.roles.image, torch.zeros_like(self.roles.image)]))
-        self.stream_rows = rows
-        return out
-
-    def _drop_text_stream(self, module, output) -> None:
-        rows = self.stream_rows
-        self.stream_rows = None
-        output.logits = output.logits[:rows]
-        cache = compat.output_cache(output)
-        if cache is not None:
-            compat.keep_batch_rows(cache, rows, output.logits.device)
-        for name in ("hidden_states", "attentions"):
-            value = getattr(output, name, None)
-            if isinstance(value, tuple):
-                setattr(output, name, tuple(v[:rows] if isinstance(v, torch.Tensor) else v for v in value))
-        for path in self.arch.spec.batch_state_attrs:
-            owner_path, _, attr = path.rpartition(".")
-            owner = module
-            for part in filter(None, owner_path.split(".")):
-                owner = getattr(owner, part)
-            value = getattr(owner, attr, None)
-            if isinstance(value, torch.Tensor) and value.shape[0] == 2 * rows:
-                setattr(owner, attr, value[:rows])
-        self.roles = self.roles.select(slice(0, rows))
-        self.sinks.crop(rows)
-        for method in self.methods:
-            method.crop_batch(rows)
 
     # ---- hook on the text decoder -------------------------------------------------------------
     def decoder_pre_hook(self, module, args, kwargs):

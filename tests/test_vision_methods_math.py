@@ -13,7 +13,7 @@ from attnsteer import compat
 from attnsteer.attention.rows import ForwardInfo, row_context
 from attnsteer.errors import AttnsteerWarning, SteeringError
 from attnsteer.methods.base import StepInfo
-from attnsteer.methods.pai import PAI, contrast_logits
+from attnsteer.methods.pai import PAI, TextStream, contrast_logits
 from attnsteer.methods.var import VAR
 from attnsteer.methods.vhr import VHR
 from attnsteer.roles import PromptRoles
@@ -246,7 +246,7 @@ def test_identity_params_of_vision_methods_warn_and_change_nothing(tiny):
                 assert torch.equal(tiny(input_ids=ids, attention_mask=mask).logits, base)
 
 
-def test_pai_gamma_is_the_contrast_with_the_text_only_stream_once_per_step(tiny):
+def test_pai_gamma_is_the_contrast_with_the_text_only_stream_once_per_step(tiny, monkeypatch):
     """With alpha 0 the attention is unchanged; the logits of every step must then equal the
     contrast of the unsteered logits with the text-only prompt's, applied once (a recipe steering
     many layers has one logits step per forward, not one per layer)."""
@@ -264,11 +264,10 @@ def test_pai_gamma_is_the_contrast_with_the_text_only_stream_once_per_step(tiny)
             img = tiny(input_ids=seq).logits[:, -1]
             txt = tiny(input_ids=text_seq).logits[:, -1]
             expected.append(contrast_logits(img, txt, 1.1))
+        calls = []
+        real_step = TextStream.step
+        monkeypatch.setattr(TextStream, "step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
         with attnsteer.apply(tiny, recipe) as handle, handle.focus(focus):
-            calls = []
-            stream = handle._state.text_stream
-            real_step = stream.step
-            stream.step = lambda *a, **k: calls.append(1) or real_step(*a, **k)
             out = tiny(input_ids=ids, use_cache=True)
             got = [out.logits[:, -1]]
             cache = compat.output_cache(out)

@@ -610,10 +610,29 @@ def run(args) -> int:
     """Run the benchmark described by ``args`` (from :func:`add_arguments`); returns an exit code."""
     try:
         _validate(args)
-        return _run(args)
+        return _run(args)[0]
     except SpeedError as exc:
         print(f"attnsteer eval speed: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def evaluate(model, recipes, config=None, **settings) -> list[dict]:
+    """Time a causal LM you already hold: the unsteered model against each recipe (name, YAML
+    path, dict or ``attnsteer.Recipe``) on ``config`` (a :data:`SpeedConfig`; keyword
+    ``settings`` override its fields, e.g. ``prompt_len=[512, 2048], new_tokens=32``). Writes the
+    result files like the command line and returns one results record per prompt length."""
+    import dataclasses
+
+    config = dataclasses.replace(config or SpeedConfig(), recipe=list(recipes), **settings)
+    if config.prompt_len is not None and not isinstance(config.prompt_len, list):
+        config.prompt_len = [int(config.prompt_len)]
+    if config.memory != "in-process":
+        raise SpeedError("evaluate() times the model it is given; --memory fresh-process needs a model it can rebuild")
+    _validate(config)
+    status, records = _run(config, loaded=model)
+    if status != EXIT_OK:
+        raise SpeedError(f"every steered configuration failed (see the log); results in {config.output_path}")
+    return records
 
 
 def _recipe_label(value: str, taken: list[str]) -> str:
@@ -624,7 +643,9 @@ def _recipe_label(value: str, taken: list[str]) -> str:
     return value if label in taken else label
 
 
-def _run(args) -> int:
+def _run(args, loaded=None) -> tuple[int, list[dict]]:
+    """The benchmark; ``loaded``: a model to time instead of building ``args.model``. Returns the
+    exit code and the results record of each prompt length."""
     import torch
     import transformers
 
@@ -644,7 +665,9 @@ def _run(args) -> int:
     recipes = []
     for value in args.recipe:
         try:
-            recipes.append((_recipe_label(value, [label for label, _ in recipes]), attnsteer.load_recipe(value)))
+            recipe = attnsteer.load_recipe(value)
+            named = isinstance(value, (str, Path))
+            recipes.append((_recipe_label(value, [lbl for lbl, _ in recipes]) if named else recipe.name, recipe))
         except attnsteer.AttnsteerError as exc:
             raise SpeedError(f"--recipe {value!r}: {exc}") from None
     if args.model == "smollm2" and args.override and not args.random_weights:
@@ -652,8 +675,21 @@ def _run(args) -> int:
             "--override changes the config of the embedded SmolLM2, whose real weights would no longer fit. "
             "Fix: add --random-weights to time a changed shape, or drop --override"
         )
-    config, model_info = resolve_config(args.model, args.override)
-    preloaded = model_info.pop("preloaded", None)
+    if loaded is not None:
+        config = loaded.config
+        args.model = str(args.model or getattr(config, "_name_or_path", None) or type(loaded).__name__)
+        model_info = {
+            "model": args.model,
+            "source": "loaded by the caller",
+            "image_tokens": 0,
+            "prompt_len": 512,
+            "description": "",
+            "image_token_id": getattr(config, "image_token_id", None),
+        }
+        preloaded = loaded
+    else:
+        config, model_info = resolve_config(args.model, args.override)
+        preloaded = model_info.pop("preloaded", None)
     lengths = args.prompt_len or [model_info["prompt_len"]]
     image_tokens = model_info["image_tokens"] if args.image_tokens is None else args.image_tokens
     max_pos = getattr(config, "max_position_embeddings", None)
@@ -673,7 +709,11 @@ def _run(args) -> int:
             f"in {dtype_name}: {config.num_hidden_layers} layers, hidden {config.hidden_size}"
         )
     torch.manual_seed(args.seed)
-    model = build_model(config, args.model, args.random_weights, dtype, device, preloaded)
+    model = (
+        loaded.eval()
+        if loaded is not None
+        else build_model(config, args.model, args.random_weights, dtype, device, preloaded)
+    )
 
     configs = [{"name": "baseline", "recipe": None, "recipe_label": None, "backend": None}]
     for label, recipe in recipes:
@@ -686,14 +726,15 @@ def _run(args) -> int:
         for backend in args.backend_list:
             configs.append({"name": f"{label}@{backend}", "recipe": recipe, "recipe_label": label, "backend": backend})
     if args.memory_worker is not None:
-        return _memory_worker(args, model, config, model_info, configs, device)
-    status = EXIT_OK
+        return _memory_worker(args, model, config, model_info, configs, device), []
+    status, records = EXIT_OK, []
     for prompt_len in lengths:
         args.prompt_len = prompt_len
-        code = _measure_length(args, model, config, model_info, recipes, configs, device, prompt_len)
+        code, record = _measure_length(args, model, config, model_info, recipes, configs, device, prompt_len)
         status = max(status, code)
+        records.append(record)
     args.prompt_len = lengths if len(lengths) > 1 else lengths[0]
-    return status
+    return status, records
 
 
 def _inputs(args, config, model_info, prompt_len: int, device):
@@ -915,11 +956,11 @@ def _measure_length(args, model, config, model_info, recipes, configs, device, p
     print(markdown(meta, summary))
     written = [str(p) for k, p in paths.items() if p.exists() and (k != "png" or not (args.no_plot or note))]
     print("wrote " + ", ".join(written))
-    return EXIT_OK if not failed or len(failed) < len(configs) else EXIT_FAILED
+    return (EXIT_OK if not failed or len(failed) < len(configs) else EXIT_FAILED), json.loads(paths["json"].read_text())
 
 
 def _args_to_cli(args) -> str:
-    parts = [f"--model {args.model}"] + [f"--recipe {r}" for r in args.recipe]
+    parts = [f"--model {args.model}"] + [f"--recipe {r}" for r in args.recipe if isinstance(r, (str, Path))]
     if args.random_weights:
         parts.append("--random-weights")
     parts += [
@@ -938,6 +979,17 @@ def _args_to_cli(args) -> str:
     if args.device:
         parts.append(f"--device {args.device}")
     return " ".join(parts)
+
+
+def _speed_config():
+    from . import _cli
+
+    return _cli.config_dataclass(
+        "SpeedConfig", add_arguments, "Settings of one speed run (`attnsteer eval speed`); pass to :func:`evaluate`."
+    )
+
+
+SpeedConfig = _speed_config()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,8 +202,11 @@ class Method:
     has_logits_step: ClassVar[bool] = False
     # Methods that act on image (or focus-span) keys and need them in the prompt.
     needs_image: ClassVar[bool] = False
-    # Methods that need the text-only stream in the prefill batch (VHR).
-    needs_text_stream_in_batch: ClassVar[bool] = False
+    # Methods with a step around the steered model's forward (before_model / after_model): VHR's
+    # text-only stream in the prefill batch, PAI's logits step. They run once per forward and
+    # intervention, ordered by model_step_order (head level before logits level).
+    has_model_step: ClassVar[bool] = False
+    model_step_order: ClassVar[int] = 0
     # Methods whose per-layer prompt state allows one intervention of theirs per layer (VAR).
     one_per_layer: ClassVar[bool] = False
     # Name of the Triton kernels' rule that computes this step (attention/triton_backend.py), or
@@ -261,9 +264,14 @@ class Method:
         """out: (B, Q, H_q, D) attention output before o_proj -> (scaled out, rows changed)."""
         raise NotImplementedError
 
-    def logits_step(self, state, model, kwargs: dict, output) -> None:  # pragma: no cover
-        """Rewrite ``output.logits`` of a top-level forward (logits-level methods)."""
-        raise NotImplementedError
+    def before_model(self, state, bound: dict) -> dict | None:
+        """At a new prompt, before the steered model's forward: ``bound`` are its arguments by
+        name; return replacement arguments (e.g. a larger batch), or None to leave them."""
+        return None
+
+    def after_model(self, state, model, bound: dict, output) -> None:
+        """After every forward of the steered model (not paused): may rewrite ``output`` in place
+        (e.g. ``output.logits``)."""
 
     def active(self, is_prefill: bool) -> bool:
         """Whether this step modifies anything in a forward of this phase."""

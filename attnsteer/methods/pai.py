@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import compat
+from ..roles import image_mask, text_only_inputs
 from .base import Method, RowContext, param, register
 
 PLAUSIBILITY = 0.1
@@ -62,9 +64,12 @@ class PAI(Method):
     needs_image = True
     Params = PAIParams
 
+    model_step_order = 1  # logits level: after VHR's stream is cropped
+
     def __init__(self, params, layer, heads, state=None):
         super().__init__(params, layer, heads, state)
-        self.has_logits_step = params.get("gamma") is not None
+        self.has_logits_step = self.has_model_step = params.get("gamma") is not None
+        self.text_stream: TextStream | None = None
 
     @classmethod
     def is_identity_params(cls, params) -> bool:
@@ -88,11 +93,66 @@ class PAI(Method):
         """(batch, head, row) triples whose image-key scores the last call amplified."""
         return getattr(self, "_touched", 0)
 
-    def logits_step(self, state, model, kwargs, output) -> None:
+    def reset_prompt(self) -> None:
+        super().reset_prompt()
+        if self.text_stream is not None:
+            self.text_stream.reset()
+
+    def after_model(self, state, model, bound, output) -> None:
         """Contrast the steered logits of the last position with the text-only stream's."""
-        text_logits = state.text_stream.step(model, kwargs)
+        if self.text_stream is None:
+            self.text_stream = TextStream(state)
+        text_logits = self.text_stream.step(model, bound)
         if text_logits is None:
             return
         logits = output.logits.clone()
         logits[:, -1] = contrast_logits(logits[:, -1], text_logits, self.p.gamma).to(logits.dtype)
         output.logits = logits
+
+
+class TextStream:
+    """The unsteered text-only copy of the prompt with its own KV cache, advanced in lockstep
+    for PAI's logits step. Runs with steering switched off (``state.paused``)."""
+
+    def __init__(self, state):
+        self.state = state
+        self.cache = None
+        self.mask = None
+
+    def reset(self):
+        self.cache = None
+        self.mask = None
+
+    def step(self, model, kwargs: dict):
+        """Run the text-only stream for this forward; returns its last-position logits (B, V)."""
+        ids = kwargs.get("input_ids")
+        past_len = compat.cache_length(compat.find_cache(kwargs.values()))
+        if past_len == 0:
+            drop = self.state.roles.image
+            if ids is not None:
+                drop = drop | image_mask(ids, self.state.drop_ids)
+            step_ids, step_embeds, self.mask = text_only_inputs(
+                ids, kwargs.get("inputs_embeds"), kwargs.get("attention_mask"), drop, self.state.pad_id
+            )
+            self.cache = None
+        else:
+            if self.cache is None or ids is None:
+                return None
+            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], ids.shape[1])], dim=1)
+            step_ids, step_embeds = ids, None
+        width = (step_ids if step_ids is not None else step_embeds[..., 0]).shape[1]
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+        cache_arg = {compat.cache_argument(model.forward): self.cache}
+        with self.state.paused():
+            out = model(
+                input_ids=step_ids,
+                inputs_embeds=step_embeds,
+                attention_mask=self.mask,
+                position_ids=positions,
+                use_cache=True,
+                **cache_arg,
+            )
+        self.cache = compat.output_cache(out)
+        if self.cache is None:
+            raise compat.CompatibilityError("KV cache", "the text-only stream's forward returned no Cache")
+        return out.logits[:, -1]

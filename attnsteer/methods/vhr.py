@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import compat
 from ..errors import SteeringError
+from ..roles import PromptRoles, image_mask, positions_like, text_only_inputs
 from .base import Method, param, register
 
 
@@ -39,7 +41,8 @@ class VHR(Method):
     family_layers = {"instructblip": "14:"}
     has_head_step = True
     needs_image = True
-    needs_text_stream_in_batch = True
+    has_model_step = True  # the text-only stream rides in the prefill batch
+    model_step_order = 0
     Params = VHRParams
 
     @classmethod
@@ -53,6 +56,16 @@ class VHR(Method):
             return None
         default = cls.family_layers.get(arch.spec.model_type, cls.default_layers)
         return list(default) if isinstance(default, list) else default
+
+    # ---- the text-only stream in the prefill batch ----------------------------------------------
+    def before_model(self, state, bound):
+        if state.stream_rows is None and state.roles is not None and bool(state.roles.has_image.any()):
+            return append_text_stream(state, bound)
+        return None
+
+    def after_model(self, state, model, bound, output) -> None:
+        if state.stream_rows is not None:
+            drop_text_stream(state, model, output)
 
     def report(self) -> dict | None:
         """``{"heads": [per batch row [heads]]}`` selected at the last prompt."""
@@ -102,3 +115,57 @@ class VHR(Method):
             )
         scale = torch.where(selected, alpha, 1.0).to(out.dtype)[:, None, :, None]
         return out * scale, selected.sum() * out.shape[1]
+
+
+def append_text_stream(state, bound: dict) -> dict:
+    """The prefill's arguments with the text-only copy of every row appended to the batch (2B rows):
+    ids or embeddings, mask, positions (M-RoPE too) and token types; roles cover both halves."""
+    ids = bound.get("input_ids")
+    embeds = bound.get("inputs_embeds")
+    mask = bound.get("attention_mask")
+    out = dict(bound)
+    drop = state.roles.image if ids is None else state.roles.image | image_mask(ids, state.drop_ids)
+    text_ids, text_embeds, text_mask = text_only_inputs(ids, embeds, mask, drop, state.pad_id)
+    if ids is not None:
+        out["input_ids"] = torch.cat([ids, text_ids])
+    else:
+        out["inputs_embeds"] = torch.cat([embeds, text_embeds])
+    like = ids if ids is not None else embeds[..., 0]
+    rows = like.shape[0]
+    base_mask = mask if mask is not None else torch.ones(like.shape, dtype=torch.long, device=like.device)
+    out["attention_mask"] = torch.cat([base_mask, text_mask.to(base_mask.dtype)])
+    if bound.get("position_ids") is not None:
+        pos = bound["position_ids"]
+        out["position_ids"] = torch.cat([pos, positions_like(text_mask, pos)], dim=-2)
+    for name in ("mm_token_type_ids", "token_type_ids"):
+        if bound.get(name) is not None:
+            out[name] = torch.cat([bound[name], torch.zeros_like(bound[name])])
+    state.roles = PromptRoles(torch.cat([state.roles.image, torch.zeros_like(state.roles.image)]))
+    state.stream_rows = rows
+    return out
+
+
+def drop_text_stream(state, module, output) -> None:
+    """Crop the text-only rows off the output, the KV cache and the model's per-batch state."""
+    rows = state.stream_rows
+    state.stream_rows = None
+    output.logits = output.logits[:rows]
+    cache = compat.output_cache(output)
+    if cache is not None:
+        compat.keep_batch_rows(cache, rows, output.logits.device)
+    for name in ("hidden_states", "attentions"):
+        value = getattr(output, name, None)
+        if isinstance(value, tuple):
+            setattr(output, name, tuple(v[:rows] if isinstance(v, torch.Tensor) else v for v in value))
+    for path in state.arch.spec.batch_state_attrs:
+        owner_path, _, attr = path.rpartition(".")
+        owner = module
+        for part in filter(None, owner_path.split(".")):
+            owner = getattr(owner, part)
+        value = getattr(owner, attr, None)
+        if isinstance(value, torch.Tensor) and value.shape[0] == 2 * rows:
+            setattr(owner, attr, value[:rows])
+    state.roles = state.roles.select(slice(0, rows))
+    state.sinks.crop(rows)
+    for method in state.methods:
+        method.crop_batch(rows)
