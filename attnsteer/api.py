@@ -164,10 +164,17 @@ class _Install:
     def __init__(self):
         self.undo: list = []
 
-    def step(self, name: str, undo) -> None:
-        self.undo.append(undo)
+    def step(self, name: str, undo=None) -> None:
+        """Record that step ``name`` changed the model (and how to undo it, unless registered
+        before the change with :meth:`will_change`)."""
+        if undo is not None:
+            self.undo.append(undo)
         if _after_install_step is not None:
             _after_install_step(name)
+
+    def will_change(self, undo) -> None:
+        """Register ``undo`` before a change that may fail half-way (undoing it must be safe then)."""
+        self.undo.append(undo)
 
     def rollback(self) -> None:
         while self.undo:
@@ -233,8 +240,9 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
     install = _Install()
     hooks: list = []
     try:
-        compat.set_text_attention(model, arch.spec.text_config_key, name)
-        install.step("attention implementation", lambda: compat.restore_attn_implementations(snapshot))
+        install.will_change(lambda: compat.restore_attn_implementations(snapshot))
+        compat.set_text_attention(model, arch.spec.text_config_key, name)  # may switch some sub-configs, then fail
+        install.step("attention implementation")
         for register, hook in hook_specs:
             handle_ = register(hook, with_kwargs=True)
             hooks.append(handle_)

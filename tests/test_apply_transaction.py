@@ -238,3 +238,18 @@ def test_handle_report_collects_each_methods_report():
         assert set(report[2]) == {"var"} and len(report[2]["var"]["sinks"]) == 2
         assert handle.sinks() == {0: report[0]["act"]["sinks"]}
         assert handle.vhr_heads() == {1: report[1]["vhr"]["heads"]}
+
+
+def test_a_switch_of_the_attention_implementation_failing_half_way_is_undone(monkeypatch):
+    model = F.build_vlm("llava")
+    before = fingerprint(model)
+    real = compat.set_text_attention
+
+    def switch_then_fail(model_, key, name):
+        real(model_, key, name)
+        raise RuntimeError("injected failure inside set_attn_implementation")
+
+    monkeypatch.setattr(compat, "set_text_attention", switch_then_fail)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        attnsteer.apply(model, {"interventions": [{"method": "pai", "params": {"alpha": 0.5}}]})
+    assert fingerprint(model) == before
