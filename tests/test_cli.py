@@ -157,6 +157,17 @@ def test_recipes_show_builtin_is_yaml_with_hash(capsys):
     assert yaml.safe_load(out) == recipe.to_dict()  # the header lines are YAML comments
 
 
+def test_recipes_show_lists_each_parameter_from_the_method_dataclass(capsys):
+    from attnsteer.methods import METHODS
+
+    code, out, _ = run(capsys, "recipes", "show", "vhr-llava15")
+    assert code == 0
+    vhr = METHODS["vhr"]
+    assert f"# vhr: {vhr.citation}; rule and parameters: docs/methods.md#vhr" in out
+    for name, spec in vhr.params.items():
+        assert f"#   {name}: {spec.allowed()}; default {spec.default!r} -- {spec.doc}" in out
+
+
 def test_recipes_show_fills_defaults(capsys, tmp_path):
     path = tmp_path / "mine.yaml"
     path.write_text("name: mine\ninterventions:\n  - method: act\n    params: {beta: 0.5}\n")

@@ -96,6 +96,20 @@ def resolved_yaml(recipe) -> str:
     return text
 
 
+def parameter_reference(recipe) -> str:
+    """Comment lines naming every parameter of the recipe's methods: what is allowed, the default
+    and its help, read from each method's parameter dataclass, with the method's citation."""
+    from ..methods import METHODS
+
+    lines = []
+    for name in dict.fromkeys(recipe.methods):
+        cls = METHODS[name]
+        lines.append(f"# {name}: {cls.citation}; rule and parameters: {cls.docs}")
+        for pname, spec in cls.params.items():
+            lines.append(f"#   {pname}: {spec.allowed()}; default {spec.default!r} -- {spec.doc}")
+    return "\n".join(lines) + "\n"
+
+
 def cmd_recipes_show(args) -> int:
     import attnsteer
 
@@ -107,6 +121,7 @@ def cmd_recipes_show(args) -> int:
     print(f"# recipe {recipe.name!r} ({origin})")
     print(f"# hash (sha256, as recorded with results): {recipe.hash}")
     print(resolved_yaml(recipe), end="")
+    print(parameter_reference(recipe), end="")
     return EXIT_OK
 
 
