@@ -46,6 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import compat
+from . import _cli
 from .speed_models import BUILTIN_CONFIGS, SpeedError, build_model, build_prompt, resolve_config
 from .speed_report import GOALS, MIB, add_fresh_memory, markdown, plot, results_record, summarise, write_csv
 
@@ -493,7 +494,7 @@ def _run(args, loaded=None) -> tuple[int, list[dict]]:
         )
     if loaded is not None:
         config = loaded.config
-        args.model = str(args.model or getattr(config, "_name_or_path", None) or type(loaded).__name__)
+        args.model = _cli.loaded_model_identity(loaded, args.model)[0]
         model_info = {
             "model": args.model,
             "source": "loaded by the caller",
@@ -502,7 +503,6 @@ def _run(args, loaded=None) -> tuple[int, list[dict]]:
             "description": "",
             "image_token_id": getattr(config, "image_token_id", None),
         }
-        preloaded = loaded
     else:
         config, model_info = resolve_config(args.model, args.override)
         preloaded = model_info.pop("preloaded", None)
@@ -798,8 +798,6 @@ def _args_to_cli(args) -> str:
 
 
 def _speed_config():
-    from . import _cli
-
     return _cli.config_dataclass(
         "SpeedConfig", add_arguments, "Settings of one speed run (`attnsteer eval speed`); pass to :func:`evaluate`."
     )
