@@ -113,6 +113,21 @@ class SteeringHandle:
                     out.setdefault(layer, {})[method.name] = found
         return out
 
+    def prompt_text(self, texts) -> _PromptText:
+        """The text each batch row asks about, for methods that read the prompt as text:
+        ``with handle.prompt_text(["Is there a dog in the image?"]): model.generate(...)``.
+
+        AGLA's ``blip_itm`` matcher matches the image against it; give the question without
+        answer-format suffixes ("Please answer with one word"), as the method's authors did.
+        Without it, the prompt's text after its last image is decoded with the processor.
+        Applies to prompts started inside the block.
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError(
+                f"handle.prompt_text(texts): texts must be a list of strings, one per batch row; got {texts!r}"
+            )
+        return _PromptText(self._state, list(texts))
+
     def _report_field(self, method: str, field: str) -> dict:
         return {layer: by[method][field] for layer, by in self.report().items() if method in by}
 
@@ -138,6 +153,19 @@ class _InstanceAttribute:
 
     def remove(self):
         self.obj.__dict__.pop(self.name, None)
+
+
+class _PromptText:
+    def __init__(self, state, texts):
+        self.state, self.texts = state, texts
+
+    def __enter__(self):
+        self.saved = self.state.prompt_text
+        self.state.prompt_text = self.texts
+        return self
+
+    def __exit__(self, *exc):
+        self.state.prompt_text = self.saved
 
 
 class _Focus:
@@ -181,7 +209,7 @@ class _Install:
             self.undo.pop()()
 
 
-def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
+def apply(model: nn.Module, recipe, *, backend: str = "auto", processor=None) -> SteeringHandle:
     """Steer a loaded transformers model in place.
 
     Everything is resolved and validated before the model is touched; if installing fails part
@@ -192,6 +220,8 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
         recipe: built-in name, YAML path, dict, Hub repo id or :class:`attnsteer.Recipe`.
         backend: ``"fused"`` (O(N) memory), ``"reference"`` (float32 eager oracle) or
             ``"auto"`` (= fused).
+        processor: the model's processor (``AutoProcessor.from_pretrained(...)``), for methods
+            that build inputs of their own (AGLA: the augmented view's pixels, the prompt text).
 
     Returns:
         A :class:`SteeringHandle`; ``.remove()`` or a ``with`` block restores the model exactly.
@@ -213,11 +243,20 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
         raise UnsupportedModelError(
             f"{model.config.model_type}: the module {arch.spec.stream_host!r} was not found; pass the full model to attnsteer.apply"
         )
-    snapshot = compat.snapshot_attn_implementations(model)
     methods = [m for plan in plans.values() for m in plan.methods]
+    needing = sorted({m.name for m in methods if m.needs_processor})
+    if needing and processor is None:
+        raise SteeringError(
+            f"the recipe's {needing} build model inputs of their own (AGLA: the augmented image, read with the "
+            "model's image processor) and need the model's processor. Fix: attnsteer.apply(model, recipe, "
+            "processor=AutoProcessor.from_pretrained(<the model's repo>))"
+        )
+    snapshot = compat.snapshot_attn_implementations(model)
     state = SteeringState(arch, methods)
     state.pad_id = int(getattr(arch.text_config, "pad_token_id", None) or 0)
     state.steered_layers = tuple(sorted(plans))
+    state.processor = processor
+    state.model_ref = weakref.ref(model)
     for method in methods:
         method.state = state
     sites = {
@@ -247,7 +286,7 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto") -> SteeringHandle:
             handle_ = register(hook, with_kwargs=True)
             hooks.append(handle_)
             install.step("hook", handle_.remove)
-        if host is not model:
+        if host is not model or any(m.needs_call_inputs for m in methods):
             attribute = _InstanceAttribute(model, "generate", state.wrap_generate(model.generate))
             hooks.append(attribute)
             install.step("generate wrapper", attribute.remove)

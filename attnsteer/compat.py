@@ -188,6 +188,12 @@ def bind_arguments(function, args: tuple, kwargs: dict) -> dict:
     return {**bound, **extra}
 
 
+def parameter_names(function) -> set[str]:
+    """Names of ``function``'s parameters (without ``*args`` / ``**kwargs``)."""
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {name for name, p in _signature(function).parameters.items() if p.kind not in kinds}
+
+
 def first_argument(function, args: tuple, kwargs: dict):
     """The value of ``function``'s first parameter in a call (a decoder layer's hidden states)."""
     if args:
@@ -196,11 +202,6 @@ def first_argument(function, args: tuple, kwargs: dict):
     if first is None or first not in kwargs:
         raise CompatibilityError("binding arguments", f"{function!r} was called without its first argument {first!r}")
     return kwargs[first]
-
-
-def generate_prompt_ids(generate, args: tuple, kwargs: dict):
-    """``input_ids`` of a ``generate(...)`` call, positional or keyword (None when not given)."""
-    return bind_arguments(generate, args, kwargs).get("input_ids")
 
 
 # ---- KV cache ----------------------------------------------------------------------------------------
@@ -247,6 +248,18 @@ def keep_batch_rows(cache, rows: int, device) -> None:
     import torch
 
     cache.batch_select_indices(torch.arange(rows, device=device))
+
+
+def cache_batch_size(cache) -> int:
+    """Batch rows ``cache`` holds (after at least one forward): read from its first layer's keys."""
+    layers = getattr(cache, "layers", None)
+    keys = getattr(layers[0], "keys", None) if layers else None
+    if keys is None or not hasattr(keys, "shape") or keys.dim() != 4:
+        raise CompatibilityError(
+            "KV cache",
+            f"{type(cache).__name__} has no .layers[0].keys (batch, heads, tokens, dim) tensor to count rows",
+        )
+    return int(keys.shape[0])
 
 
 def with_cache(model, cache) -> dict:

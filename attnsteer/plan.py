@@ -51,6 +51,16 @@ def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPla
     Each method object records the intervention it came from (``method.intervention``)."""
     plans: dict[int, LayerPlan] = {}
     n_layers, n_heads = arch.num_layers, arch.num_heads
+    logits = [
+        f"{recipe.name}.interventions[{i}] ({iv.method})"
+        for i, iv in enumerate(recipe.interventions)
+        if METHODS[iv.method].replaces_logits(iv.params)
+    ]
+    if len(logits) > 1:
+        raise RecipeError(
+            f"{' and '.join(logits)} each replace the next-token logits (AGLA's assembly, PAI's gamma contrast); "
+            "one recipe can hold one of them. Fix: keep one (PAI without gamma still steers attention)"
+        )
     for i, iv in enumerate(recipe.interventions):
         where = f"{recipe.name}.interventions[{i}]"
         cls = METHODS[iv.method]

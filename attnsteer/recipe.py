@@ -8,7 +8,7 @@ YAML on disk (``schema_version: 1``), a :class:`Recipe` in memory::
     source: where the settings come from (paper, calibration run)
     model_types: [llama]          # optional; checked against model.config.model_type
     interventions:
-      - method: act               # act | softplus (var | vhr | pai | agla: planned)
+      - method: act               # act | softplus | var | vhr | pai | agla
         layers: "2:-1"            # slice string, int, or a list of both; the method's default (docs/methods.md)
         heads: all                # or {layer: [query heads]}
         params: {beta: 0.4, threshold: 0.1, apply_to: prefill}
@@ -239,7 +239,11 @@ def _parse_intervention(item: Any, where: str) -> Intervention:
     params = {}
     for pname, spec in cls.params.items():
         params[pname] = spec.validate(raw[pname], f"{where}.params.{pname}") if pname in raw else spec.default
-    return Intervention(method=method, layers=layers, heads=heads, params=cls.finalize_params(params))
+    try:
+        params = cls.finalize_params(params)
+    except RecipeError as exc:  # a rule across parameters; the method names the field
+        raise RecipeError(f"{where}.{exc}") from None
+    return Intervention(method=method, layers=layers, heads=heads, params=params)
 
 
 # ---- several recipes side by side (command lines, evaluations) ------------------------------------

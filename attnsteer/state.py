@@ -89,6 +89,16 @@ class SteeringState:
             if method.has_model_step:
                 first_site.setdefault(method.intervention, method)
         self.model_methods = sorted(first_site.values(), key=lambda m: m.model_step_order)
+        # after the forward, in their own order: AGLA adds its view first and assembles last
+        self.model_methods_after = sorted(first_site.values(), key=lambda m: m.after_step_order)
+        # the arguments of the current generate() / top-level forward call (AGLA reads its pixels)
+        self.pending_call: dict | None = None
+        self.processor = None  # the model's processor, given to apply(..., processor=)
+        self.model_ref = lambda: None  # weak reference to the model given to apply
+        self.prompt_text: list[str] | None = None  # per batch row, set by handle.prompt_text(...)
+        # called as observer(layer, module, query, key, attention_mask, kwargs) by every site's
+        # attention while set (AGLA's lvlm_attention matcher reads the model's own attention)
+        self.observer = None
 
     # ---- pausing (the text-only stream runs unsteered) --------------------------------------
     class _Pause:
@@ -107,18 +117,27 @@ class SteeringState:
 
     # ---- hooks on the steered model ------------------------------------------------------------
     def record_prompt_ids(self, module, args, kwargs):
-        """Pre-hook on a model above the stream host (InstructBLIP): remember the prompt's ids."""
+        """Pre-hook on a model above the stream host (InstructBLIP): remember the prompt's ids
+        and the call's arguments."""
         if not self.is_paused:
-            ids = compat.bind_arguments(module.forward, args, kwargs).get("input_ids")
-            self.pending_ids = ids
+            bound = compat.bind_arguments(module.forward, args, kwargs)
+            self.pending_ids = bound.get("input_ids")
+            self.pending_call = bound
         return None
 
     def wrap_generate(self, generate):
-        """InstructBLIP's generate() bypasses its forward: remember the prompt ids it is given."""
+        """Remember what a generate() call is given, for the hooks below it: InstructBLIP's
+        generate() bypasses its forward (the prompt ids), and transformers may encode the images
+        before the first forward (AGLA needs the pixels themselves)."""
 
         def generate_with_roles(*args, **kwargs):
-            self.pending_ids = compat.generate_prompt_ids(generate, args, kwargs)
-            return generate(*args, **kwargs)
+            bound = compat.bind_arguments(generate, args, kwargs)
+            self.pending_ids = bound.get("input_ids")
+            self.pending_call = bound
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                self.pending_call = None
 
         generate_with_roles.__wrapped__ = generate
         generate_with_roles.__doc__ = generate.__doc__
@@ -129,7 +148,12 @@ class SteeringState:
             return None
         bound = compat.bind_arguments(module.forward, args, kwargs)
         if compat.cache_length(compat.find_cache(bound.values())):
-            return None
+            changed = False
+            for method in self.model_methods:
+                new = method.before_decode(self, bound)
+                if new is not None:
+                    bound, changed = new, True
+            return ((), bound) if changed else None
         ids = bound.get("input_ids")
         if ids is None and self.pending_ids is not None:
             embeds = bound.get("inputs_embeds")
@@ -147,7 +171,7 @@ class SteeringState:
         if self.is_paused:
             return None
         bound = compat.bind_arguments(module.forward, args, kwargs)
-        for method in self.model_methods:
+        for method in self.model_methods_after:
             method.after_model(self, module, bound, output)
         return output
 

@@ -190,16 +190,6 @@ def test_keep_batch_rows_crops_the_cache():
 
 
 # ---- binding -------------------------------------------------------------------------------------------
-def test_generate_prompt_ids_positional_and_keyword():
-    model = F.build_vlm("instructblip")
-    inputs = F.make_inputs("instructblip", model, n_images=[1, 1], seed=1)
-    gen = model.generate
-    args = (inputs["pixel_values"], inputs["qformer_input_ids"], inputs["qformer_attention_mask"], inputs["input_ids"])
-    assert compat.generate_prompt_ids(gen, args, {}) is inputs["input_ids"]
-    assert compat.generate_prompt_ids(gen, (), {"input_ids": inputs["input_ids"]}) is inputs["input_ids"]
-    assert compat.generate_prompt_ids(gen, args[:3], {}) is None
-
-
 def test_instructblip_generate_with_positional_input_ids_steers():
     """transformers' InstructBLIP generate takes (pixel_values, qformer_input_ids,
     qformer_attention_mask, input_ids, ...): a positional input_ids must reach the roles."""

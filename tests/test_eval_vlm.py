@@ -381,3 +381,61 @@ def test_missing_data_errors_say_what_to_download(case, tiny_llava_dir, eval_dat
     for needle in needles:
         assert needle in err, (needle, err)
     assert len(err.strip().splitlines()) <= 2
+
+
+def test_pope_runs_the_agla_builtins_like_any_recipe(tiny_llava_dir, eval_data, tmp_path, capsys, monkeypatch):
+    """Both AGLA built-ins through `attnsteer eval pope`: blip_itm (its checkpoint replaced by a
+    tiny random BLIP, as nothing can be downloaded here) is given the POPE question itself."""
+    from test_agla_blip_matcher import _blip
+
+    from attnsteer.methods import agla_matchers
+
+    blip = _blip(tmp_path)
+    asked = []
+    real = agla_matchers.BlipItmMatcher.relevance
+
+    def relevance(self, images, texts, device, dtype):
+        asked.extend(texts)
+        return real(self, images, texts, device, dtype)
+
+    monkeypatch.setattr(agla_matchers, "load_blip", lambda checkpoint: blip)
+    monkeypatch.setattr(agla_matchers.BlipItmMatcher, "relevance", relevance)
+    argv = pope_argv(tiny_llava_dir, eval_data, tmp_path / "agla", "--recipe", "none", "--recipe", "agla-llava15")
+    code, _, err = cli(capsys, *argv, "--recipe", "agla-lvlm-attention", "--limit", "2", "--batch_size", "2")
+    assert code == 0, err
+    res = read_results(tmp_path / "agla")
+    assert set(res["metrics"]) == {"baseline", "agla-llava15", "agla-lvlm-attention"}
+    samples = read_samples(tmp_path / "agla")
+    questions = {s["question"] for s in samples}
+    assert asked and set(asked) <= questions  # the question, without the answer-format suffix
+
+
+def test_generate_saves_the_agla_views_next_to_the_originals(tiny_llava_dir, eval_data, tmp_path, capsys):
+    from PIL import Image
+
+    image = sorted(eval_data["images"].glob("*.jpg"))[0]
+    views = tmp_path / "views"
+    code, out, err = cli(
+        capsys, "generate", "--model", tiny_llava_dir, "--image", image, "--prompt", "Is there a dog?",
+        "--prompt", "Describe it.", "--recipe", "agla-lvlm-attention", "--max_new_tokens", "3", "--save-views", views,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "[baseline] prompt 1" in out and "[agla-lvlm-attention] prompt 2" in out
+    files = sorted(p.name for p in (views / "agla-lvlm-attention").iterdir())
+    assert files == [f"prompt{i}_image1_{kind}.png" for i in (1, 2) for kind in ("augmented", "original")]
+    original = Image.open(views / "agla-lvlm-attention" / "prompt1_image1_original.png")
+    augmented = Image.open(views / "agla-lvlm-attention" / "prompt1_image1_augmented.png")
+    assert original.size == augmented.size
+    import numpy as np
+
+    black = (np.asarray(augmented).max(-1) == 0).mean()
+    assert 0.4 <= black <= 0.6  # half of the pixels, the least relevant ones
+
+
+def test_generate_save_views_without_an_agla_recipe_is_an_error(tiny_llava_dir, eval_data, tmp_path, capsys):
+    image = sorted(eval_data["images"].glob("*.jpg"))[0]
+    code, _, err = cli(
+        capsys, "generate", "--model", tiny_llava_dir, "--image", image, "--prompt", "Hi", "--recipe", "vhr-llava15",
+        "--max_new_tokens", "2", "--save-views", tmp_path / "v",
+    )  # fmt: skip
+    assert code == 2 and "--save-views" in err and "agla" in err.lower()

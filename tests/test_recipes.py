@@ -61,7 +61,11 @@ def test_folder_save_and_hash_changes_with_params(tmp_path):
             ["keep_first_sink", "true or false"],
         ),
         ({"interventions": [{"method": "actt"}]}, ["method", "'actt'", "Did you mean 'act'"]),
-        ({"interventions": [{"method": "agla"}]}, ["'agla'", "not implemented"]),
+        ({"interventions": [{"method": "agla", "params": {"matcher": "gradcam"}}]}, ["matcher", "'lvlm_attention'"]),
+        (
+            {"interventions": [{"method": "agla", "params": {"mask_ratio": 0.3}}]},
+            ["interventions[0].params.mask_ratio", "blip_itm", "Fix"],
+        ),
         ({"interventions": [{"method": "act", "beta": 0.4}]}, ["unknown key", "beta", "params"]),
         ({"interventions": [{"method": "act", "layers": "2-5"}]}, ["layers", "'2-5'", "slice"]),
         ({"interventions": [{"method": "act", "layers": []}]}, ["layers", "empty"]),

@@ -131,6 +131,8 @@ class LayerSite:
         self.stats = SiteStats(plan.methods)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        if self.state.observer is not None:
+            self.state.observer(self.layer, module, query, key, attention_mask, kwargs)
         if self.state.is_paused:
             return self.original(module, query, key, value, attention_mask, **kwargs)
         info = self.state.info_for(self.layer, query, key)

@@ -64,7 +64,104 @@ def add_generate(sub) -> None:
         help="write a JSON of answers and timings (a .json file, or a folder for attnsteer_generate.json)",
     )
     p.add_argument("--show_sinks", action="store_true", help="also print the hidden sinks ACT recipes find")
+    p.add_argument(
+        "--image",
+        action="extend",
+        nargs="+",
+        default=None,
+        metavar="PATH",
+        help="image file(s) for a vision-language --model: one for every prompt, or one per prompt",
+    )
+    p.add_argument(
+        "--save-views",
+        "--save_views",
+        dest="save_views",
+        default=None,
+        metavar="DIR",
+        help="with --image and an AGLA recipe: write each prompt's image and AGLA's augmented view as PNG to DIR",
+    )
     p.set_defaults(func=cmd_generate)
+
+
+def _save_png(image, path) -> None:
+    """image: float (3, H, W) in [0, 1] -> an 8-bit RGB PNG at ``path``."""
+    import torch
+    from PIL import Image
+
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(path)
+
+
+def cmd_generate_vlm(args, recipes) -> int:
+    """``attnsteer generate --image ...``: greedy answers of a vision-language model per recipe."""
+    from pathlib import Path
+
+    import torch
+
+    import attnsteer
+
+    from ..evals.runner import EvalItem, VLMInputs, load_vlm
+
+    images = [Path(p) for p in args.image]
+    if len(images) not in (1, len(args.prompt)):
+        raise CLIError(
+            f"--image: got {len(images)} images for {len(args.prompt)} prompts. Fix: one image for all prompts, "
+            "or one per prompt"
+        )
+    for path in images:
+        if not path.is_file():
+            raise CLIError(f"--image {str(path)!r}: no such file. Fix: pass the path of an image file")
+    model_id, kwargs = models.resolve_model(args.model, args.model_args)
+    seed_everything(args.seed)
+    processor, model = load_vlm(model_id, kwargs)
+    check_recipes(model, recipes, model_id)
+    builder = VLMInputs(processor, model_id)
+    device = next(model.parameters()).device
+    items = [
+        EvalItem(id=str(i), prompt=prompt, image=images[i if len(images) > 1 else 0])
+        for i, prompt in enumerate(args.prompt)
+    ]
+    saved = 0
+    for label, recipe in [("baseline", None), *recipes]:
+        handle = None if recipe is None else attnsteer.apply(model, recipe, backend=args.backend, processor=processor)
+        try:
+            for start in range(0, len(items), args.batch_size):
+                batch = items[start : start + args.batch_size]
+                inputs = builder(batch, device)
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+                elapsed = time.perf_counter() - t0
+                for it, row in zip(batch, out[:, inputs["input_ids"].shape[1] :]):
+                    answer = builder.tokenizer.decode(row, skip_special_tokens=True).strip()
+                    print(f"[{label}] prompt {int(it.id) + 1}: {answer}  ({elapsed:.2f} s for the batch)")
+                if handle is not None and args.save_views:
+                    saved += _save_views(handle, batch, Path(args.save_views) / label)
+        finally:
+            if handle is not None:
+                handle.remove()
+    if args.save_views:
+        if not saved:
+            raise CLIError(
+                f"--save-views {args.save_views!r}: no recipe among {[lbl for lbl, _ in recipes]} builds an augmented "
+                "view (only AGLA does). Fix: add an AGLA recipe, e.g. --recipe agla-lvlm-attention"
+            )
+        print(f"wrote {saved} image pairs to {args.save_views}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _save_views(handle, batch, folder) -> int:
+    """Write the last batch's AGLA views as ``<prompt>_<image>_original.png`` / ``_augmented.png``."""
+    written = 0
+    for by_method in handle.report().values():
+        views = by_method.get("agla", {}).get("views", [])
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, view in enumerate(views):
+            stem = f"prompt{int(batch[view['row']].id) + 1}_image{k + 1}"
+            _save_png(view["original"], folder / f"{stem}_original.png")
+            _save_png(view["augmented"], folder / f"{stem}_augmented.png")
+            written += 1
+    return written
 
 
 def cmd_generate(args) -> int:
@@ -75,6 +172,10 @@ def cmd_generate(args) -> int:
     from .. import demo
 
     recipes = load_labelled_recipes(args.recipe)
+    if args.image:
+        return cmd_generate_vlm(args, recipes)
+    if args.save_views:
+        raise CLIError("--save-views: AGLA's views need images. Fix: pass --image PATH with a vision-language --model")
     model_id, kwargs = models.resolve_model(args.model, args.model_args)
     seed_everything(args.seed)
     t_start = time.perf_counter()

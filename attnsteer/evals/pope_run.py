@@ -187,6 +187,7 @@ def load_items(args) -> tuple[list, list, dict, dict]:
             EvalItem(
                 id=f"{it.source}/{it.split}/{tag}/{it.question_id}",
                 prompt=pope.build_pope_prompt(it.question, template),
+                query=it.question,
                 image=images[id(it)],
                 meta={
                     "split": it.split,

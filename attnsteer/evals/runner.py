@@ -166,6 +166,9 @@ class EvalItem:
     prompt: str
     image: Any = None
     meta: dict = field(default_factory=dict)
+    # the question without answer-format suffixes, for methods that match the image against the
+    # prompt's text (AGLA's blip_itm); None: the prompt itself
+    query: str | None = None
 
 
 @dataclass
@@ -263,14 +266,19 @@ class VLMInputs:
         return {k: (v.to(device) if hasattr(v, "to") else v) for k, v in enc.items()}
 
 
-def generate_batch(model, builder: VLMInputs, items: Sequence[EvalItem], decoding: Decoding, device):
-    """Generate for a batch; returns ``(texts, new_token_counts, hit_limit_flags)``."""
+def generate_batch(model, builder: VLMInputs, items: Sequence[EvalItem], decoding: Decoding, device, handle=None):
+    """Generate for a batch; returns ``(texts, new_token_counts, hit_limit_flags)``. With a
+    steering ``handle``, each item's ``query`` is the prompt text its methods match against."""
+    import contextlib
+
     import torch
 
     inputs = builder(items, device)
     config = decoding.generation_config(model, builder.tokenizer.pad_token_id, builder.tokenizer.eos_token_id)
     prompt_len = inputs["input_ids"].shape[1]
-    with torch.inference_mode():
+    queries = [it.query if it.query is not None else it.prompt for it in items]
+    text = handle.prompt_text(queries) if handle is not None else contextlib.nullcontext()
+    with torch.inference_mode(), text:
         out = model.generate(**inputs, generation_config=config)
     new = out[:, prompt_len:].tolist()
     eos = config.eos_token_id
@@ -366,13 +374,13 @@ def run_generation(
                 warnings.simplefilter("always", attnsteer.AttnsteerWarning)
                 try:
                     if not spec.is_baseline:
-                        handle = attnsteer.apply(model, spec.recipe, backend=backend)
+                        handle = attnsteer.apply(model, spec.recipe, backend=backend, processor=builder.processor)
                     bar.set_postfix_str(spec.label, refresh=False)
                     for seed, todo in todo_of_spec:
                         for start in range(0, len(todo), batch_size):
                             batch = todo[start : start + batch_size]
                             torch.manual_seed(item_seed(seed, batch[0].id))
-                            texts, counts, hit = generate_batch(model, builder, batch, decoding, device)
+                            texts, counts, hit = generate_batch(model, builder, batch, decoding, device, handle)
                             for it, text, n, h in zip(batch, texts, counts, hit):
                                 rec = {
                                     "key": sample_key(it.id, spec.hash, seed),

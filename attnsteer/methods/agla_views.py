@@ -74,5 +74,7 @@ def assemble_logits(z_orig: torch.Tensor, z_aug: torch.Tensor, alpha: float, bet
     (B, V) float32: ``z_orig + alpha * z_aug``, ``-inf`` where ``p_orig < beta * max p_orig``."""
     z_orig, z_aug = z_orig.float(), z_aug.float()
     z = z_orig + alpha * z_aug
+    if beta <= 0.0:  # no cut
+        return z
     cutoff = z_orig.max(-1, keepdim=True).values + math.log(beta)
     return z.masked_fill(z_orig < cutoff, float("-inf"))

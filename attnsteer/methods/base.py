@@ -207,6 +207,19 @@ class Method:
     # intervention, ordered by model_step_order (head level before logits level).
     has_model_step: ClassVar[bool] = False
     model_step_order: ClassVar[int] = 0
+    # order of after_model among the model-level steps (default: model_step_order)
+    after_step_order: ClassVar[int | None] = None
+    # Methods that build model inputs of their own and need the model's processor (AGLA).
+    needs_processor: ClassVar[bool] = False
+    # Methods that read the arguments of the generate() call itself (AGLA: the pixels, which
+    # transformers may encode before the first forward).
+    needs_call_inputs: ClassVar[bool] = False
+
+    # Methods that replace the next-token logits (AGLA; PAI with gamma): at most one per recipe.
+    @classmethod
+    def replaces_logits(cls, params: dict[str, Any]) -> bool:
+        return False
+
     # Methods whose per-layer prompt state allows one intervention of theirs per layer (VAR).
     one_per_layer: ClassVar[bool] = False
     # Name of the Triton kernels' rule that computes this step (attention/triton_backend.py), or
@@ -269,6 +282,10 @@ class Method:
         name; return replacement arguments (e.g. a larger batch), or None to leave them."""
         return None
 
+    def before_decode(self, state, bound: dict) -> dict | None:
+        """Before every decode forward (a KV cache is given): replacement arguments, or None."""
+        return None
+
     def after_model(self, state, model, bound: dict, output) -> None:
         """After every forward of the steered model (not paused): may rewrite ``output`` in place
         (e.g. ``output.logits``)."""
@@ -327,14 +344,14 @@ METHODS: dict[str, type[Method]] = {}
 
 # Methods docs/methods.md describes whose implementation has not landed yet; recipes naming them fail with
 # a clear error instead of silently doing nothing.
-PLANNED_METHODS: dict[str, str] = {
-    "agla": "AGLA, global/local view assembly: docs/methods.md#agla",
-}
+PLANNED_METHODS: dict[str, str] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Add a method to the registry (recipes name it by ``cls.name``)."""
     cls.params = params_of(cls.Params)
+    if cls.after_step_order is None:
+        cls.after_step_order = cls.model_step_order
     METHODS[cls.name] = cls
     return cls
 

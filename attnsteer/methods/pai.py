@@ -75,6 +75,10 @@ class PAI(Method):
     def is_identity_params(cls, params) -> bool:
         return params["alpha"] == 0.0 and params.get("gamma") is None
 
+    @classmethod
+    def replaces_logits(cls, params) -> bool:
+        return params.get("gamma") is not None
+
     def scores(self, s, q, k, ctx: RowContext, qk):
         """s (B, H, C, K): amplify visible image keys in the last prompt row and decode rows."""
         if self.p.alpha == 0.0:

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import compat
 from ..errors import SteeringError
 from ..roles import PromptRoles, image_mask, positions_like, text_only_inputs
 from .base import Method, param, register
+from .streams import crop_rows, stack_rows
 
 
 @dataclass(frozen=True)
@@ -123,23 +123,23 @@ def append_text_stream(state, bound: dict) -> dict:
     ids = bound.get("input_ids")
     embeds = bound.get("inputs_embeds")
     mask = bound.get("attention_mask")
-    out = dict(bound)
     drop = state.roles.image if ids is None else state.roles.image | image_mask(ids, state.drop_ids)
     text_ids, text_embeds, text_mask = text_only_inputs(ids, embeds, mask, drop, state.pad_id)
-    if ids is not None:
-        out["input_ids"] = torch.cat([ids, text_ids])
-    else:
-        out["inputs_embeds"] = torch.cat([embeds, text_embeds])
     like = ids if ids is not None else embeds[..., 0]
     rows = like.shape[0]
-    base_mask = mask if mask is not None else torch.ones(like.shape, dtype=torch.long, device=like.device)
-    out["attention_mask"] = torch.cat([base_mask, text_mask.to(base_mask.dtype)])
+    second = {"attention_mask": text_mask}
+    if ids is not None:
+        second["input_ids"] = text_ids
+    else:
+        second["inputs_embeds"] = text_embeds
+    if mask is None:
+        bound = {**bound, "attention_mask": torch.ones(like.shape, dtype=torch.long, device=like.device)}
     if bound.get("position_ids") is not None:
-        pos = bound["position_ids"]
-        out["position_ids"] = torch.cat([pos, positions_like(text_mask, pos)], dim=-2)
+        second["position_ids"] = positions_like(text_mask, bound["position_ids"])
     for name in ("mm_token_type_ids", "token_type_ids"):
         if bound.get(name) is not None:
-            out[name] = torch.cat([bound[name], torch.zeros_like(bound[name])])
+            second[name] = torch.zeros_like(bound[name])
+    out = stack_rows(bound, second, rows)
     state.roles = PromptRoles(torch.cat([state.roles.image, torch.zeros_like(state.roles.image)]))
     state.stream_rows = rows
     return out
@@ -149,23 +149,4 @@ def drop_text_stream(state, module, output) -> None:
     """Crop the text-only rows off the output, the KV cache and the model's per-batch state."""
     rows = state.stream_rows
     state.stream_rows = None
-    output.logits = output.logits[:rows]
-    cache = compat.output_cache(output)
-    if cache is not None:
-        compat.keep_batch_rows(cache, rows, output.logits.device)
-    for name in ("hidden_states", "attentions"):
-        value = getattr(output, name, None)
-        if isinstance(value, tuple):
-            setattr(output, name, tuple(v[:rows] if isinstance(v, torch.Tensor) else v for v in value))
-    for path in state.arch.spec.batch_state_attrs:
-        owner_path, _, attr = path.rpartition(".")
-        owner = module
-        for part in filter(None, owner_path.split(".")):
-            owner = getattr(owner, part)
-        value = getattr(owner, attr, None)
-        if isinstance(value, torch.Tensor) and value.shape[0] == 2 * rows:
-            setattr(owner, attr, value[:rows])
-    state.roles = state.roles.select(slice(0, rows))
-    state.sinks.crop(rows)
-    for method in state.methods:
-        method.crop_batch(rows)
+    crop_rows(state, module, output, rows)
