@@ -314,3 +314,32 @@ def test_a_missing_matcher_checkpoint_names_it_and_says_how_to_get_it(monkeypatc
     with attnsteer.apply(model, recipe, processor=PROCESSOR) as h, h.prompt_text(["a dog"]):
         with pytest.raises(SteeringError, match="nobody/no-such-blip.*download|download.*nobody/no-such-blip"):
             model.generate(**inputs, max_new_tokens=2)
+
+
+def test_without_prompt_text_blip_itm_reads_the_text_after_the_image(tmp_path, monkeypatch):
+    from test_agla_blip_matcher import _blip
+
+    from attnsteer.methods import agla_matchers
+
+    class Tokenizer:
+        def decode(self, ids, skip_special_tokens=False):
+            return " ".join(f"t{i}" for i in ids)
+
+    class Processor(ImageProcessor):
+        image_processor = ImageProcessor()
+        tokenizer = Tokenizer()
+
+    asked = []
+    real = agla_matchers.BlipItmMatcher.relevance
+    blip = _blip(tmp_path)
+    monkeypatch.setattr(agla_matchers, "load_blip", lambda checkpoint: blip)
+    monkeypatch.setattr(
+        agla_matchers.BlipItmMatcher, "relevance", lambda self, *a: (asked.extend(a[1]), real(self, *a))[1]
+    )
+    model = build_vlm("llava")
+    inputs = make_inputs("llava", model, n_images=[1, 1], seed=3)
+    with attnsteer.apply(model, {"interventions": [{"method": "agla"}]}, processor=Processor()):
+        model.generate(**inputs, max_new_tokens=1)
+    rows = text_rows(inputs)
+    expected = [" ".join(f"t{i}" for i in inputs["input_ids"][b][rows[b]].tolist()) for b in range(2)]
+    assert asked == expected and all(asked)

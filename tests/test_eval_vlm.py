@@ -103,12 +103,12 @@ def test_interrupted_run_resumes_without_recomputing(
     real = runner.generate_batch
     calls = {"batches": 0, "items": 0}
 
-    def crashing(model, builder, items, decoding, device):
+    def crashing(model, builder, items, decoding, device, handle=None):
         if calls["batches"] == 3:
             raise RuntimeError("simulated crash")
         calls["batches"] += 1
         calls["items"] += len(items)
-        return real(model, builder, items, decoding, device)
+        return real(model, builder, items, decoding, device, handle)
 
     monkeypatch.setattr(runner, "generate_batch", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -117,9 +117,9 @@ def test_interrupted_run_resumes_without_recomputing(
     first = read_samples(tmp_path / "run")
     assert len(first) == 6 and read_results(tmp_path / "run")["status"] == "running"
 
-    def counting(model, builder, items, decoding, device):
+    def counting(model, builder, items, decoding, device, handle=None):
         calls["items"] += len(items)
-        return real(model, builder, items, decoding, device)
+        return real(model, builder, items, decoding, device, handle)
 
     calls["items"] = 0
     monkeypatch.setattr(runner, "generate_batch", counting)

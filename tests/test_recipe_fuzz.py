@@ -41,9 +41,13 @@ JUNK = st.one_of(
 
 def _valid_value(param):
     """A strategy for values ``param`` accepts."""
-    if param.check is not None:  # sink_dims, gamma: their documented valid forms
+    if param.check is not None:  # sink_dims, gamma, mask_ratio, matcher_checkpoint: their documented valid forms
         if param.name == "sink_dims":
             return st.one_of(st.just("auto"), st.lists(st.integers(0, 60), min_size=1, max_size=3, unique=True))
+        if param.name == "mask_ratio":
+            return st.one_of(st.none(), st.floats(0.0, 0.99))
+        if param.name == "matcher_checkpoint":
+            return st.one_of(st.none(), st.from_regex(r"[a-z]{1,5}/[a-z]{1,5}", fullmatch=True))
         return st.one_of(st.none(), st.floats(0.1, 5.0))
     if param.choices is not None:
         return st.sampled_from(param.choices)
@@ -71,6 +75,12 @@ def _invalid_value(param):
                 st.lists(st.integers(max_value=-1), min_size=1, max_size=2),
                 st.just([True]),
                 st.lists(st.floats(0.5, 9.5), min_size=1, max_size=2),
+            )
+        if param.name == "mask_ratio":
+            return st.one_of(st.floats(min_value=1.0), st.floats(max_value=-1e-3), st.text(max_size=4), st.booleans())
+        if param.name == "matcher_checkpoint":
+            return st.one_of(
+                st.just(""), st.just("  "), st.floats(), st.booleans(), st.lists(st.integers(), max_size=2)
             )
         return st.one_of(
             st.floats(max_value=0.0), st.text(max_size=4), st.booleans(), st.lists(st.integers(), max_size=2)
@@ -101,6 +111,9 @@ def valid_intervention(draw, method=None):
     cls = METHODS[method]
     names = draw(st.lists(st.sampled_from(sorted(cls.params)), unique=True, max_size=len(cls.params)))
     item = {"method": method, "params": {n: draw(_valid_value(cls.params[n])) for n in names}}
+    if method == "agla":  # each matcher takes only its own parameter
+        unused = "matcher_checkpoint" if item["params"].get("matcher") == "lvlm_attention" else "mask_ratio"
+        item["params"].pop(unused, None)
     if draw(st.booleans()):
         item["layers"] = draw(st.sampled_from(["all", "1:", [0, "2:"], 1, -1, "::2"]))
     return item

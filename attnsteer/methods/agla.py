@@ -155,7 +155,7 @@ class AGLA(Method):
                 f"{where}.method: agla builds an augmented image and needs a vision-language model of one of "
                 f"{sorted(FAMILY_LAYOUT)}; this model is {family!r}"
             )
-        if params["matcher"] == "lvlm_attention" and FAMILY_LAYOUT[family] == "images" and family == "instructblip":
+        if params["matcher"] == "lvlm_attention" and family == "instructblip":
             raise RecipeError(
                 f"{where}.params.matcher: lvlm_attention reads attention to image tokens laid out on a grid; "
                 "InstructBLIP's image tokens are Q-Former queries with no spatial layout. Fix: use matcher: blip_itm"
