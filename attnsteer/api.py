@@ -88,7 +88,7 @@ class SteeringHandle:
         """The recipe that runs, with concrete layers and heads (:meth:`Plan.resolved_recipe`)."""
         return self.plan.resolved_recipe()
 
-    def focus(self, mask) -> _Focus:
+    def focus(self, mask) -> _SetState:
         """Mark key positions to steer toward, for any model: ``with handle.focus(mask): ...``.
 
         ``mask``: bool/int (batch, seq) over the padded prompt (same shape as ``input_ids``). The
@@ -98,7 +98,7 @@ class SteeringHandle:
         mask = torch.as_tensor(mask)
         if mask.dim() != 2:
             raise ValueError(f"handle.focus(mask): mask must be (batch, seq); got shape {tuple(mask.shape)}")
-        return _Focus(self._state, mask.bool())
+        return _SetState(self._state, "focus_mask", mask.bool())
 
     def report(self) -> dict[int, dict[str, dict]]:
         """What each method found for the last prompt, ``{layer: {method: report}}``; each method
@@ -113,7 +113,7 @@ class SteeringHandle:
                     out.setdefault(layer, {})[method.name] = found
         return out
 
-    def prompt_text(self, texts) -> _PromptText:
+    def prompt_text(self, texts) -> _SetState:
         """The text each batch row asks about, for methods that read the prompt as text:
         ``with handle.prompt_text(["Is there a dog in the image?"]): model.generate(...)``.
 
@@ -126,7 +126,7 @@ class SteeringHandle:
             raise ValueError(
                 f"handle.prompt_text(texts): texts must be a list of strings, one per batch row; got {texts!r}"
             )
-        return _PromptText(self._state, list(texts))
+        return _SetState(self._state, "prompt_text", list(texts))
 
     def _report_field(self, method: str, field: str) -> dict:
         return {layer: by[method][field] for layer, by in self.report().items() if method in by}
@@ -155,30 +155,19 @@ class _InstanceAttribute:
         self.obj.__dict__.pop(self.name, None)
 
 
-class _PromptText:
-    def __init__(self, state, texts):
-        self.state, self.texts = state, texts
+class _SetState:
+    """Sets one attribute of the steering state for a ``with`` block, then restores it."""
+
+    def __init__(self, state, name, value):
+        self.state, self.name, self.value = state, name, value
 
     def __enter__(self):
-        self.saved = self.state.prompt_text
-        self.state.prompt_text = self.texts
+        self.saved = getattr(self.state, self.name)
+        setattr(self.state, self.name, self.value)
         return self
 
     def __exit__(self, *exc):
-        self.state.prompt_text = self.saved
-
-
-class _Focus:
-    def __init__(self, state, mask):
-        self.state, self.mask = state, mask
-
-    def __enter__(self):
-        self.saved = self.state.focus_mask
-        self.state.focus_mask = self.mask
-        return self
-
-    def __exit__(self, *exc):
-        self.state.focus_mask = self.saved
+        setattr(self.state, self.name, self.saved)
 
 
 # Test seam: called with each install step's name after that step has changed the model, so

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import compat
+from .. import archs, compat
 from ..errors import RecipeError, SteeringError
 from ..roles import PromptRoles, image_mask
 from .agla_matchers import DEFAULT_BLIP_CHECKPOINT, BlipItmMatcher
@@ -45,6 +45,11 @@ from .streams import IMAGE_ARGUMENTS, crop_output, crop_rows, stack_rows
 
 MATCHERS = ("blip_itm", "lvlm_attention")
 DEFAULT_MASK_RATIO = 0.5
+# matcher -> (the parameter only it takes, that parameter's default)
+MATCHER_PARAMETER = {
+    "blip_itm": ("matcher_checkpoint", DEFAULT_BLIP_CHECKPOINT),
+    "lvlm_attention": ("mask_ratio", DEFAULT_MASK_RATIO),
+}
 
 
 def _check_fraction(value):
@@ -120,23 +125,18 @@ class AGLA(Method):
     # ---- recipe-level facts -------------------------------------------------------------------
     @classmethod
     def finalize_params(cls, params):
+        """Each matcher takes one parameter of its own (filled with its default); the other's is refused."""
         params = dict(params)
-        if params["matcher"] == "lvlm_attention":
-            if params["matcher_checkpoint"] is not None:
+        matcher = params["matcher"]
+        for other, (name, _) in MATCHER_PARAMETER.items():
+            if other != matcher and params[name] is not None:
                 raise RecipeError(
-                    f"params.matcher_checkpoint: got {params['matcher_checkpoint']!r}, but matcher lvlm_attention "
-                    "uses no extra model. Fix: drop matcher_checkpoint, or use matcher: blip_itm"
+                    f"params.{name}: got {params[name]!r}, but only matcher {other} takes it and this one is "
+                    f"{matcher}. Fix: drop {name}, or use matcher: {other}"
                 )
-            if params["mask_ratio"] is None:
-                params["mask_ratio"] = DEFAULT_MASK_RATIO
-        else:
-            if params["mask_ratio"] is not None:
-                raise RecipeError(
-                    f"params.mask_ratio: got {params['mask_ratio']!r}, but matcher blip_itm takes the fraction from "
-                    "BLIP's image-text similarity (f = s/2). Fix: drop mask_ratio, or use matcher: lvlm_attention"
-                )
-            if params["matcher_checkpoint"] is None:
-                params["matcher_checkpoint"] = DEFAULT_BLIP_CHECKPOINT
+        name, default = MATCHER_PARAMETER[matcher]
+        if params[name] is None:
+            params[name] = default
         return params
 
     @classmethod
@@ -337,9 +337,7 @@ class AGLA(Method):
         model's input): the top-level forward run unsteered on the augmented pixels, stopped
         where it calls the host."""
         model = state.model_ref()
-        host = model
-        for part in filter(None, state.arch.spec.stream_host.split(".")):
-            host = getattr(host, part)
+        host = archs.get_path(model, state.arch.spec.stream_host)
         call = {k: v for k, v in (state.pending_call or {}).items() if isinstance(v, torch.Tensor)}
         call.update(new_pixels)
         captured = {}
@@ -467,10 +465,7 @@ class AttentionRelevance:
 
     def run(self, state, bound) -> torch.Tensor:
         """(B, L) mean attention weight of each key position, from the pass over ``bound``."""
-        model = state.model_ref()
-        host = model
-        for part in filter(None, state.arch.spec.stream_host.split(".")):
-            host = getattr(host, part)
+        host = archs.get_path(state.model_ref(), state.arch.spec.stream_host)
         cache = compat.find_cache(bound.values())
         call = {k: v for k, v in bound.items() if v is not cache}
         call["use_cache"] = False
