@@ -22,7 +22,7 @@ from .errors import (  # noqa: E402
 from .plan import Plan, plan  # noqa: E402
 from .recipe import Intervention, Recipe, builtin_names, load_recipe  # noqa: E402
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "apply",

@@ -178,16 +178,11 @@ def plan(model: nn.Module, recipe) -> Plan:
     Raises the same errors ``apply`` would (unsupported family or attention implementation, a
     recipe made for another model type, layers or heads the model does not have, parameters that
     do not fit); warns (:class:`AttnsteerWarning`) for interventions with identity parameters,
-    which are skipped.
+    which are skipped, and for another model type under ``model_types_policy: warn``.
     """
     recipe = load_recipe(recipe)
     arch = archs.resolve(model)
-    model_type = model.config.model_type
-    if recipe.model_types and model_type not in recipe.model_types:
-        raise RecipeError(
-            f"{recipe.name}.model_types: the recipe is made for {recipe.model_types}, and this model's model_type is "
-            f"{model_type!r}. Fix: use a recipe for {model_type!r}, or drop model_types if it is generic"
-        )
+    recipe.check_model_type(model.config.model_type)  # raises, or warns under model_types_policy: warn
     impl = dispatch.check_implementation(arch.text_config)
     return Plan(recipe, arch, _build_plans(recipe, arch), impl)
 

@@ -7,14 +7,16 @@ YAML on disk (``schema_version: 1``), a :class:`Recipe` in memory::
     description: free text
     source: where the settings come from (paper, calibration run)
     model_types: [llama]          # optional; checked against model.config.model_type
+    model_types_policy: error     # optional: error (default) refuses other model types, warn steers them anyway
     interventions:
       - method: act               # act | softplus | var | vhr | pai | agla
         layers: "2:-1"            # slice string, int, or a list of both; the method's default (docs/methods.md)
         heads: all                # or {layer: [query heads]}
         params: {beta: 0.4, threshold: 0.1, apply_to: prefill}
 
-A recipe is loaded from a built-in name, a YAML path, a dict, a Hugging Face Hub repo
-(``hf://org/repo`` or ``org/repo``, file ``recipe.yaml``) or an existing :class:`Recipe`.
+A recipe is loaded from a built-in name, a YAML path, a folder holding ``recipe.yaml``, a dict,
+a Hugging Face Hub repo (``hf://org/repo`` or ``org/repo``, file ``recipe.yaml``) or an existing
+:class:`Recipe`; :meth:`Recipe.save_pretrained` and :meth:`Recipe.push_to_hub` write the same layout.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,13 +34,17 @@ from typing import Any
 
 import yaml
 
-from .errors import RecipeError, UsageError
+from .errors import AttnsteerWarning, RecipeError, UsageError
 from .methods import METHODS, PLANNED_METHODS
 from .selectors import validate_heads, validate_layers
 
 SCHEMA_VERSION = 1
 RECIPE_FILENAME = "recipe.yaml"
-_TOP_KEYS = ("schema_version", "name", "description", "source", "model_types", "interventions")
+_TOP_KEYS = ("schema_version", "name", "description", "source", "model_types", "model_types_policy", "interventions")
+# What a recipe does on a model whose model_type is not in its model_types (the first is the default).
+MODEL_TYPES_POLICIES = ("error", "warn")
+# ``owner/name`` as the Hub spells repo ids (a bare ``name`` only where a push defaults to the user's namespace).
+_HUB_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]*/)?[A-Za-z0-9][A-Za-z0-9._-]*$")
 _INTERVENTION_KEYS = ("method", "layers", "heads", "params")
 
 
@@ -73,6 +82,7 @@ class Recipe:
     description: str = ""
     source: str = ""
     model_types: list[str] | None = None
+    model_types_policy: str = MODEL_TYPES_POLICIES[0]
     schema_version: int = SCHEMA_VERSION
 
     # ---- construction ---------------------------------------------------------------------
@@ -88,12 +98,7 @@ class Recipe:
             raise RecipeError(
                 f"{origin}: unknown key(s) {unknown}; allowed: {list(_TOP_KEYS)}.{_closest(unknown[0], _TOP_KEYS)}"
             )
-        version = data.get("schema_version", SCHEMA_VERSION)
-        if version != SCHEMA_VERSION:
-            raise RecipeError(
-                f"{origin}: schema_version {version!r} is not supported; this attnsteer reads schema_version: "
-                f"{SCHEMA_VERSION}. Fix: set schema_version: {SCHEMA_VERSION} (or upgrade attnsteer)"
-            )
+        _check_schema_version(data.get("schema_version", SCHEMA_VERSION), origin)
         name = data.get("name", "unnamed")
         for key in ("name", "description", "source"):
             if key in data and not isinstance(data[key], str):
@@ -111,6 +116,14 @@ class Recipe:
                     f"{origin}.model_types: got {model_types!r}; allowed: a non-empty list of model_type strings, "
                     "e.g. [llama, mistral], or leave it out"
                 )
+        policy = data.get("model_types_policy", MODEL_TYPES_POLICIES[0])
+        if not isinstance(policy, str) or policy not in MODEL_TYPES_POLICIES:
+            hint = _closest(policy, MODEL_TYPES_POLICIES) if isinstance(policy, str) else ""
+            raise RecipeError(
+                f"{origin}.model_types_policy: got {policy!r}; allowed: 'error' (the default: refuse a model whose "
+                "model_type is not in model_types) or 'warn' (warn and steer it anyway)."
+                f"{hint or ' Fix: use one of those, or leave it out'}"
+            )
         items = data.get("interventions")
         if not isinstance(items, list) or not items:
             raise RecipeError(
@@ -124,13 +137,22 @@ class Recipe:
             description=data.get("description", ""),
             source=data.get("source", ""),
             model_types=model_types,
+            model_types_policy=policy,
             schema_version=SCHEMA_VERSION,
         )
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path | dict | Recipe, *, revision: str | None = None) -> Recipe:
-        """Alias of :func:`load_recipe` (PEFT-style)."""
-        return load_recipe(name_or_path, revision=revision)
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path | dict | Recipe,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+    ) -> Recipe:
+        """Load a recipe, as :func:`load_recipe`: a built-in name, a YAML file, a folder holding
+        ``recipe.yaml`` (what :meth:`save_pretrained` writes) or a Hub repo id (``owner/name`` or
+        ``hf://owner/name``; ``revision`` picks a branch, tag or commit, ``token`` a private repo)."""
+        return load_recipe(name_or_path, revision=revision, token=token)
 
     # ---- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -141,6 +163,8 @@ class Recipe:
             out["source"] = self.source
         if self.model_types:
             out["model_types"] = list(self.model_types)
+        if self.model_types_policy != MODEL_TYPES_POLICIES[0]:  # the default stays implicit (and out of the hash)
+            out["model_types_policy"] = self.model_types_policy
         out["interventions"] = [iv.to_dict() for iv in self.interventions]
         return out
 
@@ -148,8 +172,8 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def save(self, path: str | Path) -> Path:
-        """Write YAML to ``path`` (a file, or a folder that gets ``recipe.yaml``)."""
-        path = Path(path)
+        """Write YAML to ``path`` (a file, or a folder that gets ``recipe.yaml``); returns the file."""
+        path = Path(path).expanduser()
         if path.is_dir() or path.suffix == "":
             path.mkdir(parents=True, exist_ok=True)
             path = path / RECIPE_FILENAME
@@ -157,20 +181,79 @@ class Recipe:
         path.write_text(self.to_yaml())
         return path
 
-    save_pretrained = save
+    def save_pretrained(self, save_directory: str | Path) -> Path:
+        """Write ``save_directory/recipe.yaml`` (the folder is created; nothing else is written), the
+        layout :meth:`from_pretrained` and :meth:`push_to_hub` use; returns the file's path."""
+        folder = Path(save_directory).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(
+                f"save_pretrained: {str(folder)!r} is a file, not a folder. Fix: pass a folder (it gets "
+                f"{RECIPE_FILENAME}), or use Recipe.save(path) to write a single YAML file"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / RECIPE_FILENAME
+        path.write_text(self.to_yaml())
+        return path
 
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Upload as ``recipe.yaml`` to a Hub repo (needs network and a token)."""
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+    ) -> PushedRecipe:
+        """Validate the recipe and upload it as ``recipe.yaml`` to the Hub model repo ``repo_id``
+        (created if missing; ``private`` applies only then). The commit message names the recipe
+        and its :attr:`hash`. Needs the network and a write token (``hf auth login`` or ``HF_TOKEN``).
+
+        Returns a :class:`PushedRecipe`: the repo id, the recipe's hash and the commit URL; anyone
+        loads it back with ``Recipe.from_pretrained(repo_id)`` or ``attnsteer recipes pull``."""
         import tempfile
 
+        repo_id = _hub_repo_id(repo_id, "push_to_hub", allow_bare=True)
+        recipe = load_recipe(self)  # re-validated: a Recipe built by hand may hold anything
+        digest = recipe.hash
+        if commit_message is None:
+            commit_message = f"attnsteer recipe {recipe.name!r} (sha256 {digest})"
+        elif digest not in commit_message:
+            commit_message = f"{commit_message} (attnsteer recipe sha256 {digest})"
+        if _hub_offline():
+            raise UsageError(
+                f"push_to_hub: cannot upload to the Hub repo {repo_id!r}: the Hub is offline (HF_HUB_OFFLINE is "
+                "set); nothing was uploaded. Fix: connect to the network and unset HF_HUB_OFFLINE, or share the "
+                f"folder written by Recipe.save_pretrained() ({RECIPE_FILENAME}) another way"
+            )
         from huggingface_hub import HfApi
 
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True, **{k: v for k, v in kwargs.items() if k in ("private", "token")})
-        with tempfile.TemporaryDirectory() as tmp:
-            file = self.save(Path(tmp) / RECIPE_FILENAME)
-            api.upload_file(path_or_fileobj=str(file), path_in_repo=RECIPE_FILENAME, repo_id=repo_id)
-        return repo_id
+        api = HfApi(token=token) if token is not None else HfApi()
+        try:
+            repo_url = api.create_repo(repo_id, private=private, token=token, exist_ok=True)
+            repo_id = getattr(repo_url, "repo_id", None) or repo_id  # a bare name gets the user's namespace
+            with tempfile.TemporaryDirectory() as tmp:
+                file = recipe.save_pretrained(tmp)
+                commit = api.upload_file(
+                    path_or_fileobj=str(file),
+                    path_in_repo=RECIPE_FILENAME,
+                    repo_id=repo_id,
+                    token=token,
+                    revision=revision,
+                    commit_message=commit_message,
+                    commit_description=(
+                        f"attnsteer recipe {recipe.name!r}, schema_version {recipe.schema_version}, "
+                        f"methods {recipe.methods}; recipe hash (sha256): {digest}"
+                    ),
+                )
+        except Exception as exc:  # no token, no network, no write access, a bad revision
+            raise UsageError(
+                f"push_to_hub: could not upload {RECIPE_FILENAME} to the Hub repo {repo_id!r} "
+                f"({type(exc).__name__}: {_one_line(exc)}). Fix: check the network (and that HF_HUB_OFFLINE is "
+                "not set), log in with a write token (`hf auth login` or HF_TOKEN), and check the repo id is "
+                "yours or your organisation's"
+            ) from exc
+        url = getattr(commit, "commit_url", None) or (str(commit) if isinstance(commit, str) else None)
+        return PushedRecipe(repo_id=repo_id, hash=digest, commit_url=url, revision=revision)
 
     def resolved_dict(self) -> dict:
         """:meth:`to_dict` with every model-independent default written out: a method's default
@@ -188,14 +271,75 @@ class Recipe:
     @property
     def hash(self) -> str:
         """SHA-256 of the canonical JSON of :meth:`resolved_dict` (what results record): two
-        recipes that steer identically except for name/description/source still differ, but
-        leaving out a default and writing it out do not."""
+        recipes that steer identically except for name/description/source/model_types(_policy)
+        still differ, but leaving out a default and writing it out do not (``model_types_policy:
+        error`` hashes as if left out)."""
         canonical = json.dumps(self.resolved_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
     def methods(self) -> list[str]:
         return [iv.method for iv in self.interventions]
+
+    def check_model_type(self, model_type: str) -> None:
+        """Raise (``model_types_policy: error``, the default) or warn (``warn``) when ``model_type``
+        is not one of the recipe's ``model_types``; a recipe without ``model_types`` fits any model."""
+        if not self.model_types or model_type in self.model_types:
+            return
+        if self.model_types_policy == "warn":
+            warnings.warn(
+                f"recipe {self.name!r} is made for model_types {self.model_types}, and this model's model_type is "
+                f"{model_type!r}; steering it anyway (model_types_policy: warn). Check the result, or add "
+                f"{model_type!r} to model_types once it is known to work",
+                AttnsteerWarning,
+                stacklevel=4,
+            )
+            return
+        raise RecipeError(
+            f"{self.name}.model_types: the recipe is made for {self.model_types}, and this model's model_type is "
+            f"{model_type!r}. Fix: use a recipe for {model_type!r}, drop model_types if it is generic, or set "
+            "model_types_policy: warn to steer other model types with a warning"
+        )
+
+
+@dataclass(frozen=True)
+class PushedRecipe:
+    """What :meth:`Recipe.push_to_hub` uploaded: ``str()`` of it is the commit URL (or the repo id)."""
+
+    repo_id: str
+    hash: str
+    commit_url: str | None = None
+    revision: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The repo's page on the Hub."""
+        return f"https://huggingface.co/{self.repo_id}"
+
+    def __str__(self) -> str:
+        return self.commit_url or self.repo_id
+
+
+def _check_schema_version(version: Any, origin: str) -> None:
+    if isinstance(version, int) and not isinstance(version, bool) and version == SCHEMA_VERSION:
+        return
+    if isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION:
+        from ._version import __version__
+
+        raise RecipeError(
+            f"{origin}: schema_version {version} is newer than this attnsteer ({__version__}) reads (schema_version: "
+            f"{SCHEMA_VERSION}); the recipe was written by a later attnsteer. Fix: upgrade attnsteer "
+            "(pip install -U attnsteer)"
+        )
+    raise RecipeError(
+        f"{origin}: schema_version {version!r} is not supported; this attnsteer reads schema_version: "
+        f"{SCHEMA_VERSION}. Fix: set schema_version: {SCHEMA_VERSION} (or leave it out)"
+    )
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parse_intervention(item: Any, where: str) -> Intervention:
@@ -330,8 +474,14 @@ def _from_yaml_text(text: str, origin: str) -> Recipe:
     return Recipe.from_dict(data, origin=origin)
 
 
-def load_recipe(recipe: str | Path | dict | Recipe, *, revision: str | None = None) -> Recipe:
-    """Load a recipe from a built-in name, a YAML file or folder, a dict, a Hub repo or a Recipe."""
+def load_recipe(
+    recipe: str | Path | dict | Recipe, *, revision: str | None = None, token: str | bool | None = None
+) -> Recipe:
+    """Load a recipe from a built-in name, a YAML file or folder, a dict, a Hub repo or a Recipe.
+
+    Strings are tried in that order: a built-in name, an existing file or folder holding
+    ``recipe.yaml``, then a Hub repo id (``owner/name``, or ``hf://owner/name`` to skip the local
+    look-up); ``revision`` and ``token`` apply to the Hub only."""
     if isinstance(recipe, Recipe):
         return Recipe.from_dict(recipe.to_dict(), origin=f"recipe {recipe.name!r}")
     if isinstance(recipe, dict):
@@ -339,33 +489,120 @@ def load_recipe(recipe: str | Path | dict | Recipe, *, revision: str | None = No
     if not isinstance(recipe, (str, Path)):
         raise RecipeError(
             f"recipe: got {type(recipe).__name__}; allowed: a built-in name {builtin_names()}, a YAML path, "
-            "a dict, a Hub repo id or an attnsteer.Recipe"
+            "a folder with recipe.yaml, a dict, a Hub repo id or an attnsteer.Recipe"
         )
     text = str(recipe)
+    if text.startswith(HUB_PREFIX):
+        return load_hub_recipe(text, revision=revision, token=token)[0]
     if text in builtin_names():
         return _from_yaml_text(_builtin_text(text), f"built-in recipe {text!r}")
     path = Path(text).expanduser()
-    if path.is_dir() and (path / RECIPE_FILENAME).is_file():
+    if path.is_dir():
+        if not (path / RECIPE_FILENAME).is_file():
+            raise RecipeError(
+                f"recipe: the folder {text!r} has no {RECIPE_FILENAME}. Fix: pass the YAML file itself, or a "
+                f"folder written by Recipe.save_pretrained() / `attnsteer recipes pull`"
+            )
         path = path / RECIPE_FILENAME
     if path.is_file():
         return _from_yaml_text(path.read_text(), str(path))
-    if text.startswith("hf://") or (text.count("/") == 1 and not text.endswith((".yaml", ".yml"))):
-        return _load_from_hub(text.removeprefix("hf://"), revision)
+    if isinstance(recipe, str) and "/" in text and _is_hub_repo_id(text):
+        return load_hub_recipe(text, revision=revision, token=token)[0]
     raise RecipeError(
-        f"recipe: {text!r} is not a built-in recipe, an existing YAML file, or a Hub repo id. "
-        f"Built-ins: {builtin_names()}. Fix: check the path, or run `attnsteer recipes list`"
+        f"recipe: {text!r} is not a built-in recipe, an existing YAML file or folder, or a Hub repo id "
+        f"(owner/name). Built-ins: {builtin_names()}. Fix: check the path, or run `attnsteer recipes list`"
     )
 
 
-def _load_from_hub(repo_id: str, revision: str | None) -> Recipe:
-    try:
-        from huggingface_hub import hf_hub_download
+# ---- the Hugging Face Hub -----------------------------------------------------------------------------
+HUB_PREFIX = "hf://"
 
-        file = hf_hub_download(repo_id, RECIPE_FILENAME, revision=revision)
-    except Exception as exc:  # network, missing repo, missing file
+
+def _is_hub_repo_id(text: str, allow_bare: bool = False) -> bool:
+    if not _HUB_REPO_ID.match(text) or ".." in text or text.endswith((".yaml", ".yml")):
+        return False
+    return allow_bare or "/" in text
+
+
+def _hub_repo_id(value: str, where: str, allow_bare: bool = False) -> str:
+    """``hf://owner/name`` or ``owner/name`` -> ``owner/name``; anything else raises naming ``where``."""
+    repo_id = str(value).removeprefix(HUB_PREFIX).strip("/")
+    if not _is_hub_repo_id(repo_id, allow_bare=allow_bare):
         raise RecipeError(
-            f"recipe: could not download {RECIPE_FILENAME} from the Hub repo {repo_id!r} "
-            f"({type(exc).__name__}: {exc}). Fix: check the repo id and your network, or download the file and "
-            "pass its local path"
+            f"{where}: {str(value)!r} is not a Hub repo id; allowed: owner/name (or hf://owner/name) with letters, "
+            "digits, '-', '_' and '.', e.g. me/my-act"
+        )
+    return repo_id
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once, at import)."""
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
+    try:
+        from huggingface_hub import constants
+
+        return flag or bool(constants.HF_HUB_OFFLINE)
+    except Exception:  # pragma: no cover - huggingface_hub missing or changed
+        return flag
+
+
+def hub_recipe_file(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
+    """Download ``recipe.yaml`` of the Hub repo ``repo_id`` (or take it from the local Hugging Face
+    cache) and return its path. Raises :class:`RecipeError` naming the repo and the fix."""
+    repo_id = _hub_repo_id(repo_id, "recipe")
+    at = f" at revision {revision!r}" if revision else ""
+    where = f"the Hub repo {repo_id!r}{at}"
+    offline = _hub_offline()
+    try:
+        from huggingface_hub import errors as hub_errors
+        from huggingface_hub import hf_hub_download
+    except ImportError as exc:  # pragma: no cover - a dependency of transformers
+        raise RecipeError(
+            f"recipe: loading {where} needs huggingface_hub. Fix: pip install huggingface_hub, or pass a local path"
         ) from exc
-    return _from_yaml_text(Path(file).read_text(), f"hf://{repo_id}")
+    try:
+        file = hf_hub_download(repo_id, RECIPE_FILENAME, revision=revision, token=token, local_files_only=offline)
+    except Exception as exc:  # classified below; every branch names the repo and the fix
+        detail = f"({type(exc).__name__}: {_one_line(exc)})"
+        local = "or download recipe.yaml and pass its local path (a YAML file, or a folder holding recipe.yaml)"
+        if isinstance(exc, hub_errors.LocalEntryNotFoundError) or offline:
+            state = "the Hub is offline (HF_HUB_OFFLINE is set)" if offline else "the Hub could not be reached"
+            message = (
+                f"recipe: could not download {RECIPE_FILENAME} from {where}: {state}, and the local Hugging Face "
+                f"cache does not hold it {detail}. Fix: connect to the network"
+                f"{' and unset HF_HUB_OFFLINE' if offline else ''}, {local}"
+            )
+        elif isinstance(exc, hub_errors.RevisionNotFoundError):
+            message = (
+                f"recipe: could not download {RECIPE_FILENAME} from {where}: the repo has no such revision {detail}. "
+                "Fix: pass an existing branch, tag or commit (or no revision for main)"
+            )
+        elif isinstance(exc, hub_errors.RepositoryNotFoundError):  # also gated / private without a token
+            message = (
+                f"recipe: could not download {RECIPE_FILENAME} from {where}: the repo does not exist, or it is "
+                f"private or gated {detail}. Fix: check the repo id, log in (`hf auth login` or HF_TOKEN) for a "
+                f"private repo, {local}"
+            )
+        elif isinstance(exc, hub_errors.EntryNotFoundError):
+            message = (
+                f"recipe: could not download {RECIPE_FILENAME} from {where}: the repo exists but holds no "
+                f"{RECIPE_FILENAME}, so it is not an attnsteer recipe repo {detail}. Fix: check the repo id; "
+                "recipes are shared with Recipe.push_to_hub() or `attnsteer recipes push`"
+            )
+        else:  # network, validation, server errors
+            message = (
+                f"recipe: could not download {RECIPE_FILENAME} from {where} {detail}. Fix: check the repo id and "
+                f"your network (HF_HUB_OFFLINE=1 makes the Hub offline on purpose), {local}"
+            )
+        raise RecipeError(message) from exc
+    return Path(file)
+
+
+def load_hub_recipe(
+    repo_id: str, *, revision: str | None = None, token: str | bool | None = None
+) -> tuple[Recipe, str]:
+    """The recipe of the Hub repo ``repo_id`` and the downloaded YAML text (validated)."""
+    repo_id = _hub_repo_id(repo_id, "recipe")
+    text = hub_recipe_file(repo_id, revision=revision, token=token).read_text()
+    origin = f"{HUB_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
+    return _from_yaml_text(text, origin), text

@@ -13,6 +13,9 @@ boundaries travel here, filled by forward hooks the handle installs:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from . import compat
@@ -96,9 +99,6 @@ class SteeringState:
         self.processor = None  # the model's processor, given to apply(..., processor=)
         self.model_ref = lambda: None  # weak reference to the model given to apply
         self.prompt_text: list[str] | None = None  # per batch row, set by handle.prompt_text(...)
-        # called as observer(layer, module, query, key, attention_mask, kwargs) by every site's
-        # attention while set (AGLA's lvlm_attention matcher reads the model's own attention)
-        self.observer = None
 
     # ---- pausing (the text-only stream runs unsteered) --------------------------------------
     class _Pause:
@@ -114,6 +114,22 @@ class SteeringState:
 
     def paused(self):
         return self._Pause(self)
+
+    @contextlib.contextmanager
+    def observing(self, layers, fn):
+        """Call ``fn(layer, module, query, key, attention_mask, kwargs)`` before the attention of
+        each of ``layers`` while the block runs (AGLA's lvlm_attention matcher reads the model's
+        own attention this way)."""
+        from .attention import dispatch
+
+        hooks = [(self.arch.attention_modules[layer], functools.partial(fn, layer)) for layer in layers]
+        for module, hook in hooks:
+            dispatch.add_observer(module, hook)
+        try:
+            yield
+        finally:
+            for module, hook in hooks:
+                dispatch.remove_observer(module, hook)
 
     # ---- hooks on the steered model ------------------------------------------------------------
     def record_prompt_ids(self, module, args, kwargs):

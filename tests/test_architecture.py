@@ -5,7 +5,7 @@ Layers, bottom to top (a module may import its own layer and those below it):
 0. foundations: errors, compat, console, selectors, roles, sinks, recipe, archs, models, methods, kernels
 1. attention integration: attention, state
 2. the API: plan, api, the package itself (``import attnsteer``)
-3. evaluations and the demo: evals, demo
+3. evaluations, calibration and the demo: evals, calibrate, demo
 4. the command line: cli
 """
 
@@ -22,6 +22,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "attnsteer"
 
 LAYERS = {
     "errors": 0,
+    "_version": 0,
     "compat": 0,
     "console": 0,
     "selectors": 0,
@@ -38,6 +39,7 @@ LAYERS = {
     "api": 2,
     "": 2,
     "evals": 3,
+    "calibrate": 3,
     "demo": 3,
     "cli": 4,
 }

