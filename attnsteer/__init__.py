@@ -10,6 +10,7 @@ from .compat import check_versions
 
 check_versions()
 
+from ._version import __version__
 from .api import SteeringHandle, apply  # noqa: E402
 from .compat import CompatibilityError  # noqa: E402
 from .errors import (  # noqa: E402
@@ -21,8 +22,6 @@ from .errors import (  # noqa: E402
 )
 from .plan import Plan, plan  # noqa: E402
 from .recipe import Intervention, Recipe, builtin_names, load_recipe  # noqa: E402
-
-from ._version import __version__
 
 __all__ = [
     "apply",
