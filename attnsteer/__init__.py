@@ -10,7 +10,7 @@ from .compat import check_versions
 
 check_versions()
 
-from ._version import __version__
+from ._version import __version__  # noqa: E402
 from .api import SteeringHandle, apply  # noqa: E402
 from .compat import CompatibilityError  # noqa: E402
 from .errors import (  # noqa: E402
