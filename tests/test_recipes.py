@@ -213,3 +213,48 @@ def test_an_installed_wheel_ships_the_builtin_recipes(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     for name in shipped:
         assert name in run.stdout
+
+
+def _tiny_for(recipe):
+    """A tiny model of the recipe's first model type, large enough for the layers, heads and
+    hidden dims it names."""
+    from conftest import build_tiny
+    from vlm_fixtures import build_vlm
+
+    layers, heads, dims = 3, 3, 0
+    for iv in recipe.interventions:
+        if isinstance(iv.heads, dict):
+            layers = max(layers, *iv.heads)
+            heads = max(heads, *(h for hs in iv.heads.values() for h in hs))
+        for item in iv.layers if isinstance(iv.layers, list) else [iv.layers]:
+            if isinstance(item, int):
+                layers = max(layers, item)
+            elif isinstance(item, str) and item.split(":")[0].isdigit():  # "14:" needs 15 layers
+                layers = max(layers, int(item.split(":")[0]) + 1)
+        if isinstance(iv.params.get("sink_dims"), list):
+            dims = max(dims, *iv.params["sink_dims"])
+    n_heads = heads + 1
+    head_dim = max(2, -(-(dims + 1) // n_heads)) if dims else (16 if n_heads <= 4 else 2)
+    shape = dict(num_hidden_layers=layers + 1, num_attention_heads=n_heads, num_key_value_heads=n_heads,
+                 head_dim=head_dim, hidden_size=n_heads * head_dim)  # fmt: skip
+    family = (recipe.model_types or ["llama"])[0]
+    if family in ("llama", "mistral", "qwen2", "qwen3"):
+        return build_tiny(family, **shape)
+    if family in ("qwen2_vl", "qwen2_5_vl") and "hidden_size" in shape:  # M-RoPE sections follow head_dim
+        shape["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 2, 0, 0]}
+    return build_vlm(family, **shape)
+
+
+@pytest.mark.parametrize("name", attnsteer.builtin_names())
+def test_every_builtin_applies_to_a_tiny_model_of_its_type(name):
+    recipe = attnsteer.Recipe.from_pretrained(name)
+    model = _tiny_for(recipe)
+
+    class ImageProcessor:
+        image_mean, image_std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+    handle = attnsteer.apply(model, recipe, processor=ImageProcessor())
+    try:
+        assert handle.plan.sites(), f"{name} steers nothing on a {model.config.model_type} model"
+    finally:
+        handle.remove()

@@ -54,7 +54,9 @@ def add_arguments(p) -> None:
     p.add_argument("--top-heads", type=int, default=8, help="screened heads the greedy step tries (default 8)")
     p.add_argument("--max-heads", type=int, default=8, help="most heads in the recipe (default 8)")
     p.add_argument("--patience", type=int, default=3, help="stop after this many rejected heads in a row")
-    p.add_argument("--min-gain", type=float, default=0.0, help="least calibration-score gain to add a head")
+    p.add_argument(
+        "--min-gain", type=float, default=0.0, help="least score gain for a layer or head to count (default 0)"
+    )
     p.add_argument("--calibration-limit", type=int, default=None, help="use only the first N calibration items")
     p.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out items")
     p.add_argument("--heldout-fraction", type=float, default=0.5, help=".jsonl tasks: held-out share per subject")
@@ -142,7 +144,6 @@ class ChoiceScorer:
         self.model, self.fmt = model, fmt
         self.item_evaluations = 0
         self.forwards = 0
-        model.register_forward_pre_hook(self._count)
 
     def _count(self, module, args):
         self.forwards += 1
@@ -161,6 +162,7 @@ class ChoiceScorer:
             for cont in continuations:
                 instances.append(Instance("loglikelihood", doc={}, arguments=(context, cont), idx=len(owners)))
                 owners.append(k)
+        counter = self.model.register_forward_pre_hook(self._count)
         handle = attnsteer.apply(self.model, recipe) if recipe is not None else None
         try:
             with quiet_lm_eval(), _record_row_lengths():
@@ -168,6 +170,7 @@ class ChoiceScorer:
         finally:
             if handle is not None:
                 handle.remove()
+            counter.remove()
         self.item_evaluations += len(items)
         lls: list[list[float]] = [[] for _ in items]
         for k, (ll, _) in zip(owners, results):
@@ -236,7 +239,10 @@ def act_recipe(base, heads: dict[int, list[int]], name: str, model_types, source
     return Recipe.from_dict(data)
 
 
-def run(args) -> int:
+def run(args, loaded=None) -> int:
+    """The command; ``loaded``: an already loaded ``(tokenizer, model)`` for ``--model``."""
+    import yaml
+
     import attnsteer
 
     from .. import models
@@ -258,9 +264,10 @@ def run(args) -> int:
     if [iv.method for iv in base.interventions] != ["act"]:
         raise UsageError(f"--recipe {args.recipe!r}: the base must be one ACT intervention (its beta and threshold)")
     model_id, kwargs = models.resolve_model(args.model, args.model_args)
-    tokenizer, model = models.load_checked(model_id, kwargs, sys.stderr)
+    tokenizer, model = loaded if loaded is not None else models.load_checked(model_id, kwargs, sys.stderr)
     arch = attnsteer.archs.resolve(model)
-    layers = resolve_layers(args.layers, arch.num_layers, "--layers")
+    layer_spec = yaml.safe_load(args.layers) if args.layers.strip().startswith("[") else args.layers
+    layers = resolve_layers(layer_spec, arch.num_layers, "--layers")
     out = Path(args.out)
     name = args.name or f"act-calibrated-{Path(str(model_id)).name.lower()}"
     settings = {"model": model_id, "task": args.task, "format": fmt, "split": split, "base": base.to_dict(),
@@ -286,7 +293,7 @@ def run(args) -> int:
             break
         r = search.evaluate(f"layer/{layer}", screen, recipe_for({layer: list(range(arch.num_heads))}))
         layer_gain[layer] = r["logp"] - base_screen["logp"]
-    best_layers = [l for l in sorted(layer_gain, key=layer_gain.get, reverse=True) if layer_gain[l] > 0]
+    best_layers = [l for l in sorted(layer_gain, key=layer_gain.get, reverse=True) if layer_gain[l] > args.min_gain]
     best_layers = best_layers[: args.top_layers]
     # 2. heads of those layers
     head_gain = {}
@@ -295,7 +302,7 @@ def run(args) -> int:
             break
         r = search.evaluate(f"head/{layer}/{head}", screen, recipe_for({layer: [head]}))
         head_gain[(layer, head)] = r["logp"] - base_screen["logp"]
-    candidates = [c for c in sorted(head_gain, key=head_gain.get, reverse=True) if head_gain[c] > 0]
+    candidates = [c for c in sorted(head_gain, key=head_gain.get, reverse=True) if head_gain[c] > args.min_gain]
     candidates = candidates[: args.top_heads]
     # 3. greedy forward selection on the calibration part
     chosen: dict[int, list[int]] = {}

@@ -81,3 +81,29 @@ def add_reserved(name: str, help_text: str, example: str) -> Callable:
 def not_implemented(name: str) -> int:
     print(f"attnsteer {name}: {NOT_IMPLEMENTED}.", file=sys.stderr)
     return EXIT_USAGE
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--model`` and ``--model_args``, as every command that loads a model takes them."""
+    from .. import models
+
+    p.add_argument(
+        "--model", default=None, help="hub id, local folder, or 'smollm2' (the embedded offline SmolLM2-135M-Instruct)"
+    )
+    p.add_argument(
+        "--model_args",
+        default=None,
+        help="key=value,... e.g. dtype=bfloat16,device=cpu; keys: " + ", ".join(models.MODEL_ARG_KEYS),
+    )
+
+
+def add_recipe_argument(p: argparse.ArgumentParser) -> None:
+    """``--recipe R [R ...]`` (repeatable), required."""
+    p.add_argument(
+        "--recipe",
+        action="extend",
+        nargs="+",
+        required=True,
+        metavar="R",
+        help="built-in name, YAML path or hub repo; repeat for several",
+    )

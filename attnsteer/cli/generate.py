@@ -11,7 +11,16 @@ from .. import models
 from ..console import wrap
 from ..plan import check_recipes
 from ..recipe import load_labelled_recipes
-from ._common import EXIT_OK, CLIError, output_file, positive_int, seed_everything, subparser
+from ._common import (
+    EXIT_OK,
+    CLIError,
+    add_model_arguments,
+    add_recipe_argument,
+    output_file,
+    positive_int,
+    seed_everything,
+    subparser,
+)
 
 
 def add_generate(sub) -> None:
@@ -24,22 +33,8 @@ def add_generate(sub) -> None:
         description="Generate greedily with the unsteered model (baseline) and with each recipe, and print the "
         "answers one after the other with prefill time and decode tokens/s.",
     )
-    p.add_argument(
-        "--model", default=None, help="hub id, local folder, or 'smollm2' (the embedded offline SmolLM2-135M-Instruct)"
-    )
-    p.add_argument(
-        "--model_args",
-        default=None,
-        help="key=value,... e.g. dtype=bfloat16,device=cpu; keys: " + ", ".join(models.MODEL_ARG_KEYS),
-    )
-    p.add_argument(
-        "--recipe",
-        action="extend",
-        nargs="+",
-        required=True,
-        metavar="R",
-        help="built-in name, YAML path or hub repo; repeat for several",
-    )
+    add_model_arguments(p)
+    add_recipe_argument(p)
     p.add_argument(
         "--prompt", action="extend", nargs="+", required=True, metavar="TEXT", help="prompt text; repeat for several"
     )

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import models
 from ..plan import check_recipes, plan
 from ..recipe import load_labelled_recipes
-from ._common import EXIT_OK, CLIError, seed_everything, subparser
+from ._common import EXIT_OK, CLIError, add_model_arguments, add_recipe_argument, seed_everything, subparser
 
 EXAMPLE = "attnsteer inspect --model smollm2 --recipe act-default --prompt Hi --out pictures"
 
@@ -25,22 +25,8 @@ def add_inspect(sub) -> None:
         "text-only model; over the image grid with --image), the sinks ACT and VAR find and the heads VHR selects. "
         "Writes OUT/<label>_<picture>.png and OUT/inspect.json with every number drawn (docs/inspect.md).",
     )
-    p.add_argument(
-        "--model", default=None, help="hub id, local folder, or 'smollm2' (the embedded offline SmolLM2-135M-Instruct)"
-    )
-    p.add_argument(
-        "--model_args",
-        default=None,
-        help="key=value,... e.g. dtype=bfloat16,device=cpu; keys: " + ", ".join(models.MODEL_ARG_KEYS),
-    )
-    p.add_argument(
-        "--recipe",
-        action="extend",
-        nargs="+",
-        required=True,
-        metavar="R",
-        help="built-in name, YAML path or hub repo; repeat for several",
-    )
+    add_model_arguments(p)
+    add_recipe_argument(p)
     p.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt text")
     p.add_argument("--image", default=None, metavar="PATH", help="an image file, for a vision-language --model")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG pictures and inspect.json")
