@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import UsageError
@@ -62,20 +61,6 @@ def output_file(path: str, default_name: str) -> Path:
         out = out / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def add_reserved(name: str, help_text: str, example: str) -> Callable:
-    def add(sub) -> None:
-        p = subparser(
-            sub,
-            name,
-            f"{help_text} (not implemented yet)",
-            example,
-            description=f"{help_text[0].upper()}{help_text[1:]}: {NOT_IMPLEMENTED}.",
-        )
-        p.set_defaults(func=lambda args: not_implemented(name), _accepts_extra=True)  # any flags, for now
-
-    return add
 
 
 def not_implemented(name: str) -> int:
