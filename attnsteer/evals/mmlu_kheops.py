@@ -158,6 +158,25 @@ CLOZE_TEMPLATE = {
 # task-name suffix -> which part is the test split
 VARIANTS = {"": "all", "_heldout": "heldout", "_calibration": "calibration"}
 FORMATS = {"": (LETTER_TEMPLATE, "multiple choice questions"), "_cloze": (CLOZE_TEMPLATE, "questions")}
+FORMAT_SUFFIX = {"letter": "", "cloze": "_cloze"}
+
+
+def description(subject: str, fmt: str) -> str:
+    """lm-eval's mmlu description line about ``subject`` as displayed ("high school biology",
+    or a Jinja field such as ``{{subject_name}}``)."""
+    intro = FORMATS[FORMAT_SUFFIX[fmt]][1]
+    return f"The following are {intro} (with answers) about {subject}.\n\n"
+
+
+def choice_requests(item: MCItem, fmt: str) -> tuple[str, list[str]]:
+    """The 0-shot context and the continuations these tasks give ``item`` (``fmt``: "letter"
+    or "cloze"): what lm-eval scores, written out in Python for scorers outside lm-eval."""
+    question, head = item.question.strip(), description(item.subject.replace("_", " "), fmt)
+    if fmt == "cloze":
+        return head + f"Question: {question}\nAnswer:", [f" {c}" for c in item.choices]
+    letters = "ABCD"[: len(item.choices)]
+    listed = "".join(f"\n{letter}. {c}" for letter, c in zip(letters, item.choices))
+    return head + f"{question}{listed}\nAnswer:", [f" {letter}" for letter in letters]
 
 
 def task_names(subjects) -> list[str]:
@@ -219,15 +238,16 @@ def write_tasks(folder: Path, parts: dict[str, list[MCItem]]) -> list[str]:
         names.append(key)
 
     metric = {"metric": "acc", "aggregation": "mean", "weight_by_size": True}
-    for fmt, (template, intro) in FORMATS.items():
+    for fmt, (template, _) in FORMATS.items():
+        name = "cloze" if fmt else "letter"
         group = f"{TASK_PREFIX}{fmt}"
         for s in subjects:
-            description = f"The following are {intro} (with answers) about {s.replace('_', ' ')}.\n\n"
-            write({**_task(f"{group}_{s}", template, description, test_files[s], dev_files[s]), "task_alias": s})
+            task = _task(f"{group}_{s}", template, description(s.replace("_", " "), name), test_files[s], dev_files[s])
+            write({**task, "task_alias": s})
         write({"group": group, "task": [f"{group}_{s}" for s in subjects], "aggregate_metric_list": [metric],
                "metadata": {"version": 1.0}})  # fmt: skip
-        description = f"The following are {intro} (with answers) about {{{{subject_name}}}}.\n\n"
         for suffix, part in VARIANTS.items():
             if suffix:
-                write(_task(f"{group}{suffix}", template, description, part_files[part], dev_all))
+                per_item = description("{{subject_name}}", name)
+                write(_task(f"{group}{suffix}", template, per_item, part_files[part], dev_all))
     return names
