@@ -280,3 +280,41 @@ def test_static_cache_generation_steers_like_the_dynamic_cache(family):
 
 def test_transactional_apply_names_every_step():
     assert api._after_install_step is None  # the seam is off unless a test sets it
+
+
+# ---- torch touchpoint: the CPU flash kernel the fused backend builds on ----------------------------
+def test_cpu_flash_kernel_returns_output_and_row_lse():
+    """attnsteer's CPU fused path relies on torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    returning (out (B, H, Q, D), lse (B, H, Q)) with lse the natural-log LSE of the scaled, masked
+    scores. A torch release that renames or changes it must fail here (at run time the backend
+    would warn and fall back to the slower chunked path)."""
+    from attnsteer.attention import flash_backend
+
+    flash_backend._OP_STATE.clear()
+    op = flash_backend._flash_op()
+    assert op is not None, flash_backend._OP_STATE.get("reason")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 16, generator=g) for _ in range(3))
+    out, lse = op(q, k, v, 0.0, True, scale=0.25)
+    s = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~torch.ones(7, 7, dtype=torch.bool).tril(), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, torch.softmax(s, -1) @ v, atol=1e-5, rtol=1e-5)
+    assert out.shape == (2, 3, 7, 16) and lse.shape == (2, 3, 7) and lse.dtype == torch.float32
+
+
+def test_missing_cpu_flash_kernel_warns_and_falls_back(monkeypatch):
+    from attnsteer.attention import flash_backend, routing
+    from attnsteer.errors import AttnsteerWarning
+
+    def missing():
+        raise AttributeError("'_OpNamespace' 'aten' object has no attribute '_scaled_dot_product_flash_attention_for_cpu'")
+
+    monkeypatch.setattr(flash_backend, "_OP_STATE", {})
+    monkeypatch.setattr(flash_backend, "_kernel", missing)
+    with pytest.warns(AttnsteerWarning, match="chunked path"):
+        assert flash_backend._flash_op() is None
+    model = build_tiny("llama")
+    routing.reset_counters()
+    with attnsteer.apply(model, ACT_ALL):
+        model(input_ids=_ids())
+    assert routing.COUNTERS["fallback/cpu flash kernel unavailable"] > 0

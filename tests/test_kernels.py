@@ -10,11 +10,9 @@ dtype, both against a float32 reference).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
-import types
 
 import torch
 
@@ -26,21 +24,21 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import vlm_fixtures as F  # noqa: E402
+from attention_cases import METHODS, PHASES, Stats, padded_mask, params, plans  # noqa: E402
+from attention_cases import inputs as _inputs  # noqa: E402
 from conftest import build_tiny  # noqa: E402
 
 import attnsteer  # noqa: E402
 from attnsteer import kernels as K  # noqa: E402
-from attnsteer.attention import dispatch  # noqa: E402
+from attnsteer.attention import dispatch, routing, structure  # noqa: E402
 from attnsteer.attention import triton_backend as tb  # noqa: E402
+from attnsteer.attention.flash_backend import flash_attention  # noqa: E402
 from attnsteer.attention.fused import fused_attention  # noqa: E402
 from attnsteer.attention.reference import reference_attention  # noqa: E402
 from attnsteer.attention.rows import ForwardInfo, MaskView  # noqa: E402
 from attnsteer.methods.act import ACT  # noqa: E402
 from attnsteer.methods.softplus import SoftplusReweight  # noqa: E402
-from attnsteer.methods.var import VAR  # noqa: E402
 from attnsteer.plan import LayerPlan  # noqa: E402
-from attnsteer.roles import PromptRoles  # noqa: E402
-from attnsteer.sinks import HiddenSinks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRETED = K.interpreting()
@@ -107,15 +105,6 @@ def _softplus_ref(a, vis, rel, p, offset, steer):
     return torch.where(rows, w / total.clamp(min=1e-300), a.double()).float(), rows[..., 0]
 
 
-def _inputs(b, hq, hkv, q_len, k_len, d, seed=0, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, hq, q_len, d, generator=g) * 1.5
-    k = torch.randn(b, hkv, k_len, d, generator=g) * 1.5
-    v = torch.randn(b, hkv, k_len, d, generator=g)
-    k[:, :, min(3, k_len - 1)] *= 3  # a strong key, so rows are not near-uniform
-    return tuple(t.to(DEVICE, dtype) for t in (q, k, v))
-
-
 # q is (B, Hq, Q, D): `kv_start` = first valid key per batch row, q_offset = K - Q
 PREFILL_CASES = {
     # GQA 6/2, left padding with fully masked leading rows (row 1: keys < 7, queries at 4..16)
@@ -145,9 +134,9 @@ def _close(actual, expected, atol=2e-6, rtol=1e-5):
 def test_import_needs_no_triton_and_calls_say_how_to_install():
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import attnsteer.kernels as K, attnsteer.attention.triton_backend as tb, torch\n"
+        "import attnsteer.kernels as K, attnsteer.attention.dispatch as dispatch, torch\n"
         "assert not K.available()\n"
-        "assert tb.select_fused_backend(torch.zeros(1)).__name__ == 'fused_attention'\n"
+        "assert dispatch.select_fused_backend(torch.zeros(1)).__name__ == 'flash_attention'\n"
         "try:\n"
         "    K.row_stats(torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), K.MaskSpec(0), 1.0)\n"
         "except K.TritonUnavailableError as e:\n"
@@ -356,70 +345,6 @@ def test_low_precision_small(dtype):
 
 
 # ---- the backend: triton_attention vs reference_attention ---------------------------------------
-class _Stats:
-    def __init__(self):
-        self.rows = {}
-
-    def record(self, method, rows):
-        self.rows[id(method)] = self.rows.get(id(method), 0) + int(rows)
-
-
-def _params(cls, **over):
-    return {name: over.get(name, p.default) for name, p in cls.params.items()}
-
-
-HEADS = torch.tensor([True, False, True, False, False, True])
-
-
-def _var(variant="paper", heads=None, p=0.6):
-    """VAR on a fake 14-token prompt (the decode phase's row 14 is the first generated token):
-    image tokens at 4..9 (batch row 1: 6..11); sinks at 0, 5, 7 (text, image, image) in row 0 and
-    at 5, 8 (padding, image) in row 1."""
-    image = torch.zeros(2, 14, dtype=torch.bool)
-    image[0, 4:10], image[1, 6:12] = True, True
-    table = torch.zeros(2, 14, dtype=torch.bool)
-    table[0, [0, 5, 7]], table[1, [5, 8]] = True, True
-    sinks = HiddenSinks()
-    sinks.by_layer[0] = table.to(DEVICE)
-    state = types.SimpleNamespace(roles=PromptRoles(image.to(DEVICE)), sinks=sinks)
-    params = _params(VAR, rho=0.2, min_image_attention=0.05, variant=variant, p=p)
-    return VAR(VAR.finalize_params(params), 0, heads, state=state)
-
-
-METHODS = {
-    "act": lambda: ACT(_params(ACT, threshold=0.05, beta=0.2), 0, None),
-    "act-heads": lambda: ACT(_params(ACT, threshold=0.05, beta=0.2, keep_first_sink=False), 0, HEADS),
-    "softplus": lambda: SoftplusReweight(_params(SoftplusReweight, p=2.5), 0, None),
-    "softplus-heads": lambda: SoftplusReweight(_params(SoftplusReweight, p=3.0, offset=0.5), 0, HEADS),
-    "var": lambda: _var(),
-    "var-released-heads": lambda: _var("released", HEADS, p=1.0),
-}
-PHASES = {"prefill": (11, 11, 0), "chunk": (9, 15, 6), "decode": (1, 15, 14)}
-
-
-def _padded_mask(b, q_len, k_len, pads, window=0):
-    rows = torch.arange(k_len - q_len, k_len).view(1, 1, -1, 1)
-    keys = torch.arange(k_len).view(1, 1, 1, -1)
-    mask = keys <= rows
-    if window:
-        mask = mask & (keys > rows - window)
-    return (mask & (keys >= torch.tensor(pads).view(-1, 1, 1, 1))).expand(b, 1, q_len, k_len).clone().to(DEVICE)
-
-
-def _plans(name, k_len, past):
-    plans = []
-    for _ in range(2):
-        m = METHODS[name]()
-        if past and m.name == "act":  # continuation rows reuse the prompt's sinks
-            m.p = dataclasses.replace(m.p, apply_to="all")
-            sinks = torch.rand(2, 6, k_len, generator=torch.Generator().manual_seed(1)) > 0.7
-            m.prompt_state["sinks"] = sinks.to(DEVICE)
-        plan = LayerPlan(0)
-        plan.methods.append(m)
-        plans.append(plan)
-    return plans
-
-
 @pytest.mark.parametrize("phase", list(PHASES))
 @pytest.mark.parametrize("name", list(METHODS))
 def test_triton_attention_matches_reference(name, phase):
@@ -427,12 +352,12 @@ def test_triton_attention_matches_reference(name, phase):
     q, k, v = _inputs(2, 6, 2, 15, 15, 16, seed=8)
     q, k, v = q[:, :, -q_len:], k[:, :, :k_len], v[:, :, :k_len]
     pads = (0, 5)
-    mask = MaskView(_padded_mask(2, q_len, k_len, pads), q_len, k_len)
+    mask = MaskView(padded_mask(2, q_len, k_len, pads), q_len, k_len)
     info = ForwardInfo(q_len, past, k_len, torch.tensor(pads, device=DEVICE))
-    plan_ref, plan_tri = _plans(name, k_len, past)
-    stats_ref, stats_tri = _Stats(), _Stats()
+    plan_ref, plan_tri = plans(name, k_len, past)
+    stats_ref, stats_tri = Stats(), Stats()
     ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, stats_ref)
-    tb.reset_counters()
+    routing.reset_counters()
     out, weights = triton_attention_checked(plan_tri, q, k, v, mask, 0.35, info, stats_tri)
     assert weights is None
     valid = torch.tensor([[True] * q_len, [r + past >= 5 for r in range(q_len)]], device=DEVICE)
@@ -456,15 +381,15 @@ def triton_attention_checked(*args):
 def test_sliding_window_mask_is_recognised():
     q_len = k_len = 14
     q, k, v = _inputs(2, 6, 2, q_len, k_len, 16, seed=9)
-    mask = MaskView(_padded_mask(2, q_len, k_len, (0, 3), window=4), q_len, k_len)
+    mask = MaskView(padded_mask(2, q_len, k_len, (0, 3), window=4), q_len, k_len)
     info = ForwardInfo(q_len, 0, k_len, torch.tensor([0, 3], device=DEVICE))
-    plan_ref, plan_tri = _plans("softplus", k_len, 0)
-    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, _Stats())
-    tb.reset_counters()
-    out, _ = triton_attention_checked(plan_tri, q, k, v, mask, 0.35, info, _Stats())
+    plan_ref, plan_tri = plans("softplus", k_len, 0)
+    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, Stats())
+    routing.reset_counters()
+    out, _ = triton_attention_checked(plan_tri, q, k, v, mask, 0.35, info, Stats())
     valid = torch.tensor([[True] * q_len, [r >= 3 for r in range(q_len)]], device=DEVICE)
     _close(out[valid], ref[valid], atol=3e-6)
-    struct = tb._structure(mask, info, 2, q_len, k_len, q.device)
+    struct = structure.mask_structure(mask, info, 2, q_len, k_len, q.device)
     assert struct.spec.window == 4
 
 
@@ -472,14 +397,14 @@ def test_additive_float_mask_is_recognised():
     """Models loaded with eager attention pass a 0 / min float mask: same structure, same kernels."""
     q_len = k_len = 12
     q, k, v = _inputs(2, 6, 2, q_len, k_len, 16, seed=12)
-    raw = _padded_mask(2, q_len, k_len, (0, 4))
+    raw = padded_mask(2, q_len, k_len, (0, 4))
     low = torch.tensor(torch.finfo(torch.float32).min, device=DEVICE)
     mask = MaskView(torch.where(raw, torch.zeros((), device=DEVICE), low), q_len, k_len)
     info = ForwardInfo(q_len, 0, k_len, torch.tensor([0, 4], device=DEVICE))
-    plan_ref, plan_tri = _plans("act", k_len, 0)
-    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, _Stats())
-    tb.reset_counters()
-    out, _ = triton_attention_checked(plan_tri, q, k, v, mask, 0.35, info, _Stats())
+    plan_ref, plan_tri = plans("act", k_len, 0)
+    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, Stats())
+    routing.reset_counters()
+    out, _ = triton_attention_checked(plan_tri, q, k, v, mask, 0.35, info, Stats())
     valid = torch.tensor([[True] * q_len, [r >= 4 for r in range(q_len)]], device=DEVICE)
     _close(out[valid], ref[valid], atol=3e-6)
 
@@ -488,14 +413,14 @@ def test_additive_float_mask_is_recognised():
 def test_unsupported_inputs_fall_back_to_pytorch(case):
     q_len = k_len = 10
     q, k, v = _inputs(2, 6, 2, q_len, k_len, 16, seed=10)
-    raw = _padded_mask(2, q_len, k_len, (0, 2))
-    make = [lambda: SoftplusReweight(_params(SoftplusReweight, p=2.0), 0, None)]
+    raw = padded_mask(2, q_len, k_len, (0, 2))
+    make = [lambda: SoftplusReweight(params(SoftplusReweight, p=2.0), 0, None)]
     if case == "holes-in-mask":
         raw[:, :, 6:, 4] = False  # not causal + left padding: e.g. a packed or custom mask
     elif case == "lssa":
-        make = [lambda: SoftplusReweight(_params(SoftplusReweight, p=2.0, scoring="lssa"), 0, None)]
+        make = [lambda: SoftplusReweight(params(SoftplusReweight, p=2.0, scoring="lssa"), 0, None)]
     elif case == "two-weight-steps":
-        make.append(lambda: ACT(_params(ACT, threshold=0.05), 0, None))
+        make.append(lambda: ACT(params(ACT, threshold=0.05), 0, None))
     if case == "float-mask-with-bias":
         low = torch.tensor(torch.finfo(torch.float32).min, device=DEVICE)
         raw = torch.where(raw, torch.zeros((), device=DEVICE), low)
@@ -508,9 +433,9 @@ def test_unsupported_inputs_fall_back_to_pytorch(case):
         p.methods.extend(m() for m in make)
         return p
 
-    tb.reset_counters()
-    expected, _ = fused_attention(plan(), q, k, v, mask, 0.35, info, _Stats())
-    out, _ = tb.triton_attention(plan(), q, k, v, mask, 0.35, info, _Stats())
+    routing.reset_counters()
+    expected, _ = fused_attention(plan(), q, k, v, mask, 0.35, info, Stats())
+    out, _ = tb.triton_attention(plan(), q, k, v, mask, 0.35, info, Stats())
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     assert any(key.startswith("fallback/") for key in tb.COUNTERS), dict(tb.COUNTERS)
     assert not any(key.startswith("triton/") for key in tb.COUNTERS)
@@ -519,12 +444,12 @@ def test_unsupported_inputs_fall_back_to_pytorch(case):
 def test_select_fused_backend(monkeypatch):
     x = torch.zeros(1, device="cpu")
     monkeypatch.setenv("ATTNSTEER_TRITON", "0")
-    assert tb.select_fused_backend(x) is fused_attention
+    assert dispatch.select_fused_backend(x) is flash_attention
     monkeypatch.setenv("ATTNSTEER_TRITON", "1")
-    expected = tb.triton_attention if INTERPRETED else fused_attention
-    assert tb.select_fused_backend(x) is expected
+    expected = tb.triton_attention if INTERPRETED else flash_attention
+    assert dispatch.select_fused_backend(x) is expected
     monkeypatch.delenv("ATTNSTEER_TRITON")
-    assert tb.select_fused_backend(x) is fused_attention  # CPU: PyTorch unless asked
+    assert dispatch.select_fused_backend(x) is flash_attention  # CPU: PyTorch's flash kernel unless asked
 
 
 # ---- whole models: the Triton backend == the PyTorch fused backend ------------------------------
@@ -550,7 +475,7 @@ def test_models_generate_like_the_pytorch_backend(family, recipe, monkeypatch):
         impl = tb.triton_attention if backend == "triton" else fused_attention
         monkeypatch.setitem(dispatch.BACKENDS, "fused", impl)
         monkeypatch.setenv("ATTNSTEER_TRITON", "1" if backend == "triton" else "0")
-        tb.reset_counters()
+        routing.reset_counters()
         with attnsteer.apply(model, recipe) as handle, torch.no_grad():
             out = model.generate(
                 input_ids=ids,
@@ -608,7 +533,7 @@ def test_vlm_var_generates_like_the_pytorch_backend(family, variant, monkeypatch
     for backend in ("pytorch", "triton"):
         monkeypatch.setitem(dispatch.BACKENDS, "fused", tb.triton_attention if backend == "triton" else fused_attention)
         monkeypatch.setenv("ATTNSTEER_TRITON", "1" if backend == "triton" else "0")
-        tb.reset_counters()
+        routing.reset_counters()
         with attnsteer.apply(model, recipe) as handle, torch.no_grad():
             out = model.generate(**inputs, **kwargs)
             results[backend] = (out, [s["rows_modified"] for s in handle.stats()], dict(tb.COUNTERS))

@@ -68,7 +68,7 @@ def test_speed_on_a_tiny_config_writes_long_csv_json_and_markdown(tmp_path, caps
     for name in names[1:]:
         r = rows[name]
         assert r["status"] == "ok" and r["prefill_speed_ratio"] > 0 and r["decode_speed_ratio"] > 0
-    assert rows["act-mtbench@auto"]["impl"] == "pytorch"  # CPU without ATTNSTEER_TRITON: plain PyTorch
+    assert rows["act-mtbench@auto"]["impl"] == "flash"  # CPU without ATTNSTEER_TRITON: PyTorch's flash kernel
     assert rows["act-mtbench@reference"]["impl"] == "reference"
     assert rows["softplus-reweight@auto"]["prefill_speedup_vs_reference"] > 0
     # every steered run fired (the recipes changed rows)
@@ -152,7 +152,8 @@ def test_speed_reports_the_triton_path(tmp_path):
     assert speed.main(argv) == 0
     rows = {r["config"]: r for r in json.loads((tmp_path / "tri.json").read_text())["summary"]}
     assert rows["act-mtbench@fused-triton"]["impl"] == "triton"
-    assert rows["act-mtbench@fused-pytorch"]["impl"] == "pytorch"
+    # the PyTorch path for the device: flash + corrections on CPU, chunked on CUDA
+    assert rows["act-mtbench@fused-pytorch"]["impl"] == ("flash" if device == "cpu" else "chunked")
 
 
 def test_builtin_configs_resolve_offline():

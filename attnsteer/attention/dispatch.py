@@ -16,16 +16,27 @@ import torch.nn as nn
 
 from .. import compat
 from ..errors import SteeringError, UnsupportedModelError
+from . import triton_backend
+from .flash_backend import flash_attention
+from .fused import fused_attention
 from .reference import reference_attention
 from .rows import MaskView
-from .triton_backend import select_fused_backend
 
 # original implementation -> the name attnsteer registers for models that had it
 REGISTERED_NAMES = {"sdpa": "attnsteer_sd", "eager": "attnsteer_eg"}
 
 
+def select_fused_backend(query: torch.Tensor) -> Callable:
+    """The implementation behind the ``fused`` backend for this call: the Triton kernels where
+    :func:`attnsteer.attention.triton_backend.wanted` says so (CUDA), PyTorch's CPU flash kernel
+    plus corrections on CPU, the chunked PyTorch path otherwise. Each hands what it does not
+    cover to the chunked path, which covers everything."""
+    if triton_backend.wanted(query):
+        return triton_backend.triton_attention
+    return flash_attention if query.device.type == "cpu" else fused_attention
+
+
 def _fused(plan, query, key, value, mask, scaling, info, stats):
-    """The fused backend: Triton kernels on CUDA (when triton imports), plain PyTorch otherwise."""
     return select_fused_backend(query)(plan, query, key, value, mask, scaling, info, stats)
 
 

@@ -20,18 +20,16 @@ method, any other mask -- goes to ``fused_attention`` (plain PyTorch), never to 
 Each call is counted in :data:`COUNTERS` (``"triton/<method>/<phase>"`` or ``"fallback/<reason>"``)
 so benchmarks and tests can tell which path ran.
 
-Dispatch (see :func:`select_fused_backend`): CUDA tensors use these kernels when triton imports;
-CPU tensors only when ``ATTNSTEER_TRITON=1`` and ``TRITON_INTERPRET=1`` (interpreter tests);
-``ATTNSTEER_TRITON=0`` turns the kernels off everywhere.
+Dispatch (see :func:`wanted` and ``dispatch.select_fused_backend``): CUDA tensors use these
+kernels when triton imports; CPU tensors only when ``ATTNSTEER_TRITON=1`` and
+``TRITON_INTERPRET=1`` (interpreter tests); ``ATTNSTEER_TRITON=0`` turns the kernels off everywhere.
 """
 
 from __future__ import annotations
 
-import collections
 import os
 import warnings
 import weakref
-from dataclasses import dataclass
 
 import torch
 
@@ -39,129 +37,25 @@ from .. import kernels as K
 from ..errors import AttnsteerWarning
 from ..methods.base import StepInfo
 from .fused import fused_attention
+from .routing import COUNTERS, single_weight_step
 from .rows import ForwardInfo, MaskView
+from .structure import Structure, mask_structure
 
-COUNTERS: collections.Counter = collections.Counter()
 _DISABLED: dict[str, str] = {}  # set when a kernel failed to compile/launch: the process falls back
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-def reset_counters() -> None:
-    COUNTERS.clear()
-
-
-def select_fused_backend(query: torch.Tensor):
-    """The implementation behind the ``fused`` backend for this call: ``triton_attention`` on CUDA
-    when triton imports (unless ``ATTNSTEER_TRITON=0``), on CPU only with ``ATTNSTEER_TRITON=1``
-    under ``TRITON_INTERPRET=1``; ``fused_attention`` otherwise."""
+def wanted(query: torch.Tensor) -> bool:
+    """Whether the ``fused`` backend should run this call on the Triton kernels: CUDA tensors when
+    triton imports (unless ``ATTNSTEER_TRITON=0`` or a kernel failed in this process); CPU tensors
+    only with ``ATTNSTEER_TRITON=1`` under ``TRITON_INTERPRET=1`` (the interpreter tests)."""
     mode = os.environ.get("ATTNSTEER_TRITON", "").strip().lower()
     if mode in _FALSE or _DISABLED:
-        return fused_attention
+        return False
     if query.is_cuda:
-        return triton_attention if K.available() else fused_attention
-    if mode in _TRUE and K.interpreting() and K.available():
-        return triton_attention
-    return fused_attention
-
-
-# ---------------------------------------------------------------------------------------------
-# mask structure (cached per forward)
-# ---------------------------------------------------------------------------------------------
-@dataclass
-class _Structure:
-    spec: K.MaskSpec
-    key_offset: int  # absolute position of key index 0
-    rel0: torch.Tensor  # int32 (B,): position of query row 0 counted from the row's first token
-
-
-_CACHE: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
-_CACHE_SIZE = 32
-
-
-def _mask_key(mask: MaskView, info: ForwardInfo, b: int, q_len: int, k_len: int, device) -> tuple:
-    t = mask.mask
-    if t is None:
-        return (id(info), None, b, q_len, k_len, str(device))
-    return (
-        id(info),
-        t.untyped_storage().data_ptr(),
-        t.storage_offset(),
-        tuple(t.shape),
-        t.stride(),
-        t.dtype,
-        b,
-        q_len,
-        k_len,
-        str(device),
-    )
-
-
-def _verify(mask: MaskView, q_offset: int, kv_start: torch.Tensor | None, q_len: int, k_len: int):
-    """(ok, window): whether the mask is exactly causal + left padding (+ a window W, inferred as
-    the largest number of keys any row sees). One host sync."""
-    t = mask.mask
-    dev = t.device
-    vis = t if mask.is_bool else t > torch.finfo(t.dtype).min / 2
-    rows = torch.arange(q_len, device=dev).view(1, 1, -1, 1) + q_offset
-    keys = torch.arange(k_len, device=dev).view(1, 1, 1, -1)
-    expected = keys <= rows
-    if kv_start is not None:
-        expected = expected & (keys >= kv_start.view(-1, 1, 1, 1))
-    width = vis.sum(-1, dtype=torch.int64).amax()
-    expected = expected & (keys > rows - width)
-    ok = (vis == expected).all()
-    if not mask.is_bool:  # additive masks: visible entries must add exactly 0
-        ok = ok & (t.masked_fill(~vis, 0) == 0).all()
-    ok_v, width_v = torch.stack([ok.to(torch.int64), width]).tolist()
-    return bool(ok_v), int(width_v)
-
-
-def _structure(mask: MaskView, info: ForwardInfo, b: int, q_len: int, k_len: int, device):
-    """The kernels' MaskSpec for this call, or a string saying why the mask does not fit."""
-    key = _mask_key(mask, info, b, q_len, k_len, device)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is info:
-        return hit[1]
-    result = _build_structure(mask, info, b, q_len, k_len, device)
-    try:
-        _CACHE[key] = (weakref.ref(info), result)
-    except TypeError:  # pragma: no cover - info without weakref support: no caching
-        return result
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return result
-
-
-def _build_structure(mask: MaskView, info: ForwardInfo, b: int, q_len: int, k_len: int, device):
-    key_offset = max(info.total_len - k_len, 0)
-    fv = info.first_valid
-    if fv is not None and fv.shape[0] != b:
-        return "first_valid does not match the batch"
-    if fv is not None:
-        fv = fv.to(device)
-        rel0 = (info.past_len - fv).to(torch.int32)
-    else:
-        rel0 = torch.full((b,), info.past_len, dtype=torch.int32, device=device)
-    if mask.mask is None:
-        # MaskView's rule for a missing mask: plain causal, query i at key index K - Q + i
-        if k_len < q_len:
-            return "fewer keys than queries"
-        return _Structure(K.MaskSpec(q_offset=k_len - q_len), key_offset, rel0)
-    t = mask.mask
-    if t.shape[1] != 1:
-        return "per-head attention mask"
-    if t.shape[0] not in (1, b) or t.shape[-2] != q_len or t.shape[-1] != k_len:
-        return f"mask of shape {tuple(t.shape)} for Q={q_len}, K={k_len}"
-    q_offset = info.past_len - key_offset
-    if q_offset < 0 or q_offset + q_len > k_len:
-        return "query positions outside the keys"
-    kv_start = None if fv is None else (fv - key_offset).clamp(min=0).to(torch.int32)
-    ok, width = _verify(mask, q_offset, kv_start, q_len, k_len)
-    if not ok or width == 0:
-        return "mask is not causal + left padding + sliding window"
-    window = 0 if width >= q_offset + q_len else width
-    return _Structure(K.MaskSpec(q_offset=q_offset, kv_start=kv_start, window=window), key_offset, rel0)
+        return K.available()
+    return mode in _TRUE and K.interpreting() and K.available()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,15 +73,7 @@ def _route(plan, query, key, value, info: ForwardInfo):
         return f"dtype {query.dtype}"
     if query.shape[-1] > 256 or query.shape[1] % key.shape[1] or key.shape[2] == 0:
         return "shape"
-    if plan.score_steps(info.is_prefill):
-        return "score-level step"
-    steps = plan.weight_steps(info.is_prefill)
-    if len(steps) != 1:
-        return f"{len(steps)} weight steps on one layer"
-    method = steps[0]
-    if method.kernel_rule not in _GLUE:
-        return f"method {method.name}" + (f" ({method.kernel_rule})" if method.kernel_rule else "")
-    return method
+    return single_weight_step(plan, info.is_prefill, _GLUE)
 
 
 def _fallback(reason: str, plan, query, key, value, mask, scaling, info, stats):
@@ -201,7 +87,7 @@ def triton_attention(plan, query, key, value, mask: MaskView, scaling: float, in
     if isinstance(route, str):
         return _fallback(route, plan, query, key, value, mask, scaling, info, stats)
     b, _, q_len, _ = query.shape
-    struct = _structure(mask, info, b, q_len, key.shape[2], query.device)
+    struct = mask_structure(mask, info, b, q_len, key.shape[2], query.device)
     if isinstance(struct, str):
         return _fallback(struct, plan, query, key, value, mask, scaling, info, stats)
     try:
@@ -240,7 +126,7 @@ def _steer_flags(method, hq: int, device) -> torch.Tensor:
     return flags
 
 
-def _act_groups(method, b: int, k_len: int, struct: _Structure, step: StepInfo, device) -> K.Groups:
+def _act_groups(method, b: int, k_len: int, struct: Structure, step: StepInfo, device) -> K.Groups:
     """Group 1 = the prompt's sinks (per query head, absolute positions), 0 = everything else."""
     table = method.prompt_state.get("sinks")
     if table is None or table.shape[0] != b:
@@ -252,7 +138,7 @@ def _act_groups(method, b: int, k_len: int, struct: _Structure, step: StepInfo, 
     return K.Groups(table.view(torch.int8), 2, offset=struct.key_offset)
 
 
-def _act_bias(method, masses: torch.Tensor, struct: _Structure, q_len: int):
+def _act_bias(method, masses: torch.Tensor, struct: Structure, q_len: int):
     """Per-row bias log(M'_g / M_g) of ACT's groups (0 other, 1 sinks), from ``ACT.group_factors``."""
     m_other, m_sink = masses[..., :1], masses[..., 1:2]  # (B, H, Q, 1)
     rel = struct.rel0.view(-1, 1, 1, 1) + torch.arange(q_len, device=masses.device).view(1, 1, -1, 1)
@@ -263,7 +149,7 @@ def _act_bias(method, masses: torch.Tensor, struct: _Structure, q_len: int):
     return bias, rows.sum()
 
 
-def _act(method, query, key, value, struct: _Structure, scaling: float, info: ForwardInfo):
+def _act(method, query, key, value, struct: Structure, scaling: float, info: ForwardInfo):
     b, hq, q_len, _ = query.shape
     k_len = key.shape[2]
     dev = query.device
@@ -302,7 +188,7 @@ def _act(method, query, key, value, struct: _Structure, scaling: float, info: Fo
     return out, rows, phase
 
 
-def _softplus(method, query, key, value, struct: _Structure, scaling: float, info: ForwardInfo):
+def _softplus(method, query, key, value, struct: Structure, scaling: float, info: ForwardInfo):
     hq, q_len = query.shape[1], query.shape[2]
     args = K.SoftplusArgs(
         p=float(method.p.p),
@@ -321,7 +207,7 @@ def _softplus(method, query, key, value, struct: _Structure, scaling: float, inf
 _VAR_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _var_groups(method, struct: _Structure, k_len: int, device) -> tuple[K.Groups, torch.Tensor]:
+def _var_groups(method, struct: Structure, k_len: int, device) -> tuple[K.Groups, torch.Tensor]:
     """VAR's groups of the prompt positions (int8 (B, 1, P): 0 other, 1 text sink, 2 image sink,
     3 visual non-sink; generated tokens are group 0) and the bool (B,) gate of query rows after
     the prompt (decode rows) for this forward's keys. Cached per prompt and layer (the cache keeps
@@ -344,7 +230,7 @@ def _var_groups(method, struct: _Structure, k_len: int, device) -> tuple[K.Group
     return K.Groups(gid, 4, offset=struct.key_offset), gates[span]
 
 
-def _var(method, query, key, value, struct: _Structure, scaling: float, info: ForwardInfo):
+def _var(method, query, key, value, struct: Structure, scaling: float, info: ForwardInfo):
     b, hq, q_len, _ = query.shape
     k_len = key.shape[2]
     dev = query.device

@@ -8,9 +8,11 @@ Method (also written into every result file):
   the baseline is the model's own SDPA attention.
 * Configurations: ``baseline`` (no recipe) and, for each ``--recipe`` and each ``--backends``
   entry, the recipe applied with that backend: ``auto`` (what ``attnsteer.apply`` does by
-  default: the Triton kernels on CUDA once dispatch uses them, plain PyTorch on CPU),
-  ``fused-pytorch`` / ``fused-triton`` (the fused backend forced onto one implementation) and
-  ``reference`` (float32 eager with materialised weights -- how the papers' code runs).
+  default: the Triton kernels on CUDA, PyTorch's flash kernel plus corrections on CPU),
+  ``fused-triton`` / ``fused-pytorch`` / ``fused-chunked`` (the fused backend forced onto one
+  implementation: the Triton kernels; the PyTorch path for the device -- flash plus corrections on
+  CPU, chunked on CUDA; the generic chunked PyTorch path) and ``reference`` (float32 eager with
+  materialised weights -- how the papers' code runs).
 * Every configuration is warmed up once (Triton compiles, cuBLAS picks kernels). Then, per
   repeat, each steered configuration runs next to a baseline run (ABBA order: the order inside a
   pair flips every repeat). Ratios are medians over repeats of steered / the adjacent baseline.
@@ -54,7 +56,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
-BACKEND_CHOICES = ("auto", "fused-pytorch", "fused-triton", "reference")
+BACKEND_CHOICES = ("auto", "fused-pytorch", "fused-chunked", "fused-triton", "reference")
 DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -217,17 +219,21 @@ def _reset_hwm() -> bool:
 
 @contextlib.contextmanager
 def _backend_forced(backend: str):
-    """fused-pytorch / fused-triton: force the fused backend onto one implementation for a run."""
-    if backend not in ("fused-pytorch", "fused-triton"):
+    """fused-pytorch / fused-chunked / fused-triton: force the fused backend onto one implementation."""
+    if backend not in ("fused-pytorch", "fused-chunked", "fused-triton"):
         yield
         return
-    from ..attention import dispatch, triton_backend
+    from ..attention import dispatch, flash_backend, triton_backend
     from ..attention.fused import fused_attention
 
-    impl = fused_attention if backend == "fused-pytorch" else triton_backend.triton_attention
+    impl = {
+        "fused-pytorch": flash_backend.flash_attention,  # hands CUDA tensors to the chunked path
+        "fused-chunked": fused_attention,
+        "fused-triton": triton_backend.triton_attention,
+    }[backend]
     old_env = os.environ.get("ATTNSTEER_TRITON")
     old_fn = dispatch.BACKENDS["fused"]
-    os.environ["ATTNSTEER_TRITON"] = "0" if backend == "fused-pytorch" else "1"
+    os.environ["ATTNSTEER_TRITON"] = "1" if backend == "fused-triton" else "0"
     dispatch.BACKENDS["fused"] = impl
     try:
         yield
@@ -240,7 +246,7 @@ def _backend_forced(backend: str):
 
 
 def _api_backend(backend: str) -> str:
-    return {"auto": "auto", "fused-pytorch": "fused", "fused-triton": "fused", "reference": "reference"}[backend]
+    return {"reference": "reference"}.get(backend, "auto" if backend == "auto" else "fused")
 
 
 def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> dict:
@@ -252,7 +258,7 @@ def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> d
 
     import attnsteer
 
-    from ..attention import triton_backend
+    from ..attention import routing
 
     cuda = device.type == "cuda"
 
@@ -261,7 +267,7 @@ def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> d
             torch.cuda.synchronize(device)
 
     handle = None
-    counters_before = dict(triton_backend.COUNTERS)
+    counters_before = dict(routing.COUNTERS)
     with _backend_forced(config.get("backend") or "auto"):
         if config["recipe"] is not None:
             handle = attnsteer.apply(model, config["recipe"], backend=_api_backend(config["backend"]))
@@ -312,7 +318,7 @@ def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> d
                     warnings.simplefilter("ignore")
                     handle.remove()
     counters = {
-        k: v - counters_before.get(k, 0) for k, v in triton_backend.COUNTERS.items() if v != counters_before.get(k, 0)
+        k: v - counters_before.get(k, 0) for k, v in routing.COUNTERS.items() if v != counters_before.get(k, 0)
     }
     decode_s = t3 - t2
     return {
@@ -332,13 +338,12 @@ def _impl(backend: str | None, counters: dict, device) -> str:
         return "sdpa"
     if backend == "reference":
         return "reference"
-    triton = sum(v for k, v in counters.items() if k.startswith("triton/"))
+    fast = {path: sum(v for k, v in counters.items() if k.startswith(path + "/")) for path in ("triton", "flash")}
     fallback = sum(v for k, v in counters.items() if k.startswith("fallback/"))
-    if triton and not fallback:
-        return "triton"
-    if triton:
-        return "triton+pytorch"
-    return "pytorch"
+    ran = [path for path, calls in fast.items() if calls]
+    if fallback or not ran:
+        ran.append("chunked")
+    return "+".join(ran)
 
 
 # ---- machine facts ---------------------------------------------------------------------------------

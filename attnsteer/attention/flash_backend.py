@@ -1,0 +1,619 @@
+"""The ``fused`` backend on CPU: PyTorch's flash attention plus small per-row corrections.
+
+PyTorch's CPU flash kernel (``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu``)
+returns the unsteered output ``o_i = sum_j a_ij v_j`` *and* each row's log-sum-exp ``lse_i``
+without building the Q x K map. Every weight-level rule attnsteer runs here is exact on top of
+those two:
+
+* **group rules** (ACT, VAR) rescale whole key groups of a row by factors ``f_g``, so
+  ``o'_i = o_i + sum_g (f_g - 1) O_ig`` with ``O_ig = sum_{j in g} a_ij v_j`` and
+  ``M_ig = sum_{j in g} a_ij``. The groups that change are small (ACT's sinks; VAR's sinks and
+  image tokens) and their weights are ``a_ij = exp(s_ij - lse_i)`` from the known LSE, so their
+  masses and outputs come from a gathered (rows x group keys) product, never the full map.
+  ACT's large "other" group is the complement: ``M_other = 1 - M_sink``, ``O_other = o - O_sink``;
+  in rows where that subtraction would lose precision (the non-sinks hold less than
+  :data:`ACT_MIN_OTHER_MASS`) the complement is summed exactly over the row's keys instead.
+  ACT's sink detection needs the column means of the whole prefill map: one chunked QK^T-only
+  pass with the known LSE (``exp(s - lse)``, no softmax, no V).
+* **softplus re-weighting**: ``w_ij = max(N_i a_ij - o_i, 0)^p = max(exp(s_ij - lse_i + log N_i) - o_i, 0)^p``
+  -- one chunked pass after the LSE, in place, with the causal part above each chunk's last row
+  skipped. Rows where every weight is 0 keep the flash output (SPEC: uniform rows unchanged).
+
+Decode rows are the same computation with one query row. Everything runs in float32 (as the
+reference does); the output is cast back to the model's dtype. What this module does not cover --
+score-level steps, two weight steps on a layer, masks that are not causal + left padding (+ a
+window), CUDA tensors -- goes to :func:`attnsteer.attention.fused.fused_attention`, counted in
+:data:`attnsteer.attention.routing.COUNTERS` as ``fallback/<reason>``; what it runs is counted as
+``flash/<rule>/<phase>``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+
+import torch
+
+from ..errors import AttnsteerWarning
+from ..kernels.ops import MaskSpec
+from ..methods.base import StepInfo
+from ..methods.softplus import FIRST_ROWS_WITHOUT_OFFSET
+from . import fused
+from .fused import fused_attention, grouped_pv, grouped_qk
+from .routing import COUNTERS, single_weight_step
+from .rows import ForwardInfo, MaskView
+from .structure import Structure, mask_structure
+
+# A steered ACT row whose non-sink mass is below this has it summed exactly over its keys: o - O_sink
+# carries the flash output's rounding, which the calibration multiplies by f_other = 1 + (1 - beta)
+# M_sink / M_other (at most 4 below 1/4: float32 results stay within the reference's tolerance).
+ACT_MIN_OTHER_MASS = 0.25
+
+# Softplus weights are formed directly as (N_i a_ij - o_i)^p <= N^p: the pass runs only while that
+# stays inside float32 (p log2 N < 126), and a row of a key-seeing query whose weights sum below
+# 2^-100 (all 0 -- a uniform row -- or underflowed: the two cannot be told apart) sends the call to
+# the chunked path, which works in log space.
+SOFTPLUS_MAX_LOG2 = 126.0
+SOFTPLUS_MIN_TOTAL = 2.0**-100
+
+# Elements of one chunk of the column and re-weighting passes: 4 MiB of float32 stays in cache
+# between the product, exp and the reductions (on a 2-core EPYC, 64-row chunks of a 9-head, 2048-key
+# layer ran the column pass in ~32 ms, 227-row chunks in ~57 ms).
+PASS_ELEMENTS = 1 << 20
+# Forwards with at most this many query rows (decode steps) form their rows directly instead of
+# calling the flash kernel, which would need the cache copied once per query head (GQA).
+DIRECT_ROWS = 4
+
+_OP_STATE: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the flash kernel
+# ---------------------------------------------------------------------------------------------
+def _kernel():
+    """The torch touchpoint (a private aten op; tests/test_compat.py pins its behaviour)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _flash_op():
+    """PyTorch's CPU flash kernel, or None (with the reason in ``_OP_STATE``) when it is missing or
+    does not behave as this module relies on: (out, lse) with lse the natural-log row LSE of the
+    scaled scores, (B, H, Q). Checked once per process on a tiny input against a direct formula."""
+    if "op" in _OP_STATE:
+        return _OP_STATE["op"]
+    op, reason = None, ""
+    try:
+        candidate = _kernel()
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 5, 8, generator=gen) for _ in range(3))
+        mask = torch.zeros(1, 1, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
+        mask[..., 0] = float("-inf")  # row 0 sees nothing
+        out, lse = candidate(q, k, v, 0.0, False, attn_mask=mask, scale=0.3)
+        s = (q @ k.transpose(-1, -2)) * 0.3 + mask
+        want_lse = torch.logsumexp(s[..., 1:, :], -1)
+        want_out = torch.softmax(s[..., 1:, :], -1) @ v
+        if tuple(lse.shape) != (1, 2, 5) or tuple(out.shape) != (1, 2, 5, 8):
+            reason = f"returned shapes {tuple(out.shape)} / {tuple(lse.shape)}"
+        elif not (
+            torch.allclose(lse[..., 1:], want_lse, atol=1e-5) and torch.allclose(out[..., 1:, :], want_out, atol=1e-5)
+        ):
+            reason = "returned an output or log-sum-exp that differs from the formula"
+        else:
+            op = candidate
+    except (AttributeError, RuntimeError, TypeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+    if op is None:
+        _OP_STATE["reason"] = reason
+        warnings.warn(
+            f"attnsteer: PyTorch's CPU flash attention kernel is not usable in torch {torch.__version__} ({reason}); "
+            "steered attention on CPU runs on the slower chunked path",
+            AttnsteerWarning,
+            stacklevel=3,
+        )
+    _OP_STATE["op"] = op
+    return op
+
+
+def _row_positions(spec: MaskSpec, rows: torch.Tensor) -> torch.Tensor:
+    """Key index of each query row: long (R,)."""
+    return rows + spec.q_offset
+
+
+def visible_keys(spec: MaskSpec, rows: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """bool visibility of ``keys`` from query ``rows`` under causal + left padding (+ window).
+
+    rows: long (R,) query row indices; keys: long (K,) or (B, H, G) key indices (negative =
+    no key). Returns (B|1, 1, R, K) or (B, H, R, G)."""
+    pos = _row_positions(spec, rows)
+    if keys.dim() == 1:
+        j, p = keys.view(1, 1, 1, -1), pos.view(1, 1, -1, 1)
+        start = None if spec.kv_start is None else spec.kv_start.to(keys.device).view(-1, 1, 1, 1)
+    else:
+        j, p = keys[:, :, None, :], pos.view(1, 1, -1, 1)
+        start = None if spec.kv_start is None else spec.kv_start.to(keys.device).view(-1, 1, 1, 1)
+    vis = (j <= p) & (j >= 0)
+    if start is not None:
+        vis = vis & (j >= start)
+    if spec.window:
+        vis = vis & (j > p - spec.window)
+    return vis
+
+
+def visible_counts(spec: MaskSpec, b: int, rows: torch.Tensor) -> torch.Tensor:
+    """N_i: float (B, 1, R, 1) number of keys each query row sees (0 for rows that see none)."""
+    pos = _row_positions(spec, rows).view(1, -1)
+    first = torch.zeros(b, 1, dtype=torch.long, device=rows.device)
+    if spec.kv_start is not None:
+        first = spec.kv_start.to(rows.device).view(-1, 1).long()
+    if spec.window:
+        first = torch.maximum(first, pos - spec.window + 1)
+    return (pos - first + 1).clamp(min=0).to(torch.float32).view(b, 1, -1, 1)
+
+
+def _key_range(spec: MaskSpec, q0: int, q1: int, k_len: int) -> tuple[int, int]:
+    """Keys [lo, hi) that rows q0..q1 can see at all (causal edge, window edge)."""
+    hi = min(k_len, spec.q_offset + q1)
+    lo = max(0, spec.q_offset + q0 - spec.window + 1) if spec.window else 0
+    return lo, max(hi, lo)
+
+
+def _chunk_mask(spec: MaskSpec, q0: int, q1: int, lo: int, hi: int, device) -> torch.Tensor | None:
+    """bool (B|1, 1, C, hi-lo) visibility of keys lo..hi from rows q0..q1, or None when all visible."""
+    rows = torch.arange(q0, q1, device=device)
+    pos_first, pos_last = spec.q_offset + q0, spec.q_offset + q1 - 1
+    all_causal = hi - 1 <= pos_first
+    no_window = not spec.window or lo > pos_last - spec.window
+    if all_causal and no_window and spec.kv_start is None:
+        return None
+    return visible_keys(spec, rows, torch.arange(lo, hi, device=device))
+
+
+def flash_with_lse(q, k, v, spec: MaskSpec, scaling: float):
+    """q (B, H_q, Q, D), k/v (B, H_kv, K, D) float32 -> (out float32 (B, H_q, Q, D), lse float32
+    (B, H_q, Q)) of plain attention under ``spec``; rows that see no key get out 0 and lse -inf."""
+    op = _flash_op()
+    b, hq, q_len, d = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    if q_len <= DIRECT_ROWS:
+        return _direct_with_lse(q, k, v, spec, scaling)
+    if hkv != hq:  # the CPU kernel has no grouped-query form
+        k = k.repeat_interleave(hq // hkv, dim=1)
+        v = v.repeat_interleave(hq // hkv, dim=1)
+    plain = spec.kv_start is None and not spec.window
+    if plain and spec.q_offset == 0 and q_len == k_len:
+        return op(q, k, v, 0.0, True, scale=scaling)
+    if plain and q_len == 1 and spec.q_offset == k_len - 1:
+        return op(q, k, v, 0.0, False, scale=scaling)
+    out = torch.empty(b, hq, q_len, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, q_len, dtype=torch.float32, device=q.device)
+    size = max(1, fused.CHUNK_ELEMENTS // max(1, b * k_len))  # rows per chunk of the (B, 1, C, K) float mask
+    for q0 in range(0, q_len, size):
+        q1 = min(q_len, q0 + size)
+        lo, hi = _key_range(spec, q0, q1, k_len)
+        vis = _chunk_mask(spec, q0, q1, lo, hi, q.device)
+        mask = None
+        if vis is not None:
+            mask = torch.zeros(vis.shape, dtype=q.dtype, device=q.device).masked_fill_(~vis, float("-inf"))
+            mask = mask.expand(b, 1, q1 - q0, hi - lo)
+        out[:, :, q0:q1], lse[:, :, q0:q1] = op(
+            q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], 0.0, False, attn_mask=mask, scale=scaling
+        )
+    empty = visible_counts(spec, b, torch.arange(q_len, device=q.device)).view(b, 1, q_len) == 0
+    if spec.kv_start is not None and bool(empty.any()):
+        lse = lse.masked_fill(empty, float("-inf"))
+        out = out.masked_fill(empty[..., None], 0.0)
+    return out, lse
+
+
+def _direct_with_lse(q, k, v, spec: MaskSpec, scaling: float):
+    """flash_with_lse for a few query rows (decode): the (B, H_q, Q, K) scores are O(K), and grouped
+    products read each kv head once instead of copying the cache per query head."""
+    b, _, q_len, _ = q.shape
+    s = grouped_qk(q, k) * scaling
+    vis = _chunk_mask(spec, 0, q_len, 0, k.shape[2], q.device)
+    if vis is not None:
+        s = s.masked_fill(~vis, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    a = torch.exp(s - lse[..., None]).nan_to_num_(0.0)  # rows that see nothing: 0
+    return grouped_pv(a, v), lse
+
+
+# ---------------------------------------------------------------------------------------------
+# the pieces every rule is built from
+# ---------------------------------------------------------------------------------------------
+def _fold(t: torch.Tensor, hkv: int) -> torch.Tensor:
+    """(B, H_q, C, X) -> (B * H_kv, (H_q / H_kv) * C, X): the query heads of one kv head as rows."""
+    b, hq, c, x = t.shape
+    return t.reshape(b * hkv, (hq // hkv) * c, x)
+
+
+def _chunks(b: int, hq: int, q_len: int, k_len: int):
+    """Row spans of the in-place passes: (B, H, C, K) chunks of at most PASS_ELEMENTS."""
+    budget = min(PASS_ELEMENTS, fused.CHUNK_ELEMENTS)
+    size = max(1, min(q_len, budget // max(1, b * hq * k_len)))
+    return [(s, min(s + size, q_len)) for s in range(0, q_len, size)]
+
+
+def _masked_rows_block(x: torch.Tensor, spec: MaskSpec, q0: int, q1: int, lo: int, hi: int, hkv: int, value: float):
+    """Set the entries of x (B * H_kv, g * C, hi-lo), the rows q0..q1 of one fold, that the rows do not
+    see to ``value``; only the partly visible part of the chunk is touched."""
+    vis = _chunk_mask(spec, q0, q1, lo, hi, x.device)
+    if vis is None:
+        return
+    c = q1 - q0
+    view = x.view(-1, hkv, x.shape[1] // c, c, hi - lo)  # (B, H_kv, g, C, L)
+    hidden = ~vis.view(vis.shape[0], 1, 1, c, hi - lo)
+    if vis.shape[0] == 1:  # the same pattern for every batch row: only the causal / window edges
+        cols = (~vis).view(c, hi - lo).any(0).nonzero()
+        if cols.numel() == 0:
+            return
+        c0, c1 = int(cols[0]), int(cols[-1]) + 1
+        view[..., c0:c1].masked_fill_(hidden[..., c0:c1], value)
+    else:
+        view.masked_fill_(hidden, value)
+
+
+def column_sums(q, k, lse_vote, spec: MaskSpec, scaling: float) -> torch.Tensor:
+    """ACT's column pass: sum_i exp(s_ij - lse_i) over query rows, (B, H_q, K) float32.
+
+    q (B, H_q, Q, D), k (B, H_kv, K, D) float32; lse_vote (B, H_q, Q): the row LSE, +inf for rows
+    that do not vote (padding). QK^T only, chunk by chunk, in place; keys a chunk cannot see are
+    skipped or zeroed."""
+    b, hq, q_len, d = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    g = hq // hkv
+    colsum = torch.zeros(b, hkv, g, k_len, dtype=torch.float32, device=q.device)
+    kt = k.reshape(b * hkv, k_len, d).transpose(1, 2)
+    for q0, q1 in _chunks(b, hq, q_len, k_len):
+        lo, hi = _key_range(spec, q0, q1, k_len)
+        if hi <= lo:
+            continue
+        shift = _fold(-lse_vote[:, :, q0:q1, None], hkv)
+        x = torch.baddbmm(shift, _fold(q[:, :, q0:q1], hkv), kt[:, :, lo:hi], alpha=scaling)
+        x.exp_()
+        _masked_rows_block(x, spec, q0, q1, lo, hi, hkv, 0.0)
+        colsum[..., lo:hi] += x.view(b, hkv, g, q1 - q0, hi - lo).sum(3)
+    return colsum.view(b, hq, k_len)
+
+
+def column_counts(spec: MaskSpec, b: int, q_len: int, k_len: int, row_valid, device) -> torch.Tensor:
+    """Number of voting query rows that see each key: float32 (B, 1, K) (row_valid bool (B, Q) or None)."""
+    rows = torch.arange(q_len, device=device)
+    votes = visible_counts(spec, b, rows).view(b, q_len) > 0
+    if row_valid is not None:
+        votes = votes & row_valid.to(device)
+    # rows with key index < x that vote, for x = 0..K (query row i sits at key index q_offset + i)
+    before = torch.zeros(b, k_len + 1, dtype=torch.long, device=device)
+    pos = rows + spec.q_offset
+    inside = pos < k_len
+    before[:, 1:].index_add_(1, pos[inside], votes[:, inside].long())
+    before = before.cumsum(1)
+    keys = torch.arange(k_len, device=device)
+    last = torch.full_like(keys, k_len) if not spec.window else (keys + spec.window).clamp(max=k_len)
+    count = before[:, last] - before[:, keys]
+    if spec.kv_start is not None:
+        count = count.masked_fill(keys.view(1, -1) < spec.kv_start.to(device).view(-1, 1), 0)
+    return count.to(torch.float32).view(b, 1, k_len)
+
+
+def gather_keys(t: torch.Tensor, idx: torch.Tensor, hq: int) -> torch.Tensor:
+    """Rows ``idx`` of t (B, H_kv, K, D): idx long (B, 1, G) -> (B, H_kv, G, D) (one set for every
+    head) or (B, H_q, G) -> (B, H_q, G, D) (per query head, read from its kv head)."""
+    b, hkv = t.shape[:2]
+    heads = idx.shape[1]
+    kv = torch.arange(hkv, device=t.device) if heads == 1 else torch.arange(hq, device=t.device) // (hq // hkv)
+    bi = torch.arange(b, device=t.device).view(-1, 1, 1)
+    return t[bi, kv.view(1, -1, 1), idx.clamp(min=0).expand(b, kv.numel(), idx.shape[-1])]
+
+
+def group_parts(q, k, v, lse, spec: MaskSpec, rows: torch.Tensor, idx, gid, groups, scaling: float):
+    """Masses and outputs of key groups from their own keys and the known row LSE.
+
+    q (B, H_q, R, D) the query rows ``rows`` (long (R,) indices), lse (B, H_q, R); idx long
+    (B, 1|H_q, G) key indices of the group members (negative = padding), gid long like idx (the
+    member's group); groups: the group ids wanted. Returns masses float32 (B, H_q, R, n) and
+    outputs float32 (B, H_q, R, n, D) for those n groups, with a_ij = exp(s_ij - lse_i) on visible
+    members (0 elsewhere)."""
+    hq = q.shape[1]
+    kg, vg = gather_keys(k, idx, hq), gather_keys(v, idx, hq)
+    s = grouped_qk(q, kg) if idx.shape[1] == 1 else torch.matmul(q, kg.transpose(-1, -2))
+    vis = visible_keys(spec, rows, idx)  # (B, 1|H, R, G)
+    a = torch.where(vis, torch.exp(s * scaling - lse[..., None]), torch.zeros((), device=q.device))
+    masses, outputs = [], []
+    for g in groups:
+        part = a * (gid == g)[:, :, None, :]
+        masses.append(part.sum(-1))
+        outputs.append(grouped_pv(part, vg) if idx.shape[1] == 1 else torch.matmul(part, vg))
+    return torch.stack(masses, -1), torch.stack(outputs, -2)
+
+
+def member_table(flags: torch.Tensor) -> torch.Tensor:
+    """bool (B, H, K) -> long (B, H, G) indices of the True keys, padded with -1 (G = the most in a row)."""
+    counts = flags.sum(-1)
+    width = int(counts.max()) if flags.numel() else 0
+    order = torch.argsort((~flags).to(torch.int8), dim=-1, stable=True)[..., :width]
+    slot = torch.arange(width, device=flags.device)
+    return torch.where(slot < counts[..., None], order, torch.full_like(order, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# routing
+# ---------------------------------------------------------------------------------------------
+def _route(plan, query, key, value, info: ForwardInfo):
+    if query.device.type != "cpu":
+        return f"{query.device.type} tensors (the flash path is for CPU)"
+    if _flash_op() is None:
+        return "cpu flash kernel unavailable"
+    if query.shape[1] % key.shape[1] or key.shape[2] == 0:
+        return "shape"
+    return single_weight_step(plan, info.is_prefill, _GLUE)
+
+
+def flash_attention(plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats):
+    """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None);
+    the contract and numbers of :func:`attnsteer.attention.fused.fused_attention`."""
+    route = _route(plan, query, key, value, info)
+    if isinstance(route, str):
+        return _fallback(route, plan, query, key, value, mask, scaling, info, stats)
+    b, _, q_len, _ = query.shape
+    struct = mask_structure(mask, info, b, q_len, key.shape[2], query.device)
+    if isinstance(struct, str):
+        return _fallback(struct, plan, query, key, value, mask, scaling, info, stats)
+    q, k, v = query.float(), key.float(), value.float()
+    result = _GLUE[route.kernel_rule](route, q, k, v, struct, float(scaling), info)
+    if isinstance(result, str):
+        return _fallback(result, plan, query, key, value, mask, scaling, info, stats)
+    out, rows, phase = result
+    stats.record(route, rows)
+    COUNTERS[f"flash/{route.kernel_rule}/{phase}"] += 1
+    return out.transpose(1, 2).to(query.dtype).contiguous(), None
+
+
+def _fallback(reason: str, plan, query, key, value, mask, scaling, info, stats):
+    COUNTERS[f"fallback/{reason}"] += 1
+    return fused_attention(plan, query, key, value, mask, scaling, info, stats)
+
+
+def _phase(info: ForwardInfo, q_len: int) -> str:
+    return "prefill" if info.is_prefill else ("decode" if q_len == 1 else "chunk")
+
+
+# ---------------------------------------------------------------------------------------------
+# per-method glue: the methods' own group rules on the flash output
+# ---------------------------------------------------------------------------------------------
+def _act(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
+    b, hq, q_len, _ = q.shape
+    k_len = k.shape[2]
+    spec = struct.spec
+    step = StepInfo(is_prefill=info.is_prefill, key_offset=struct.key_offset, num_keys=k_len)
+    out, lse = flash_with_lse(q, k, v, spec, scaling)
+    key_abs = torch.arange(k_len, device=q.device) + struct.key_offset
+    if method.needs_column_stats(info.is_prefill):
+        votes = torch.isfinite(lse)
+        if info.row_valid is not None:
+            votes = votes & info.row_valid.to(q.device)[:, None, :]
+        colsum = column_sums(q, k, torch.where(votes, lse, float("inf")), spec, scaling)
+        count = column_counts(spec, b, q_len, k_len, info.row_valid, q.device)
+        method.set_column_stats(colsum, count, step, key_abs=key_abs)
+    idx = _act_members(method, b, key_abs, step)
+    if idx.shape[-1] == 0:
+        return out, 0, _phase(info, q_len)
+    rows = torch.arange(q_len, device=q.device)
+    masses, parts = group_parts(q, k, v, lse, spec, rows, idx, torch.ones_like(idx), (1,), scaling)
+    m_sink, o_sink = masses[..., :1], parts[..., 0, :]  # (B, H, Q, 1), (B, H, Q, D)
+    # the non-sinks are the rest of the row: mass 1 - M_sink, output o - O_sink -- except in rows
+    # where that subtraction would lose precision, which are summed exactly (ACT_MIN_OTHER_MASS)
+    seen_sinks = visible_keys(spec, rows, idx).sum(-1, keepdim=True)
+    has_other = visible_counts(spec, b, rows) > seen_sinks
+    m_other = torch.where(has_other, (1.0 - m_sink).clamp(min=0.0), torch.zeros((), device=q.device))
+    o_other = out - o_sink
+    rel = struct.rel0.view(-1, 1, 1, 1).to(q.device) + rows.view(1, 1, -1, 1)
+    candidates = method.steered_rows(m_sink, has_other.to(m_sink.dtype), rel, m_sink)
+    exact = candidates & (m_other < ACT_MIN_OTHER_MASS)
+    if bool(exact.any()):
+        sinks = method.sinks_for_keys(key_abs, b, step)  # (B, H, K)
+        m_exact, o_exact = complement_rows(q, k, v, lse, spec, sinks, exact, scaling)
+        m_other = torch.where(exact, m_exact, m_other)
+        o_other = torch.where(exact, o_exact, o_other)
+        COUNTERS["exact-rows/act"] += int(exact.sum())
+    steered = method.steered_rows(m_sink, m_other, rel, m_sink)
+    f_sink, f_other = method.group_factors(m_sink, m_other)
+    new = f_sink * o_sink + f_other * o_other
+    return torch.where(steered, new, out), steered.sum(), _phase(info, q_len)
+
+
+_ACT_MEMBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _act_members(method, b: int, key_abs: torch.Tensor, step: StepInfo) -> torch.Tensor:
+    """Key indices of the prompt's sinks, long (B, H, G) (-1 = padding or outside these keys). The
+    sink positions are found once per prompt (decode steps reuse them); ACT's own lookup raises
+    when there is no sink table for this batch."""
+    table = method.prompt_state.get("sinks")
+    if table is None or table.shape[0] != b:
+        method.sinks_for_keys(key_abs, b, step)  # raises the SteeringError that explains it
+        raise AssertionError("unreachable: sinks_for_keys accepted a missing sink table")  # pragma: no cover
+    cached = _ACT_MEMBERS.get(method)
+    if cached is None or cached[0] is not table:
+        cached = (table, member_table(table))
+        _ACT_MEMBERS[method] = cached
+    positions = cached[1]
+    idx = positions - step.key_offset
+    return torch.where((positions >= 0) & (idx >= 0) & (idx < step.num_keys), idx, -1)
+
+
+def complement_rows(q, k, v, lse, spec: MaskSpec, members: torch.Tensor, rows: torch.Tensor, scaling: float):
+    """Exact mass and output of the keys *outside* ``members`` (bool (B, H_q, K)) for the query rows
+    flagged in ``rows`` (bool (B, H_q, Q, 1)): (float32 (B, H_q, Q, 1), float32 (B, H_q, Q, D)), zero
+    elsewhere. One (rows x K) product per (batch row, head) that has flagged rows, in chunks."""
+    b, hq, q_len, d = q.shape
+    hkv, k_len = k.shape[1], k.shape[2]
+    mass = torch.zeros(b, hq, q_len, 1, dtype=torch.float32, device=q.device)
+    output = torch.zeros(b, hq, q_len, d, dtype=torch.float32, device=q.device)
+    keys = torch.arange(k_len, device=q.device)
+    step = max(1, fused.CHUNK_ELEMENTS // max(1, k_len))
+    for bi, hi in rows[..., 0].any(-1).nonzero().tolist():
+        kv = hi // (hq // hkv)
+        flagged = rows[bi, hi, :, 0].nonzero().flatten()
+        for start in range(0, flagged.numel(), step):
+            r = flagged[start : start + step]
+            vis = visible_keys(spec, r, keys)[bi if spec.kv_start is not None else 0, 0] & ~members[bi, hi]
+            s = q[bi, hi, r] @ k[bi, kv].T * scaling - lse[bi, hi, r, None]
+            a = torch.where(vis, torch.exp(s), torch.zeros((), device=q.device))
+            mass[bi, hi, r, 0] = a.sum(-1)
+            output[bi, hi, r] = a @ v[bi, kv]
+    return mass, output
+
+
+_VAR_MEMBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _var_members(method, struct: Structure, k_len: int, device):
+    """VAR's changed groups as gathered members: idx long (B, 1, G) key indices and gid long
+    (B, 1, G) in 1 text sink, 2 image sink, 3 visual non-sink (``VAR.group_ids``). Cached per
+    prompt and layer (rebuilt when the sink or image table is replaced) and key offset."""
+    state = method.state
+    sinks, image = state.sinks.by_layer.get(method.layer), state.roles.image
+    key = (id(sinks), id(image), struct.key_offset, k_len, str(device))
+    cached = _VAR_MEMBERS.get(method)
+    if cached is not None and cached[0] == key and cached[1] is sinks and cached[2] is image:
+        return cached[3]
+    gid_by_pos = method.group_ids(torch.arange(image.shape[-1], device=image.device)).to(device).long()  # (B, P)
+    positions = member_table((gid_by_pos > 0).unsqueeze(1))  # (B, 1, G) prompt positions
+    gid = torch.where(positions >= 0, gid_by_pos.unsqueeze(1).gather(-1, positions.clamp(min=0)), 0)
+    idx = positions - struct.key_offset
+    idx = torch.where((positions >= 0) & (idx >= 0) & (idx < k_len), idx, -1)
+    _VAR_MEMBERS[method] = (key, sinks, image, (idx, gid))
+    return idx, gid
+
+
+def _var(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
+    b, hq, q_len, _ = q.shape
+    k_len = k.shape[2]
+    spec = struct.spec
+    out, lse = flash_with_lse(q, k, v, spec, scaling)
+    first_row = struct.key_offset + spec.q_offset  # absolute position of query row 0
+    key_abs = torch.arange(k_len, device=q.device) + struct.key_offset
+    gate = method.row_gate(torch.arange(q_len, device=q.device) + first_row, *method.key_groups(key_abs))  # (B, Q)
+    gated = gate.any(0).nonzero()
+    idx, gid = _var_members(method, struct, k_len, q.device)
+    if gated.numel() == 0 or idx.shape[-1] == 0:
+        return out, 0, _phase(info, q_len)
+    r0 = int(gated[0])
+    size = max(1, fused.CHUNK_ELEMENTS // max(1, b * hq * idx.shape[-1]))  # rows x members per chunk
+    steered_total = 0
+    for c0 in range(r0, q_len, size):
+        c1 = min(q_len, c0 + size)
+        rows = torch.arange(c0, c1, device=q.device)
+        masses, parts = group_parts(q[:, :, c0:c1], k, v, lse[:, :, c0:c1], spec, rows, idx, gid, (1, 2, 3), scaling)
+        m_text_sink, m_image_sink, m_vis = masses.unsqueeze(-2).unbind(-1)  # each (B, H, C, 1)
+        m_sink, m_img = m_text_sink + m_image_sink, m_image_sink + m_vis
+        steered = method.select_rows(gate[:, None, c0:c1, None], m_img, m_sink, m_vis, m_vis)
+        f_sink, f_vis = method.group_factors(m_sink, m_vis)
+        o_sink = parts[..., 0, :] + parts[..., 1, :]
+        new = out[:, :, c0:c1] + (f_sink - 1.0) * o_sink + (f_vis - 1.0) * parts[..., 2, :]
+        out[:, :, c0:c1] = torch.where(steered, new, out[:, :, c0:c1])
+        steered_total = steered_total + steered.sum()
+    return out, steered_total, _phase(info, q_len)
+
+
+def _softplus(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
+    b, hq, q_len, d = q.shape
+    k_len = k.shape[2]
+    spec = struct.spec
+    p = float(method.p.p)
+    if p * math.log2(max(2, k_len)) >= SOFTPLUS_MAX_LOG2:
+        return "softplus p too large for the direct form"
+    n_vis, log_n, offset = struct.memo(
+        ("softplus rows", b, q_len, str(q.device), float(method.p.offset)),
+        lambda: _softplus_row_terms(struct, b, q_len, float(method.p.offset), q.device),
+    )
+    if q_len <= DIRECT_ROWS:
+        return _softplus_rows(method, q, k, v, spec, scaling, n_vis, log_n, offset, info)
+    out, lse = flash_with_lse(q, k, v, spec, scaling)
+    heads = None if method.heads is None else method.heads.nonzero().flatten().tolist()
+    qs, ks, vs, ls = q, k, v, lse
+    if heads is not None:  # only the steered query heads, each with its own copy of its kv head
+        group = hq // k.shape[1]
+        kv = [h // group for h in heads]
+        qs, ks, vs, ls = q[:, heads], k[:, kv], v[:, kv], lse[:, heads]
+    hs, hkv = qs.shape[1], ks.shape[1]
+    # N_i a_ij = exp(s_ij - (lse_i - log N_i)); rows that see nothing: shift +inf (weights 0)
+    shift = torch.where(n_vis > 0, ls[..., None] - log_n, float("inf"))
+    kt = ks.reshape(b * hkv, k_len, d).transpose(1, 2)
+    vf = vs.reshape(b * hkv, k_len, d)
+    new = torch.empty(b, hs, q_len, d, dtype=torch.float32, device=q.device)
+    total = torch.empty(b, hs, q_len, 1, dtype=torch.float32, device=q.device)
+    for q0, q1 in _chunks(b, hs, q_len, k_len):
+        lo, hi = _key_range(spec, q0, q1, k_len)
+        c = q1 - q0
+        sh = _fold(-shift[:, :, q0:q1].expand(b, hs, c, 1), hkv)
+        x = torch.baddbmm(sh, _fold(qs[:, :, q0:q1], hkv), kt[:, :, lo:hi], alpha=scaling)
+        x.exp_()
+        x.sub_(_fold(offset[:, :, q0:q1].expand(b, hs, c, 1), hkv)).clamp_(min=0.0)
+        _masked_rows_block(x, spec, q0, q1, lo, hi, hkv, 0.0)
+        if p != 1.0:
+            x.pow_(p)
+        part = x.sum(-1, keepdim=True)
+        new[:, :, q0:q1] = (torch.bmm(x, vf[:, lo:hi]) / part.clamp(min=1e-38)).view(b, hs, c, d)
+        total[:, :, q0:q1] = part.view(b, hs, c, 1)
+    keep = _softplus_kept(total, n_vis)
+    if isinstance(keep, str):
+        return keep
+    if heads is None:
+        return torch.where(keep, new, out), keep.sum(), _phase(info, q_len)
+    out[:, heads] = torch.where(keep, new, out[:, heads])
+    return out, keep.sum(), _phase(info, q_len)
+
+
+def _softplus_row_terms(struct: Structure, b: int, q_len: int, offset: float, device):
+    """Per-row inputs of the re-weighting, shared by a forward's layers: N_i float (B, 1, Q, 1),
+    log N_i (log 1 where N_i = 0) and o_i (0 in a row's first three positions, ``offset`` after)."""
+    rows = torch.arange(q_len, device=device)
+    n_vis = visible_counts(struct.spec, b, rows)
+    rel = struct.rel0.view(-1, 1).to(device) + rows.view(1, -1)  # (B, Q) position from the row's first token
+    o = torch.where(rel < FIRST_ROWS_WITHOUT_OFFSET, 0.0, offset).view(b, 1, q_len, 1)
+    return n_vis, torch.log(n_vis.clamp(min=1)), o
+
+
+def _softplus_kept(total, n_vis):
+    """Rows whose re-weighting applies (weights not all 0), or the reason to take the log-space
+    path: a row that sees keys but whose weights sum below SOFTPLUS_MIN_TOTAL."""
+    if bool(((total < SOFTPLUS_MIN_TOTAL) & (n_vis > 0)).any()):
+        return "softplus row whose weights all underflow"
+    return total > 0
+
+
+def _softplus_rows(method, q, k, v, spec: MaskSpec, scaling: float, n_vis, log_n, offset, info: ForwardInfo):
+    """Re-weighting of a few query rows (decode): scores, LSE and weights from one (B, H_q, Q, K)
+    product; the plain output only where some row keeps it (unsteered heads, uniform rows)."""
+    q_len = q.shape[2]
+    s = grouped_qk(q * scaling, k)
+    vis = _chunk_mask(spec, 0, q_len, 0, k.shape[2], q.device)
+    if vis is not None:
+        s.masked_fill_(~vis, float("-inf"))
+    top = s.amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)  # rows that see nothing: finite
+    e = torch.exp(s - top)  # a_ij up to the row's 1 / sum
+    denom = e.sum(-1, keepdim=True)
+    # N_i a_ij - o_i = e_ij (N_i / sum_i) - o_i; rows that see nothing have e = 0 and N = 0
+    x = torch.addcmul(-offset, e, n_vis / denom.clamp(min=1e-38)).clamp_(min=0.0)
+    if method.p.p != 1.0:
+        x.pow_(float(method.p.p))
+    total = x.sum(-1, keepdim=True)
+    out = grouped_pv(x, v) / total.clamp(min=1e-38)
+    if method.heads is None and float(total.amin()) >= SOFTPLUS_MIN_TOTAL:  # every row re-weighted: one sync
+        return out, total.numel(), _phase(info, q_len)
+    keep = _softplus_kept(total, n_vis)
+    if isinstance(keep, str):
+        return keep
+    heads = method.head_mask(keep)
+    if heads is not None:
+        keep = keep & heads
+    if not bool(keep.all()):
+        plain = grouped_pv(e / denom.clamp(min=1e-38), v)
+        out = torch.where(keep, out, plain)
+    return out, keep.sum(), _phase(info, q_len)
+
+
+_GLUE = {"act": _act, "var": _var, "softplus": _softplus}
