@@ -307,7 +307,9 @@ def test_missing_cpu_flash_kernel_warns_and_falls_back(monkeypatch):
     from attnsteer.errors import AttnsteerWarning
 
     def missing():
-        raise AttributeError("'_OpNamespace' 'aten' object has no attribute '_scaled_dot_product_flash_attention_for_cpu'")
+        raise AttributeError(
+            "'_OpNamespace' 'aten' object has no attribute '_scaled_dot_product_flash_attention_for_cpu'"
+        )
 
     monkeypatch.setattr(flash_backend, "_OP_STATE", {})
     monkeypatch.setattr(flash_backend, "_kernel", missing)

@@ -317,9 +317,7 @@ def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> d
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     handle.remove()
-    counters = {
-        k: v - counters_before.get(k, 0) for k, v in routing.COUNTERS.items() if v != counters_before.get(k, 0)
-    }
+    counters = {k: v - counters_before.get(k, 0) for k, v in routing.COUNTERS.items() if v != counters_before.get(k, 0)}
     decode_s = t3 - t2
     return {
         "prefill_s": t1 - t0,
