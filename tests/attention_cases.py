@@ -8,6 +8,7 @@ import dataclasses
 import types
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnsteer.methods.act import ACT
 from attnsteer.methods.softplus import SoftplusReweight
@@ -95,3 +96,18 @@ def inputs(b, hq, hkv, q_len, k_len, d, seed=0, dtype=torch.float32, strong=3.0)
     v = torch.randn(b, hkv, k_len, d, generator=g)
     k[:, :, min(3, k_len - 1)] *= strong
     return tuple(t.to(DEVICE, dtype) for t in (q, k, v))
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op returns while active (the O(N)-memory tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -9,9 +9,8 @@ import dataclasses
 
 import pytest
 import torch
-from attention_cases import METHODS, PHASES, Stats, inputs, padded_mask, params, plans
+from attention_cases import METHODS, PHASES, LargestTensor, Stats, inputs, padded_mask, params, plans
 from conftest import build_tiny
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnsteer
 from attnsteer.attention import flash_backend as fb
@@ -212,19 +211,6 @@ def test_softplus_large_p_runs_on_the_log_space_path():
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("name", ["act", "softplus", "var"])
 def test_never_builds_a_queries_by_keys_tensor(name, monkeypatch):
     monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 2048)
@@ -236,7 +222,7 @@ def test_never_builds_a_queries_by_keys_tensor(name, monkeypatch):
         state.roles = type(state.roles)(state.roles.image.repeat_interleave(8, 1))
         state.sinks.by_layer[0] = state.sinks.by_layer[0].repeat_interleave(8, 1)
     routing.reset_counters()
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         fb.flash_attention(_plan(method), q, k, v, MaskView(None, n, n), 0.3, ForwardInfo(n, 0, n, None), Stats())
     assert not _fallbacks()
     assert probe.largest < b * h * n * n // 8, probe.largest

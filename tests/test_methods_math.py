@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_cases import LargestTensor
 from conftest import build_tiny
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnsteer
 from attnsteer.attention import fused as fused_mod
@@ -196,19 +196,6 @@ def test_fused_identity_matches_sdpa():
     torch.testing.assert_close(out[1, 3:], sdpa[1, 3:], atol=1e-6, rtol=1e-5)
 
 
-class _LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 @pytest.mark.parametrize("method", ["act", "softplus"])
 def test_fused_never_builds_a_queries_by_keys_tensor(method, monkeypatch):
     monkeypatch.setattr(fused_mod, "CHUNK_ELEMENTS", 2048)
@@ -219,7 +206,7 @@ def test_fused_never_builds_a_queries_by_keys_tensor(method, monkeypatch):
         if method == "act"
         else SoftplusReweight(_params(SoftplusReweight), 0, None)
     )
-    with _LargestTensor() as probe:
+    with LargestTensor() as probe:
         fused_attention(plan, q, k, v, MaskView(None, n, n), 0.3, ForwardInfo(n, 0, n, None), NoStats())
     assert probe.largest < b * h * n * n // 8  # chunks only: at most a few rows x keys
 

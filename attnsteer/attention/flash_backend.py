@@ -40,10 +40,10 @@ from ..kernels.ops import MaskSpec
 from ..methods.base import StepInfo
 from ..methods.softplus import FIRST_ROWS_WITHOUT_OFFSET
 from . import fused
-from .fused import fused_attention, grouped_pv, grouped_qk
-from .routing import COUNTERS, single_weight_step
+from .fused import grouped_pv, grouped_qk
+from .routing import COUNTERS, fallback, fast_path_inputs, single_weight_step
 from .rows import ForwardInfo, MaskView
-from .structure import Structure, mask_structure
+from .structure import Structure
 
 # A steered ACT row whose non-sink mass is below this has it summed exactly over its keys: o - O_sink
 # carries the flash output's rounding, which the calibration multiplies by f_other = 1 + (1 - beta)
@@ -353,26 +353,18 @@ def _route(plan, query, key, value, info: ForwardInfo):
 def flash_attention(plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats):
     """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None);
     the contract and numbers of :func:`attnsteer.attention.fused.fused_attention`."""
-    route = _route(plan, query, key, value, info)
-    if isinstance(route, str):
-        return _fallback(route, plan, query, key, value, mask, scaling, info, stats)
-    b, _, q_len, _ = query.shape
-    struct = mask_structure(mask, info, b, q_len, key.shape[2], query.device)
-    if isinstance(struct, str):
-        return _fallback(struct, plan, query, key, value, mask, scaling, info, stats)
+    ready = fast_path_inputs(_route(plan, query, key, value, info), query, key, mask, info)
+    if isinstance(ready, str):
+        return fallback(ready, plan, query, key, value, mask, scaling, info, stats)
+    route, struct = ready
     q, k, v = query.float(), key.float(), value.float()
     result = _GLUE[route.kernel_rule](route, q, k, v, struct, float(scaling), info)
     if isinstance(result, str):
-        return _fallback(result, plan, query, key, value, mask, scaling, info, stats)
+        return fallback(result, plan, query, key, value, mask, scaling, info, stats)
     out, rows, phase = result
     stats.record(route, rows)
     COUNTERS[f"flash/{route.kernel_rule}/{phase}"] += 1
     return out.transpose(1, 2).to(query.dtype).contiguous(), None
-
-
-def _fallback(reason: str, plan, query, key, value, mask, scaling, info, stats):
-    COUNTERS[f"fallback/{reason}"] += 1
-    return fused_attention(plan, query, key, value, mask, scaling, info, stats)
 
 
 def _phase(info: ForwardInfo, q_len: int) -> str:

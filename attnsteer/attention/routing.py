@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import collections
 
+from .fused import fused_attention
+from .structure import mask_structure
+
 COUNTERS: collections.Counter = collections.Counter()
 
 
@@ -29,3 +32,20 @@ def single_weight_step(plan, is_prefill: bool, rules):
     if method.kernel_rule not in rules:
         return f"method {method.name}" + (f" ({method.kernel_rule})" if method.kernel_rule else "")
     return method
+
+
+def fast_path_inputs(route, query, key, mask, info):
+    """(method, Structure) when a fast path can run this call -- ``route`` is the method its router
+    chose, or the reason it refused -- else the reason (a string): the route's, or why the mask is
+    not causal + left padding (+ window)."""
+    if isinstance(route, str):
+        return route
+    b, _, q_len, _ = query.shape
+    struct = mask_structure(mask, info, b, q_len, key.shape[2], query.device)
+    return struct if isinstance(struct, str) else (route, struct)
+
+
+def fallback(reason: str, plan, query, key, value, mask, scaling, info, stats):
+    """Count the reason and run the call on the generic chunked path (exact, slower)."""
+    COUNTERS[f"fallback/{reason}"] += 1
+    return fused_attention(plan, query, key, value, mask, scaling, info, stats)

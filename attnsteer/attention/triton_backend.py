@@ -36,10 +36,9 @@ import torch
 from .. import kernels as K
 from ..errors import AttnsteerWarning
 from ..methods.base import StepInfo
-from .fused import fused_attention
-from .routing import COUNTERS, single_weight_step
+from .routing import COUNTERS, fallback, fast_path_inputs, single_weight_step
 from .rows import ForwardInfo, MaskView
-from .structure import Structure, mask_structure
+from .structure import Structure
 
 _DISABLED: dict[str, str] = {}  # set when a kernel failed to compile/launch: the process falls back
 _TRUE = ("1", "true", "yes", "on")
@@ -76,20 +75,12 @@ def _route(plan, query, key, value, info: ForwardInfo):
     return single_weight_step(plan, info.is_prefill, _GLUE)
 
 
-def _fallback(reason: str, plan, query, key, value, mask, scaling, info, stats):
-    COUNTERS[f"fallback/{reason}"] += 1
-    return fused_attention(plan, query, key, value, mask, scaling, info, stats)
-
-
 def triton_attention(plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats):
     """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None)."""
-    route = _route(plan, query, key, value, info)
-    if isinstance(route, str):
-        return _fallback(route, plan, query, key, value, mask, scaling, info, stats)
-    b, _, q_len, _ = query.shape
-    struct = mask_structure(mask, info, b, q_len, key.shape[2], query.device)
-    if isinstance(struct, str):
-        return _fallback(struct, plan, query, key, value, mask, scaling, info, stats)
+    ready = fast_path_inputs(_route(plan, query, key, value, info), query, key, mask, info)
+    if isinstance(ready, str):
+        return fallback(ready, plan, query, key, value, mask, scaling, info, stats)
+    route, struct = ready
     try:
         out, rows, phase = _GLUE[route.kernel_rule](route, query, key, value, struct, float(scaling), info)
     except K.KernelLaunchError as exc:
@@ -102,7 +93,7 @@ def triton_attention(plan, query, key, value, mask: MaskView, scaling: float, in
             AttnsteerWarning,
             stacklevel=2,
         )
-        return _fallback("kernel failure", plan, query, key, value, mask, scaling, info, stats)
+        return fallback("kernel failure", plan, query, key, value, mask, scaling, info, stats)
     stats.record(route, rows)
     COUNTERS[f"triton/{route.kernel_rule}/{phase}"] += 1
     return out, None
