@@ -42,7 +42,7 @@ from ..methods.softplus import FIRST_ROWS_WITHOUT_OFFSET
 from . import fused
 from .fused import grouped_pv, grouped_qk
 from .routing import COUNTERS, fallback, fast_path_inputs, single_weight_step
-from .rows import ForwardInfo, MaskView
+from .rows import ForwardInfo, MaskView, row_context
 from .structure import Structure
 
 # A steered ACT row whose non-sink mass is below this has it summed exactly over its keys: o - O_sink
@@ -379,6 +379,8 @@ def _act(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
     k_len = k.shape[2]
     spec = struct.spec
     step = StepInfo(is_prefill=info.is_prefill, key_offset=struct.key_offset, num_keys=k_len)
+    if q_len <= DIRECT_ROWS and not method.needs_column_stats(info.is_prefill):
+        return _rows_with_weights(method, q, k, v, struct, scaling, info)
     out, lse = flash_with_lse(q, k, v, spec, scaling)
     key_abs = torch.arange(k_len, device=q.device) + struct.key_offset
     if method.needs_column_stats(info.is_prefill):
@@ -458,38 +460,41 @@ def complement_rows(q, k, v, lse, spec: MaskSpec, members: torch.Tensor, rows: t
     return mass, output
 
 
-_VAR_MEMBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_VAR_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _var_members(method, struct: Structure, k_len: int, device):
-    """VAR's changed groups as gathered members: idx long (B, 1, G) key indices and gid long
-    (B, 1, G) in 1 text sink, 2 image sink, 3 visual non-sink (``VAR.group_ids``). Cached per
-    prompt and layer (rebuilt when the sink or image table is replaced) and key offset."""
+def _var_prompt_groups(method, device):
+    """VAR's changed groups as gathered members: prompt positions long (B, 1, G), -1 = padding, and
+    their group ids long (B, 1, G): 1 text sink, 2 image sink, 3 visual non-sink
+    (``VAR.group_ids``). Cached per prompt and layer (rebuilt when the sink or image table is
+    replaced)."""
     state = method.state
     sinks, image = state.sinks.by_layer.get(method.layer), state.roles.image
-    key = (id(sinks), id(image), struct.key_offset, k_len, str(device))
-    cached = _VAR_MEMBERS.get(method)
-    if cached is not None and cached[0] == key and cached[1] is sinks and cached[2] is image:
+    cached = _VAR_GROUPS.get(method)
+    if cached is not None and cached[0] is sinks and cached[1] is image and cached[2] == str(device):
         return cached[3]
-    gid_by_pos = method.group_ids(torch.arange(image.shape[-1], device=image.device)).to(device).long()  # (B, P)
-    positions = member_table((gid_by_pos > 0).unsqueeze(1))  # (B, 1, G) prompt positions
+    gid_by_pos = method.group_ids(torch.arange(image.shape[-1], device=image.device)).to(device).long()
+    positions = member_table((gid_by_pos > 0).unsqueeze(1))
     gid = torch.where(positions >= 0, gid_by_pos.unsqueeze(1).gather(-1, positions.clamp(min=0)), 0)
-    idx = positions - struct.key_offset
-    idx = torch.where((positions >= 0) & (idx >= 0) & (idx < k_len), idx, -1)
-    _VAR_MEMBERS[method] = (key, sinks, image, (idx, gid))
-    return idx, gid
+    tables = (positions, gid)
+    _VAR_GROUPS[method] = (sinks, image, str(device), tables)
+    return tables
 
 
 def _var(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
     spec = struct.spec
-    out, lse = flash_with_lse(q, k, v, spec, scaling)
     first_row = struct.key_offset + spec.q_offset  # absolute position of query row 0
     key_abs = torch.arange(k_len, device=q.device) + struct.key_offset
     gate = method.row_gate(torch.arange(q_len, device=q.device) + first_row, *method.key_groups(key_abs))  # (B, Q)
+    if q_len <= DIRECT_ROWS:
+        return _rows_with_weights(method, q, k, v, struct, scaling, info)
+    positions, gid = _var_prompt_groups(method, q.device)
+    out, lse = flash_with_lse(q, k, v, spec, scaling)
     gated = gate.any(0).nonzero()
-    idx, gid = _var_members(method, struct, k_len, q.device)
+    idx = positions - struct.key_offset
+    idx = torch.where((positions >= 0) & (idx >= 0) & (idx < k_len), idx, -1)
     if gated.numel() == 0 or idx.shape[-1] == 0:
         return out, 0, _phase(info, q_len)
     r0 = int(gated[0])
@@ -500,14 +505,40 @@ def _var(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
         rows = torch.arange(c0, c1, device=q.device)
         masses, parts = group_parts(q[:, :, c0:c1], k, v, lse[:, :, c0:c1], spec, rows, idx, gid, (1, 2, 3), scaling)
         m_text_sink, m_image_sink, m_vis = masses.unsqueeze(-2).unbind(-1)  # each (B, H, C, 1)
-        m_sink, m_img = m_text_sink + m_image_sink, m_image_sink + m_vis
-        steered = method.select_rows(gate[:, None, c0:c1, None], m_img, m_sink, m_vis, m_vis)
-        f_sink, f_vis = method.group_factors(m_sink, m_vis)
-        o_sink = parts[..., 0, :] + parts[..., 1, :]
-        new = out[:, :, c0:c1] + (f_sink - 1.0) * o_sink + (f_vis - 1.0) * parts[..., 2, :]
-        out[:, :, c0:c1] = torch.where(steered, new, out[:, :, c0:c1])
+        steered, factors = _var_factors(method, gate[:, None, c0:c1, None], m_text_sink, m_image_sink, m_vis)
+        corrections = ((factors[..., 1:] - 1.0).unsqueeze(-1) * parts).sum(-2)  # sum_g (f_g - 1) O_g
+        out[:, :, c0:c1] = torch.where(steered, out[:, :, c0:c1] + corrections, out[:, :, c0:c1])
         steered_total = steered_total + steered.sum()
     return out, steered_total, _phase(info, q_len)
+
+
+def _var_factors(method, gate, m_text_sink, m_image_sink, m_vis):
+    """VAR's rule on the group masses (each float (B, H, R, 1)): the steered rows (bool (B, H, R, 1))
+    and each group's factor, float (B, H, R, 4) in group order (other, text sink, image sink,
+    visual non-sink), from ``VAR.select_rows`` and ``VAR.group_factors``."""
+    m_sink, m_img = m_text_sink + m_image_sink, m_image_sink + m_vis
+    steered = method.select_rows(gate, m_img, m_sink, m_vis, m_vis)
+    f_sink, f_vis = method.group_factors(m_sink, m_vis)
+    sink = torch.full_like(m_vis, f_sink)
+    return steered, torch.cat([torch.ones_like(m_vis), sink, sink, f_vis], dim=-1)
+
+
+def _rows_with_weights(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
+    """A weight-level method on a few query rows (decode): the full (B, H_q, Q, K) weights -- O(K) --
+    go through the method's own ``fused_weights`` rule, then one grouped product with V."""
+    b, hq, q_len, _ = q.shape
+    k_len = k.shape[2]
+    s = grouped_qk(q * scaling, k)
+    vis = _chunk_mask(struct.spec, 0, q_len, 0, k_len, q.device)
+    if vis is not None:
+        s.masked_fill_(~vis, float("-inf"))
+    a = torch.softmax(s, dim=-1)
+    if struct.spec.kv_start is not None:
+        a = a.nan_to_num_(0.0)  # rows that are padding see nothing
+    key_abs = torch.arange(k_len, device=q.device) + struct.key_offset
+    ctx = row_context(vis, info, 0, key_abs, rows=q_len)
+    a, rows = method.fused_weights(a, ctx, StepInfo(info.is_prefill, struct.key_offset, k_len))
+    return grouped_pv(a, v), rows, _phase(info, q_len)
 
 
 def _softplus(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
@@ -517,12 +548,12 @@ def _softplus(method, q, k, v, struct: Structure, scaling: float, info: ForwardI
     p = float(method.p.p)
     if p * math.log2(max(2, k_len)) >= SOFTPLUS_MAX_LOG2:
         return "softplus p too large for the direct form"
-    n_vis, log_n, offset = struct.memo(
+    n_vis, log_n, neg_offset = struct.memo(
         ("softplus rows", b, q_len, str(q.device), float(method.p.offset)),
         lambda: _softplus_row_terms(struct, b, q_len, float(method.p.offset), q.device),
     )
     if q_len <= DIRECT_ROWS:
-        return _softplus_rows(method, q, k, v, spec, scaling, n_vis, log_n, offset, info)
+        return _softplus_rows(method, q, k, v, spec, scaling, n_vis, neg_offset, info)
     out, lse = flash_with_lse(q, k, v, spec, scaling)
     heads = None if method.heads is None else method.heads.nonzero().flatten().tolist()
     qs, ks, vs, ls = q, k, v, lse
@@ -543,7 +574,7 @@ def _softplus(method, q, k, v, struct: Structure, scaling: float, info: ForwardI
         sh = _fold(-shift[:, :, q0:q1].expand(b, hs, c, 1), hkv)
         x = torch.baddbmm(sh, _fold(qs[:, :, q0:q1], hkv), kt[:, :, lo:hi], alpha=scaling)
         x.exp_()
-        x.sub_(_fold(offset[:, :, q0:q1].expand(b, hs, c, 1), hkv)).clamp_(min=0.0)
+        x.add_(_fold(neg_offset[:, :, q0:q1].expand(b, hs, c, 1), hkv)).clamp_(min=0.0)
         _masked_rows_block(x, spec, q0, q1, lo, hi, hkv, 0.0)
         if p != 1.0:
             x.pow_(p)
@@ -561,12 +592,12 @@ def _softplus(method, q, k, v, struct: Structure, scaling: float, info: ForwardI
 
 def _softplus_row_terms(struct: Structure, b: int, q_len: int, offset: float, device):
     """Per-row inputs of the re-weighting, shared by a forward's layers: N_i float (B, 1, Q, 1),
-    log N_i (log 1 where N_i = 0) and o_i (0 in a row's first three positions, ``offset`` after)."""
+    log N_i (log 1 where N_i = 0) and -o_i (o_i: 0 in a row's first three positions, ``offset`` after)."""
     rows = torch.arange(q_len, device=device)
     n_vis = visible_counts(struct.spec, b, rows)
     rel = struct.rel0.view(-1, 1).to(device) + rows.view(1, -1)  # (B, Q) position from the row's first token
-    o = torch.where(rel < FIRST_ROWS_WITHOUT_OFFSET, 0.0, offset).view(b, 1, q_len, 1)
-    return n_vis, torch.log(n_vis.clamp(min=1)), o
+    neg_o = torch.where(rel < FIRST_ROWS_WITHOUT_OFFSET, 0.0, -offset).view(b, 1, q_len, 1)
+    return n_vis, torch.log(n_vis.clamp(min=1)), neg_o
 
 
 def _softplus_kept(total, n_vis):
@@ -577,25 +608,30 @@ def _softplus_kept(total, n_vis):
     return total > 0
 
 
-def _softplus_rows(method, q, k, v, spec: MaskSpec, scaling: float, n_vis, log_n, offset, info: ForwardInfo):
+def _softplus_rows(method, q, k, v, spec: MaskSpec, scaling: float, n_vis, neg_offset, info: ForwardInfo):
     """Re-weighting of a few query rows (decode): scores, LSE and weights from one (B, H_q, Q, K)
     product; the plain output only where some row keeps it (unsteered heads, uniform rows)."""
     q_len = q.shape[2]
     s = grouped_qk(q * scaling, k)
     vis = _chunk_mask(spec, 0, q_len, 0, k.shape[2], q.device)
+    empty_rows = spec.kv_start is not None  # left padding: rows that are padding see no key
     if vis is not None:
         s.masked_fill_(~vis, float("-inf"))
-    top = s.amax(-1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)  # rows that see nothing: finite
-    e = torch.exp(s - top)  # a_ij up to the row's 1 / sum
-    denom = e.sum(-1, keepdim=True)
+    top = s.amax(-1, keepdim=True)
+    if empty_rows:
+        top.clamp_(min=torch.finfo(torch.float32).min)  # finite, so those rows give e = 0, not NaN
+    e = torch.exp(s - top)  # a_ij up to the row's 1 / sum; the row's largest is 1
+    denom = e.sum(-1, keepdim=True)  # >= 1 in a row that sees a key
+    if empty_rows:
+        denom.clamp_(min=1.0)
     # N_i a_ij - o_i = e_ij (N_i / sum_i) - o_i; rows that see nothing have e = 0 and N = 0
-    x = torch.addcmul(-offset, e, n_vis / denom.clamp(min=1e-38)).clamp_(min=0.0)
+    x = torch.addcmul(neg_offset, e, n_vis / denom).clamp_(min=0.0)
     if method.p.p != 1.0:
         x.pow_(float(method.p.p))
     total = x.sum(-1, keepdim=True)
-    out = grouped_pv(x, v) / total.clamp(min=1e-38)
     if method.heads is None and float(total.amin()) >= SOFTPLUS_MIN_TOTAL:  # every row re-weighted: one sync
-        return out, total.numel(), _phase(info, q_len)
+        return grouped_pv(x, v) / total, total.numel(), _phase(info, q_len)
+    out = grouped_pv(x, v) / total.clamp(min=1e-38)
     keep = _softplus_kept(total, n_vis)
     if isinstance(keep, str):
         return keep
@@ -603,7 +639,7 @@ def _softplus_rows(method, q, k, v, spec: MaskSpec, scaling: float, n_vis, log_n
     if heads is not None:
         keep = keep & heads
     if not bool(keep.all()):
-        plain = grouped_pv(e / denom.clamp(min=1e-38), v)
+        plain = grouped_pv(e / denom, v)
         out = torch.where(keep, out, plain)
     return out, keep.sum(), _phase(info, q_len)
 

@@ -534,7 +534,7 @@ def _run(args, loaded=None) -> tuple[int, list[dict]]:
         else build_model(config, args.model, args.random_weights, dtype, device, preloaded)
     )
 
-    configs = [{"name": "baseline", "recipe": None, "recipe_label": None, "backend": None}]
+    configs = [{"name": "baseline", "recipe": None, "recipe_label": None, "backend": None, "methods": []}]
     for label, recipe in recipes:
         try:  # does the recipe fit the model? (fails here, not in the middle of the timing)
             with warnings.catch_warnings():
@@ -543,7 +543,15 @@ def _run(args, loaded=None) -> tuple[int, list[dict]]:
         except attnsteer.AttnsteerError as exc:
             raise SpeedError(f"--recipe {label!r} does not fit --model {args.model!r}: {exc}") from None
         for backend in args.backend_list:
-            configs.append({"name": f"{label}@{backend}", "recipe": recipe, "recipe_label": label, "backend": backend})
+            configs.append(
+                {
+                    "name": f"{label}@{backend}",
+                    "recipe": recipe,
+                    "recipe_label": label,
+                    "backend": backend,
+                    "methods": sorted({i.method for i in recipe.interventions}),
+                }
+            )
     if args.memory_worker is not None:
         return _memory_worker(args, model, config, model_info, configs, device), []
     status, records = EXIT_OK, []
