@@ -85,6 +85,22 @@ def test_flash_matches_reference(name, phase, mask_case):
         assert torch.equal(plan_ref.methods[0].prompt_state["sinks"], plan_flash.methods[0].prompt_state["sinks"])
 
 
+@pytest.mark.parametrize("name", ["act", "softplus-heads"])
+def test_key_tiles_sum_like_one_pass(name, monkeypatch):
+    """Long prompts split each row chunk's keys into tiles (PASS_KEYS); sums over tiles are exact."""
+    monkeypatch.setattr(fb, "PASS_KEYS", 4)
+    monkeypatch.setattr(fb, "PASS_ELEMENTS", 64)
+    q, k, v, mask, info, valid = _call(name, "prefill", "window-padding", seed=6)
+    plan_ref, plan_flash = _plans(name, k.shape[2], 0)
+    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, Stats())
+    routing.reset_counters()
+    out, _ = fb.flash_attention(plan_flash, q, k, v, mask, 0.35, info, Stats())
+    assert not _fallbacks()
+    torch.testing.assert_close(out[valid], ref[valid], atol=5e-6, rtol=1e-5)
+    if name == "act":
+        assert torch.equal(plan_ref.methods[0].prompt_state["sinks"], plan_flash.methods[0].prompt_state["sinks"])
+
+
 def test_steering_changes_rows_in_these_cases():
     """The comparisons above are not vacuous: each method steers rows in each phase."""
     for name in METHODS:

@@ -61,6 +61,7 @@ SOFTPLUS_MIN_TOTAL = 2.0**-100
 # between the product, exp and the reductions (on a 2-core EPYC, 64-row chunks of a 9-head, 2048-key
 # layer ran the column pass in ~32 ms, 227-row chunks in ~57 ms).
 PASS_ELEMENTS = 1 << 20
+PASS_KEYS = 2048  # keys per tile: long prompts keep tens of rows per block instead of a handful
 # Forwards with at most this many query rows (decode steps) form their rows directly instead of
 # calling the flash kernel, which would need the cache copied once per query head (GQA).
 DIRECT_ROWS = 4
@@ -172,21 +173,41 @@ def _chunk_mask(spec: MaskSpec, q0: int, q1: int, lo: int, hi: int, device) -> t
 def flash_with_lse(q, k, v, spec: MaskSpec, scaling: float):
     """q (B, H_q, Q, D), k/v (B, H_kv, K, D) float32 -> (out float32 (B, H_q, Q, D), lse float32
     (B, H_q, Q)) of plain attention under ``spec``; rows that see no key get out 0 and lse -inf."""
-    op = _flash_op()
     b, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
     if q_len <= DIRECT_ROWS:
         return _direct_with_lse(q, k, v, spec, scaling)
-    if hkv != hq:  # the CPU kernel has no grouped-query form
-        k = k.repeat_interleave(hq // hkv, dim=1)
-        v = v.repeat_interleave(hq // hkv, dim=1)
+    if hkv == hq:
+        out, lse = _flash_heads(q, k, v, spec, scaling)
+    else:  # the CPU kernel has no grouped-query form: one call per kv head, its keys broadcast (no copy)
+        group = hq // hkv
+        out = torch.empty(b, hq, q_len, d, dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, hq, q_len, dtype=torch.float32, device=q.device)
+        for j in range(hkv):
+            heads = slice(j * group, (j + 1) * group)
+            kj, vj = (t[:, j : j + 1].expand(b, group, k_len, d) for t in (k, v))
+            out[:, heads], lse[:, heads] = _flash_heads(q[:, heads], kj, vj, spec, scaling)
+    if spec.kv_start is not None:
+        empty = visible_counts(spec, b, torch.arange(q_len, device=q.device)).view(b, 1, q_len) == 0
+        if bool(empty.any()):
+            lse = lse.masked_fill(empty, float("-inf"))
+            out = out.masked_fill(empty[..., None], 0.0)
+    return out, lse
+
+
+def _flash_heads(q, k, v, spec: MaskSpec, scaling: float):
+    """The CPU flash kernel on q (B, H, Q, D) and k/v (B, H, K, D) (any strides): one call for a
+    plain causal prefill or decode row, else query chunks with a float mask of their visible keys."""
+    op = _flash_op()
+    b, h, q_len, d = q.shape
+    k_len = k.shape[2]
     plain = spec.kv_start is None and not spec.window
     if plain and spec.q_offset == 0 and q_len == k_len:
         return op(q, k, v, 0.0, True, scale=scaling)
     if plain and q_len == 1 and spec.q_offset == k_len - 1:
         return op(q, k, v, 0.0, False, scale=scaling)
-    out = torch.empty(b, hq, q_len, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, hq, q_len, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, h, q_len, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, q_len, dtype=torch.float32, device=q.device)
     size = max(1, fused.CHUNK_ELEMENTS // max(1, b * k_len))  # rows per chunk of the (B, 1, C, K) float mask
     for q0 in range(0, q_len, size):
         q1 = min(q_len, q0 + size)
@@ -199,10 +220,6 @@ def flash_with_lse(q, k, v, spec: MaskSpec, scaling: float):
         out[:, :, q0:q1], lse[:, :, q0:q1] = op(
             q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], 0.0, False, attn_mask=mask, scale=scaling
         )
-    empty = visible_counts(spec, b, torch.arange(q_len, device=q.device)).view(b, 1, q_len) == 0
-    if spec.kv_start is not None and bool(empty.any()):
-        lse = lse.masked_fill(empty, float("-inf"))
-        out = out.masked_fill(empty[..., None], 0.0)
     return out, lse
 
 
@@ -228,11 +245,20 @@ def _fold(t: torch.Tensor, hkv: int) -> torch.Tensor:
     return t.reshape(b * hkv, (hq // hkv) * c, x)
 
 
-def _chunks(b: int, hq: int, q_len: int, k_len: int):
-    """Row spans of the in-place passes: (B, H, C, K) chunks of at most PASS_ELEMENTS."""
-    budget = min(PASS_ELEMENTS, fused.CHUNK_ELEMENTS)
-    size = max(1, min(q_len, budget // max(1, b * hq * k_len)))
-    return [(s, min(s + size, q_len)) for s in range(0, q_len, size)]
+def _budget() -> int:
+    """Elements of one block of the in-place passes (the chunked path's budget, if smaller)."""
+    return min(PASS_ELEMENTS, fused.CHUNK_ELEMENTS)
+
+
+def _tiles(spec: MaskSpec, b: int, hq: int, q_len: int, k_len: int):
+    """(q0, q1, lo, hi) tiles of the in-place passes: rows q0..q1 against the keys lo..hi they can
+    see, in key tiles of at most PASS_KEYS and (B, H, C, tile) blocks of at most PASS_ELEMENTS."""
+    size = max(1, min(q_len, _budget() // max(1, b * hq * min(k_len, PASS_KEYS))))
+    for q0 in range(0, q_len, size):
+        q1 = min(q0 + size, q_len)
+        lo, hi = _key_range(spec, q0, q1, k_len)
+        for t0 in range(lo, hi, PASS_KEYS):
+            yield q0, q1, t0, min(t0 + PASS_KEYS, hi)
 
 
 def _masked_rows_block(x: torch.Tensor, spec: MaskSpec, q0: int, q1: int, lo: int, hi: int, hkv: int, value: float):
@@ -265,10 +291,7 @@ def column_sums(q, k, lse_vote, spec: MaskSpec, scaling: float) -> torch.Tensor:
     g = hq // hkv
     colsum = torch.zeros(b, hkv, g, k_len, dtype=torch.float32, device=q.device)
     kt = k.reshape(b * hkv, k_len, d).transpose(1, 2)
-    for q0, q1 in _chunks(b, hq, q_len, k_len):
-        lo, hi = _key_range(spec, q0, q1, k_len)
-        if hi <= lo:
-            continue
+    for q0, q1, lo, hi in _tiles(spec, b, hq, q_len, k_len):
         shift = _fold(-lse_vote[:, :, q0:q1, None], hkv)
         x = torch.baddbmm(shift, _fold(q[:, :, q0:q1], hkv), kt[:, :, lo:hi], alpha=scaling)
         x.exp_()
@@ -307,25 +330,20 @@ def gather_keys(t: torch.Tensor, idx: torch.Tensor, hq: int) -> torch.Tensor:
     return t[bi, kv.view(1, -1, 1), idx.clamp(min=0).expand(b, kv.numel(), idx.shape[-1])]
 
 
-def group_parts(q, k, v, lse, spec: MaskSpec, rows: torch.Tensor, idx, gid, groups, scaling: float):
-    """Masses and outputs of key groups from their own keys and the known row LSE.
+def member_weights(q, k, v, lse, spec: MaskSpec, rows: torch.Tensor, idx, scaling: float):
+    """The weights of gathered keys from the known row LSE, and their values.
 
     q (B, H_q, R, D) the query rows ``rows`` (long (R,) indices), lse (B, H_q, R); idx long
-    (B, 1|H_q, G) key indices of the group members (negative = padding), gid long like idx (the
-    member's group); groups: the group ids wanted. Returns masses float32 (B, H_q, R, n) and
-    outputs float32 (B, H_q, R, n, D) for those n groups, with a_ij = exp(s_ij - lse_i) on visible
-    members (0 elsewhere)."""
+    (B, 1|H_q, G) key indices of the members (negative = padding). Returns a float32 (B, H_q, R, G)
+    with a_ij = exp(s_ij - lse_i) on visible members (0 elsewhere), and ``pv(weights)`` (B, H_q, R,
+    D) = the weighted sum of the members' values, for any weights shaped like a."""
     hq = q.shape[1]
     kg, vg = gather_keys(k, idx, hq), gather_keys(v, idx, hq)
-    s = grouped_qk(q, kg) if idx.shape[1] == 1 else torch.matmul(q, kg.transpose(-1, -2))
+    per_head = idx.shape[1] != 1
+    s = torch.matmul(q, kg.transpose(-1, -2)) if per_head else grouped_qk(q, kg)
     vis = visible_keys(spec, rows, idx)  # (B, 1|H, R, G)
     a = torch.where(vis, torch.exp(s * scaling - lse[..., None]), torch.zeros((), device=q.device))
-    masses, outputs = [], []
-    for g in groups:
-        part = a * (gid == g)[:, :, None, :]
-        masses.append(part.sum(-1))
-        outputs.append(grouped_pv(part, vg) if idx.shape[1] == 1 else torch.matmul(part, vg))
-    return torch.stack(masses, -1), torch.stack(outputs, -2)
+    return a, (lambda w: torch.matmul(w, vg)) if per_head else (lambda w: grouped_pv(w, vg))
 
 
 def member_table(flags: torch.Tensor) -> torch.Tensor:
@@ -393,28 +411,47 @@ def _act(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
     idx = _act_members(method, b, key_abs, step)
     if idx.shape[-1] == 0:
         return out, 0, _phase(info, q_len)
-    rows = torch.arange(q_len, device=q.device)
-    masses, parts = group_parts(q, k, v, lse, spec, rows, idx, torch.ones_like(idx), (1,), scaling)
-    m_sink, o_sink = masses[..., :1], parts[..., 0, :]  # (B, H, Q, 1), (B, H, Q, D)
+    # rows per chunk: (B, H, R, sinks) weights and (B, H, R, D) outputs within the element budget
+    size = max(1, fused.CHUNK_ELEMENTS // max(1, b * hq * max(idx.shape[-1], q.shape[-1])))
+    steered_total = 0
+    for c0 in range(0, q_len, size):
+        c1 = min(q_len, c0 + size)
+        rows = torch.arange(c0, c1, device=q.device)
+        steered_total = steered_total + _act_correct(method, q, k, v, lse, out, struct, rows, idx, key_abs, step, scaling)
+    return out, steered_total, _phase(info, q_len)
+
+
+def _act_correct(method, q, k, v, lse, out, struct: Structure, rows, idx, key_abs, step, scaling: float):
+    """ACT's calibration of the query ``rows`` (long (R,), contiguous) of ``out`` (B, H, Q, D), in
+    place: o' = f_sink O_sink + f_other (o - O_sink). Returns the number of steered rows."""
+    b = q.shape[0]
+    spec = struct.spec
+    r0, r1 = int(rows[0]), int(rows[-1]) + 1
+    a, pv = member_weights(q[:, :, r0:r1], k, v, lse[:, :, r0:r1], spec, rows, idx, scaling)
+    m_sink, o_sink = a.sum(-1, keepdim=True), pv(a)  # (B, H, R, 1), (B, H, R, D)
+    o = out[:, :, r0:r1]
     # the non-sinks are the rest of the row: mass 1 - M_sink, output o - O_sink -- except in rows
     # where that subtraction would lose precision, which are summed exactly (ACT_MIN_OTHER_MASS)
     seen_sinks = visible_keys(spec, rows, idx).sum(-1, keepdim=True)
     has_other = visible_counts(spec, b, rows) > seen_sinks
     m_other = torch.where(has_other, (1.0 - m_sink).clamp(min=0.0), torch.zeros((), device=q.device))
-    o_other = out - o_sink
     rel = struct.rel0.view(-1, 1, 1, 1).to(q.device) + rows.view(1, 1, -1, 1)
     candidates = method.steered_rows(m_sink, has_other.to(m_sink.dtype), rel, m_sink)
     exact = candidates & (m_other < ACT_MIN_OTHER_MASS)
+    o_other = o - o_sink
     if bool(exact.any()):
         sinks = method.sinks_for_keys(key_abs, b, step)  # (B, H, K)
-        m_exact, o_exact = complement_rows(q, k, v, lse, spec, sinks, exact, scaling)
-        m_other = torch.where(exact, m_exact, m_other)
-        o_other = torch.where(exact, o_exact, o_other)
+        flagged = torch.zeros(*exact.shape[:2], q.shape[2], 1, dtype=torch.bool, device=q.device)
+        flagged[:, :, r0:r1] = exact
+        m_exact, o_exact = complement_rows(q, k, v, lse, spec, sinks, flagged, scaling)
+        m_other = torch.where(exact, m_exact[:, :, r0:r1], m_other)
+        o_other = torch.where(exact, o_exact[:, :, r0:r1], o_other)
         COUNTERS["exact-rows/act"] += int(exact.sum())
     steered = method.steered_rows(m_sink, m_other, rel, m_sink)
     f_sink, f_other = method.group_factors(m_sink, m_other)
-    new = f_sink * o_sink + f_other * o_other
-    return torch.where(steered, new, out), steered.sum(), _phase(info, q_len)
+    new = o_other.mul_(f_other).add_(o_sink.mul_(f_sink))  # f_sink O_sink + f_other O_other
+    o.copy_(torch.where(steered, new, o))  # unsteered rows keep the flash output bit for bit
+    return steered.sum()
 
 
 _ACT_MEMBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -498,16 +535,18 @@ def _var(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
     if gated.numel() == 0 or idx.shape[-1] == 0:
         return out, 0, _phase(info, q_len)
     r0 = int(gated[0])
-    size = max(1, fused.CHUNK_ELEMENTS // max(1, b * hq * idx.shape[-1]))  # rows x members per chunk
+    size = max(1, _budget() // max(1, b * hq * idx.shape[-1]))  # rows x members per chunk
+    onehot = torch.nn.functional.one_hot(gid, 4).to(torch.float32)  # (B, 1, G, 4): the member's group
     steered_total = 0
     for c0 in range(r0, q_len, size):
         c1 = min(q_len, c0 + size)
         rows = torch.arange(c0, c1, device=q.device)
-        masses, parts = group_parts(q[:, :, c0:c1], k, v, lse[:, :, c0:c1], spec, rows, idx, gid, (1, 2, 3), scaling)
-        m_text_sink, m_image_sink, m_vis = masses.unsqueeze(-2).unbind(-1)  # each (B, H, C, 1)
-        steered, factors = _var_factors(method, gate[:, None, c0:c1, None], m_text_sink, m_image_sink, m_vis)
-        corrections = ((factors[..., 1:] - 1.0).unsqueeze(-1) * parts).sum(-2)  # sum_g (f_g - 1) O_g
-        out[:, :, c0:c1] = torch.where(steered, out[:, :, c0:c1] + corrections, out[:, :, c0:c1])
+        a, pv = member_weights(q[:, :, c0:c1], k, v, lse[:, :, c0:c1], spec, rows, idx, scaling)
+        masses = torch.matmul(a, onehot)  # (B, H, C, 4) group masses (group 0: not gathered, unused)
+        steered, factors = _var_factors(method, gate[:, None, c0:c1, None], *masses[..., 1:].split(1, dim=-1))
+        # o' = o + sum_j a_ij (f_group(j) - 1) v_j over the members
+        correction = pv(a.mul_(torch.matmul(factors - 1.0, onehot.transpose(-1, -2))))
+        out[:, :, c0:c1] = torch.where(steered, out[:, :, c0:c1] + correction, out[:, :, c0:c1])
         steered_total = steered_total + steered.sum()
     return out, steered_total, _phase(info, q_len)
 
@@ -566,10 +605,9 @@ def _softplus(method, q, k, v, struct: Structure, scaling: float, info: ForwardI
     shift = torch.where(n_vis > 0, ls[..., None] - log_n, float("inf"))
     kt = ks.reshape(b * hkv, k_len, d).transpose(1, 2)
     vf = vs.reshape(b * hkv, k_len, d)
-    new = torch.empty(b, hs, q_len, d, dtype=torch.float32, device=q.device)
-    total = torch.empty(b, hs, q_len, 1, dtype=torch.float32, device=q.device)
-    for q0, q1 in _chunks(b, hs, q_len, k_len):
-        lo, hi = _key_range(spec, q0, q1, k_len)
+    num = torch.zeros(b, hs, q_len, d, dtype=torch.float32, device=q.device)
+    total = torch.zeros(b, hs, q_len, 1, dtype=torch.float32, device=q.device)
+    for q0, q1, lo, hi in _tiles(spec, b, hs, q_len, k_len):
         c = q1 - q0
         sh = _fold(-shift[:, :, q0:q1].expand(b, hs, c, 1), hkv)
         x = torch.baddbmm(sh, _fold(qs[:, :, q0:q1], hkv), kt[:, :, lo:hi], alpha=scaling)
@@ -578,9 +616,9 @@ def _softplus(method, q, k, v, struct: Structure, scaling: float, info: ForwardI
         _masked_rows_block(x, spec, q0, q1, lo, hi, hkv, 0.0)
         if p != 1.0:
             x.pow_(p)
-        part = x.sum(-1, keepdim=True)
-        new[:, :, q0:q1] = (torch.bmm(x, vf[:, lo:hi]) / part.clamp(min=1e-38)).view(b, hs, c, d)
-        total[:, :, q0:q1] = part.view(b, hs, c, 1)
+        total[:, :, q0:q1] += x.sum(-1, keepdim=True).view(b, hs, c, 1)
+        num[:, :, q0:q1] += torch.bmm(x, vf[:, lo:hi]).view(b, hs, c, d)
+    new = num / total.clamp(min=1e-38)
     keep = _softplus_kept(total, n_vis)
     if isinstance(keep, str):
         return keep
