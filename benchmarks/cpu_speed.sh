@@ -8,8 +8,9 @@
 #   unsteered SDPA vs act-default and softplus-reweight on the fused backend as `attnsteer.apply`
 #   runs it on CPU (fused-pytorch: PyTorch's flash kernel + corrections) and on the generic chunked
 #   path (fused-chunked); peak memory also in a fresh process per (length, configuration).
-# smollm2-long: the same recipes at 8176 prompt + 16 new tokens (8192 positions, SmolLM2's
-#   max_position_embeddings), one repeat, fresh-process memory: the memory goal at 8192 tokens.
+# smollm2-long: the same recipes at 8176 prompt tokens (+ 4 new: within SmolLM2's 8192
+#   max_position_embeddings), one repeat without warm-up, fresh-process memory: the memory goal at
+#   ~8192 tokens (takes ~10 minutes on 2 cores).
 # smollm2-var: VAR (recipes/timing/var-timing.yaml) on SmolLM2 with the first 576 prompt tokens
 #   marked as the image (handle.focus), 2048 tokens.
 # llava: LLaVA-1.5-7B's language model at real shapes, 4 of its 32 layers, random weights, 576 image
@@ -33,7 +34,7 @@ if [[ $STEP == all || $STEP == smollm2 ]]; then
 fi
 if [[ $STEP == all || $STEP == smollm2-long ]]; then
   speed --model smollm2 --recipe act-default --recipe softplus-reweight --prompt-len 8176 \
-    --new-tokens 16 --backends fused-pytorch --repeats 1 --memory fresh-process --label cpu_smollm2
+    --new-tokens 4 --backends fused-pytorch --repeats 1 --warmup 0 --memory fresh-process --label cpu_smollm2
 fi
 if [[ $STEP == all || $STEP == smollm2-var ]]; then
   speed --model smollm2 --recipe recipes/timing/var-timing.yaml --image-tokens 576 --prompt-len 2048 \

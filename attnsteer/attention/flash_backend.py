@@ -80,14 +80,16 @@ def _kernel():
 def _flash_op():
     """PyTorch's CPU flash kernel, or None (with the reason in ``_OP_STATE``) when it is missing or
     does not behave as this module relies on: (out, lse) with lse the natural-log row LSE of the
-    scaled scores, (B, H, Q). Checked once per process on a tiny input against a direct formula."""
+    scaled scores, (B, H, Q), for keys and values broadcast over heads (stride 0, as grouped-query
+    calls pass them). Checked once per process on a tiny input against a direct formula."""
     if "op" in _OP_STATE:
         return _OP_STATE["op"]
     op, reason = None, ""
     try:
         candidate = _kernel()
         gen = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, 2, 5, 8, generator=gen) for _ in range(3))
+        q = torch.randn(1, 2, 5, 8, generator=gen)
+        k, v = (torch.randn(1, 1, 5, 8, generator=gen).expand(1, 2, 5, 8) for _ in range(2))
         mask = torch.zeros(1, 1, 5, 5).masked_fill(~torch.ones(5, 5, dtype=torch.bool).tril(), float("-inf"))
         mask[..., 0] = float("-inf")  # row 0 sees nothing
         out, lse = candidate(q, k, v, 0.0, False, attn_mask=mask, scale=0.3)
@@ -522,11 +524,11 @@ def _var(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
     spec = struct.spec
+    if q_len <= DIRECT_ROWS:
+        return _rows_with_weights(method, q, k, v, struct, scaling, info)
     first_row = struct.key_offset + spec.q_offset  # absolute position of query row 0
     key_abs = torch.arange(k_len, device=q.device) + struct.key_offset
     gate = method.row_gate(torch.arange(q_len, device=q.device) + first_row, *method.key_groups(key_abs))  # (B, Q)
-    if q_len <= DIRECT_ROWS:
-        return _rows_with_weights(method, q, k, v, struct, scaling, info)
     positions, gid = _var_prompt_groups(method, q.device)
     out, lse = flash_with_lse(q, k, v, spec, scaling)
     gated = gate.any(0).nonzero()
