@@ -419,7 +419,9 @@ def _act(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
     for c0 in range(0, q_len, size):
         c1 = min(q_len, c0 + size)
         rows = torch.arange(c0, c1, device=q.device)
-        steered_total = steered_total + _act_correct(method, q, k, v, lse, out, struct, rows, idx, key_abs, step, scaling)
+        steered_total = steered_total + _act_correct(
+            method, q, k, v, lse, out, struct, rows, idx, key_abs, step, scaling
+        )
     return out, steered_total, _phase(info, q_len)
 
 
