@@ -163,13 +163,12 @@ def _key_range(spec: MaskSpec, q0: int, q1: int, k_len: int) -> tuple[int, int]:
 
 def _chunk_mask(spec: MaskSpec, q0: int, q1: int, lo: int, hi: int, device) -> torch.Tensor | None:
     """bool (B|1, 1, C, hi-lo) visibility of keys lo..hi from rows q0..q1, or None when all visible."""
-    rows = torch.arange(q0, q1, device=device)
     pos_first, pos_last = spec.q_offset + q0, spec.q_offset + q1 - 1
     all_causal = hi - 1 <= pos_first
     no_window = not spec.window or lo > pos_last - spec.window
     if all_causal and no_window and spec.kv_start is None:
         return None
-    return visible_keys(spec, rows, torch.arange(lo, hi, device=device))
+    return visible_keys(spec, torch.arange(q0, q1, device=device), torch.arange(lo, hi, device=device))
 
 
 def flash_with_lse(q, k, v, spec: MaskSpec, scaling: float):
@@ -659,15 +658,10 @@ def _softplus_rows(method, q, k, v, spec: MaskSpec, scaling: float, n_vis, neg_o
     empty_rows = spec.kv_start is not None  # left padding: rows that are padding see no key
     if vis is not None:
         s.masked_fill_(~vis, float("-inf"))
-    top = s.amax(-1, keepdim=True)
+    a = torch.softmax(s, dim=-1)
     if empty_rows:
-        top.clamp_(min=torch.finfo(torch.float32).min)  # finite, so those rows give e = 0, not NaN
-    e = torch.exp(s - top)  # a_ij up to the row's 1 / sum; the row's largest is 1
-    denom = e.sum(-1, keepdim=True)  # >= 1 in a row that sees a key
-    if empty_rows:
-        denom.clamp_(min=1.0)
-    # N_i a_ij - o_i = e_ij (N_i / sum_i) - o_i; rows that see nothing have e = 0 and N = 0
-    x = torch.addcmul(neg_offset, e, n_vis / denom).clamp_(min=0.0)
+        a = a.nan_to_num_(0.0)  # rows that see nothing: weights 0 (and N = 0)
+    x = torch.addcmul(neg_offset, a, n_vis).clamp_(min=0.0)  # max(N_i a_ij - o_i, 0)
     if method.p.p != 1.0:
         x.pow_(float(method.p.p))
     total = x.sum(-1, keepdim=True)
@@ -681,7 +675,7 @@ def _softplus_rows(method, q, k, v, spec: MaskSpec, scaling: float, n_vis, neg_o
     if heads is not None:
         keep = keep & heads
     if not bool(keep.all()):
-        plain = grouped_pv(e / denom, v)
+        plain = grouped_pv(a, v)
         out = torch.where(keep, out, plain)
     return out, keep.sum(), _phase(info, q_len)
 
