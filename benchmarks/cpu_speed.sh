@@ -11,8 +11,9 @@
 # smollm2-long: the same recipes at 8176 prompt tokens (+ 4 new: within SmolLM2's 8192
 #   max_position_embeddings), one repeat without warm-up, fresh-process memory: the memory goal at
 #   ~8192 tokens (takes ~10 minutes on 2 cores).
-# smollm2-var: VAR (recipes/timing/var-timing.yaml) on SmolLM2 with the first 576 prompt tokens
-#   marked as the image (handle.focus), 2048 tokens.
+# smollm2-var: VAR on SmolLM2 with the first 576 prompt tokens marked as the image (handle.focus),
+#   2048 tokens: recipes/timing/var-timing.yaml (tau 3: most tokens are sinks) and
+#   recipes/timing/var-paper-smollm2.yaml (the paper's tau 20: a handful of sinks per layer).
 # llava: LLaVA-1.5-7B's language model at real shapes, 4 of its 32 layers, random weights, 576 image
 #   placeholders + 64 text tokens, with the timing recipes (random weights have no sinks for the
 #   papers' thresholds).
@@ -31,6 +32,9 @@ speed() { run "$PY" -m attnsteer.evals.speed --output_path "$OUT" "$@"; }
 if [[ $STEP == all || $STEP == smollm2 ]]; then
   speed --model smollm2 --recipe act-default --recipe softplus-reweight --prompt-len 512,2048 \
     --new-tokens 32 --backends "$BACKENDS" --repeats 3 --memory fresh-process --label cpu_smollm2
+  # softplus alone at 2048, after the decode rows were trimmed (the run above predates that)
+  speed --model smollm2 --recipe softplus-reweight --prompt-len 2048 --new-tokens 32 --backends fused-pytorch \
+    --repeats 3 --label cpu_smollm2_softplus_n2048
 fi
 if [[ $STEP == all || $STEP == smollm2-long ]]; then
   speed --model smollm2 --recipe act-default --recipe softplus-reweight --prompt-len 8176 \
@@ -39,6 +43,8 @@ fi
 if [[ $STEP == all || $STEP == smollm2-var ]]; then
   speed --model smollm2 --recipe recipes/timing/var-timing.yaml --image-tokens 576 --prompt-len 2048 \
     --new-tokens 32 --backends "$BACKENDS" --repeats 3 --label cpu_smollm2_var
+  speed --model smollm2 --recipe recipes/timing/var-paper-smollm2.yaml --image-tokens 576 --prompt-len 2048 \
+    --new-tokens 32 --backends fused-pytorch --repeats 3 --label cpu_smollm2_var_paper
 fi
 if [[ $STEP == all || $STEP == llava ]]; then
   speed --model llava-1.5-7b --random-weights --override num_hidden_layers=4 \
