@@ -128,16 +128,11 @@ def visible_keys(spec: MaskSpec, rows: torch.Tensor, keys: torch.Tensor) -> torc
 
     rows: long (R,) query row indices; keys: long (K,) or (B, H, G) key indices (negative =
     no key). Returns (B|1, 1, R, K) or (B, H, R, G)."""
-    pos = _row_positions(spec, rows)
-    if keys.dim() == 1:
-        j, p = keys.view(1, 1, 1, -1), pos.view(1, 1, -1, 1)
-        start = None if spec.kv_start is None else spec.kv_start.to(keys.device).view(-1, 1, 1, 1)
-    else:
-        j, p = keys[:, :, None, :], pos.view(1, 1, -1, 1)
-        start = None if spec.kv_start is None else spec.kv_start.to(keys.device).view(-1, 1, 1, 1)
+    p = _row_positions(spec, rows).view(1, 1, -1, 1)
+    j = keys.view(1, 1, 1, -1) if keys.dim() == 1 else keys[:, :, None, :]
     vis = (j <= p) & (j >= 0)
-    if start is not None:
-        vis = vis & (j >= start)
+    if spec.kv_start is not None:
+        vis = vis & (j >= spec.kv_start.to(keys.device).view(-1, 1, 1, 1))
     if spec.window:
         vis = vis & (j > p - spec.window)
     return vis
@@ -198,15 +193,13 @@ def flash_with_lse(q, k, v, spec: MaskSpec, scaling: float):
 
 def _flash_heads(q, k, v, spec: MaskSpec, scaling: float):
     """The CPU flash kernel on q (B, H, Q, D) and k/v (B, H, K, D) (any strides): one call for a
-    plain causal prefill or decode row, else query chunks with a float mask of their visible keys."""
+    plain causal prefill, else query chunks with a float mask of their visible keys."""
     op = _flash_op()
     b, h, q_len, d = q.shape
     k_len = k.shape[2]
     plain = spec.kv_start is None and not spec.window
     if plain and spec.q_offset == 0 and q_len == k_len:
         return op(q, k, v, 0.0, True, scale=scaling)
-    if plain and q_len == 1 and spec.q_offset == k_len - 1:
-        return op(q, k, v, 0.0, False, scale=scaling)
     out = torch.empty(b, h, q_len, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, q_len, dtype=torch.float32, device=q.device)
     size = max(1, fused.CHUNK_ELEMENTS // max(1, b * k_len))  # rows per chunk of the (B, 1, C, K) float mask
@@ -224,17 +217,25 @@ def _flash_heads(q, k, v, spec: MaskSpec, scaling: float):
     return out, lse
 
 
-def _direct_with_lse(q, k, v, spec: MaskSpec, scaling: float):
-    """flash_with_lse for a few query rows (decode): the (B, H_q, Q, K) scores are O(K), and grouped
-    products read each kv head once instead of copying the cache per query head."""
-    b, _, q_len, _ = q.shape
-    s = grouped_qk(q, k) * scaling
-    vis = _chunk_mask(spec, 0, q_len, 0, k.shape[2], q.device)
+def _row_weights(q, k, spec: MaskSpec, scaling: float):
+    """A few query rows (decode) whole: q (B, H_q, Q, D), k (B, H_kv, K, D) -> (scores float32
+    (B, H_q, Q, K) with -inf where invisible, softmax weights (0 in rows that see no key), the
+    visibility (B|1, 1, Q, K) or None when every key is visible). O(K) per row; the grouped product
+    reads each kv head once instead of copying the cache per query head."""
+    s = grouped_qk(q * scaling, k)
+    vis = _chunk_mask(spec, 0, q.shape[2], 0, k.shape[2], q.device)
     if vis is not None:
-        s = s.masked_fill(~vis, float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    a = torch.exp(s - lse[..., None]).nan_to_num_(0.0)  # rows that see nothing: 0
-    return grouped_pv(a, v), lse
+        s.masked_fill_(~vis, float("-inf"))
+    a = torch.softmax(s, dim=-1)
+    if spec.kv_start is not None:
+        a = a.nan_to_num_(0.0)  # rows that are padding see nothing
+    return s, a, vis
+
+
+def _direct_with_lse(q, k, v, spec: MaskSpec, scaling: float):
+    """flash_with_lse for a few query rows, from :func:`_row_weights`."""
+    s, a, _ = _row_weights(q, k, spec, scaling)
+    return grouped_pv(a, v), torch.logsumexp(s, -1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,9 +473,14 @@ def _act_members(method, b: int, key_abs: torch.Tensor, step: StepInfo) -> torch
     if cached is None or cached[0] is not table:
         cached = (table, member_table(table))
         _ACT_MEMBERS[method] = cached
-    positions = cached[1]
-    idx = positions - step.key_offset
-    return torch.where((positions >= 0) & (idx >= 0) & (idx < step.num_keys), idx, -1)
+    return key_indices(cached[1], step.key_offset, step.num_keys)
+
+
+def key_indices(positions: torch.Tensor, key_offset: int, k_len: int) -> torch.Tensor:
+    """Absolute prompt positions (-1 = padding) -> indices among this forward's keys, which start at
+    ``key_offset`` (a sliding-window cache drops the oldest); -1 where a position is not among them."""
+    idx = positions - key_offset
+    return torch.where((positions >= 0) & (idx >= 0) & (idx < k_len), idx, -1)
 
 
 def complement_rows(q, k, v, lse, spec: MaskSpec, members: torch.Tensor, rows: torch.Tensor, scaling: float):
@@ -533,8 +539,7 @@ def _var(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
     positions, gid = _var_prompt_groups(method, q.device)
     out, lse = flash_with_lse(q, k, v, spec, scaling)
     gated = gate.any(0).nonzero()
-    idx = positions - struct.key_offset
-    idx = torch.where((positions >= 0) & (idx >= 0) & (idx < k_len), idx, -1)
+    idx = key_indices(positions, struct.key_offset, k_len)
     if gated.numel() == 0 or idx.shape[-1] == 0:
         return out, 0, _phase(info, q_len)
     r0 = int(gated[0])
@@ -568,15 +573,8 @@ def _var_factors(method, gate, m_text_sink, m_image_sink, m_vis):
 def _rows_with_weights(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
     """A weight-level method on a few query rows (decode): the full (B, H_q, Q, K) weights -- O(K) --
     go through the method's own ``fused_weights`` rule, then one grouped product with V."""
-    b, hq, q_len, _ = q.shape
-    k_len = k.shape[2]
-    s = grouped_qk(q * scaling, k)
-    vis = _chunk_mask(struct.spec, 0, q_len, 0, k_len, q.device)
-    if vis is not None:
-        s.masked_fill_(~vis, float("-inf"))
-    a = torch.softmax(s, dim=-1)
-    if struct.spec.kv_start is not None:
-        a = a.nan_to_num_(0.0)  # rows that are padding see nothing
+    q_len, k_len = q.shape[2], k.shape[2]
+    _, a, vis = _row_weights(q, k, struct.spec, scaling)
     key_abs = torch.arange(k_len, device=q.device) + struct.key_offset
     ctx = row_context(vis, info, 0, key_abs, rows=q_len)
     a, rows = method.fused_weights(a, ctx, StepInfo(info.is_prefill, struct.key_offset, k_len))
@@ -653,14 +651,7 @@ def _softplus_rows(method, q, k, v, spec: MaskSpec, scaling: float, n_vis, neg_o
     """Re-weighting of a few query rows (decode): scores, LSE and weights from one (B, H_q, Q, K)
     product; the plain output only where some row keeps it (unsteered heads, uniform rows)."""
     q_len = q.shape[2]
-    s = grouped_qk(q * scaling, k)
-    vis = _chunk_mask(spec, 0, q_len, 0, k.shape[2], q.device)
-    empty_rows = spec.kv_start is not None  # left padding: rows that are padding see no key
-    if vis is not None:
-        s.masked_fill_(~vis, float("-inf"))
-    a = torch.softmax(s, dim=-1)
-    if empty_rows:
-        a = a.nan_to_num_(0.0)  # rows that see nothing: weights 0 (and N = 0)
+    _, a, _ = _row_weights(q, k, spec, scaling)  # rows that see nothing: weights 0 (and N = 0)
     x = torch.addcmul(neg_offset, a, n_vis).clamp_(min=0.0)  # max(N_i a_ij - o_i, 0)
     if method.p.p != 1.0:
         x.pow_(float(method.p.p))
