@@ -40,6 +40,9 @@ class ArchSpec:
     # model itself, or for InstructBLIP the language model, because its generate() calls
     # language_model.generate(inputs_embeds=...) without going through the top-level forward.
     stream_host: str = ""
+    # Attribute of the decoder layers that attend to the image through cross-attention instead of
+    # self-attention (Llama-3.2-Vision's ``cross_attn``); those layers' keys are vision states.
+    cross_attention_attr: str = ""
 
     @property
     def is_multimodal(self) -> bool:
@@ -47,25 +50,52 @@ class ArchSpec:
 
 
 _VLM_PATHS = ("model.language_model", "language_model.model", "language_model")
+_IMAGE = ("image_token_id",)
+_IMAGE_VIDEO = ("image_token_id", "video_token_id")
 ARCHS: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        ArchSpec("llama"),
-        ArchSpec("mistral"),
-        ArchSpec("qwen2"),
-        ArchSpec("qwen3"),
-        ArchSpec("llava", _VLM_PATHS, text_config_key="text_config", image_token_attrs=("image_token_id",)),
-        ArchSpec("llava_next", _VLM_PATHS, text_config_key="text_config", image_token_attrs=("image_token_id",)),
+        *(ArchSpec(text_type) for text_type in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3")),
+        # logit soft-capping (gemma2) and per-layer sliding-window / global attention reach the
+        # attention function as its ``softcap`` argument and the layer's own mask
+        *(ArchSpec(gemma_type) for gemma_type in ("gemma2", "gemma3_text")),
+        ArchSpec("llava", _VLM_PATHS, text_config_key="text_config", image_token_attrs=_IMAGE),
+        *(
+            ArchSpec(anyres, _VLM_PATHS, text_config_key="text_config", image_token_attrs=_IMAGE_VIDEO)
+            for anyres in ("llava_next", "llava_onevision")
+        ),
         *(
             ArchSpec(
                 qwen_type,
                 _VLM_PATHS,
                 text_config_key="text_config",
-                image_token_attrs=("image_token_id", "video_token_id"),
+                image_token_attrs=_IMAGE_VIDEO,
                 wrapper_token_attrs=("vision_start_token_id", "vision_end_token_id"),
                 batch_state_attrs=("model.rope_deltas",),
             )
-            for qwen_type in ("qwen2_vl", "qwen2_5_vl")
+            for qwen_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+        ),
+        # image tokens attend to each other bidirectionally: the mask says so, every backend reads it
+        ArchSpec(
+            "gemma3",
+            _VLM_PATHS,
+            text_config_key="text_config",
+            image_token_attrs=_IMAGE,
+            wrapper_token_attrs=("boi_token_index", "eoi_token_index"),
+        ),
+        ArchSpec("internvl", _VLM_PATHS, text_config_key="text_config", image_token_attrs=_IMAGE),
+        *(
+            ArchSpec(idefics, ("model.text_model",), text_config_key="text_config", image_token_attrs=_IMAGE)
+            for idefics in ("idefics3", "smolvlm")
+        ),
+        # the image enters through separate cross-attention layers; ``<|image|>`` in the text only
+        # marks where (image_token_id), it is not an image key of the self-attention
+        ArchSpec(
+            "mllama",
+            _VLM_PATHS,
+            text_config_key="text_config",
+            image_token_attrs=_IMAGE,
+            cross_attention_attr="cross_attn",
         ),
         ArchSpec(
             "instructblip",
@@ -100,19 +130,16 @@ class ResolvedArch:
     head_dim: int
     image_token_ids: tuple[int, ...] = ()
     wrapper_token_ids: tuple[int, ...] = ()
+    # layers whose attention module is a cross-attention to vision states (ArchSpec.cross_attention_attr)
+    cross_layers: frozenset[int] = frozenset()
 
     @property
     def num_layers(self) -> int:
         return len(self.attention_modules)
 
-
-def _get_path(model: nn.Module, path: str):
-    obj = model
-    for part in filter(None, path.split(".")):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
+    @property
+    def self_attention_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if i not in self.cross_layers]
 
 
 def resolve(model: nn.Module) -> ResolvedArch:
@@ -128,7 +155,7 @@ def resolve(model: nn.Module) -> ResolvedArch:
     spec = ARCHS[model_type]
     decoder = None
     for path in spec.decoder_paths:
-        candidate = _get_path(model, path)
+        candidate = get_path(model, path)
         if candidate is not None and isinstance(getattr(candidate, "layers", None), nn.ModuleList):
             decoder = candidate
             break
@@ -137,10 +164,20 @@ def resolve(model: nn.Module) -> ResolvedArch:
             f"could not find the decoder layers of this {model_type} model (tried {list(spec.decoder_paths)} + "
             "'.layers'); the transformers modeling code may have moved them. Fix: update ArchSpec.decoder_paths"
         )
-    attention = [getattr(layer, spec.attention_attr, None) for layer in decoder.layers]
-    if any(a is None for a in attention):
-        raise UnsupportedModelError(f"{model_type}: a decoder layer has no '{spec.attention_attr}' module")
-    text_config = _get_path(config, spec.text_config_key) if spec.text_config_key else config
+    attention, cross = [], set()
+    for index, layer in enumerate(decoder.layers):
+        module = getattr(layer, spec.attention_attr, None)
+        if module is None and spec.cross_attention_attr:
+            module = getattr(layer, spec.cross_attention_attr, None)
+            cross.add(index)
+        if module is None:
+            names = " or ".join(repr(a) for a in (spec.attention_attr, spec.cross_attention_attr) if a)
+            raise UnsupportedModelError(
+                f"{model_type}: decoder layer {index} has no {names} module; the transformers modeling code may "
+                "have renamed it. Fix: update ArchSpec.attention_attr / cross_attention_attr in attnsteer/archs.py"
+            )
+        attention.append(module)
+    text_config = get_path(config, spec.text_config_key) if spec.text_config_key else config
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
@@ -162,5 +199,14 @@ def resolve(model: nn.Module) -> ResolvedArch:
             "found. Fix: set config.image_token_id to the placeholder id the processor inserts"
         )
     return ResolvedArch(
-        spec, decoder, attention, text_config, heads, kv_heads, head_dim, image_ids, ids(spec.wrapper_token_attrs)
+        spec,
+        decoder,
+        attention,
+        text_config,
+        heads,
+        kv_heads,
+        head_dim,
+        image_ids,
+        ids(spec.wrapper_token_attrs),
+        frozenset(cross),
     )

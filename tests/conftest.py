@@ -31,19 +31,38 @@ TINY_TEXT = dict(
 )
 
 
+# Gemma 2 / 3: sliding-window (6 keys) and global layers alternate; Gemma 2 soft-caps its
+# attention logits at 2 (real checkpoints: 50), low enough that the cap changes these tiny models.
+GEMMA_LAYERS = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+GEMMA = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6, layer_types=GEMMA_LAYERS)
+TINY_SOFTCAP = 2.0
+
+
 def tiny_config(family: str, **overrides):
     """A 4-layer random config of ``family`` (GQA 4 query / 2 kv heads, head dim 16)."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    import transformers
 
     common = dict(TINY_TEXT)
     if family == "llama":
-        cfg = LlamaConfig(**common)
+        cfg = transformers.LlamaConfig(**common)
     elif family == "mistral":
-        cfg = MistralConfig(**common, sliding_window=6)
+        cfg = transformers.MistralConfig(**common, sliding_window=6)
     elif family == "qwen2":
-        cfg = Qwen2Config(**common)
+        cfg = transformers.Qwen2Config(**common)
     elif family == "qwen3":
-        cfg = Qwen3Config(**common, head_dim=16)
+        cfg = transformers.Qwen3Config(**common, head_dim=16)
+    elif family == "qwen3_moe":  # every layer sparse: 4 experts, 2 per token
+        cfg = transformers.Qwen3MoeConfig(
+            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1
+        )
+    elif family == "phi3":  # fused qkv_proj
+        cfg = transformers.Phi3Config(**common)
+    elif family == "gemma2":
+        cfg = transformers.Gemma2Config(
+            **common, **GEMMA, attn_logit_softcapping=TINY_SOFTCAP, final_logit_softcapping=30.0
+        )
+    elif family == "gemma3_text":
+        cfg = transformers.Gemma3TextConfig(**common, **GEMMA)
     else:  # pragma: no cover
         raise ValueError(family)
     for key, value in overrides.items():
@@ -51,9 +70,15 @@ def tiny_config(family: str, **overrides):
     return cfg
 
 
+# families whose attention only the eager implementation computes exactly (Gemma 2's soft-cap)
+EAGER_ONLY = {"gemma2"}
+
+
 def build_tiny(family: str, seed: int = 0, dtype=torch.float32, attn_implementation: str = "sdpa", **overrides):
     from transformers import AutoModelForCausalLM
 
+    if family in EAGER_ONLY:
+        attn_implementation = "eager"
     torch.manual_seed(seed)
     cfg = tiny_config(family, **overrides)
     cfg._attn_implementation = attn_implementation
@@ -67,11 +92,18 @@ def _plant_sinks(model) -> None:
     first tokens' keys gives heads real sinks, so ACT and re-weighting have something to move."""
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(3.0)
-            layer.self_attn.k_proj.weight.mul_(3.0)
+            attn = layer.self_attn
+            if hasattr(attn, "qkv_proj"):  # Phi-3: rows [q | k | v]
+                q_and_k = (
+                    attn.config.num_attention_heads * attn.head_dim + attn.config.num_key_value_heads * attn.head_dim
+                )
+                attn.qkv_proj.weight[:q_and_k].mul_(3.0)
+            else:
+                attn.q_proj.weight.mul_(3.0)
+                attn.k_proj.weight.mul_(3.0)
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3_text"]
 
 
 @pytest.fixture(scope="session")

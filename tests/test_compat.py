@@ -157,14 +157,15 @@ def test_expected_key_length_matches_what_attention_receives(family):
     """The mask size transformers reports per layer equals the keys the attention function gets
     (prefill, then decode steps past mistral's sliding window of 6)."""
     model = build_tiny(family)
+    impl = model.config._attn_implementation  # eager for gemma2 (soft-capped)
     got = {}
 
     def spy(module, query, key, value, attention_mask, **kwargs):
         got[module.layer_idx] = key.shape[2]
-        return compat.attention_function("sdpa", module)(module, query, key, value, attention_mask, **kwargs)
+        return compat.attention_function(impl, module)(module, query, key, value, attention_mask, **kwargs)
 
     name = f"attnsteer_test_spy_{family}"  # registration is once per process and name
-    compat.register_attention(name, spy, mask_of="sdpa")
+    compat.register_attention(name, spy, mask_of=impl)
     model.set_attn_implementation(name)
     ids = _ids(length=9)
     with torch.no_grad():

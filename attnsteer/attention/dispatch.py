@@ -36,8 +36,8 @@ def select_fused_backend(query: torch.Tensor) -> Callable:
     return flash_attention if query.device.type == "cpu" else fused_attention
 
 
-def _fused(plan, query, key, value, mask, scaling, info, stats):
-    return select_fused_backend(query)(plan, query, key, value, mask, scaling, info, stats)
+def _fused(plan, query, key, value, mask, scaling, info, stats, softcap=None):
+    return select_fused_backend(query)(plan, query, key, value, mask, scaling, info, stats, softcap=softcap)
 
 
 BACKENDS = {"reference": reference_attention, "fused": _fused}
@@ -79,6 +79,13 @@ def check_implementation(text_config) -> str:
             f"the model's text attention implementation is {impl!r}; attnsteer steers models loaded with "
             f"attn_implementation in {sorted(REGISTERED_NAMES)}. Fix: load with attn_implementation='sdpa' "
             "(or call model.set_attn_implementation('sdpa')) before attnsteer.apply"
+        )
+    cap = getattr(text_config, "attn_logit_softcapping", None)
+    if cap and impl == "sdpa":
+        raise UnsupportedModelError(
+            f"this model soft-caps its attention logits (attn_logit_softcapping={cap}), which sdpa cannot compute "
+            "(transformers before 5.24 silently drops the cap under sdpa), so the model and a steered layer would "
+            "disagree. Fix: load it with attn_implementation='eager' before attnsteer.apply"
         )
     return impl
 
@@ -137,6 +144,29 @@ class SiteStats:
         return int(self._totals[id(method)][1])
 
 
+# attention-function arguments that change the attention's math beyond the mask and scaling, and
+# that attnsteer's backends do not implement: a call carrying one is refused, never run without it
+UNSUPPORTED_ARGUMENTS = {
+    "s_aux": "learned attention sinks (gpt-oss)",
+    "sinks": "learned attention sinks",
+    "alibi_slopes": "ALiBi position biases",
+}
+
+
+def attention_softcap(kwargs: dict) -> float | None:
+    """The call's logit soft-cap (``softcap``: s -> cap * tanh(s / cap), Gemma 2), after refusing
+    any argument the backends do not implement."""
+    for name, what in UNSUPPORTED_ARGUMENTS.items():
+        if kwargs.get(name) is not None:
+            raise UnsupportedModelError(
+                f"the model's attention passes {name}= ({what}), which attnsteer's steered attention does not "
+                "implement, so steering it would silently drop them. Fix: steer a supported family "
+                "(attnsteer.archs.ARCHS) or leave this model unsteered"
+            )
+    cap = kwargs.get("softcap")
+    return float(cap) if cap else None
+
+
 class LayerSite:
     """Everything one steered attention module needs at call time."""
 
@@ -168,7 +198,9 @@ class LayerSite:
                 # a preallocated (static) cache: slots past the sequence so far are empty
                 key, value = key[:, :, : info.total_len], value[:, :, : info.total_len]
             mask = MaskView(attention_mask, query.shape[2], key.shape[2])
-            out, weights = BACKENDS[self.backend](self.plan, query, key, value, mask, scaling, info, self.stats)
+            out, weights = BACKENDS[self.backend](
+                self.plan, query, key, value, mask, scaling, info, self.stats, softcap=attention_softcap(kwargs)
+            )
         else:  # head-level only (VHR): the model's own attention, then per-head scaling
             out, weights = self.original(module, query, key, value, attention_mask, **kwargs)
         for method in head_steps:

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from ..methods.base import StepInfo
-from .rows import ForwardInfo, MaskView, key_positions, row_context
+from .rows import ForwardInfo, MaskView, key_positions, row_context, soft_cap
+from .structure import sees_later_keys
 
 # Elements of one (B, H_q, C, K) float32 chunk tensor; a handful of these are alive at once.
 CHUNK_ELEMENTS = 1 << 22
@@ -45,12 +46,24 @@ def grouped_pv(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def fused_attention(
-    plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats, chunk=None, causal: bool = True
+    plan,
+    query,
+    key,
+    value,
+    mask: MaskView,
+    scaling: float,
+    info: ForwardInfo,
+    stats,
+    chunk=None,
+    causal: bool = True,
+    softcap: float | None = None,
 ):
     """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None).
 
     With ``causal`` (decoder self-attention), a chunk of rows q0..q1 only reads the keys up to its
-    last row's position: the keys after it are masked anyway, so prefill does half the work.
+    last row's position: the keys after it are masked anyway, so prefill does half the work. A mask
+    that lets some row see a later key (Gemma 3's bidirectional image blocks) turns that off.
+    ``softcap``: logit soft-capping before the mask (:func:`attnsteer.attention.rows.soft_cap`).
     """
     b, hq, q_len, d = query.shape
     k_len = key.shape[2]
@@ -62,6 +75,7 @@ def fused_attention(
     step = StepInfo(is_prefill=info.is_prefill, key_offset=key_offset, num_keys=k_len)
     score_steps = plan.score_steps(info.is_prefill)
     weight_steps = plan.weight_steps(info.is_prefill)
+    causal = causal and not sees_later_keys(mask, info, q_len, k_len, query.device)
     size = chunk or chunk_rows(b, hq, q_len, k_len)
     spans = [(s, min(s + size, q_len)) for s in range(0, q_len, size)]
 
@@ -80,7 +94,7 @@ def fused_attention(
         ctx = row_context(visible, info, q0, key_abs[:limit], rows=q1 - q0)
         qc = q[:, :, q0:q1]
         kc = k[:, :, :limit]
-        s = grouped_qk(qc, kc) * scaling
+        s = soft_cap(grouped_qk(qc, kc) * scaling, softcap)
         if bias is not None:
             s = s + bias
         if visible is not None:

@@ -11,7 +11,7 @@ steered model already runs through it.
 :class:`LastRows` is such an observer: per layer, the last query row's attention weights per head,
 computed from query and key in O(K) memory per head (never the Q x K map):
 
-* ``pre[layer]``: softmax(q_last k^T * scaling + mask) -- the layer's own attention (on a steered
+* ``pre[layer]``: softmax(softcap(q_last k^T * scaling) + mask) -- the layer's own attention (on a steered
   model: before the recipe's rules, i.e. "pre-steering scores" normalised);
 * ``post[layer]`` (after :meth:`LastRows.finish`): the weights the steered layer actually uses --
   the plan's score steps (PAI, softplus LSSA) applied to the scores, softmax, then its weight steps
@@ -33,7 +33,7 @@ from .. import archs, compat
 from ..methods.base import StepInfo
 from . import dispatch
 from .fused import grouped_qk
-from .rows import ForwardInfo, MaskView, key_positions, row_context
+from .rows import ForwardInfo, MaskView, key_positions, row_context, soft_cap
 
 
 @contextlib.contextmanager
@@ -86,7 +86,7 @@ def last_row_scores(module, query, key, attention_mask, kwargs, key_len: int | N
         key = key[:, :, :key_len]
     q_len, k_len = query.shape[2], key.shape[2]
     q = query[:, :, -1:].float()
-    s = grouped_qk(q, key.float()) * scaling_of(module, query, kwargs)
+    s = soft_cap(grouped_qk(q, key.float()) * scaling_of(module, query, kwargs), dispatch.attention_softcap(kwargs))
     visible, bias = MaskView(attention_mask, q_len, k_len).chunk(q_len - 1, q_len, query.device)
     if bias is not None:
         s = s + bias

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..methods.base import StepInfo
-from .rows import ForwardInfo, MaskView, key_positions, row_context
+from .rows import ForwardInfo, MaskView, key_positions, row_context, soft_cap
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -16,13 +16,23 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def reference_attention(
-    plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats, compute_dtype=torch.float32
+    plan,
+    query,
+    key,
+    value,
+    mask: MaskView,
+    scaling: float,
+    info: ForwardInfo,
+    stats,
+    compute_dtype=torch.float32,
+    softcap: float | None = None,
 ):
     """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype,
     weights (B, H_q, Q, K) in ``compute_dtype``).
 
     ``compute_dtype`` is float32 for the oracle; tests also run it in bf16/fp16 as the "naive
-    same-dtype implementation" of flash-attention's tolerance rule.
+    same-dtype implementation" of flash-attention's tolerance rule. ``softcap`` (Gemma 2) caps the
+    logits, ``s = cap * tanh(s / cap)``, before the mask and before any method's step.
     """
     groups = query.shape[1] // key.shape[1]
     q = query.to(compute_dtype)
@@ -34,7 +44,7 @@ def reference_attention(
     visible = ctx.visible  # the oracle always materialises it
     step = StepInfo(is_prefill=info.is_prefill, key_offset=max(info.total_len - key.shape[2], 0), num_keys=key.shape[2])
 
-    s = torch.matmul(q, k.transpose(-1, -2)) * scaling
+    s = soft_cap(torch.matmul(q, k.transpose(-1, -2)) * scaling, softcap)
     if bias is not None:
         s = s + bias.to(compute_dtype)
     s = s.masked_fill(~visible, float("-inf"))

@@ -45,7 +45,7 @@ def fast_path_inputs(route, query, key, mask, info):
     return struct if isinstance(struct, str) else (route, struct)
 
 
-def fallback(reason: str, plan, query, key, value, mask, scaling, info, stats):
+def fallback(reason: str, plan, query, key, value, mask, scaling, info, stats, softcap=None):
     """Count the reason and run the call on the generic chunked path (exact, slower)."""
     COUNTERS[f"fallback/{reason}"] += 1
-    return fused_attention(plan, query, key, value, mask, scaling, info, stats)
+    return fused_attention(plan, query, key, value, mask, scaling, info, stats, softcap=softcap)

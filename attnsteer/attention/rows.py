@@ -80,6 +80,12 @@ class MaskView:
         return visible, part.float()
 
 
+def soft_cap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Logit soft-capping ``cap * tanh(scores / cap)`` (Gemma 2's ``attn_logit_softcapping``), or
+    ``scores`` unchanged when ``cap`` is None. Applied to the scaled q.k logits, before the mask."""
+    return scores if not cap else torch.tanh(scores / cap) * cap
+
+
 def key_positions(info: ForwardInfo, k_len: int, device) -> torch.Tensor:
     """Absolute (padded-layout) position of each key index: long (K,).
 

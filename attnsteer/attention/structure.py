@@ -84,10 +84,34 @@ def mask_structure(mask: MaskView, info: ForwardInfo, b: int, q_len: int, k_len:
     """The :class:`Structure` of this call's mask, or a string saying why it is not causal + left
     padding (+ a sliding window)."""
     key = _mask_key(mask, info, b, q_len, k_len, device)
+    return _cached(key, info, lambda: _build_structure(mask, info, b, q_len, k_len, device))
+
+
+def sees_later_keys(mask: MaskView, info: ForwardInfo, q_len: int, k_len: int, device) -> bool:
+    """Whether some query row may attend to a key after its own position (bidirectional blocks, as
+    Gemma 3's image tokens have): then a chunk of rows must read every key, not just the keys up to
+    its last row. Row i sits at key index ``past_len - key_offset + i``. One host sync per mask."""
+    if mask.mask is None:
+        return False
+    key = ("later", *_mask_key(mask, info, 0, q_len, k_len, device))
+
+    def build() -> bool:
+        t = mask.mask
+        vis = t if mask.is_bool else t > torch.finfo(t.dtype).min / 2
+        q_offset = info.past_len - max(info.total_len - k_len, 0)
+        rows = torch.arange(vis.shape[-2], device=t.device).view(-1, 1) + q_offset
+        later = torch.arange(vis.shape[-1], device=t.device).view(1, -1) > rows
+        return bool((vis & later).any())
+
+    return _cached(key, info, build)
+
+
+def _cached(key: tuple, info: ForwardInfo, build):
+    """``build()`` once per forward (``info``) and mask; kept for the forward's other layers."""
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is info:
         return hit[1]
-    result = _build_structure(mask, info, b, q_len, k_len, device)
+    result = build()
     try:
         _CACHE[key] = (weakref.ref(info), result)
     except TypeError:  # pragma: no cover - info without weakref support: no caching
