@@ -243,7 +243,8 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto", processor=None) ->
     snapshot = compat.snapshot_attn_implementations(model)
     state = SteeringState(arch, methods)
     state.pad_id = int(getattr(arch.text_config, "pad_token_id", None) or 0)
-    state.steered_layers = tuple(sorted(plans))
+    # self-attention layers: their key counts follow the KV cache (cross-attention keys are vision states)
+    state.steered_layers = tuple(sorted(l for l in plans if l not in arch.cross_layers))
     state.processor = processor
     state.model_ref = weakref.ref(model)
     for method in methods:

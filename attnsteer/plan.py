@@ -89,6 +89,8 @@ def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPla
         else:
             default = cls.layers_default(iv.params, arch)
             layers = resolve_layers(iv.layers if iv.layers is not None else default, n_layers, f"{where}.layers")
+        if arch.cross_layers:
+            layers = _layers_of_its_kind(cls, iv, layers, arch, where)
         for layer in layers:
             heads = resolve_heads(iv.heads, layer, n_layers, n_heads, f"{where}.heads")
             mask = None
@@ -105,8 +107,38 @@ def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPla
                 )
             method = cls(iv.params, layer, mask)
             method.intervention, method.first_layer = i, layer == layers[0]
+            method.cross_attention = layer in arch.cross_layers
             plan.methods.append(method)
     return plans
+
+
+def _layers_of_its_kind(cls, iv, layers: list[int], arch: archs.ResolvedArch, where: str) -> list[int]:
+    """On a model whose image enters through cross-attention layers (mllama): the selected layers
+    of the kind ``cls`` steers -- cross-attention layers for methods with ``on_cross_attention``,
+    self-attention layers otherwise. A range ("all", "2:") keeps the layers of that kind; a layer
+    named by its index that is of the other kind, or an empty result, raises."""
+    family, cross = arch.spec.model_type, sorted(arch.cross_layers)
+    if cls.needs_image and not cls.on_cross_attention:
+        raise RecipeError(
+            f"{where}.method: {cls.name} moves attention toward image tokens inside the self-attention, but {family} "
+            f"has no image tokens there: the image enters only through its cross-attention layers {cross}, whose keys "
+            f"are all image states (the attention to the image always sums to 1 there), so {cls.name} has no faithful "
+            "meaning on this model. Fix: use vhr (reinforces cross-attention heads), or act / softplus on the "
+            "self-attention layers"
+        )
+    wanted = set(cross) if cls.on_cross_attention else set(arch.self_attention_layers)
+    kind = "cross-attention" if cls.on_cross_attention else "self-attention"
+    spec = iv.layers if isinstance(iv.layers, list) else [iv.layers]
+    named = {int(x) % arch.num_layers for x in spec if isinstance(x, int) or str(x).lstrip("-").isdigit()}
+    wrong = sorted(l for l in named if l not in wanted)
+    kept = [l for l in layers if l in wanted]
+    if wrong or not kept:
+        raise RecipeError(
+            f"{where}.layers: {cls.name} steers the {kind} layers of {family} ({sorted(wanted)}); "
+            + (f"layer(s) {wrong} are not among them" if wrong else f"{iv.layers!r} selects none of them")
+            + f". Fix: pick {kind} layers, e.g. layers: {sorted(wanted)[:3]}"
+        )
+    return kept
 
 
 @dataclass

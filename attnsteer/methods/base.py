@@ -202,6 +202,10 @@ class Method:
     has_logits_step: ClassVar[bool] = False
     # Methods that act on image (or focus-span) keys and need them in the prompt.
     needs_image: ClassVar[bool] = False
+    # Methods with a faithful meaning on cross-attention layers (mllama's), whose keys are all image
+    # states: they steer only those layers there. Others steer self-attention layers only, and
+    # image methods without it are refused on such models (attnsteer.plan).
+    on_cross_attention: ClassVar[bool] = False
     # Methods with a step around the steered model's forward (before_model / after_model): VHR's
     # text-only stream in the prefill batch, PAI's logits step. They run once per forward and
     # intervention, ordered by model_step_order (head level before logits level).
@@ -235,6 +239,7 @@ class Method:
         self.prompt_state: dict[str, Any] = {}
         self.intervention = 0  # index of the recipe intervention this site comes from
         self.first_layer = True  # the lowest layer of that intervention (set when planning)
+        self.cross_attention = False  # whether this layer attends to vision states (set when planning)
 
     # ---- recipe-level facts ---------------------------------------------------------------
     @classmethod

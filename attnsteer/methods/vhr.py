@@ -50,6 +50,9 @@ class VHR(Method):
     family_layers = {"instructblip": "14:"}
     has_head_step = True
     needs_image = True
+    # mllama's cross-attention layers: without the image they are skipped (their heads give 0), so
+    # VHD_h = ||A_h(img)|| there and no text-only stream is needed
+    on_cross_attention = True
     has_model_step = True  # the text-only stream rides in the prefill batch
     model_step_order = 0
     Params = VHRParams
@@ -75,12 +78,14 @@ class VHR(Method):
         """The family's default layers; None without a model (it depends on the family)."""
         if arch is None:
             return None
+        if arch.cross_layers:  # the image enters through these layers only
+            return sorted(arch.cross_layers)
         default = cls.family_layers.get(arch.spec.model_type, cls.default_layers)
         return list(default) if isinstance(default, list) else default
 
     # ---- the text-only stream in the prefill batch ----------------------------------------------
     def before_model(self, state, bound):
-        if self.fixed:
+        if self.fixed or self.cross_attention:
             return None
         if state.stream_rows is None and state.roles is not None and bool(state.roles.has_image.any()):
             return append_text_stream(state, bound)
@@ -112,6 +117,9 @@ class VHR(Method):
         if self.fixed:
             return self._fixed_output(out, info)
         alpha = self.p.alpha
+        if info.is_prefill and self.cross_attention:
+            # a cross-attention layer contributes nothing to the prompt without its image: A_h(text) = 0
+            return self._reinforce_prompt(out, out[:, -1], torch.zeros_like(out[:, -1]), None)
         if info.is_prefill:
             base = self.state.stream_rows
             if base is None or out.shape[0] != 2 * base:
@@ -120,14 +128,7 @@ class VHR(Method):
                     "It is added by the model's forward pre-hook; call the steered model itself (model(...) or "
                     "model.generate(...)), not one of its sub-modules"
                 )
-            selected = self.select_heads(out[:base, -1], out[base:, -1])
-            hm = self.head_mask(out)
-            if hm is not None:
-                selected = selected & hm.view(1, -1)
-            self.prompt_state["heads"] = selected
-            scale = torch.where(selected, alpha, 1.0).to(out.dtype)[:, None, :, None]
-            text_scale = scale if self.p.reinforce_text_stream else torch.ones_like(scale)
-            return torch.cat([out[:base] * scale, out[base:] * text_scale]), selected.sum() * out.shape[1]
+            return self._reinforce_prompt(out, out[:base, -1], out[base:, -1], base)
         selected = self.prompt_state.get("heads")
         if selected is None:
             raise SteeringError(
@@ -141,6 +142,22 @@ class VHR(Method):
             )
         scale = torch.where(selected, alpha, 1.0).to(out.dtype)[:, None, :, None]
         return out * scale, selected.sum() * out.shape[1]
+
+    def _reinforce_prompt(self, out: torch.Tensor, image_last, text_last, base: int | None):
+        """Select the prompt's heads from the last position's head outputs (B, H, D) with and
+        without the image, and scale them in ``out`` (B, Q, H, D); ``base``: the prompt rows when the
+        text-only stream rides in the batch after them (scaled with ``reinforce_text_stream``)."""
+        selected = self.select_heads(image_last, text_last)
+        hm = self.head_mask(out)
+        if hm is not None:
+            selected = selected & hm.view(1, -1)
+        self.prompt_state["heads"] = selected
+        scale = torch.where(selected, self.p.alpha, 1.0).to(out.dtype)[:, None, :, None]
+        changed = selected.sum() * out.shape[1]
+        if base is None:
+            return out * scale, changed
+        text_scale = scale if self.p.reinforce_text_stream else torch.ones_like(scale)
+        return torch.cat([out[:base] * scale, out[base:] * text_scale]), changed
 
     def _fixed_output(self, out: torch.Tensor, info):
         """``selection: fixed``: the heads of the mask scaled in every row, position and step. Only
