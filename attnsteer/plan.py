@@ -116,7 +116,8 @@ def _layers_of_its_kind(cls, iv, layers: list[int], arch: archs.ResolvedArch, wh
     """On a model whose image enters through cross-attention layers (mllama): the selected layers
     of the kind ``cls`` steers -- cross-attention layers for methods with ``on_cross_attention``,
     self-attention layers otherwise. A range ("all", "2:") keeps the layers of that kind; a layer
-    named by its index that is of the other kind, or an empty result, raises."""
+    named by its index (in ``layers`` or a ``heads`` mapping) that is of the other kind, or an empty
+    result, raises."""
     family, cross = arch.spec.model_type, sorted(arch.cross_layers)
     if cls.needs_image and not cls.on_cross_attention:
         raise RecipeError(
@@ -130,6 +131,8 @@ def _layers_of_its_kind(cls, iv, layers: list[int], arch: archs.ResolvedArch, wh
     kind = "cross-attention" if cls.on_cross_attention else "self-attention"
     spec = iv.layers if isinstance(iv.layers, list) else [iv.layers]
     named = {int(x) % arch.num_layers for x in spec if isinstance(x, int) or str(x).lstrip("-").isdigit()}
+    if isinstance(iv.heads, dict):  # a {layer: heads} mapping names its layers
+        named |= set(layers)
     wrong = sorted(l for l in named if l not in wanted)
     kept = [l for l in layers if l in wanted]
     if wrong or not kept:

@@ -148,3 +148,17 @@ def test_a_layer_of_the_other_kind_named_explicitly_is_refused(mllama):
         attnsteer.apply(mllama, {"interventions": [{"method": "vhr", "layers": [2]}]})
     with pytest.raises(RecipeError, match="selects none of them"):
         attnsteer.apply(mllama, {"interventions": [{"method": "vhr", "layers": "4:"}]})
+    with pytest.raises(RecipeError, match=r"layer\(s\) \[0\]"):
+        attnsteer.apply(
+            mllama, {"interventions": [{"method": "vhr", "heads": {0: [1], 1: [2]}, "params": {"selection": "fixed"}}]}
+        )
+
+
+def test_vhr_fixed_heads_on_a_cross_attention_layer(mllama):
+    inputs = make_inputs(mllama, n_images=[1, 1], seed=4)
+    base = _logits(mllama, inputs)
+    recipe = {"interventions": [{"method": "vhr", "heads": {3: [0, 2]}, "params": {"selection": "fixed"}}]}
+    with attnsteer.apply(mllama, recipe) as handle:
+        steered = _logits(mllama, inputs)
+        assert handle.vhr_heads()[3] == [[0, 2], [0, 2]]
+    assert (steered - base)[inputs["attention_mask"].bool()].abs().max() > 1e-4

@@ -39,7 +39,9 @@ from .rows import ForwardInfo, MaskView, key_positions, row_context, soft_cap
 @contextlib.contextmanager
 def observe(model, fn: Callable) -> Iterator[None]:
     """Call ``fn(layer, module, query, key, attention_mask, kwargs)`` from inside every decoder layer's
-    attention function while the block runs. Steer (``attnsteer.apply``) before entering, not inside."""
+    self-attention function while the block runs. Steer (``attnsteer.apply``) before entering, not
+    inside. Cross-attention layers (mllama) are not observed: their keys are vision states, not
+    positions of the prompt."""
     arch = archs.resolve(model)
     impl = compat.attn_implementation(arch.text_config)
     snapshot = None
@@ -54,7 +56,8 @@ def observe(model, fn: Callable) -> Iterator[None]:
             raise
     watchers = []
     try:
-        for layer, module in enumerate(arch.attention_modules):
+        for layer in arch.self_attention_layers:
+            module = arch.attention_modules[layer]
 
             def watch(module, query, key, attention_mask, kwargs, layer=layer):
                 fn(layer, module, query, key, attention_mask, kwargs)
