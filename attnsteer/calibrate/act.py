@@ -251,7 +251,10 @@ def run(args, loaded=None) -> int:
     tokenizer, model = loaded if loaded is not None else models.load_checked(model_id, kwargs, sys.stderr)
     arch = attnsteer.archs.resolve(model)
     layer_spec = yaml.safe_load(args.layers) if args.layers.strip().startswith("[") else args.layers
-    layers = resolve_layers(layer_spec, arch.num_layers, "--layers")
+    # ACT steers self-attention layers (a cross-attention layer's keys are vision states)
+    layers = [l for l in resolve_layers(layer_spec, arch.num_layers, "--layers") if l not in arch.cross_layers]
+    if not layers:
+        raise UsageError(f"--layers {args.layers!r}: selects only cross-attention layers; ACT steers self-attention")
     out = Path(args.out)
     name = args.name or f"act-calibrated-{Path(str(model_id)).name.lower()}"
     settings = {"model": model_id, "task": args.task, "format": fmt, "split": split, "base": base.to_dict(),
