@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from vlm_fixtures import _get_path, _pad
 
 VOCAB = 136
 PAD, BOS, EOS = 0, 1, 2
@@ -133,12 +134,6 @@ def build_mllama(
                 layer.self_attn.q_proj.weight.mul_(3.0)
                 layer.self_attn.k_proj.weight.mul_(3.0)
     return model.eval()
-
-
-def _get_path(obj, path: str):
-    for part in filter(None, path.split(".")):
-        obj = getattr(obj, part)
-    return obj
 
 
 # ----------------------------------------------------------------------------------------- structure
@@ -303,20 +298,6 @@ def make_inputs(
     inputs["aspect_ratio_mask"] = aspect_ratio_mask
     inputs["cross_attention_mask"] = cross
     return inputs
-
-
-def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if side == "left":
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-        else:
-            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, : len(r)] = 1
-    return ids, mask
 
 
 def images_per_row(model, inputs: dict) -> list[int]:
