@@ -28,11 +28,20 @@ from .sinks import HiddenSinks
 def padding_facts(mask: torch.Tensor | None, batch: int, q_len: int, past_len: int):
     """Padding of one forward, from the decoder's ``attention_mask``.
 
-    mask: None, a 2D (B, past + Q) padding mask (1 = token) or a 4D (B, 1, Q, K) mask (bool, True =
-    attend; or additive float). Returns (first_valid long (B,) or None, row_valid bool (B, Q) or
+    mask: None, a 2D (B, past + Q) padding mask (1 = token), a 4D (B, 1, Q, K) mask (bool, True =
+    attend; or additive float), or a dict of those per layer type. Returns (first_valid long (B,) or None, row_valid bool (B, Q) or
     None): each row's first real token, and which query rows are real tokens (None = all). Any other
     form raises: attnsteer never assumes "no padding" for a mask it cannot read.
     """
+    if isinstance(mask, dict):
+        # one mask per layer type (Gemma 3 hands its decoder {"full_attention": ..., "sliding_attention":
+        # ...}); the global layers' mask shows every real key of every row
+        if "full_attention" not in mask:
+            raise SteeringError(
+                f"attention_mask is a dict with keys {sorted(mask)}; attnsteer reads the padding from its "
+                "'full_attention' entry. Fix: pass a 2D (batch, seq) padding mask"
+            )
+        mask = mask["full_attention"]
     if mask is None:
         return None, None
     if mask.dim() == 2:

@@ -119,7 +119,19 @@ def test_generate_with_kv_cache(family, vlm, method):
         # Decode rows behave like prefill rows, so cached generation equals recomputing every step
         # (up to VAR's rule that generated tokens are never sinks, which recomputation cannot know;
         # tau is set per family so the prompt has sinks and VAR fires).
-        tau = {"llava": 2.8, "llava_next": 3.3, "qwen2_vl": 3.0, "qwen2_5_vl": 3.0, "instructblip": 2.8}[family]
+        tau = {
+            "llava": 2.8,
+            "llava_next": 3.3,
+            "qwen2_vl": 3.0,
+            "qwen2_5_vl": 3.0,
+            "instructblip": 2.8,
+            "qwen3_vl": 3.0,
+            "llava_onevision": 3.0,
+            "internvl": 2.8,
+            "gemma3": 3.1,
+            "idefics3": 3.0,
+            "smolvlm": 3.0,
+        }[family]
         recipe = {
             "interventions": [
                 {"method": "var", "layers": "all", "params": {"tau": tau, "rho": 0.3, "min_image_attention": 0.05}}
@@ -224,15 +236,13 @@ def test_builtin_paper_recipes_check_the_model(family, vlm):
 
 def test_processor_made_inputs_are_steered(family, vlm):
     """Token roles come from the ids a real (offline-built) processor inserts."""
-    processor = F.make_processor(family, vlm)
+    try:
+        processor = F.make_processor(family, vlm)
+    except ValueError as exc:  # smolvlm's processor needs num2words
+        pytest.skip(str(exc))
     image = F.random_pil_image(16, 16, seed=1)
     text = F.token_text([5, 6, 7])
-    if family in ("llava", "llava_next"):
-        prompt = f"<image> {text}"
-    elif family.startswith("qwen"):
-        prompt = f"<|vision_start|><|image_pad|><|vision_end|> {text}"
-    else:
-        prompt = text
+    prompt = f"{F.PROCESSOR_IMAGE_TEXT[family]} {text}".strip()
     try:
         inputs = processor(images=image, text=prompt, return_tensors="pt")
     except Exception as exc:  # pragma: no cover - documents what the processor needs

@@ -1,21 +1,29 @@
-"""Tiny random vision-language models of five families, built offline in code, with inputs.
+"""Tiny random vision-language models of eleven families, built offline in code, with inputs.
 
 Nothing here touches the Hugging Face hub: configs are written in code, weights are random (seeded),
 and ``input_ids`` are assembled by hand with exactly the placeholder tokens the modeling code of
-transformers 5.x expects, next to synthetic pixel tensors of the right shapes.
+transformers 5.x (5.17 to 5.24) expects, next to synthetic pixel tensors of the right shapes.
 
 Families (``model_type``) and their classes::
 
-    llava         LlavaForConditionalGeneration       tiny CLIP vision + tiny Llama text
-    llava_next    LlavaNextForConditionalGeneration   tiny CLIP vision (any-res tiles) + tiny Mistral text
-    qwen2_vl      Qwen2VLForConditionalGeneration     tiny Qwen2-VL ViT + M-RoPE Qwen2 text
-    qwen2_5_vl    Qwen2_5_VLForConditionalGeneration  tiny Qwen2.5-VL window ViT + M-RoPE Qwen2 text
-    instructblip  InstructBlipForConditionalGeneration tiny ViT + Q-Former + tiny Llama (Vicuna) text
+    llava            LlavaForConditionalGeneration         tiny CLIP vision + tiny Llama text
+    llava_next       LlavaNextForConditionalGeneration     tiny CLIP vision (any-res tiles) + tiny Mistral text
+    qwen2_vl         Qwen2VLForConditionalGeneration       tiny Qwen2-VL ViT + M-RoPE Qwen2 text
+    qwen2_5_vl       Qwen2_5_VLForConditionalGeneration    tiny Qwen2.5-VL window ViT + M-RoPE Qwen2 text
+    instructblip     InstructBlipForConditionalGeneration  tiny ViT + Q-Former + tiny Llama (Vicuna) text
+    qwen3_vl         Qwen3VLForConditionalGeneration       tiny Qwen3-VL ViT (DeepStack) + M-RoPE Qwen3 text
+    llava_onevision  LlavaOnevisionForConditionalGeneration tiny SigLIP (any-res tiles) + tiny Qwen2 text
+    internvl         InternVLForConditionalGeneration      tiny InternViT (tiles, pixel shuffle) + tiny Qwen2 text
+    gemma3           Gemma3ForConditionalGeneration        tiny SigLIP (avg-pooled) + tiny Gemma3 text
+    idefics3         Idefics3ForConditionalGeneration      tiny SigLIP-like ViT (tiles, pixel shuffle) + tiny Llama
+    smolvlm          SmolVLMForConditionalGeneration       like idefics3
 
-Token id layout shared by every family (text vocab ``VOCAB`` = 136)::
+Token id layout shared by every family (text vocab ``VOCAB`` = 136; idefics3 / smolvlm: ``IDEFICS_VOCAB`` = 138)::
 
     0 pad, 1 bos, 2 eos, [3, 128) ordinary text, 128 image placeholder, 129 video placeholder,
-    130 vision_start, 131 vision_end (the last three only mean something to Qwen2-VL / Qwen2.5-VL).
+    130 vision_start, 131 vision_end (Qwen2-VL / Qwen2.5-VL / Qwen3-VL; InternVL's <img> / </img>),
+    132 / 133: Gemma3's <start_of_image> / <end_of_image> (boi / eoi), Idefics3's
+    <fake_token_around_image> / <global-img>; 134-137 (idefics3 / smolvlm only): <row_r_col_c> for r, c in 1..2.
 
 Text side: hidden 64, 4 layers, 4 query heads / 2 kv heads (head dim 16), like ``tests/conftest.py``.
 
@@ -29,36 +37,54 @@ Usage::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
-FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "instructblip")
+FAMILIES = (
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "instructblip",
+    "qwen3_vl",
+    "llava_onevision",
+    "internvl",
+    "gemma3",
+    "idefics3",
+    "smolvlm",
+)
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")  # vision_start IMG* vision_end, patches + image_grid_thw
+IDEFICS_FAMILIES = ("idefics3", "smolvlm")  # tiles in (B, num_images, 3, H, W) + pixel_attention_mask
 
 VOCAB = 136
+IDEFICS_VOCAB = 138  # + the four <row_r_col_c> tokens
 PAD, BOS, EOS = 0, 1, 2
 TEXT_LOW, TEXT_HIGH = 3, 128  # ordinary text ids are drawn from [TEXT_LOW, TEXT_HIGH)
 IMAGE_TOKEN = 128
 VIDEO_TOKEN = 129
 VISION_START = 130
 VISION_END = 131
+BOI, EOI = 132, 133  # gemma3 (config.boi_token_index / eoi_token_index)
+FAKE_IMAGE, GLOBAL_IMAGE = 132, 133  # idefics3 / smolvlm <fake_token_around_image>, <global-img>
+ROW_COL = {(1, 1): 134, (1, 2): 135, (2, 1): 136, (2, 2): 137}  # idefics3 / smolvlm <row_r_col_c>
 
 QFORMER_VOCAB = TEXT_HIGH  # the Q-Former reads the same text ids [TEXT_LOW, TEXT_HIGH) as the LM
 QFORMER_CLS, QFORMER_SEP = 1, 2  # the Q-Former's own (BERT-like) [CLS] / [SEP]; 0 is its [PAD]
 NUM_QUERY_TOKENS = 4
 
 # Whether a prompt may carry several images / none while other rows have images.
-MULTI_IMAGE = {"llava": True, "llava_next": True, "qwen2_vl": True, "qwen2_5_vl": True, "instructblip": False}
-TEXT_ONLY_ROWS = {"llava": True, "llava_next": True, "qwen2_vl": True, "qwen2_5_vl": True, "instructblip": False}
+MULTI_IMAGE = {family: family != "instructblip" for family in FAMILIES}
+TEXT_ONLY_ROWS = {family: family != "instructblip" for family in FAMILIES}  # instructblip: one image per row
 
 # Dotted attribute paths (from the *ForConditionalGeneration model).
 TEXT_DECODER_PATH = {  # module owning ``.layers`` (the decoder layers of the language model)
-    "llava": "model.language_model",
-    "llava_next": "model.language_model",
-    "qwen2_vl": "model.language_model",
-    "qwen2_5_vl": "model.language_model",
+    **{family: "model.language_model" for family in FAMILIES},
     "instructblip": "language_model.model",
+    "idefics3": "model.text_model",
+    "smolvlm": "model.text_model",
 }
 VISION_PATHS = {  # vision-side modules whose outputs must not change under text-side steering
     "llava": ("model.vision_tower", "model.multi_modal_projector"),
@@ -66,6 +92,12 @@ VISION_PATHS = {  # vision-side modules whose outputs must not change under text
     "qwen2_vl": ("model.visual",),  # includes the patch merger (model.visual.merger)
     "qwen2_5_vl": ("model.visual",),
     "instructblip": ("vision_model", "qformer", "language_projection"),
+    "qwen3_vl": ("model.visual",),  # includes the merger and the DeepStack mergers
+    "llava_onevision": ("model.vision_tower", "model.multi_modal_projector"),
+    "internvl": ("model.vision_tower", "model.multi_modal_projector"),
+    "gemma3": ("model.vision_tower", "model.multi_modal_projector"),
+    "idefics3": ("model.vision_model", "model.connector"),
+    "smolvlm": ("model.vision_model", "model.connector"),
 }
 
 # Default synthetic image sizes (height, width) in pixels, used in turn for the images of a batch.
@@ -76,6 +108,22 @@ LLAVA_NEXT_SIZES = [(16, 32), (32, 32), (20, 30), (32, 16)]  # -> 14, 24, 14, 16
 QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2
 QWEN_SIZES = [(16, 16), (16, 24), (24, 16)]  # grids (1,4,4) (1,4,6) (1,6,4) -> 4, 6, 6 placeholder tokens
 INSTRUCTBLIP_IMAGE_SIZE = 16
+# llava_onevision: SigLIP tile 16, patch 8 (2x2 = 4 features), llava_next's pinpoints; an image alone in its
+# row is any-res (base tile + unpadded grid + a newline per grid row), one of several is its base tile + newline
+ONEVISION_SIZES = LLAVA_NEXT_SIZES  # alone in a row -> 14, 24, 14, 16 placeholder tokens; with others: 5 each
+INTERNVL_TILE, INTERNVL_MAX_TILES = 16, 4  # tile 16 (patch 4, pixel shuffle 0.5 -> 4 tokens per tile)
+INTERNVL_SIZES = [(16, 32), (16, 16), (32, 16)]  # grids 2x1, 1x1, 1x2 -> 3, 1, 3 tiles (+ thumbnail) -> 12, 4, 12
+GEMMA3_IMAGE_SIZE, GEMMA3_TOKENS = 16, 4  # SigLIP 16 / patch 4 -> 4x4 patches, avg-pooled to 2x2 = 4 tokens
+IDEFICS_TILE = 16  # patch 4 -> 16 patches, pixel shuffle (scale 2) -> 4 tokens per tile
+IDEFICS_SIZES = [(16, 32), (16, 16), (32, 16)]  # 1x2 + global, unsplit, 2x1 + global -> 19, 7, 19 tokens
+DEFAULT_SIZES = {
+    **{family: QWEN_SIZES for family in FAMILIES},  # (qwen sizes; ignored by the fixed-square families)
+    "llava_next": LLAVA_NEXT_SIZES,
+    "llava_onevision": ONEVISION_SIZES,
+    "internvl": INTERNVL_SIZES,
+    "idefics3": IDEFICS_SIZES,
+    "smolvlm": IDEFICS_SIZES,
+}
 
 
 def _check_family(family: str) -> None:
@@ -186,6 +234,123 @@ def vlm_config(family: str, **text_overrides):
                 tokens_per_second=2,
             )
             cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **specials)
+    elif family == "qwen3_vl":
+        from transformers import Qwen3VLConfig
+
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        vision = dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            num_heads=2,
+            in_channels=3,
+            patch_size=QWEN_PATCH,
+            spatial_merge_size=QWEN_MERGE,
+            temporal_patch_size=QWEN_TEMPORAL,
+            num_position_embeddings=64,  # an 8x8 learned grid, bilinearly resampled to each image's patch grid
+            deepstack_visual_indexes=[0, 1],  # ViT blocks 0, 1 -> added to the outputs of decoder layers 0, 1
+        )
+        cfg = Qwen3VLConfig(
+            text_config=_text_common(head_dim=16, rope_parameters=rope),
+            vision_config=vision,
+            image_token_id=IMAGE_TOKEN,
+            video_token_id=VIDEO_TOKEN,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+        )
+    elif family == "llava_onevision":
+        from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=LLAVA_NEXT_TILE,
+            patch_size=8,
+            vision_use_head=False,
+        )
+        cfg = LlavaOnevisionConfig(
+            vision_config=vision,
+            text_config=Qwen2Config(**_text_common()),
+            image_token_index=IMAGE_TOKEN,
+            video_token_index=VIDEO_TOKEN,
+            image_grid_pinpoints=[list(p) for p in LLAVA_NEXT_PINPOINTS],
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",  # SigLIP has no CLS token
+            tie_word_embeddings=False,
+        )
+    elif family == "internvl":
+        from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
+
+        vision = InternVLVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=INTERNVL_TILE,
+            patch_size=4,
+        )
+        cfg = InternVLConfig(
+            vision_config=vision,
+            text_config=Qwen2Config(**_text_common()),
+            image_token_id=IMAGE_TOKEN,
+            image_seq_length=(INTERNVL_TILE // 4) ** 2 // 4,  # 16 patches, pixel shuffle 0.5 -> 4 tokens per tile
+            downsample_ratio=0.5,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="default",  # drops the CLS token
+            tie_word_embeddings=False,
+        )
+    elif family == "gemma3":
+        from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+        vision = SiglipVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=GEMMA3_IMAGE_SIZE,
+            patch_size=4,
+            vision_use_head=False,
+        )
+        text = Gemma3TextConfig(
+            **_text_common(
+                head_dim=16,
+                query_pre_attn_scalar=16,
+                sliding_window=6,  # sliding-window (6 keys) and global layers alternate
+                layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            )
+        )
+        cfg = Gemma3Config(
+            vision_config=vision,
+            text_config=text,
+            mm_tokens_per_image=GEMMA3_TOKENS,
+            image_token_index=IMAGE_TOKEN,
+            boi_token_index=BOI,
+            eoi_token_index=EOI,
+            tie_word_embeddings=False,
+        )
+    elif family in IDEFICS_FAMILIES:
+        import transformers
+
+        prefix = "Idefics3" if family == "idefics3" else "SmolVLM"
+        vision = getattr(transformers, f"{prefix}VisionConfig")(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=IDEFICS_TILE,
+            patch_size=4,
+        )
+        cfg = getattr(transformers, f"{prefix}Config")(
+            vision_config=vision,
+            text_config=LlamaConfig(**_text_common(vocab_size=IDEFICS_VOCAB)),
+            image_token_id=IMAGE_TOKEN,
+            scale_factor=2,
+            pad_token_id=PAD,
+            tie_word_embeddings=False,
+        )
     else:  # instructblip
         from transformers import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
 
@@ -231,11 +396,28 @@ def _model_class(family: str):
         "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
         "instructblip": transformers.InstructBlipForConditionalGeneration,
+        "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+        "llava_onevision": transformers.LlavaOnevisionForConditionalGeneration,
+        "internvl": transformers.InternVLForConditionalGeneration,
+        "gemma3": transformers.Gemma3ForConditionalGeneration,
+        "idefics3": transformers.Idefics3ForConditionalGeneration,
+        "smolvlm": transformers.SmolVLMForConditionalGeneration,
     }[family]
 
 
+def vocab_size(family: str) -> int:
+    """The text vocabulary of ``family``'s tiny model (``IDEFICS_VOCAB`` for idefics3 / smolvlm, else ``VOCAB``)."""
+    _check_family(family)
+    return IDEFICS_VOCAB if family in IDEFICS_FAMILIES else VOCAB
+
+
 def attn_implementation_dict(family: str, attn_implementation: str = "sdpa") -> dict:
-    """``attn_implementation`` for the language model (and the top-level config), sdpa for the vision side."""
+    """``attn_implementation`` for the language model (and the top-level config), sdpa for the vision side.
+
+    gemma3 takes sdpa or eager only: its image tokens attend to each other bidirectionally through the
+    mask, which flash attention drops (transformers refuses it: ``_supports_flash_attn = False``)."""
+    if family == "gemma3" and attn_implementation not in ("sdpa", "eager"):
+        raise ValueError(f"gemma3's text attention must be 'sdpa' or 'eager', got {attn_implementation!r}")
     impl = {"": attn_implementation, "text_config": attn_implementation, "vision_config": "sdpa"}
     if family == "instructblip":
         impl["qformer_config"] = "sdpa"
@@ -264,6 +446,9 @@ def build_vlm(
     if family == "instructblip":  # initialised to zeros: every query (so every placeholder) would be equal
         with torch.no_grad():
             model.query_tokens.normal_(0.0, 1.0)
+    if family == "gemma3":  # initialised to zeros: every image feature would be 0 (a blind model)
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, cfg.initializer_range)
     if plant_sinks:
         with torch.no_grad():
             for layer in text_layers(model):
@@ -319,14 +504,31 @@ def image_token_ids(family: str, model) -> set[int]:
 
 
 def vision_wrapper_ids(family: str, model) -> dict[str, int]:
-    """``{"vision_start": id, "vision_end": id}`` for Qwen2-VL / Qwen2.5-VL; ``{}`` for the others."""
+    """Ids removed together with the image tokens to build the text-only stream (attnsteer's
+    ``ArchSpec.wrapper_token_attrs``): ``{"vision_start", "vision_end"}`` for the Qwen families,
+    ``{"boi", "eoi"}`` for gemma3; ``{}`` for the others (whose image markup stays in the text stream,
+    see ``image_markup_ids``)."""
     _check_family(family)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in QWEN_FAMILIES:
         return {
             "vision_start": int(model.config.vision_start_token_id),
             "vision_end": int(model.config.vision_end_token_id),
         }
+    if family == "gemma3":
+        return {"boi": int(model.config.boi_token_index), "eoi": int(model.config.eoi_token_index)}
     return {}
+
+
+def image_markup_ids(family: str, model) -> set[int]:
+    """Non-text ids the layout puts around images besides the placeholders and ``vision_wrapper_ids``
+    (kept in the text-only stream): InternVL's ``<img>`` / ``</img>``, Idefics3's / SmolVLM's
+    ``<fake_token_around_image>``, ``<global-img>`` and ``<row_r_col_c>``; empty for the others."""
+    _check_family(family)
+    if family == "internvl":
+        return {VISION_START, VISION_END}
+    if family in IDEFICS_FAMILIES:
+        return {FAKE_IMAGE, GLOBAL_IMAGE, *ROW_COL.values()}
+    return set()
 
 
 def image_token_mask(family: str, model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -336,31 +538,88 @@ def image_token_mask(family: str, model, input_ids: torch.Tensor) -> torch.Tenso
 
 
 # ------------------------------------------------------------------------------ placeholder counting
-def num_image_tokens(family: str, model, image_size: tuple[int, int] | None = None) -> int:
+def num_image_tokens(family: str, model, image_size: tuple[int, int] | None = None, images_in_row: int = 1) -> int:
     """Placeholder tokens one image of ``image_size`` (height, width; pixels) takes in ``input_ids``.
 
     llava: (image_size // patch)**2 (CLS dropped); instructblip: num_query_tokens; llava_next:
     base tile + unpadded any-res grid with one newline per row (computed with the modeling code's own
-    helpers); qwen: t*h*w / merge**2 with (h, w) = size // patch."""
+    helpers); qwen: t*h*w / merge**2 with (h, w) = size // patch. llava_onevision: like llava_next
+    (SigLIP: no CLS) when the image is alone in its row, its base tile + one newline when
+    ``images_in_row`` > 1 (the processor's and the model's multi-image rule); internvl:
+    ``image_seq_length`` per tile (1 tile, or the grid's tiles + a thumbnail); gemma3:
+    ``mm_tokens_per_image``; idefics3 / smolvlm: ``image_seq_len`` per tile (the split tiles and
+    the global image) -- markup tokens (``image_markup_ids``, boi / eoi, vision_start / end) not counted."""
     _check_family(family)
     cfg = model.config
+    size = tuple(image_size or DEFAULT_SIZES[family][0])
     if family == "llava":
         n = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
         return n if cfg.vision_feature_select_strategy == "default" else n + 1
     if family == "instructblip":
         return int(cfg.num_query_tokens)
-    if family == "llava_next":
-        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+    if family in ("llava_next", "llava_onevision"):
+        import importlib
 
-        size = tuple(image_size or LLAVA_NEXT_SIZES[0])
+        modeling = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        get_anyres_image_grid_shape, unpad_image = modeling.get_anyres_image_grid_shape, modeling.unpad_image
         side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-        base = side * side + (0 if cfg.vision_feature_select_strategy == "default" else 1)
+        if family == "llava_next":
+            base = side * side + (0 if cfg.vision_feature_select_strategy == "default" else 1)
+        else:  # SigLIP: no CLS to drop or keep
+            base = side * side
+            if images_in_row > 1:
+                return base + 1
         grid_h, grid_w = get_anyres_image_grid_shape(list(size), cfg.image_grid_pinpoints, cfg.vision_config.image_size)
         unpadded = unpad_image(torch.zeros(1, grid_h * side, grid_w * side), list(size))
         rows, cols = unpadded.shape[1:]
+        if family == "llava_onevision":  # "anyres_max_9": grids above 9 tiles' worth are downsampled
+            max_tiles = int(cfg.vision_aspect_ratio.removeprefix("anyres_max_"))
+            ratio = math.sqrt(rows * cols / (max_tiles * side**2))
+            if ratio > 1.1:
+                rows, cols = int(rows // ratio), int(cols // ratio)
         return base + rows * (cols + 1)
-    grid = _qwen_grid(cfg, image_size or QWEN_SIZES[0])
+    if family == "internvl":
+        return int(cfg.image_seq_length) * _internvl_num_tiles(size)
+    if family == "gemma3":
+        return int(cfg.mm_tokens_per_image)
+    if family in IDEFICS_FAMILIES:
+        rows, cols = _idefics_grid(size)
+        return _idefics_seq_len(cfg) * (rows * cols + 1)
+    grid = _qwen_grid(cfg, size)
     return int(grid[0] * grid[1] * grid[2]) // cfg.vision_config.spatial_merge_size**2
+
+
+def _internvl_num_tiles(image_size) -> int:
+    """Tiles of one image: 1, or the best grid of at most ``INTERNVL_MAX_TILES`` tiles + a thumbnail
+    (GotOcr2's ``get_optimal_tiled_canvas`` + ``crop_to_patches``, the rule of InternVL's processor)."""
+    height, width = image_size
+    tiles = range(1, INTERNVL_MAX_TILES + 1)
+    grids = sorted([(c, r) for c in tiles for r in tiles if c * r <= INTERNVL_MAX_TILES], key=lambda g: g[0] * g[1])
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in grids:  # closest aspect ratio; ties: more tiles while they cover under twice the image
+        diff = abs(width / height - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and width * height > 0.5 * INTERNVL_TILE**2 * cols * rows:
+            best = (cols, rows)
+    return 1 if best[0] * best[1] == 1 else best[0] * best[1] + 1
+
+
+def _idefics_grid(image_size) -> tuple[int, int]:
+    """(rows, cols) of split tiles of one image (0, 0 when it fits one tile), sizes multiples of the tile."""
+    height, width = image_size
+    if height % IDEFICS_TILE or width % IDEFICS_TILE or max(height, width) > 2 * IDEFICS_TILE:
+        raise ValueError(
+            f"idefics image sizes must be multiples of {IDEFICS_TILE} up to {2 * IDEFICS_TILE}; got {image_size}"
+        )
+    if height == width == IDEFICS_TILE:
+        return 0, 0
+    return height // IDEFICS_TILE, width // IDEFICS_TILE
+
+
+def _idefics_seq_len(cfg) -> int:
+    vc = cfg.vision_config
+    return (vc.image_size // vc.patch_size) ** 2 // cfg.scale_factor**2
 
 
 def _qwen_grid(cfg, image_size) -> tuple[int, int, int]:
@@ -398,19 +657,36 @@ def make_inputs(
     Row ``r`` holds ``n_images[r]`` images (``n_images`` of length 1 is broadcast over ``prompts``).
     ``prompts`` are the rows' text ids (default: random lengths 3-8, seeded, ids in
     [TEXT_LOW, TEXT_HIGH)); the first ``text_before_images`` of them come before the images.
-    Row layouts::
+    Row layouts (``sep``: one random text id; ``IMG * n``: the image's placeholders, ``num_image_tokens``)::
 
         llava, llava_next  [bos] text[:k] (IMG * n  sep) per image  text[k:]
-        qwen2_vl, 2.5      text[:k] (vision_start  IMG * n  vision_end) per image  text[k:]
+        qwen2_vl, 2.5, 3   text[:k] (vision_start  IMG * n  vision_end) per image  text[k:]
         instructblip       IMG * num_query_tokens  [bos] text          (exactly one image per row)
+        llava_onevision    text[:k] (IMG * n  sep) per image  text[k:]
+        internvl           text[:k] (<img>  IMG * n  </img>) per image  text[k:]
+        gemma3             [bos] text[:k] (boi  IMG * 4  eoi) per image  text[k:]
+        idefics3, smolvlm  [bos] text[:k] image block per image  text[k:], the block of an image split
+                           into R x C tiles being (fake <row_r_col_c> IMG * 4) for each tile, row-major,
+                           then fake <global-img> IMG * 4 fake; of an unsplit image (one tile):
+                           fake <global-img> IMG * 4 fake
+
+    (The real processors' newlines -- idefics3's after each tile row, gemma3's around the image --
+    are whitespace to ``make_processor``'s word tokenizer, so neither side has them.)
 
     ``image_sizes`` (height, width in pixels), used in turn over the batch's images, matter for
-    llava_next (tile grid + unpadding) and qwen (patch grid; multiples of 8); defaults
-    ``LLAVA_NEXT_SIZES`` / ``QWEN_SIZES``. Keys: input_ids, attention_mask and
+    llava_next / llava_onevision (tile grid + unpadding), qwen (patch grid; multiples of 8),
+    internvl (tile grid) and idefics3 / smolvlm (tile grid; multiples of 16 up to 32, as the
+    processor's images after its resize); defaults ``DEFAULT_SIZES[family]``. Keys: input_ids,
+    attention_mask and
     llava: pixel_values (N,3,16,16) | llava_next: pixel_values (N,max_tiles,3,16,16), image_sizes (N,2) |
     qwen: pixel_values (patches, 96), image_grid_thw (N,3), mm_token_type_ids (B,L; 1 at IMG) |
-    instructblip: pixel_values (B,3,16,16), qformer_input_ids, qformer_attention_mask (right-padded).
-    Pixel keys are left out when the batch has no image (not possible for instructblip)."""
+    instructblip: pixel_values (B,3,16,16), qformer_input_ids, qformer_attention_mask (right-padded) |
+    llava_onevision: pixel_values (N,max_tiles,3,16,16) (one tile for an image of a multi-image row),
+    image_sizes (N,2), batch_num_images (B,) (0 for a text-only row; the real processor leaves such rows
+    out of it) | internvl: pixel_values (tiles,3,16,16) |
+    gemma3: pixel_values (N,3,16,16), token_type_ids (B,L; 1 at IMG: the bidirectional image blocks) |
+    idefics3, smolvlm: pixel_values (B,max_tiles,3,16,16) (all-zero tiles are padding), pixel_attention_mask
+    (B,max_tiles,16,16). Pixel keys are left out when the batch has no image (not possible for instructblip)."""
     _check_family(family)
     if pad not in ("left", "right"):
         raise ValueError(f"pad must be 'left' or 'right', got {pad!r}")
@@ -426,6 +702,7 @@ def make_inputs(
     if len(n_images) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but n_images has {len(n_images)} entries")
     specials = image_token_ids(family, model) | set(vision_wrapper_ids(family, model).values())
+    specials |= image_markup_ids(family, model)
     for p in prompts:
         if specials & set(p):
             raise ValueError(f"prompt {p} contains placeholder ids {sorted(specials & set(p))}")
@@ -437,8 +714,7 @@ def make_inputs(
         raise ValueError(f"{family} takes at most one image per prompt")
 
     cfg = model.config
-    default_sizes = LLAVA_NEXT_SIZES if family == "llava_next" else QWEN_SIZES
-    sizes = list(image_sizes) if image_sizes is not None else default_sizes
+    sizes = list(image_sizes) if image_sizes is not None else DEFAULT_SIZES[family]
     image_token = int(cfg.image_token_id)
 
     rows: list[list[int]] = []
@@ -453,12 +729,23 @@ def make_inputs(
         for _ in range(n):
             size = tuple(sizes[len(per_image) % len(sizes)])
             per_image.append(size)
-            count = num_image_tokens(family, model, size)
-            if family in ("qwen2_vl", "qwen2_5_vl"):
+            count = num_image_tokens(family, model, size, images_in_row=n)
+            if family in QWEN_FAMILIES:
                 blocks += [int(cfg.vision_start_token_id)] + [image_token] * count + [int(cfg.vision_end_token_id)]
+            elif family == "internvl":
+                blocks += [VISION_START] + [image_token] * count + [VISION_END]
+            elif family == "gemma3":
+                blocks += [int(cfg.boi_token_index)] + [image_token] * count + [int(cfg.eoi_token_index)]
+            elif family in IDEFICS_FAMILIES:
+                seq = [image_token] * _idefics_seq_len(cfg)
+                grid_rows, grid_cols = _idefics_grid(size)
+                for r in range(grid_rows):
+                    for c in range(grid_cols):
+                        blocks += [FAKE_IMAGE, ROW_COL[(r + 1, c + 1)]] + seq
+                blocks += [FAKE_IMAGE, GLOBAL_IMAGE] + seq + [FAKE_IMAGE]
             else:  # a text separator ("\n") between images keeps their placeholder runs apart
                 blocks += [image_token] * count + [int(torch.randint(TEXT_LOW, TEXT_HIGH, (1,), generator=gen))]
-        bos = [] if family in ("qwen2_vl", "qwen2_5_vl") else [BOS]
+        bos = [] if family in (*QWEN_FAMILIES, "llava_onevision", "internvl") else [BOS]
         rows.append(bos + head + blocks + tail)
 
     input_ids, attention_mask = _pad(rows, PAD, pad)
@@ -466,20 +753,27 @@ def make_inputs(
     vdtype = _vision_dtype(family, model)
     n_total = sum(n_images)
 
-    if family == "llava":
+    if family in ("llava", "gemma3"):
         side = cfg.vision_config.image_size
         if n_total:
             inputs["pixel_values"] = torch.randn(n_total, 3, side, side, generator=gen).to(vdtype)
-    elif family == "llava_next":
+        if family == "gemma3":
+            inputs["token_type_ids"] = (input_ids == image_token).long()
+    elif family in ("llava_next", "llava_onevision"):
         tile = cfg.vision_config.image_size
         if n_total:
-            tiles = [_llava_next_num_tiles(cfg, s) for s in per_image]
+            alone = [n == 1 for n in n_images for _ in range(n)]  # onevision: only a lone image is tiled
+            tiles = [
+                _llava_next_num_tiles(cfg, s) if family == "llava_next" or a else 1 for s, a in zip(per_image, alone)
+            ]
             pixel_values = torch.zeros(n_total, max(tiles), 3, tile, tile)
             for i, t in enumerate(tiles):
                 pixel_values[i, :t] = torch.randn(t, 3, tile, tile, generator=gen)
             inputs["pixel_values"] = pixel_values.to(vdtype)
             inputs["image_sizes"] = torch.tensor(per_image, dtype=torch.long)
-    elif family in ("qwen2_vl", "qwen2_5_vl"):
+            if family == "llava_onevision":
+                inputs["batch_num_images"] = torch.tensor(n_images, dtype=torch.long)
+    elif family in QWEN_FAMILIES:
         vc = cfg.vision_config
         if n_total:
             grids = torch.tensor([_qwen_grid(cfg, s) for s in per_image], dtype=torch.long)
@@ -487,6 +781,25 @@ def make_inputs(
             inputs["pixel_values"] = torch.randn(int(grids.prod(-1).sum()), patch_dim, generator=gen).to(vdtype)
             inputs["image_grid_thw"] = grids
         inputs["mm_token_type_ids"] = (input_ids == image_token).to(torch.int32)
+    elif family == "internvl":
+        side = cfg.vision_config.image_size[0]
+        tiles = sum(_internvl_num_tiles(s) for s in per_image)
+        if n_total:
+            inputs["pixel_values"] = torch.randn(tiles, 3, side, side, generator=gen).to(vdtype)
+    elif family in IDEFICS_FAMILIES:
+        side = cfg.vision_config.image_size
+        if n_total:
+            tiles, start = [], 0
+            for n in n_images:
+                tiles.append(sum(_idefics_grid(s)[0] * _idefics_grid(s)[1] + 1 for s in per_image[start : start + n]))
+                start += n
+            pixel_values = torch.zeros(len(rows), max(tiles), 3, side, side)
+            pixel_attention_mask = torch.zeros(len(rows), max(tiles), side, side, dtype=torch.long)
+            for r, t in enumerate(tiles):
+                pixel_values[r, :t] = torch.randn(t, 3, side, side, generator=gen)
+                pixel_attention_mask[r, :t] = 1
+            inputs["pixel_values"] = pixel_values.to(vdtype)
+            inputs["pixel_attention_mask"] = pixel_attention_mask
     else:  # instructblip
         side = cfg.vision_config.image_size
         inputs["pixel_values"] = torch.randn(len(rows), 3, side, side, generator=gen).to(vdtype)
@@ -510,13 +823,16 @@ def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, t
 
 
 def images_per_row(family: str, model, inputs: dict) -> list[int]:
-    """How many images each row of ``inputs`` holds (read back from its placeholder tokens)."""
+    """How many images each row of ``inputs`` holds (read back from its placeholder / markup tokens)."""
     _check_family(family)
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
     if family == "instructblip":
         return [1] * ids.shape[0]
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        return ((ids == model.config.vision_start_token_id) & mask).sum(-1).tolist()
+    marker = {"internvl": VISION_START, "gemma3": BOI, "idefics3": GLOBAL_IMAGE, "smolvlm": GLOBAL_IMAGE}.get(family)
+    if family in QWEN_FAMILIES:
+        marker = int(model.config.vision_start_token_id)
+    if marker is not None:
+        return ((ids == marker) & mask).sum(-1).tolist()
     is_img = (ids == model.config.image_token_id) & mask
     starts = is_img & ~torch.cat([torch.zeros_like(is_img[:, :1]), is_img[:, :-1]], dim=1)
     return starts.sum(-1).tolist()
@@ -535,26 +851,51 @@ def row_inputs(family: str, model, inputs: dict, r: int) -> dict:
         out["qformer_input_ids"] = inputs["qformer_input_ids"][r][qkeep][None]
         out["qformer_attention_mask"] = inputs["qformer_attention_mask"][r][qkeep][None]
         return out
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        out["mm_token_type_ids"] = inputs["mm_token_type_ids"][r][keep][None]
-        if n:
-            grids = inputs["image_grid_thw"]
-            offsets = torch.cat([grids.new_zeros(1), grids.prod(-1).cumsum(0)]).tolist()
-            out["pixel_values"] = inputs["pixel_values"][offsets[first] : offsets[first + n]]
-            out["image_grid_thw"] = grids[first : first + n]
+    for key in ("mm_token_type_ids", "token_type_ids"):  # qwen / gemma3: per-token, like input_ids
+        if key in inputs:
+            out[key] = inputs[key][r][keep][None]
+    if not n:
         return out
-    if n:
+    if family in QWEN_FAMILIES:
+        grids = inputs["image_grid_thw"]
+        offsets = torch.cat([grids.new_zeros(1), grids.prod(-1).cumsum(0)]).tolist()
+        out["pixel_values"] = inputs["pixel_values"][offsets[first] : offsets[first + n]]
+        out["image_grid_thw"] = grids[first : first + n]
+    elif family == "internvl":  # tiles of the rows before, from their placeholder counts
+        seq = int(model.config.image_seq_length)
+        start = sum(int((inputs["input_ids"][i] == model.config.image_token_id).sum()) // seq for i in range(r))
+        tiles = int((out["input_ids"] == model.config.image_token_id).sum()) // seq
+        out["pixel_values"] = inputs["pixel_values"][start : start + tiles]
+    elif family in IDEFICS_FAMILIES:  # this row's tiles, without the batch's padding tiles
+        tiles = int(inputs["pixel_attention_mask"][r].flatten(1).any(-1).sum())
+        out["pixel_values"] = inputs["pixel_values"][r : r + 1, :tiles]
+        out["pixel_attention_mask"] = inputs["pixel_attention_mask"][r : r + 1, :tiles]
+    else:
         out["pixel_values"] = inputs["pixel_values"][first : first + n]
-        if family == "llava_next":
+        if family == "llava_onevision":
+            out["batch_num_images"] = inputs["batch_num_images"][r : r + 1]
+        if family in ("llava_next", "llava_onevision"):
             out["image_sizes"] = inputs["image_sizes"][first : first + n]
     return out
+
+
+def shifted_pixels(family: str, inputs: dict, delta: float) -> torch.Tensor:
+    """``inputs["pixel_values"]`` with ``delta`` added to every real image; idefics3 / smolvlm's
+    all-zero padding tiles stay zero (the model tells padding tiles from images by that)."""
+    _check_family(family)
+    pixel_values = inputs["pixel_values"]
+    if family in IDEFICS_FAMILIES:
+        real = inputs["pixel_attention_mask"].flatten(2).any(-1)[..., None, None, None]
+        return pixel_values + delta * real.to(pixel_values.dtype)
+    return pixel_values + delta
 
 
 def generation_position_ids(family: str, model, inputs: dict) -> torch.Tensor:
     """The ``position_ids`` ``model.generate(**inputs)`` computes for the prompt (prefill) forward.
 
-    llava / llava_next: ``attention_mask.cumsum(-1) - 1`` (0 on padding), shape (B, L).
-    qwen2_vl / qwen2_5_vl: (4, B, L) = [text positions; M-RoPE t, h, w from ``get_rope_index``]
+    llava / llava_next / llava_onevision / internvl / gemma3 / idefics3 / smolvlm:
+    ``attention_mask.cumsum(-1) - 1`` (0 on padding), shape (B, L).
+    qwen2_vl / qwen2_5_vl / qwen3_vl: (4, B, L) = [text positions; M-RoPE t, h, w from ``get_rope_index``]
     (as generate does, this also sets ``model.model.rope_deltas``). instructblip: its ``generate``
     hands ``inputs_embeds`` to the Llama's ``generate``, which uses the cumsum positions; its
     ``forward`` passes no positions unless given (``position_ids`` travels to the LM via kwargs)."""
@@ -579,13 +920,24 @@ def image_features(family: str, model, inputs: dict) -> torch.Tensor:
         return out.pooler_output.reshape(-1, out.pooler_output.shape[-1])
     if "pixel_values" not in inputs:
         return torch.empty(0, model.config.text_config.hidden_size)
-    if family == "llava":
-        out = model.model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
+    pixel_values = inputs["pixel_values"]
+    if family in ("llava", "internvl", "gemma3"):
+        out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
     elif family == "llava_next":
-        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], return_dict=True)
-    else:
-        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"], return_dict=True)
-    return torch.cat(list(out.pooler_output), dim=0)
+        out = model.model.get_image_features(pixel_values, inputs["image_sizes"], return_dict=True)
+    elif family == "llava_onevision":
+        out = model.model.get_image_features(
+            pixel_values, inputs["image_sizes"], batch_num_images=inputs.get("batch_num_images"), return_dict=True
+        )
+    elif family in IDEFICS_FAMILIES:
+        out = model.model.get_image_features(pixel_values, inputs.get("pixel_attention_mask"), return_dict=True)
+    else:  # qwen; qwen3_vl's DeepStack features (out.deepstack_features) are added inside the decoder
+        out = model.model.get_image_features(pixel_values, inputs["image_grid_thw"], return_dict=True)
+    features = out.pooler_output  # a tensor (internvl, gemma3; idefics3 / smolvlm on 5.17) or one per image / row
+    hidden = model.config.text_config.hidden_size
+    if isinstance(features, torch.Tensor):
+        return features.reshape(-1, hidden)
+    return torch.cat([f.reshape(-1, hidden) for f in features], dim=0)
 
 
 # ---------------------------------------------------------------------------------------- processor
@@ -621,17 +973,85 @@ def _word_tokenizer(names: dict[int, str], size: int, bos: bool, extra_special: 
     return tokenizer
 
 
+# Text each image takes in a prompt to ``make_processor``'s processor (it expands it to the placeholders).
+PROCESSOR_IMAGE_TEXT = {
+    "llava": "<image>",
+    "llava_next": "<image>",
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "instructblip": "",  # the processor puts the query placeholders in front itself
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "llava_onevision": "<image>",
+    "internvl": "<IMG_CONTEXT>",  # -> <img> <IMG_CONTEXT> * (4 * tiles) </img>
+    "gemma3": "<start_of_image>",  # -> <start_of_image> <image_soft_token> * 4 <end_of_image>
+    "idefics3": "<image>",  # -> the image block (fake / row-col / global markup around the placeholders)
+    "smolvlm": "<image>",
+}
+
+
+def processor_text(family: str, model, row_ids: Sequence[int]) -> str:
+    """Text ``make_processor``'s processor expands back into the ``make_inputs`` row ``row_ids``
+    (padding removed): ordinary ids as ``token_text`` words, each image as ``PROCESSOR_IMAGE_TEXT``."""
+    _check_family(family)
+    image, words = int(model.config.image_token_id), []
+    if family in IDEFICS_FAMILIES:
+        anchor = GLOBAL_IMAGE  # one per image; the markup and placeholders around it come from the processor
+    elif family == "gemma3":
+        anchor = int(model.config.boi_token_index)
+    else:
+        anchor = None
+    skip = {BOS, image} | image_markup_ids(family, model) | set(vision_wrapper_ids(family, model).values())
+    prev = None
+    for t in map(int, row_ids):
+        if t == anchor or (anchor is None and t == image and prev != image and family != "instructblip"):
+            words.append(PROCESSOR_IMAGE_TEXT[family])
+        elif t not in skip:
+            words.append(token_text([t]))
+        prev = t
+    return " ".join(words)
+
+
+def _without_video(processor_class):
+    """``processor_class`` accepting ``video_processor=None``: without torchvision there is no video
+    processor class to check ``None`` against (images only)."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument is None and argument_name == "video_processor":
+            return None
+        return processor_class.check_argument_for_proper_class(self, argument_name, argument)
+
+    return type(
+        processor_class.__name__,
+        (processor_class,),
+        {"check_argument_for_proper_class": check_argument_for_proper_class},
+    )
+
+
 def make_processor(family: str, model=None):
     """A real transformers processor for ``family``, built offline (no hub).
 
     Tokenizer: a ``tokenizers`` WordLevel vocab in code -- ordinary text id ``i`` is the word ``w<i>``
-    (see ``token_text``), placeholders are ``<image>`` (llava, llava_next, instructblip) or
-    ``<|image_pad|>``/``<|video_pad|>``/``<|vision_start|>``/``<|vision_end|>`` (qwen), bos ``<s>``
-    prepended (not for qwen). Image processor: the PIL backend class of the family, sized like
-    ``build_vlm``'s vision tower. Qwen processors get no video processor (it needs torchvision)."""
+    (see ``token_text``), placeholders are ``<image>`` (llava, llava_next, llava_onevision, instructblip,
+    idefics3, smolvlm), ``<|image_pad|>``/``<|video_pad|>``/``<|vision_start|>``/``<|vision_end|>``
+    (qwen), ``<IMG_CONTEXT>`` / ``<img>`` / ``</img>`` (internvl), ``<image_soft_token>`` /
+    ``<start_of_image>`` / ``<end_of_image>`` (gemma3), ``<fake_token_around_image>`` /
+    ``<global-img>`` / ``<row_r_col_c>`` (idefics3, smolvlm); bos prepended for the families whose
+    ``make_inputs`` rows start with bos. Image processor: the PIL backend class of the family, sized
+    like ``build_vlm``'s vision tower (idefics3 / smolvlm: no resize, so images keep the sizes
+    ``make_inputs`` takes). Processors that have a video processor get none (it needs torchvision).
+    smolvlm's processor needs the ``num2words`` package: without it this raises ``ValueError``."""
     _check_family(family)
     cfg = model.config if model is not None else vlm_config(family)
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+
+    if family == "smolvlm":
+        from transformers.utils import is_num2words_available
+
+        if not is_num2words_available():
+            raise ValueError(
+                "smolvlm: SmolVLMProcessor cannot be built here: it needs the `num2words` package "
+                "(pip install num2words), which is not installed"
+            )
 
     if family in ("llava", "llava_next"):
         names = {PAD: "<pad>", BOS: "<s>", EOS: "</s>", IMAGE_TOKEN: "<image>"}
@@ -657,7 +1077,7 @@ def make_processor(family: str, model=None):
             **square, image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints]
         )
         return LlavaNextProcessor(image_processor=image_processor, **common)
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in QWEN_FAMILIES:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         names = {
@@ -689,19 +1109,134 @@ def make_processor(family: str, model=None):
         )
         if family == "qwen2_vl":
             from transformers import Qwen2VLProcessor as Processor
-        else:
+        elif family == "qwen2_5_vl":
             from transformers import Qwen2_5_VLProcessor as Processor
-
-        # Without torchvision there is no video processor class to check a ``None`` against: skip that check.
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None and argument_name == "video_processor":
-                return None
-            return Processor.check_argument_for_proper_class(self, argument_name, argument)
-
-        no_video = type(
-            Processor.__name__, (Processor,), {"check_argument_for_proper_class": check_argument_for_proper_class}
+        else:
+            from transformers import Qwen3VLProcessor as Processor
+        return _without_video(Processor)(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+    if family == "llava_onevision":
+        from transformers import LlavaOnevisionProcessor
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
         )
-        return no_video(image_processor=image_processor, tokenizer=tokenizer, video_processor=None)
+
+        names = {PAD: "<|endoftext|>", EOS: "<|im_end|>", IMAGE_TOKEN: "<image>", VIDEO_TOKEN: "<video>"}
+        tokenizer = _word_tokenizer(
+            names, VOCAB, bos=False, extra_special={"image_token": "<image>", "video_token": "<video>"}
+        )
+        vc = cfg.vision_config
+        image_processor = LlavaOnevisionImageProcessorPil(
+            size={"height": vc.image_size, "width": vc.image_size},
+            image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints],
+        )
+        return _without_video(LlavaOnevisionProcessor)(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            num_image_tokens=(vc.image_size // vc.patch_size) ** 2,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+            vision_aspect_ratio=cfg.vision_aspect_ratio,
+        )
+    if family == "internvl":
+        from transformers import InternVLProcessor
+        from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+        names = {
+            PAD: "<|endoftext|>",
+            EOS: "<|im_end|>",
+            IMAGE_TOKEN: "<IMG_CONTEXT>",
+            VIDEO_TOKEN: "<video>",
+            VISION_START: "<img>",
+            VISION_END: "</img>",
+        }
+        tokenizer = _word_tokenizer(
+            names,
+            VOCAB,
+            bos=False,
+            extra_special={
+                "context_image_token": "<IMG_CONTEXT>",
+                "start_image_token": "<img>",
+                "end_image_token": "</img>",
+                "video_token": "<video>",
+            },
+        )
+        image_processor = GotOcr2ImageProcessorPil(
+            size={"height": INTERNVL_TILE, "width": INTERNVL_TILE},
+            crop_to_patches=True,
+            min_patches=1,
+            max_patches=INTERNVL_MAX_TILES,
+        )
+        return _without_video(InternVLProcessor)(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=None,
+            image_seq_length=int(cfg.image_seq_length),
+        )
+    if family == "gemma3":
+        from transformers import Gemma3Processor
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        names = {
+            PAD: "<pad>",
+            BOS: "<bos>",
+            EOS: "<eos>",
+            IMAGE_TOKEN: "<image_soft_token>",
+            BOI: "<start_of_image>",
+            EOI: "<end_of_image>",
+        }
+        tokenizer = _word_tokenizer(
+            names,
+            VOCAB,
+            bos=True,
+            extra_special={
+                "image_token": "<image_soft_token>",
+                "boi_token": "<start_of_image>",
+                "eoi_token": "<end_of_image>",
+            },
+        )
+        side = cfg.vision_config.image_size
+        image_processor = Gemma3ImageProcessorPil(size={"height": side, "width": side})
+        return Gemma3Processor(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_length=int(cfg.mm_tokens_per_image)
+        )
+    if family in IDEFICS_FAMILIES:
+        names = {
+            PAD: "<pad>",
+            BOS: "<s>",
+            EOS: "</s>",
+            IMAGE_TOKEN: "<image>",
+            FAKE_IMAGE: "<fake_token_around_image>",
+            GLOBAL_IMAGE: "<global-img>",
+            **{i: f"<row_{r}_col_{c}>" for (r, c), i in ROW_COL.items()},
+        }
+        extra = {"image_token": "<image>", "fake_image_token": "<fake_token_around_image>"}
+        if family == "smolvlm":
+            extra["global_image_token"] = "<global-img>"
+        tokenizer = _word_tokenizer(names, IDEFICS_VOCAB, bos=True, extra_special=extra)
+        sizes = dict(
+            do_resize=False,  # images keep their size (make_inputs' image_sizes), only split into tiles
+            size={"longest_edge": 2 * IDEFICS_TILE},
+            max_image_size={"longest_edge": IDEFICS_TILE},
+            do_image_splitting=True,
+        )
+        if family == "idefics3":
+            from transformers import Idefics3Processor
+            from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+            return Idefics3Processor(
+                image_processor=Idefics3ImageProcessorPil(**sizes),
+                tokenizer=tokenizer,
+                image_seq_len=_idefics_seq_len(cfg),
+            )
+        from transformers import SmolVLMProcessor
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+        return _without_video(SmolVLMProcessor)(
+            image_processor=SmolVLMImageProcessorPil(**sizes),
+            tokenizer=tokenizer,
+            video_processor=None,
+            image_seq_len=_idefics_seq_len(cfg),
+        )
     # instructblip
     from transformers import InstructBlipProcessor
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil

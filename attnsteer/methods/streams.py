@@ -29,8 +29,19 @@ ROW_ARGUMENTS = {
     "mm_token_type_ids": 0,
     "position_ids": -2,  # (B, L), or (3|4, B, L) for M-RoPE
 }
-# per-image arguments: one entry per image (or video), in the order of the batch rows
-IMAGE_ARGUMENTS = ("pixel_values", "image_grid_thw", "image_sizes", "video_grid_thw", "pixel_values_videos")
+# image arguments: one entry per image (or video) in the order of the batch rows, or per row with
+# padding images the model skips (Idefics3 / SmolVLM's pixel_values and pixel_attention_mask), or
+# per-row image counts (LLaVA-OneVision's batch_num_images): either way, kept as they are they give
+# the first rows their images and the second rows none
+IMAGE_ARGUMENTS = (
+    "pixel_values",
+    "image_grid_thw",
+    "image_sizes",
+    "video_grid_thw",
+    "pixel_values_videos",
+    "pixel_attention_mask",
+    "batch_num_images",
+)
 # tensors without a batch dimension
 SHARED_ARGUMENTS = ("cache_position",)
 
