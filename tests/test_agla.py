@@ -144,7 +144,7 @@ def test_the_plausibility_cut_keeps_exactly_the_tokens_near_the_top():
     assert 1 <= int(keep.sum(-1).min()) and int(keep.sum(-1).max()) < keep.shape[-1]
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_alpha_zero_greedy_is_the_unsteered_output_and_remove_restores_generate(family):
     model = build_vlm(family)
     inputs = make_inputs(family, model, n_images=[1, 1], seed=2)

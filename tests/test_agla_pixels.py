@@ -312,7 +312,7 @@ def _qwen_layout(family: str = "qwen2_vl"):
 QWEN_CASES = [((16, 24), (3, 9, 13, 21)), ((24, 16), (14, 22, 2, 9)), ((16, 16), (0, 6, 0, 6))]
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_patches_layout_decodes_the_processors_patch_order_exactly(family):
     processor, layout = _qwen_layout(family)
     images = [_image(h, w, box, seed=i) for i, ((h, w), box) in enumerate(QWEN_CASES)]
@@ -396,7 +396,7 @@ def test_qwen_token_grid_is_the_row_major_grid_of_merged_windows():
 
 
 # ----------------------------------------------------------------------- token grids vs the fixtures
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_tokens_per_image_and_token_grid_match_the_processors_placeholders(family):
     processor = make_processor(family)
     cfg = vlm_config(family)

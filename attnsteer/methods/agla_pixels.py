@@ -23,7 +23,7 @@ Three layouts of pixel inputs, one class each (``FAMILY_LAYOUT`` maps a family t
                padding (top/left = floor of half the slack). Entries past 1 + n are zeros
                (batch padding). Tile counts equal modeling_llava_next.image_size_to_num_patches.
 
-    "patches"  qwen2_vl, qwen2_5_vl
+    "patches"  qwen2_vl, qwen2_5_vl, qwen3_vl
                pixel_values (P, 3 * T * p * p), image_grid_thw (N, 3) = (t, h, w) in patches,
                P = sum t * h * w, images in order (p = patch_size, T = temporal_patch_size,
                m = spatial_merge_size, from config.vision_config). Image i's frames
@@ -546,6 +546,7 @@ FAMILY_LAYOUT = {
     "llava_next": "tiles",
     "qwen2_vl": "patches",
     "qwen2_5_vl": "patches",
+    "qwen3_vl": "patches",  # the Qwen2-VL image processor's patches (Qwen3-VL reuses it)
 }
 
 
