@@ -12,7 +12,7 @@ from attention_cases import Stats, inputs, padded_mask, plans
 from conftest import TINY_SOFTCAP, VOCAB, build_tiny
 
 import attnsteer
-from attnsteer.attention import dispatch, fused, routing
+from attnsteer.attention import dispatch, fused, routing, triton_backend
 from attnsteer.attention import rows as rows_module
 from attnsteer.attention.dispatch import select_fused_backend
 from attnsteer.attention.reference import reference_attention
@@ -172,11 +172,14 @@ def test_backends_honour_cap_window_and_later_keys(method, softcap, mask_kind, m
         "reference": reference_attention,
         "fused": select_fused_backend(q),  # the CPU flash path (or Triton on CUDA), falling back when it must
         "chunked": lambda *a, **kw: fused.fused_attention(*a, chunk=3, **kw),
+        # on CPU: the Triton backend's routing only (soft-capped and non-causal calls never reach
+        # its kernels; on CUDA this is the kernels themselves where they apply)
+        "triton": triton_backend.triton_attention,
     }
     for name, run in runs.items():
         plan = plans(method, k_len, 0)[0]
         out[name], _ = run(plan, q, k, v, MaskView(raw, q_len, k_len), 0.25, info, Stats(), softcap=softcap)
-    for name in ("fused", "chunked"):
+    for name in ("fused", "chunked", "triton"):
         torch.testing.assert_close(out[name][valid], out["reference"][valid], **FP32)
     if mask_kind == "bidirectional":  # the later keys matter: causal truncation would differ
         plan = plans(method, k_len, 0)[0]

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import VOCAB, build_tiny
+from conftest import FAMILIES, VOCAB, build_tiny
 
 import attnsteer
 from attnsteer import compat
@@ -187,8 +187,14 @@ def tiny():
     return build_tiny("llama")
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def text_model(request):
+    return build_tiny(request.param)
+
+
 @pytest.mark.parametrize("method", list(FOCUS_RECIPES))
-def test_focus_span_steers_a_text_model_exactly(tiny, method):
+def test_focus_span_steers_a_text_model_exactly(text_model, method):
+    tiny = text_model
     ids, mask, focus = _batch()
     valid = mask.bool()
     with torch.no_grad():
