@@ -293,12 +293,24 @@ def load_checked(model_id: str, kwargs: dict, err):
     except AttnsteerError as exc:
         msg = str(exc)
         raise UsageError(msg if msg.startswith("--model") else f"--model {model_id!r}: {msg}") from None
-    except (OSError, ValueError, KeyError, ImportError, TypeError) as exc:
+    except ValueError as exc:
+        if "does not support an attention implementation" not in str(exc):
+            raise _load_error(model_id, exc) from None
         raise UsageError(
-            f"--model {model_id!r}: could not load it ({type(exc).__name__}: {exc}). Fix: pass a local folder with "
-            "config.json and weights, a hub id reachable from this machine, or smollm2 for the embedded default"
+            f"--model {model_id!r}: transformers cannot run this model with attn_implementation="
+            f"{kwargs.get('attn_implementation', 'sdpa')!r} ({exc}). Fix: --model_args attn_implementation=eager "
+            "(Gemma 2 soft-caps its logits, which only eager attention computes)"
         ) from None
+    except (OSError, KeyError, ImportError, TypeError) as exc:
+        raise _load_error(model_id, exc) from None
     return tokenizer, model
+
+
+def _load_error(model_id: str, exc: Exception) -> UsageError:
+    return UsageError(
+        f"--model {model_id!r}: could not load it ({type(exc).__name__}: {exc}). Fix: pass a local folder with "
+        "config.json and weights, a hub id reachable from this machine, or smollm2 for the embedded default"
+    )
 
 
 def load_with_progress(model_id: str, err: TextIO, **kwargs):

@@ -209,3 +209,18 @@ def test_methods_act_on_the_capped_logits():
         )
     )
     assert (uncapped - expected).abs().max() > 1e-3
+
+
+def test_cli_loading_with_an_implementation_the_model_lacks_says_use_eager(monkeypatch):
+    """transformers refuses sdpa for Gemma 2 at load time; the CLI's error says what to pass."""
+    import io
+
+    from attnsteer import models
+    from attnsteer.errors import UsageError
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Gemma2ForCausalLM does not support an attention implementation through sdpa yet")
+
+    monkeypatch.setattr(models, "load_with_progress", refuse)
+    with pytest.raises(UsageError, match="--model_args attn_implementation=eager"):
+        models.load_checked("some/gemma-2", {}, io.StringIO())
