@@ -142,9 +142,7 @@ class ResolvedArch:
         return [i for i in range(self.num_layers) if i not in self.cross_layers]
 
 
-def resolve(model: nn.Module) -> ResolvedArch:
-    """Find the decoder, its attention modules and head counts, or raise UnsupportedModelError."""
-    config = getattr(model, "config", None)
+def _spec_of(config) -> ArchSpec:
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHS:
         raise UnsupportedModelError(
@@ -152,7 +150,14 @@ def resolve(model: nn.Module) -> ResolvedArch:
             f"supported: {sorted(ARCHS)}. Fix: use a model of a supported family, or add an ArchSpec "
             "entry in attnsteer/archs.py"
         )
-    spec = ARCHS[model_type]
+    return ARCHS[model_type]
+
+
+def resolve(model: nn.Module) -> ResolvedArch:
+    """Find the decoder, its attention modules and head counts, or raise UnsupportedModelError."""
+    config = getattr(model, "config", None)
+    spec = _spec_of(config)
+    model_type = spec.model_type
     decoder = None
     for path in spec.decoder_paths:
         candidate = get_path(model, path)
@@ -177,6 +182,26 @@ def resolve(model: nn.Module) -> ResolvedArch:
                 "have renamed it. Fix: update ArchSpec.attention_attr / cross_attention_attr in attnsteer/archs.py"
             )
         attention.append(module)
+    return _with_config(spec, config, decoder, attention, frozenset(cross))
+
+
+def resolve_config(config) -> ResolvedArch:
+    """The facts of a model that attnsteer does not hold as a transformers module (an engine such
+    as vLLM owns it): the config's family, head counts and token ids; ``decoder`` is None and
+    ``attention_modules`` holds one None per layer. Cross-attention families are not resolved this
+    way (their layer kinds live in the modules)."""
+    spec = _spec_of(config)
+    if spec.cross_attention_attr:
+        raise UnsupportedModelError(
+            f"{spec.model_type}: its cross-attention layers are found on the loaded model; this engine path "
+            "resolves self-attention families only. Fix: use the Hugging Face path (attnsteer.apply)"
+        )
+    text_config = get_path(config, spec.text_config_key) if spec.text_config_key else config
+    return _with_config(spec, config, None, [None] * text_config.num_hidden_layers, frozenset())
+
+
+def _with_config(spec: ArchSpec, config, decoder, attention: list, cross: frozenset) -> ResolvedArch:
+    model_type = spec.model_type
     text_config = get_path(config, spec.text_config_key) if spec.text_config_key else config
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
@@ -208,5 +233,5 @@ def resolve(model: nn.Module) -> ResolvedArch:
         head_dim,
         image_ids,
         ids(spec.wrapper_token_attrs),
-        frozenset(cross),
+        cross,
     )

@@ -222,6 +222,14 @@ def plan(model: nn.Module, recipe) -> Plan:
     return Plan(recipe, arch, _build_plans(recipe, arch), impl)
 
 
+def plans_for(recipe, arch: archs.ResolvedArch) -> dict[int, LayerPlan]:
+    """Layer index -> :class:`LayerPlan` of ``recipe`` on a resolved model (``archs.resolve`` or,
+    for an engine that owns the model, ``archs.resolve_config``), checking the model type."""
+    recipe = load_recipe(recipe)
+    recipe.check_model_type(arch.spec.model_type)
+    return _build_plans(recipe, arch)
+
+
 def check_recipes(model: nn.Module, recipes, model_id: str) -> tuple[list[str], dict[str, dict]]:
     """Plan each ``(label, recipe)`` on ``model`` before any work starts (nothing is changed).
 

@@ -66,8 +66,9 @@ class VHR(Method):
                 'field names, and heads is "all". Fix: give heads: {layer: [query heads]} (e.g. the file written by '
                 "`attnsteer calibrate vhr --fixed-heads`), or use selection: per_prompt"
             )
-        # fixed heads need no text-only stream: no model-level step
+        # fixed heads need no text-only stream (no model-level step) and no image in the prompt
         self.has_model_step = not self.fixed
+        self.needs_image = not self.fixed
 
     @classmethod
     def is_identity_params(cls, params) -> bool:

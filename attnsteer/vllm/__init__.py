@@ -1,0 +1,35 @@
+"""attnsteer inside vLLM: a general plugin (entry point group ``vllm.general_plugins``) that
+wraps vLLM's own CPU attention backend, so a recipe steers ``vllm serve`` / ``vllm.LLM``.
+
+Usage::
+
+    ATTNSTEER_RECIPE=softplus-gentle vllm serve MODEL --attention-backend CPU_ATTN
+    # or in Python: vllm.LLM(model, additional_config={"attnsteer": {"recipe": "softplus-gentle"}})
+
+vLLM calls :func:`register` once in every process (front end, engine core, workers). With no
+recipe configured, the wrapped backend delegates every call unchanged. Which methods run, which
+are refused and why: ``docs/vllm.md``. Layers: this package sits on top of the recipes, methods
+and attention paths; nothing in attnsteer imports it.
+"""
+
+from __future__ import annotations
+
+RECIPE_ENV = "ATTNSTEER_RECIPE"
+BACKEND_PATH = "attnsteer.vllm.cpu_backend.AttnsteerCPUBackend"
+_registered = False
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: route vLLM's ``CPU_ATTN`` backend through
+    :class:`attnsteer.vllm.cpu_backend.AttnsteerCPUBackend` (idempotent), and check a recipe
+    named by ``$ATTNSTEER_RECIPE`` right away, so a refused method fails at engine start."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    from .config import check_environment_recipe
+
+    check_environment_recipe()
+    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)

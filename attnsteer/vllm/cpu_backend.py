@@ -1,0 +1,163 @@
+"""vLLM's CPU attention backend (``CPU_ATTN``) with attnsteer's steered attention on the layers a
+recipe names.
+
+vLLM hands one call per layer with the rows of every scheduled request concatenated
+(``query_start_loc``), their keys already written to the paged cache. For a steered layer each
+request's rows are computed by attnsteer's chunked PyTorch path
+(:func:`attnsteer.attention.fused.fused_attention`) on that request's keys and values read from
+the cache -- the same code, and so the same numbers, as ``attnsteer.apply`` on the Hugging Face
+model; head-level steps (VHR with fixed heads) scale the output afterwards. Every other layer and
+request runs vLLM's own kernel.
+"""
+
+from __future__ import annotations
+
+from vllm.config import get_current_vllm_config
+from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadataBuilder,
+)
+
+from ..attention.dispatch import SiteStats
+from ..attention.fused import fused_attention
+from ..attention.rows import ForwardInfo, MaskView
+from ..errors import SteeringError, UnsupportedModelError
+from .config import steering_for
+from .paged import read_request_kv, window_mask
+
+
+def _is_prefill(request) -> bool:
+    """A request's rows are its prefill when they start at position 0 (no cached tokens)."""
+    _, q0, q1, length = request
+    return length == q1 - q0
+
+
+class AttnsteerCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    """CPU_ATTN's builder; with a recipe, pins the cache layout to ``vec`` / ``vec16``, the one
+    :func:`attnsteer.vllm.paged.read_request_kv` reads (``amx`` packs keys in VNNI tiles)."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if steering_for(vllm_config) is not None and self.isa not in ("vec", "vec16"):
+            self.isa = "vec" if self.head_dim % 32 == 0 else "vec16"
+            self._set_isa_to_layers(layer_names)
+
+
+class AttnsteerCPUBackend(CPUAttentionBackend):
+    """Registered in place of ``CPU_ATTN`` by :func:`attnsteer.vllm.register`."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"
+
+    @staticmethod
+    def get_impl_cls():
+        return AttnsteerCPUImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return AttnsteerCPUMetadataBuilder
+
+
+class AttnsteerCPUImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # built while the model is: the only time the engine's config can be read
+        self.steering = steering_for(
+            get_current_vllm_config(), get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        )
+        if self.steering is not None:
+            if self.alibi_slopes is not None or self.sinks is not None:
+                raise UnsupportedModelError(
+                    "attnsteer's vLLM backend does not implement ALiBi slopes or learned attention sinks; "
+                    "this model uses them. Fix: serve it without a recipe"
+                )
+            if self.is_fp8_kv_cache:
+                raise UnsupportedModelError("attnsteer reads the KV cache in the model's dtype; fp8 caches are refused")
+        self.plan = None
+        self.stats = None
+        self._layer: int | None = None
+
+    def _plan_of(self, layer) -> object | None:
+        if self._layer is None:
+            self._layer = extract_layer_index(layer.layer_name)
+            self.plan = self.steering.plans.get(self._layer)
+            if self.plan is not None:
+                self.stats = SiteStats(self.plan.methods)
+        return self.plan
+
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,
+        output_scale=None,
+        output_block_scale=None,
+    ):
+        """query (T, H, D), key / value (T, H_kv, D) of this call's rows; ``output`` (T, H, D)."""
+        plan = None
+        if self.steering is not None and attn_metadata is not None and self.attn_type == AttentionType.DECODER:
+            plan = self._plan_of(layer)
+        if plan is None:
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
+        md = attn_metadata
+        starts = md.query_start_loc.tolist()
+        lengths = md.seq_lens.tolist()
+        # (request index, first row, end row, tokens so far) of every request with rows in this call
+        requests = [(r, starts[r], starts[r + 1], n) for r, n in enumerate(lengths) if starts[r + 1] > starts[r]]
+        steered = [req for req in requests if plan.active(_is_prefill(req))]
+        own_attention = [
+            req for req in requests if not (plan.weight_steps(_is_prefill(req)) or plan.score_steps(_is_prefill(req)))
+        ]
+        if own_attention:  # some rows keep vLLM's own attention (or scale its output)
+            output = super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
+        for r, q0, q1, n in steered:
+            self._steer_request(plan, query, kv_cache, md.block_table[r], output, q0, q1, n)
+        return output
+
+    def _steer_request(self, plan, query, kv_cache, blocks, output, q0: int, q1: int, length: int) -> None:
+        """Rows q0..q1 of one request whose sequence so far has ``length`` tokens, in place."""
+        q_len = q1 - q0
+        past = length - q_len
+        prefill = past == 0
+        if self.steering.needs_whole_prompt and q_len > 1 and past > 0:
+            raise SteeringError(
+                f"layer {self._layer}: a request reached attention as a prompt chunk after {past} tokens; ACT needs "
+                "the whole prompt in one forward. Fix: disable chunked prefill and prefix caching for this engine"
+            )
+        info = ForwardInfo(q_len=q_len, past_len=past, total_len=length, first_valid=None, batch=1)
+        self.stats.begin([m for m in plan.methods if m.active(prefill)])
+        if plan.weight_steps(prefill) or plan.score_steps(prefill):
+            k, v = read_request_kv(kv_cache, blocks, length)
+            q = query[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
+            mask = MaskView(window_mask(q_len, length, self.sliding_window), q_len, length)
+            out, _ = fused_attention(
+                plan,
+                q,
+                k.unsqueeze(0).to(q.dtype),
+                v.unsqueeze(0).to(q.dtype),
+                mask,
+                self.scale,
+                info,
+                self.stats,
+                softcap=self.logits_soft_cap or None,
+            )
+        else:  # head level only: vLLM's own attention output
+            out = output[q0:q1].unsqueeze(0)
+        for method in plan.head_steps(prefill):
+            out, rows = method.head_output(out, info)
+            self.stats.record(method, rows)
+        self.stats.end()
+        output[q0:q1] = out[0].to(output.dtype)
