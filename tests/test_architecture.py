@@ -40,6 +40,7 @@ LAYERS = {
     "": 2,
     "evals": 3,
     "calibrate": 3,
+    "vllm": 3,  # the vLLM plugin: on top of the attention paths and plans, beside the evals
     "demo": 3,
     "cli": 4,
 }
@@ -164,9 +165,22 @@ def _external_imports(path: Path) -> set[str]:
     return out
 
 
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def test_every_module_imports_in_a_fresh_interpreter():
-    # _triton needs triton (tested in test_kernels); __main__ modules run a command when imported
-    names = [m for m in MODULES if m != "attnsteer.kernels._triton" and not m.endswith("__main__")]
+    # _triton needs triton (tested in test_kernels), the vLLM backend needs vllm (tested in
+    # test_vllm, in its own environment); __main__ modules run a command when imported
+    needs = {"attnsteer.kernels._triton": "triton", "attnsteer.vllm.cpu_backend": "vllm"}
+    names = [
+        m
+        for m in MODULES
+        if not m.endswith("__main__")
+        and (m not in needs or (m != "attnsteer.kernels._triton" and _importable(needs[m])))
+    ]
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\n"
     proc = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
