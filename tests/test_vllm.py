@@ -5,6 +5,7 @@ methods fail at engine start. Runs only where vLLM is installed (CI: scripts/set
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -111,3 +112,27 @@ def test_act_with_chunked_prefill_is_refused_at_engine_start(tiny, tmp_path):
     logs = proc.stdout + proc.stderr  # vLLM's workers log to stdout
     assert proc.returncode != 0 and "chunked prefill is on" in logs, logs[-3000:]
     assert not (tmp_path / "out.json").exists()
+
+
+def test_tensor_parallel_maps_global_heads_to_each_rank(tiny, hf, tmp_path):
+    """Tensor-parallel size 2: rank 0 holds query heads 0-1, rank 1 heads 2-3; head selectors that
+    span both ranks steer the same heads as on the Hugging Face model."""
+    recipe = {
+        "interventions": [
+            {"method": "softplus", "layers": [0], "heads": {0: [1, 2]}, "params": {"p": 2.5, "offset": 1.0}},
+            {"method": "vhr", "heads": {0: [3], 1: [0, 2]}, "params": {"selection": "fixed", "alpha": 3.0}},
+        ]
+    }
+    path = tmp_path / "recipe.yaml"
+    attnsteer.load_recipe(recipe).save(path)
+    out = tmp_path / "out.json"
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("tensor parallelism on vLLM's CPU backend needs a CPU per rank")
+    # vLLM's CPU workers each bind their threads to CPUs: one per rank here
+    proc = run_vllm(tiny, str(path), out, MAX_TOKENS, tp=2, env={"VLLM_CPU_OMP_THREADS_BIND": f"{cpus[0]}|{cpus[1]}"})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "rank 1/2 steers layers [0, 1]" in proc.stderr
+    got = json.loads(out.read_text())
+    expected = [_hf_generate(hf, row["prompt_ids"], recipe) for row in got["batch"]]
+    _assert_same(got["batch"], expected)

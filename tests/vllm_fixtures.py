@@ -64,13 +64,13 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
 
 
 def run_vllm(model_dir: Path, recipe: str | None, out: Path, max_tokens: int = 6, whole_prompts: bool = False,
-             env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:  # fmt: skip
+             env: dict | None = None, timeout: int = 300, tp: int = 1) -> subprocess.CompletedProcess:  # fmt: skip
     """Generate greedily with vLLM in a child process; results (tokens, logprobs of every prompt
     in one batch and each alone) are written to ``out`` as JSON. ``recipe`` goes through
     ``additional_config``; ``env`` adds environment variables (e.g. ``ATTNSTEER_RECIPE``)."""
     args = [sys.executable, str(HERE / "vllm_run.py"), "--model", str(model_dir), "--out", str(out)]
     args += ["--max-tokens", str(max_tokens)] + (["--recipe", recipe] if recipe else [])
-    args += ["--whole-prompts"] if whole_prompts else []
+    args += (["--whole-prompts"] if whole_prompts else []) + ["--tp", str(tp)]
     return subprocess.run(
         args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, check=False
     )

@@ -1,6 +1,6 @@
 """Child process of tests/test_vllm.py: greedy generation with vLLM (CPU), as JSON.
 
-python tests/vllm_run.py --model DIR --out FILE [--recipe R] [--max-tokens N] [--whole-prompts]
+python tests/vllm_run.py --model DIR --out FILE [--recipe R] [--max-tokens N] [--tp N] [--whole-prompts]
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--recipe")
     parser.add_argument("--max-tokens", type=int, default=6)
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--whole-prompts", action="store_true", help="no chunked prefill, no prefix caching")
     args = parser.parse_args()
 
@@ -29,6 +30,7 @@ def main() -> None:
         enforce_eager=True,
         max_model_len=256,
         max_num_seqs=8,
+        tensor_parallel_size=args.tp,
         **({"additional_config": extra} if extra else {}),
         **({"enable_chunked_prefill": False, "enable_prefix_caching": False} if args.whole_prompts else {}),
     )
