@@ -41,16 +41,24 @@ def hf(tiny):
     return AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
 
 
-def _hf_generate(model, prompt_ids, recipe):
-    """Greedy tokens and the logprob of each, from attnsteer's Hugging Face path."""
+def _hf_generate(model, prompt_ids, recipe, focus=None):
+    """Greedy tokens and the logprob of each, from attnsteer's Hugging Face path; ``focus``:
+    [[start, end], ...] prompt spans for ``handle.focus``."""
     ids = torch.tensor([prompt_ids])
     kwargs = dict(max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False, output_logits=True,
                   return_dict_in_generate=True, pad_token_id=0)  # fmt: skip
     if recipe is None:
         out = model.generate(input_ids=ids, **kwargs)
     else:
-        with attnsteer.apply(model, recipe):
-            out = model.generate(input_ids=ids, **kwargs)
+        with attnsteer.apply(model, recipe) as handle:
+            if focus is None:
+                out = model.generate(input_ids=ids, **kwargs)
+            else:
+                mask = torch.zeros_like(ids, dtype=torch.bool)
+                for start, end in focus:
+                    mask[0, start:end] = True
+                with handle.focus(mask):
+                    out = model.generate(input_ids=ids, **kwargs)
     tokens = out.sequences[0, ids.shape[1] :].tolist()
     logprobs = [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, tokens)]
     return tokens, logprobs
@@ -91,7 +99,7 @@ def test_vllm_with_a_recipe_equals_the_hugging_face_path(tiny, hf, tmp_path, nam
 @pytest.mark.parametrize(
     "recipe, match",
     [
-        ({"interventions": [{"method": "pai", "params": {"alpha": 0.5}}]}, "pai does not run inside vLLM"),
+        ({"interventions": [{"method": "pai", "params": {"alpha": 0.5, "gamma": 1.1}}]}, "params.gamma"),
         ({"interventions": [{"method": "var"}]}, "var does not run inside vLLM"),
         ({"interventions": [{"method": "vhr"}]}, "per_prompt VHR"),
         ({"interventions": [{"method": "act", "params": {"apply_to": "all"}}]}, "apply_to: all"),
@@ -136,3 +144,23 @@ def test_tensor_parallel_maps_global_heads_to_each_rank(tiny, hf, tmp_path):
     got = json.loads(out.read_text())
     expected = [_hf_generate(hf, row["prompt_ids"], recipe) for row in got["batch"]]
     _assert_same(got["batch"], expected)
+
+
+def test_pai_steers_the_focus_spans_each_request_gives(tiny, hf, tmp_path):
+    """Per-request roles: SamplingParams.extra_args focus spans == handle.focus on the Hugging Face
+    path; a request without spans in the same batch runs unsteered."""
+    recipe = {"interventions": [{"method": "pai", "layers": "all", "params": {"alpha": 0.8}}]}
+    focus = [[[1, 4]], None, [[0, 2], [5, 9]]]
+    path = tmp_path / "recipe.yaml"
+    attnsteer.load_recipe(recipe).save(path)
+    out = tmp_path / "out.json"
+    proc = run_vllm(tiny, str(path), out, MAX_TOKENS, focus=focus)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    got = json.loads(out.read_text())
+    expected = [
+        _hf_generate(hf, row["prompt_ids"], recipe if spans else None, spans) for row, spans in zip(got["batch"], focus)
+    ]
+    _assert_same(got["batch"], expected)
+    _assert_same(got["alone"], expected)
+    unsteered = _hf_generate(hf, got["batch"][0]["prompt_ids"], None)
+    assert (torch.tensor(expected[0][1]) - torch.tensor(unsteered[1])).abs().max() > 1e-3

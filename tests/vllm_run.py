@@ -1,6 +1,7 @@
 """Child process of tests/test_vllm.py: greedy generation with vLLM (CPU), as JSON.
 
-python tests/vllm_run.py --model DIR --out FILE [--recipe R] [--max-tokens N] [--tp N] [--whole-prompts]
+python tests/vllm_run.py --model DIR --out FILE [--recipe R] [--max-tokens N] [--focus JSON] [--tp N]
+    [--whole-prompts]
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--recipe")
     parser.add_argument("--max-tokens", type=int, default=6)
+    parser.add_argument("--focus", help="JSON list, per prompt: [[start, end], ...] focus spans or null")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     parser.add_argument("--whole-prompts", action="store_true", help="no chunked prefill, no prefix caching")
     args = parser.parse_args()
@@ -34,19 +36,24 @@ def main() -> None:
         **({"additional_config": extra} if extra else {}),
         **({"enable_chunked_prefill": False, "enable_prefix_caching": False} if args.whole_prompts else {}),
     )
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=1, ignore_eos=True)
+    focus = json.loads(args.focus) if args.focus else [None] * len(PROMPTS)
 
-    def run(prompts):
+    def params(i):
+        extra = {"extra_args": {"attnsteer": {"focus": focus[i]}}} if focus[i] is not None else {}
+        return SamplingParams(temperature=0.0, max_tokens=args.max_tokens, logprobs=1, ignore_eos=True, **extra)
+
+    def run(indices):
+        outputs = llm.generate([PROMPTS[i] for i in indices], [params(i) for i in indices], use_tqdm=False)
         return [
             {
                 "prompt_ids": list(o.prompt_token_ids),
                 "tokens": list(o.outputs[0].token_ids),
                 "logprobs": [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
             }
-            for o in llm.generate(prompts, params, use_tqdm=False)
+            for o in outputs
         ]
 
-    result = {"batch": run(PROMPTS), "alone": [run([p])[0] for p in PROMPTS]}
+    result = {"batch": run(range(len(PROMPTS))), "alone": [run([i])[0] for i in range(len(PROMPTS))]}
     with open(args.out, "w") as f:
         json.dump(result, f)
 

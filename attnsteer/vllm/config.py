@@ -25,8 +25,6 @@ LOG = logging.getLogger("attnsteer.vllm")
 REFUSED = {
     "var": "its image keys and hidden-state sinks are per request; vLLM's multimodal placeholders are not wired "
     "into attnsteer's attention backend yet",
-    "pai": "its image keys (or focus span) are per request, and its gamma step needs a second, text-only decode "
-    "stream per request, which a serving engine does not run",
     "agla": "it decodes two views of every image in lockstep and assembles their logits; vLLM schedules each "
     "request as one sequence",
 }
@@ -54,13 +52,19 @@ def check_methods(recipe: Recipe) -> None:
         if iv.method in REFUSED:
             raise RecipeError(
                 f"{where}.method: {iv.method} does not run inside vLLM: {REFUSED[iv.method]}. Fix: steer with "
-                "attnsteer.apply on the Hugging Face model, or use act / softplus / vhr (selection: fixed) in vLLM"
+                "attnsteer.apply on the Hugging Face model, or use act / softplus / vhr (selection: fixed) / pai on "
+                "focus spans in vLLM"
             )
         if iv.method == "vhr" and iv.params.get("selection") != "fixed":
             raise RecipeError(
                 f"{where}.params.selection: per_prompt VHR runs a text-only copy of every prompt in the same "
                 "prefill, which a serving engine does not do. Fix: selection: fixed with the heads written by "
                 "`attnsteer calibrate vhr --fixed-heads`"
+            )
+        if iv.method == "pai" and iv.params.get("gamma") is not None:
+            raise RecipeError(
+                f"{where}.params.gamma: PAI's logit contrast needs a second, text-only decode stream per request, "
+                "which a serving engine does not run. Fix: gamma: null (the attention step alone)"
             )
         if iv.method == "act" and iv.params.get("apply_to") == "all":
             raise RecipeError(
@@ -100,6 +104,7 @@ class EngineSteering:
     recipe: Recipe
     plans: dict[int, LayerPlan]
     needs_whole_prompt: bool  # ACT: a prompt's column means need all of its rows in one forward
+    needs_requests: bool = False  # PAI: focus spans per request (SamplingParams.extra_args)
 
 
 _RESOLVED: dict[int, EngineSteering | None] = {}
@@ -118,16 +123,24 @@ def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1) -> EngineSteer
     check_methods(recipe)
     arch = archs.resolve_config(vllm_config.model_config.hf_config)
     plans = plans_for(recipe, arch)
+    if arch.spec.is_multimodal and any(m.name == "pai" for plan in plans.values() for m in plan.methods):
+        raise RecipeError(
+            f"recipe {recipe.name!r}: PAI's image keys would come from vLLM's multimodal placeholders, which are not "
+            "wired into attnsteer's backend yet (it steers focus spans a request gives, on text models). Fix: steer "
+            "this vision-language model with attnsteer.apply on the Hugging Face path"
+        )
     if not plans:
         raise RecipeError(f"recipe {recipe.name!r} steers no layer of this model. Fix: check its layers")
     _localise_heads(plans, arch.num_heads, tp_rank, tp_size)
     whole = any(m.name == "act" for plan in plans.values() for m in plan.methods)
     if whole:
         _check_whole_prompts(vllm_config, recipe)
-    steering = EngineSteering(recipe, plans, whole)
+    roles = any(m.needs_image for plan in plans.values() for m in plan.methods)
+    steering = EngineSteering(recipe, plans, whole, roles)
     _RESOLVED[key] = steering
     LOG.warning(
-        "attnsteer: vLLM rank %d/%d steers layers %s with recipe %r (hash %s)",
+        "attnsteer: vLLM rank %d/%d steers layers %s with recipe %r (hash %s)"
+        + (" on the focus spans requests give" if roles else ""),
         tp_rank,
         tp_size,
         sorted(plans),

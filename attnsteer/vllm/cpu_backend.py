@@ -12,6 +12,8 @@ request runs vLLM's own kernel.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from vllm.config import get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.models.utils import extract_layer_index
@@ -26,6 +28,8 @@ from ..attention.dispatch import SiteStats
 from ..attention.fused import fused_attention
 from ..attention.rows import ForwardInfo, MaskView
 from ..errors import SteeringError, UnsupportedModelError
+from ..plan import LayerPlan
+from . import requests
 from .config import steering_for
 from .paged import read_request_kv, window_mask
 
@@ -78,9 +82,12 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
                 )
             if self.is_fp8_kv_cache:
                 raise UnsupportedModelError("attnsteer reads the KV cache in the model's dtype; fp8 caches are refused")
+            if self.steering.needs_requests:
+                requests.install()  # which request each row belongs to (focus spans)
         self.plan = None
         self.stats = None
         self._layer: int | None = None
+        self._without_roles = None  # the plan minus the methods that need a focus span
 
     def _plan_of(self, layer) -> object | None:
         if self._layer is None:
@@ -88,7 +95,22 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             self.plan = self.steering.plans.get(self._layer)
             if self.plan is not None:
                 self.stats = SiteStats(self.plan.methods)
+                self._without_roles = LayerPlan(self._layer)
+                self._without_roles.methods = [m for m in self.plan.methods if not m.needs_image]
         return self.plan
+
+    def _request_plan(self, plan, r: int):
+        """The methods that steer request ``r``: those needing a focus span only when it gave one
+        (their token roles are set to it for this call)."""
+        if not self.steering.needs_requests:
+            return plan
+        facts = requests.request_at(r)
+        if facts.roles is None:
+            return self._without_roles
+        for method in plan.methods:
+            if method.needs_image:
+                method.state = SimpleNamespace(roles=facts.roles)
+        return plan
 
     def forward(
         self,
@@ -115,16 +137,19 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         lengths = md.seq_lens.tolist()
         # (request index, first row, end row, tokens so far) of every request with rows in this call
         requests = [(r, starts[r], starts[r + 1], n) for r, n in enumerate(lengths) if starts[r + 1] > starts[r]]
-        steered = [req for req in requests if plan.active(_is_prefill(req))]
-        own_attention = [
-            req for req in requests if not (plan.weight_steps(_is_prefill(req)) or plan.score_steps(_is_prefill(req)))
-        ]
-        if own_attention:  # some rows keep vLLM's own attention (or scale its output)
+        own_attention = False  # whether some rows keep vLLM's own attention (or scale its output)
+        for req in requests:
+            prefill = _is_prefill(req)
+            chosen = self._request_plan(plan, req[0])
+            own_attention |= not (chosen.weight_steps(prefill) or chosen.score_steps(prefill))
+        if own_attention:
             output = super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
-        for r, q0, q1, n in steered:
-            self._steer_request(plan, query, kv_cache, md.block_table[r], output, q0, q1, n)
+        for r, q0, q1, n in requests:
+            chosen = self._request_plan(plan, r)
+            if chosen.active(_is_prefill((r, q0, q1, n))):
+                self._steer_request(chosen, query, kv_cache, md.block_table[r], output, q0, q1, n)
         return output
 
     def _steer_request(self, plan, query, kv_cache, blocks, output, q0: int, q1: int, length: int) -> None:
