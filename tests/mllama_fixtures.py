@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from vlm_fixtures import _get_path, _pad
+from vlm_fixtures import _get_path, _pad, prompt_rows
 
 VOCAB = 136
 PAD, BOS, EOS = 0, 1, 2
@@ -228,16 +228,7 @@ def make_inputs(
     if pad not in ("left", "right"):
         raise ValueError(f"pad must be 'left' or 'right', got {pad!r}")
     gen = torch.Generator().manual_seed(seed)
-    n_images = list(n_images)
-    if prompts is None:
-        lengths = torch.randint(3, 9, (len(n_images),), generator=gen).tolist()
-        prompts = [torch.randint(TEXT_LOW, TEXT_HIGH, (n,), generator=gen).tolist() for n in lengths]
-    else:
-        prompts = [list(map(int, p)) for p in prompts]
-        if len(n_images) == 1 and len(prompts) > 1:
-            n_images = n_images * len(prompts)
-    if len(n_images) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but n_images has {len(n_images)} entries")
+    prompts, n_images = prompt_rows(prompts, n_images, gen)
     image_token = int(model.config.image_token_index)
     for p in prompts:
         if image_token in p:

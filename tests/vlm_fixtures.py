@@ -193,72 +193,52 @@ def vlm_config(family: str, **text_overrides):
             vision_feature_layer=-2,
             vision_feature_select_strategy="default",
         )
-    elif family in ("qwen2_vl", "qwen2_5_vl"):
-        text = _text_common(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    elif family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         specials = dict(
             image_token_id=IMAGE_TOKEN,
             video_token_id=VIDEO_TOKEN,
             vision_start_token_id=VISION_START,
             vision_end_token_id=VISION_END,
         )
-        if family == "qwen2_vl":
-            from transformers import Qwen2VLConfig
-
-            vision = dict(
-                depth=2,
-                embed_dim=32,
-                hidden_size=64,
-                num_heads=2,
-                mlp_ratio=2,
-                in_channels=3,
-                patch_size=QWEN_PATCH,
-                spatial_merge_size=QWEN_MERGE,
-                temporal_patch_size=QWEN_TEMPORAL,
-            )
-            cfg = Qwen2VLConfig(text_config=text, vision_config=vision, **specials)
-        else:
-            from transformers import Qwen2_5_VLConfig
-
-            vision = dict(
-                depth=2,
-                hidden_size=32,
-                intermediate_size=64,
-                out_hidden_size=64,
-                num_heads=2,
-                in_channels=3,
-                patch_size=QWEN_PATCH,
-                spatial_merge_size=QWEN_MERGE,
-                temporal_patch_size=QWEN_TEMPORAL,
-                window_size=QWEN_PATCH * QWEN_MERGE * 2,  # windows of 2x2 merged tokens
-                fullatt_block_indexes=[1],
-                tokens_per_second=2,
-            )
-            cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, **specials)
-    elif family == "qwen3_vl":
-        from transformers import Qwen3VLConfig
-
-        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+        # the vision tower's shape every Qwen family shares: 2 blocks, 2 heads, its patching
         vision = dict(
             depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            out_hidden_size=64,
             num_heads=2,
             in_channels=3,
             patch_size=QWEN_PATCH,
             spatial_merge_size=QWEN_MERGE,
             temporal_patch_size=QWEN_TEMPORAL,
-            num_position_embeddings=64,  # an 8x8 learned grid, bilinearly resampled to each image's patch grid
-            deepstack_visual_indexes=[0, 1],  # ViT blocks 0, 1 -> added to the outputs of decoder layers 0, 1
         )
-        cfg = Qwen3VLConfig(
-            text_config=_text_common(head_dim=16, rope_parameters=rope),
-            vision_config=vision,
-            image_token_id=IMAGE_TOKEN,
-            video_token_id=VIDEO_TOKEN,
-            vision_start_token_id=VISION_START,
-            vision_end_token_id=VISION_END,
-        )
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+        if family == "qwen2_vl":
+            from transformers import Qwen2VLConfig
+
+            vision.update(embed_dim=32, hidden_size=64, mlp_ratio=2)
+            cfg = Qwen2VLConfig(text_config=_text_common(rope_parameters=rope), vision_config=vision, **specials)
+        elif family == "qwen2_5_vl":
+            from transformers import Qwen2_5_VLConfig
+
+            vision.update(
+                hidden_size=32,
+                intermediate_size=64,
+                out_hidden_size=64,
+                window_size=QWEN_PATCH * QWEN_MERGE * 2,  # windows of 2x2 merged tokens
+                fullatt_block_indexes=[1],
+                tokens_per_second=2,
+            )
+            cfg = Qwen2_5_VLConfig(text_config=_text_common(rope_parameters=rope), vision_config=vision, **specials)
+        else:
+            from transformers import Qwen3VLConfig
+
+            vision.update(
+                hidden_size=32,
+                intermediate_size=64,
+                out_hidden_size=64,
+                num_position_embeddings=64,  # an 8x8 learned grid, bilinearly resampled to each image's patch grid
+                deepstack_visual_indexes=[0, 1],  # ViT blocks 0, 1 -> added to the outputs of decoder layers 0, 1
+            )
+            text = _text_common(head_dim=16, rope_parameters={**rope, "mrope_interleaved": True})
+            cfg = Qwen3VLConfig(text_config=text, vision_config=vision, **specials)
     elif family == "llava_onevision":
         from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
@@ -691,16 +671,7 @@ def make_inputs(
     if pad not in ("left", "right"):
         raise ValueError(f"pad must be 'left' or 'right', got {pad!r}")
     gen = torch.Generator().manual_seed(seed)
-    n_images = list(n_images)
-    if prompts is None:
-        lengths = torch.randint(3, 9, (len(n_images),), generator=gen).tolist()
-        prompts = [torch.randint(TEXT_LOW, TEXT_HIGH, (n,), generator=gen).tolist() for n in lengths]
-    else:
-        prompts = [list(map(int, p)) for p in prompts]
-        if len(n_images) == 1 and len(prompts) > 1:
-            n_images = n_images * len(prompts)
-    if len(n_images) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but n_images has {len(n_images)} entries")
+    prompts, n_images = prompt_rows(prompts, n_images, gen)
     specials = image_token_ids(family, model) | set(vision_wrapper_ids(family, model).values())
     specials |= image_markup_ids(family, model)
     for p in prompts:
@@ -806,6 +777,22 @@ def make_inputs(
         q_rows = [[QFORMER_CLS] + p + [QFORMER_SEP] for p in prompts]
         inputs["qformer_input_ids"], inputs["qformer_attention_mask"] = _pad(q_rows, 0, "right")
     return inputs
+
+
+def prompt_rows(prompts, n_images, gen: torch.Generator) -> tuple[list[list[int]], list[int]]:
+    """(text ids per row, images per row): ``prompts`` as given (random lengths 3-8 of ids in
+    [TEXT_LOW, TEXT_HIGH) from ``gen`` when None); ``n_images`` of length 1 is broadcast."""
+    n_images = list(n_images)
+    if prompts is None:
+        lengths = torch.randint(3, 9, (len(n_images),), generator=gen).tolist()
+        prompts = [torch.randint(TEXT_LOW, TEXT_HIGH, (n,), generator=gen).tolist() for n in lengths]
+    else:
+        prompts = [list(map(int, p)) for p in prompts]
+        if len(n_images) == 1 and len(prompts) > 1:
+            n_images = n_images * len(prompts)
+    if len(n_images) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but n_images has {len(n_images)} entries")
+    return prompts, n_images
 
 
 def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
