@@ -100,6 +100,9 @@ VISION_PATHS = {  # vision-side modules whose outputs must not change under text
     "smolvlm": ("model.vision_model", "model.connector"),
 }
 
+# The shape of every tiny vision tower (CLIP, SigLIP, InternViT, ...): width 32, 2 layers, 2 heads.
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
 # Default synthetic image sizes (height, width) in pixels, used in turn for the images of a batch.
 LLAVA_IMAGE_SIZE = 16  # CLIP image size, patch 4 -> 4x4 = 16 placeholder tokens per image
 LLAVA_NEXT_TILE = 16  # CLIP image size of one tile, patch 8 -> 2x2 = 4 features per tile
@@ -156,10 +159,7 @@ def vlm_config(family: str, **text_overrides):
         from transformers import LlavaConfig
 
         vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             image_size=LLAVA_IMAGE_SIZE,
             patch_size=4,
             projection_dim=32,
@@ -176,10 +176,7 @@ def vlm_config(family: str, **text_overrides):
         from transformers import LlavaNextConfig
 
         vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             image_size=LLAVA_NEXT_TILE,
             patch_size=8,
             projection_dim=32,
@@ -243,10 +240,7 @@ def vlm_config(family: str, **text_overrides):
         from transformers import LlavaOnevisionConfig, Qwen2Config, SiglipVisionConfig
 
         vision = SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             image_size=LLAVA_NEXT_TILE,
             patch_size=8,
             vision_use_head=False,
@@ -265,10 +259,7 @@ def vlm_config(family: str, **text_overrides):
         from transformers import InternVLConfig, InternVLVisionConfig, Qwen2Config
 
         vision = InternVLVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             image_size=INTERNVL_TILE,
             patch_size=4,
         )
@@ -286,10 +277,7 @@ def vlm_config(family: str, **text_overrides):
         from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
 
         vision = SiglipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             image_size=GEMMA3_IMAGE_SIZE,
             patch_size=4,
             vision_use_head=False,
@@ -316,10 +304,7 @@ def vlm_config(family: str, **text_overrides):
 
         prefix = "Idefics3" if family == "idefics3" else "SmolVLM"
         vision = getattr(transformers, f"{prefix}VisionConfig")(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             image_size=IDEFICS_TILE,
             patch_size=4,
         )
@@ -335,10 +320,7 @@ def vlm_config(family: str, **text_overrides):
         from transformers import InstructBlipConfig, InstructBlipQFormerConfig, InstructBlipVisionConfig
 
         vision = InstructBlipVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
+            **TINY_VISION,
             image_size=INSTRUCTBLIP_IMAGE_SIZE,
             patch_size=4,
             initializer_range=0.02,  # default 1e-10: blind tower
