@@ -164,3 +164,30 @@ def test_pai_steers_the_focus_spans_each_request_gives(tiny, hf, tmp_path):
     _assert_same(got["alone"], expected)
     unsteered = _hf_generate(hf, got["batch"][0]["prompt_ids"], None)
     assert (torch.tensor(expected[0][1]) - torch.tensor(unsteered[1])).abs().max() > 1e-3
+
+
+def _saved(tmp_path, name, recipe):
+    path = tmp_path / f"{name}.yaml"
+    attnsteer.load_recipe(recipe).save(path)
+    return str(path)
+
+
+def test_requests_with_different_recipes_or_none_batch_together(tiny, hf, tmp_path):
+    """Per-request recipes: one batch with a softplus request, an unsteered one and a fixed-head
+    VHR one; each equals the Hugging Face path with its own recipe, and each request alone."""
+    chosen = [RECIPES["softplus"], None, RECIPES["vhr-fixed"]]
+    paths = [_saved(tmp_path, f"r{i}", r) if r else None for i, r in enumerate(chosen)]
+    out = tmp_path / "out.json"
+    proc = run_vllm(tiny, None, out, MAX_TOKENS, recipes=paths, prefix_caching="off")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    got = json.loads(out.read_text())
+    expected = [_hf_generate(hf, row["prompt_ids"], r) for row, r in zip(got["batch"], chosen)]
+    _assert_same(got["batch"], expected)
+    _assert_same(got["alone"], expected)
+
+
+def test_per_request_recipes_with_prefix_caching_are_refused_at_engine_start(tiny, tmp_path):
+    path = _saved(tmp_path, "r", RECIPES["softplus"])
+    proc = run_vllm(tiny, None, tmp_path / "out.json", recipes=[path, None, None], prefix_caching="on", timeout=200)
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "prefix caching would hand one request's blocks to another" in logs, logs[-3000:]

@@ -65,15 +65,19 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
 
 def run_vllm(model_dir: Path, recipe: str | None, out: Path, max_tokens: int = 6, whole_prompts: bool = False,
              env: dict | None = None, timeout: int = 300, tp: int = 1,
-             focus: list | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+             focus: list | None = None, recipes: list | None = None,
+             prefix_caching: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
     """Generate greedily with vLLM in a child process; results (tokens, logprobs of every prompt
     in one batch and each alone) are written to ``out`` as JSON. ``recipe`` goes through
     ``additional_config``; ``env`` adds environment variables (e.g. ``ATTNSTEER_RECIPE``);
-    ``focus``: per prompt, its focus spans (``SamplingParams.extra_args``) or None."""
+    ``focus`` / ``recipes``: per prompt, its focus spans / its own recipe (``SamplingParams.extra_args``)
+    or None; ``prefix_caching``: "on" / "off" to override vLLM's default."""
     args = [sys.executable, str(HERE / "vllm_run.py"), "--model", str(model_dir), "--out", str(out)]
     args += ["--max-tokens", str(max_tokens)] + (["--recipe", recipe] if recipe else [])
     args += (["--whole-prompts"] if whole_prompts else []) + ["--tp", str(tp)]
     args += ["--focus", json.dumps(focus)] if focus is not None else []
+    args += ["--recipes", json.dumps(recipes)] if recipes is not None else []
+    args += ["--prefix-caching", prefix_caching] if prefix_caching else []
     return subprocess.run(
         args, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}, check=False
     )

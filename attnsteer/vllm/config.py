@@ -9,9 +9,10 @@ prompt that ACT must see whole.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import archs
 from ..errors import RecipeError, UnsupportedModelError
@@ -30,17 +31,33 @@ REFUSED = {
 }
 
 
+def engine_section(vllm_config=None) -> dict:
+    """``additional_config["attnsteer"]`` checked: ``recipe`` (the engine's recipe) and
+    ``per_request_recipes`` (requests may name their own); ``{}`` when absent."""
+    extra = getattr(vllm_config, "additional_config", None) or {}
+    section = extra.get("attnsteer") if isinstance(extra, dict) else None
+    if section is None:
+        return {}
+    allowed = {"recipe", "per_request_recipes"}
+    if not isinstance(section, dict) or not section or set(section) - allowed:
+        raise RecipeError(
+            f'additional_config["attnsteer"]: got {section!r}; expected keys {sorted(allowed)}: "recipe" (built-in '
+            'name, YAML path or hub repo) and/or "per_request_recipes": true. Fix: e.g. --additional-config '
+            '\'{"attnsteer": {"recipe": "softplus-gentle"}}\''
+        )
+    if not isinstance(section.get("per_request_recipes", False), bool):
+        raise RecipeError(
+            f'additional_config["attnsteer"]["per_request_recipes"]: got {section["per_request_recipes"]!r}; '
+            "expected true or false"
+        )
+    return section
+
+
 def recipe_source(vllm_config=None) -> str | None:
     """The recipe named for this engine: ``additional_config["attnsteer"]["recipe"]``, else
     ``$ATTNSTEER_RECIPE``; None when neither is set (the backend then delegates unchanged)."""
-    extra = getattr(vllm_config, "additional_config", None) or {}
-    section = extra.get("attnsteer") if isinstance(extra, dict) else None
-    if section is not None:
-        if not isinstance(section, dict) or "recipe" not in section:
-            raise RecipeError(
-                f'additional_config["attnsteer"]: got {section!r}; expected {{"recipe": <built-in name, YAML path '
-                'or hub repo>}}. Fix: e.g. --additional-config \'{"attnsteer": {"recipe": "softplus-gentle"}}\''
-            )
+    section = engine_section(vllm_config)
+    if "recipe" in section:
         return section["recipe"]
     return os.environ.get(RECIPE_ENV) or None
 
@@ -95,33 +112,84 @@ def check_environment_recipe() -> Recipe | None:
 
 @dataclass
 class EngineSteering:
-    """One engine's recipe, resolved on its model for this tensor-parallel rank.
+    """One engine's recipes, resolved on its model for this tensor-parallel rank.
 
-    plans: decoder layer -> LayerPlan; head masks are this rank's local heads (global query head
-    ``rank * H_local + i`` is local head ``i``).
+    plans: decoder layer -> LayerPlan of the engine's recipe (empty without one); head masks are
+    this rank's local heads (global query head ``rank * H_local + i`` is local head ``i``).
+    per_request: requests may name a recipe of their own (``SamplingParams.extra_args``).
     """
 
-    recipe: Recipe
+    recipe: Recipe | None
     plans: dict[int, LayerPlan]
     needs_whole_prompt: bool  # ACT: a prompt's column means need all of its rows in one forward
-    needs_requests: bool = False  # PAI: focus spans per request (SamplingParams.extra_args)
+    needs_requests: bool = False  # focus spans or recipes per request (SamplingParams.extra_args)
+    per_request: bool = False
+    vllm_config: object = None
+    arch: archs.ResolvedArch | None = None
+    tp: tuple[int, int] = (0, 1)
+    _by_request: dict = field(default_factory=dict)
+
+    def request_plans(self, source) -> tuple[dict[int, LayerPlan], bool]:
+        """(plans, needs whole prompts) of a recipe a request names, resolved once per engine and
+        recipe; raises like the engine's recipe would (refused methods, ACT with chunked prefill)."""
+        key = json.dumps(source, sort_keys=True, default=str)
+        hit = self._by_request.get(key)
+        if hit is None:
+            recipe = load_recipe(source)
+            hit = self._by_request[key] = _resolve(recipe, self.arch, self.vllm_config, *self.tp)
+            LOG.warning("attnsteer: a request's recipe %r (hash %s) steers layers %s", recipe.name, recipe.hash,
+                        sorted(hit[0]))  # fmt: skip
+        return hit
 
 
 _RESOLVED: dict[int, EngineSteering | None] = {}
 
 
 def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1) -> EngineSteering | None:
-    """The engine's :class:`EngineSteering` (once per process and config), or None without a recipe."""
+    """The engine's :class:`EngineSteering` (once per process and config), or None when neither
+    an engine recipe nor per-request recipes are configured."""
     key = id(vllm_config)
     if key in _RESOLVED:
         return _RESOLVED[key]
     source = recipe_source(vllm_config)
-    if source is None:
+    per_request = bool(engine_section(vllm_config).get("per_request_recipes", False))
+    if source is None and not per_request:
         _RESOLVED[key] = None
         return None
-    recipe = load_recipe(source)
-    check_methods(recipe)
     arch = archs.resolve_config(vllm_config.model_config.hf_config)
+    if per_request and getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+        raise RecipeError(
+            'additional_config["attnsteer"]["per_request_recipes"]: with recipes per request, the KV cache of a '
+            "prompt depends on its recipe, and prefix caching would hand one request's blocks to another. Fix: "
+            "start the engine with enable_prefix_caching=False (--no-enable-prefix-caching)"
+        )
+    recipe, plans, whole = None, {}, False
+    if source is not None:
+        recipe = load_recipe(source)
+        plans, whole = _resolve(recipe, arch, vllm_config, tp_rank, tp_size)
+    roles = any(m.needs_image for plan in plans.values() for m in plan.methods)
+    steering = EngineSteering(
+        recipe, plans, whole, roles or per_request, per_request, vllm_config, arch, (tp_rank, tp_size)
+    )
+    _RESOLVED[key] = steering
+    if recipe is not None:
+        LOG.warning(
+            "attnsteer: vLLM rank %d/%d steers layers %s with recipe %r (hash %s)"
+            + (" on the focus spans requests give" if roles else ""),
+            tp_rank,
+            tp_size,
+            sorted(plans),
+            recipe.name,
+            recipe.hash,
+        )
+    if per_request:
+        LOG.warning("attnsteer: vLLM rank %d/%d takes a recipe per request (extra_args)", tp_rank, tp_size)
+    return steering
+
+
+def _resolve(recipe: Recipe, arch, vllm_config, tp_rank: int, tp_size: int) -> tuple[dict[int, LayerPlan], bool]:
+    """(layer -> LayerPlan for this rank, needs whole prompts) of ``recipe``, after every check."""
+    check_methods(recipe)
     plans = plans_for(recipe, arch)
     if arch.spec.is_multimodal and any(m.name == "pai" for plan in plans.values() for m in plan.methods):
         raise RecipeError(
@@ -135,19 +203,7 @@ def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1) -> EngineSteer
     whole = any(m.name == "act" for plan in plans.values() for m in plan.methods)
     if whole:
         _check_whole_prompts(vllm_config, recipe)
-    roles = any(m.needs_image for plan in plans.values() for m in plan.methods)
-    steering = EngineSteering(recipe, plans, whole, roles)
-    _RESOLVED[key] = steering
-    LOG.warning(
-        "attnsteer: vLLM rank %d/%d steers layers %s with recipe %r (hash %s)"
-        + (" on the focus spans requests give" if roles else ""),
-        tp_rank,
-        tp_size,
-        sorted(plans),
-        recipe.name,
-        recipe.hash,
-    )
-    return steering
+    return plans, whole
 
 
 def _localise_heads(plans: dict[int, LayerPlan], num_heads: int, rank: int, size: int) -> None:

@@ -83,34 +83,35 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             if self.is_fp8_kv_cache:
                 raise UnsupportedModelError("attnsteer reads the KV cache in the model's dtype; fp8 caches are refused")
             if self.steering.needs_requests:
-                requests.install()  # which request each row belongs to (focus spans)
-        self.plan = None
-        self.stats = None
+                requests.install()  # which request each row belongs to (focus spans, recipes)
         self._layer: int | None = None
-        self._without_roles = None  # the plan minus the methods that need a focus span
+        self._stats: dict[int, SiteStats] = {}  # id(LayerPlan) -> its counters
+        self._without_roles: dict[int, LayerPlan] = {}  # id(LayerPlan) -> it minus the focus-span methods
 
-    def _plan_of(self, layer) -> object | None:
-        if self._layer is None:
-            self._layer = extract_layer_index(layer.layer_name)
-            self.plan = self.steering.plans.get(self._layer)
-            if self.plan is not None:
-                self.stats = SiteStats(self.plan.methods)
-                self._without_roles = LayerPlan(self._layer)
-                self._without_roles.methods = [m for m in self.plan.methods if not m.needs_image]
-        return self.plan
-
-    def _request_plan(self, plan, r: int):
-        """The methods that steer request ``r``: those needing a focus span only when it gave one
-        (their token roles are set to it for this call)."""
-        if not self.steering.needs_requests:
-            return plan
-        facts = requests.request_at(r)
-        if facts.roles is None:
-            return self._without_roles
-        for method in plan.methods:
-            if method.needs_image:
-                method.state = SimpleNamespace(roles=facts.roles)
-        return plan
+    def _request_plan(self, r: int) -> tuple[LayerPlan | None, bool]:
+        """(the LayerPlan that steers request ``r`` on this layer or None, whether it needs whole
+        prompts): the request's own recipe when it names one, else the engine's; methods needing a
+        focus span only when the request gave one (:meth:`_steer_request` sets their roles to it)."""
+        steering = self.steering
+        plans, whole = steering.plans, steering.needs_whole_prompt
+        facts = requests.request_at(r) if steering.needs_requests else None
+        if facts is not None and facts.recipe is not None:
+            if not steering.per_request:
+                raise SteeringError(
+                    f'request {facts.req_id}: extra_args["attnsteer"]["recipe"] names a recipe, but this engine takes '
+                    'none per request. Fix: start it with additional_config={"attnsteer": {"per_request_recipes": '
+                    "true}} (and enable_prefix_caching=False)"
+                )
+            plans, whole = steering.request_plans(facts.recipe)
+        plan = plans.get(self._layer)
+        if plan is None or not any(m.needs_image for m in plan.methods):
+            return plan, whole
+        if facts is None or facts.roles is None:
+            if id(plan) not in self._without_roles:
+                subset = self._without_roles[id(plan)] = LayerPlan(self._layer)
+                subset.methods = [m for m in plan.methods if not m.needs_image]
+            return self._without_roles[id(plan)], whole
+        return plan, whole
 
     def forward(
         self,
@@ -125,45 +126,57 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         output_block_scale=None,
     ):
         """query (T, H, D), key / value (T, H_kv, D) of this call's rows; ``output`` (T, H, D)."""
-        plan = None
-        if self.steering is not None and attn_metadata is not None and self.attn_type == AttentionType.DECODER:
-            plan = self._plan_of(layer)
-        if plan is None:
+        if self.steering is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
+        if self._layer is None:
+            self._layer = extract_layer_index(layer.layer_name)
         md = attn_metadata
         starts = md.query_start_loc.tolist()
         lengths = md.seq_lens.tolist()
-        # (request index, first row, end row, tokens so far) of every request with rows in this call
-        requests = [(r, starts[r], starts[r + 1], n) for r, n in enumerate(lengths) if starts[r + 1] > starts[r]]
-        own_attention = False  # whether some rows keep vLLM's own attention (or scale its output)
-        for req in requests:
-            prefill = _is_prefill(req)
-            chosen = self._request_plan(plan, req[0])
-            own_attention |= not (chosen.weight_steps(prefill) or chosen.score_steps(prefill))
+        # (request index, first row, end row, tokens so far, its plan, needs whole prompts) of every
+        # request with rows in this call
+        rows = []
+        for r, n in enumerate(lengths):
+            if starts[r + 1] > starts[r]:
+                plan, whole = self._request_plan(r)
+                rows.append((r, starts[r], starts[r + 1], n, plan, whole))
+        own_attention = any(  # some rows keep vLLM's own attention (or scale its output)
+            plan is None or not (plan.weight_steps(n == q1 - q0) or plan.score_steps(n == q1 - q0))
+            for _, q0, q1, n, plan, _ in rows
+        )
         if own_attention:
             output = super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
-        for r, q0, q1, n in requests:
-            chosen = self._request_plan(plan, r)
-            if chosen.active(_is_prefill((r, q0, q1, n))):
-                self._steer_request(chosen, query, kv_cache, md.block_table[r], output, q0, q1, n)
+        for r, q0, q1, n, plan, whole in rows:
+            if plan is not None and plan.active(n == q1 - q0):
+                self._steer_request(plan, whole, r, md.block_table[r], query, kv_cache, output, q0, q1, n)
         return output
 
-    def _steer_request(self, plan, query, kv_cache, blocks, output, q0: int, q1: int, length: int) -> None:
-        """Rows q0..q1 of one request whose sequence so far has ``length`` tokens, in place."""
+    def _steer_request(self, plan, whole: bool, r: int, blocks, query, kv_cache, output, q0: int, q1: int, length: int):
+        """Rows q0..q1 of request ``r`` (its row group in the metadata; ``blocks``: its block-table
+        row) whose sequence so far has ``length`` tokens, in place."""
         q_len = q1 - q0
         past = length - q_len
         prefill = past == 0
-        if self.steering.needs_whole_prompt and q_len > 1 and past > 0:
+        roles = None
+        if any(m.needs_image for m in plan.methods):  # a request's focus span (the methods are shared)
+            roles = SimpleNamespace(roles=requests.request_at(r).roles)
+        for method in plan.methods:
+            if method.needs_image:
+                method.state = roles
+        if whole and q_len > 1 and past > 0:
             raise SteeringError(
                 f"layer {self._layer}: a request reached attention as a prompt chunk after {past} tokens; ACT needs "
                 "the whole prompt in one forward. Fix: disable chunked prefill and prefix caching for this engine"
             )
         info = ForwardInfo(q_len=q_len, past_len=past, total_len=length, first_valid=None, batch=1)
-        self.stats.begin([m for m in plan.methods if m.active(prefill)])
+        stats = self._stats.get(id(plan))
+        if stats is None:
+            stats = self._stats[id(plan)] = SiteStats(plan.methods)
+        stats.begin([m for m in plan.methods if m.active(prefill)])
         if plan.weight_steps(prefill) or plan.score_steps(prefill):
             k, v = read_request_kv(kv_cache, blocks, length)
             q = query[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
@@ -176,13 +189,13 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
                 mask,
                 self.scale,
                 info,
-                self.stats,
+                stats,
                 softcap=self.logits_soft_cap or None,
             )
         else:  # head level only: vLLM's own attention output
             out = output[q0:q1].unsqueeze(0)
         for method in plan.head_steps(prefill):
             out, rows = method.head_output(out, info)
-            self.stats.record(method, rows)
-        self.stats.end()
+            stats.record(method, rows)
+        stats.end()
         output[q0:q1] = out[0].to(output.dtype)

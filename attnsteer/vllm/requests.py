@@ -4,9 +4,9 @@ vLLM's attention call carries rows, not requests. Its model runner knows, at eve
 request behind row ``r`` of the attention metadata (``input_batch.req_ids[r]``) with its
 ``SamplingParams``; :func:`install` wraps the runner's ``_build_attention_metadata`` in the worker
 (at run time, nothing on disk) to record them for the step. A request passes per-request
-steering inputs as ``SamplingParams(extra_args={"attnsteer": {"focus": [[start, end], ...]}})``:
-prompt token spans playing the image role (PAI), as ``handle.focus(mask)`` does on the
-Hugging Face path.
+steering inputs as ``SamplingParams(extra_args={"attnsteer": {...}})``: ``"focus": [[start, end],
+...]``, prompt token spans playing the image role (PAI), as ``handle.focus(mask)`` does on the
+Hugging Face path; ``"recipe"``, a recipe of its own when the engine takes per-request recipes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class RequestFacts:
     req_id: str
     prompt_len: int
     roles: PromptRoles | None
+    recipe: object = None  # the recipe the request names (per-request recipes), or None
 
 
 _STEP: list[RequestFacts] = []  # row r of this step's attention metadata -> its request
@@ -70,7 +71,8 @@ def _facts(state) -> RequestFacts:
     extra = (getattr(params, "extra_args", None) or {}).get("attnsteer") or {}
     prompt_len = int(state.num_prompt_tokens)
     spans = extra.get("focus")
-    return RequestFacts(state.req_id, prompt_len, None if spans is None else focus_roles(spans, prompt_len))
+    roles = None if spans is None else focus_roles(spans, prompt_len)
+    return RequestFacts(state.req_id, prompt_len, roles, extra.get("recipe"))
 
 
 def focus_roles(spans, prompt_len: int) -> PromptRoles:
