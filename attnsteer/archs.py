@@ -182,7 +182,8 @@ def resolve(model: nn.Module) -> ResolvedArch:
                 "have renamed it. Fix: update ArchSpec.attention_attr / cross_attention_attr in attnsteer/archs.py"
             )
         attention.append(module)
-    return _with_config(spec, config, decoder, attention, frozenset(cross))
+    text_config = get_path(config, spec.text_config_key) if spec.text_config_key else config
+    return _with_config(spec, config, text_config, decoder, attention, frozenset(cross))
 
 
 def resolve_config(config) -> ResolvedArch:
@@ -197,12 +198,12 @@ def resolve_config(config) -> ResolvedArch:
             "resolves self-attention families only. Fix: use the Hugging Face path (attnsteer.apply)"
         )
     text_config = get_path(config, spec.text_config_key) if spec.text_config_key else config
-    return _with_config(spec, config, None, [None] * text_config.num_hidden_layers, frozenset())
+    return _with_config(spec, config, text_config, None, [None] * text_config.num_hidden_layers, frozenset())
 
 
-def _with_config(spec: ArchSpec, config, decoder, attention: list, cross: frozenset) -> ResolvedArch:
+def _with_config(spec: ArchSpec, config, text_config, decoder, attention: list, cross: frozenset) -> ResolvedArch:
+    """The ResolvedArch of ``spec`` with the config-derived facts: head counts and token ids."""
     model_type = spec.model_type
-    text_config = get_path(config, spec.text_config_key) if spec.text_config_key else config
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads

@@ -374,11 +374,9 @@ def flash_attention(plan, query, key, value, mask: MaskView, scaling: float, inf
     """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None);
     the contract and numbers of :func:`attnsteer.attention.fused.fused_attention`. PyTorch's flash
     kernel has no logit soft-capping: soft-capped calls (Gemma 2) take the chunked path."""
-    if softcap:
-        return fallback("logit soft-capping", plan, query, key, value, mask, scaling, info, stats, softcap=softcap)
-    ready = fast_path_inputs(_route(plan, query, key, value, info), query, key, mask, info)
+    ready = fast_path_inputs(_route(plan, query, key, value, info), query, key, mask, info, softcap)
     if isinstance(ready, str):
-        return fallback(ready, plan, query, key, value, mask, scaling, info, stats)
+        return fallback(ready, plan, query, key, value, mask, scaling, info, stats, softcap=softcap)
     route, struct = ready
     q, k, v = query.float(), key.float(), value.float()
     result = _GLUE[route.kernel_rule](route, q, k, v, struct, float(scaling), info)

@@ -34,10 +34,12 @@ def single_weight_step(plan, is_prefill: bool, rules):
     return method
 
 
-def fast_path_inputs(route, query, key, mask, info):
+def fast_path_inputs(route, query, key, mask, info, softcap=None):
     """(method, Structure) when a fast path can run this call -- ``route`` is the method its router
-    chose, or the reason it refused -- else the reason (a string): the route's, or why the mask is
-    not causal + left padding (+ window)."""
+    chose, or the reason it refused -- else the reason (a string): the route's, logit soft-capping
+    (no fast path implements it), or why the mask is not causal + left padding (+ window)."""
+    if softcap:
+        return "logit soft-capping"
     if isinstance(route, str):
         return route
     b, _, q_len, _ = query.shape

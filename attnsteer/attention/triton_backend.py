@@ -78,11 +78,9 @@ def _route(plan, query, key, value, info: ForwardInfo):
 def triton_attention(plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats, softcap=None):
     """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None).
     The kernels have no logit soft-capping: soft-capped calls (Gemma 2) take the chunked path."""
-    if softcap:
-        return fallback("logit soft-capping", plan, query, key, value, mask, scaling, info, stats, softcap=softcap)
-    ready = fast_path_inputs(_route(plan, query, key, value, info), query, key, mask, info)
+    ready = fast_path_inputs(_route(plan, query, key, value, info), query, key, mask, info, softcap)
     if isinstance(ready, str):
-        return fallback(ready, plan, query, key, value, mask, scaling, info, stats)
+        return fallback(ready, plan, query, key, value, mask, scaling, info, stats, softcap=softcap)
     route, struct = ready
     try:
         out, rows, phase = _GLUE[route.kernel_rule](route, query, key, value, struct, float(scaling), info)

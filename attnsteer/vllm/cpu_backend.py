@@ -88,10 +88,11 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         self._stats: dict[int, SiteStats] = {}  # id(LayerPlan) -> its counters
         self._without_roles: dict[int, LayerPlan] = {}  # id(LayerPlan) -> it minus the focus-span methods
 
-    def _request_plan(self, r: int) -> tuple[LayerPlan | None, bool]:
+    def _request_plan(self, r: int) -> tuple[LayerPlan | None, bool, object]:
         """(the LayerPlan that steers request ``r`` on this layer or None, whether it needs whole
-        prompts): the request's own recipe when it names one, else the engine's; methods needing a
-        focus span only when the request gave one (:meth:`_steer_request` sets their roles to it)."""
+        prompts, its focus roles or None): the request's own recipe when it names one, else the
+        engine's; methods needing a focus span only when the request gave one (:meth:`_steer_request`
+        sets their roles to it)."""
         steering = self.steering
         plans, whole = steering.plans, steering.needs_whole_prompt
         facts = requests.request_at(r) if steering.needs_requests else None
@@ -105,13 +106,13 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             plans, whole = steering.request_plans(facts.recipe)
         plan = plans.get(self._layer)
         if plan is None or not any(m.needs_image for m in plan.methods):
-            return plan, whole
+            return plan, whole, None
         if facts is None or facts.roles is None:
             if id(plan) not in self._without_roles:
                 subset = self._without_roles[id(plan)] = LayerPlan(self._layer)
                 subset.methods = [m for m in plan.methods if not m.needs_image]
-            return self._without_roles[id(plan)], whole
-        return plan, whole
+            return self._without_roles[id(plan)], whole, None
+        return plan, whole, facts.roles
 
     def forward(
         self,
@@ -140,33 +141,29 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         rows = []
         for r, n in enumerate(lengths):
             if starts[r + 1] > starts[r]:
-                plan, whole = self._request_plan(r)
-                rows.append((r, starts[r], starts[r + 1], n, plan, whole))
+                rows.append((r, starts[r], starts[r + 1], n, *self._request_plan(r)))
         own_attention = any(  # some rows keep vLLM's own attention (or scale its output)
             plan is None or not (plan.weight_steps(n == q1 - q0) or plan.score_steps(n == q1 - q0))
-            for _, q0, q1, n, plan, _ in rows
+            for _, q0, q1, n, plan, _, _ in rows
         )
         if own_attention:
             output = super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
-        for r, q0, q1, n, plan, whole in rows:
+        for r, q0, q1, n, plan, whole, roles in rows:
             if plan is not None and plan.active(n == q1 - q0):
-                self._steer_request(plan, whole, r, md.block_table[r], query, kv_cache, output, q0, q1, n)
+                self._steer_request(plan, whole, roles, md.block_table[r], query, kv_cache, output, q0, q1, n)
         return output
 
-    def _steer_request(self, plan, whole: bool, r: int, blocks, query, kv_cache, output, q0: int, q1: int, length: int):
-        """Rows q0..q1 of request ``r`` (its row group in the metadata; ``blocks``: its block-table
-        row) whose sequence so far has ``length`` tokens, in place."""
+    def _steer_request(self, plan, whole: bool, roles, blocks, query, kv_cache, output, q0: int, q1: int, length: int):
+        """Rows q0..q1 of one request (``blocks``: its block-table row; ``roles``: its focus roles or
+        None) whose sequence so far has ``length`` tokens, in place."""
         q_len = q1 - q0
         past = length - q_len
         prefill = past == 0
-        roles = None
-        if any(m.needs_image for m in plan.methods):  # a request's focus span (the methods are shared)
-            roles = SimpleNamespace(roles=requests.request_at(r).roles)
-        for method in plan.methods:
+        for method in plan.methods:  # the methods are shared by every request: this one's focus span
             if method.needs_image:
-                method.state = roles
+                method.state = SimpleNamespace(roles=roles)
         if whole and q_len > 1 and past > 0:
             raise SteeringError(
                 f"layer {self._layer}: a request reached attention as a prompt chunk after {past} tokens; ACT needs "
