@@ -33,3 +33,17 @@ def register() -> None:
 
     check_environment_recipe()
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
+    from .frontend import check_requests_at_admission, show_recipe_in_model_cards
+
+    show_recipe_in_model_cards()
+    check_requests_at_admission()
+
+
+def recipe_info(llm) -> dict | None:
+    """The recipe steering a ``vllm.LLM`` (or an engine's ``VllmConfig``): ``{"recipe": name,
+    "hash": ..., "per_request_recipes": bool}``, or None when it runs unsteered. ``vllm serve``
+    shows the same under ``"attnsteer"`` in each base model's card of ``/v1/models``."""
+    from .config import served_recipe
+
+    engine = getattr(llm, "llm_engine", None)
+    return served_recipe(getattr(engine, "vllm_config", None) or getattr(llm, "vllm_config", llm))

@@ -24,10 +24,21 @@ LOG = logging.getLogger("attnsteer.vllm")
 
 # method -> why vLLM cannot run it faithfully (methods not listed run)
 REFUSED = {
-    "var": "its image keys and hidden-state sinks are per request; vLLM's multimodal placeholders are not wired "
-    "into attnsteer's attention backend yet",
     "agla": "it decodes two views of every image in lockstep and assembles their logits; vLLM schedules each "
     "request as one sequence",
+}
+
+
+# method -> why it needs each prompt in one forward (no chunked prefill, prefix caching, speculation)
+WHOLE_PROMPT = {
+    "act": "finds each prompt's sinks from the column means of its whole attention map",
+    "var": "finds each prompt's hidden-state sinks (and, with sink_dims: auto, their dims) over its whole prompt",
+}
+# method -> why a position's keys and values depend on more than the tokens up to it, so that a KV
+# block cached for one prompt would be wrong for another prompt that extends it (a follow-up turn)
+PROMPT_DEPENDENT = {
+    "pai": "steers the prompt's last row and the generated rows, so a block cached for one prompt holds steered "
+    "keys at positions a longer prompt does not steer",
 }
 
 
@@ -62,6 +73,28 @@ def recipe_source(vllm_config=None) -> str | None:
     return os.environ.get(RECIPE_ENV) or None
 
 
+_SERVED: dict[int, dict | None] = {}
+
+
+def served_recipe(vllm_config) -> dict | None:
+    """``{"recipe": name, "hash": ..., "per_request_recipes": bool}`` of the engine's steering (what
+    ``/v1/models`` and :func:`attnsteer.vllm.recipe_info` show), or None when unsteered."""
+    key = id(vllm_config)
+    if key not in _SERVED:
+        source = recipe_source(vllm_config)
+        per_request = bool(engine_section(vllm_config).get("per_request_recipes", False))
+        info = None
+        if source is not None or per_request:
+            recipe = load_recipe(source) if source is not None else None
+            info = {
+                "recipe": recipe.name if recipe else None,
+                "hash": recipe.hash if recipe else None,
+                "per_request_recipes": per_request,
+            }
+        _SERVED[key] = info
+    return _SERVED[key]
+
+
 def check_methods(recipe: Recipe) -> None:
     """Refuse what vLLM cannot run faithfully (docs/vllm.md), naming the intervention and the fix."""
     for i, iv in enumerate(recipe.interventions):
@@ -69,8 +102,8 @@ def check_methods(recipe: Recipe) -> None:
         if iv.method in REFUSED:
             raise RecipeError(
                 f"{where}.method: {iv.method} does not run inside vLLM: {REFUSED[iv.method]}. Fix: steer with "
-                "attnsteer.apply on the Hugging Face model, or use act / softplus / vhr (selection: fixed) / pai on "
-                "focus spans in vLLM"
+                "attnsteer.apply on the Hugging Face model, or use act / softplus / vhr (selection: fixed) / pai / "
+                "var in vLLM"
             )
         if iv.method == "vhr" and iv.params.get("selection") != "fixed":
             raise RecipeError(
@@ -82,11 +115,6 @@ def check_methods(recipe: Recipe) -> None:
             raise RecipeError(
                 f"{where}.params.gamma: PAI's logit contrast needs a second, text-only decode stream per request, "
                 "which a serving engine does not run. Fix: gamma: null (the attention step alone)"
-            )
-        if iv.method == "act" and iv.params.get("apply_to") == "all":
-            raise RecipeError(
-                f"{where}.params.apply_to: all reuses each prompt's sinks in its decode steps, per-request state "
-                "the vLLM backend does not keep yet. Fix: apply_to: prefill"
             )
 
 
@@ -122,12 +150,29 @@ class EngineSteering:
     recipe: Recipe | None
     plans: dict[int, LayerPlan]
     needs_whole_prompt: bool  # ACT: a prompt's column means need all of its rows in one forward
-    needs_requests: bool = False  # focus spans or recipes per request (SamplingParams.extra_args)
+    needs_requests: bool = False  # per-request facts: image keys, recipes, prompt lengths
     per_request: bool = False
     vllm_config: object = None
     arch: archs.ResolvedArch | None = None
     tp: tuple[int, int] = (0, 1)
     _by_request: dict = field(default_factory=dict)
+
+    @property
+    def sink_layers(self) -> set[int] | None:
+        """Decoder layers whose entering hidden states VAR reads: the engine recipe's VAR layers;
+        None (every layer) when requests may name recipes of their own."""
+        if not _eager(self.vllm_config):
+            return set()  # VAR is refused (torch.compile would trace the hooks away)
+        if self.per_request:
+            return None
+        return {layer for layer, plan in self.plans.items() if any(m.name == "var" for m in plan.methods)}
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """vLLM multimodal items whose placeholders are image keys: images, and videos where the
+        family's video tokens are image keys on the Hugging Face path."""
+        attrs = self.arch.spec.image_token_attrs if self.arch is not None else ()
+        return ("image", "video") if any("video" in attr for attr in attrs) else ("image",)
 
     def request_plans(self, source) -> tuple[dict[int, LayerPlan], bool]:
         """(plans, needs whole prompts) of a recipe a request names, resolved once per engine and
@@ -169,13 +214,13 @@ def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1) -> EngineSteer
         plans, whole = _resolve(recipe, arch, vllm_config, tp_rank, tp_size)
     roles = any(m.needs_image for plan in plans.values() for m in plan.methods)
     steering = EngineSteering(
-        recipe, plans, whole, roles or per_request, per_request, vllm_config, arch, (tp_rank, tp_size)
+        recipe, plans, whole, roles or whole or per_request, per_request, vllm_config, arch, (tp_rank, tp_size)
     )
     _RESOLVED[key] = steering
     if recipe is not None:
         LOG.warning(
             "attnsteer: vLLM rank %d/%d steers layers %s with recipe %r (hash %s)"
-            + (" on the focus spans requests give" if roles else ""),
+            + (" on each request's image placeholders or focus spans" if roles else ""),
             tp_rank,
             tp_size,
             sorted(plans),
@@ -191,19 +236,12 @@ def _resolve(recipe: Recipe, arch, vllm_config, tp_rank: int, tp_size: int) -> t
     """(layer -> LayerPlan for this rank, needs whole prompts) of ``recipe``, after every check."""
     check_methods(recipe)
     plans = plans_for(recipe, arch)
-    if arch.spec.is_multimodal and any(m.name == "pai" for plan in plans.values() for m in plan.methods):
-        raise RecipeError(
-            f"recipe {recipe.name!r}: PAI's image keys would come from vLLM's multimodal placeholders, which are not "
-            "wired into attnsteer's backend yet (it steers focus spans a request gives, on text models). Fix: steer "
-            "this vision-language model with attnsteer.apply on the Hugging Face path"
-        )
     if not plans:
         raise RecipeError(f"recipe {recipe.name!r} steers no layer of this model. Fix: check its layers")
     _localise_heads(plans, arch.num_heads, tp_rank, tp_size)
-    whole = any(m.name == "act" for plan in plans.values() for m in plan.methods)
-    if whole:
-        _check_whole_prompts(vllm_config, recipe)
-    return plans, whole
+    names = {m.name for plan in plans.values() for m in plan.methods}
+    _check_engine(vllm_config, recipe, names)
+    return plans, bool(names & WHOLE_PROMPT.keys())
 
 
 def _localise_heads(plans: dict[int, LayerPlan], num_heads: int, rank: int, size: int) -> None:
@@ -217,18 +255,40 @@ def _localise_heads(plans: dict[int, LayerPlan], num_heads: int, rank: int, size
                 method.heads = method.heads[rank * local : (rank + 1) * local].clone()
 
 
-def _check_whole_prompts(vllm_config, recipe: Recipe) -> None:
+def _eager(vllm_config) -> bool:
+    return bool(getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False))
+
+
+def _check_engine(vllm_config, recipe: Recipe, names: set[str]) -> None:
+    """Refuse engine settings under which the recipe's methods ``names`` would give results other
+    than the Hugging Face path's: prompts split across forwards (WHOLE_PROMPT) and KV blocks
+    shared between prompts (PROMPT_DEPENDENT)."""
     scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
-    problems = []
-    if getattr(scheduler, "enable_chunked_prefill", False):
-        problems.append("chunked prefill is on (--no-enable-chunked-prefill / enable_chunked_prefill=False)")
-    if getattr(cache, "enable_prefix_caching", False):
-        problems.append("prefix caching is on (--no-enable-prefix-caching / enable_prefix_caching=False)")
-    if getattr(vllm_config, "speculative_config", None) is not None:
-        problems.append("speculative decoding is on")
-    if problems:
+    whole = sorted(names & WHOLE_PROMPT.keys())
+    if whole:
+        problems = []
+        if getattr(scheduler, "enable_chunked_prefill", False):
+            problems.append("chunked prefill is on (--no-enable-chunked-prefill / enable_chunked_prefill=False)")
+        if getattr(cache, "enable_prefix_caching", False):
+            problems.append("prefix caching is on (--no-enable-prefix-caching / enable_prefix_caching=False)")
+        if getattr(vllm_config, "speculative_config", None) is not None:
+            problems.append("speculative decoding is on")
+        if problems:
+            why = "; ".join(f"{name.upper()} {WHOLE_PROMPT[name]}" for name in whole)
+            raise RecipeError(
+                f"recipe {recipe.name!r}: {why}, so every prompt must reach attention in one forward, but "
+                + "; ".join(problems) + ". Fix: turn them off for this engine"
+            )  # fmt: skip
+    if "var" in names and not _eager(vllm_config):
         raise RecipeError(
-            f"recipe {recipe.name!r}: ACT finds each prompt's sinks from the column means of its whole attention "
-            "map, so every prompt must reach attention in one forward, but " + "; ".join(problems) + ". Fix: turn "
-            "them off for this engine"
+            f"recipe {recipe.name!r}: VAR reads the hidden states entering its layers through hooks on vLLM's "
+            "decoder layers, which torch.compile and CUDA graphs would bypass. Fix: start the engine with "
+            "enforce_eager=True (--enforce-eager)"
+        )
+    shared = sorted(names & PROMPT_DEPENDENT.keys())
+    if shared and getattr(cache, "enable_prefix_caching", False):
+        why = "; ".join(f"{name.upper()} {PROMPT_DEPENDENT[name]}" for name in shared)
+        raise RecipeError(
+            f"recipe {recipe.name!r}: prefix caching hands a request KV blocks another prompt computed, but {why}. "
+            "Fix: start the engine with enable_prefix_caching=False (--no-enable-prefix-caching)"
         )

@@ -29,7 +29,8 @@ from ..attention.fused import fused_attention
 from ..attention.rows import ForwardInfo, MaskView
 from ..errors import SteeringError, UnsupportedModelError
 from ..plan import LayerPlan
-from . import requests
+from ..sinks import HiddenSinks
+from . import hidden, requests
 from .config import steering_for
 from .paged import read_request_kv, window_mask
 
@@ -38,6 +39,20 @@ def _is_prefill(request) -> bool:
     """A request's rows are its prefill when they start at position 0 (no cached tokens)."""
     _, q0, q1, length = request
     return length == q1 - q0
+
+
+def _hook_sink_layers(runner) -> None:
+    """Before the first step: hook the decoder layers whose hidden states VAR reads (the engine's
+    VAR layers; every steered decoder layer when requests may name recipes)."""
+    names = {}
+    for name, module in runner.vllm_config.compilation_config.static_forward_context.items():
+        impl = getattr(module, "impl", None)
+        if not isinstance(impl, AttnsteerCPUImpl) or impl.steering is None or impl.attn_type != AttentionType.DECODER:
+            continue
+        layer, wanted = extract_layer_index(name), impl.steering.sink_layers
+        if wanted is None or layer in wanted:
+            names[layer] = name
+    hidden.install_hooks(runner.get_model(), names)
 
 
 class AttnsteerCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -82,17 +97,18 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
                 )
             if self.is_fp8_kv_cache:
                 raise UnsupportedModelError("attnsteer reads the KV cache in the model's dtype; fp8 caches are refused")
-            if self.steering.needs_requests:
-                requests.install()  # which request each row belongs to (focus spans, recipes)
+            if self.steering.needs_requests:  # which request each row belongs to; VAR's hidden states
+                prepare = _hook_sink_layers if self.steering.sink_layers != set() else None
+                requests.install(self.steering.modalities, prepare)
         self._layer: int | None = None
         self._stats: dict[int, SiteStats] = {}  # id(LayerPlan) -> its counters
         self._without_roles: dict[int, LayerPlan] = {}  # id(LayerPlan) -> it minus the focus-span methods
 
-    def _request_plan(self, r: int) -> tuple[LayerPlan | None, bool, object]:
+    def _request_plan(self, r: int) -> tuple[LayerPlan | None, bool, requests.RequestFacts | None]:
         """(the LayerPlan that steers request ``r`` on this layer or None, whether it needs whole
-        prompts, its focus roles or None): the request's own recipe when it names one, else the
-        engine's; methods needing a focus span only when the request gave one (:meth:`_steer_request`
-        sets their roles to it)."""
+        prompts, its :class:`~attnsteer.vllm.requests.RequestFacts` or None): the request's own
+        recipe when it names one, else the engine's; methods needing image keys only when the request
+        has some (focus spans or image placeholders; :meth:`_steer_request` sets their roles)."""
         steering = self.steering
         plans, whole = steering.plans, steering.needs_whole_prompt
         facts = requests.request_at(r) if steering.needs_requests else None
@@ -106,13 +122,13 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             plans, whole = steering.request_plans(facts.recipe)
         plan = plans.get(self._layer)
         if plan is None or not any(m.needs_image for m in plan.methods):
-            return plan, whole, None
+            return plan, whole, facts
         if facts is None or facts.roles is None:
             if id(plan) not in self._without_roles:
                 subset = self._without_roles[id(plan)] = LayerPlan(self._layer)
                 subset.methods = [m for m in plan.methods if not m.needs_image]
-            return self._without_roles[id(plan)], whole, None
-        return plan, whole, facts.roles
+            return self._without_roles[id(plan)], whole, facts
+        return plan, whole, facts
 
     def forward(
         self,
@@ -140,8 +156,18 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         # request with rows in this call
         rows = []
         for r, n in enumerate(lengths):
-            if starts[r + 1] > starts[r]:
-                rows.append((r, starts[r], starts[r + 1], n, *self._request_plan(r)))
+            q0, q1 = starts[r], starts[r + 1]
+            if q1 == q0:
+                continue
+            plan, whole, facts = self._request_plan(r)
+            prompt = facts.prompt_len if facts is not None else None
+            if prompt is not None and n == q1 - q0 and n > prompt:
+                # vLLM recomputes a preempted request: its prompt and its generated tokens in one
+                # forward -- the prompt rows as its prefill, the generated rows as decode rows
+                rows.append((r, q0, q0 + prompt, prompt, plan, whole, facts))
+                rows.append((r, q0 + prompt, q1, n, plan, whole, facts))
+            else:
+                rows.append((r, q0, q1, n, plan, whole, facts))
         own_attention = any(  # some rows keep vLLM's own attention (or scale its output)
             plan is None or not (plan.weight_steps(n == q1 - q0) or plan.score_steps(n == q1 - q0))
             for _, q0, q1, n, plan, _, _ in rows
@@ -150,24 +176,37 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             output = super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
-        for r, q0, q1, n, plan, whole, roles in rows:
+        for r, q0, q1, n, plan, whole, facts in rows:
             if plan is not None and plan.active(n == q1 - q0):
-                self._steer_request(plan, whole, roles, md.block_table[r], query, kv_cache, output, q0, q1, n)
+                self._steer_request(plan, whole, facts, md.block_table[r], query, kv_cache, output, q0, q1, n)
         return output
 
-    def _steer_request(self, plan, whole: bool, roles, blocks, query, kv_cache, output, q0: int, q1: int, length: int):
-        """Rows q0..q1 of one request (``blocks``: its block-table row; ``roles``: its focus roles or
-        None) whose sequence so far has ``length`` tokens, in place."""
+    def _bind_request(self, plan: LayerPlan, facts, prefill: bool, q0: int, q1: int) -> None:
+        """The plan's methods are shared by every request: point them at this request's state --
+        its image keys, VAR's hidden-state sinks (found now at its prefill), and each method's
+        per-prompt state (ACT's sinks with ``apply_to: all``), kept from its prefill to its decode steps."""
+        kept = requests.kept(facts.req_id)
+        state = kept.setdefault("state", SimpleNamespace(roles=None, sinks=HiddenSinks()))
+        state.roles = facts.roles
+        for i, method in enumerate(plan.methods):
+            method.prompt_state = kept.setdefault((self._layer, i), {})
+            if method.needs_image:
+                method.state = state
+            if method.name == "var" and prefill and facts.roles is not None:
+                hidden.detect(method, state.sinks, q0, q1)
+
+    def _steer_request(self, plan, whole: bool, facts, blocks, query, kv_cache, output, q0: int, q1: int, length: int):
+        """Rows q0..q1 of one request (``blocks``: its block-table row; ``facts``: its
+        RequestFacts or None) whose sequence so far has ``length`` tokens, in place."""
         q_len = q1 - q0
         past = length - q_len
         prefill = past == 0
-        for method in plan.methods:  # the methods are shared by every request: this one's focus span
-            if method.needs_image:
-                method.state = SimpleNamespace(roles=roles)
-        if whole and q_len > 1 and past > 0:
+        if facts is not None:
+            self._bind_request(plan, facts, prefill, q0, q1)
+        if whole and q_len > 1 and 0 < past < (facts.prompt_len if facts is not None else length):
             raise SteeringError(
-                f"layer {self._layer}: a request reached attention as a prompt chunk after {past} tokens; ACT needs "
-                "the whole prompt in one forward. Fix: disable chunked prefill and prefix caching for this engine"
+                f"layer {self._layer}: a request reached attention as a prompt chunk after {past} tokens; ACT and VAR "
+                "need the whole prompt in one forward. Fix: disable chunked prefill and prefix caching for this engine"
             )
         info = ForwardInfo(q_len=q_len, past_len=past, total_len=length, first_valid=None, batch=1)
         stats = self._stats.get(id(plan))

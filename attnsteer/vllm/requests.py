@@ -7,6 +7,12 @@ request behind row ``r`` of the attention metadata (``input_batch.req_ids[r]``) 
 steering inputs as ``SamplingParams(extra_args={"attnsteer": {...}})``: ``"focus": [[start, end],
 ...]``, prompt token spans playing the image role (PAI), as ``handle.focus(mask)`` does on the
 Hugging Face path; ``"recipe"``, a recipe of its own when the engine takes per-request recipes.
+
+A request's image keys are vLLM's own multimodal placeholders: every image (or video) item of the
+request (``CachedRequestState.mm_features``) covers ``mm_position.offset ..  + length`` of the
+prompt, of which the positions ``mm_position.is_embed`` marks (all, when None) hold its embeddings;
+those are the positions holding the family's image token on the Hugging Face path. Focus spans, when
+a request gives them, take the place of its image keys (as ``handle.focus`` does).
 """
 
 from __future__ import annotations
@@ -31,12 +37,21 @@ class RequestFacts:
 
 
 _STEP: list[RequestFacts] = []  # row r of this step's attention metadata -> its request
+_KEPT: dict[str, dict] = {}  # request id -> what its methods keep from its prefill for its decode steps
 _installed = False
+_MODALITIES: tuple[str, ...] = ("image",)  # placeholder modalities whose positions are image keys
+_PREPARE: list = []  # callables(runner), run once before the first step (e.g. VAR's decoder-layer hooks)
 
 
-def install() -> None:
-    """Wrap the model runner once per worker process (idempotent)."""
-    global _installed
+def install(modalities: tuple[str, ...] = ("image",), prepare=None) -> None:
+    """Wrap the model runner once per worker process (idempotent); ``modalities``: the multimodal
+    items whose placeholders are image keys (``("image", "video")`` where the family's video tokens
+    are image keys on the Hugging Face path); ``prepare(runner)``: run once, before the first step,
+    when the runner holds the loaded model."""
+    global _installed, _MODALITIES
+    _MODALITIES = modalities
+    if prepare is not None and prepare not in _PREPARE:
+        _PREPARE.append(prepare)
     if _installed:
         return
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -50,11 +65,22 @@ def install() -> None:
         )
 
     def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
+        while _PREPARE:
+            _PREPARE[0](self)
+            _PREPARE.pop(0)
         _STEP[:] = [_facts(self.requests[r]) for r in list(self.input_batch.req_ids[:num_reqs])]
+        for gone in [r for r in _KEPT if r not in self.requests]:  # finished or aborted
+            del _KEPT[gone]
         return original(self, num_tokens, num_reqs, *args, **kwargs)
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
     _installed = True
+
+
+def kept(req_id: str) -> dict:
+    """The state a request's methods keep between its steps (ACT's sinks with ``apply_to: all``,
+    VAR's hidden-state sinks), dropped when vLLM no longer holds the request."""
+    return _KEPT.setdefault(req_id, {})
 
 
 def request_at(row: int) -> RequestFacts:
@@ -71,8 +97,69 @@ def _facts(state) -> RequestFacts:
     extra = (getattr(params, "extra_args", None) or {}).get("attnsteer") or {}
     prompt_len = int(state.num_prompt_tokens)
     spans = extra.get("focus")
-    roles = None if spans is None else focus_roles(spans, prompt_len)
+    if spans is not None:
+        roles = focus_roles(spans, prompt_len)
+    else:
+        roles = placeholder_roles(getattr(state, "mm_features", None) or (), prompt_len, _MODALITIES)
     return RequestFacts(state.req_id, prompt_len, roles, extra.get("recipe"))
+
+
+def placeholder_roles(features, prompt_len: int, modalities=("image",)) -> PromptRoles | None:
+    """Image keys (1, prompt_len) of a request from its multimodal items (``MultiModalFeatureSpec``:
+    ``modality``, ``mm_position`` with ``offset``, ``length``, ``is_embed`` bool (length,) or None);
+    None when it has no item of ``modalities``."""
+    mask = torch.zeros(1, prompt_len, dtype=torch.bool)
+    for feature in features:
+        if feature.modality not in modalities:
+            continue
+        place = feature.mm_position
+        if place.offset < 0 or place.offset + place.length > prompt_len:
+            raise SteeringError(
+                f"a {feature.modality} placeholder at {place.offset}..{place.offset + place.length} lies outside the "
+                f"prompt of {prompt_len} tokens; attnsteer cannot tell which keys are image keys"
+            )
+        embed = place.is_embed
+        span = torch.ones(place.length, dtype=torch.bool) if embed is None else embed.to("cpu", torch.bool)
+        mask[0, place.offset : place.offset + place.length] |= span
+    return PromptRoles(mask) if bool(mask.any()) else None
+
+
+REQUEST_KEYS = ("focus", "recipe")
+
+
+def check_request(vllm_config, extra, prompt_len: int) -> None:
+    """A request's ``extra_args["attnsteer"]`` against its prompt of ``prompt_len`` tokens and the
+    engine's steering, as vLLM admits it; raises an AttnsteerError naming the field and the fix."""
+    from .config import steering_for
+
+    where = 'extra_args["attnsteer"]'
+    if not isinstance(extra, dict) or not extra or set(extra) - set(REQUEST_KEYS):
+        raise SteeringError(
+            f"{where}: got {extra!r}; expected a dict with keys among {list(REQUEST_KEYS)}: "
+            '"focus": [[start, end], ...] prompt spans, "recipe": a recipe of its own'
+        )
+    steering = steering_for(vllm_config)
+    if steering is None:
+        raise SteeringError(
+            f"{where}: this engine runs without an attnsteer recipe and takes none per request, so these inputs "
+            'would change nothing. Fix: start it with additional_config={"attnsteer": {"recipe": ...}} or '
+            '{"per_request_recipes": true}'
+        )
+    plans = steering.plans
+    if "recipe" in extra:
+        if not steering.per_request:
+            raise SteeringError(
+                f'{where}["recipe"]: this engine takes no recipe per request. Fix: start it with '
+                'additional_config={"attnsteer": {"per_request_recipes": true}} (and enable_prefix_caching=False)'
+            )
+        plans, _ = steering.request_plans(extra["recipe"])
+    if "focus" in extra:
+        focus_roles(extra["focus"], prompt_len)
+        if not any(m.needs_image for plan in plans.values() for m in plan.methods):
+            raise SteeringError(
+                f'{where}["focus"]: the recipe steering this request has no method that reads focus spans '
+                "(pai, var), so they would change nothing. Fix: drop the spans or use such a recipe"
+            )
 
 
 def focus_roles(spans, prompt_len: int) -> PromptRoles:

@@ -1,0 +1,88 @@
+"""VAR's hidden-state sinks inside vLLM: the residual stream entering each steered decoder layer,
+and each request's sink sets, kept from its prefill through its decode steps.
+
+VAR finds a prompt's sinks from the hidden state entering layer ``l`` (:mod:`attnsteer.sinks`), which
+vLLM's attention call does not see. :func:`install_hooks` puts a forward pre-hook on those decoder
+layers of vLLM's model (in the worker, at run time): each forward it keeps the residual stream of
+all the step's rows, (T, hidden). vLLM's decoder layers take ``(positions, hidden_states,
+residual)`` with the residual added inside the layer's input norm, so the stream entering the layer
+is ``hidden_states + residual`` (``hidden_states`` alone before the first layer). The attention
+backend then cuts each prefilling request's rows out of it (:func:`detect`) into the request's
+:class:`~attnsteer.sinks.HiddenSinks`, which serves its decode steps (kept by
+:func:`attnsteer.vllm.requests.kept`). Hooks need eager execution: torch.compile would trace them away, so
+VAR is refused unless the engine runs with ``enforce_eager=True``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from ..compat import CompatibilityError
+from ..errors import SteeringError
+from ..sinks import HiddenSinks
+
+_STREAM: dict[int, torch.Tensor] = {}  # decoder layer -> residual stream (T, hidden) of this step
+_hooked: set[int] = set()  # decoder layers with a hook (this process)
+
+
+def decoder_layer_path(attention_name: str, layer: int) -> str:
+    """``model.text_model.layers.3.self_attn.attn`` -> ``model.text_model.layers.3``: the module
+    path up to the component naming decoder layer ``layer``."""
+    parts = attention_name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        if parts[end - 1] == str(layer):
+            return ".".join(parts[:end])
+    raise CompatibilityError(
+        "vLLM attention layer name",
+        f"{attention_name!r} names no decoder layer {layer}; VAR cannot find the hidden states entering it",
+    )
+
+
+def install_hooks(model: torch.nn.Module, attention_names: dict[int, str]) -> None:
+    """Hook the decoder layers of ``attention_names`` (layer -> the name of its vLLM attention
+    module) in ``model`` once per process; raises CompatibilityError when vLLM's decoder layers no
+    longer take ``hidden_states`` / ``residual``."""
+    modules = dict(model.named_modules())
+    for layer, name in sorted(attention_names.items()):
+        if layer in _hooked:
+            continue
+        path = decoder_layer_path(name, layer)
+        decoder = modules.get(path)
+        if decoder is None:
+            raise CompatibilityError("vLLM model layout", f"no module {path!r} holds attention layer {name!r}")
+        params = inspect.signature(decoder.forward).parameters
+        if "hidden_states" not in params or "residual" not in params:
+            raise CompatibilityError(
+                "vLLM decoder layer",
+                f"{type(decoder).__name__}.forward{inspect.signature(decoder.forward)} takes no hidden_states / "
+                "residual; VAR cannot read the residual stream entering it",
+            )
+        decoder.register_forward_pre_hook(_keeper(layer, inspect.signature(decoder.forward)), with_kwargs=True)
+        _hooked.add(layer)
+
+
+def _keeper(layer: int, signature: inspect.Signature):
+    def keep(module, args, kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        hidden, residual = bound["hidden_states"], bound.get("residual")
+        _STREAM[layer] = hidden if residual is None else hidden + residual
+        return None
+
+    return keep
+
+
+def detect(method, sinks: HiddenSinks, q0: int, q1: int) -> None:
+    """At a request's prefill: VAR ``method``'s sinks of its prompt rows q0..q1 of this step, from
+    the residual stream entering the method's layer, into the request's ``sinks``."""
+    stream = _STREAM.get(method.layer)
+    if stream is None or stream.shape[0] < q1:
+        raise SteeringError(
+            f"layer {method.layer}: no residual stream of this step's {q1} rows was recorded before its attention; "
+            "attnsteer cannot find VAR's sinks"
+        )
+    hidden = stream[q0:q1].unsqueeze(0)  # (1, P, hidden)
+    valid = torch.ones(1, q1 - q0, dtype=torch.bool, device=stream.device)
+    p = method.p
+    sinks.detect(method.layer, hidden, valid, p.tau, p.sink_dims, method.first_layer, method.intervention)
