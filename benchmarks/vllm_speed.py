@@ -2,8 +2,10 @@
 other on the same machine: prefill + decode wall time of a batch of prompts and decode tokens/s.
 
 python benchmarks/vllm_speed.py MODEL_DIR [--recipe R ...] [--prompts 8] [--prompt-len 128] [--max-tokens 32]
+    [--repeats 5]
 (run with the vLLM environment's python, e.g. .venv-vllm/bin/python; no recipe = unsteered only)
-Writes one JSON line per engine (recipe, seconds, tokens/s, machine) to stdout.
+Writes one JSON line per engine (recipe and hash, commit, median seconds, decode tokens/s, machine)
+to stdout. Decode time is the median full run minus the median prefill-only run (prefix caching off).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -21,10 +24,11 @@ def child(args) -> None:
     from vllm import LLM, SamplingParams
 
     extra = {"attnsteer": {"recipe": args.recipe}} if args.recipe else None
-    whole = {"enable_chunked_prefill": False, "enable_prefix_caching": False} if args.whole_prompts else {}
+    # prefix caching off: the timed runs repeat the same prompts, which it would serve from the cache
+    whole = {"enable_chunked_prefill": False} if args.whole_prompts else {}
     llm = LLM(model=args.model, dtype=args.dtype, gpu_memory_utilization=0.1, enforce_eager=True,
               max_model_len=args.prompt_len + args.max_tokens + 8, **({"additional_config": extra} if extra else {}),
-              **whole)  # fmt: skip
+              enable_prefix_caching=False, **whole)  # fmt: skip
     tokenizer = llm.get_tokenizer()
     words = "the quick brown fox jumps over the lazy dog and keeps running through the field".split()
     prompts = []
@@ -34,19 +38,34 @@ def child(args) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     llm.generate(prompts[:1], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     prefill_only = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    start = time.perf_counter()
-    llm.generate(prompts, prefill_only, use_tqdm=False)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    total = time.perf_counter() - start
+    prefills, totals = [], []
+    for _ in range(args.repeats):  # medians: the machine is shared and noisy
+        start = time.perf_counter()
+        llm.generate(prompts, prefill_only, use_tqdm=False)
+        prefills.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        totals.append(time.perf_counter() - start)
+    prefill, total = statistics.median(prefills), statistics.median(totals)
     decode_tokens = args.prompts * (args.max_tokens - 1)
+    recipe = None
+    if args.recipe:
+        from attnsteer import load_recipe
+
+        recipe = load_recipe(args.recipe)
     print(json.dumps({
-        "recipe": args.recipe or "none", "prompts": args.prompts, "prompt_len": args.prompt_len,
-        "max_tokens": args.max_tokens, "prefill_s": round(prefill, 4), "generate_s": round(total, 4),
+        "recipe": recipe.name if recipe else "none", "recipe_hash": recipe.hash if recipe else None,
+        "commit": _commit(), "prompts": args.prompts, "prompt_len": args.prompt_len,
+        "max_tokens": args.max_tokens, "repeats": args.repeats, "prefill_s": round(prefill, 4), "generate_s": round(total, 4),
         "decode_tokens_per_s": round(decode_tokens / max(total - prefill, 1e-9), 2),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus", "dtype": args.dtype,
     }), flush=True)  # fmt: skip
+
+
+def _commit() -> str | None:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))  # fmt: skip
+    return out.stdout.strip() or None
 
 
 def main() -> None:
@@ -57,6 +76,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per engine (medians are reported)")
     parser.add_argument("--whole-prompts", action="store_true", help="no chunked prefill / prefix caching (ACT)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -65,7 +85,8 @@ def main() -> None:
         return child(args)
     for recipe in [None, *args.recipe]:
         cmd = [sys.executable, __file__, args.model, "--child", "--prompts", str(args.prompts), "--prompt-len",
-               str(args.prompt_len), "--max-tokens", str(args.max_tokens), "--dtype", args.dtype]  # fmt: skip
+               str(args.prompt_len), "--max-tokens", str(args.max_tokens), "--dtype", args.dtype,
+               "--repeats", str(args.repeats)]  # fmt: skip
         cmd += (["--recipe", recipe] if recipe else []) + (["--whole-prompts"] if args.whole_prompts else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import torch
 from vllm.config import get_current_vllm_config
 from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.models.utils import extract_layer_index
@@ -39,6 +40,12 @@ def _is_prefill(request) -> bool:
     """A request's rows are its prefill when they start at position 0 (no cached tokens)."""
     _, q0, q1, length = request
     return length == q1 - q0
+
+
+def _keeps_no_request_state(plan: LayerPlan) -> bool:
+    """Whether every method of ``plan`` steers a decode row from the row's scores alone (softplus,
+    fixed-head VHR): no image keys and no prompt statistics of the request (ACT's sinks)."""
+    return not any(m.needs_image or m.needs_column_stats(True) for m in plan.methods)
 
 
 def _hook_sink_layers(runner) -> None:
@@ -176,10 +183,64 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             output = super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
+        decoding: dict[int, tuple[LayerPlan, list]] = {}  # id(plan) -> decode rows that can share one call
         for r, q0, q1, n, plan, whole, facts in rows:
-            if plan is not None and plan.active(n == q1 - q0):
+            if plan is None or not plan.active(n == q1 - q0):
+                continue
+            if q1 - q0 == 1 and n > 1 and _keeps_no_request_state(plan):
+                decoding.setdefault(id(plan), (plan, []))[1].append((r, q0, n))
+            else:
                 self._steer_request(plan, whole, facts, md.block_table[r], query, kv_cache, output, q0, q1, n)
+        for plan, steps in decoding.values():
+            self._steer_decode_steps(plan, steps, md.block_table, query, kv_cache, output)
         return output
+
+    def _steer_decode_steps(self, plan: LayerPlan, steps: list, block_table, query, kv_cache, output) -> None:
+        """One decode row each of the requests in ``steps`` ((request index, row, tokens so far)),
+        in place, as one left-padded batch: request i's keys right-aligned in (n, H_kv, L, D) for
+        the longest length L, padding masked -- the layout of a left-padded batch on the Hugging
+        Face path, so one call of the chunked path serves every request."""
+        lengths = [n for _, _, n in steps]
+        longest = max(lengths)
+        pads = torch.tensor([longest - n for n in lengths])
+        info = ForwardInfo(q_len=1, past_len=longest - 1, total_len=longest, first_valid=pads, batch=len(steps))
+        stats = self._stats.get(id(plan))
+        if stats is None:
+            stats = self._stats[id(plan)] = SiteStats(plan.methods)
+        stats.begin([m for m in plan.methods if m.active(False)])
+        rows = [q0 for _, q0, _ in steps]
+        if plan.weight_steps(False) or plan.score_steps(False):
+            k = v = None
+            for i, (r, _, n) in enumerate(steps):
+                ki, vi = read_request_kv(kv_cache, block_table[r], n)
+                if k is None:
+                    k = ki.new_zeros(len(steps), ki.shape[0], longest, ki.shape[-1])
+                    v = torch.zeros_like(k)
+                k[i, :, longest - n :], v[i, :, longest - n :] = ki, vi
+            keys = torch.arange(longest).view(1, -1)
+            visible = keys >= pads.view(-1, 1)
+            if self.sliding_window > 0:  # key j of request i sits at position j - pad_i; its row at L - 1 - pad_i
+                visible &= keys > longest - 1 - self.sliding_window
+            q = query[rows].unsqueeze(2)  # (n, H, 1, D)
+            mask = MaskView(visible.view(len(steps), 1, 1, longest), 1, longest)
+            out, _ = fused_attention(
+                plan,
+                q,
+                k.to(q.dtype),
+                v.to(q.dtype),
+                mask,
+                self.scale,
+                info,
+                stats,
+                softcap=self.logits_soft_cap or None,
+            )
+        else:  # head level only: vLLM's own attention output
+            out = output[rows].unsqueeze(1)  # (n, 1, H, D)
+        for method in plan.head_steps(False):
+            out, touched = method.head_output(out, info)
+            stats.record(method, touched)
+        stats.end()
+        output[rows] = out[:, 0].to(output.dtype)
 
     def _bind_request(self, plan: LayerPlan, facts, prefill: bool, q0: int, q1: int) -> None:
         """The plan's methods are shared by every request: point them at this request's state --
