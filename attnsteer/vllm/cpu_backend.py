@@ -204,12 +204,9 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         longest = max(lengths)
         pads = torch.tensor([longest - n for n in lengths])
         info = ForwardInfo(q_len=1, past_len=longest - 1, total_len=longest, first_valid=pads, batch=len(steps))
-        stats = self._stats.get(id(plan))
-        if stats is None:
-            stats = self._stats[id(plan)] = SiteStats(plan.methods)
-        stats.begin([m for m in plan.methods if m.active(False)])
         rows = [q0 for _, q0, _ in steps]
-        if plan.weight_steps(False) or plan.score_steps(False):
+
+        def inputs():
             k = v = None
             for i, (r, _, n) in enumerate(steps):
                 ki, vi = read_request_kv(kv_cache, block_table[r], n)
@@ -221,26 +218,33 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             visible = keys >= pads.view(-1, 1)
             if self.sliding_window > 0:  # key j of request i sits at position j - pad_i; its row at L - 1 - pad_i
                 visible &= keys > longest - 1 - self.sliding_window
-            q = query[rows].unsqueeze(2)  # (n, H, 1, D)
-            mask = MaskView(visible.view(len(steps), 1, 1, longest), 1, longest)
+            return query[rows].unsqueeze(2), k, v, MaskView(visible.view(len(steps), 1, 1, longest), 1, longest)
+
+        out = self._attend(plan, info, inputs, lambda: output[rows].unsqueeze(1))
+        output[rows] = out[:, 0].to(output.dtype)
+
+    def _attend(self, plan: LayerPlan, info: ForwardInfo, inputs, own):
+        """The plan's steps on one call: ``inputs()`` -> (q (B, H, Q, D), k / v (B, H_kv, K, D),
+        MaskView), read only when a score or weight step needs them; ``own()`` -> vLLM's output
+        (B, Q, H, D) otherwise; head-level steps scale the result. Returns (B, Q, H, D)."""
+        prefill = info.is_prefill
+        stats = self._stats.get(id(plan))
+        if stats is None:
+            stats = self._stats[id(plan)] = SiteStats(plan.methods)
+        stats.begin([m for m in plan.methods if m.active(prefill)])
+        if plan.weight_steps(prefill) or plan.score_steps(prefill):
+            q, k, v, mask = inputs()
+            softcap = self.logits_soft_cap or None
             out, _ = fused_attention(
-                plan,
-                q,
-                k.to(q.dtype),
-                v.to(q.dtype),
-                mask,
-                self.scale,
-                info,
-                stats,
-                softcap=self.logits_soft_cap or None,
+                plan, q, k.to(q.dtype), v.to(q.dtype), mask, self.scale, info, stats, softcap=softcap
             )
         else:  # head level only: vLLM's own attention output
-            out = output[rows].unsqueeze(1)  # (n, 1, H, D)
-        for method in plan.head_steps(False):
+            out = own()
+        for method in plan.head_steps(prefill):
             out, touched = method.head_output(out, info)
             stats.record(method, touched)
         stats.end()
-        output[rows] = out[:, 0].to(output.dtype)
+        return out
 
     def _bind_request(self, plan: LayerPlan, facts, prefill: bool, q0: int, q1: int) -> None:
         """The plan's methods are shared by every request: point them at this request's state --
@@ -270,29 +274,12 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
                 "need the whole prompt in one forward. Fix: disable chunked prefill and prefix caching for this engine"
             )
         info = ForwardInfo(q_len=q_len, past_len=past, total_len=length, first_valid=None, batch=1)
-        stats = self._stats.get(id(plan))
-        if stats is None:
-            stats = self._stats[id(plan)] = SiteStats(plan.methods)
-        stats.begin([m for m in plan.methods if m.active(prefill)])
-        if plan.weight_steps(prefill) or plan.score_steps(prefill):
+
+        def inputs():
             k, v = read_request_kv(kv_cache, blocks, length)
             q = query[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
             mask = MaskView(window_mask(q_len, length, self.sliding_window), q_len, length)
-            out, _ = fused_attention(
-                plan,
-                q,
-                k.unsqueeze(0).to(q.dtype),
-                v.unsqueeze(0).to(q.dtype),
-                mask,
-                self.scale,
-                info,
-                stats,
-                softcap=self.logits_soft_cap or None,
-            )
-        else:  # head level only: vLLM's own attention output
-            out = output[q0:q1].unsqueeze(0)
-        for method in plan.head_steps(prefill):
-            out, rows = method.head_output(out, info)
-            stats.record(method, rows)
-        stats.end()
+            return q, k.unsqueeze(0), v.unsqueeze(0), mask
+
+        out = self._attend(plan, info, inputs, lambda: output[q0:q1].unsqueeze(0))
         output[q0:q1] = out[0].to(output.dtype)

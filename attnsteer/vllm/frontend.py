@@ -17,27 +17,37 @@ from __future__ import annotations
 import logging
 
 LOG = logging.getLogger("attnsteer.vllm")
-_wrapped = False
-_checking = False
+_done: set[str] = set()  # wrappers installed in this process
+
+
+def _wrap(module: str, cls: str, method: str, make, lost: str) -> None:
+    """Replace ``module.cls.method`` by ``make(original)`` once per process; when this vLLM has no
+    such method, warn that ``lost`` and go on."""
+    key = f"{module}.{cls}.{method}"
+    if key in _done:
+        return
+    _done.add(key)
+    import importlib
+
+    try:
+        owner = getattr(importlib.import_module(module), cls)
+        original = getattr(owner, method)
+    except (ImportError, AttributeError) as error:
+        LOG.warning("attnsteer: %s (this vLLM has no %s: %s)", lost, key, error)
+        return
+    setattr(owner, method, make(original))
 
 
 def check_requests_at_admission() -> None:
     """Wrap vLLM's input processor once per process (idempotent): every request's
     ``extra_args["attnsteer"]`` is checked against its prompt before it reaches the engine."""
-    global _checking
-    if _checking:
-        return
-    _checking = True
-    try:
-        from vllm.exceptions import VLLMValidationError
-        from vllm.v1.engine.input_processor import InputProcessor
-    except ImportError as error:
-        LOG.warning("attnsteer: per-request inputs are checked in the workers only (%s)", error)
-        return
-    original = getattr(InputProcessor, "process_inputs", None)
-    if original is None:
-        LOG.warning("attnsteer: per-request inputs are checked in the workers only (no process_inputs)")
-        return
+    lost = "per-request inputs are checked in the workers only"
+    _wrap("vllm.v1.engine.input_processor", "InputProcessor", "process_inputs", _checking_admission, lost)
+
+
+def _checking_admission(original):
+    """``InputProcessor.process_inputs`` that checks ``extra_args["attnsteer"]`` of the request it builds."""
+    from vllm.exceptions import VLLMValidationError
 
     def process_inputs(self, *args, **kwargs):
         from ..errors import AttnsteerError
@@ -55,26 +65,17 @@ def check_requests_at_admission() -> None:
                 raise VLLMValidationError(str(error), parameter='extra_args["attnsteer"]') from error
         return request
 
-    InputProcessor.process_inputs = process_inputs
+    return process_inputs
 
 
 def show_recipe_in_model_cards() -> None:
     """Wrap the OpenAI server's model listing once per process (idempotent)."""
-    global _wrapped
-    if _wrapped:
-        return
-    _wrapped = True
-    try:
-        from vllm.entrypoints.openai.models.serving import OpenAIServingModels
-    except ImportError as error:
-        LOG.warning("attnsteer: /v1/models will not show the recipe (this vLLM has no OpenAIServingModels: %s)", error)
-        return
-    original = getattr(OpenAIServingModels, "show_available_models", None)
-    if original is None:
-        LOG.warning(
-            "attnsteer: /v1/models will not show the recipe (OpenAIServingModels.show_available_models is gone)"
-        )
-        return
+    lost = "/v1/models will not show the recipe"
+    _wrap("vllm.entrypoints.openai.models.serving", "OpenAIServingModels", "show_available_models", _with_recipe, lost)
+
+
+def _with_recipe(original):
+    """``OpenAIServingModels.show_available_models`` whose base-model cards carry ``"attnsteer"``."""
 
     async def show_available_models(self):
         from .config import served_recipe
@@ -88,4 +89,4 @@ def show_recipe_in_model_cards() -> None:
                     card.attnsteer = info
         return listing
 
-    OpenAIServingModels.show_available_models = show_available_models
+    return show_available_models
