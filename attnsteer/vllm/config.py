@@ -190,9 +190,10 @@ class EngineSteering:
 _RESOLVED: dict[int, EngineSteering | None] = {}
 
 
-def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1) -> EngineSteering | None:
+def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1, announce: bool = True) -> EngineSteering | None:
     """The engine's :class:`EngineSteering` (once per process and config), or None when neither
-    an engine recipe nor per-request recipes are configured."""
+    an engine recipe nor per-request recipes are configured; ``announce``: log the recipe and the
+    steered layers (the workers do; the front end, which checks requests with it, does not)."""
     key = id(vllm_config)
     if key in _RESOLVED:
         return _RESOLVED[key]
@@ -217,7 +218,7 @@ def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1) -> EngineSteer
         recipe, plans, whole, roles or whole or per_request, per_request, vllm_config, arch, (tp_rank, tp_size)
     )
     _RESOLVED[key] = steering
-    if recipe is not None:
+    if recipe is not None and announce:
         LOG.warning(
             "attnsteer: vLLM rank %d/%d steers layers %s with recipe %r (hash %s)"
             + (" on each request's image placeholders or focus spans" if roles else ""),
@@ -227,7 +228,7 @@ def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1) -> EngineSteer
             recipe.name,
             recipe.hash,
         )
-    if per_request:
+    if per_request and announce:
         LOG.warning("attnsteer: vLLM rank %d/%d takes a recipe per request (extra_args)", tp_rank, tp_size)
     return steering
 

@@ -138,7 +138,7 @@ def check_request(vllm_config, extra, prompt_len: int) -> None:
             f"{where}: got {extra!r}; expected a dict with keys among {list(REQUEST_KEYS)}: "
             '"focus": [[start, end], ...] prompt spans, "recipe": a recipe of its own'
         )
-    steering = steering_for(vllm_config)
+    steering = steering_for(vllm_config, announce=False)
     if steering is None:
         raise SteeringError(
             f"{where}: this engine runs without an attnsteer recipe and takes none per request, so these inputs "
