@@ -28,23 +28,25 @@ PROMPTS = [
 ]
 
 
-def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """Save a 2-layer Llama (hidden 256, 4 query / 2 kv heads of dim 64, vocab 256) with a
-    byte-level BPE tokenizer trained in code; q / k are scaled so that heads have sinks."""
+def _tokenizer():
+    """A byte-level BPE tokenizer (vocab 256) trained in code on PROMPTS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
     tok.train_from_iterator(PROMPTS * 20 + [json.__doc__, os.__doc__], trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def _text_config(vocab_size: int, **overrides):
+    """The text model both tiny models share: Llama, 2 layers, hidden 256, 4 query / 2 kv heads of dim 64."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=256,
         intermediate_size=512,
         num_hidden_layers=2,
@@ -54,15 +56,32 @@ def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
         bos_token_id=1,
         eos_token_id=2,
         tie_word_embeddings=False,
+        **overrides,
     )
-    model = LlamaForCausalLM(cfg)
+
+
+def _random_weights(model, text_layers) -> None:
+    """N(0, 0.08) matrices, with q / k of the text layers scaled by 3 so that heads have sinks."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0.0, 0.08)
-        for layer in model.model.layers:
+        for layer in text_layers:
             layer.self_attn.q_proj.weight.mul_(3.0)
             layer.self_attn.k_proj.weight.mul_(3.0)
+
+
+def build_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """Save a 2-layer Llama (hidden 256, 4 query / 2 kv heads of dim 64, vocab 256) with a
+    byte-level BPE tokenizer trained in code; q / k are scaled so that heads have sinks."""
+    from transformers import LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer()
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(_text_config(len(tokenizer)))
+    _random_weights(model, model.model.layers)
     model.save_pretrained(folder)
     return folder
 
@@ -85,7 +104,8 @@ def make_image(seed: int):
 def build_tiny_idefics3(folder: Path, seed: int = 0) -> Path:
     """Save an Idefics3 (tiny SigLIP-like vision tower: 32 px tiles of 8 px patches, pixel shuffle 2,
     so 4 tokens per tile; the text model of :func:`build_tiny_llama`) with its processor."""
-    from transformers import AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+    folder.mkdir(parents=True, exist_ok=True)
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.configuration_idefics3 import Idefics3VisionConfig
 
     try:  # transformers >= 5.18 names the PIL image processor apart from the torchvision one
@@ -93,21 +113,18 @@ def build_tiny_idefics3(folder: Path, seed: int = 0) -> Path:
     except ImportError:
         from transformers import Idefics3ImageProcessor as ImageProcessor
 
-    text_dir = build_tiny_llama(folder / "text", seed)
-    tokenizer = AutoTokenizer.from_pretrained(text_dir)
+    tokenizer = _tokenizer()
     specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
     specials += [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)]
     tokenizer.add_special_tokens({"additional_special_tokens": specials})
     images = ImageProcessor(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
     processor = Idefics3Processor(image_processor=images, tokenizer=tokenizer, image_seq_len=4)
-    text = json.loads((text_dir / "config.json").read_text())
-    text.update(vocab_size=len(tokenizer), pad_token_id=0)
     vision = Idefics3VisionConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
     )
     cfg = Idefics3Config(
         vision_config=vision.to_dict(),
-        text_config=text,
+        text_config=_text_config(len(tokenizer), pad_token_id=0).to_dict(),
         scale_factor=2,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         tie_word_embeddings=False,
@@ -115,13 +132,7 @@ def build_tiny_idefics3(folder: Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-        for layer in model.model.text_model.layers:
-            layer.self_attn.q_proj.weight.mul_(3.0)
-            layer.self_attn.k_proj.weight.mul_(3.0)
+    _random_weights(model, model.model.text_model.layers)
     out = folder / "tiny-idefics3"
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -73,6 +73,11 @@ def recipe_source(vllm_config=None) -> str | None:
     return os.environ.get(RECIPE_ENV) or None
 
 
+def _configured(vllm_config) -> tuple[str | None, bool]:
+    """(the engine's recipe source or None, whether requests may name their own)."""
+    return recipe_source(vllm_config), bool(engine_section(vllm_config).get("per_request_recipes", False))
+
+
 _SERVED: dict[int, dict | None] = {}
 
 
@@ -81,8 +86,7 @@ def served_recipe(vllm_config) -> dict | None:
     ``/v1/models`` and :func:`attnsteer.vllm.recipe_info` show), or None when unsteered."""
     key = id(vllm_config)
     if key not in _SERVED:
-        source = recipe_source(vllm_config)
-        per_request = bool(engine_section(vllm_config).get("per_request_recipes", False))
+        source, per_request = _configured(vllm_config)
         info = None
         if source is not None or per_request:
             recipe = load_recipe(source) if source is not None else None
@@ -197,8 +201,7 @@ def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1, announce: bool
     key = id(vllm_config)
     if key in _RESOLVED:
         return _RESOLVED[key]
-    source = recipe_source(vllm_config)
-    per_request = bool(engine_section(vllm_config).get("per_request_recipes", False))
+    source, per_request = _configured(vllm_config)
     if source is None and not per_request:
         _RESOLVED[key] = None
         return None

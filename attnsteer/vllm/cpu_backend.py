@@ -36,12 +36,6 @@ from .config import steering_for
 from .paged import read_request_kv, window_mask
 
 
-def _is_prefill(request) -> bool:
-    """A request's rows are its prefill when they start at position 0 (no cached tokens)."""
-    _, q0, q1, length = request
-    return length == q1 - q0
-
-
 def _keeps_no_request_state(plan: LayerPlan) -> bool:
     """Whether every method of ``plan`` steers a decode row from the row's scores alone (softplus,
     fixed-head VHR): no image keys and no prompt statistics of the request (ACT's sinks)."""

@@ -1,5 +1,5 @@
 """VAR's hidden-state sinks inside vLLM: the residual stream entering each steered decoder layer,
-and each request's sink sets, kept from its prefill through its decode steps.
+cut into each request's sink sets at its prefill.
 
 VAR finds a prompt's sinks from the hidden state entering layer ``l`` (:mod:`attnsteer.sinks`), which
 vLLM's attention call does not see. :func:`install_hooks` puts a forward pre-hook on those decoder
@@ -52,14 +52,14 @@ def install_hooks(model: torch.nn.Module, attention_names: dict[int, str]) -> No
         decoder = modules.get(path)
         if decoder is None:
             raise CompatibilityError("vLLM model layout", f"no module {path!r} holds attention layer {name!r}")
-        params = inspect.signature(decoder.forward).parameters
-        if "hidden_states" not in params or "residual" not in params:
+        signature = inspect.signature(decoder.forward)
+        if "hidden_states" not in signature.parameters or "residual" not in signature.parameters:
             raise CompatibilityError(
                 "vLLM decoder layer",
-                f"{type(decoder).__name__}.forward{inspect.signature(decoder.forward)} takes no hidden_states / "
-                "residual; VAR cannot read the residual stream entering it",
+                f"{type(decoder).__name__}.forward{signature} takes no hidden_states / residual; VAR cannot read "
+                "the residual stream entering it",
             )
-        decoder.register_forward_pre_hook(_keeper(layer, inspect.signature(decoder.forward)), with_kwargs=True)
+        decoder.register_forward_pre_hook(_keeper(layer, signature), with_kwargs=True)
         _hooked.add(layer)
 
 

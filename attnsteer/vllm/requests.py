@@ -68,9 +68,9 @@ def install(modalities: tuple[str, ...] = ("image",), prepare=None) -> None:
         while _PREPARE:
             _PREPARE[0](self)
             _PREPARE.pop(0)
-        _STEP[:] = [_facts(self.requests[r]) for r in list(self.input_batch.req_ids[:num_reqs])]
         for gone in [r for r in _KEPT if r not in self.requests]:  # finished or aborted
             del _KEPT[gone]
+        _STEP[:] = [_facts_of(self.requests[r]) for r in list(self.input_batch.req_ids[:num_reqs])]
         return original(self, num_tokens, num_reqs, *args, **kwargs)
 
     GPUModelRunner._build_attention_metadata = _build_attention_metadata
@@ -90,6 +90,15 @@ def request_at(row: int) -> RequestFacts:
             "attnsteer cannot tell which request it belongs to"
         )
     return _STEP[row]
+
+
+def _facts_of(state) -> RequestFacts:
+    """The request's facts, built at its first step and kept (its prompt, inputs and placeholders
+    do not change while vLLM holds it)."""
+    store = kept(state.req_id)
+    if "facts" not in store:
+        store["facts"] = _facts(state)
+    return store["facts"]
 
 
 def _facts(state) -> RequestFacts:
