@@ -59,7 +59,16 @@ class SteeringHandle:
                 stacklevel=2,
             )
 
+    def _check_active(self, use: str) -> None:
+        if self.removed:
+            raise SteeringError(
+                f"{use}: this handle ({self.recipe.name!r}) was removed, so the model is no longer steered and "
+                "nothing would be steered. Fix: apply the recipe again, attnsteer.apply(model, recipe), and use the "
+                "new handle"
+            )
+
     def __enter__(self) -> SteeringHandle:
+        self._check_active("with handle")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -93,8 +102,12 @@ class SteeringHandle:
 
         ``mask``: bool/int (batch, seq) over the padded prompt (same shape as ``input_ids``). The
         marked positions play the "image" role of VAR, PAI and VHR (attention steering in the
-        style of PASTA, on text-only LLMs too). Applies to prompts started inside the block.
+        style of PASTA, on text-only LLMs too). Applies to prompts started inside the block. Under
+        ``generate(num_beams=k)`` / ``num_return_sequences=k`` give the mask of the prompts passed
+        to ``generate()``; it follows their expansion to ``k`` rows each. A mask that marks no
+        position raises when the prompt runs.
         """
+        self._check_active("handle.focus(mask)")
         mask = torch.as_tensor(mask)
         if mask.dim() != 2:
             raise ValueError(f"handle.focus(mask): mask must be (batch, seq); got shape {tuple(mask.shape)}")
@@ -122,6 +135,7 @@ class SteeringHandle:
         Without it, the prompt's text after its last image is decoded with the processor.
         Applies to prompts started inside the block.
         """
+        self._check_active("handle.prompt_text(texts)")
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError(
                 f"handle.prompt_text(texts): texts must be a list of strings, one per batch row; got {texts!r}"
@@ -276,7 +290,9 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto", processor=None) ->
             handle_ = register(hook, with_kwargs=True)
             hooks.append(handle_)
             install.step("hook", handle_.remove)
-        if host is not model or any(m.needs_call_inputs for m in methods):
+        # what each generate() call is given: the prompt's ids above the stream host (InstructBLIP),
+        # the pixels (AGLA), the rows before generate() expands them for beams / return sequences
+        if hasattr(model, "generate"):
             attribute = _InstanceAttribute(model, "generate", state.wrap_generate(model.generate))
             hooks.append(attribute)
             install.step("generate wrapper", attribute.remove)

@@ -18,7 +18,7 @@ Touchpoints: version guard; attention and mask interface registration; the atten
 implementation stored on every (sub-)config (``_attn_implementation_internal``) and switched
 with ``set_attn_implementation``; the eager attention function of a modeling module; the KV
 cache (found by type, its length, the key length a layer will receive, keeping batch rows);
-binding a forward's / ``generate``'s arguments.
+binding a forward's / ``generate``'s arguments; beam search's cache reorders.
 """
 
 from __future__ import annotations
@@ -248,6 +248,31 @@ def keep_batch_rows(cache, rows: int, device) -> None:
     import torch
 
     cache.batch_select_indices(torch.arange(rows, device=device))
+
+
+def cache_is_static(cache) -> bool:
+    """Whether ``cache`` preallocates its tensors for a fixed batch and length (``StaticCache`` and
+    the other compilable caches ``generate(cache_implementation="static")`` builds)."""
+    flag = getattr(cache, "is_compileable", None)
+    if not isinstance(flag, bool):
+        raise CompatibilityError("KV cache", f"{type(cache).__name__}.is_compileable is not a bool ({flag!r})")
+    return flag
+
+
+def on_cache_reorder(cache, callback) -> None:
+    """Call ``callback(beam_idx)`` each time ``generate()``'s beam search reorders ``cache``'s batch
+    rows (``Cache.reorder_cache(beam_idx)``, integer (R,)), after the cache itself. Wraps the method
+    on this cache object only; a later call replaces the callback (one prompt per cache)."""
+    original = getattr(type(cache), "reorder_cache", None)
+    if original is None:
+        raise CompatibilityError("KV cache", f"{type(cache).__name__} has no reorder_cache(beam_idx) for beam search")
+
+    def reorder_cache(beam_idx, *args, **kwargs):
+        result = original(cache, beam_idx, *args, **kwargs)
+        callback(beam_idx)
+        return result
+
+    cache.reorder_cache = reorder_cache
 
 
 def cache_batch_size(cache) -> int:

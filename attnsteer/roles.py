@@ -54,15 +54,32 @@ def image_mask(input_ids: torch.Tensor, ids) -> torch.Tensor:
     return torch.isin(input_ids, torch.tensor(list(ids), device=input_ids.device))
 
 
+def real_tokens(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """bool (B, length): the prompt's real (non-pad) tokens, from a forward's attention mask --
+    a 2D (B, length) padding mask, or the 4D (B, 1, Q, K) mask ``generate()`` builds for compilable
+    (static) caches, bool (True = attend) or additive float, where a key is real iff some query row
+    sees it (keys past ``length``: the cache's empty slots, dropped)."""
+    if mask.dim() == 2:
+        return mask.bool()
+    if mask.dim() != 4:
+        raise SteeringError(
+            f"attention_mask has {mask.dim()} dimensions (shape {tuple(mask.shape)}); expected a 2D (batch, seq) "
+            "padding mask or a 4D (batch, 1, query, key) mask"
+        )
+    visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    return visible[:, 0].any(-2)[:, :length]
+
+
 def text_only_stream(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, drop: torch.Tensor, pad_id: int):
     """Remove the ``drop`` (B, L) positions of each row and left-pad back to length L.
 
-    Returns (ids (B, L), mask (B, L) long). Padding positions of the input are dropped too.
+    Returns (ids (B, L), mask (B, L) long). Padding positions of the input are dropped too
+    (``attention_mask``: any form :func:`real_tokens` reads).
     """
     b, length = input_ids.shape
     keep = ~drop
     if attention_mask is not None:
-        keep &= attention_mask.bool()
+        keep &= real_tokens(attention_mask, length)
     ids = torch.full_like(input_ids, pad_id)
     mask = torch.zeros_like(input_ids, dtype=torch.long)
     for row in range(b):

@@ -55,6 +55,7 @@ class HiddenSinks:
         inside = key_abs < length
         return table[:, key_abs.clamp(max=max(length - 1, 0))] & inside.view(1, -1)
 
-    def crop(self, rows: int) -> None:
-        self.by_layer = {k: v[:rows] for k, v in self.by_layer.items()}
-        self.auto_dims = {k: v[:rows] for k, v in self.auto_dims.items()}
+    def select(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (integer (R,)) of every table, in that order."""
+        self.by_layer = {k: v[index.to(v.device)] for k, v in self.by_layer.items()}
+        self.auto_dims = {k: v[index.to(v.device)] for k, v in self.auto_dims.items()}

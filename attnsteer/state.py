@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 
 import torch
 
 from . import compat
 from .attention.rows import ForwardInfo
 from .errors import SteeringError
-from .roles import PromptRoles, image_mask
+from .roles import PromptRoles, image_mask, real_tokens
 from .sinks import HiddenSinks
 
 
@@ -60,8 +61,7 @@ def padding_facts(mask: torch.Tensor | None, batch: int, q_len: int, past_len: i
                 f"the 4D attention_mask has batch {mask.shape[0]}, this forward has batch {batch}. Fix: build the mask "
                 "for the batch you pass"
             )
-        visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        valid = visible[:, 0].any(-2)
+        valid = real_tokens(mask, mask.shape[-1])
         row_valid = None
     else:
         raise SteeringError(
@@ -108,6 +108,9 @@ class SteeringState:
         self.processor = None  # the model's processor, given to apply(..., processor=)
         self.model_ref = lambda: None  # weak reference to the model given to apply
         self.prompt_text: list[str] | None = None  # per batch row, set by handle.prompt_text(...)
+        # the steered model's current forward, seen by its pre-hook: (is it a prefill, its arguments
+        # as the caller gave them, before any method added rows); None outside a forward
+        self.current_call: tuple[bool, dict] | None = None
 
     # ---- pausing (the text-only stream runs unsteered) --------------------------------------
     class _Pause:
@@ -163,16 +166,22 @@ class SteeringState:
                 return generate(*args, **kwargs)
             finally:
                 self.pending_call = None
+                self.pending_ids = None
 
         generate_with_roles.__wrapped__ = generate
         generate_with_roles.__doc__ = generate.__doc__
         return generate_with_roles
 
     def model_pre_hook(self, module, args, kwargs):
+        """Decide this forward's phase *before* it runs (``generate()`` hands the prefill an empty
+        cache and fills it in place, so the post-hook cannot ask the cache) and run the methods'
+        steps around it: a new prompt at prefill, ``before_decode`` otherwise."""
         if self.is_paused:
             return None
         bound = compat.bind_arguments(module.forward, args, kwargs)
-        if compat.cache_length(compat.find_cache(bound.values())):
+        cache = compat.find_cache(bound.values())
+        self.current_call = (compat.cache_length(cache) == 0, bound)
+        if not self.current_call[0]:
             changed = False
             for method in self.model_methods:
                 new = method.before_decode(self, bound)
@@ -185,6 +194,9 @@ class SteeringState:
             if embeds is not None and tuple(embeds.shape[:2]) == tuple(self.pending_ids.shape):
                 ids = self.pending_ids
         self._new_prompt(ids)
+        if cache is not None:
+            # beam search reorders the cache's rows between steps: every per-row state follows
+            compat.on_cache_reorder(cache, self._reorder_callback())
         changed = False
         for method in self.model_methods:
             new = method.before_model(self, bound)
@@ -195,10 +207,38 @@ class SteeringState:
     def model_post_hook(self, module, args, kwargs, output):
         if self.is_paused:
             return None
-        bound = compat.bind_arguments(module.forward, args, kwargs)
+        if self.current_call is None:
+            raise SteeringError(
+                "attnsteer's post-forward step ran without its pre-forward step, so it cannot tell whether this "
+                "forward was a prefill. Fix: call the steered model itself (model(...) / model.generate(...))"
+            )
+        (is_prefill, bound), self.current_call = self.current_call, None
         for method in self.model_methods_after:
-            method.after_model(self, module, bound, output)
+            method.after_model(self, module, bound, output, is_prefill)
         return output
+
+    # ---- batch rows of the current prompts -------------------------------------------------------
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep the per-row state of batch rows ``index`` (integer (R,)), in that order: token roles,
+        hidden-state sinks and every method's per-prompt state. Cropping a second stream off the
+        batch keeps ``arange(B)``; beam search reorders the rows with its beam indices."""
+        if self.roles is not None:
+            self.roles = self.roles.select(index.to(self.roles.image.device))
+        self.sinks.select(index)
+        for method in self.methods:
+            method.select_batch(index)
+
+    def _reorder_callback(self):
+        """``select_rows`` for the cache's reorders, for as long as this prompt is the current one
+        (a weak reference: the cache may outlive the handle)."""
+        ref, prompt = weakref.ref(self), self.prompts
+
+        def reorder(beam_idx: torch.Tensor) -> None:
+            state = ref()
+            if state is not None and state.prompts == prompt and not state.is_paused:
+                state.select_rows(beam_idx)
+
+        return reorder
 
     def _new_prompt(self, ids) -> None:
         self.prompts += 1
@@ -209,18 +249,18 @@ class SteeringState:
             self.roles = None
         else:
             if self.focus_mask is not None:
-                shape = tuple(ids.shape) if ids is not None else None
-                if shape is not None and tuple(self.focus_mask.shape) != shape:
-                    raise SteeringError(
-                        f"handle.focus(mask): mask has shape {tuple(self.focus_mask.shape)} but the prompt's input_ids "
-                        f"have shape {shape}. Fix: build the mask over the padded prompt, (batch, seq)"
-                    )
-                marked = self.focus_mask.to(device=ids.device if ids is not None else "cpu", dtype=torch.bool)
+                marked = self._focus_for(ids).to(device=ids.device if ids is not None else "cpu", dtype=torch.bool)
             else:
                 marked = image_mask(ids, self.arch.image_token_ids)
             self.roles = PromptRoles(marked)
         if self.needs_image:
             has = self.roles.has_image if self.roles is not None else None
+            if self.focus_mask is not None and not bool(has.any()):
+                raise SteeringError(
+                    f"handle.focus(mask): the mask (shape {tuple(self.focus_mask.shape)}) marks no position in any row, "
+                    f"so the recipe's {sorted({m.name for m in self.methods if m.needs_image})} have nothing to steer "
+                    "toward. Fix: set True (1) at the key positions of the span to focus on"
+                )
             if has is None or not bool(has.any()):
                 looked = list(self.arch.image_token_ids)
                 what = (
@@ -233,6 +273,29 @@ class SteeringState:
                     "`with handle.focus(mask): ...`"
                 )
             self.rows_without_image += int((~has).sum())
+
+    def _focus_for(self, ids) -> torch.Tensor:
+        """The focus mask for this prompt's rows: as given, or -- when ``generate()`` expanded each
+        prompt to ``k`` rows (``num_beams`` / ``num_return_sequences``) -- each row repeated ``k``
+        times, after checking that the prompt rows are exactly the call's rows repeated so."""
+        mask = self.focus_mask
+        if ids is None or tuple(mask.shape) == tuple(ids.shape):
+            return mask
+        asked = self.pending_ids
+        rows = mask.shape[0]
+        if (
+            asked is not None
+            and tuple(asked.shape) == tuple(mask.shape)
+            and ids.shape[1] == mask.shape[1]
+            and ids.shape[0] % rows == 0
+            and torch.equal(asked.to(ids.device).repeat_interleave(ids.shape[0] // rows, dim=0), ids)
+        ):
+            return mask.to(ids.device).repeat_interleave(ids.shape[0] // rows, dim=0)
+        raise SteeringError(
+            f"handle.focus(mask): mask has shape {tuple(mask.shape)} but the prompt's input_ids have shape "
+            f"{tuple(ids.shape)}. Fix: build the mask over the padded prompt, (batch, seq), as given to "
+            "model(...) / model.generate(...)"
+        )
 
     # ---- hook on the text decoder -------------------------------------------------------------
     def decoder_pre_hook(self, module, args, kwargs):

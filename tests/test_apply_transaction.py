@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import vlm_fixtures as F
@@ -253,3 +255,33 @@ def test_a_switch_of_the_attention_implementation_failing_half_way_is_undone(mon
     with pytest.raises(RuntimeError, match="injected failure"):
         attnsteer.apply(model, {"interventions": [{"method": "pai", "params": {"alpha": 0.5}}]})
     assert fingerprint(model) == before
+
+
+# ---- a removed handle ---------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "use",
+    [
+        ("with handle", lambda h: h.__enter__()),
+        ("handle.focus(mask)", lambda h: h.focus(torch.ones(1, 4, dtype=torch.bool))),
+        ("handle.prompt_text(texts)", lambda h: h.prompt_text(["a question"])),
+    ],
+    ids=["with", "focus", "prompt_text"],
+)
+def test_a_removed_handle_refuses_to_steer_again(use):
+    name, call = use
+    model = build_tiny("llama")
+    handle = attnsteer.apply(model, {"interventions": [{"method": "softplus", "params": {"p": 2.0}}]})
+    handle.remove()
+    with pytest.raises(attnsteer.SteeringError, match=rf"{re.escape(name)}: this handle .* was removed.*Fix: apply"):
+        call(handle)
+    handle.remove()  # removing twice stays harmless
+    assert handle.stats() and handle.report() == {}  # what it recorded stays readable
+
+
+def test_a_focus_mask_that_marks_nothing_is_refused_naming_the_mask():
+    model = build_tiny("llama")
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    recipe = {"interventions": [{"method": "pai", "params": {"alpha": 0.5}}]}
+    with attnsteer.apply(model, recipe) as handle, handle.focus(torch.zeros(2, 8, dtype=torch.bool)):
+        with pytest.raises(attnsteer.SteeringError, match=r"handle.focus\(mask\): the mask .* marks no position.*Fix"):
+            model(input_ids=ids)

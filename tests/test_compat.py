@@ -321,3 +321,36 @@ def test_missing_cpu_flash_kernel_warns_and_falls_back(monkeypatch):
     with attnsteer.apply(model, ACT_ALL):
         model(input_ids=_ids())
     assert routing.COUNTERS["fallback/cpu flash kernel unavailable"] > 0
+
+
+# ---- beam search and static caches -----------------------------------------------------------------
+def test_beam_search_reorders_the_cache_through_reorder_cache_and_the_callback_follows():
+    """generate()'s beam search must call ``Cache.reorder_cache(beam_idx)`` on the cache the prefill
+    received; attnsteer's per-row state (PAI's text-only stream, sink sets) follows those calls."""
+    model = build_tiny("llama")
+    seen, orders = [], []
+
+    def record(module, args, kwargs):
+        cache = compat.find_cache(compat.bind_arguments(module.forward, args, kwargs).values())
+        if cache is not None and compat.cache_length(cache) == 0:
+            compat.on_cache_reorder(cache, lambda index: orders.append(index.clone()))
+            seen.append(cache)
+
+    hook = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        model.generate(_ids(), max_new_tokens=4, min_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+    finally:
+        hook.remove()
+    assert len(seen) == 1, "beam search: the prefill did not receive an empty Cache"
+    assert len(orders) >= 3, f"beam search: reorder_cache(beam_idx) was called {len(orders)} times for 4 steps"
+    for index in orders:
+        assert not index.is_floating_point() and index.shape == (6,), "beam search: beam_idx is not (batch * beams,)"
+        assert bool(((index // 3) == torch.arange(6) // 3).all()), "beam search: a beam moved to another prompt"
+
+
+def test_static_caches_are_told_apart_from_dynamic_ones():
+    from transformers import DynamicCache, StaticCache
+
+    model = build_tiny("llama")
+    assert compat.cache_is_static(StaticCache(config=model.config, max_cache_len=16)) is True
+    assert compat.cache_is_static(DynamicCache()) is False

@@ -119,7 +119,6 @@ class AGLA(Method):
         self.matcher = None  # BlipItmMatcher, loaded once per handle on first use
         self.layout = None
         self.rows: int | None = None  # prompts of the current batch (B)
-        self.prefill = False
         self.last: dict | None = None  # the report of the last batch
 
     # ---- recipe-level facts -------------------------------------------------------------------
@@ -197,6 +196,14 @@ class AGLA(Method):
                 "inputs_embeds only. Fix: pass input_ids (with the image placeholders) to generate / the model"
             )
         rows = ids.shape[0]
+        asked = state.pending_ids
+        if asked is not None and asked.shape[0] != rows:
+            raise SteeringError(
+                f"AGLA: generate() expanded the {asked.shape[0]} prompts to {rows} rows (num_beams or "
+                "num_return_sequences > 1); AGLA decodes both views of each prompt in lockstep, one sequence per "
+                "prompt, greedy or sampled. Fix: num_beams=1 and num_return_sequences=1 (to sample several answers, "
+                "repeat the prompts in the batch)"
+            )
         direct = not state.arch.spec.stream_host  # the steered forward takes the pixels itself
         pixels = self._pixel_inputs(state, bound if direct else state.pending_call or {})
         layout = self._layout(state)
@@ -212,9 +219,9 @@ class AGLA(Method):
             second = {**pixels, **new_pixels}
         else:
             base, second = bound, {"inputs_embeds": self._embeds_of(state, new_pixels)}
-        out = stack_rows(base, second, rows)
+        out = stack_rows(base, second, rows, "AGLA's augmented view")
         state.roles = PromptRoles(torch.cat([state.roles.image, state.roles.image]))
-        self.rows, self.prefill = rows, True
+        self.rows = rows
         self.last = {
             "matcher": self.p.matcher,
             "views": [
@@ -246,13 +253,6 @@ class AGLA(Method):
         if "pixel_values" not in found and call.get("mm_encoder_outputs") is not None and state.pending_call:
             pending = state.pending_call
             found = {k: pending[k] for k in IMAGE_ARGUMENTS if isinstance(pending.get(k), torch.Tensor)}
-            asked, ids = pending.get("input_ids"), call.get("input_ids")
-            if asked is not None and ids is not None and asked.shape[0] != ids.shape[0]:
-                raise SteeringError(
-                    f"AGLA: generate() expanded the {asked.shape[0]} prompts to {ids.shape[0]} rows (num_beams or "
-                    "num_return_sequences > 1); AGLA supports one sequence per prompt, greedy or sampled. Fix: "
-                    "repeat the prompts in the batch instead of num_return_sequences; beam search is not supported"
-                )
         if "pixel_values" not in found:
             raise SteeringError(
                 "AGLA could not find this prompt's pixel_values (it builds the augmented image from them). Fix: "
@@ -368,7 +368,6 @@ class AGLA(Method):
                 "AGLA: a decode step arrived without the prompt's prefill through the steered model, so there is no "
                 "augmented view. Fix: start each prompt with model.generate(...) or model(...) on the steered model"
             )
-        self.prefill = False
         if self.p.share_cache:
             return None
         ids = bound.get("input_ids")
@@ -382,16 +381,16 @@ class AGLA(Method):
                 "(num_beams=1)"
             )
         second = {k: bound[k] for k in IMAGE_ARGUMENTS if isinstance(bound.get(k), torch.Tensor)}
-        return stack_rows(bound, second, batch)
+        return stack_rows(bound, second, batch, "AGLA's augmented view")
 
-    def after_model(self, state, model, bound, output) -> None:
+    def after_model(self, state, model, bound, output, is_prefill) -> None:
         rows = self.rows
         logits = output.logits
         if rows is None:
             return
         if logits.shape[0] == 2 * rows:
             z = assemble_logits(logits[:rows, -1], logits[rows:, -1], self.p.alpha, self.p.beta)
-        elif logits.shape[0] == rows and self.p.share_cache and not self.prefill:
+        elif logits.shape[0] == rows and self.p.share_cache and not is_prefill:
             z = assemble_logits(logits[:, -1], logits[:, -1], self.p.alpha, self.p.beta)
         else:
             raise SteeringError(

@@ -272,11 +272,13 @@ class Method:
         :meth:`attnsteer.SteeringHandle.report`."""
         return None
 
-    def crop_batch(self, rows: int) -> None:
-        """Keep the first ``rows`` batch rows of per-prompt state (after an augmented prefill)."""
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (integer (R,)) of the per-prompt state, in that order: the first
+        B rows after a second stream is cropped off the batch, the beams' rows under beam search.
+        Every tensor in ``prompt_state`` has the batch as its first dimension."""
         for key, value in list(self.prompt_state.items()):
-            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > rows:
-                self.prompt_state[key] = value[:rows]
+            if isinstance(value, torch.Tensor) and value.dim():
+                self.prompt_state[key] = value[index.to(value.device)]
 
     def head_output(self, out: torch.Tensor, info) -> tuple[torch.Tensor, object]:  # pragma: no cover
         """out: (B, Q, H_q, D) attention output before o_proj -> (scaled out, rows changed)."""
@@ -291,9 +293,11 @@ class Method:
         """Before every decode forward (a KV cache is given): replacement arguments, or None."""
         return None
 
-    def after_model(self, state, model, bound: dict, output) -> None:
+    def after_model(self, state, model, bound: dict, output, is_prefill: bool) -> None:
         """After every forward of the steered model (not paused): may rewrite ``output`` in place
-        (e.g. ``output.logits``)."""
+        (e.g. ``output.logits``). ``bound``: the forward's arguments as the caller gave them (before
+        any method added rows); ``is_prefill``: the phase the pre-hook decided before the forward
+        (the cache in ``bound`` has been filled by then)."""
 
     def active(self, is_prefill: bool) -> bool:
         """Whether this step modifies anything in a forward of this phase."""

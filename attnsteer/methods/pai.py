@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import compat
+from ..errors import SteeringError
 from ..roles import image_mask, text_only_inputs
 from .base import Method, RowContext, param, register
 
@@ -102,13 +103,16 @@ class PAI(Method):
         if self.text_stream is not None:
             self.text_stream.reset()
 
-    def after_model(self, state, model, bound, output) -> None:
+    def select_batch(self, index) -> None:
+        super().select_batch(index)
+        if self.text_stream is not None:
+            self.text_stream.select(index)
+
+    def after_model(self, state, model, bound, output, is_prefill) -> None:
         """Contrast the steered logits of the last position with the text-only stream's."""
         if self.text_stream is None:
             self.text_stream = TextStream(state)
-        text_logits = self.text_stream.step(model, bound)
-        if text_logits is None:
-            return
+        text_logits = self.text_stream.step(model, bound, is_prefill)
         logits = output.logits.clone()
         logits[:, -1] = contrast_logits(logits[:, -1], text_logits, self.p.gamma).to(logits.dtype)
         output.logits = logits
@@ -127,11 +131,18 @@ class TextStream:
         self.cache = None
         self.mask = None
 
-    def step(self, model, kwargs: dict):
-        """Run the text-only stream for this forward; returns its last-position logits (B, V)."""
+    def select(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (integer (R,)) of the stream, in that order (beam search)."""
+        if self.cache is not None:
+            self.cache.reorder_cache(index.to(self.mask.device))
+            self.mask = self.mask[index.to(self.mask.device)]
+
+    def step(self, model, kwargs: dict, is_prefill: bool):
+        """Run the text-only stream for this forward of the steered model (``kwargs``: its
+        arguments; ``is_prefill``: its phase, decided before it ran); returns the stream's
+        last-position logits (B, V)."""
         ids = kwargs.get("input_ids")
-        past_len = compat.cache_length(compat.find_cache(kwargs.values()))
-        if past_len == 0:
+        if is_prefill:
             drop = self.state.roles.image
             if ids is not None:
                 drop = drop | image_mask(ids, self.state.drop_ids)
@@ -140,9 +151,24 @@ class TextStream:
             )
             self.cache = None
         else:
-            if self.cache is None or ids is None:
-                return None
-            self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], ids.shape[1])], dim=1)
+            if self.cache is None:
+                raise SteeringError(
+                    "PAI (gamma): a decode step arrived without the prompt's prefill through the steered model, so "
+                    "the text-only stream has no cache. Fix: start each prompt with model.generate(...) or "
+                    "model(...) on the steered model"
+                )
+            if ids is None:
+                raise SteeringError(
+                    "PAI (gamma): this decode step passed inputs_embeds only; the text-only stream continues with "
+                    "the generated token ids. Fix: pass input_ids (generate() does)"
+                )
+            rows = self.mask.shape[0]
+            if ids.shape[0] != rows:
+                raise SteeringError(
+                    f"PAI (gamma): this decode step has {ids.shape[0]} rows, the text-only stream {rows}. Fix: keep "
+                    "the prompt batch through generation (start a new prompt for a new batch)"
+                )
+            self.mask = torch.cat([self.mask, self.mask.new_ones(rows, ids.shape[1])], dim=1)
             step_ids, step_embeds = ids, None
         width = (step_ids if step_ids is not None else step_embeds[..., 0]).shape[1]
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]

@@ -46,14 +46,23 @@ IMAGE_ARGUMENTS = (
 SHARED_ARGUMENTS = ("cache_position",)
 
 
-def stack_rows(bound: dict, second: dict, rows: int) -> dict:
+def stack_rows(bound: dict, second: dict, rows: int, what: str) -> dict:
     """The arguments of a forward of ``rows`` prompts with a second version of each appended.
 
     bound: the forward's arguments by name. second: replacements for the second rows (same
     names; e.g. text-only ``input_ids`` (B, L), augmented ``pixel_values``); an argument that is
     not replaced is repeated. Per-row arguments grow to 2B rows; per-image ones (pixels, grids)
-    grow only when ``second`` gives the second rows' own images, else the second rows show none. Returns the new arguments; the Cache and non-tensor arguments are passed through.
+    grow only when ``second`` gives the second rows' own images, else the second rows show none.
+    ``what`` names the second version in errors. Returns the new arguments; the Cache and
+    non-tensor arguments are passed through.
     """
+    cache = compat.find_cache(bound.values())
+    if cache is not None and compat.cache_is_static(cache):
+        raise SteeringError(
+            f"{what} rides in the model's batch as {rows} extra rows, but this forward's KV cache "
+            f"({type(cache).__name__}) is preallocated for the prompt batch. Fix: use the default dynamic cache "
+            "(no cache_implementation='static' in generate())"
+        )
     out = dict(bound)
     for name, value in bound.items():
         if not isinstance(value, torch.Tensor):
@@ -112,8 +121,4 @@ def crop_rows(state, module, output, rows: int) -> None:
         value = getattr(owner, attr, None)
         if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > rows:
             setattr(owner, attr, value[:rows])
-    if state.roles is not None:
-        state.roles = state.roles.select(slice(0, rows))
-    state.sinks.crop(rows)
-    for method in state.methods:
-        method.crop_batch(rows)
+    state.select_rows(torch.arange(rows))

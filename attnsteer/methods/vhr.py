@@ -92,7 +92,7 @@ class VHR(Method):
             return append_text_stream(state, bound)
         return None
 
-    def after_model(self, state, model, bound, output) -> None:
+    def after_model(self, state, model, bound, output, is_prefill) -> None:
         if state.stream_rows is not None:
             drop_text_stream(state, model, output)
 
@@ -139,7 +139,8 @@ class VHR(Method):
         if selected.shape[0] != out.shape[0]:
             raise SteeringError(
                 f"VHR on layer {self.layer}: heads were selected for batch {selected.shape[0]}, this forward has "
-                f"{out.shape[0]} rows. Beam search and batch changes mid-generation are not supported with VHR"
+                f"{out.shape[0]} rows. Fix: keep the prompt batch through generation (start a new prompt for a new batch; "
+                "generate()'s num_beams / num_return_sequences are followed)"
             )
         scale = torch.where(selected, alpha, 1.0).to(out.dtype)[:, None, :, None]
         return out * scale, selected.sum() * out.shape[1]
@@ -199,7 +200,7 @@ def append_text_stream(state, bound: dict) -> dict:
     for name in ("mm_token_type_ids", "token_type_ids"):
         if bound.get(name) is not None:
             second[name] = torch.zeros_like(bound[name])
-    out = stack_rows(bound, second, rows)
+    out = stack_rows(bound, second, rows, "VHR's text-only stream")
     state.roles = PromptRoles(torch.cat([state.roles.image, torch.zeros_like(state.roles.image)]))
     state.stream_rows = rows
     return out
