@@ -73,13 +73,61 @@ def quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def first_sentence(text: str, limit: int = 90) -> str:
-    """The start of a description up to its first ': ', '. ' or '; ', shortened to ``limit``."""
+_OPENERS, _CLOSERS = "([{", ")]}"
+_ABBREVIATIONS = {"e.g", "i.e", "vs", "cf", "al", "fig", "eq", "approx"}
+
+
+def one_line(text: str, width: int, ellipsis: str = "\u2026") -> str:
+    """The first sentence of ``text`` on one line of at most ``width`` characters.
+
+    The sentence ends at the first ``. ``, ``: `` or ``; `` outside brackets and backticks (so
+    ``(p keeps 0.6, i.e. moves 0.4)`` is never split). A longer sentence is cut at the last word
+    boundary where no bracket or backtick is open and marked with ``ellipsis``; brackets in the
+    result are always balanced."""
     text = " ".join((text or "").split())
-    cut = len(text)
-    for sep in (": ", ". ", "; "):
-        i = text.find(sep)
-        if 0 < i < cut:
-            cut = i
-    text = text[:cut].rstrip(".")
-    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."
+    width = max(1, width)
+    stack: list[str] = []  # open brackets / backtick before position i
+    balanced_spaces: list[int] = []  # spaces with nothing open: where a cut keeps brackets balanced
+    end = len(text)
+    for i, ch in enumerate(text):
+        if stack and stack[-1] == "`":
+            if ch == "`":
+                stack.pop()
+            continue
+        if ch == "`" or ch in _OPENERS:
+            stack.append(ch)
+        elif ch in _CLOSERS:
+            if stack and stack[-1] == _OPENERS[_CLOSERS.index(ch)]:
+                stack.pop()
+        elif not stack and ch == " ":
+            balanced_spaces.append(i)
+        elif not stack and ch in ".:;" and text[i + 1 : i + 2] == " ":
+            word = text[:i].rsplit(" ", 1)[-1].lower()
+            if ch != "." or word not in _ABBREVIATIONS:
+                end = i
+                break
+    sentence = text[:end].rstrip(".")
+    if len(sentence) <= width:
+        return sentence
+    trailing = " ,;:-\u2013"
+    for i in reversed(balanced_spaces):
+        head = sentence[:i].rstrip(trailing)
+        if head and i < len(sentence) and len(head) + len(ellipsis) <= width:
+            return head + ellipsis
+    # no word boundary outside brackets fits: cut inside and close what is open
+    head, closing = sentence[: max(0, width - len(ellipsis))], ""
+    while True:
+        opened: list[str] = []
+        for ch in head:
+            if opened and opened[-1] == "`":
+                if ch == "`":
+                    opened.pop()
+            elif ch == "`" or ch in _OPENERS:
+                opened.append(ch)
+            elif ch in _CLOSERS and opened and opened[-1] == _OPENERS[_CLOSERS.index(ch)]:
+                opened.pop()
+        closing = "".join("`" if c == "`" else _CLOSERS[_OPENERS.index(c)] for c in reversed(opened))
+        if len(head) + len(ellipsis) + len(closing) <= width or not head:
+            break
+        head = head[:-1]
+    return head.rstrip(trailing) + ellipsis + closing

@@ -18,7 +18,7 @@ from typing import TextIO
 
 import torch
 
-from .console import first_sentence, quiet_transformers, term_width, wrap, wrap_items
+from .console import one_line, quiet_transformers, term_width, wrap, wrap_items
 from .errors import AttnsteerWarning
 from .models import describe_model, load_with_progress
 from .recipe import BASELINE_LABEL, label_recipes
@@ -418,7 +418,7 @@ def _run_demo(prompts, recipes, *, max_new_tokens, backend, out, err) -> int:
     chat = bool(getattr(tokenizer, "chat_template", None))
     print(f"model:   SmolLM2-135M-Instruct ({describe_model(model)})", file=out)
     for label, recipe in loaded:
-        desc = first_sentence(recipe.description) or ", ".join(recipe.methods)
+        desc = one_line(recipe.description, 90) or ", ".join(recipe.methods)
         print(f"recipe:  {label}: {desc}", file=out)
     resolved_backend = "fused" if backend == "auto" else backend
     print(

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from . import hub
 from .console import quiet_transformers
 from .errors import AttnsteerError, UnsupportedModelError, UsageError
 
@@ -97,7 +98,7 @@ def load_model(model_id: str, *, dtype=None, device: str | None = None, attn_imp
         tokenizer, model = load_smollm2(dtype=dtype, attn_implementation=attn_implementation)
     else:
         try:
-            tok_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in kwargs}
+            tok_kwargs = {k: kwargs[k] for k in (*HUB_KWARGS, "token") if k in kwargs}
             tokenizer = AutoTokenizer.from_pretrained(model_id, **tok_kwargs)
             model = AutoModelForCausalLM.from_pretrained(
                 model_id, dtype=dtype or torch.float32, attn_implementation=attn_implementation, **kwargs
@@ -239,48 +240,42 @@ def resolve_model(model: str | None, model_args: str | None) -> tuple[str, dict]
             f"Fix: check the path, pass a hub id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct), or "
             f"--model {SMOLLM2_ID} for the embedded offline default"
         )
-    check_hub_model(model_id, kwargs.get("revision"))
+    if check_hub_model(model_id, kwargs.get("revision")):
+        kwargs["local_files_only"] = True  # cached, hub offline: no download retries (from_pretrained's own switch)
     return model_id, kwargs
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except (OSError, TypeError):
-        return False
+HUB_KWARGS = ("revision", "trust_remote_code", "local_files_only")  # what every from_pretrained call of a model takes
 
 
-def check_hub_model(model_id: str, revision: str | None) -> None:
+def check_hub_model(model_id: str, revision: str | None) -> bool:
     """Fail fast (instead of minutes of download retries) when a hub id can be neither found in
-    the local Hugging Face cache nor downloaded."""
+    the local Hugging Face cache nor downloaded. Returns True when the model is in the cache and
+    the hub is offline or unreachable: load it with ``local_files_only=True``."""
     try:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(model_id, "config.json", revision=revision)
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
-        return
+        return False
     except ValueError as exc:  # HFValidationError: not a well-formed repo id
         raise UsageError(
             f"--model {model_id!r}: not a local folder and not a valid hub id ({exc}). Fix: pass an existing "
             f"folder, a hub id such as HuggingFaceTB/SmolLM2-135M-Instruct, or smollm2 for the embedded default"
         ) from None
     if isinstance(cached, str):
-        return
+        return hub.offline()
     fix = "Fix: download it where there is network and pass the folder, or use --model smollm2 (embedded, offline)"
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+    if hub.offline_flag():
         raise UsageError(
             f"--model {model_id!r}: not a local folder, not in the Hugging Face cache, and HF_HUB_OFFLINE is set. {fix}"
         )
-    if not hub_reachable():
+    if not hub.reachable():
         raise UsageError(
             f"--model {model_id!r}: not a local folder, not in the Hugging Face cache, and the hub is not "
             f"reachable from this machine. {fix}"
         )
+    return False
 
 
 def load_checked(model_id: str, kwargs: dict, err):

@@ -230,12 +230,55 @@ def plans_for(recipe, arch: archs.ResolvedArch) -> dict[int, LayerPlan]:
     return _build_plans(recipe, arch)
 
 
-def check_recipes(model: nn.Module, recipes, model_id: str) -> tuple[list[str], dict[str, dict]]:
+def image_methods(planned: Plan) -> list[str]:
+    """Names of the plan's methods that steer attention toward image keys (``method.needs_image``:
+    VAR, PAI, AGLA, VHR with per-prompt selection); they need image tokens in the input, or a span
+    marked with ``handle.focus(mask)``."""
+    return sorted({m.name for m in planned.methods if m.needs_image})
+
+
+def check_image_keys(planned: Plan, label: str, model_id: str, images: bool | None = None) -> None:
+    """Raise :class:`UsageError` when ``planned`` steers toward image keys that the run cannot have.
+
+    ``images``: whether the run's inputs carry image tokens (or a focus span); ``None``: they do
+    exactly when the model has image tokens (a vision-language model fed images). The command line
+    cannot mark a focus span on a text model, so such a recipe would fail on its first forward
+    (``SteeringError``), after the baseline ran; this check refuses it before any work."""
+    needing = image_methods(planned)
+    if not needing or images is True:
+        return
+    has_tokens = bool(planned.arch.image_token_ids)
+    if images is None and has_tokens:
+        return
+    if has_tokens:
+        why = f"this run's prompts carry no image, so --model {model_id!r} sees no image tokens to steer toward"
+        fix = "Fix: run it with images (e.g. --image PATH), or use a text recipe such as act-default"
+    else:
+        why = (
+            f"--model {model_id!r} ({planned.arch.spec.model_type}) is a text-only model: its inputs have no image "
+            "tokens, and the command line cannot mark a focus span on a text model"
+        )
+        fix = (
+            "Fix: use a vision-language --model (e.g. llava-hf/llava-1.5-7b-hf) with images, or from Python mark the "
+            "span yourself with `with handle.focus(mask): ...` (attnsteer.apply); text recipes such as act-default "
+            "run here"
+        )
+    raise UsageError(
+        f"--recipe {label!r} cannot run here: its method(s) {needing} steer attention toward image tokens, and {why}. "
+        f"{fix}"
+    )
+
+
+def check_recipes(
+    model: nn.Module, recipes, model_id: str, *, images: bool | None = None
+) -> tuple[list[str], dict[str, dict]]:
     """Plan each ``(label, recipe)`` on ``model`` before any work starts (nothing is changed).
 
     Returns the warnings the plans gave (identity parameters, ...) and, per label, the recipe
     with the concrete layers and heads it steers on this model (:meth:`Plan.resolved_recipe`).
-    A recipe that does not fit raises :class:`UsageError` naming ``--recipe`` and ``--model``.
+    A recipe that does not fit raises :class:`UsageError` naming ``--recipe`` and ``--model``;
+    so does one whose methods steer toward image tokens the run's inputs will not have
+    (``images``: see :func:`check_image_keys`).
     """
     notes: list[str] = []
     applied: dict[str, dict] = {}
@@ -243,11 +286,13 @@ def check_recipes(model: nn.Module, recipes, model_id: str) -> tuple[list[str], 
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always", AttnsteerWarning)
             try:
-                applied[label] = plan(model, recipe).resolved_recipe().to_dict()
+                planned = plan(model, recipe)
+                applied[label] = planned.resolved_recipe().to_dict()
             except AttnsteerError as exc:
                 raise UsageError(
                     f"--recipe {label!r} cannot steer --model {model_id!r}: {exc}. The baseline (--recipe none) needs "
                     "no steering and still runs"
                 ) from None
+        check_image_keys(planned, label, model_id, images)
         notes += [str(w.message) for w in record if issubclass(w.category, AttnsteerWarning)]
     return list(dict.fromkeys(notes)), applied

@@ -24,7 +24,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from . import hub
 from .errors import AttnsteerWarning, RecipeError, UsageError
 from .methods import METHODS, PLANNED_METHODS
 from .selectors import validate_heads, validate_layers
@@ -219,7 +219,7 @@ class Recipe:
             commit_message = f"attnsteer recipe {recipe.name!r} (sha256 {digest})"
         elif digest not in commit_message:
             commit_message = f"{commit_message} (attnsteer recipe sha256 {digest})"
-        if _hub_offline():
+        if hub.offline_flag():
             raise UsageError(
                 f"push_to_hub: cannot upload to the Hub repo {repo_id!r}: the Hub is offline (HF_HUB_OFFLINE is "
                 "set); nothing was uploaded. Fix: connect to the network and unset HF_HUB_OFFLINE, or share the "
@@ -535,24 +535,14 @@ def _hub_repo_id(value: str, where: str, allow_bare: bool = False) -> str:
     return repo_id
 
 
-def _hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` as set now (huggingface_hub reads it once, at import)."""
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")
-    try:
-        from huggingface_hub import constants
-
-        return flag or bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # pragma: no cover - huggingface_hub missing or changed
-        return flag
-
-
 def hub_recipe_file(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
     """Download ``recipe.yaml`` of the Hub repo ``repo_id`` (or take it from the local Hugging Face
     cache) and return its path. Raises :class:`RecipeError` naming the repo and the fix."""
     repo_id = _hub_repo_id(repo_id, "recipe")
     at = f" at revision {revision!r}" if revision else ""
     where = f"the Hub repo {repo_id!r}{at}"
-    offline = _hub_offline()
+    offline = hub.offline_flag()
+    unreachable = not offline and not hub.reachable()  # no download retries (tens of seconds): the cache alone
     try:
         from huggingface_hub import errors as hub_errors
         from huggingface_hub import hf_hub_download
@@ -561,11 +551,13 @@ def hub_recipe_file(repo_id: str, *, revision: str | None = None, token: str | b
             f"recipe: loading {where} needs huggingface_hub. Fix: pip install huggingface_hub, or pass a local path"
         ) from exc
     try:
-        file = hf_hub_download(repo_id, RECIPE_FILENAME, revision=revision, token=token, local_files_only=offline)
+        file = hf_hub_download(
+            repo_id, RECIPE_FILENAME, revision=revision, token=token, local_files_only=offline or unreachable
+        )
     except Exception as exc:  # classified below; every branch names the repo and the fix
         detail = f"({type(exc).__name__}: {_one_line(exc)})"
         local = "or download recipe.yaml and pass its local path (a YAML file, or a folder holding recipe.yaml)"
-        if isinstance(exc, hub_errors.LocalEntryNotFoundError) or offline:
+        if isinstance(exc, hub_errors.LocalEntryNotFoundError) or offline or unreachable:
             state = "the Hub is offline (HF_HUB_OFFLINE is set)" if offline else "the Hub could not be reached"
             message = (
                 f"recipe: could not download {RECIPE_FILENAME} from {where}: {state}, and the local Hugging Face "

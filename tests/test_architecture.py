@@ -2,7 +2,7 @@
 
 Layers, bottom to top (a module may import its own layer and those below it):
 
-0. foundations: errors, compat, console, selectors, roles, sinks, recipe, archs, models, methods, kernels
+0. foundations: errors, compat, console, selectors, roles, sinks, recipe, archs, hub, models, methods, kernels
 1. attention integration: attention, state
 2. the API: plan, api, the package itself (``import attnsteer``)
 3. evaluations, calibration and the demo: evals, calibrate, demo
@@ -31,6 +31,7 @@ LAYERS = {
     "recipe": 0,
     "archs": 0,
     "models": 0,
+    "hub": 0,
     "methods": 0,
     "kernels": 0,
     "attention": 1,

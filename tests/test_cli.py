@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,7 @@ def test_every_help_ends_with_a_runnable_example(capsys, argv):
     code, out, _ = run(capsys, *argv, "--help")
     assert code == 0
     last = out.strip().splitlines()
-    assert last[-2].strip() == "example:"
+    assert re.fullmatch(r"example( \(needs .+\))?:", last[-2].strip()), last[-2]  # and what it needs, if anything
     assert last[-1].strip().startswith("attnsteer ")
 
 
@@ -144,6 +145,69 @@ def test_recipes_list(capsys):
     for name in attnsteer.builtin_names():
         row = next(line for line in lines if line.startswith(name + " "))
         assert attnsteer.load_recipe(name).methods[0] in row.split()
+
+
+def _balanced(text: str) -> bool:
+    stack = []
+    for ch in text:
+        if ch in "([{":
+            stack.append(")]}"["([{".index(ch)])
+        elif ch in ")]}" and (not stack or stack.pop() != ch):
+            return False
+    return not stack and text.count("`") % 2 == 0
+
+
+@pytest.mark.parametrize("columns", [None, "100"])
+def test_recipes_list_is_one_line_per_recipe_within_the_width(capsys, monkeypatch, columns):
+    """Each built-in recipe is one line (name, methods, a shortened first sentence) of at most 80
+    columns (the width when stdout is not a terminal) or $COLUMNS; never cut inside brackets."""
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    width = int(columns or 80)
+    code, out, _ = run(capsys, "recipes", "list")
+    assert code == 0
+    lines = out.splitlines()
+    names = attnsteer.builtin_names()
+    rows = [line for line in lines if line.split(" ", 1)[0] in names]
+    assert [row.split()[0] for row in rows] == list(names)  # exactly one line per recipe, in order
+    assert len(lines) == len(names) + 3  # + header, blank line, footer
+    for line in lines:
+        assert len(line) <= width, line
+        assert _balanced(line), line
+    for row in rows:
+        name, methods, desc = row.split(None, 2)
+        recipe = attnsteer.load_recipe(name)
+        assert methods == ",".join(dict.fromkeys(recipe.methods))
+        full = " ".join(recipe.description.split())
+        assert full.startswith(desc.removesuffix("\u2026")), row  # a prefix, cut at a word boundary
+        assert desc.endswith("\u2026") or len(desc) < len(full) or desc == full.rstrip(".")
+    smollm2 = next(row for row in rows if row.startswith("act-smollm2-mmlu "))
+    assert "sha256" not in smollm2 and "Search" not in smollm2  # the provenance is for `recipes show`
+
+
+def test_one_line_cuts_at_a_sentence_or_word_boundary_outside_brackets():
+    from attnsteer.console import one_line
+
+    text = "VAR as shipped (p keeps 0.6, i.e. moves 0.4; the last layer too), for reproducing. Second one."
+    assert one_line(text, 200) == "VAR as shipped (p keeps 0.6, i.e. moves 0.4; the last layer too), for reproducing"
+    assert one_line(text, 40) == "VAR as shipped\u2026"  # not inside the parenthesis
+    assert one_line("Use `a b. c d` here: then more", 80) == "Use `a b. c d` here"
+    assert one_line("e.g. this stays whole. Next", 80) == "e.g. this stays whole"
+    cut = one_line("(" + "word " * 30 + ")", 20)  # no boundary outside: closed again
+    assert len(cut) <= 20 and _balanced(cut) and cut.endswith("\u2026)")
+    assert one_line("", 10) == ""
+
+
+def test_recipes_show_keeps_the_full_description_and_provenance(capsys):
+    code, out, _ = run(capsys, "recipes", "show", "act-smollm2-mmlu")
+    assert code == 0
+    recipe = attnsteer.load_recipe("act-smollm2-mmlu")
+    data = yaml.safe_load(out)
+    assert data["description"] == recipe.description and data["source"] == recipe.source
+    assert "sha256" in recipe.source and "held-out" in recipe.source
+    assert "# act: " in out and "#   beta:" in out  # the citation and the parameters
 
 
 def test_recipes_show_builtin_is_yaml_with_hash(capsys):

@@ -144,3 +144,33 @@ def test_killed_process_loses_nothing_finished_and_resume_skips_it(tmp_path):
     proc.kill()
     proc.wait()
     assert first == ["compute", "5"]
+
+
+def test_a_stopped_session_is_recorded_with_how_to_resume(tmp_path, capsys):
+    run = _open(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt), run.guard():
+        run.append({"key": "a|none|0", "output": "x"})
+        raise KeyboardInterrupt
+    err = capsys.readouterr().err
+    hint = f"rerun the same command (with --output_path {tmp_path / 'run'}) to resume it"
+    assert f"the run in {tmp_path / 'run'} was interrupted; 1 finished sample(s) are kept: {hint}" in err
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "interrupted" and record["resume"] == hint
+    assert record["stopped"]["reason"] == "KeyboardInterrupt" and record["sessions"][-1]["status"] == "interrupted"
+    again = _open(tmp_path / "run")  # the rerun: running again, the finished sample kept
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "running" and "resume" not in record and list(again.finished()) == ["a|none|0"]
+    with pytest.raises(RuntimeError), again.guard():
+        raise RuntimeError("disk full")
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "failed" and record["stopped"]["reason"] == "RuntimeError: disk full"
+    assert "stopped on an error" in capsys.readouterr().err
+
+
+def test_a_usage_error_before_the_first_sample_leaves_no_run_behind(tmp_path, capsys):
+    from attnsteer.errors import UsageError
+
+    run = _open(tmp_path / "run")
+    with pytest.raises(UsageError), run.guard():
+        raise UsageError("--recipe 'x' cannot steer --model 'm'")
+    assert not (tmp_path / "run").exists() and capsys.readouterr().err == ""

@@ -97,25 +97,37 @@ def test_pope_batch_size_one_gives_the_same_outputs(pope_run, tiny_llava_dir, ev
     assert one == four
 
 
+@pytest.mark.parametrize("stop", ["crash", "ctrl-c"])
 def test_interrupted_run_resumes_without_recomputing(
-    pope_run, tiny_llava_dir, eval_data, tmp_path, capsys, monkeypatch
+    pope_run, tiny_llava_dir, eval_data, tmp_path, capsys, monkeypatch, stop
 ):
     real = runner.generate_batch
     calls = {"batches": 0, "items": 0}
 
     def crashing(model, builder, items, decoding, device, handle=None):
         if calls["batches"] == 3:
-            raise RuntimeError("simulated crash")
+            raise RuntimeError("simulated crash") if stop == "crash" else KeyboardInterrupt()
         calls["batches"] += 1
         calls["items"] += len(items)
         return real(model, builder, items, decoding, device, handle)
 
     monkeypatch.setattr(runner, "generate_batch", crashing)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main([str(a) for a in pope_argv(tiny_llava_dir, eval_data, tmp_path / "run", "--batch_size", "2")])
-    capsys.readouterr()
+    argv = [str(a) for a in pope_argv(tiny_llava_dir, eval_data, tmp_path / "run", "--batch_size", "2")]
+    if stop == "crash":
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            main(argv)
+    else:
+        assert main(argv) == 130
+    _, err = capsys.readouterr()
     first = read_samples(tmp_path / "run")
-    assert len(first) == 6 and read_results(tmp_path / "run")["status"] == "running"
+    status = read_results(tmp_path / "run")
+    # not left "running": the status says what happened, and both the file and the message say how to resume
+    assert len(first) == 6 and status["status"] == ("failed" if stop == "crash" else "interrupted")
+    hint = f"rerun the same command (with --output_path {tmp_path / 'run'}) to resume it"
+    assert status["resume"] == hint and hint in err and "6 finished sample(s) are kept" in err
+    assert status["stopped"]["reason"] == ("RuntimeError: simulated crash" if stop == "crash" else "KeyboardInterrupt")
+    if stop == "crash":
+        return  # resuming is the same after either stop: the Ctrl-C case goes on
 
     def counting(model, builder, items, decoding, device, handle=None):
         calls["items"] += len(items)
@@ -128,6 +140,9 @@ def test_interrupted_run_resumes_without_recomputing(
     assert calls["items"] == 18  # nothing finished is recomputed
     final = read_samples(tmp_path / "run")
     assert final[:6] == first and len(final) == 24
+    resumed = read_results(tmp_path / "run")
+    assert resumed["status"] == "complete" and "resume" not in resumed
+    assert [s.get("status") for s in resumed["sessions"]] == ["interrupted", None]  # the stop stays on record
     # same numbers as the uninterrupted run
     assert (
         read_results(tmp_path / "run")["metrics"]["baseline"]["summary"]
@@ -439,3 +454,50 @@ def test_generate_save_views_without_an_agla_recipe_is_an_error(tiny_llava_dir, 
         "--max_new_tokens", "2", "--save-views", tmp_path / "v",
     )  # fmt: skip
     assert code == 2 and "--save-views" in err and "agla" in err.lower()
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_generate_vlm_honours_no_chat_and_writes_output_path(tiny_llava_dir, eval_data, tmp_path, capsys, chat):
+    image = sorted(eval_data["images"].glob("*.jpg"))[0]
+    out_file = tmp_path / "vlm.json"
+    code, out, err = cli(
+        capsys, "generate", "--model", tiny_llava_dir, "--image", image, "--prompt", "Is there a dog?",
+        "--recipe", "vhr-llava15", "--max_new_tokens", "2", "--output_path", out_file,
+        *([] if chat else ["--no-chat"]),
+    )  # fmt: skip
+    assert code == 0, err
+    record = json.loads(out_file.read_text())
+    assert record["chat"] is chat
+    text = record["results"][0]["prompt_text"]
+    if chat:  # the processor's chat template (tests/test_eval_helpers.py CHAT_TEMPLATE)
+        assert text.startswith("user : <image>") and text.endswith("assistant :")
+    else:  # no template: the image token the processor expands, then the prompt as given
+        assert text == "<image>\nIs there a dog?"
+    assert set(record["results"][0]["outputs"]) == {"baseline", "vhr-llava15"}
+
+
+def test_vlm_inputs_without_chat_needs_an_image_token():
+    from test_eval_helpers import build_processor
+
+    from attnsteer.errors import EvalError
+
+    processor = build_processor()
+    assert runner.VLMInputs(processor, chat=False).prompt_text("Hi", with_image=False) == "Hi"
+    processor.image_token = None
+    with pytest.raises(EvalError, match="--no-chat") as err:
+        runner.VLMInputs(processor, "m", chat=False)
+    assert "Fix: drop --no-chat" in str(err.value)
+
+
+def test_no_chat_is_refused_for_a_family_that_wraps_its_images_in_marker_tokens():
+    """Qwen2-VL writes <|vision_start|> ... <|vision_end|> around the image token in its chat
+    template; without the template those markers would be missing, so --no-chat is refused."""
+    from test_eval_helpers import build_processor
+    from vlm_fixtures import build_vlm
+
+    from attnsteer.errors import EvalError
+
+    processor = build_processor()
+    runner.VLMInputs(processor, "m", chat=False, model=build_vlm("llava"))  # no markers: accepted
+    with pytest.raises(EvalError, match=r"--no-chat: --model 'm' \(qwen2_vl\) wraps each image.*Fix: drop --no-chat"):
+        runner.VLMInputs(processor, "m", chat=False, model=build_vlm("qwen2_vl"))

@@ -393,3 +393,28 @@ def test_inspect_vlm_without_image_is_a_usage_error(tiny_llava_dir, tmp_path, ca
         capsys, "inspect", "--model", tiny_llava_dir, "--recipe", "act-default", "--prompt", "hi", "--out", tmp_path
     )
     assert code == 2 and "--image" in err and "vision-language" in err
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_inspect_vlm_honours_no_chat(tiny_llava_dir, tmp_path, capsys, monkeypatch, chat):  # noqa: F811
+    from attnsteer.evals import pictures
+
+    seen = {}
+
+    def fake_inspect(model, inputs, recipes, out, *, tokens, **kwargs):  # the prompt as inspect built it
+        seen["tokens"] = tokens
+        return {"pictures": [], "json": str(out / "inspect.json"), "skipped": [], "notes": []}
+
+    monkeypatch.setattr(pictures, "inspect", fake_inspect)
+    image = write_images(tmp_path / "images", IMAGE_IDS[:1]) / coco_name(IMAGE_IDS[0])
+    code, _, err = run(
+        capsys, "inspect", "--model", tiny_llava_dir, "--recipe", "act-default", "--prompt", "is there a dog ?",
+        "--image", image, "--out", tmp_path / "out", *([] if chat else ["--no-chat"]),
+    )  # fmt: skip
+    assert code == 0, err
+    words = [t for t in seen["tokens"] if t != "<image>"]
+    assert "<image>" in seen["tokens"]
+    if chat:  # the processor's chat template: user : <image> ... assistant :
+        assert words == ["user", ":", "is", "there", "a", "dog", "?", "assistant", ":"]
+    else:  # the image placeholders, then the prompt as given
+        assert seen["tokens"][0] == "<image>" and words == ["is", "there", "a", "dog", "?"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 
@@ -335,6 +336,14 @@ def test_a_prompt_length_sweep_with_fresh_process_memory_is_readable_by_compare(
     assert main(["compare", str(files[12]), str(files[20]), "--output_path", str(tmp_path / "cmp"), "--no_plot"]) == 0
     out = capsys.readouterr().out
     assert "prefill ms" in out and "softplus-reweight@fused-pytorch" in out
+    # the --output_path folder itself: every prompt length, and a PNG for a speed-only compare
+    argv = ["compare", str(tmp_path), "--output_path", str(tmp_path / "cmp2")]
+    assert main(argv if importlib.util.find_spec("matplotlib") else [*argv, "--no_plot"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("### speed - llama-tiny") == 2 and "prompt 12 tokens" in out and "prompt 20 tokens" in out
+    assert "peak extra MiB (fresh process)" in out and "memory ratio (fresh process)" in out
+    if importlib.util.find_spec("matplotlib"):
+        assert (tmp_path / "cmp2" / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_speed_on_the_embedded_smollm2(tmp_path, smollm2):

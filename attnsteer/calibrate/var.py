@@ -184,7 +184,7 @@ def load_model(args, command: str):
     try:
         from transformers import AutoConfig
 
-        hub = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+        hub = {k: kwargs[k] for k in models.HUB_KWARGS if k in kwargs}
         config = AutoConfig.from_pretrained(model_id, **hub)
     except (OSError, ValueError):
         config = None  # load_vlm below explains what is wrong with it
@@ -308,6 +308,15 @@ def share(count: int, total: int) -> float:
 def passes(count: int, total: int, threshold: float) -> bool:
     """The calibrations' rule: ``count / total >= threshold`` (up to float rounding)."""
     return share(count, total) >= threshold - SHARE_EPS
+
+
+def check_out(out: str) -> Path:
+    """``--out`` (a .yaml file, or a folder that gets recipe.yaml, as ``Recipe.save`` reads it)
+    checked writable before the model loads."""
+    from ..evals._cli import check_writable
+
+    target = Path(out).expanduser()
+    return check_writable(out, "--out", folder=target.is_dir() or target.suffix == "")
 
 
 def write_recipe(recipe, out: str) -> Path:
@@ -569,6 +578,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     if args.tau is not None and not args.tau > 0:
         raise UsageError(f"--tau {args.tau!r}: the threshold must be > 0. Fix: e.g. --tau 20 (the paper's)")
+    check_out(args.out)
     items = read_prompts(args.prompts, args.images, args.limit)
     check_images(items, "VAR")
     if args.recipe is not None:  # a wrong base fails before the model loads

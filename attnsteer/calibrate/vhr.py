@@ -23,6 +23,7 @@ from .var import (
     add_common_arguments,
     check_fits,
     check_images,
+    check_out,
     collect_notes,
     load_base_recipe,
     load_model,
@@ -232,6 +233,7 @@ def run(args) -> int:
             "attnsteer calibrate vhr: --fixed-heads is missing. This command writes one fixed head set (the variant "
             "selection: fixed); the paper's per-prompt VHR needs no calibration. Fix: add --fixed-heads"
         )
+    check_out(args.out)
     items = read_prompts(args.prompts, args.images, args.limit)
     check_images(items, "VHR")
     if args.recipe is not None:  # a wrong base fails before the model loads

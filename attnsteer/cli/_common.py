@@ -8,7 +8,11 @@ import textwrap
 from pathlib import Path
 
 from ..errors import UsageError
-from ..evals._cli import positive_int  # noqa: F401  (re-exported for the subcommand modules)
+from ..evals._cli import (  # positive_int: re-exported for the subcommand modules
+    check_writable,
+    example_epilog,
+    positive_int,  # noqa: F401
+)
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -27,12 +31,14 @@ class Parser(argparse.ArgumentParser):
         raise CLIError(f"{self.prog}: {message}. Fix: see `{self.prog} --help` for the flags and an example")
 
 
-def subparser(sub, name: str, help_text: str, example: str, description: str | None = None) -> argparse.ArgumentParser:
+def subparser(
+    sub, name: str, help_text: str, example: str, description: str | None = None, needs: str | None = None
+) -> argparse.ArgumentParser:
     parser = sub.add_parser(
         name,
         help=help_text,
         description=textwrap.fill(description or help_text, 79),
-        epilog=f"example:\n  {example}",
+        epilog=example_epilog(example, needs),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.set_defaults(_prog=parser.prog, _accepts_extra=False)
@@ -54,13 +60,49 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def output_file(path: str, default_name: str) -> Path:
-    """``path`` if it names a .json file, else ``path/default_name``; parent folders are created."""
-    out = Path(path).expanduser()
-    if out.suffix.lower() != ".json":
-        out = out / default_name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+def output_file(path: str, default_name: str, flag: str = "--output_path") -> Path:
+    """``path`` if it names a .json file, else ``path/default_name``, checked writable up front
+    (:func:`check_writable`; call it before any work). Nothing is created: make ``out.parent`` when
+    writing."""
+    if Path(path).expanduser().suffix.lower() == ".json":
+        return check_writable(path, flag, folder=False)
+    folder = check_writable(path, flag, folder=True)
+    check_writable(folder / default_name, flag, folder=False)
+    return folder / default_name
+
+
+def check_prompts(prompts, flag: str = "--prompt") -> None:
+    """Refuse an empty or whitespace-only prompt (nothing to generate from)."""
+    for i, prompt in enumerate([prompts] if isinstance(prompts, str) else list(prompts)):
+        if not str(prompt).strip():
+            which = f" (prompt {i + 1})" if not isinstance(prompts, str) and len(prompts) > 1 else ""
+            raise CLIError(
+                f"{flag} {prompt!r}{which}: the prompt is empty (or only whitespace). Fix: pass the text to answer, e.g. "
+                f'{flag} "What is the capital of France?"'
+            )
+
+
+def check_image_file(value, flag: str = "--image") -> Path:
+    """``value`` as an image file PIL can read: a clear error (before any model loads) for a
+    missing path, a folder or a file that is not an image. Reads the header only."""
+    path = Path(str(value)).expanduser()
+    fix = "Fix: pass the path of an image file (PNG, JPEG, ...)"
+    if path.is_dir():
+        raise CLIError(f"{flag} {str(value)!r}: that is a folder, not an image file. {fix}")
+    if not path.is_file():
+        raise CLIError(f"{flag} {str(value)!r}: no such file. {fix}")
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise CLIError(f"{flag}: reading images needs Pillow. Fix: pip install pillow (or attnsteer[eval])") from None
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise CLIError(
+            f"{flag} {str(value)!r}: not an image PIL can read ({type(exc).__name__}: {exc}). {fix}"
+        ) from None
+    return path
 
 
 def not_implemented(name: str) -> int:

@@ -55,7 +55,14 @@ def add_eval(sub) -> None:
             continue
         help_text = getattr(module, "HELP", f"{name} benchmark")
         example = getattr(module, "EXAMPLE", f"attnsteer eval {name} --model smollm2")
-        p = subparser(esub, name, help_text, example, description=getattr(module, "DESCRIPTION", None))
+        p = subparser(
+            esub,
+            name,
+            help_text,
+            example,
+            description=getattr(module, "DESCRIPTION", None),
+            needs=getattr(module, "NEEDS", None),
+        )
         module.add_arguments(p)
         p.set_defaults(func=module.run)
 
@@ -63,6 +70,6 @@ def add_eval(sub) -> None:
 def add_compare(sub) -> None:
     from ..evals import compare
 
-    p = subparser(sub, "compare", compare.HELP, compare.EXAMPLE, description=compare.DESCRIPTION)
+    p = subparser(sub, "compare", compare.HELP, compare.EXAMPLE, description=compare.DESCRIPTION, needs=compare.NEEDS)
     compare.add_arguments(p)
     p.set_defaults(func=compare.run)

@@ -16,6 +16,9 @@ from ._common import (
     CLIError,
     add_model_arguments,
     add_recipe_argument,
+    check_image_file,
+    check_prompts,
+    check_writable,
     output_file,
     positive_int,
     seed_everything,
@@ -49,7 +52,8 @@ def add_generate(sub) -> None:
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="wrap prompts in the tokenizer's chat template (default: on if it has one)",
+        help="wrap prompts in the tokenizer's (or, with --image, the processor's) chat template (default: on if it "
+        "has one); --no-chat with --image: the image token, a new line, then the prompt",
     )
     p.add_argument("--batch_size", type=positive_int, default=1, help="prompts per generate call (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="torch/random seed (decoding is greedy; default: 0)")
@@ -97,26 +101,26 @@ def cmd_generate_vlm(args, recipes) -> int:
 
     from ..evals.runner import EvalItem, VLMInputs, load_vlm
 
-    images = [Path(p) for p in args.image]
-    if len(images) not in (1, len(args.prompt)):
+    if len(args.image) not in (1, len(args.prompt)):
         raise CLIError(
-            f"--image: got {len(images)} images for {len(args.prompt)} prompts. Fix: one image for all prompts, "
+            f"--image: got {len(args.image)} images for {len(args.prompt)} prompts. Fix: one image for all prompts, "
             "or one per prompt"
         )
-    for path in images:
-        if not path.is_file():
-            raise CLIError(f"--image {str(path)!r}: no such file. Fix: pass the path of an image file")
+    images = [check_image_file(p) for p in args.image]
+    out_path = output_file(args.output_path, "attnsteer_generate.json") if args.output_path else None
     model_id, kwargs = models.resolve_model(args.model, args.model_args)
     seed_everything(args.seed)
     processor, model = load_vlm(model_id, kwargs)
-    check_recipes(model, recipes, model_id)
-    builder = VLMInputs(processor, model_id)
+    chat = args.chat is not False
+    builder = VLMInputs(processor, model_id, chat=chat, model=model)
+    _, applied = check_recipes(model, recipes, model_id, images=True)
     device = next(model.parameters()).device
     items = [
         EvalItem(id=str(i), prompt=prompt, image=images[i if len(images) > 1 else 0])
         for i, prompt in enumerate(args.prompt)
     ]
     saved = 0
+    answers: dict[str, dict[str, str]] = {it.id: {} for it in items}
     for label, recipe in [("baseline", None), *recipes]:
         handle = None if recipe is None else attnsteer.apply(model, recipe, backend=args.backend, processor=processor)
         try:
@@ -129,6 +133,7 @@ def cmd_generate_vlm(args, recipes) -> int:
                 elapsed = time.perf_counter() - t0
                 for it, row in zip(batch, out[:, inputs["input_ids"].shape[1] :]):
                     answer = builder.tokenizer.decode(row, skip_special_tokens=True).strip()
+                    answers[it.id][label] = answer
                     print(f"[{label}] prompt {int(it.id) + 1}: {answer}  ({elapsed:.2f} s for the batch)")
                 if handle is not None and args.save_views:
                     saved += _save_views(handle, batch, Path(args.save_views) / label)
@@ -142,7 +147,43 @@ def cmd_generate_vlm(args, recipes) -> int:
                 "view (only AGLA does). Fix: add an AGLA recipe, e.g. --recipe agla-lvlm-attention"
             )
         print(f"wrote {saved} image pairs to {args.save_views}", file=sys.stderr)
+    if out_path is not None:
+        record = {
+            "model": model_id,
+            "model_args": args.model_args,
+            "backend": args.backend,
+            "max_new_tokens": args.max_new_tokens,
+            "chat": chat,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "recipes": [
+                {"label": lbl, "name": r.name, "hash": r.hash, "recipe": r.to_dict(), "applied": applied[lbl]}
+                for lbl, r in recipes
+            ],
+            "results": [
+                {
+                    "prompt": it.prompt,
+                    "image": str(it.image),
+                    "prompt_text": builder.prompt_text(it.prompt),
+                    "outputs": answers[it.id],
+                }
+                for it in items
+            ],
+        }
+        _write_json(out_path, record)
     return EXIT_OK
+
+
+def _write_json(out, record: dict) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    except OSError as exc:  # checked up front; the folder changed during the run
+        raise CLIError(
+            f"--output_path {str(out)!r}: cannot write the results ({exc}); the answers are printed above. "
+            "Fix: pass a path you can write to"
+        ) from None
+    print(f"wrote {out}", file=sys.stderr)
 
 
 def _save_views(handle, batch, folder) -> int:
@@ -167,15 +208,21 @@ def cmd_generate(args) -> int:
     from .. import demo
 
     recipes = load_labelled_recipes(args.recipe)
+    check_prompts(args.prompt)
+    if args.save_views:
+        if not args.image:
+            raise CLIError(
+                "--save-views: AGLA's views need images. Fix: pass --image PATH with a vision-language --model"
+            )
+        check_writable(args.save_views, "--save-views", folder=True)
     if args.image:
         return cmd_generate_vlm(args, recipes)
-    if args.save_views:
-        raise CLIError("--save-views: AGLA's views need images. Fix: pass --image PATH with a vision-language --model")
+    out = output_file(args.output_path, "attnsteer_generate.json") if args.output_path else None
     model_id, kwargs = models.resolve_model(args.model, args.model_args)
     seed_everything(args.seed)
     t_start = time.perf_counter()
     tokenizer, model = models.load_checked(model_id, kwargs, sys.stderr)
-    notes, applied = check_recipes(model, recipes, model_id)
+    notes, applied = check_recipes(model, recipes, model_id, images=False)
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if args.chat and not has_template:
         raise CLIError(f"--chat: the tokenizer of --model {model_id!r} has no chat template. Fix: use --no-chat")
@@ -211,7 +258,7 @@ def cmd_generate(args) -> int:
     print(demo.format_summary(results))
     for note in notes:
         print("\n".join(wrap(f"note: {note}", "")), file=sys.stderr)
-    if args.output_path:
+    if out is not None:
         import transformers
 
         record = {
@@ -235,7 +282,5 @@ def cmd_generate(args) -> int:
             "notes": notes,
             "total_s": round(time.perf_counter() - t_start, 3),
         }
-        out = output_file(args.output_path, "attnsteer_generate.json")
-        out.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
-        print(f"wrote {out}", file=sys.stderr)
+        _write_json(out, record)
     return EXIT_OK

@@ -7,9 +7,19 @@ import sys
 from pathlib import Path
 
 from .. import models
-from ..plan import check_recipes, plan
+from ..plan import check_recipes
 from ..recipe import load_labelled_recipes
-from ._common import EXIT_OK, CLIError, add_model_arguments, add_recipe_argument, seed_everything, subparser
+from ._common import (
+    EXIT_OK,
+    CLIError,
+    add_model_arguments,
+    add_recipe_argument,
+    check_image_file,
+    check_prompts,
+    check_writable,
+    seed_everything,
+    subparser,
+)
 
 EXAMPLE = "attnsteer inspect --model smollm2 --recipe act-default --prompt Hi --out pictures"
 
@@ -40,7 +50,8 @@ def add_inspect(sub) -> None:
         "--chat",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="text models: wrap the prompt in the tokenizer's chat template (default: on if it has one)",
+        help="wrap the prompt in the tokenizer's (with --image: the processor's) chat template (default: on if it "
+        "has one); --no-chat with --image: the image token, a new line, then the prompt",
     )
     p.add_argument("--seed", type=int, default=0, help="torch/random seed (default: 0)")
     p.set_defaults(func=cmd_inspect)
@@ -55,7 +66,7 @@ def _model_kind(model_id: str, kwargs: dict) -> tuple[str, bool | None]:
     try:
         from transformers import AutoConfig
 
-        hub = {k: kwargs[k] for k in ("revision", "trust_remote_code") if k in kwargs}
+        hub = {k: kwargs[k] for k in models.HUB_KWARGS if k in kwargs}
         model_type = AutoConfig.from_pretrained(model_id, **hub).model_type
     except (OSError, ValueError, KeyError) as exc:
         raise CLIError(
@@ -66,34 +77,15 @@ def _model_kind(model_id: str, kwargs: dict) -> tuple[str, bool | None]:
     return model_type, (spec.is_multimodal if spec is not None else None)
 
 
-def _out_dir(value: str) -> Path:
-    out = Path(value).expanduser()
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {value!r}: a file of that name exists. Fix: pass a folder (it is created if missing)")
-    return out
-
-
-def _check_images_needed(model, recipes, model_id: str, has_image: bool) -> None:
-    if has_image:
-        return
-    for label, recipe in recipes:
-        needing = sorted({m.name for lp in plan(model, recipe).layers.values() for m in lp.methods if m.needs_image})
-        if needing:
-            raise CLIError(
-                f"--recipe {label!r}: its {needing} steer attention toward image tokens, and --model {model_id!r} "
-                "reads text only here (no --image). Fix: use a vision-language --model with --image PATH, or a "
-                "text recipe such as act-default"
-            )
-
-
 def cmd_inspect(args) -> int:
     from ..evals import pictures
 
     recipes = load_labelled_recipes(args.recipe)
-    out = _out_dir(args.out)
+    check_prompts(args.prompt)
+    out = check_writable(args.out, "--out", folder=True)
+    if args.image is not None:
+        check_image_file(args.image)
     model_id, kwargs = models.resolve_model(args.model, args.model_args)
-    if args.image is not None and not Path(args.image).is_file():
-        raise CLIError(f"--image {args.image!r}: no such file. Fix: pass the path of an image file (PNG, JPEG, ...)")
     model_type, is_vlm = _model_kind(model_id, kwargs)
     if args.image is not None and is_vlm is False:
         raise CLIError(
@@ -105,15 +97,13 @@ def cmd_inspect(args) -> int:
             f"--model {model_id!r} is a vision-language model ({model_type}) and --image is missing. Fix: pass "
             "--image PATH (the pictures show attention on the image tokens)"
         )
-    if args.image is not None and args.chat is False:
-        raise CLIError("--no-chat: vision-language prompts always go through the processor's chat template")
     seed_everything(args.seed)
     if args.image is not None:
         from ..evals.runner import EvalItem, VLMInputs, load_vlm
 
         processor, model = load_vlm(model_id, kwargs)
-        check_recipes(model, recipes, model_id)
-        builder = VLMInputs(processor, model_id)
+        builder = VLMInputs(processor, model_id, chat=args.chat is not False, model=model)
+        check_recipes(model, recipes, model_id, images=True)
         device = next(model.parameters()).device
         inputs = builder([EvalItem(id="0", prompt=args.prompt, image=Path(args.image))], device)
         tokenizer = builder.tokenizer
@@ -122,13 +112,12 @@ def cmd_inspect(args) -> int:
 
         processor = None
         tokenizer, model = models.load_checked(model_id, kwargs, sys.stderr)
-        check_recipes(model, recipes, model_id)
+        check_recipes(model, recipes, model_id, images=False)
         has_template = bool(getattr(tokenizer, "chat_template", None))
         if args.chat and not has_template:
             raise CLIError(f"--chat: the tokenizer of --model {model_id!r} has no chat template. Fix: use --no-chat")
         chat = has_template if args.chat is None else args.chat
         inputs = build_inputs(tokenizer, [args.prompt], chat, next(model.parameters()).device)
-    _check_images_needed(model, recipes, model_id, args.image is not None)
     meta = {"model": model_id, "prompt": args.prompt, "image": args.image, "backend": args.backend}
     record = pictures.inspect(
         model,

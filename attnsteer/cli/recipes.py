@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from .. import models
-from ._common import EXIT_OK, EXIT_USAGE, CLIError, Parser, missing_subcommand, subparser
+from ._common import EXIT_OK, EXIT_USAGE, CLIError, Parser, check_writable, missing_subcommand, subparser
 
 
 def add_recipes(sub) -> None:
@@ -22,7 +22,15 @@ def add_recipes(sub) -> None:
         title="recipes commands", metavar="{list,show,validate,pull,push}", parser_class=Parser
     )
 
-    p = subparser(rsub, "list", "table of the built-in recipes", "attnsteer recipes list")
+    p = subparser(
+        rsub,
+        "list",
+        "table of the built-in recipes",
+        "attnsteer recipes list",
+        description="One line per built-in recipe: its name, methods and the first sentence of its description, "
+        "shortened to the line width ($COLUMNS, else the terminal's width; 80 when the output is not a terminal). "
+        "`attnsteer recipes show NAME` prints the full description, source, parameters and citation.",
+    )
     p.set_defaults(func=cmd_recipes_list)
 
     p = subparser(
@@ -41,6 +49,7 @@ def add_recipes(sub) -> None:
         "validate",
         "check a recipe file (exit 0 valid, 2 invalid)",
         "attnsteer recipes validate my-recipe.yaml --model smollm2",
+        needs="a recipe file, e.g. from `attnsteer recipes show act-default > my-recipe.yaml`",
         description="Check a recipe's schema; with --model also resolve its layers and heads on that model.",
     )
     p.add_argument("recipe", metavar="PATH", help="YAML file (or built-in name, folder, hub repo)")
@@ -53,6 +62,7 @@ def add_recipes(sub) -> None:
         "pull",
         "download a recipe from the Hugging Face Hub, validate it and save it locally",
         "attnsteer recipes pull me/my-act --out my-act",
+        needs="the network and a recipe repo on the Hub",
         description="Download recipe.yaml from a Hub repo (or the local Hugging Face cache), validate it and write "
         "it, unchanged, to a local folder; then use the folder as --recipe. Needs the network unless the file is "
         "cached.",
@@ -74,6 +84,7 @@ def add_recipes(sub) -> None:
         "push",
         "validate a recipe and upload it to a Hugging Face Hub repo as recipe.yaml",
         "attnsteer recipes push my-act.yaml me/my-act --private",
+        needs="the network and a Hub write token",
         description="Validate a recipe and upload it as recipe.yaml to a Hub model repo (created if missing); the "
         "commit message records the recipe's hash. Needs the network and a write token (`hf auth login` or "
         "HF_TOKEN).",
@@ -86,37 +97,45 @@ def add_recipes(sub) -> None:
     p.set_defaults(func=cmd_recipes_push)
 
 
+LIST_WIDTH = 80  # `recipes list` line width when stdout is not a terminal and COLUMNS is unset
+LIST_MIN_WIDTH = 60
+
+
+def list_width() -> int:
+    """Width of `recipes list` lines: $COLUMNS if set, else the terminal's width, else 80; at least 60."""
+    import os
+    import shutil
+
+    env = os.environ.get("COLUMNS", "").strip()
+    if env.isdigit():
+        width = int(env)
+    elif sys.stdout.isatty():
+        width = shutil.get_terminal_size((LIST_WIDTH, 24)).columns
+    else:
+        width = LIST_WIDTH
+    return max(LIST_MIN_WIDTH, width)
+
+
 def cmd_recipes_list(args) -> int:
     import attnsteer
 
-    from ..console import first_sentence, term_width
+    from ..console import one_line
 
-    rows = []  # (name, methods, description, "models: ...; source: ..." or None)
+    rows = []  # (name, methods, full description)
     for name in attnsteer.builtin_names():
         try:
             recipe = attnsteer.load_recipe(name)
         except attnsteer.AttnsteerError as exc:
-            rows.append((name, "?", f"INVALID: {exc}", None))
+            rows.append((name, "?", f"INVALID: {exc}"))
             continue
-        models_text = ", ".join(recipe.model_types) if recipe.model_types else "any"
-        if recipe.model_types and recipe.model_types_policy == "warn":
-            models_text += " (others warn)"
-        details = f"models: {models_text}; source: {recipe.source or '-'}"
-        rows.append((name, ",".join(dict.fromkeys(recipe.methods)), first_sentence(recipe.description, 200), details))
+        rows.append((name, ",".join(dict.fromkeys(recipe.methods)), recipe.description or "-"))
     name_w = max([len("NAME")] + [len(r[0]) for r in rows])
     meth_w = max([len("METHODS")] + [len(r[1]) for r in rows])
-    desc_w = max(20, term_width() - name_w - meth_w - 4) if sys.stdout.isatty() else 10**6
-    indent = " " * (name_w + meth_w + 4)
-
-    def fit(text: str) -> str:
-        return text if len(text) <= desc_w else text[: desc_w - 3].rstrip() + "..."
-
+    desc_w = max(12, list_width() - name_w - meth_w - 4)
     print(f"{'NAME':<{name_w}}  {'METHODS':<{meth_w}}  DESCRIPTION")
-    for name, methods, desc, details in rows:
-        print(f"{name:<{name_w}}  {methods:<{meth_w}}  {fit(desc)}")
-        if details:  # a second line under the description: which model types it is for, where it comes from
-            print(f"{indent}{fit(details)}")
-    print(f"\n{len(rows)} built-in recipes. Details: attnsteer recipes show NAME")
+    for name, methods, desc in rows:  # one line each; `recipes show NAME` has the full text
+        print(f"{name:<{name_w}}  {methods:<{meth_w}}  {one_line(desc, desc_w)}".rstrip())
+    print(f"\n{len(rows)} built-in recipes. Full details: attnsteer recipes show NAME")
     return EXIT_OK
 
 
@@ -191,6 +210,8 @@ def cmd_recipes_validate(args) -> int:
 
     import attnsteer
 
+    from ..plan import check_image_keys
+
     try:
         recipe = attnsteer.load_recipe(args.recipe)
     except attnsteer.AttnsteerError as exc:
@@ -211,6 +232,15 @@ def cmd_recipes_validate(args) -> int:
             print(f"INVALID on --model {model_id!r}: {args.recipe}: {exc}", file=sys.stderr)
             return EXIT_USAGE
         plans, arch = planned.layers, planned.arch
+    try:
+        check_image_keys(planned, recipe.name, model_id)
+    except attnsteer.AttnsteerError as exc:
+        print(
+            f"CANNOT RUN on --model {model_id!r}: {args.recipe} is valid in itself, but it cannot run from the command "
+            f"line on this model: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     for w in record:
         if issubclass(w.category, attnsteer.AttnsteerWarning):
             print(f"warning: {w.message}", file=sys.stderr)
@@ -244,7 +274,6 @@ def cmd_recipes_pull(args) -> int:
 
     try:
         repo_id = recipe_mod._hub_repo_id(args.repo_id, "REPO_ID")
-        recipe, text = recipe_mod.load_hub_recipe(repo_id, revision=args.revision)
     except recipe_mod.RecipeError as exc:
         raise CLIError(f"recipes pull {args.repo_id!r}: {exc}") from None
     out = Path(args.out if args.out is not None else repo_id.split("/")[-1]).expanduser()
@@ -254,6 +283,11 @@ def cmd_recipes_pull(args) -> int:
             f"recipes pull {args.repo_id!r}: --out {str(out)!r} is a file (or a folder named like a YAML file). "
             "Fix: pass a folder, or a path ending in .yaml"
         )
+    check_writable(file, "--out", folder=False)  # before the download
+    try:
+        recipe, text = recipe_mod.load_hub_recipe(repo_id, revision=args.revision)
+    except recipe_mod.RecipeError as exc:
+        raise CLIError(f"recipes pull {args.repo_id!r}: {exc}") from None
     state = "written"
     if file.is_file():
         if file.read_text() == text:

@@ -30,6 +30,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def example_epilog(example: str, needs: str | None = None) -> str:
+    """A ``--help`` epilog: the example command, and what it needs beyond this install (data, a
+    GPU, a 7B model, the network) when it cannot run offline as it is."""
+    return f"example (needs {needs}):\n  {example}" if needs else f"example:\n  {example}"
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _limit(text: str) -> float:
     """lm-eval's --limit: an item count (int >= 1) or a fraction in (0, 1)."""
     try:
@@ -144,12 +160,56 @@ def short_hash(data: Any, n: int = 8) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
+def check_writable(value, flag: str, *, folder: bool) -> Path:
+    """``value`` as a path this process can write: a folder (``folder=True``: an existing folder, or
+    one that can be created) or a file (an existing file is overwritten, a missing one created).
+    Creates nothing; raises :class:`~attnsteer.errors.UsageError` naming ``flag``, the value and the
+    fix -- so a command refuses an unusable output path before it loads a model or runs anything."""
+    from ..errors import UsageError
+
+    path = Path(str(value)).expanduser()
+    shown = f"{flag} {str(value)!r}"
+    fix = f"Fix: pass a {'folder' if folder else 'file path'} you can write to"
+    if folder and path.exists() and not path.is_dir():
+        raise UsageError(
+            f"{shown}: that is an existing file, and a folder is expected here. {fix} (it is created if missing), or "
+            "move the file away"
+        )
+    if not folder and path.is_dir():
+        raise UsageError(f"{shown}: that is an existing folder, and a file is expected here. {fix}")
+    if not folder and path.exists():
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{shown}: the file exists and cannot be written (permission denied). {fix}")
+        return path
+    first = path if folder else path.parent  # the folder that must exist or be created
+    existing = first
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UsageError(
+            f"{shown}: {str(existing)!r} is a file, so no folder can be created under it. Fix: pass a "
+            f"{'folder' if folder else 'file path'} that is not under a file"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "the folder" if existing == first else f"{str(existing)!r}, the existing folder it would go in,"
+        raise UsageError(f"{shown}: {what} cannot be written (permission denied or a read-only file system). {fix}")
+    return path
+
+
+def check_output_path(args) -> None:
+    """``--output_path``, when given, checked writable at the start of a command (before data or
+    model loading); :func:`output_dir` checks the default run directory."""
+    if getattr(args, "output_path", None):
+        check_writable(args.output_path, "--output_path", folder=True)
+
+
 def output_dir(args, task: str, model_id: str, identity: dict) -> Path:
     """``--output_path`` or the default ``./attnsteer_runs/<task>-<model>-<hash of identity>`` (the
-    same command lands in the same folder, so it resumes)."""
+    same command lands in the same folder, so it resumes); checked writable (:func:`check_writable`)."""
     if args.output_path:
-        return Path(args.output_path).expanduser()
-    return Path(DEFAULT_RUNS_DIR) / f"{task}-{slug(model_id)}-{short_hash(identity)}"
+        return check_writable(args.output_path, "--output_path", folder=True)
+    default = Path(DEFAULT_RUNS_DIR) / f"{task}-{slug(model_id)}-{short_hash(identity)}"
+    return check_writable(default, "--output_path (default)", folder=True)
 
 
 def model_identity(model_id: str, kwargs: dict) -> dict:
@@ -182,14 +242,14 @@ def summarize_seeds(by_seed: dict) -> tuple[dict, dict]:
 def hub_offline_if_unreachable() -> bool:
     """Set the Hugging Face offline switches when the hub cannot be reached (so a missing dataset
     fails at once instead of retrying for minutes). Returns True when offline."""
-    from ..models import hub_reachable as _hub_reachable
+    from .. import hub
 
     truthy = ("1", "true", "yes", "on")
     offline = (
         os.environ.get("HF_HUB_OFFLINE", "").lower() in truthy
         or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in truthy
     )
-    if not offline and not _hub_reachable():
+    if not offline and not hub.reachable():
         offline = True
     if offline:
         os.environ["HF_HUB_OFFLINE"] = "1"

@@ -29,6 +29,7 @@ EXAMPLE = (
     "attnsteer eval chair --model llava-hf/llava-1.5-7b-hf --coco_dir coco/val2014 --gt gt_coco2014.json "
     "--synonyms synonyms.txt --recipe none --recipe act-default --batch_size 8"
 )
+NEEDS = "LLaVA-1.5-7B from the Hub, COCO val2014 images, gt_coco2014.json and synonyms.txt; a GPU"
 DESCRIPTION = (
     "Caption 500 COCO val2014 images (drawn with a stated seed, or --image_list) with a vision-language model, "
     "unsteered (--recipe none) and with each recipe, and report CHAIR_s, CHAIR_i, Recall, Len and the repetition "
@@ -203,6 +204,7 @@ def rescore(args) -> int:
             "--captions rescores existing caption files and loads no model. Fix: drop --model (or drop "
             "--captions to generate captions)"
         )
+    _cli.check_output_path(args)  # before the scoring
     scorer, lemmatizer = make_scorer(args)
     drop = args.drop_incomplete == "yes"
     logs = {}
@@ -396,6 +398,7 @@ def _evaluate(args, loaded=None) -> dict | None:
     from ..models import resolve_model as _resolve_model
     from .runner import Decoding, EvalItem, collect, execute, parse_recipes, require_vlm
 
+    _cli.check_output_path(args)
     if args.model:
         require_vlm(args.model)
     specs = parse_recipes(args.recipe)

@@ -288,9 +288,14 @@ def _evaluate(args, loaded=None) -> dict | None:
     from .results import RunDir, now_iso, sample_key
     from .runner import Dist, check_recipes_fit, parse_recipes
 
+    _cli.check_output_path(args)
     specs = parse_recipes(args.recipe)
     seeds = _cli.seeds_of(args)
     tasks = parse_tasks(args.tasks)
+    if loaded is None:  # before the offline switches below: a hub miss is told as it is, and fast
+        model_id, kwargs = _resolve_model(args.model, args.model_args)
+    else:
+        model_id, kwargs = _cli.loaded_model_identity(loaded[1], args.model)
     shipped = packaged_tasks_dir()
     local_names = dict(_yaml_names(shipped))
     for inc in args.include_path:
@@ -321,10 +326,6 @@ def _evaluate(args, loaded=None) -> dict | None:
     from importlib import metadata
 
     num_fewshot = _fewshot_default(tasks, args.num_fewshot)
-    if loaded is None:
-        model_id, kwargs = _resolve_model(args.model, args.model_args)
-    else:
-        model_id, kwargs = _cli.loaded_model_identity(loaded[1], args.model)
     shipped_used = [t for t in tasks if local_names.get(t, Path()).parent == shipped]
     data_hashes = {}
     if shipped_used:
@@ -378,166 +379,167 @@ def _evaluate(args, loaded=None) -> dict | None:
         )
     run_dir.check()
     run_dir.open({"config": config, "recipes": recipes_json, "seeds": seeds})
-    if dist.is_main:
-        print(f"run directory: {out_dir}", file=sys.stderr)
-    dist.barrier()
-    started = now_iso()
-    t0 = time.perf_counter()
-    if loaded is None and "device" not in kwargs:  # own device per process under accelerate, else the GPU
-        import torch
+    with run_dir.guard():  # a stop (Ctrl-C, an error) is recorded in results.json with how to resume
+        if dist.is_main:
+            print(f"run directory: {out_dir}", file=sys.stderr)
+        dist.barrier()
+        started = now_iso()
+        t0 = time.perf_counter()
+        if loaded is None and "device" not in kwargs:  # own device per process under accelerate, else the GPU
+            import torch
 
-        device = dist.device() if dist.distributed else ("cuda" if torch.cuda.is_available() else None)
-        if device:
-            kwargs = {**kwargs, "device": device}
-    tokenizer, model = loaded if loaded is not None else _load_model(model_id, kwargs, sys.stderr)
-    load_s = time.perf_counter() - t0
-    notes = check_recipes_fit(model, specs, model_id)
-    with quiet_lm_eval():
-        lm = left_padded_hflm(model, tokenizer, args.batch_size)
-    if dist.distributed:  # data-parallel over the processes of `accelerate launch`
-        from accelerate import Accelerator
+            device = dist.device() if dist.distributed else ("cuda" if torch.cuda.is_available() else None)
+            if device:
+                kwargs = {**kwargs, "device": device}
+        tokenizer, model = loaded if loaded is not None else _load_model(model_id, kwargs, sys.stderr)
+        load_s = time.perf_counter() - t0
+        notes = check_recipes_fit(model, specs, model_id, images=False)  # text tasks: no image tokens, no focus span
+        with quiet_lm_eval():
+            lm = left_padded_hflm(model, tokenizer, args.batch_size)
+        if dist.distributed:  # data-parallel over the processes of `accelerate launch`
+            from accelerate import Accelerator
 
-        from .runner import use_cpu_processes
+            from .runner import use_cpu_processes
 
-        lm._rank, lm._world_size, lm.accelerator = dist.rank, dist.world_size, Accelerator(cpu=use_cpu_processes())
-    item = f"lm_eval/{','.join(tasks)}/limit={args.limit}"
-    done = run_dir.finished()
-    per_recipe = {}
-    import warnings
+            lm._rank, lm._world_size, lm.accelerator = dist.rank, dist.world_size, Accelerator(cpu=use_cpu_processes())
+        item = f"lm_eval/{','.join(tasks)}/limit={args.limit}"
+        done = run_dir.finished()
+        per_recipe = {}
+        import warnings
 
-    import attnsteer
+        import attnsteer
 
-    for spec in specs:
-        for seed in seeds:
-            key = sample_key(item, spec.hash, seed)
-            if key in done:
+        for spec in specs:
+            for seed in seeds:
+                key = sample_key(item, spec.hash, seed)
+                if key in done:
+                    if dist.is_main:
+                        print(f"{spec.label} seed {seed}: finished in an earlier session, kept", file=sys.stderr)
+                    continue
                 if dist.is_main:
-                    print(f"{spec.label} seed {seed}: finished in an earlier session, kept", file=sys.stderr)
-                continue
-            if dist.is_main:
-                print(
-                    f"{spec.label} seed {seed}: running {', '.join(tasks)}"
-                    f" ({'task default' if num_fewshot is None else num_fewshot}-shot)",
-                    file=sys.stderr,
-                )
-            t1 = time.perf_counter()
-            handle = None
-            with warnings.catch_warnings(record=True) as record:
-                warnings.simplefilter("always", attnsteer.AttnsteerWarning)
-                try:
-                    if not spec.is_baseline:
-                        handle = attnsteer.apply(model, spec.recipe, backend=args.backend)
-                    cache = None if args.no_cache else str(out_dir / "lm_cache" / f"{spec.hash[:16]}_seed{seed}")
+                    print(
+                        f"{spec.label} seed {seed}: running {', '.join(tasks)}"
+                        f" ({'task default' if num_fewshot is None else num_fewshot}-shot)",
+                        file=sys.stderr,
+                    )
+                t1 = time.perf_counter()
+                handle = None
+                with warnings.catch_warnings(record=True) as record:
+                    warnings.simplefilter("always", attnsteer.AttnsteerWarning)
                     try:
-                        with quiet_lm_eval(), _record_row_lengths():
-                            out = simple_evaluate(
-                                model=lm,
-                                tasks=tasks,
-                                num_fewshot=num_fewshot,
-                                task_manager=tm,
-                                limit=args.limit,
-                                bootstrap_iters=args.bootstrap_iters,
-                                log_samples=args.log_samples,
-                                use_cache=cache,
-                                apply_chat_template=args.apply_chat_template,
-                                random_seed=seed,
-                                numpy_random_seed=LM_EVAL_SEED_OFFSET + seed,
-                                torch_random_seed=LM_EVAL_SEED_OFFSET + seed,
-                                fewshot_random_seed=LM_EVAL_SEED_OFFSET + seed,
-                            )
-                    except (FileNotFoundError, ConnectionError, OSError) as exc:
-                        raise EvalError(_data_error(tasks, exc)) from None
-                    except Exception as exc:
-                        if (
-                            "offline" in str(exc).lower()
-                            or "couldn't reach" in str(exc).lower()
-                            or type(exc).__name__ in ("DatasetNotFoundError", "LocalEntryNotFoundError")
-                        ):
+                        if not spec.is_baseline:
+                            handle = attnsteer.apply(model, spec.recipe, backend=args.backend)
+                        cache = None if args.no_cache else str(out_dir / "lm_cache" / f"{spec.hash[:16]}_seed{seed}")
+                        try:
+                            with quiet_lm_eval(), _record_row_lengths():
+                                out = simple_evaluate(
+                                    model=lm,
+                                    tasks=tasks,
+                                    num_fewshot=num_fewshot,
+                                    task_manager=tm,
+                                    limit=args.limit,
+                                    bootstrap_iters=args.bootstrap_iters,
+                                    log_samples=args.log_samples,
+                                    use_cache=cache,
+                                    apply_chat_template=args.apply_chat_template,
+                                    random_seed=seed,
+                                    numpy_random_seed=LM_EVAL_SEED_OFFSET + seed,
+                                    torch_random_seed=LM_EVAL_SEED_OFFSET + seed,
+                                    fewshot_random_seed=LM_EVAL_SEED_OFFSET + seed,
+                                )
+                        except (FileNotFoundError, ConnectionError, OSError) as exc:
                             raise EvalError(_data_error(tasks, exc)) from None
-                        raise
-                finally:
-                    if handle is not None:
-                        handle.remove()
-            notes += [str(w.message) for w in record if issubclass(w.category, attnsteer.AttnsteerWarning)]
-            elapsed = time.perf_counter() - t1
-            per_recipe.setdefault(spec.label, {"s": 0.0})["s"] += round(elapsed, 3)
-            if not dist.is_main or out is None:
-                continue
-            info = extract(out)
-            if args.log_samples:
-                for task_name, samples in (out.get("samples") or {}).items():
-                    for s in samples:
-                        run_dir.append(_doc_record(task_name, s, spec, seed))
-            run_dir.append(
-                {
-                    "key": key,
-                    "kind": "lm_eval",
-                    "item_id": item,
-                    "recipe": spec.label,
-                    "recipe_hash": spec.hash,
-                    "seed": seed,
-                    "elapsed_s": round(elapsed, 3),
-                    **info,
-                }
-            )
-            if "configs" not in config:
-                config["configs"] = {
-                    k: {kk: str(vv) for kk, vv in v.items()} for k, v in (out.get("configs") or {}).items()
-                }
-    run_dir.close()
-    dist.barrier()
-    if not dist.is_main:
-        return None
-    run_dir.merge_shards()
-    finished = run_dir.finished()
-    metrics, headline, shots, n_questions = {}, None, set(), None
-    for spec in specs:
-        by_seed, errs = {}, {}
-        for seed in seeds:
-            rec = finished.get(sample_key(item, spec.hash, seed))
-            if rec is None:
-                raise EvalError(
-                    f"{out_dir}: recipe {spec.label!r} seed {seed} has no result (interrupted). "
-                    "Fix: rerun the same command"
+                        except Exception as exc:
+                            if (
+                                "offline" in str(exc).lower()
+                                or "couldn't reach" in str(exc).lower()
+                                or type(exc).__name__ in ("DatasetNotFoundError", "LocalEntryNotFoundError")
+                            ):
+                                raise EvalError(_data_error(tasks, exc)) from None
+                            raise
+                    finally:
+                        if handle is not None:
+                            handle.remove()
+                notes += [str(w.message) for w in record if issubclass(w.category, attnsteer.AttnsteerWarning)]
+                elapsed = time.perf_counter() - t1
+                per_recipe.setdefault(spec.label, {"s": 0.0})["s"] += round(elapsed, 3)
+                if not dist.is_main or out is None:
+                    continue
+                info = extract(out)
+                if args.log_samples:
+                    for task_name, samples in (out.get("samples") or {}).items():
+                        for s in samples:
+                            run_dir.append(_doc_record(task_name, s, spec, seed))
+                run_dir.append(
+                    {
+                        "key": key,
+                        "kind": "lm_eval",
+                        "item_id": item,
+                        "recipe": spec.label,
+                        "recipe_hash": spec.hash,
+                        "seed": seed,
+                        "elapsed_s": round(elapsed, 3),
+                        **info,
+                    }
                 )
-            summary, stderr, hl = summarize(tasks, rec)
-            by_seed[str(seed)], errs[str(seed)] = summary, stderr
-            headline = headline or hl
-            shots.update(v for v in (rec.get("n-shot") or {}).values() if isinstance(v, int))
-            if n_questions is None and rec.get("n-samples"):
-                leaves = [k for k in rec["n-samples"] if k not in set(rec.get("groups") or [])]
-                n_questions = sum(int(rec["n-samples"][k].get("effective", 0)) for k in leaves)
-        mean, std = _cli.summarize_seeds(by_seed)
-        stderr_mean = {}
-        if len(seeds) == 1:
-            stderr_mean = errs[str(seeds[0])]
-        metrics[spec.label] = {
-            "recipe_hash": spec.hash,
-            "summary": mean,
-            "summary_std": std,
-            "summary_stderr": stderr_mean,
-            "by_seed": by_seed,
-            "stderr_by_seed": errs,
-        }
-    config["num_fewshot_used"] = shots.pop() if len(shots) == 1 else (sorted(shots) or None)
-    config["n_questions"] = n_questions
-    record = run_dir.write_results(
-        {
-            "config": {**config, "batch_size": args.batch_size, "backend": args.backend},
-            "recipes": {s.label: s.to_json() for s in specs},
-            "seeds": seeds,
-            "data": config["data"],
-            "metrics": metrics,
-            "headline": headline or [],
-            "timings": {
-                "model_load_s": round(load_s, 3),
-                "per_recipe": per_recipe,
-                "total_s": round(time.perf_counter() - t0, 3),
-            },
-            "notes": list(dict.fromkeys(notes)),
-            "session": {"started": started, "world_size": dist.world_size, "batch_size": args.batch_size},
-        }
-    )
+                if "configs" not in config:
+                    config["configs"] = {
+                        k: {kk: str(vv) for kk, vv in v.items()} for k, v in (out.get("configs") or {}).items()
+                    }
+        run_dir.close()
+        dist.barrier()
+        if not dist.is_main:
+            return None
+        run_dir.merge_shards()
+        finished = run_dir.finished()
+        metrics, headline, shots, n_questions = {}, None, set(), None
+        for spec in specs:
+            by_seed, errs = {}, {}
+            for seed in seeds:
+                rec = finished.get(sample_key(item, spec.hash, seed))
+                if rec is None:
+                    raise EvalError(
+                        f"{out_dir}: recipe {spec.label!r} seed {seed} has no result (interrupted). "
+                        "Fix: rerun the same command"
+                    )
+                summary, stderr, hl = summarize(tasks, rec)
+                by_seed[str(seed)], errs[str(seed)] = summary, stderr
+                headline = headline or hl
+                shots.update(v for v in (rec.get("n-shot") or {}).values() if isinstance(v, int))
+                if n_questions is None and rec.get("n-samples"):
+                    leaves = [k for k in rec["n-samples"] if k not in set(rec.get("groups") or [])]
+                    n_questions = sum(int(rec["n-samples"][k].get("effective", 0)) for k in leaves)
+            mean, std = _cli.summarize_seeds(by_seed)
+            stderr_mean = {}
+            if len(seeds) == 1:
+                stderr_mean = errs[str(seeds[0])]
+            metrics[spec.label] = {
+                "recipe_hash": spec.hash,
+                "summary": mean,
+                "summary_std": std,
+                "summary_stderr": stderr_mean,
+                "by_seed": by_seed,
+                "stderr_by_seed": errs,
+            }
+        config["num_fewshot_used"] = shots.pop() if len(shots) == 1 else (sorted(shots) or None)
+        config["n_questions"] = n_questions
+        record = run_dir.write_results(
+            {
+                "config": {**config, "batch_size": args.batch_size, "backend": args.backend},
+                "recipes": {s.label: s.to_json() for s in specs},
+                "seeds": seeds,
+                "data": config["data"],
+                "metrics": metrics,
+                "headline": headline or [],
+                "timings": {
+                    "model_load_s": round(load_s, 3),
+                    "per_recipe": per_recipe,
+                    "total_s": round(time.perf_counter() - t0, 3),
+                },
+                "notes": list(dict.fromkeys(notes)),
+                "session": {"started": started, "world_size": dist.world_size, "batch_size": args.batch_size},
+            }
+        )
     from .compare import run_markdown
 
     print(run_markdown(record, str(out_dir)))

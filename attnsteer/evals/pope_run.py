@@ -24,6 +24,7 @@ EXAMPLE = (
     "attnsteer eval pope --model llava-hf/llava-1.5-7b-hf --pope_dir POPE/output/coco --coco_dir coco/val2014 "
     "--recipe none --recipe act-default --batch_size 8 --limit 100"
 )
+NEEDS = "LLaVA-1.5-7B from the Hub, the POPE question files and COCO val2014 images; a GPU"
 DESCRIPTION = (
     "Answer the POPE yes/no questions with a vision-language model, unsteered (--recipe none) and with each recipe, "
     "and report per-split accuracy, precision, recall, F1, predicted yes-ratio and unknown count, plus the mean "
@@ -333,6 +334,7 @@ def _evaluate(args, loaded=None) -> dict | None:
     from ..models import resolve_model as _resolve_model
     from .runner import Decoding, execute, parse_recipes, require_vlm
 
+    _cli.check_output_path(args)
     if args.model:
         require_vlm(args.model)
     specs = parse_recipes(args.recipe)

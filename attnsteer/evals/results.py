@@ -17,7 +17,9 @@ stopped and never recomputes a finished item; a crash can lose only the items in
 half-written last line is ignored and cut off).
 
 ``results.json`` is written when the run starts (``"status": "running"``) and rewritten at the end
-(``"complete"``). Its ``identity`` holds the settings that decide the generated outputs (model,
+(``"complete"``). A session that stops before the end marks it ``"interrupted"`` (Ctrl-C) or
+``"failed"`` (an error), with what stopped it (``stopped``) and how to resume (``resume``: rerun the
+same command on the same ``--output_path``); only a killed process leaves ``"running"``. Its ``identity`` holds the settings that decide the generated outputs (model,
 data files by hash, prompt, decoding, ...). Resuming with a different identity is an error that
 names each difference; settings that only select *which* items run (``--recipe``, ``--seed``,
 ``--limit``) or how fast (``--batch_size``, processes) may change between sessions, and scoring
@@ -26,6 +28,7 @@ settings (parser, lemmatiser) are re-applied to the raw outputs at the end.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -42,6 +45,7 @@ from ..errors import AttnsteerError
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"
 RESULTS_SCHEMA = 1
+STOPPED = ("interrupted", "failed")  # statuses of a run whose last session stopped before the end
 BASELINE_HASH = "none"  # the "recipe hash" of the unsteered baseline in sample keys
 
 _VERSION_PACKAGES = (
@@ -239,6 +243,7 @@ class RunDir:
         self._fh = None
         self._done: dict[str, dict] | None = None
         self.previous: dict | None = None  # results.json of an earlier session, if any
+        self.fresh = False  # open() created the run (no earlier session)
         self.started = time.time()
 
     # ---- opening ------------------------------------------------------------------------------
@@ -292,7 +297,69 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             if self.previous is None:
                 write_json_atomic(self.results_path, self.base_record(initial or {}, status="running"))
+                self.fresh = True
+            elif self.previous.get("status") in STOPPED:  # resuming a stopped run: running again
+                self.previous = {**self.previous, "status": "running"}
+                self.previous.pop("resume", None)
+                self.previous.pop("stopped", None)
+                write_json_atomic(self.results_path, self.previous)
         return self
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[RunDir]:
+        """Around a session's work after :meth:`open`: when it stops (Ctrl-C, an error), record it
+        with :meth:`stopped` and print how to resume (main process) before the exception goes on."""
+        try:
+            yield self
+        except BaseException as exc:
+            line = self.stopped(exc)
+            if self.is_main and line:
+                print(f"attnsteer: {line}", file=sys.stderr, flush=True)
+            raise
+
+    def resume_hint(self) -> str:
+        """How to resume this run: the same command, on the same run directory."""
+        return f"rerun the same command (with --output_path {self.path}) to resume it"
+
+    def stopped(self, exc: BaseException) -> str:
+        """Record in ``results.json`` that this session stopped before the end -- status
+        ``interrupted`` (Ctrl-C) or ``failed`` (an error), what stopped it, how many samples are kept
+        and how to resume -- and return the line to print. Never raises (it runs while another
+        exception propagates); other processes of a launch only close their samples file.
+
+        A usage error (:class:`AttnsteerError`: a recipe that does not fit, ...) before the first
+        sample of a run this session created leaves no run behind: its ``results.json`` is removed
+        (and the folder, when empty) and the line is empty -- the error says what to fix."""
+        self.close()
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        try:
+            kept = len(self.finished())
+        except (OSError, RunDirError):
+            kept = None
+        if self.fresh and kept == 0 and isinstance(exc, AttnsteerError):
+            if self.is_main:
+                with contextlib.suppress(OSError):
+                    self.results_path.unlink()
+                    self.path.rmdir()  # only when empty
+            return ""
+        samples = f"{kept} finished sample(s) are kept" if kept is not None else "the finished samples are kept"
+        what = "was interrupted" if status == "interrupted" else "stopped on an error"
+        line = f"the run in {self.path} {what}; {samples}: {self.resume_hint()}"
+        if status == "failed":
+            line += " once the error is fixed"
+        if not self.is_main or not self.results_path.is_file():
+            return line
+        try:
+            record = json.loads(self.results_path.read_text(encoding="utf-8"))
+            reason = "KeyboardInterrupt" if status == "interrupted" else f"{type(exc).__name__}: {str(exc)[:500]}"
+            session = {"status": status, "reason": reason, "stopped": now_iso(), "argv": sys.argv[1:]}
+            session["wall_s"] = round(time.time() - self.started, 3)
+            record.update(status=status, resume=self.resume_hint(), stopped=session)
+            record["sessions"] = list(record.get("sessions", [])) + [session]
+            write_json_atomic(self.results_path, record)
+        except (OSError, ValueError, TypeError):
+            pass
+        return line
 
     def base_record(self, extra: dict, status: str) -> dict:
         record = {

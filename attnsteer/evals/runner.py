@@ -85,13 +85,14 @@ def parse_recipes(values: Sequence | None) -> list[RecipeSpec]:
     return specs
 
 
-def check_recipes_fit(model, specs: Sequence[RecipeSpec], model_id: str) -> list[str]:
+def check_recipes_fit(model, specs: Sequence[RecipeSpec], model_id: str, *, images: bool | None = None) -> list[str]:
     """Plan every recipe of ``specs`` on the model (``attnsteer.plan``: nothing changes), record
-    the concrete layers and heads each steers (``spec.applied``); returns the plans' warnings."""
+    the concrete layers and heads each steers (``spec.applied``); returns the plans' warnings.
+    ``images``: whether the inputs carry image tokens (``attnsteer.plan.check_recipes``)."""
     from ..plan import check_recipes
 
     steered = [(spec.label, spec.recipe) for spec in specs if not spec.is_baseline]
-    notes, applied = check_recipes(model, steered, model_id)
+    notes, applied = check_recipes(model, steered, model_id, images=images)
     for spec in specs:
         spec.applied = applied.get(spec.label)
     return notes
@@ -230,16 +231,36 @@ def load_image(image):
 
 
 class VLMInputs:
-    """Batches of (prompt, image) through the processor's chat template, left-padded."""
+    """Batches of (prompt, image) through the processor's chat template, left-padded.
 
-    def __init__(self, processor, model_id: str = "the model"):
+    ``chat=False`` (``--no-chat``): no chat template; the text is the processor's image token
+    (which the processor expands to the image's placeholders) on its own line, then the prompt."""
+
+    def __init__(self, processor, model_id: str = "the model", chat: bool = True, model=None):
         from ..errors import EvalError
 
         self.processor = processor
+        self.chat = chat
         tokenizer = getattr(processor, "tokenizer", None)
         if tokenizer is None:
             raise EvalError(f"--model {model_id!r}: its processor has no tokenizer; a vision-language model is needed")
-        if not getattr(processor, "chat_template", None):
+        self.image_token = getattr(processor, "image_token", None)
+        if not chat and not isinstance(self.image_token, str):
+            raise EvalError(
+                f"--no-chat: the processor of --model {model_id!r} names no image token (processor.image_token), so "
+                "the image cannot be placed in a prompt without its chat template. Fix: drop --no-chat"
+            )
+        if not chat and model is not None:
+            from .. import archs
+
+            arch = archs.resolve(model)
+            if arch.wrapper_token_ids:
+                raise EvalError(
+                    f"--no-chat: --model {model_id!r} ({arch.spec.model_type}) wraps each image in marker tokens (ids "
+                    f"{list(arch.wrapper_token_ids)}) that its chat template writes around the image token; a prompt "
+                    "without the template would lack them. Fix: drop --no-chat"
+                )
+        if chat and not getattr(processor, "chat_template", None):
             raise EvalError(
                 f"--model {model_id!r}: its processor has no chat template, so prompts cannot be formatted the way "
                 "the model was trained. Fix: use a checkpoint whose processor ships one (e.g. the llava-hf/* "
@@ -251,6 +272,8 @@ class VLMInputs:
         self.tokenizer = tokenizer
 
     def prompt_text(self, prompt: str, with_image: bool = True) -> str:
+        if not self.chat:
+            return f"{self.image_token}\n{prompt}" if with_image else prompt
         content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
         return self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
@@ -450,6 +473,7 @@ def load_vlm(model_id: str, kwargs: dict, dist: Dist | None = None):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from ..errors import EvalError
+    from ..models import HUB_KWARGS
 
     require_vlm(model_id)
     kwargs = dict(kwargs)
@@ -460,7 +484,7 @@ def load_vlm(model_id: str, kwargs: dict, dist: Dist | None = None):
     )  # lm-eval's default: the GPU when there is one
     dtype = kwargs.pop("dtype", None)
     attn = kwargs.pop("attn_implementation", "sdpa")
-    hub = {k: kwargs.pop(k) for k in ("revision", "trust_remote_code") if k in kwargs}
+    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     try:
         config = AutoConfig.from_pretrained(model_id, **hub)
         processor = AutoProcessor.from_pretrained(model_id, **hub)
@@ -521,61 +545,62 @@ def execute(
     recipes_json = {s.label: s.to_json() for s in specs}
     initial = {"config": config, "recipes": recipes_json, "seeds": list(seeds), "data": config.get("data")}
     run.open(initial)
-    dist.barrier()
-    if dist.is_main:
-        print(f"run directory: {out}", file=sys.stderr)
-        for name, content in (extra_files or {}).items():
-            write_json_atomic(out / name, content)
-    started = now_iso()
-    t0 = time.perf_counter()
-    from ..console import quiet_transformers
+    with run.guard():  # a stop (Ctrl-C, an error) is recorded in results.json with how to resume
+        dist.barrier()
+        if dist.is_main:
+            print(f"run directory: {out}", file=sys.stderr)
+            for name, content in (extra_files or {}).items():
+                write_json_atomic(out / name, content)
+        started = now_iso()
+        t0 = time.perf_counter()
+        from ..console import quiet_transformers
 
-    if loaded is not None:
-        processor, model = loaded
-    else:
-        with quiet_transformers():
-            processor, model = load_vlm(model_id, model_kwargs, dist)
-    load_s = time.perf_counter() - t0
-    notes = check_recipes_fit(model, specs, model_id)
-    builder = VLMInputs(processor, model_id)
-    gen = run_generation(
-        model=model,
-        builder=builder,
-        items=items,
-        specs=specs,
-        seeds=seeds,
-        decoding=decoding,
-        batch_size=args.batch_size,
-        run=run,
-        make_record=make_record,
-        dist=dist,
-        backend=args.backend,
-        progress=not args.no_progress,
-        desc=f"{task} {model_id.rstrip('/').split('/')[-1]}",
-    )
-    dist.barrier()
-    if not dist.is_main:
-        return None
-    run.merge_shards()
-    scored = score(run, specs, seeds)
-    example = builder.prompt_text(items[0].prompt, items[0].image is not None) if items else None
-    payload = {
-        "config": {**config, "prompt_example": example, "batch_size": args.batch_size, "backend": args.backend},
-        "recipes": {s.label: s.to_json() for s in specs},  # now with the layers and heads that ran
-        "seeds": list(seeds),
-        "data": config.get("data"),
-        **scored,
-        "timings": {
-            "model_load_s": round(load_s, 3),
-            "total_s": round(time.perf_counter() - t0, 3),
-            "generation": gen["per_recipe"],
-            "items_this_session": gen["items_this_session"],
-        },
-        "steering": gen["steering"],
-        "notes": list(dict.fromkeys(notes + gen["notes"])),
-        "session": {"started": started, "world_size": dist.world_size, "batch_size": args.batch_size},
-    }
-    record = run.write_results(payload)
+        if loaded is not None:
+            processor, model = loaded
+        else:
+            with quiet_transformers():
+                processor, model = load_vlm(model_id, model_kwargs, dist)
+        load_s = time.perf_counter() - t0
+        notes = check_recipes_fit(model, specs, model_id)
+        builder = VLMInputs(processor, model_id)
+        gen = run_generation(
+            model=model,
+            builder=builder,
+            items=items,
+            specs=specs,
+            seeds=seeds,
+            decoding=decoding,
+            batch_size=args.batch_size,
+            run=run,
+            make_record=make_record,
+            dist=dist,
+            backend=args.backend,
+            progress=not args.no_progress,
+            desc=f"{task} {model_id.rstrip('/').split('/')[-1]}",
+        )
+        dist.barrier()
+        if not dist.is_main:
+            return None
+        run.merge_shards()
+        scored = score(run, specs, seeds)
+        example = builder.prompt_text(items[0].prompt, items[0].image is not None) if items else None
+        payload = {
+            "config": {**config, "prompt_example": example, "batch_size": args.batch_size, "backend": args.backend},
+            "recipes": {s.label: s.to_json() for s in specs},  # now with the layers and heads that ran
+            "seeds": list(seeds),
+            "data": config.get("data"),
+            **scored,
+            "timings": {
+                "model_load_s": round(load_s, 3),
+                "total_s": round(time.perf_counter() - t0, 3),
+                "generation": gen["per_recipe"],
+                "items_this_session": gen["items_this_session"],
+            },
+            "steering": gen["steering"],
+            "notes": list(dict.fromkeys(notes + gen["notes"])),
+            "session": {"started": started, "world_size": dist.world_size, "batch_size": args.batch_size},
+        }
+        record = run.write_results(payload)
     print(compare.run_markdown(record, str(out)))
     for note in record["notes"]:
         print(f"note: {note}", file=sys.stderr)

@@ -49,6 +49,7 @@ from pathlib import Path
 
 from .. import compat
 from . import _cli
+from ._cli import example_epilog, nonnegative_int, positive_int
 from .speed_models import BUILTIN_CONFIGS, SpeedError, build_model, build_prompt, resolve_config
 from .speed_report import GOALS, MIB, add_fresh_memory, markdown, plot, results_record, summarise, write_csv
 
@@ -96,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         action="store_true",
         help="build the model from its config with random weights (no weight download)",
     )
-    parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=int, default=1)
+    parser.add_argument("--batch_size", "--batch-size", dest="batch_size", type=positive_int, default=1)
     parser.add_argument(
         "--prompt-len",
         "--prompt_len",
@@ -119,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--new-tokens",
         "--new_tokens",
         dest="new_tokens",
-        type=int,
+        type=positive_int,
         default=128,
         help="greedy decode steps after the prefill",
     )
@@ -127,7 +128,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--image-tokens",
         "--image_tokens",
         dest="image_tokens",
-        type=int,
+        type=nonnegative_int,
         default=None,
         help="image-placeholder tokens at the start of the prompt (default: 576 for llava-1.5-7b, "
         "else 0); they are ordinary token ids for the timed language model",
@@ -148,8 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default="auto,reference",
         help=f"comma-separated backends per recipe, from {', '.join(BACKEND_CHOICES)} (default: auto,reference)",
     )
-    parser.add_argument("--repeats", type=int, default=3, help="timed (baseline, steered) pairs per recipe")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed (baseline, steered) pairs per recipe")
+    parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed runs per configuration first")
     parser.add_argument(
         "--output_path",
         "--output-path",
@@ -171,6 +172,7 @@ DESCRIPTION = (
     "--random-weights builds the model from its config, so 7B shapes (built-in: llava-1.5-7b, llama-2-7b) need no "
     "weight download. Writes CSV, JSON, Markdown and a PNG chart to --output_path."
 )
+NEEDS = "about 14 GB of memory for the 7B config's random weights; a GPU, or a long CPU run"
 EXAMPLE = (
     "attnsteer eval speed --model llava-1.5-7b --random-weights --recipe act-default --recipe softplus-reweight "
     "--batch_size 1 --new-tokens 128 --dtype bfloat16"
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnsteer eval speed",
         description="Prefill latency, decode tokens/s and peak memory of recipes against the unsteered model.",
-        epilog=f"example:\n  {EXAMPLE}",
+        epilog=example_epilog(EXAMPLE, NEEDS),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return add_arguments(parser)
@@ -412,6 +414,8 @@ def _slug(text: str) -> str:
 
 
 def _validate(args) -> None:
+    if getattr(args, "memory_worker", None) is None:  # a worker writes nothing
+        _cli.check_writable(args.output_path, "--output_path", folder=True)  # before the model is built
     for name in ("batch_size", "new_tokens", "repeats"):
         if getattr(args, name) < (0 if name == "new_tokens" else 1):
             raise SpeedError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a positive integer")
@@ -470,6 +474,8 @@ def _run(args, loaded=None) -> tuple[int, list[dict]]:
     import transformers
 
     import attnsteer
+
+    from ..plan import check_image_keys
 
     transformers.utils.logging.set_verbosity_error()
     if args.threads:
@@ -539,9 +545,15 @@ def _run(args, loaded=None) -> tuple[int, list[dict]]:
         try:  # does the recipe fit the model? (fails here, not in the middle of the timing)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                attnsteer.plan(model, recipe)
+                planned = attnsteer.plan(model, recipe)
         except attnsteer.AttnsteerError as exc:
             raise SpeedError(f"--recipe {label!r} does not fit --model {args.model!r}: {exc}") from None
+        try:  # methods that steer toward the image need placeholders to focus on (--image-tokens)
+            check_image_keys(planned, label, args.model, images=bool(args.image_tokens))
+        except attnsteer.AttnsteerError as exc:
+            raise SpeedError(
+                f"{exc}; or time it on this model with --image-tokens N (N placeholder tokens play the image)"
+            ) from None
         for backend in args.backend_list:
             configs.append(
                 {

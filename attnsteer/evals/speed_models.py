@@ -107,6 +107,11 @@ def resolve_config(model: str, overrides: list[str]):
         )
     else:
         path = Path(model).expanduser()
+        offline = False
+        if not path.exists():  # a hub id: fail fast when it is neither cached nor downloadable
+            from ..models import check_hub_model
+
+            offline = check_hub_model(model, None)
         try:
             if path.is_file():
                 data = json.loads(path.read_text())
@@ -115,7 +120,7 @@ def resolve_config(model: str, overrides: list[str]):
                 config = AutoConfig.for_model(data.pop("model_type"), **data)
                 info["source"] = "local config file"
             else:
-                config = AutoConfig.from_pretrained(str(path) if path.exists() else model)
+                config = AutoConfig.from_pretrained(str(path) if path.exists() else model, local_files_only=offline)
                 info["source"] = "local folder" if path.exists() else "hub config"
         except SpeedError:
             raise
@@ -171,8 +176,11 @@ def build_model(config, model_id: str, random_weights: bool, dtype, device, prel
     else:
         if model_id in BUILTIN_CONFIGS:
             raise SpeedError(f"--model {model_id!r} is a built-in config without weights. Fix: add --random-weights")
+        from .. import hub
+
+        offline = not Path(model_id).expanduser().exists() and hub.offline()  # a hub id, hub unusable: the cache
         model = AutoModelForCausalLM.from_pretrained(
-            model_id, config=config, dtype=dtype, attn_implementation="sdpa"
+            model_id, config=config, dtype=dtype, attn_implementation="sdpa", local_files_only=offline
         ).to(device)
     return model.eval()
 

@@ -114,16 +114,26 @@ def results_record(meta: dict, summary: list[dict]) -> dict:
         {"metric": "prefill_ms", "label": "prefill ms", "higher_is_better": False, "percent": False},
         {"metric": "decode_tok_s", "label": "decode tok/s", "higher_is_better": True, "percent": False},
         {"metric": "peak_mib", "label": "peak MiB", "higher_is_better": False, "percent": False},
+        # medians of the per-pair ratios to the adjacent baseline run (the baseline has none)
+        {"metric": "prefill_speed_ratio", "label": "prefill speed ratio", "higher_is_better": True, "percent": False},
+        {"metric": "decode_speed_ratio", "label": "decode speed ratio", "higher_is_better": True, "percent": False},
+        {"metric": "memory_ratio", "label": "memory ratio", "higher_is_better": False, "percent": False},
     ]
     if any(r.get("fresh_peak_extra_bytes") is not None for r in summary):
-        headline.append(
+        headline += [
             {
                 "metric": "fresh_peak_extra_mib",
                 "label": "peak extra MiB (fresh process)",
                 "higher_is_better": False,
                 "percent": False,
-            }
-        )
+            },
+            {
+                "metric": "fresh_memory_ratio",
+                "label": "memory ratio (fresh process)",
+                "higher_is_better": False,
+                "percent": False,
+            },
+        ]
     return {
         "task": "speed",
         "status": "complete",
