@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     AttnsteerError,
     AttnsteerWarning,
     RecipeError,
+    SilentSiteWarning,
     SteeringError,
     UnsupportedModelError,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "AttnsteerWarning",
     "CompatibilityError",
     "RecipeError",
+    "SilentSiteWarning",
     "SteeringError",
     "UnsupportedModelError",
     "__version__",

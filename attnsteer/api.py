@@ -11,12 +11,12 @@ import torch.nn as nn
 
 from . import archs, compat
 from .attention import dispatch
-from .errors import AttnsteerWarning, SteeringError, UnsupportedModelError
+from .attention.router import CHOICES as BACKEND_CHOICES
+from .attention.router import BackendConfig
+from .errors import SilentSiteWarning, SteeringError, UnsupportedModelError
 from .plan import Plan, plan
 from .recipe import Recipe
 from .state import SteeringState
-
-BACKEND_CHOICES = ("auto", "fused", "reference")
 
 # model -> its live handle; a model is steered by at most one handle at a time
 _STEERED: weakref.WeakKeyDictionary[nn.Module, SteeringHandle] = weakref.WeakKeyDictionary()
@@ -25,11 +25,12 @@ _STEERED: weakref.WeakKeyDictionary[nn.Module, SteeringHandle] = weakref.WeakKey
 class SteeringHandle:
     """A recipe applied to a model. ``remove()`` (or leaving a ``with`` block) restores it exactly."""
 
-    def __init__(self, model, plan: Plan, backend, state, snapshot, hooks):
+    def __init__(self, model, plan: Plan, config: BackendConfig, state, snapshot, hooks):
         self.model = model
         self.plan = plan
         self.recipe = plan.recipe
-        self.backend = backend
+        self.config = config
+        self.backend = config.backend
         self.arch = plan.arch
         self.plans = plan.layers  # layer -> LayerPlan
         self._state = state
@@ -55,7 +56,7 @@ class SteeringHandle:
             warnings.warn(
                 f"recipe {self.recipe.name!r}: these sites ran but never changed a row: {', '.join(silent)}. "
                 "Check the parameters (e.g. ACT threshold too high for this model)",
-                AttnsteerWarning,
+                SilentSiteWarning,
                 stacklevel=2,
             )
 
@@ -77,7 +78,9 @@ class SteeringHandle:
     # ---- inspection --------------------------------------------------------------------------
     def stats(self) -> list[dict[str, Any]]:
         """One dict per steered (layer, method): forwards it ran in (``calls``), forwards in which
-        it changed at least one (head, row) (``fired``) and the (head, row) pairs it changed."""
+        it changed at least one (head, row) (``fired``), the (head, row) pairs it changed, and which
+        backend computed the layer's steered calls -- ``paths`` (``"<backend>/<phase>"`` -> calls)
+        and ``fallbacks`` (``"<backend>: <reason>"`` -> calls that backend left to the next one)."""
         out = []
         for layer, site in sorted(self._sites.items()):
             for method in site.plan.methods:
@@ -88,6 +91,8 @@ class SteeringHandle:
                         "calls": site.stats.calls[id(method)],
                         "fired": site.stats.fired(method),
                         "rows_modified": site.stats.rows(method),
+                        "paths": dict(site.stats.paths),
+                        "fallbacks": dict(site.stats.fallbacks),
                         **({"rows_without_image": self._state.rows_without_image} if method.needs_image else {}),
                     }
                 )
@@ -119,9 +124,10 @@ class SteeringHandle:
         ``{"heads": [per batch row [heads]]}``, VAR: ``{"sinks": [per batch row [positions]]}``).
         Methods with nothing to report, or before the first prompt, are left out."""
         out: dict[int, dict[str, dict]] = {}
+        prompt = self._state.prompt
         for layer, site in sorted(self._sites.items()):
             for method in site.plan.methods:
-                found = method.report()
+                found = method.report(prompt)
                 if found is not None:
                     out.setdefault(layer, {})[method.name] = found
         return out
@@ -221,8 +227,10 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto", processor=None) ->
     Args:
         model: a supported ``*ForCausalLM`` (or base) model; see ``attnsteer.archs.ARCHS``.
         recipe: built-in name, YAML path, dict, Hub repo id or :class:`attnsteer.Recipe`.
-        backend: ``"fused"`` (O(N) memory), ``"reference"`` (float32 eager oracle) or
-            ``"auto"`` (= fused).
+        backend: ``"auto"`` (the fastest backend that can run each call: Triton on CUDA, PyTorch's
+            flash kernel + corrections on CPU, else the chunked PyTorch path; ``"fused"`` is the
+            same), or one of ``"chunked"``, ``"flash"``, ``"triton"``, ``"reference"`` (float32
+            eager oracle) -- that backend for every call, or an error naming why it cannot run one.
         processor: the model's processor (``AutoProcessor.from_pretrained(...)``), for methods
             that build inputs of their own (AGLA: the augmented view's pixels, the prompt text).
 
@@ -232,6 +240,7 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto", processor=None) ->
     # ---- resolve and validate: nothing below changes the model ----------------------------------
     if backend not in BACKEND_CHOICES:
         raise ValueError(f"backend: got {backend!r}; allowed: {list(BACKEND_CHOICES)}")
+    config = BackendConfig.from_settings(backend)
     if model in _STEERED:
         raise SteeringError(
             f"this model is already steered by {_STEERED[model]!r}. Fix: call .remove() on that handle first "
@@ -240,7 +249,6 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto", processor=None) ->
     planned = plan(model, recipe)
     recipe, arch, plans, impl = planned.recipe, planned.arch, planned.layers, planned.impl
     name = dispatch.registered_name(impl)
-    resolved_backend = "fused" if backend == "auto" else backend
     host = archs.get_path(model, arch.spec.stream_host)
     if host is None:
         raise UnsupportedModelError(
@@ -254,30 +262,38 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto", processor=None) ->
             "model's image processor) and need the model's processor. Fix: attnsteer.apply(model, recipe, "
             "processor=AutoProcessor.from_pretrained(<the model's repo>))"
         )
+    key_modules = _key_projections(arch, plans)
     snapshot = compat.snapshot_attn_implementations(model)
-    state = SteeringState(arch, methods)
-    state.pad_id = int(getattr(arch.text_config, "pad_token_id", None) or 0)
-    # self-attention layers: their key counts follow the KV cache (cross-attention keys are vision states)
-    state.steered_layers = tuple(sorted(l for l in plans if l not in arch.cross_layers))
-    state.processor = processor
-    state.model_ref = weakref.ref(model)
-    for method in methods:
-        method.state = state
+    state = SteeringState(
+        arch,
+        methods,
+        pad_id=int(getattr(arch.text_config, "pad_token_id", None) or 0),
+        # self-attention layers: their key counts follow the KV cache (cross-attention keys are vision states)
+        steered_layers=sorted(l for l in plans if l not in arch.cross_layers),
+        processor=processor,
+        model_ref=weakref.ref(model),
+    )
     sites = {
         layer: dispatch.LayerSite(
-            layer, plan, resolved_backend, dispatch.original_function(impl, arch.attention_modules[layer]), state
+            layer, plan, config, dispatch.original_function(impl, arch.attention_modules[layer]), state
         )
         for layer, plan in plans.items()
     }
+    # (register, hook, whether the hook takes the call's keyword arguments)
     hook_specs = [
-        (host.register_forward_pre_hook, state.model_pre_hook),
-        (host.register_forward_hook, state.model_post_hook),
-        (arch.decoder.register_forward_pre_hook, state.decoder_pre_hook),
+        (host.register_forward_pre_hook, state.model_pre_hook, True),
+        (host.register_forward_hook, state.model_post_hook, True),
+        (arch.decoder.register_forward_pre_hook, state.decoder_pre_hook, True),
     ]
     if host is not model:
-        hook_specs.append((model.register_forward_pre_hook, state.record_prompt_ids))
+        hook_specs.append((model.register_forward_pre_hook, state.record_prompt_ids, True))
     for method in methods:
-        hook_specs.extend(method.layer_hooks(arch.decoder.layers[method.layer], state))
+        if method.reads_layer_input:
+            layer = arch.decoder.layers[method.layer]
+            hook_specs.append((layer.register_forward_pre_hook, state.layer_input_hook(method), True))
+    for layer, module in key_modules.items():
+        rules = [r for m in plans[layer].methods for r in m.rules_of("key")]
+        hook_specs.append((module.register_forward_hook, state.key_projection_hook(rules, sites[layer].stats), False))
 
     # ---- install: each change is recorded with its undo ------------------------------------------
     install = _Install()
@@ -286,8 +302,8 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto", processor=None) ->
         install.will_change(lambda: compat.restore_attn_implementations(snapshot))
         compat.set_text_attention(model, arch.spec.text_config_key, name)  # may switch some sub-configs, then fail
         install.step("attention implementation")
-        for register, hook in hook_specs:
-            handle_ = register(hook, with_kwargs=True)
+        for register, hook, with_kwargs in hook_specs:
+            handle_ = register(hook, with_kwargs=with_kwargs)
             hooks.append(handle_)
             install.step("hook", handle_.remove)
         # what each generate() call is given: the prompt's ids above the stream host (InstructBLIP),
@@ -300,7 +316,7 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto", processor=None) ->
             module = arch.attention_modules[layer]
             dispatch.attach(module, site)
             install.step("attention site", lambda module=module: dispatch.detach(module))
-        handle = SteeringHandle(model, planned, resolved_backend, state, snapshot, hooks)
+        handle = SteeringHandle(model, planned, config, state, snapshot, hooks)
         handle._sites.update(sites)
         _STEERED[model] = handle
         install.step("registry", lambda: _STEERED.pop(model, None))
@@ -308,3 +324,24 @@ def apply(model: nn.Module, recipe, *, backend: str = "auto", processor=None) ->
         install.rollback()
         raise
     return handle
+
+
+def _key_projections(arch, plans) -> dict[int, nn.Module]:
+    """Layer -> the attention module's key projection (``ArchSpec.key_projection``) of every layer
+    with a key rule; raises when the family names none."""
+    out = {}
+    for layer, layer_plan in plans.items():
+        if not any(m.rules_of("key") for m in layer_plan.methods):
+            continue
+        attention = arch.attention_modules[layer]
+        module = getattr(attention, arch.spec.key_projection, None) if arch.spec.key_projection else None
+        if not isinstance(module, nn.Module):
+            names = sorted({m.name for m in layer_plan.methods if m.rules_of("key")})
+            raise UnsupportedModelError(
+                f"layer {layer}: the recipe's {names} edit keys "
+                f"before RoPE in the attention module's key projection, and {type(attention).__name__} has no "
+                f"{arch.spec.key_projection or 'key projection'!r}. Fix: steer a family whose ArchSpec names its key "
+                "projection (attnsteer.archs)"
+            )
+        out[layer] = module
+    return out

@@ -43,6 +43,10 @@ class ArchSpec:
     # Attribute of the decoder layers that attend to the image through cross-attention instead of
     # self-attention (Llama-3.2-Vision's ``cross_attn``); those layers' keys are vision states.
     cross_attention_attr: str = ""
+    # Attribute of the attention module whose output holds the keys before RoPE, (B, T, H_kv * D);
+    # a fused projection (Phi-3's ``qkv_proj``, (B, T, (H_q + 2 H_kv) * D)) holds them after the
+    # queries. Key rules (:class:`attnsteer.methods.rules.KeyRule`) edit that output.
+    key_projection: str = "k_proj"
 
     @property
     def is_multimodal(self) -> bool:
@@ -55,7 +59,8 @@ _IMAGE_VIDEO = ("image_token_id", "video_token_id")
 ARCHS: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        *(ArchSpec(text_type) for text_type in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "phi3")),
+        *(ArchSpec(text_type) for text_type in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")),
+        ArchSpec("phi3", key_projection="qkv_proj"),
         # logit soft-capping (gemma2) and per-layer sliding-window / global attention reach the
         # attention function as its ``softcap`` argument and the layer's own mask
         *(ArchSpec(gemma_type) for gemma_type in ("gemma2", "gemma3_text")),

@@ -31,3 +31,8 @@ class EvalError(UsageError):
 
 class AttnsteerWarning(UserWarning):
     """Something will not change the model's behaviour the way the user probably expects."""
+
+
+class SilentSiteWarning(AttnsteerWarning):
+    """Sites of a recipe ran but never changed a row (warned when the handle is removed): the
+    recipe changed nothing there. The test suite treats it as an error unless a test expects it."""

@@ -19,8 +19,27 @@ from . import archs
 from .attention import dispatch
 from .errors import AttnsteerError, AttnsteerWarning, RecipeError, UsageError
 from .methods import METHODS
+from .methods.rules import WEIGHT_KINDS
 from .recipe import Recipe, load_recipe
 from .selectors import head_dict_layers, resolve_heads, resolve_layers
+
+
+@dataclass(frozen=True)
+class Steps:
+    """The rules of one layer that act in one phase, by kind, in composition order: score rules,
+    then weight rules (group, reweight) in recipe order, then head rules."""
+
+    score: tuple
+    weight: tuple
+    head: tuple
+
+    @property
+    def attention(self) -> bool:
+        """Whether a backend must compute the attention itself (a score or weight rule acts)."""
+        return bool(self.score or self.weight)
+
+    def __bool__(self) -> bool:
+        return bool(self.score or self.weight or self.head)
 
 
 class LayerPlan:
@@ -30,19 +49,16 @@ class LayerPlan:
         self.layer = layer
         self.methods: list = []
 
-    def score_steps(self, is_prefill: bool) -> list:
-        return [m for m in self.methods if m.has_score_step and m.active(is_prefill)]
+    def rules(self, kind: str, is_prefill: bool) -> tuple:
+        """The layer's rules of ``kind`` that act in this phase, in recipe order."""
+        return tuple(r for m in self.methods for r in m.rules if r.kind == kind and r.active(is_prefill))
 
-    def weight_steps(self, is_prefill: bool) -> list:
-        return [m for m in self.methods if m.has_weight_step and m.active(is_prefill)]
-
-    def head_steps(self, is_prefill: bool) -> list:
-        return [m for m in self.methods if m.has_head_step and m.active(is_prefill)]
+    def steps(self, is_prefill: bool) -> Steps:
+        weight = tuple(r for m in self.methods for r in m.rules if r.kind in WEIGHT_KINDS and r.active(is_prefill))
+        return Steps(self.rules("score", is_prefill), weight, self.rules("head", is_prefill))
 
     def active(self, is_prefill: bool) -> bool:
-        return any(
-            m.active(is_prefill) and (m.has_score_step or m.has_weight_step or m.has_head_step) for m in self.methods
-        )
+        return bool(self.steps(is_prefill))
 
 
 def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPlan]:

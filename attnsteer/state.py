@@ -6,9 +6,12 @@ boundaries travel here, filled by forward hooks the handle installs:
 * on the steered model (the object given to ``apply``): token roles from ``input_ids`` at
   prefill, the text-only stream added to the prefill batch (VHR) and dropped afterwards, and
   logits-level steps (PAI's ``gamma``);
-* on the text decoder: :class:`ForwardInfo` (cache length, padding) of every forward, and the
-  per-prompt reset of each method's state;
-* on steered decoder layers (VAR): hidden-state sinks at prefill.
+* on the text decoder: :class:`ForwardInfo` (cache length, padding) of every forward;
+* on decoder layers whose methods read the hidden states entering them (VAR's sinks), at prefill;
+* on the key projections of layers with key rules, at prefill.
+
+What a prompt's methods find lives in the handle's :class:`~attnsteer.context.PromptState`
+(``state.prompt``), a fresh one at every prefill.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import weakref
 import torch
 
 from . import compat
-from .attention.rows import ForwardInfo
+from .attention.geometry import ForwardInfo
+from .context import ContextStore, PromptState
 from .errors import SteeringError
 from .roles import PromptRoles, image_mask, real_tokens
-from .sinks import HiddenSinks
 
 
 def padding_facts(mask: torch.Tensor | None, batch: int, q_len: int, past_len: int):
@@ -74,43 +77,56 @@ def padding_facts(mask: torch.Tensor | None, batch: int, q_len: int, past_len: i
 
 
 class SteeringState:
-    """Shared by all sites of one handle."""
+    """The side channel of one handle, shared by all its sites.
 
-    def __init__(self, arch, methods):
+    Settings (fixed at ``apply``): ``arch``, ``methods``, ``pad_id``, ``steered_layers`` (their key
+    lengths are cross-checked), ``processor`` (AGLA), ``model_ref``. Per forward: ``info`` (the
+    decoder's :class:`ForwardInfo`), ``current_call`` (the steered model's forward: its phase,
+    decided before it runs, and its arguments). Per prompt: the :class:`~attnsteer.context.PromptState`
+    of the handle's one context, ``prompt`` (token roles, what each method found), replaced at every
+    prefill. Set by the user for the prompts started inside a block: ``focus_mask``, ``prompt_text``.
+    Counters: ``forwards``, ``prompts``, ``rows_without_image``.
+    """
+
+    CONTEXT = "prompt batch"  # the Hugging Face path's one context in the store
+
+    def __init__(self, arch, methods, *, pad_id: int = 0, steered_layers=(), processor=None, model_ref=None):
         self.arch = arch
         self.methods = list(methods)
-        self.info: ForwardInfo | None = None
-        self.roles: PromptRoles | None = None
-        self.sinks = HiddenSinks()
-        self.focus_mask: torch.Tensor | None = None
-        self.stream_rows: int | None = None  # B when the prefill batch carries a text-only copy (2B rows)
+        self.pad_id = pad_id
+        self.steered_layers: tuple[int, ...] = tuple(steered_layers)
+        self.processor = processor  # the model's processor, given to apply(..., processor=)
+        self.model_ref = model_ref or (lambda: None)  # weak reference to the model given to apply
         self.drop_ids = tuple(arch.image_token_ids) + tuple(arch.wrapper_token_ids)
-        self.pad_id = 0
+        self.needs_image = any(m.needs_image for m in self.methods)
+        # model steps (around the steered model's forward) run once per forward and intervention,
+        # not once per steered layer; before the forward in ``order``, after it in ``after_order``
+        first_site: dict[int, object] = {}
+        for method in self.methods:
+            if method.model_step is not None:
+                first_site.setdefault(method.intervention, method.model_step)
+        self.model_steps = sorted(first_site.values(), key=lambda step: step.order)
+        self.model_steps_after = sorted(
+            first_site.values(), key=lambda step: step.order if step.after_order is None else step.after_order
+        )
+        self.store = ContextStore()
+        self.info: ForwardInfo | None = None
+        self.current_call: tuple[bool, dict] | None = None
+        self.is_paused = False
+        self.focus_mask: torch.Tensor | None = None
+        self.prompt_text: list[str] | None = None  # per batch row, set by handle.prompt_text(...)
+        # what the current generate() / top-level forward call was given: its prompt ids (above the
+        # stream host; before generate() expands them) and arguments (AGLA reads its pixels)
+        self.pending_ids: torch.Tensor | None = None
+        self.pending_call: dict | None = None
         self.forwards = 0
         self.prompts = 0
         self.rows_without_image = 0
-        self.is_paused = False
-        # decoder layers whose attention attnsteer steers: their key lengths are cross-checked
-        self.steered_layers: tuple[int, ...] = ()
-        self.pending_ids: torch.Tensor | None = None  # prompt ids seen above the stream host
-        self.needs_image = any(m.needs_image for m in self.methods)
-        # model-level steps (around the steered model's forward) run once per forward and
-        # intervention, not once per steered layer; head level (VHR's stream) before logits level
-        first_site: dict[int, object] = {}
-        for method in self.methods:
-            if method.has_model_step:
-                first_site.setdefault(method.intervention, method)
-        self.model_methods = sorted(first_site.values(), key=lambda m: m.model_step_order)
-        # after the forward, in their own order: AGLA adds its view first and assembles last
-        self.model_methods_after = sorted(first_site.values(), key=lambda m: m.after_step_order)
-        # the arguments of the current generate() / top-level forward call (AGLA reads its pixels)
-        self.pending_call: dict | None = None
-        self.processor = None  # the model's processor, given to apply(..., processor=)
-        self.model_ref = lambda: None  # weak reference to the model given to apply
-        self.prompt_text: list[str] | None = None  # per batch row, set by handle.prompt_text(...)
-        # the steered model's current forward, seen by its pre-hook: (is it a prefill, its arguments
-        # as the caller gave them, before any method added rows); None outside a forward
-        self.current_call: tuple[bool, dict] | None = None
+
+    @property
+    def prompt(self) -> PromptState:
+        """The state of the current prompt batch."""
+        return self.store[self.CONTEXT]
 
     # ---- pausing (the text-only stream runs unsteered) --------------------------------------
     class _Pause:
@@ -183,8 +199,8 @@ class SteeringState:
         self.current_call = (compat.cache_length(cache) == 0, bound)
         if not self.current_call[0]:
             changed = False
-            for method in self.model_methods:
-                new = method.before_decode(self, bound)
+            for step in self.model_steps:
+                new = step.before_decode(self, bound)
                 if new is not None:
                     bound, changed = new, True
             return ((), bound) if changed else None
@@ -198,8 +214,8 @@ class SteeringState:
             # beam search reorders the cache's rows between steps: every per-row state follows
             compat.on_cache_reorder(cache, self._reorder_callback())
         changed = False
-        for method in self.model_methods:
-            new = method.before_model(self, bound)
+        for step in self.model_steps:
+            new = step.before_model(self, bound)
             if new is not None:
                 bound, changed = new, True
         return ((), bound) if changed else None
@@ -213,20 +229,16 @@ class SteeringState:
                 "forward was a prefill. Fix: call the steered model itself (model(...) / model.generate(...))"
             )
         (is_prefill, bound), self.current_call = self.current_call, None
-        for method in self.model_methods_after:
-            method.after_model(self, module, bound, output, is_prefill)
+        for step in self.model_steps_after:
+            step.after_model(self, module, bound, output, is_prefill)
         return output
 
     # ---- batch rows of the current prompts -------------------------------------------------------
     def select_rows(self, index: torch.Tensor) -> None:
-        """Keep the per-row state of batch rows ``index`` (integer (R,)), in that order: token roles,
-        hidden-state sinks and every method's per-prompt state. Cropping a second stream off the
-        batch keeps ``arange(B)``; beam search reorders the rows with its beam indices."""
-        if self.roles is not None:
-            self.roles = self.roles.select(index.to(self.roles.image.device))
-        self.sinks.select(index)
-        for method in self.methods:
-            method.select_batch(index)
+        """Keep the prompt's per-row state of batch rows ``index`` (integer (R,)), in that order
+        (:meth:`PromptState.select_rows`). Cropping a second stream off the batch keeps
+        ``arange(B)``; beam search reorders the rows with its beam indices."""
+        self.prompt.select_rows(index)
 
     def _reorder_callback(self):
         """``select_rows`` for the cache's reorders, for as long as this prompt is the current one
@@ -241,20 +253,18 @@ class SteeringState:
         return reorder
 
     def _new_prompt(self, ids) -> None:
+        """A fresh prompt state (nothing of the previous prompt is kept), with the prompt's roles."""
         self.prompts += 1
-        self.sinks.reset()
-        for method in self.methods:
-            method.reset_prompt()
-        if ids is None and self.focus_mask is None:
-            self.roles = None
-        else:
+        roles = None
+        if ids is not None or self.focus_mask is not None:
             if self.focus_mask is not None:
                 marked = self._focus_for(ids).to(device=ids.device if ids is not None else "cpu", dtype=torch.bool)
             else:
                 marked = image_mask(ids, self.arch.image_token_ids)
-            self.roles = PromptRoles(marked)
+            roles = PromptRoles(marked)
+        self.store.new_prompt(self.CONTEXT, roles)
         if self.needs_image:
-            has = self.roles.has_image if self.roles is not None else None
+            has = roles.has_image if roles is not None else None
             if self.focus_mask is not None and not bool(has.any()):
                 raise SteeringError(
                     f"handle.focus(mask): the mask (shape {tuple(self.focus_mask.shape)}) marks no position in any row, "
@@ -340,6 +350,51 @@ class SteeringState:
         if info.first_valid is None:
             return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
         return torch.arange(length, device=hidden.device).view(1, -1) >= info.first_valid.view(-1, 1).to(hidden.device)
+
+    # ---- hooks on decoder layers and key projections ------------------------------------------
+    def layer_input_hook(self, method):
+        """A forward pre-hook for ``method``'s decoder layer: at an (unpaused) prefill, hand it the
+        hidden states entering the layer and the real prompt tokens."""
+
+        def hook(module, args, kwargs):
+            hidden = compat.first_argument(module.forward, args, kwargs)
+            valid = self.prompt_tokens(hidden)
+            if valid is not None:
+                method.observe_layer_input(hidden, valid, self.prompt)
+            return None
+
+        return hook
+
+    def key_projection_hook(self, rules, stats):
+        """A forward hook for a layer's key projection (``ArchSpec.key_projection``): at an (unpaused)
+        prefill, ``rules`` (key rules) edit the keys of the new tokens before RoPE; ``stats``: the
+        layer's site counters. A fused q/k/v projection's output holds the keys after the queries."""
+        arch = self.arch
+        q_width, k_width = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+
+        def hook(module, args, output):
+            info = self.info
+            if self.is_paused or info is None or not info.is_prefill:
+                return None
+            width = output.shape[-1]
+            start = q_width if width == q_width + 2 * k_width else 0
+            if width not in (k_width, q_width + 2 * k_width):
+                raise compat.CompatibilityError(
+                    "key projection",
+                    f"{type(module).__name__} returned {width} features; expected {k_width} keys or a fused q/k/v of "
+                    f"{q_width + 2 * k_width}",
+                )
+            b, t = output.shape[:2]
+            keys = output[..., start : start + k_width].reshape(b, t, arch.num_kv_heads, arch.head_dim)
+            positions = (torch.arange(t, device=output.device) + info.past_len).view(1, -1)
+            for rule in rules:
+                keys, changed = rule.edit(keys, positions, self.prompt)
+                stats.count(rule.method, changed)
+            edited = output.clone()
+            edited[..., start : start + k_width] = keys.reshape(b, t, k_width).to(output.dtype)
+            return edited
+
+        return hook
 
     def info_for(self, layer: int, query: torch.Tensor, key: torch.Tensor) -> ForwardInfo:
         """This forward's facts, cross-checked against what layer ``layer``'s attention function

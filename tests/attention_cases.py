@@ -1,33 +1,45 @@
-"""Attention-level cases shared by the fused backends' tests (Triton kernels, CPU flash path):
+"""Attention-level cases shared by the backends' tests (Triton kernels, CPU flash path, chunked):
 methods with small hand-checked settings, phases (prefill, continuation chunk, decode) and
-padded causal masks, all compared against ``reference_attention``."""
+padded causal masks, all compared against the reference backend. :func:`attend` runs one call on
+a named backend, through the router when a fast backend is asked for (so a call it cannot run
+raises instead of passing on another path)."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import types
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from attnsteer.attention import chunked, reference, router
+from attnsteer.attention.geometry import AttentionCall, ForwardInfo, MaskView
+from attnsteer.context import PromptState
 from attnsteer.methods.act import ACT
 from attnsteer.methods.softplus import SoftplusReweight
 from attnsteer.methods.var import VAR
 from attnsteer.plan import LayerPlan
 from attnsteer.roles import PromptRoles
-from attnsteer.sinks import HiddenSinks
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Stats:
-    """Counts the rows each method changed, like the backends' SiteStats."""
+    """Counts the rows each method changed and which backends ran, like the sites' SiteStats."""
 
     def __init__(self):
         self.rows = {}
+        self.paths: collections.Counter = collections.Counter()
+        self.fallbacks: collections.Counter = collections.Counter()
 
     def record(self, method, rows):
         self.rows[id(method)] = self.rows.get(id(method), 0) + int(rows)
+
+    def ran(self, backend, phase):
+        self.paths[f"{backend}/{phase}"] += 1
+
+    def fell_back(self, backend, reason):
+        self.fallbacks[f"{backend}: {reason}"] += 1
 
 
 def params(cls, **over):
@@ -37,19 +49,22 @@ def params(cls, **over):
 HEADS = torch.tensor([True, False, True, False, False, True])
 
 
-def var_method(variant="paper", heads=None, p=0.6):
-    """VAR on a fake 14-token prompt (the decode phase's row 14 is the first generated token):
-    image tokens at 4..9 (batch row 1: 6..11); sinks at 0, 5, 7 (text, image, image) in row 0 and
-    at 5, 8 (padding, image) in row 1."""
+def var_prompt() -> PromptState:
+    """A fake 14-token prompt for VAR (the decode phase's row 14 is the first generated token): image
+    tokens at 4..9 (batch row 1: 6..11); its sinks at 0, 5, 7 (text, image, image) in row 0 and at
+    5, 8 (padding, image) in row 1."""
     image = torch.zeros(2, 14, dtype=torch.bool)
     image[0, 4:10], image[1, 6:12] = True, True
     table = torch.zeros(2, 14, dtype=torch.bool)
     table[0, [0, 5, 7]], table[1, [5, 8]] = True, True
-    sinks = HiddenSinks()
-    sinks.by_layer[0] = table.to(DEVICE)
-    state = types.SimpleNamespace(roles=PromptRoles(image.to(DEVICE)), sinks=sinks)
+    prompt = PromptState(PromptRoles(image.to(DEVICE)))
+    prompt.put((0, 0), "sinks", table.to(DEVICE))
+    return prompt
+
+
+def var_method(variant="paper", heads=None, p=0.6):
     chosen = params(VAR, rho=0.2, min_image_attention=0.05, variant=variant, p=p)
-    return VAR(VAR.finalize_params(chosen), 0, heads, state=state)
+    return VAR(VAR.finalize_params(chosen), 0, heads)
 
 
 METHODS = {
@@ -72,19 +87,53 @@ def padded_mask(b, q_len, k_len, pads, window=0):
     return (mask & (keys >= torch.tensor(pads).view(-1, 1, 1, 1))).expand(b, 1, q_len, k_len).clone().to(DEVICE)
 
 
-def plans(name, k_len, past):
-    """Two plans of the same fresh method (one per backend being compared)."""
-    made = []
-    for _ in range(2):
-        m = METHODS[name]()
-        if past and m.name == "act":  # continuation rows reuse the prompt's sinks
-            m.p = dataclasses.replace(m.p, apply_to="all")
+def case(name, k_len, past, **over):
+    """(LayerPlan with a fresh method of case ``name``, a function making a fresh PromptState for
+    one backend run): continuation rows of ACT reuse a prompt's sinks (random, seeded); VAR's
+    prompt has its roles and hidden-state sinks. ``over``: parameters to replace."""
+    method = METHODS[name]()
+    if over:
+        method.p = dataclasses.replace(method.p, **over)
+        method.rules = method.build_rules()
+    if past and method.name == "act":  # continuation rows reuse the prompt's sinks
+        method.p = dataclasses.replace(method.p, apply_to="all")
+    plan = LayerPlan(0)
+    plan.methods.append(method)
+
+    def prompt() -> PromptState:
+        if method.name == "var":
+            return var_prompt()
+        state = PromptState()
+        if past and method.name == "act":
             sinks = torch.rand(2, 6, k_len, generator=torch.Generator().manual_seed(1)) > 0.7
-            m.prompt_state["sinks"] = sinks.to(DEVICE)
-        plan = LayerPlan(0)
-        plan.methods.append(m)
-        made.append(plan)
-    return made
+            state.put(method.key, "sinks", sinks.to(DEVICE))
+        return state
+
+    return plan, prompt
+
+
+def call_of(
+    q, k, mask: MaskView, info: ForwardInfo, prompt: PromptState | None = None, scaling=None, softcap=None, layer=0
+):
+    """The :class:`AttentionCall` of q (B, H, Q, D), k (B, H_kv, K, D) under ``mask`` and ``info``."""
+    scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
+    return AttentionCall(layer, info, q, k, mask, scaling, prompt if prompt is not None else PromptState(), softcap)
+
+
+def attend(backend, plan, q, k, v, mask: MaskView, info: ForwardInfo, prompt=None, stats=None, **kw):
+    """One call of ``plan`` on ``backend`` -> out (B, Q, H, D). ``reference`` and ``chunked`` are
+    called directly (``chunk=``: rows per chunk of the chunked path); ``flash`` and ``triton``
+    through the router with that backend forced (a call it cannot run raises, naming why).
+    ``kw``: ``scaling``, ``softcap``, ``chunk``, ``compute_dtype`` (reference), ``triton`` (mode)."""
+    stats = stats if stats is not None else Stats()
+    call = call_of(q, k, mask, info, prompt, kw.get("scaling"), kw.get("softcap"))
+    steps = plan.steps(info.is_prefill)
+    if backend == "reference":
+        return reference.attend(steps, call, q, k, v, stats, compute_dtype=kw.get("compute_dtype", torch.float32))[0]
+    if backend == "chunked":
+        return chunked.run(steps, call, q, k, v, stats, chunk=kw.get("chunk"))
+    config = router.BackendConfig(backend, triton=kw.get("triton", "interpret" if backend == "triton" else "off"))
+    return router.run(config, steps, call, q, k, v, stats)
 
 
 def inputs(b, hq, hkv, q_len, k_len, d, seed=0, dtype=torch.float32, strong=3.0):

@@ -1,22 +1,20 @@
-"""The CPU ``fused`` backend (PyTorch's flash kernel + per-row corrections) against the float32
-eager reference: every method it runs, every phase, padded / windowed masks, GQA, head subsets,
-low precision, the guards that hand ill-conditioned calls to the chunked path, and that it never
-builds a queries x keys tensor."""
+"""The CPU ``flash`` backend (PyTorch's flash kernel + per-row corrections) against the float32
+eager reference: every rule kind it claims (group, reweight), every phase, padded / windowed
+masks, GQA, head subsets, low precision, the guards that hand ill-conditioned calls to the chunked
+path, and that it never builds a queries x keys tensor."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from attention_cases import METHODS, PHASES, LargestTensor, Stats, inputs, padded_mask, params, plans
+from attention_cases import METHODS, PHASES, LargestTensor, Stats, attend, case, inputs, padded_mask, params
 from conftest import build_tiny
 
 import attnsteer
-from attnsteer.attention import flash_backend as fb
-from attnsteer.attention import fused, routing
-from attnsteer.attention.reference import reference_attention
-from attnsteer.attention.rows import ForwardInfo, MaskView
+from attnsteer.attention import chunked
+from attnsteer.attention import flash_cpu as fb
+from attnsteer.attention.geometry import ForwardInfo, MaskView
+from attnsteer.context import PromptState
 from attnsteer.kernels.ops import MaskSpec
 from attnsteer.methods.act import ACT
 from attnsteer.methods.softplus import SoftplusReweight
@@ -29,20 +27,11 @@ MASKS = {
 }
 
 
-def _fallbacks():
-    return {k: n for k, n in routing.COUNTERS.items() if k.startswith("fallback/")}
-
-
-def _plans(name, k_len, past):
-    """The shared cases' plans; ACT with a threshold that leaves a few sinks among 11-15 keys (at
-    0.05 most keys are sinks and many rows keep almost nothing outside them: such calls go to the
-    chunked path, tested separately below)."""
-    made = plans(name, k_len, past)
-    for plan in made:
-        m = plan.methods[0]
-        if m.name == "act":
-            m.p = dataclasses.replace(m.p, threshold=0.2)
-    return made
+def _case(name, k_len, past):
+    """The shared cases; ACT with a threshold that leaves a few sinks among 11-15 keys (at 0.05 most
+    keys are sinks and many rows keep almost nothing outside them: such rows sum the rest exactly,
+    tested separately below)."""
+    return case(name, k_len, past, **({"threshold": 0.2} if name.startswith("act") else {}))
 
 
 def _call(name, phase, mask_case, seed=0, dtype=torch.float32):
@@ -66,15 +55,13 @@ def test_flash_matches_reference(name, phase, mask_case):
     if mask_case == "no-mask" and phase != "prefill" and name.startswith("var"):
         pytest.skip("VAR's fake prompt is 14 tokens; without a mask the chunk has no padding to test")
     q, k, v, mask, info, valid = _call(name, phase, mask_case, seed=3)
-    plan_ref, plan_flash = _plans(name, k.shape[2], info.past_len)
+    plan, prompt = _case(name, k.shape[2], info.past_len)
     stats_ref, stats_flash = Stats(), Stats()
-    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, stats_ref)
-    routing.reset_counters()
-    out, weights = fb.flash_attention(plan_flash, q, k, v, mask, 0.35, info, stats_flash)
-    assert weights is None and out.shape == ref.shape and out.dtype == q.dtype
-    assert not _fallbacks(), _fallbacks()
-    rule = plan_flash.methods[0].kernel_rule
-    assert routing.COUNTERS[f"flash/{rule}/{phase}"] == 1, dict(routing.COUNTERS)
+    prompt_ref, prompt_flash = prompt(), prompt()
+    ref = attend("reference", plan, q, k, v, mask, info, prompt_ref, stats_ref, scaling=0.35)
+    out = attend("flash", plan, q, k, v, mask, info, prompt_flash, stats_flash, scaling=0.35)
+    assert out.shape == ref.shape and out.dtype == q.dtype
+    assert stats_flash.paths == {f"flash/{phase}": 1} and not stats_flash.fallbacks, stats_flash.fallbacks
     # softplus: N a_ij - o_i near 0 amplifies the rounding of a_ij = exp(s_ij - lse_i) (the flash
     # path's weights carry the LSE's rounding, about 1 ulp of |s|; see the float64 test below)
     atol = 5e-6 if name.startswith("softplus") else 2e-6
@@ -82,7 +69,8 @@ def test_flash_matches_reference(name, phase, mask_case):
     assert torch.isfinite(out).all()
     assert list(stats_flash.rows.values()) == list(stats_ref.rows.values())
     if name.startswith("act") and phase == "prefill":  # the column pass finds the same sinks
-        assert torch.equal(plan_ref.methods[0].prompt_state["sinks"], plan_flash.methods[0].prompt_state["sinks"])
+        key = plan.methods[0].key
+        assert torch.equal(prompt_ref.get(key, "sinks"), prompt_flash.get(key, "sinks"))
 
 
 @pytest.mark.parametrize("name", ["act", "softplus-heads"])
@@ -91,14 +79,14 @@ def test_key_tiles_sum_like_one_pass(name, monkeypatch):
     monkeypatch.setattr(fb, "PASS_KEYS", 4)
     monkeypatch.setattr(fb, "PASS_ELEMENTS", 64)
     q, k, v, mask, info, valid = _call(name, "prefill", "window-padding", seed=6)
-    plan_ref, plan_flash = _plans(name, k.shape[2], 0)
-    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, Stats())
-    routing.reset_counters()
-    out, _ = fb.flash_attention(plan_flash, q, k, v, mask, 0.35, info, Stats())
-    assert not _fallbacks()
+    plan, prompt = _case(name, k.shape[2], 0)
+    prompt_ref, prompt_flash = prompt(), prompt()
+    ref = attend("reference", plan, q, k, v, mask, info, prompt_ref, scaling=0.35)
+    out = attend("flash", plan, q, k, v, mask, info, prompt_flash, scaling=0.35)
     torch.testing.assert_close(out[valid], ref[valid], atol=5e-6, rtol=1e-5)
     if name == "act":
-        assert torch.equal(plan_ref.methods[0].prompt_state["sinks"], plan_flash.methods[0].prompt_state["sinks"])
+        key = plan.methods[0].key
+        assert torch.equal(prompt_ref.get(key, "sinks"), prompt_flash.get(key, "sinks"))
 
 
 def test_steering_changes_rows_in_these_cases():
@@ -107,7 +95,8 @@ def test_steering_changes_rows_in_these_cases():
         for phase in PHASES:
             q, k, v, mask, info, _ = _call(name, phase, "left-padding", seed=3)
             stats = Stats()
-            fb.flash_attention(_plans(name, k.shape[2], info.past_len)[0], q, k, v, mask, 0.35, info, stats)
+            plan, prompt = _case(name, k.shape[2], info.past_len)
+            attend("flash", plan, q, k, v, mask, info, prompt(), stats, scaling=0.35)
             assert sum(stats.rows.values()) > 0, (name, phase)
 
 
@@ -118,19 +107,21 @@ def test_float32_error_is_the_reference_error(name, seed):
     rounding of the exponent s_ij - lse_i (weights exp(s - lse) move by a relative ~eps |s|, where
     the reference's softmax subtracts the row max exactly): |err| <= ref_err + 4 eps max|s| max|v|."""
     q, k, v, mask, info, valid = _call(name, "chunk", "window-padding", seed=seed)
-    oracle, _ = reference_attention(
-        _plans(name, 15, 6)[0],
+    plan, prompt = _case(name, 15, 6)
+    oracle = attend(
+        "reference",
+        plan,
         q.double(),
         k.double(),
         v.double(),
         mask,
-        0.35,
         info,
-        Stats(),
+        prompt(),
+        scaling=0.35,
         compute_dtype=torch.float64,
     )
-    ref32, _ = reference_attention(_plans(name, 15, 6)[0], q, k, v, mask, 0.35, info, Stats())
-    ours, _ = fb.flash_attention(_plans(name, 15, 6)[0], q, k, v, mask, 0.35, info, Stats())
+    ref32 = attend("reference", plan, q, k, v, mask, info, prompt(), scaling=0.35)
+    ours = attend("flash", plan, q, k, v, mask, info, prompt(), scaling=0.35)
     ours_err = (ours.double() - oracle)[valid].abs().max()
     ref_err = (ref32.double() - oracle)[valid].abs().max()
     scores = (q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.35).abs().max()
@@ -143,9 +134,10 @@ def test_float32_error_is_the_reference_error(name, seed):
 def test_low_precision_within_twice_the_dtype_error(name, dtype):
     """|flash(x_low) - oracle(x)| <= 2 |reference computed in the low dtype - oracle(x)|."""
     q, k, v, mask, info, valid = _call(name, "chunk", "left-padding", seed=5, dtype=dtype)
-    oracle, _ = reference_attention(_plans(name, 15, 6)[0], q.float(), k.float(), v.float(), mask, 0.35, info, Stats())
-    naive, _ = reference_attention(_plans(name, 15, 6)[0], q, k, v, mask, 0.35, info, Stats(), compute_dtype=dtype)
-    ours, _ = fb.flash_attention(_plans(name, 15, 6)[0], q, k, v, mask, 0.35, info, Stats())
+    plan, prompt = _case(name, 15, 6)
+    oracle = attend("reference", plan, q.float(), k.float(), v.float(), mask, info, prompt(), scaling=0.35)
+    naive = attend("reference", plan, q, k, v, mask, info, prompt(), scaling=0.35, compute_dtype=dtype)
+    ours = attend("flash", plan, q, k, v, mask, info, prompt(), scaling=0.35)
     assert ours.dtype == dtype
     ours_err = (ours.float() - oracle)[valid].abs().max()
     naive_err = (naive.float() - oracle)[valid].abs().max()
@@ -199,48 +191,50 @@ def _plan(method):
     return plan
 
 
-def _one_call(method, q, k, v):
+def _one_call(method, q, k, v, backend="flash"):
+    """(reference, ``backend``) outputs of one plain prefill of ``method``, and the stats of the second."""
     n = q.shape[2]
-    ref, _ = reference_attention(_plan(method), q, k, v, MaskView(None, n, n), 0.3, ForwardInfo(n, 0, n, None), Stats())
-    routing.reset_counters()
-    return ref, fb.flash_attention(
-        _plan(method), q, k, v, MaskView(None, n, n), 0.3, ForwardInfo(n, 0, n, None), Stats()
-    )[0]
+    mask, info, stats = MaskView(None, n, n), ForwardInfo(n, 0, n, None), Stats()
+    ref = attend("reference", _plan(method), q, k, v, mask, info, PromptState(), scaling=0.3)
+    return ref, attend(backend, _plan(method), q, k, v, mask, info, PromptState(), stats, scaling=0.3), stats
 
 
-def test_act_row_almost_all_on_sinks_sums_the_rest_exactly():
-    """o - O_sink loses precision when the non-sinks hold almost nothing: such rows sum the
-    non-sinks over their keys (counted), and the output still equals the reference."""
+def test_group_row_almost_all_in_small_groups_sums_the_rest_exactly(monkeypatch):
+    """o - sum O_g loses precision when the rest of the row holds almost nothing: such rows, under a
+    rule that rescales the rest (ACT), sum it over their keys, and the output still equals the reference."""
     q, k, v = inputs(1, 2, 2, 12, 12, 8, seed=2)
     k[:, :, 5] = q[:, :, 6:].mean(2, keepdim=True)[:, :, 0] * 40  # a hidden sink holding ~all the mass
     k[:, :, 0] *= 0.0
-    make = lambda: ACT(params(ACT, threshold=0.05, beta=0.3), 0, None)  # noqa: E731
-    ref, out = _one_call(make(), q, k, v)
-    assert routing.COUNTERS["exact-rows/act"] > 0 and not _fallbacks(), dict(routing.COUNTERS)
+    exact = []
+    real = fb.complement_rows
+    monkeypatch.setattr(fb, "complement_rows", lambda *a, **kw: exact.append(int(a[-2].sum())) or real(*a, **kw))
+    ref, out, stats = _one_call(ACT(params(ACT, threshold=0.05, beta=0.3), 0, None), q, k, v)
+    assert sum(exact) > 0 and stats.paths == {"flash/prefill": 1}, (exact, stats.fallbacks)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
 def test_softplus_large_p_runs_on_the_log_space_path():
     q, k, v = inputs(1, 2, 2, 12, 12, 8, seed=4)
-    ref, out = _one_call(SoftplusReweight(params(SoftplusReweight, p=60.0), 0, None), q, k, v)
-    assert any("p too large" in key for key in _fallbacks()), dict(routing.COUNTERS)
+    ref, out, stats = _one_call(SoftplusReweight(params(SoftplusReweight, p=60.0), 0, None), q, k, v, backend="auto")
+    assert stats.paths == {"chunked/prefill": 1}, stats.paths
+    assert any("power too large" in key for key in stats.fallbacks), stats.fallbacks
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["act", "softplus", "var"])
 def test_never_builds_a_queries_by_keys_tensor(name, monkeypatch):
-    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 2048)
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 2048)
     b, h, n = 2, 6, 14 * 8
     q, k, v = inputs(b, h, 2, n, n, 8, seed=1)
-    method = plans(name, n, 0)[0].methods[0]
+    plan, make_prompt = case(name, n, 0)
+    prompt = make_prompt()
     if name == "var":  # the fake prompt's roles cover 14 tokens: stretch them over n
-        state = method.state
-        state.roles = type(state.roles)(state.roles.image.repeat_interleave(8, 1))
-        state.sinks.by_layer[0] = state.sinks.by_layer[0].repeat_interleave(8, 1)
-    routing.reset_counters()
+        prompt.roles = type(prompt.roles)(prompt.roles.image.repeat_interleave(8, 1))
+        prompt.put((0, 0), "sinks", prompt.get((0, 0), "sinks").repeat_interleave(8, 1))
+    stats = Stats()
     with LargestTensor() as probe:
-        fb.flash_attention(_plan(method), q, k, v, MaskView(None, n, n), 0.3, ForwardInfo(n, 0, n, None), Stats())
-    assert not _fallbacks()
+        attend("flash", plan, q, k, v, MaskView(None, n, n), ForwardInfo(n, 0, n, None), prompt, stats, scaling=0.3)
+    assert stats.paths == {"flash/prefill": 1}
     assert probe.largest < b * h * n * n // 8, probe.largest
 
 
@@ -252,10 +246,11 @@ def test_models_on_cpu_run_the_flash_path():
     mask[1, :4] = 0
     recipe = {"interventions": [{"method": "act", "layers": [1, 2], "params": {"threshold": 0.05}}]}
     out = {}
-    for backend in ("reference", "fused"):
-        routing.reset_counters()
-        with attnsteer.apply(model, recipe, backend=backend):
+    for backend in ("reference", "auto"):
+        with attnsteer.apply(model, recipe, backend=backend) as handle:
             out[backend] = model(input_ids=ids, attention_mask=mask).logits
-        if backend == "fused":
-            assert routing.COUNTERS["flash/act/prefill"] == 2 and not _fallbacks(), dict(routing.COUNTERS)
-    torch.testing.assert_close(out["fused"][mask.bool()], out["reference"][mask.bool()], atol=1e-5, rtol=1e-4)
+            stats = handle.stats()
+        if backend == "auto":
+            assert [s["paths"] for s in stats] == [{"flash/prefill": 1}] * 2, stats
+            assert not any(s["fallbacks"] for s in stats), stats
+    torch.testing.assert_close(out["auto"][mask.bool()], out["reference"][mask.bool()], atol=1e-5, rtol=1e-4)

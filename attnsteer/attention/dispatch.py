@@ -1,13 +1,17 @@
-"""The attention function registered with transformers, and the per-layer routing.
+"""The attention function registered with transformers, and the per-layer sites.
 
 One function is registered per *original* implementation (``sdpa`` / ``eager``), under a neutral
 name (transformers substring-matches ``flash``, ``sdpa`` and ``flex_attention``), together with
 that implementation's mask builder -- so layers without a plan receive exactly the arguments the
-model's own implementation would, and are delegated to it unchanged.
+model's own implementation would, and are delegated to it unchanged. A steered layer's
+:class:`LayerSite` builds the call's :class:`~attnsteer.attention.geometry.AttentionCall`, hands
+its score and weight rules to the router (:mod:`attnsteer.attention.router`), which picks the
+backend, then applies its head rules.
 """
 
 from __future__ import annotations
 
+import collections
 import weakref
 from collections.abc import Callable
 
@@ -16,31 +20,11 @@ import torch.nn as nn
 
 from .. import compat
 from ..errors import SteeringError, UnsupportedModelError
-from . import triton_backend
-from .flash_backend import flash_attention
-from .fused import fused_attention
-from .reference import reference_attention
-from .rows import MaskView
+from . import router
+from .geometry import AttentionCall, MaskView
 
 # original implementation -> the name attnsteer registers for models that had it
 REGISTERED_NAMES = {"sdpa": "attnsteer_sd", "eager": "attnsteer_eg"}
-
-
-def select_fused_backend(query: torch.Tensor) -> Callable:
-    """The implementation behind the ``fused`` backend for this call: the Triton kernels where
-    :func:`attnsteer.attention.triton_backend.wanted` says so (CUDA), PyTorch's CPU flash kernel
-    plus corrections on CPU, the chunked PyTorch path otherwise. Each hands what it does not
-    cover to the chunked path, which covers everything."""
-    if triton_backend.wanted(query):
-        return triton_backend.triton_attention
-    return flash_attention if query.device.type == "cpu" else fused_attention
-
-
-def _fused(plan, query, key, value, mask, scaling, info, stats, softcap=None):
-    return select_fused_backend(query)(plan, query, key, value, mask, scaling, info, stats, softcap=softcap)
-
-
-BACKENDS = {"reference": reference_attention, "fused": _fused}
 
 # attention module -> LayerSite, for the modules of every steered model in this process
 _SITES: weakref.WeakKeyDictionary[nn.Module, LayerSite] = weakref.WeakKeyDictionary()
@@ -98,9 +82,11 @@ def registered_name(impl: str) -> str:
 
 
 class SiteStats:
-    """How often each method of one layer ran and fired.
+    """How often each method of one layer ran and fired, and which backend ran the layer's calls.
 
     Row counts stay on the device and are reduced only when read (no sync, few ops per call).
+    ``paths``: ``"<backend>/<phase>"`` -> calls; ``fallbacks``: ``"<backend>: <reason>"`` -> calls
+    that backend gave to the next one.
     """
 
     COLLAPSE_EVERY = 256
@@ -110,9 +96,11 @@ class SiteStats:
         self._per_call = {id(m): [] for m in methods}  # rows changed in each call (tensors or ints)
         self._totals = {id(m): (0, 0) for m in methods}  # collapsed (rows, fired) so far
         self._current: dict[int, list] = {}
+        self.paths: collections.Counter = collections.Counter()
+        self.fallbacks: collections.Counter = collections.Counter()
 
-    def begin(self, active) -> None:
-        self._current = {id(m): [] for m in active}
+    def begin(self, methods) -> None:
+        self._current = {id(m): [] for m in methods}
 
     def record(self, method, rows) -> None:
         self._current[id(method)].append(rows)
@@ -121,11 +109,25 @@ class SiteStats:
         for key, parts in self._current.items():
             self.calls[key] += 1
             if parts:
-                log = self._per_call[key]
-                log.append(parts[0] if len(parts) == 1 else sum(parts))
-                if len(log) >= self.COLLAPSE_EVERY:
-                    self._collapse(key)
+                self._log(key, parts[0] if len(parts) == 1 else sum(parts))
         self._current = {}
+
+    def count(self, method, rows) -> None:
+        """One call of ``method`` outside an attention call (a key rule in its projection's hook)."""
+        self.calls[id(method)] += 1
+        self._log(id(method), rows)
+
+    def _log(self, key, rows) -> None:
+        log = self._per_call[key]
+        log.append(rows)
+        if len(log) >= self.COLLAPSE_EVERY:
+            self._collapse(key)
+
+    def ran(self, backend: str, phase: str) -> None:
+        self.paths[f"{backend}/{phase}"] += 1
+
+    def fell_back(self, backend: str, reason: str) -> None:
+        self.fallbacks[f"{backend}: {reason}"] += 1
 
     def _collapse(self, key) -> None:
         log = self._per_call[key]
@@ -170,42 +172,41 @@ def attention_softcap(kwargs: dict) -> float | None:
 class LayerSite:
     """Everything one steered attention module needs at call time."""
 
-    def __init__(self, layer: int, plan, backend: str, original: Callable, state):
+    def __init__(self, layer: int, plan, config: router.BackendConfig, original: Callable, state):
         self.layer = layer
         self.plan = plan
-        self.backend = backend
+        self.config = config
         self.original = original
         self.state = state
         self.stats = SiteStats(plan.methods)
 
     def __call__(self, module, query, key, value, attention_mask, **kwargs):
-        if self.state.is_paused:
+        state = self.state
+        if state.is_paused:
             return self.original(module, query, key, value, attention_mask, **kwargs)
-        info = self.state.info_for(self.layer, query, key)
-        prefill = info.is_prefill
-        if not self.plan.active(prefill):
+        info = state.info_for(self.layer, query, key)
+        steps = self.plan.steps(info.is_prefill)
+        if not steps:
             return self.original(module, query, key, value, attention_mask, **kwargs)
         if module.training and kwargs.get("dropout", 0.0):
             raise SteeringError("attnsteer steers inference only; call model.eval() before steering")
-        head_steps = self.plan.head_steps(prefill)
-        attention_steps = self.plan.weight_steps(prefill) + self.plan.score_steps(prefill)
-        self.stats.begin(attention_steps + head_steps)
-        if attention_steps:
-            scaling = kwargs.get("scaling")
-            if scaling is None:
-                scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-            if key.shape[2] > info.total_len:
-                # a preallocated (static) cache: slots past the sequence so far are empty
-                key, value = key[:, :, : info.total_len], value[:, :, : info.total_len]
-            mask = MaskView(attention_mask, query.shape[2], key.shape[2])
-            out, weights = BACKENDS[self.backend](
-                self.plan, query, key, value, mask, scaling, info, self.stats, softcap=attention_softcap(kwargs)
-            )
-        else:  # head-level only (VHR): the model's own attention, then per-head scaling
+        self.stats.begin({rule.method for rule in (*steps.score, *steps.weight, *steps.head)})
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        if key.shape[2] > info.total_len:
+            # a preallocated (static) cache: slots past the sequence so far are empty
+            key, value = key[:, :, : info.total_len], value[:, :, : info.total_len]
+        mask = MaskView(attention_mask, query.shape[2], key.shape[2])
+        call = AttentionCall(self.layer, info, query, key, mask, scaling, state.prompt, attention_softcap(kwargs))
+        if steps.attention:
+            out = router.run(self.config, steps, call, query, key, value, self.stats)
+            weights = None
+        else:  # head rules only (VHR): the model's own attention, then per-head scaling
             out, weights = self.original(module, query, key, value, attention_mask, **kwargs)
-        for method in head_steps:
-            out, rows = method.head_output(out, info)
-            self.stats.record(method, rows)
+        for rule in steps.head:
+            out, rows = rule.apply(out, call, call.prompt)
+            self.stats.record(rule.method, rows)
         self.stats.end()
         return out, weights
 

@@ -14,15 +14,16 @@ computed from query and key in O(K) memory per head (never the Q x K map):
 * ``pre[layer]``: softmax(softcap(q_last k^T * scaling) + mask) -- the layer's own attention (on a steered
   model: before the recipe's rules, i.e. "pre-steering scores" normalised);
 * ``post[layer]`` (after :meth:`LastRows.finish`): the weights the steered layer actually uses --
-  the plan's score steps (PAI, softplus LSSA) applied to the scores, softmax, then its weight steps
-  (ACT, VAR, softplus re-weighting) with each method's own row rule (``fused_weights``). Weight
-  steps run after the forward, when the per-prompt facts they need exist (ACT's sink sets are
-  found from the whole prompt's attention inside the layer). Equals ``pre`` where nothing steers.
+  the plan's score rules applied to the scores, softmax, then its weight rules (group, reweight)
+  with the chunked backend's rule functions. Weight rules run after the forward, when the
+  per-prompt facts they need exist (a group rule's groups may be found from the whole prompt's
+  attention inside the layer). Equals ``pre`` where nothing steers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -30,10 +31,9 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .. import archs, compat
-from ..methods.base import StepInfo
 from . import dispatch
-from .fused import grouped_qk
-from .rows import ForwardInfo, MaskView, key_positions, row_context, soft_cap
+from .chunked import apply_score_rules, apply_weight_rules, grouped_qk
+from .geometry import AttentionCall, MaskView, soft_cap
 
 
 @contextlib.contextmanager
@@ -109,10 +109,9 @@ def last_row_weights(module, query, key, attention_mask, kwargs) -> torch.Tensor
 
 @dataclasses.dataclass
 class _Pending:
-    scores: torch.Tensor  # (b, H, 1, K) after the score steps
+    scores: torch.Tensor  # (B, H, 1, K) after the score rules
     visible: torch.Tensor | None
-    info: ForwardInfo | None
-    q_len: int
+    call: AttentionCall | None
 
 
 class LastRows:
@@ -120,9 +119,10 @@ class LastRows:
 
     plans: ``{layer: LayerPlan}`` of a steered model (``handle.plans``), for ``post``; state: its
     steering state, so passes run with steering paused (PAI's text stream, AGLA's relevance pass)
-    are skipped and the forward's facts (cache length, padding) are known. batch: keep the first
-    ``batch`` rows (the caller's input; a prefill may carry extra streams). The first forward
-    observed per layer is kept (call :meth:`reset` for another); ``calls`` counts all of them.
+    are skipped and the forward's facts (cache length, padding, the prompt's state) are known.
+    batch: keep the first ``batch`` rows (the caller's input; a prefill may carry extra streams).
+    The first forward observed per layer is kept (call :meth:`reset` for another); ``calls``
+    counts all of them.
     """
 
     def __init__(self, plans: dict | None = None, state=None, batch: int | None = None):
@@ -153,48 +153,54 @@ class LastRows:
         info = state.info if state is not None else None
         s, visible = last_row_scores(module, query, key, attention_mask, kwargs, info.total_len if info else None)
         plan = self.plans.get(layer)
-        steered = s
+        steered, call = s, None
         if plan is not None and info is not None:
-            ctx = self._context(visible, info, query.shape[2], s.shape[-1], s.device)
-            q = query[:, :, -1:].float()
-            k = key[:, :, : s.shape[-1]].float()
-            for method in plan.score_steps(info.is_prefill):
-                steered = method.scores(steered, q, k, ctx, grouped_qk)
-        rows = slice(None, self.batch)
-        self.pre[layer] = _softmax(s[rows])[:, :, 0]
-        kept_visible = visible[rows] if visible is not None else None
-        self._pending[layer] = _Pending(steered[rows], kept_visible, self._crop(info), query.shape[2])
-
-    def _crop(self, info: ForwardInfo | None) -> ForwardInfo | None:
-        if info is None or self.batch is None:
-            return info
-        first, valid = info.first_valid, info.row_valid
-        return dataclasses.replace(
-            info,
-            first_valid=first[: self.batch] if first is not None else None,
-            row_valid=valid[: self.batch] if valid is not None else None,
-            batch=min(self.batch, info.batch or self.batch),
-        )
-
-    @staticmethod
-    def _context(visible, info: ForwardInfo, q_len: int, k_len: int, device):
-        key_abs = key_positions(info, k_len, device)
-        return row_context(visible, info, q_len - 1, key_abs, rows=1)
+            k_len = s.shape[-1]
+            mask = MaskView(attention_mask, query.shape[2], k_len)
+            call = AttentionCall(
+                layer, info, query, key[:, :, :k_len], mask, scaling_of(module, query, kwargs), state.prompt
+            )
+            rows = call.rows(visible, query.shape[2] - 1, rows=1)
+            q, k = query[:, :, -1:].float(), key[:, :, :k_len].float()
+            steered = apply_score_rules(plan.steps(info.is_prefill).score, s, q, k, rows, call)
+        self.pre[layer] = _softmax(s[: self.batch])[:, :, 0]
+        self._pending[layer] = _Pending(steered, visible, call)
 
     def finish(self) -> dict[int, torch.Tensor]:
-        """After the forward: apply each steered layer's weight steps to its row -> ``post``."""
+        """After the forward: apply each steered layer's weight rules to its row -> ``post``."""
         for layer, pending in sorted(self._pending.items()):
             a = _softmax(pending.scores)
-            plan, info = self.plans.get(layer), pending.info
-            if plan is not None and info is not None:
-                k_len = a.shape[-1]
-                ctx = self._context(pending.visible, info, pending.q_len, k_len, a.device)
-                step = StepInfo(info.is_prefill, key_offset=max(info.total_len - k_len, 0), num_keys=k_len)
-                for method in plan.weight_steps(info.is_prefill):
-                    a, _ = method.fused_weights(a, ctx, step)
-            self.post[layer] = a[:, :, 0]
+            plan, call = self.plans.get(layer), pending.call
+            if plan is not None and call is not None:
+                call, visible = _cropped(call, pending.visible, _prompt_rows(call, a.shape[0]))
+                a = a[: call.batch]
+                rows = call.rows(visible, call.info.q_len - 1, rows=1)
+                a = apply_weight_rules(plan.steps(call.is_prefill).weight, a, rows, call)
+            self.post[layer] = a[: self.batch, :, 0]
         return self.post
 
     def changed(self, layer: int) -> torch.Tensor:
         """bool (b, H): heads whose last row the recipe's rules changed at ``layer``."""
         return (self.post[layer] != self.pre[layer]).any(-1)
+
+
+def _prompt_rows(call: AttentionCall, rows: int) -> int:
+    """The prompt's batch rows now (after the forward a second stream may have been cropped off)."""
+    roles = call.prompt.roles
+    return min(rows, roles.image.shape[0]) if roles is not None else rows
+
+
+def _cropped(call: AttentionCall, visible, rows: int):
+    """``call`` (and its visibility) for its first ``rows`` batch rows."""
+    if call.batch == rows:
+        return call, visible
+    info = call.info
+    crop = copy.copy(call)
+    crop.batch = rows
+    crop.info = dataclasses.replace(
+        info,
+        first_valid=info.first_valid[:rows] if info.first_valid is not None else None,
+        row_valid=info.row_valid[:rows] if info.row_valid is not None else None,
+        batch=rows,
+    )
+    return crop, (visible[:rows] if visible is not None and visible.shape[0] > rows else visible)

@@ -1,13 +1,22 @@
-"""The oracle: float32 eager attention with materialised weights and the formulas of docs/methods.md applied
-literally, step by step. Slow and O(Q K) memory by design; every fast path is tested against it.
+"""The oracle backend: float32 eager attention with the whole (B, H, Q, K) map materialised and every
+rule applied to it in composition order. Slow and O(Q K) memory by design; every fast path is
+tested against it. Re-weighting is computed literally in float64, so large exponents cannot
+overflow the oracle.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..methods.base import StepInfo
-from .rows import ForwardInfo, MaskView, key_positions, row_context, soft_cap
+from .capability import Capability
+from .chunked import apply_group_rule, apply_score_rules, set_column_stats
+from .geometry import AttentionCall, soft_cap
+
+CAPABILITY = Capability(name="reference", kinds=frozenset({"score", "group", "reweight"}))
+
+
+def unavailable(config, call) -> str | None:
+    return None
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -15,47 +24,61 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def reference_attention(
-    plan,
-    query,
-    key,
-    value,
-    mask: MaskView,
-    scaling: float,
-    info: ForwardInfo,
-    stats,
-    compute_dtype=torch.float32,
-    softcap: float | None = None,
-):
+def reweight_literally(rule, a: torch.Tensor, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w = max(N a - o, 0)^p``, renormalised, in float64; uniform rows (every w 0) unchanged."""
+    a64 = a.double()
+    offsets = rule.offsets(rows)
+    t = rows.n_visible.double() * a64 - (offsets.double() if isinstance(offsets, torch.Tensor) else offsets)
+    w = t.clamp(min=0.0) ** rule.power
+    total = w.sum(-1, keepdim=True)
+    steered = total > 0
+    heads = rule.head_mask(a)
+    steered = steered if heads is None else steered & heads
+    new = torch.where(steered, w / total.clamp(min=1e-300), a64)
+    return new.to(a.dtype), steered.sum()
+
+
+def attend(steps, call: AttentionCall, query, key, value, stats=None, compute_dtype=torch.float32):
     """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype,
     weights (B, H_q, Q, K) in ``compute_dtype``).
 
     ``compute_dtype`` is float32 for the oracle; tests also run it in bf16/fp16 as the "naive
-    same-dtype implementation" of flash-attention's tolerance rule. ``softcap`` (Gemma 2) caps the
-    logits, ``s = cap * tanh(s / cap)``, before the mask and before any method's step.
+    same-dtype implementation" of flash-attention's tolerance rule. Soft-capping (Gemma 2) caps
+    the logits, ``s = cap * tanh(s / cap)``, before the mask and before any rule.
     """
     groups = query.shape[1] // key.shape[1]
     q = query.to(compute_dtype)
     k = _repeat_kv(key.to(compute_dtype), groups)
     v = _repeat_kv(value.to(compute_dtype), groups)
-    visible, bias = mask.chunk(0, query.shape[2], query.device)
-    key_abs = key_positions(info, key.shape[2], query.device)
-    ctx = row_context(visible, info, 0, key_abs, rows=query.shape[2])
-    visible = ctx.visible  # the oracle always materialises it
-    step = StepInfo(is_prefill=info.is_prefill, key_offset=max(info.total_len - key.shape[2], 0), num_keys=key.shape[2])
+    visible, bias = call.mask.chunk(0, query.shape[2], query.device)
+    rows = call.rows(visible, 0, rows=query.shape[2])
+    visible = rows.visible  # the oracle always materialises it
 
-    s = soft_cap(torch.matmul(q, k.transpose(-1, -2)) * scaling, softcap)
+    s = soft_cap(torch.matmul(q, k.transpose(-1, -2)) * call.scaling, call.softcap)
     if bias is not None:
         s = s + bias.to(compute_dtype)
     s = s.masked_fill(~visible, float("-inf"))
-    for method in plan.score_steps(info.is_prefill):
-        s = method.scores(s, q, k, ctx, lambda a, b: torch.matmul(a, b.transpose(-1, -2)))
-        stats.record(method, method.rows_touched(s))
+    if steps.score:
+        s = apply_score_rules(
+            steps.score, s, q, k, rows, call, stats, qk=lambda a, b: torch.matmul(a, b.transpose(-1, -2))
+        )
     a = torch.softmax(s, dim=-1)
     a = torch.where(visible, a, torch.zeros_like(a))  # fully masked rows: 0, not NaN
-    for method in plan.weight_steps(info.is_prefill):
-        a, rows = method.reference_weights(a, ctx, step)
-        stats.record(method, rows)
+    for rule in steps.weight:
+        if rule.kind == "group":
+            if rule.column_stats and call.is_prefill:
+                seen = visible if rows.row_valid is None else visible & rows.row_valid
+                set_column_stats(rule, (a * seen).sum(dim=-2), seen.sum(dim=-2, dtype=a.dtype), call)
+            a, changed = apply_group_rule(rule, a, rows, call)
+        else:
+            a, changed = reweight_literally(rule, a, rows)
+        if stats is not None:
+            stats.record(rule.method, changed)
     a = a.to(compute_dtype)
     out = torch.matmul(a, v)
     return out.transpose(1, 2).contiguous().to(query.dtype), a
+
+
+def run(steps, call: AttentionCall, query, key, value, stats, config=None):
+    """The backend entry (:mod:`attnsteer.attention.router`): ``attend``'s output."""
+    return attend(steps, call, query, key, value, stats)[0]

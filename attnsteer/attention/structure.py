@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..kernels.ops import MaskSpec
-from .rows import ForwardInfo, MaskView
+from .geometry import ForwardInfo, MaskView
 
 
 @dataclass

@@ -7,12 +7,12 @@ Method (also written into every result file):
   config of a hub id; built-in config names work offline) with ``attn_implementation="sdpa"`` --
   the baseline is the model's own SDPA attention.
 * Configurations: ``baseline`` (no recipe) and, for each ``--recipe`` and each ``--backends``
-  entry, the recipe applied with that backend: ``auto`` (what ``attnsteer.apply`` does by
-  default: the Triton kernels on CUDA, PyTorch's flash kernel plus corrections on CPU),
-  ``fused-triton`` / ``fused-pytorch`` / ``fused-chunked`` (the fused backend forced onto one
-  implementation: the Triton kernels; the PyTorch path for the device -- flash plus corrections on
-  CPU, chunked on CUDA; the generic chunked PyTorch path) and ``reference`` (float32 eager with
-  materialised weights -- how the papers' code runs).
+  entry, the recipe applied with that backend (``attnsteer.apply(..., backend=...)``): ``auto``
+  (the default: the Triton kernels on CUDA, PyTorch's flash kernel plus corrections on CPU, the
+  chunked path for what they do not run), ``triton`` / ``flash`` / ``chunked`` (every steered call
+  on that backend), and ``reference`` (float32 eager with materialised weights -- how the papers'
+  code runs). Earlier names are accepted: ``fused-triton``, ``fused-chunked``, ``fused-pytorch``
+  (flash on CPU, chunked elsewhere).
 * Every configuration is warmed up once (Triton compiles, cuBLAS picks kernels). Then, per
   repeat, each steered configuration runs next to a baseline run (ABBA order: the order inside a
   pair flips every repeat). Ratios are medians over repeats of steered / the adjacent baseline.
@@ -34,6 +34,7 @@ Run ``python -m attnsteer.evals.speed --help`` (the same flags as ``attnsteer ev
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import json
@@ -57,7 +58,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 
-BACKEND_CHOICES = ("auto", "fused-pytorch", "fused-chunked", "fused-triton", "reference")
+BACKEND_CHOICES = ("auto", "flash", "chunked", "triton", "reference", "fused-pytorch", "fused-chunked", "fused-triton")
 DTYPES = {
     "float32": "float32",
     "fp32": "float32",
@@ -219,36 +220,16 @@ def _reset_hwm() -> bool:
         return False
 
 
-@contextlib.contextmanager
-def _backend_forced(backend: str):
-    """fused-pytorch / fused-chunked / fused-triton: force the fused backend onto one implementation."""
-    if backend not in ("fused-pytorch", "fused-chunked", "fused-triton"):
-        yield
-        return
-    from ..attention import dispatch, flash_backend, triton_backend
-    from ..attention.fused import fused_attention
-
-    impl = {
-        "fused-pytorch": flash_backend.flash_attention,  # hands CUDA tensors to the chunked path
-        "fused-chunked": fused_attention,
-        "fused-triton": triton_backend.triton_attention,
-    }[backend]
-    old_env = os.environ.get("ATTNSTEER_TRITON")
-    old_fn = dispatch.BACKENDS["fused"]
-    os.environ["ATTNSTEER_TRITON"] = "1" if backend == "fused-triton" else "0"
-    dispatch.BACKENDS["fused"] = impl
-    try:
-        yield
-    finally:
-        dispatch.BACKENDS["fused"] = old_fn
-        if old_env is None:
-            os.environ.pop("ATTNSTEER_TRITON", None)
-        else:
-            os.environ["ATTNSTEER_TRITON"] = old_env
+# --backends entries of earlier releases -> attnsteer.apply's backend (by device where they differed)
+_OLD_NAMES = {"fused-chunked": "chunked", "fused-triton": "triton"}
 
 
-def _api_backend(backend: str) -> str:
-    return {"reference": "reference"}.get(backend, "auto" if backend == "auto" else "fused")
+def _api_backend(backend: str, device) -> str:
+    """The ``attnsteer.apply`` backend of a ``--backends`` entry (``fused-pytorch``: the PyTorch fused
+    path of the device -- flash plus corrections on CPU, chunked elsewhere)."""
+    if backend == "fused-pytorch":
+        return "flash" if device.type == "cpu" else "chunked"
+    return _OLD_NAMES.get(backend, backend)
 
 
 def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> dict:
@@ -260,8 +241,6 @@ def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> d
 
     import attnsteer
 
-    from ..attention import routing
-
     cuda = device.type == "cuda"
 
     def sync():
@@ -269,57 +248,58 @@ def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> d
             torch.cuda.synchronize(device)
 
     handle = None
-    counters_before = dict(routing.COUNTERS)
-    with _backend_forced(config.get("backend") or "auto"):
-        if config["recipe"] is not None:
-            handle = attnsteer.apply(model, config["recipe"], backend=_api_backend(config["backend"]))
-        focused = handle.focus(focus) if (handle is not None and focus is not None) else contextlib.nullcontext()
-        try:
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-                mem_before = torch.cuda.memory_allocated(device)
-            else:
-                mem_before = (_proc_kib("VmRSS") or 0) * 1024
-                hwm_ok = _reset_hwm()
-            with torch.inference_mode(), focused:
-                sync()
-                t0 = time.perf_counter()
-                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+    paths: collections.Counter = collections.Counter()
+    if config["recipe"] is not None:
+        handle = attnsteer.apply(model, config["recipe"], backend=_api_backend(config["backend"] or "auto", device))
+    focused = handle.focus(focus) if (handle is not None and focus is not None) else contextlib.nullcontext()
+    try:
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            mem_before = torch.cuda.memory_allocated(device)
+        else:
+            mem_before = (_proc_kib("VmRSS") or 0) * 1024
+            hwm_ok = _reset_hwm()
+        with torch.inference_mode(), focused:
+            sync()
+            t0 = time.perf_counter()
+            out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            tok = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync()
+            t1 = time.perf_counter()
+            cache = compat.output_cache(out)
+            del out
+            sync()
+            t2 = time.perf_counter()
+            for _ in range(new_tokens):
+                out = model(input_ids=tok, use_cache=True, **compat.with_cache(model, cache))
                 tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                sync()
-                t1 = time.perf_counter()
-                cache = compat.output_cache(out)
-                del out
-                sync()
-                t2 = time.perf_counter()
-                for _ in range(new_tokens):
-                    out = model(input_ids=tok, use_cache=True, **compat.with_cache(model, cache))
-                    tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                sync()
-                t3 = time.perf_counter()
-                del cache
-            if cuda:
-                peak = torch.cuda.max_memory_allocated(device)
-                extra = peak - mem_before
-            else:
-                hwm = _proc_kib("VmHWM")
-                extra = (hwm * 1024 - mem_before) if (hwm and hwm_ok) else None
-                peak = hwm * 1024 if (hwm and hwm_ok) else None
-        finally:
-            summary = None
-            if handle is not None:
-                stats = handle.stats()
-                summary = {
-                    "sites": len(stats),
-                    "sites_fired": sum(1 for s in stats if s["fired"] > 0),
-                    "rows_modified": int(sum(int(s["rows_modified"]) for s in stats)),
-                }
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    handle.remove()
-    counters = {k: v - counters_before.get(k, 0) for k, v in routing.COUNTERS.items() if v != counters_before.get(k, 0)}
+            sync()
+            t3 = time.perf_counter()
+            del cache
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(device)
+            extra = peak - mem_before
+        else:
+            hwm = _proc_kib("VmHWM")
+            extra = (hwm * 1024 - mem_before) if (hwm and hwm_ok) else None
+            peak = hwm * 1024 if (hwm and hwm_ok) else None
+    finally:
+        summary = None
+        if handle is not None:
+            stats = handle.stats()
+            summary = {
+                "sites": len(stats),
+                "sites_fired": sum(1 for s in stats if s["fired"] > 0),
+                "rows_modified": int(sum(int(s["rows_modified"]) for s in stats)),
+            }
+            for layer in {s["layer"]: s for s in stats}.values():  # each layer's calls once
+                paths.update(layer["paths"])
+                paths.update({f"fallback/{reason}": n for reason, n in layer["fallbacks"].items()})
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                handle.remove()
     decode_s = t3 - t2
     return {
         "prefill_s": t1 - t0,
@@ -328,7 +308,7 @@ def run_once(model, ids, new_tokens: int, config: dict, device, focus=None) -> d
         "peak_mem_bytes": peak,
         "peak_extra_bytes": extra,
         "steering": summary,
-        "kernel_calls": counters,
+        "kernel_calls": dict(paths),
     }
 
 
@@ -338,12 +318,8 @@ def _impl(backend: str | None, counters: dict, device) -> str:
         return "sdpa"
     if backend == "reference":
         return "reference"
-    fast = {path: sum(v for k, v in counters.items() if k.startswith(path + "/")) for path in ("triton", "flash")}
-    fallback = sum(v for k, v in counters.items() if k.startswith("fallback/"))
-    ran = [path for path, calls in fast.items() if calls]
-    if fallback or not ran:
-        ran.append("chunked")
-    return "+".join(ran)
+    ran = {path.split("/")[0] for path, calls in counters.items() if calls and not path.startswith("fallback/")}
+    return "+".join(sorted(ran)) or "none"
 
 
 # ---- machine facts ---------------------------------------------------------------------------------

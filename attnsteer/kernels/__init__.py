@@ -7,23 +7,25 @@ Triton's interpreter, which is how the test suite checks them without a GPU.
 
 * :func:`row_stats`   -- pass 1 (QK only): row log-sum-exp and per-group masses;
 * :func:`column_stats` -- ACT's column pass: per-key sums of the weights and the rows seeing it;
-* :func:`attention`   -- pass 2: fused attention with a per-row, per-group bias, or softplus
-  re-weighting that reads pass 1's LSE;
-* :func:`decode`      -- split-K decode (one query row) with per-group masses and outputs, the
-  rule (ACT, softplus, VAR) applied at the merge.
+* :func:`attention`   -- pass 2: fused attention with a per-row, per-group bias (the group rule
+  kind), or re-weighting (the re-weight kind) that reads pass 1's LSE;
+* :func:`decode`      -- split-K decode (one query row): plain, per-group masses and outputs (the
+  group kind; the caller's rule combines them) or re-weighting.
+
+The kernels know rule kinds, never methods.
 
 See docs/kernels.md for the design, the memory traffic of each pass and what falls back.
 """
 
 from .ops import (
     MAX_GROUPS,
+    MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
     Groups,
     KernelLaunchError,
     MaskSpec,
-    SoftplusArgs,
+    ReweightArgs,
     TritonUnavailableError,
-    VarArgs,
     attention,
     available,
     column_stats,
@@ -35,13 +37,13 @@ from .ops import (
 
 __all__ = [
     "MAX_GROUPS",
+    "MAX_HEAD_DIM",
     "SUPPORTED_DTYPES",
     "Groups",
     "KernelLaunchError",
     "MaskSpec",
-    "SoftplusArgs",
+    "ReweightArgs",
     "TritonUnavailableError",
-    "VarArgs",
     "attention",
     "available",
     "column_stats",

@@ -936,34 +936,28 @@ def decode_merge_kernel(
     PACC,
     OUT,
     STEER,
-    ROW_ARG,
     MOD,
+    MASSES,
+    OGROUPS,
     stride_ob,
     stride_oh,
     stride_od,
     HQ,
     NUM_SPLITS,
-    beta,
-    var_p,
-    var_rho,
-    var_min_image,
     D: tl.constexpr,
     NUM_GROUPS: tl.constexpr,
     G_PAD: tl.constexpr,
     RULE: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Merge the split partials per group (flash-decoding), then apply the rule at the merge.
-    STEER (HQ,) int8: steered query heads. ROW_ARG (B,) int32: ACT -- the row's position counted
-    from its first token; VAR -- the row gate (1 = may be steered).
+    """Merge the split partials per group (flash-decoding); the rule kind decides what is written.
+    STEER (HQ,) int8: steered query heads (re-weight kind).
 
-    RULE 0: plain (all groups together). RULE 1: ACT (group 0 = non-sinks, 1 = sinks; modified when
-    the head is steered, the row is not the first of its sequence and both groups have mass).
-    RULE 2: softplus (group 0 = unchanged weights, group 1 = re-weighted; re-weighted when the head
-    is steered and some key survived). RULE 3: VAR (groups 0 other, 1 text sink, 2 image sink,
-    3 visual non-sink; a steered head in a gated row with M_img >= var_min_image, M_3 >= var_rho
-    M_img and M_sink, M_3 > 0: sinks keep 1 - var_p, the visual group gains var_p M_sink).
-    MOD (B, HQ) int8 = 1 where the rule changed the row.
+    RULE 0: plain attention (all groups together) to OUT. RULE 1 (group kind): OUT gets plain
+    attention, MASSES (B*HQ, G) float32 each group's mass M_g and OGROUPS (B*HQ, G, D) float32 its
+    normalised output o_g -- the caller's rule turns the masses into factors, ``sum_g f_g M_g o_g``.
+    RULE 2 (re-weight kind): group 0 = unchanged weights, group 1 = re-weighted; re-weighted when
+    the head is steered and some key survived; MOD (B, HQ) int8 = 1 where it was.
     """
     pid = tl.program_id(0)
     b = pid // HQ
@@ -994,35 +988,22 @@ def decode_merge_kernel(
     mass = tl.where(has, tl.exp(lse_g - top_safe), 0.0)
     total = tl.sum(mass, axis=0)
     mass = mass / tl.where(total > 0.0, total, 1.0)
-    if RULE == 0:
-        w = mass
-        modified = False
-    elif RULE == 1:
-        steer = tl.load(STEER + h) != 0
-        rel = tl.load(ROW_ARG + b).to(tl.int32)
-        m_other = tl.sum(tl.where(offs_g == 0, mass, 0.0), axis=0)
-        m_sink = tl.sum(tl.where(offs_g == 1, mass, 0.0), axis=0)
-        modified = steer & (rel >= 1) & (m_sink > 0.0) & (m_other > 0.0)
-        w_act = tl.where(offs_g == 0, m_other + (1.0 - beta) * m_sink, tl.where(offs_g == 1, beta * m_sink, mass))
-        w = tl.where(modified, w_act, mass)
-    elif RULE == 3:
-        steer = tl.load(STEER + h) != 0
-        gate = tl.load(ROW_ARG + b) != 0
-        m_sink = tl.sum(tl.where((offs_g == 1) | (offs_g == 2), mass, 0.0), axis=0)
-        m_vis = tl.sum(tl.where(offs_g == 3, mass, 0.0), axis=0)
-        m_img = tl.sum(tl.where((offs_g == 2) | (offs_g == 3), mass, 0.0), axis=0)
-        modified = steer & gate & (m_img >= var_min_image) & (m_vis >= var_rho * m_img) & (m_sink > 0.0) & (m_vis > 0.0)
-        w_var = tl.where(
-            (offs_g == 1) | (offs_g == 2), (1.0 - var_p) * mass, tl.where(offs_g == 3, m_vis + var_p * m_sink, mass)
-        )
-        w = tl.where(modified, w_var, mass)
-    else:
+    if RULE == 2:
         steer = tl.load(STEER + h) != 0
         l1 = tl.sum(tl.where(offs_g == 1, lsum, 0.0), axis=0)
         modified = steer & (l1 > 0.0)
         w = tl.where(offs_g == tl.where(modified, 1, 0), 1.0, 0.0)
         w = tl.where(tl.sum(tl.where(offs_g == 0, lsum, 0.0), axis=0) > 0.0, w, 0.0)
+    else:
+        w = mass
     out = tl.sum(w[:, None] * o_g, axis=0)
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(OUT.dtype.element_ty), mask=offs_d < D)
-    if RULE != 0:
+    if RULE == 1:
+        tl.store(MASSES + pid * NUM_GROUPS + offs_g, mass, mask=gmask)
+        tl.store(
+            OGROUPS + (pid * NUM_GROUPS + offs_g[:, None]) * D + offs_d[None, :],
+            o_g,
+            mask=gmask[:, None] & (offs_d[None, :] < D),
+        )
+    if RULE == 2:
         tl.store(MOD + pid, modified.to(tl.int8))

@@ -390,9 +390,10 @@ def variants(dtype: torch.dtype, d: int, scope: str = "modes"):
                     lambda q=q, kk=kk, v=v, m=mask, gr=gr, bi=bias: k.attention(q, kk, v, m, scale, groups=gr, bias=bi),
                 )
             for p in powers:
-                sp = k.SoftplusArgs(
-                    p=p,
+                sp = k.ReweightArgs(
+                    power=p,
                     offset=1.0,
+                    free_rows=3,
                     steer=torch.ones(hq, dtype=torch.int8),
                     rel0=torch.zeros(b, dtype=torch.int32),
                     lse=lse,
@@ -400,8 +401,8 @@ def variants(dtype: torch.dtype, d: int, scope: str = "modes"):
                 )
                 add(
                     "attention",
-                    f"softplus p={p}; {tag}",
-                    lambda q=q, kk=kk, v=v, m=mask, sp=sp: k.attention(q, kk, v, m, scale, softplus=sp),
+                    f"reweight p={p}; {tag}",
+                    lambda q=q, kk=kk, v=v, m=mask, sp=sp: k.attention(q, kk, v, m, scale, reweight=sp),
                 )
             # decode: one query row against the cache (each call also compiles its merge kernel)
             qd = q[:, :, :1]
@@ -416,38 +417,19 @@ def variants(dtype: torch.dtype, d: int, scope: str = "modes"):
             for g in groups_set:
                 add(
                     "decode",
-                    f"{g} groups carried, rule none; {tag}",
+                    f"{g} groups (masses and group outputs); {tag}",
                     lambda qd=qd, m=dmask, kc=kc, vc=vc, gr=gids(g): k.decode(qd, kc, vc, m, scale, groups=gr),
                 )
+            sp = k.ReweightArgs(power=3.0, offset=1.0, free_rows=3, steer=steer, rel0=rel0)
             add(
                 "decode",
-                f"act (2 groups); {tag}",
-                lambda qd=qd, m=dmask, kc=kc, vc=vc, gr=gids(2), steer=steer, rel0=rel0: k.decode(
-                    qd, kc, vc, m, scale, groups=gr, rule="act", beta=0.4, steer=steer, rel0=rel0
-                ),
-            )
-            var = k.VarArgs(p=0.6, rho=0.5, min_image=0.2, gate=torch.ones(b, dtype=torch.int32))
-            add(
-                "decode",
-                f"var (4 groups); {tag}",
-                lambda qd=qd, m=dmask, kc=kc, vc=vc, gr=gids(4), var=var, steer=steer: k.decode(
-                    qd, kc, vc, m, scale, groups=gr, rule="var", var=var, steer=steer
-                ),
-            )
-            sp = k.SoftplusArgs(p=3.0, offset=1.0, steer=steer, rel0=rel0)
-            add(
-                "decode",
-                f"softplus; {tag}",
-                lambda qd=qd, m=dmask, kc=kc, vc=vc, sp=sp: k.decode(
-                    qd, kc, vc, m, scale, rule="softplus", softplus=sp
-                ),
+                f"reweight; {tag}",
+                lambda qd=qd, m=dmask, kc=kc, vc=vc, sp=sp: k.decode(qd, kc, vc, m, scale, reweight=sp),
             )
             add(
                 "decode",
-                f"softplus, 128 splits; {tag}",
-                lambda qd=qd, m=dmask, kc=kc, vc=vc, sp=sp: k.decode(
-                    qd, kc, vc, m, scale, rule="softplus", softplus=sp, num_splits=128
-                ),
+                f"reweight, 128 splits; {tag}",
+                lambda qd=qd, m=dmask, kc=kc, vc=vc, sp=sp: k.decode(qd, kc, vc, m, scale, reweight=sp, num_splits=128),
             )
     return out
 

@@ -21,12 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..methods.softplus import FIRST_ROWS_WITHOUT_OFFSET
+from .. import settings
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 MAX_GROUPS = 4  # int8 group ids 0..3 (pass 2 and decode keep per-group state in registers)
-SOFTPLUS_FREE_ROWS = FIRST_ROWS_WITHOUT_OFFSET  # docs/methods.md#softplus: o_i = 0 in a row's first three positions
 
 
 class TritonUnavailableError(ImportError):
@@ -115,8 +114,9 @@ class Groups:
 
 
 @dataclass
-class SoftplusArgs:
-    """Softplus re-weighting (docs/methods.md#softplus) for pass 2 / decode.
+class ReweightArgs:
+    """The re-weight rule kind for pass 2 / decode: ``w = max(N_i a_ij - o_i, 0)^power`` with
+    ``o_i = 0`` in a row's first ``free_rows`` positions and ``offset`` after.
 
     lse, rowmax: float32 (B, H, Q) row log-sum-exp and row max of the scores from
     :func:`row_stats` (``with_max=True``); pass 2 only (decode computes its own).
@@ -124,32 +124,22 @@ class SoftplusArgs:
     non-pad token) of query row 0; row i is at rel0 + i.
     """
 
-    p: float
+    power: float
     offset: float
+    free_rows: int
     steer: torch.Tensor
     rel0: torch.Tensor
     lse: torch.Tensor | None = None
     rowmax: torch.Tensor | None = None
 
 
-@dataclass
-class VarArgs:
-    """VAR's rule (docs/methods.md#var) at the decode merge, on 4 groups (0 other, 1 text sink, 2 image
-    sink, 3 visual non-sink). gate: int32 / bool (B,) 1 where the batch row may be steered."""
-
-    p: float
-    rho: float
-    min_image: float
-    gate: torch.Tensor
-
-
 def _pow2(n: int, low: int = 16) -> int:
     return max(low, 1 << max(0, math.ceil(math.log2(max(1, n)))))
 
 
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name)
-    return int(value) if value else default
+def _tuned(value: int | None, default: int) -> int:
+    """A launch setting: the override from attnsteer.settings, else ``default``."""
+    return default if value is None else value
 
 
 def _check(q, k, v=None):
@@ -192,21 +182,23 @@ def _blocks(
     GPU defaults are untuned first choices (64 x 64, 4 warps; 64 x 32 and 8 warps over head dim
     128; 16 x 16 for float32, whose exact ("ieee") dots run on FMA units with whole operand rows per
     thread: wider tiles spill registers at compile time -- see evals/kernels/);
-    ATTNSTEER_TRITON_BLOCK_M / _BLOCK_N / _WARPS / _STAGES override them. The interpreter uses
-    16 x 16 tiles so small test shapes still cross tile boundaries.
+    the settings' kernel overrides (``ATTNSTEER_TRITON_BLOCK_M`` / ``_BLOCK_N`` / ``_WARPS`` /
+    ``_STAGES``, attnsteer.settings) replace them. The interpreter uses 16 x 16 tiles so small test
+    shapes still cross tile boundaries.
     """
+    tuning = settings.current().kernels
     if _STATE.get("interpreted"):
         bm, bn = 16, 16
     else:
         wide = 16 if dtype == torch.float32 else 64
-        bm = _env_int("ATTNSTEER_TRITON_BLOCK_M", wide)
-        bn = _env_int("ATTNSTEER_TRITON_BLOCK_N", wide if d <= 128 else min(wide, 32))
+        bm = _tuned(tuning.block_m, wide)
+        bn = _tuned(tuning.block_n, wide if d <= 128 else min(wide, 32))
     bm = block_m or bm
     bn = block_n or bn
     # 8 warps for head dims over 128 (a 64 x 256 float32 accumulator spills with 4; compile check)
     wide_rows = bm > 64 or (d > 128 and bm > 16)
-    warps = _env_int("ATTNSTEER_TRITON_WARPS", 8 if wide_rows else 4)
-    stages = _env_int("ATTNSTEER_TRITON_STAGES", 2)
+    warps = _tuned(tuning.warps, 8 if wide_rows else 4)
+    stages = _tuned(tuning.stages, 2)
     return bm, bn, warps, stages
 
 
@@ -397,27 +389,27 @@ def attention(
     groups: Groups | None = None,
     bias: torch.Tensor | None = None,
     lse: torch.Tensor | None = None,
-    softplus: SoftplusArgs | None = None,
+    reweight: ReweightArgs | None = None,
     out: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
 ):
     """Pass 2: one fused attention sweep. Returns (out (B, Q, Hq, D) in q.dtype, modified int8
-    (B, Hq, Q) for softplus else None).
+    (B, Hq, Q) for ``reweight`` else None).
 
     ``groups`` + ``bias`` float32 (B, Hq, Q, G): scores get bias[b, h, i, group(j)] -- the exact
     one-pass form of any rule that rescales whole groups by per-row factors: bias = log(M'_g/M_g).
     ``lse`` (B, Hq, Q), pass 1's LSE of the unbiased scores: weights are formed directly as
     exp(s + bias - lse) (valid when sum_g M'_g = 1, i.e. the rule conserves each row's mass); without
-    it, online softmax. ``softplus`` (with its ``lse`` and ``rowmax``): weights
+    it, online softmax. ``reweight`` (with its ``lse`` and ``rowmax``): weights
     max(N_i a_ij - o_i, 0)^p; rows of a steered head where nothing survives keep plain attention.
-    Without groups and softplus: plain attention.
+    Without groups and reweight: plain attention.
     """
     _check(q, k, v)
     if (groups is None) != (bias is None):
         raise ValueError("attention: `groups` and `bias` go together")
-    if softplus is not None and bias is not None:
-        raise ValueError("attention: bias and softplus re-weighting are separate modes")
+    if reweight is not None and bias is not None:
+        raise ValueError("attention: bias and re-weighting are separate modes")
     mod = kernels()
     b, hq, q_len, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
@@ -439,19 +431,17 @@ def attention(
     rowmax = torch.empty(1, dtype=f32, device=dev)
     modified = None
     p_int, p_half = 0, False
-    sp = (1.0, 0.0, SOFTPLUS_FREE_ROWS)
-    if softplus is not None:
-        if softplus.lse is None or softplus.rowmax is None:
-            raise ValueError(
-                "attention: softplus re-weighting needs pass 1's lse and row max (row_stats(with_max=True))"
-            )
-        lse = softplus.lse
-        rowmax = softplus.rowmax.to(f32).contiguous()
-        steer = softplus.steer.to(device=dev, dtype=torch.int8).contiguous()
-        rel0 = softplus.rel0.to(device=dev, dtype=torch.int32).contiguous()
+    sp = (1.0, 0.0, 0)
+    if reweight is not None:
+        if reweight.lse is None or reweight.rowmax is None:
+            raise ValueError("attention: re-weighting needs pass 1's lse and row max (row_stats(with_max=True))")
+        lse = reweight.lse
+        rowmax = reweight.rowmax.to(f32).contiguous()
+        steer = reweight.steer.to(device=dev, dtype=torch.int8).contiguous()
+        rel0 = reweight.rel0.to(device=dev, dtype=torch.int32).contiguous()
         modified = torch.empty(b, hq, q_len, dtype=torch.int8, device=dev)
-        sp = (float(softplus.p), float(softplus.offset), SOFTPLUS_FREE_ROWS)
-        p_int, p_half = _power_plan(float(softplus.p))
+        sp = (float(reweight.power), float(reweight.offset), int(reweight.free_rows))
+        p_int, p_half = _power_plan(float(reweight.power))
     if lse is not None:
         if lse.shape != (b, hq, q_len):
             raise ValueError(f"lse must be (B, Hq, Q) = {(b, hq, q_len)}; got {tuple(lse.shape)}")
@@ -496,7 +486,7 @@ def attention(
         NUM_GROUPS=ng,
         G_PAD=_pow2(max(ng, 1), 2),
         HAS_LSE=lse is not None,
-        SOFTPLUS=softplus is not None,
+        SOFTPLUS=reweight is not None,
         P_INT=p_int,
         P_HALF=p_half,
         BLOCK_M=bm,
@@ -528,13 +518,11 @@ def decode_splits(batch: int, kv_heads: int, k_len: int, block_n: int, device, n
             num_splits = min(4, tiles)
         else:
             want = triton_cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
-            num_splits = max(1, min(want, tiles, _env_int("ATTNSTEER_TRITON_MAX_SPLITS", 128)))
+            cap = _tuned(settings.current().kernels.max_splits, 128)
+            num_splits = max(1, min(want, tiles, cap))
     num_splits = max(1, min(num_splits, tiles))
     split_len = triton_cdiv(tiles, num_splits) * block_n
     return triton_cdiv(k_len, split_len) if k_len else 1, split_len
-
-
-_DECODE_RULES = {"none": 0, "act": 1, "softplus": 2, "var": 3}  # RULE of decode_merge_kernel
 
 
 def decode(
@@ -544,76 +532,63 @@ def decode(
     mask: MaskSpec,
     scale: float,
     groups: Groups | None = None,
-    rule: str = "none",
-    beta: float = 1.0,
-    softplus: SoftplusArgs | None = None,
-    steer: torch.Tensor | None = None,
-    rel0: torch.Tensor | None = None,
-    var: VarArgs | None = None,
+    reweight: ReweightArgs | None = None,
     num_splits: int | None = None,
     block_n: int | None = None,
 ):
-    """One query row per (batch row, head) against a long cache. Returns (out (B, 1, Hq, D),
-    modified int8 (B, Hq) or None).
+    """One query row per (batch row, head) against a long cache, by rule kind:
 
-    rule "none": plain attention (groups, if given, are only carried through the sweep);
-    "act": groups 0 = non-sinks, 1 = sinks; a steered row (``steer`` int8 (Hq,), position
-    ``rel0`` >= 1, both groups non-empty) keeps ``beta`` of its sink mass and gives the rest to the
-    non-sinks: out = beta M_1 o_1 + (M_0 + (1 - beta) M_1) o_0, applied at the merge;
-    "softplus": two sweeps (scores + LSE, then V with the re-weighted scores), see ``SoftplusArgs``;
-    "var": 4 groups (``VarArgs``); in a steered row (``steer``, ``var.gate``, docs/methods.md#var
-    conditions on the group masses) sinks keep 1 - p of their mass and the visual non-sinks gain
-    p M_sink: out = sum_g M'_g o_g, applied at the merge.
+    * plain (neither ``groups`` nor ``reweight``): returns (out (B, 1, Hq, D), None);
+    * group kind (``groups``): returns (out -- plain attention --, (masses float32 (B, Hq, G),
+      outputs float32 (B, Hq, G, D))): each group's mass ``M_g`` and normalised output ``o_g``, from
+      which the caller's rule forms ``sum_g f_g M_g o_g``;
+    * re-weight kind (``reweight``): two sweeps (scores + LSE, then V with the re-weighted scores);
+      returns (out, modified int8 (B, Hq)).
     """
     _check(q, k, v)
     if q.shape[2] != 1:
         raise ValueError(f"decode takes one query row; got Q = {q.shape[2]}")
-    if rule not in _DECODE_RULES:
-        raise ValueError(f"decode rule must be one of {sorted(_DECODE_RULES)}; got {rule!r}")
-    if rule == "act" and (groups is None or groups.num_groups != 2):
-        raise ValueError("decode rule 'act' needs 2 groups (0 = non-sink, 1 = sink)")
-    if rule == "var" and (groups is None or groups.num_groups != 4 or var is None):
-        raise ValueError("decode rule 'var' needs VarArgs and 4 groups (other, text sink, image sink, visual)")
-    if rule == "softplus" and softplus is None:
-        raise ValueError("decode rule 'softplus' needs SoftplusArgs")
+    if groups is not None and reweight is not None:
+        raise ValueError("decode: groups and re-weighting are separate rule kinds")
     mod = kernels()
     b, hq, _, d = q.shape
     hkv, k_len = k.shape[1], k.shape[2]
     group = hq // hkv
     dev = q.device
+    tuning = settings.current().kernels
     # float32: 32-key tiles, 16 over head dim 128 (exact dots on FMA units spill registers with
     # wider ones; compile check)
     fp32_bn = 32 if d <= 128 else 16
     bn = block_n or (
-        16
-        if _STATE.get("interpreted")
-        else _env_int("ATTNSTEER_TRITON_DECODE_BLOCK_N", fp32_bn if q.dtype == torch.float32 else 64)
+        16 if _STATE.get("interpreted") else _tuned(tuning.decode_block_n, fp32_bn if q.dtype == torch.float32 else 64)
     )
     splits, split_len = decode_splits(b, hkv, k_len, bn, dev, num_splits)
     kvs, has_kvs = _mask_args(mask, dev)
     f32 = torch.float32
     dummy_f = torch.empty(1, dtype=f32, device=dev)
-    if rule == "softplus":
-        steer_t = softplus.steer.to(device=dev, dtype=torch.int8).contiguous()
-        rel_t = softplus.rel0.to(device=dev, dtype=torch.int32).contiguous()
+    if reweight is not None:
+        steer_t = reweight.steer.to(device=dev, dtype=torch.int8).contiguous()
+        rel_t = reweight.rel0.to(device=dev, dtype=torch.int32).contiguous()
     else:
-        steer_t = (steer if steer is not None else torch.ones(hq, dtype=torch.int8, device=dev)).to(dev, torch.int8)
-        row_arg = var.gate if rule == "var" else rel0
-        rel_t = (row_arg if row_arg is not None else torch.ones(b, dtype=torch.int32, device=dev)).to(dev, torch.int32)
+        steer_t = torch.ones(hq, dtype=torch.int8, device=dev)
+        rel_t = torch.zeros(b, dtype=torch.int32, device=dev)
     # 8 warps for float32, head dims over 128 and sweeps with several groups (a BLOCK_H x groups x D
     # accumulator): with 4 they spill or sit at the 255-register limit (compile check, evals/kernels/)
-    several = rule != "softplus" and groups is not None and groups.num_groups > 1
-    warps = _env_int("ATTNSTEER_TRITON_DECODE_WARPS", 8 if (q.dtype == torch.float32 or several or d > 128) else 4)
+    several = groups is not None and groups.num_groups > 1
+    warps = _tuned(tuning.decode_warps, 8 if (q.dtype == torch.float32 or several or d > 128) else 4)
     common = dict(BLOCK_H=_pow2(group), BLOCK_N=bn, BLOCK_D=_pow2(d), **_dot_args(q.dtype), num_warps=warps)
-    # splits whose partials the softplus sweep reads per step (a constant, so the split count never
-    # causes a recompile; 2 under the interpreter so its small tests take several steps)
+    # splits whose partials the re-weighting sweep reads per step (a constant, so the split count
+    # never causes a recompile; 2 under the interpreter so its small tests take several steps)
     s_pad = 2 if _STATE.get("interpreted") else 16
     out = torch.empty(b, 1, hq, d, dtype=q.dtype, device=dev)
     grid = (splits, b * hkv)
     mask_args = (hq, hkv, group, k_len, float(scale), int(mask.q_offset), int(mask.window))
+    strides = (q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride())
+    sweep = (splits, split_len)
 
-    if rule == "softplus":
+    if reweight is not None:
         ng = 2
+        free_rows = int(reweight.free_rows)
         scores = torch.empty(b, hq, k_len, dtype=f32, device=dev)
         pm1 = torch.empty(b, hq, splits, 1, dtype=f32, device=dev)
         pl1 = torch.empty_like(pm1)
@@ -635,20 +610,15 @@ def decode(
             steer_t,
             rel_t,
             kvs,
-            q.stride(0),
-            q.stride(1),
-            q.stride(3),
-            *k.stride(),
-            *v.stride(),
+            *strides,
             *gstr,
             *mask_args,
             0,
             0,
-            splits,
-            split_len,
+            *sweep,
             1.0,
             0.0,
-            SOFTPLUS_FREE_ROWS,
+            free_rows,
             D=d,
             HAS_KVS=has_kvs,
             MODE=1,
@@ -661,7 +631,7 @@ def decode(
         pl = torch.empty_like(pm)
         pacc = torch.empty(b, hq, splits, ng, d, dtype=f32, device=dev)
         _launch(
-            "decode_split(softplus)",
+            "decode_split(reweight)",
             mod.decode_split_kernel,
             grid,
             q,
@@ -677,20 +647,15 @@ def decode(
             steer_t,
             rel_t,
             kvs,
-            q.stride(0),
-            q.stride(1),
-            q.stride(3),
-            *k.stride(),
-            *v.stride(),
+            *strides,
             *gstr,
             *mask_args,
             0,
             0,
-            splits,
-            split_len,
-            float(softplus.p),
-            float(softplus.offset),
-            SOFTPLUS_FREE_ROWS,
+            *sweep,
+            float(reweight.power),
+            float(reweight.offset),
+            free_rows,
             D=d,
             HAS_KVS=has_kvs,
             MODE=2,
@@ -723,20 +688,15 @@ def decode(
             steer_t,
             rel_t,
             kvs,
-            q.stride(0),
-            q.stride(1),
-            q.stride(3),
-            *k.stride(),
-            *v.stride(),
+            *strides,
             *gstr,
             *mask_args,
             goff,
             glen,
-            splits,
-            split_len,
+            *sweep,
             1.0,
             0.0,
-            SOFTPLUS_FREE_ROWS,
+            0,
             D=d,
             HAS_KVS=has_kvs,
             MODE=0,
@@ -745,9 +705,11 @@ def decode(
             S_PAD=s_pad,
             **common,
         )
-        rule_id = _DECODE_RULES[rule]
-    modified = torch.empty(b, hq, dtype=torch.int8, device=dev) if rule_id else None
+        rule_id = 1 if groups is not None else 0
+    modified = torch.empty(b, hq, dtype=torch.int8, device=dev) if rule_id == 2 else None
     mod_buf = modified if modified is not None else torch.empty(1, dtype=torch.int8, device=dev)
+    masses = torch.empty(b, hq, ng, dtype=f32, device=dev) if rule_id == 1 else dummy_f
+    outputs = torch.empty(b, hq, ng, d, dtype=f32, device=dev) if rule_id == 1 else dummy_f
     _launch(
         "decode_merge",
         mod.decode_merge_kernel,
@@ -757,15 +719,14 @@ def decode(
         pacc,
         out,
         steer_t,
-        rel_t,
         mod_buf,
+        masses,
+        outputs,
         out.stride(0),
         out.stride(2),
         out.stride(3),
         hq,
         splits,
-        float(beta),
-        *((float(var.p), float(var.rho), float(var.min_image)) if var else (0.0, 0.0, 0.0)),
         D=d,
         NUM_GROUPS=ng,
         G_PAD=_pow2(ng, 2),
@@ -773,6 +734,8 @@ def decode(
         BLOCK_D=_pow2(d),
         num_warps=4,
     )
+    if rule_id == 1:
+        return out, (masses, outputs)
     return out, modified
 
 

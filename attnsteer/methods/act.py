@@ -13,13 +13,12 @@ and the freed mass goes to the non-sink keys in proportion to their weights:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import SteeringError
-from .base import Method, RowContext, StepInfo, masked_sum, param, register
+from .base import Method, param, register
+from .rules import GroupRule
 
 
 def sinks_from_column_means(col_mean: torch.Tensor, threshold: float, keep_first_sink: bool) -> torch.Tensor:
@@ -49,68 +48,72 @@ class ACTParams:
     keep_first_sink: bool = param(True, "leave the first (lowest-position) sink alone")
 
 
+class Calibration(GroupRule):
+    """ACT as a group rule: group 1 = the prompt's sinks of the head, group 0 = every other key.
+    A calibrated row keeps ``beta`` of its sink mass and gives the rest to the non-sinks in
+    proportion: ``f_sink = beta``, ``f_other = 1 + (1 - beta) M_S / M_N``."""
+
+    num_groups = 2
+    per_head = True
+    column_stats = True  # sink detection reads the column means of the prompt's own map
+
+    def active(self, is_prefill: bool) -> bool:
+        return is_prefill or self.method.p.apply_to == "all"
+
+    def set_column_stats(self, colsum, count, key_abs, prompt) -> None:
+        """Sinks from the column means: bool (B, H, P) over absolute prompt positions."""
+        p = self.method.p
+        col_mean = torch.where(count > 0, colsum / count.clamp(min=1), torch.zeros_like(colsum))
+        sinks = sinks_from_column_means(col_mean, p.threshold, p.keep_first_sink)
+        length = int(key_abs[-1]) + 1 if key_abs.numel() else 0
+        if key_abs.numel() == length:
+            table = sinks
+        else:  # keys start past position 0 (a sliding-window cache): earlier positions are never sinks
+            table = torch.zeros(*sinks.shape[:2], length, dtype=torch.bool, device=sinks.device)
+            table[:, :, key_abs] = sinks
+        prompt.put(self.key, "sinks", table)
+
+    def group_table(self, prompt) -> torch.Tensor:
+        sinks = prompt.require(
+            self.key,
+            "sinks",
+            f"ACT on layer {self.method.layer} (apply_to: all)",
+            "decode rows reuse the prompt's prefill sinks: run the prompt through the steered model first "
+            "(model.generate does this), or use apply_to: prefill",
+        )
+        return sinks.view(torch.int8)
+
+    def row_gate(self, rows, prompt):
+        """Row 0 of every sequence (its first token) is never calibrated."""
+        return None if rows.all_rows_at_least(1) else rows.rel_pos >= 1
+
+    def factors(self, masses, prompt):
+        beta = self.method.p.beta
+        m_other, m_sink = masses[..., :1], masses[..., 1:2]
+        steered = (m_sink > 0) & (m_other > 0)
+        f_other = 1.0 + (1.0 - beta) * m_sink / m_other.clamp(min=1e-30)
+        return steered, torch.cat([f_other, torch.full_like(f_other, beta)], dim=-1)
+
+
 @register
 class ACT(Method):
     name = "act"
     docs = "docs/methods.md#act"
     citation = "Yu et al., ICML 2024, arXiv 2406.15765"
     default_layers = "2:-1"
-    has_weight_step = True
     Params = ACTParams
+    whole_prompt = "finds each prompt's sinks from the column means of its whole attention map"
 
     @classmethod
     def is_identity_params(cls, params) -> bool:
         return params["beta"] == 1.0
 
-    def active(self, is_prefill: bool) -> bool:
-        return is_prefill or self.p.apply_to == "all"
+    def build_rules(self) -> list:
+        return [Calibration(self)]
 
-    # ---- sink sets ---------------------------------------------------------------------------
-    def _store_sinks(self, sinks: torch.Tensor, info: StepInfo) -> None:
-        """Keep the prompt's sink set in absolute key positions: bool (B, H, P).
-
-        Keys are contiguous absolute positions key_offset .. key_offset + K - 1."""
-        if info.key_offset == 0:
-            table = sinks
-        else:
-            table = torch.zeros(
-                *sinks.shape[:2], info.key_offset + info.num_keys, dtype=torch.bool, device=sinks.device
-            )
-            table[:, :, info.key_offset :] = sinks
-        self.prompt_state["sinks"] = table
-
-    def sinks_for_keys(self, key_abs: torch.Tensor, batch: int, info: StepInfo | None = None) -> torch.Tensor:
-        """bool (B, H, K) sink flags for the keys of the current forward (generated keys: never)."""
-        table = self.prompt_state.get("sinks")
-        if table is None:
-            raise SteeringError(
-                f"ACT on layer {self.layer} (apply_to: all) has no sink set for this prompt: decode rows reuse "
-                "the prompt's prefill sinks. Fix: run the prompt through the steered model first "
-                "(model.generate does this), or use apply_to: prefill"
-            )
-        if table.shape[0] != batch:
-            raise SteeringError(
-                f"ACT on layer {self.layer}: the prompt had batch size {table.shape[0]} but this forward has {batch}. "
-                "Fix: start a new prompt (a forward without past_key_values) for the new batch"
-            )
-        length = table.shape[-1]
-        if info is not None and info.key_offset == 0 and key_abs.numel() == length:
-            return table  # the prompt's own keys (prefill): no gather needed
-        in_prompt = key_abs < length
-        idx = key_abs.clamp(max=max(length - 1, 0))
-        return table[:, :, idx] & in_prompt.view(1, 1, -1)
-
-    def set_column_stats(self, colsum, count, info: StepInfo, key_abs) -> None:
-        col_mean = torch.where(count > 0, colsum / count.clamp(min=1), torch.zeros_like(colsum))
-        sinks = sinks_from_column_means(col_mean, self.p.threshold, self.p.keep_first_sink)
-        self._store_sinks(sinks, info)
-
-    def needs_column_stats(self, is_prefill: bool) -> bool:
-        return is_prefill
-
-    def report(self) -> dict | None:
-        """``{"sinks": [per batch row {head: [key positions]}]}`` of the last prompt."""
-        table = self.prompt_state.get("sinks")
+    def report(self, prompt) -> dict | None:
+        """``{"sinks": [per batch row {head: [key positions]}]}`` of the prompt."""
+        table = prompt.get(self.key, "sinks")
         if table is None:
             return None
         rows = []
@@ -118,58 +121,3 @@ class ACT(Method):
             heads = {h: table[b, h].nonzero().flatten().tolist() for h in range(table.shape[1])}
             rows.append({h: pos for h, pos in heads.items() if pos})
         return {"sinks": rows}
-
-    # ---- calibration ---------------------------------------------------------------------------
-    kernel_rule = "act"  # the Triton kernels' rule for this method (two key groups: other, sinks)
-
-    def group_factors(self, m_sink, m_other, log: bool = False):
-        """The calibration as factors on the row's group masses -- the one rule both fused paths
-        (PyTorch and the Triton kernels) apply: sinks keep ``beta`` of their mass, the others take
-        the freed ``(1 - beta) M_S`` in proportion, ``f_other = 1 + (1 - beta) M_S / M_N``.
-
-        m_sink, m_other: float tensors of the rows' sink / non-sink masses (same shape).
-        Returns (f_sink: float, f_other: tensor like m_other), or their logarithms with ``log``.
-        """
-        beta = self.p.beta
-        ratio = (1.0 - beta) * m_sink / m_other.clamp(min=1e-30)
-        if log:
-            return (math.log(beta) if beta > 0 else float("-inf")), torch.log1p(ratio)
-        return beta, 1.0 + ratio
-
-    def steered_rows(self, m_sink, m_other, rel_pos, like) -> torch.Tensor:
-        """bool: rows calibrated -- both groups non-empty, relative position >= 1 (``rel_pos``: long
-        positions from each row's first token, broadcastable; None when every row is past row 0),
-        and a steered head (``like``: a (B, H_q, ...) tensor the head mask broadcasts against)."""
-        rows = (m_sink > 0) & (m_other > 0)
-        if rel_pos is not None:
-            rows = rows & (rel_pos >= 1)
-        hm = self.head_mask(like)
-        return rows if hm is None else rows & hm
-
-    def reference_weights(self, a, ctx: RowContext, info: StepInfo):
-        """The formula applied literally on the full float32 map a (B, H, Q, K)."""
-        if info.is_prefill:
-            seen = ctx.visible if ctx.row_valid is None else ctx.visible & ctx.row_valid
-            count = seen.sum(dim=-2).to(a.dtype)  # (B|1, 1, K) real prompt rows that see key j
-            col_mean = torch.where(count > 0, (a * seen).sum(dim=-2) / count.clamp(min=1), torch.zeros_like(a[:, :, 0]))
-            self._store_sinks(sinks_from_column_means(col_mean, self.p.threshold, self.p.keep_first_sink), info)
-        if not self.active(info.is_prefill):
-            return a, a.new_zeros(())
-        sink = self.sinks_for_keys(ctx.key_abs, a.shape[0], info)[:, :, None, :]  # (B, H, 1, K)
-        beta = self.p.beta
-        sink_sum = (a * sink).sum(-1, keepdim=True)
-        other_sum = (a * ~sink).sum(-1, keepdim=True)
-        freed = (1.0 - beta) * sink_sum
-        calibrated = torch.where(sink, beta * a, a + freed * a / other_sum.clamp(min=1e-30))
-        rows = self.steered_rows(sink_sum, other_sum, None if ctx.all_rows_at_least(1) else ctx.rel_pos, a)
-        return torch.where(rows, calibrated, a), rows.sum()
-
-    def fused_weights(self, p, ctx: RowContext, info: StepInfo):
-        """Group-mass form on one chunk p (B, H, C, K): per-row factors on the sink / non-sink groups."""
-        sink = self.sinks_for_keys(ctx.key_abs, p.shape[0], info)[:, :, None, :]
-        m_sink = masked_sum(p, sink)
-        m_other = masked_sum(p, ~sink)
-        f_sink, f_other = self.group_factors(m_sink, m_other)
-        rows = self.steered_rows(m_sink, m_other, None if ctx.all_rows_at_least(1) else ctx.rel_pos, p)
-        factor = torch.where(sink, torch.full_like(f_other, f_sink), f_other)
-        return torch.where(rows, p * factor, p), rows.sum()

@@ -41,6 +41,7 @@ from .agla_matchers import DEFAULT_BLIP_CHECKPOINT, BlipItmMatcher
 from .agla_pixels import FAMILY_LAYOUT, layout_for
 from .agla_views import assemble_logits
 from .base import Method, param, register
+from .rules import ModelStep
 from .streams import IMAGE_ARGUMENTS, crop_output, crop_rows, stack_rows
 
 MATCHERS = ("blip_itm", "lvlm_attention")
@@ -100,26 +101,43 @@ class _RelevanceReady(Exception):
     """Raised by the attention observer once the last layer it reads has run (stops the pass)."""
 
 
+class Assembly(ModelStep):
+    """The augmented view rides in the batch (prefill and every decode step, its own KV cache
+    rows); the next-token logits of the two views are assembled after the forward."""
+
+    order = -1  # the augmented view joins the batch before VHR adds its text-only stream
+    after_order = 2  # and the logits are assembled after every other model step
+    replaces_logits = True
+    serving = "it decodes two views of every image in lockstep and assembles their logits"
+
+    def before_model(self, state, bound):
+        return self.method.add_view(state, bound)
+
+    def before_decode(self, state, bound):
+        return self.method.follow_view(state, bound)
+
+    def after_model(self, state, model, bound, output, is_prefill) -> None:
+        self.method.assemble(state, model, output, is_prefill)
+
+
 @register
 class AGLA(Method):
     name = "agla"
     docs = "docs/methods.md#agla"
     citation = "An et al., CVPR 2025, arXiv 2406.12718"
-    has_logits_step = True
-    has_model_step = True
     needs_image = True
     needs_processor = True
     needs_call_inputs = True
-    model_step_order = -1  # the augmented view joins the batch before VHR adds its text-only stream
-    after_step_order = 2  # and the logits are assembled after every other model-level step
     Params = AGLAParams
 
-    def __init__(self, params, layer, heads, state=None):
-        super().__init__(params, layer, heads, state)
-        self.matcher = None  # BlipItmMatcher, loaded once per handle on first use
+    def __init__(self, params, layer, heads):
+        super().__init__(params, layer, heads)
+        # per handle (not per prompt): the model-sized resources, loaded once on first use
+        self.matcher = None  # BlipItmMatcher
         self.layout = None
-        self.rows: int | None = None  # prompts of the current batch (B)
-        self.last: dict | None = None  # the report of the last batch
+
+    def build_rules(self) -> list:
+        return [Assembly(self)]
 
     # ---- recipe-level facts -------------------------------------------------------------------
     @classmethod
@@ -170,21 +188,18 @@ class AGLA(Method):
         return f"{start}:{max(2 * n // 3, start + 1)}"
 
     # ---- per prompt ---------------------------------------------------------------------------
-    def reset_prompt(self) -> None:
-        super().reset_prompt()
-        self.rows = None
-
-    def report(self) -> dict | None:
+    def report(self, prompt) -> dict | None:
         """``{"matcher", "views": [per image {"row", "fraction", "relevance", "original",
-        "augmented"}]}`` of the last batch: the matcher's relevance map (h, w) and the fraction of
+        "augmented"}]}`` of the prompt: the matcher's relevance map (h, w) and the fraction of
         pixels it dropped; the views are float (3, H, W) tensors in [0, 1], as the model sees them."""
-        return self.last
+        return prompt.get(self.key, "views")
 
     def _siblings(self, state) -> list[int]:
         return sorted(m.layer for m in state.methods if m.name == self.name and m.intervention == self.intervention)
 
     # ---- the augmented view joins the prefill batch ---------------------------------------------
-    def before_model(self, state, bound):
+    def add_view(self, state, bound):
+        """Before the prefill: build the augmented view of every image and append its rows."""
         ids = bound.get("input_ids")
         embeds = bound.get("inputs_embeds")
         if ids is None and state.pending_ids is not None and embeds is not None:
@@ -220,21 +235,26 @@ class AGLA(Method):
         else:
             base, second = bound, {"inputs_embeds": self._embeds_of(state, new_pixels)}
         out = stack_rows(base, second, rows, "AGLA's augmented view")
-        state.roles = PromptRoles(torch.cat([state.roles.image, state.roles.image]))
-        self.rows = rows
-        self.last = {
-            "matcher": self.p.matcher,
-            "views": [
-                {
-                    "row": int(r),
-                    "fraction": float(f),
-                    "relevance": m.detach().float().cpu(),
-                    "original": o.detach().cpu(),
-                    "augmented": a.detach().cpu(),
-                }
-                for r, f, m, o, a in zip(owners, fractions, relevance, originals, augmented)
-            ],
-        }
+        prompt = state.prompt
+        prompt.roles = PromptRoles(torch.cat([prompt.roles.image, prompt.roles.image]))
+        prompt.put(self.key, "rows", rows)
+        prompt.put(
+            self.key,
+            "views",
+            {
+                "matcher": self.p.matcher,
+                "views": [
+                    {
+                        "row": int(r),
+                        "fraction": float(f),
+                        "relevance": m.detach().float().cpu(),
+                        "original": o.detach().cpu(),
+                        "augmented": a.detach().cpu(),
+                    }
+                    for r, f, m, o, a in zip(owners, fractions, relevance, originals, augmented)
+                ],
+            },
+        )
         return out
 
     def _layout(self, state):
@@ -287,7 +307,7 @@ class AGLA(Method):
     def _text_rows(self, state, ids, mask) -> torch.Tensor:
         """bool (B, L): the prompt's text tokens after each row's last image token."""
         drop = image_mask(ids, state.drop_ids)
-        last = state.roles.last_image.to(ids.device)
+        last = state.prompt.roles.last_image.to(ids.device)
         after = torch.arange(ids.shape[1], device=ids.device).view(1, -1) > last.view(-1, 1)
         valid = mask.bool() if mask is not None else torch.ones_like(drop)
         return after & ~drop & valid
@@ -362,32 +382,37 @@ class AGLA(Method):
         return captured["embeds"]
 
     # ---- every decode step: the augmented rows follow with their own cache ----------------------
-    def before_decode(self, state, bound):
-        if self.rows is None:
-            raise SteeringError(
-                "AGLA: a decode step arrived without the prompt's prefill through the steered model, so there is no "
-                "augmented view. Fix: start each prompt with model.generate(...) or model(...) on the steered model"
-            )
+    def _rows(self, state) -> int:
+        """The prompts of the current batch (B; the augmented view is rows [B, 2B))."""
+        return state.prompt.require(
+            self.key,
+            "rows",
+            "AGLA (a decode step without the prompt's prefill through the steered model)",
+            "start each prompt with model.generate(...) or model(...) on the steered model",
+        )
+
+    def follow_view(self, state, bound):
+        """Before every decode step: the augmented rows follow with their own cache rows."""
+        rows = self._rows(state)
         if self.p.share_cache:
             return None
         ids = bound.get("input_ids")
         batch = (ids if ids is not None else bound["inputs_embeds"]).shape[0]
         cached = compat.cache_batch_size(compat.find_cache(bound.values()))
-        if batch != self.rows or cached != 2 * self.rows:
+        if batch != rows or cached != 2 * rows:
             raise SteeringError(
                 f"AGLA: this decode step has {batch} rows and a KV cache of {cached}, but the prompt batch was "
-                f"{self.rows} (cache {2 * self.rows}: both views). Beam search (num_beams > 1) reorders the cache "
+                f"{rows} (cache {2 * rows}: both views). Beam search (num_beams > 1) reorders the cache "
                 "without the augmented view's rows and is not supported with AGLA. Fix: greedy or sampling "
                 "(num_beams=1)"
             )
         second = {k: bound[k] for k in IMAGE_ARGUMENTS if isinstance(bound.get(k), torch.Tensor)}
         return stack_rows(bound, second, batch, "AGLA's augmented view")
 
-    def after_model(self, state, model, bound, output, is_prefill) -> None:
-        rows = self.rows
+    def assemble(self, state, model, output, is_prefill) -> None:
+        """After every forward: the assembled next-token logits of the prompt rows."""
+        rows = self._rows(state)
         logits = output.logits
-        if rows is None:
-            return
         if logits.shape[0] == 2 * rows:
             z = assemble_logits(logits[:rows, -1], logits[rows:, -1], self.p.alpha, self.p.beta)
         elif logits.shape[0] == rows and self.p.share_cache and not is_prefill:

@@ -19,7 +19,8 @@ import torch
 from .. import compat
 from ..errors import SteeringError
 from ..roles import image_mask, text_only_inputs
-from .base import Method, RowContext, param, register
+from .base import Method, param, register
+from .rules import ModelStep, ScoreRule
 
 PLAUSIBILITY = 0.1
 
@@ -55,22 +56,59 @@ class PAIParams:
     )
 
 
+class ImageAmplification(ScoreRule):
+    """``s_ij <- s_ij + alpha |s_ij|`` for image keys ``j`` in the last prompt row and every decode row."""
+
+    def inputs(self, rows, prompt):
+        roles = prompt.roles
+        image = roles.keys(rows.key_abs)[:, None, None, :]  # (B, 1, 1, K)
+        return {"target": image & (rows.row_abs >= roles.length - 1)}
+
+    def modify(self, s, target):
+        return torch.where(target, s + self.method.p.alpha * s.abs(), s)
+
+
+class Contrast(ModelStep):
+    """The logits step: the last position's logits contrasted with those of the unsteered
+    text-only stream (the same prompt without its image), which runs in lockstep with its own KV
+    cache, kept in the prompt's state."""
+
+    order = 1  # logits level: after VHR's stream is cropped
+    replaces_logits = True
+    serving = "PAI's logit contrast needs a second, text-only decode stream per request"
+    serving_fix = "params.gamma: null (the attention step alone)"
+
+    def after_model(self, state, model, bound, output, is_prefill) -> None:
+        prompt = state.prompt
+        if is_prefill:
+            stream = TextStream(state)
+            prompt.put(self.key, "text stream", stream)
+        else:
+            stream = prompt.require(
+                self.key,
+                "text stream",
+                "PAI (gamma)",
+                "start each prompt with model.generate(...) or model(...) on the steered model (its prefill starts "
+                "the text-only stream)",
+            )
+        text_logits = stream.step(model, bound, is_prefill)
+        logits = output.logits.clone()
+        logits[:, -1] = contrast_logits(logits[:, -1], text_logits, self.method.p.gamma).to(logits.dtype)
+        output.logits = logits
+
+
 @register
 class PAI(Method):
     name = "pai"
     docs = "docs/methods.md#pai"
     citation = "Liu et al., ECCV 2024, arXiv 2407.21771"
     default_layers = "2:"
-    has_score_step = True
     needs_image = True
+    prompt_length_dependent = (
+        "steers the prompt's last row and the generated rows, so a block cached for one prompt holds steered "
+        "keys at positions a longer prompt does not steer"
+    )
     Params = PAIParams
-
-    model_step_order = 1  # logits level: after VHR's stream is cropped
-
-    def __init__(self, params, layer, heads, state=None):
-        super().__init__(params, layer, heads, state)
-        self.has_logits_step = self.has_model_step = params.get("gamma") is not None
-        self.text_stream: TextStream | None = None
 
     @classmethod
     def is_identity_params(cls, params) -> bool:
@@ -80,58 +118,22 @@ class PAI(Method):
     def replaces_logits(cls, params) -> bool:
         return params.get("gamma") is not None
 
-    def scores(self, s, q, k, ctx: RowContext, qk):
-        """s (B, H, C, K): amplify visible image keys in the last prompt row and decode rows."""
-        if self.p.alpha == 0.0:
-            return s
-        roles = self.state.roles
-        image = roles.keys(ctx.key_abs)[:, None, None, :]
-        rows = ctx.row_abs >= roles.length - 1
-        target = image & rows if ctx.all_visible else image & rows & ctx.visible
-        hm = self.head_mask(s)
-        if hm is not None:
-            target = target & hm
-        self._touched = target.any(-1).sum() * (s.shape[1] if target.shape[1] == 1 else 1)
-        return torch.where(target, s + self.p.alpha * s.abs(), s)
-
-    def rows_touched(self, s):
-        """(batch, head, row) triples whose image-key scores the last call amplified."""
-        return getattr(self, "_touched", 0)
-
-    def reset_prompt(self) -> None:
-        super().reset_prompt()
-        if self.text_stream is not None:
-            self.text_stream.reset()
-
-    def select_batch(self, index) -> None:
-        super().select_batch(index)
-        if self.text_stream is not None:
-            self.text_stream.select(index)
-
-    def after_model(self, state, model, bound, output, is_prefill) -> None:
-        """Contrast the steered logits of the last position with the text-only stream's."""
-        if self.text_stream is None:
-            self.text_stream = TextStream(state)
-        text_logits = self.text_stream.step(model, bound, is_prefill)
-        logits = output.logits.clone()
-        logits[:, -1] = contrast_logits(logits[:, -1], text_logits, self.p.gamma).to(logits.dtype)
-        output.logits = logits
+    def build_rules(self) -> list:
+        rules = [ImageAmplification(self)] if self.p.alpha != 0.0 else []
+        return rules + ([Contrast(self)] if self.p.gamma is not None else [])
 
 
 class TextStream:
-    """The unsteered text-only copy of the prompt with its own KV cache, advanced in lockstep
-    for PAI's logits step. Runs with steering switched off (``state.paused``)."""
+    """The unsteered text-only copy of one prompt batch with its own KV cache, advanced in lockstep
+    for PAI's logits step (kept in the prompt's state). Runs with steering switched off
+    (``state.paused``)."""
 
     def __init__(self, state):
         self.state = state
         self.cache = None
         self.mask = None
 
-    def reset(self):
-        self.cache = None
-        self.mask = None
-
-    def select(self, index: torch.Tensor) -> None:
+    def select_rows(self, index: torch.Tensor) -> None:
         """Keep batch rows ``index`` (integer (R,)) of the stream, in that order (beam search)."""
         if self.cache is not None:
             self.cache.reorder_cache(index.to(self.mask.device))
@@ -143,7 +145,7 @@ class TextStream:
         last-position logits (B, V)."""
         ids = kwargs.get("input_ids")
         if is_prefill:
-            drop = self.state.roles.image
+            drop = self.state.prompt.roles.image
             if ids is not None:
                 drop = drop | image_mask(ids, self.state.drop_ids)
             step_ids, step_embeds, self.mask = text_only_inputs(

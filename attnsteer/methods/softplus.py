@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import Method, RowContext, StepInfo, param, register
+from .base import Method, param, register
+from .rules import ReweightRule, ScoreRule
 
 FIRST_ROWS_WITHOUT_OFFSET = 3
 
@@ -35,71 +36,33 @@ class SoftplusParams:
     )
 
 
+class LSSAScoring(ScoreRule):
+    """LSSA scoring, for models trained with it: ``s = log(d) log(N_i) q_i.k_j`` on L2-normalised q,
+    k, then ``log softplus(s)`` before the usual normalisation (``a = softplus(s) / sum softplus(s)``)."""
+
+    reads = ("cosine", "head_dim")
+
+    def inputs(self, rows, prompt):
+        return {"n_visible": rows.n_visible}
+
+    def modify(self, s, cosine, head_dim, n_visible):
+        lssa = math.log(head_dim) * torch.log(n_visible.clamp(min=1)) * cosine
+        return torch.log(F.softplus(lssa))
+
+
 @register
 class SoftplusReweight(Method):
     name = "softplus"
     docs = "docs/methods.md#softplus"
     citation = "Gao & Spratling, arXiv 2501.13428"
     default_layers = "all"
-    has_weight_step = True
     Params = SoftplusParams
-
-    def __init__(self, params, layer, heads):
-        super().__init__(params, layer, heads)
-        self.has_score_step = self.p.scoring == "lssa"
-        self.weight_identity = self.p.p == 1.0 and self.p.offset == 0.0
-
-    @property
-    def kernel_rule(self) -> str | None:
-        """The Triton kernels run re-weighting on softmax scores (not LSSA scoring)."""
-        return "softplus" if self.p.scoring == "softmax" and not self.weight_identity else None
 
     @classmethod
     def is_identity_params(cls, params) -> bool:
         return params["scoring"] == "softmax" and params["p"] == 1.0 and params["offset"] == 0.0
 
-    def _offsets(self, ctx: RowContext):
-        """o_i: (B, 1, C, 1) float, or a python float when every row is past the first three."""
-        if ctx.all_rows_at_least(FIRST_ROWS_WITHOUT_OFFSET):
-            return self.p.offset
-        off = torch.full(ctx.rel_pos.shape, self.p.offset, dtype=torch.float32, device=ctx.rel_pos.device)
-        return torch.where(ctx.rel_pos < FIRST_ROWS_WITHOUT_OFFSET, torch.zeros_like(off), off)
-
-    # ---- LSSA scoring (score level) -------------------------------------------------------
-    def scores(self, s, q, k, ctx: RowContext, qk):
-        """LSSA: q (B, H_q, C, D), k (B, H_kv|H_q, K, D) float32; ``qk(q, k)`` -> (B, H_q, C, K)
-        handles GQA. Returns log softplus(s_lssa) (-inf where invisible) on steered heads."""
-        d = q.shape[-1]
-        scale = math.log(d) * torch.log(ctx.n_visible.clamp(min=1))  # (B|1, 1, C, 1)
-        lssa = scale * qk(F.normalize(q, dim=-1), F.normalize(k, dim=-1))
-        new = torch.log(F.softplus(lssa)).masked_fill(~ctx.visible, float("-inf"))
-        return self.select_heads(new, s)
-
-    # ---- re-weighting (weight level) ------------------------------------------------------
-    def reference_weights(self, a, ctx: RowContext, info: StepInfo):
-        """Literal formula in float64 (so large p cannot overflow the oracle)."""
-        if self.weight_identity:
-            return a, a.new_zeros(())
-        a64 = a.double()
-        offsets = self._offsets(ctx)
-        t = ctx.n_visible.double() * a64 - (offsets.double() if isinstance(offsets, torch.Tensor) else offsets)
-        w = t.clamp(min=0.0) ** self.p.p
-        total = w.sum(-1, keepdim=True)
-        rows = total > 0
-        hm = self.head_mask(a)
-        rows = rows if hm is None else rows & hm
-        new = torch.where(rows, w / total.clamp(min=1e-300), a64)
-        return new.to(a.dtype), rows.sum()
-
-    def fused_weights(self, p, ctx: RowContext, info: StepInfo):
-        """Log-space form on one chunk p (B, H, C, K): log w = p log(N p - o) on keys above the offset."""
-        if self.weight_identity:
-            return p, p.new_zeros(())
-        t = ctx.n_visible * p - self._offsets(ctx)
-        keep = t > 0
-        log_w = torch.where(keep, self.p.p * torch.log(t.clamp(min=1e-38)), torch.full_like(t, float("-inf")))
-        rows = keep.any(-1, keepdim=True)
-        hm = self.head_mask(p)
-        rows = rows if hm is None else rows & hm
-        new = torch.softmax(log_w.masked_fill(~rows, 0.0), dim=-1)
-        return torch.where(rows, new, p), rows.sum()
+    def build_rules(self) -> list:
+        rules = [LSSAScoring(self)] if self.p.scoring == "lssa" else []
+        reweight = ReweightRule(self, self.p.p, self.p.offset, FIRST_ROWS_WITHOUT_OFFSET)
+        return rules + ([] if reweight.identity else [reweight])

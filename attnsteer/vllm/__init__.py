@@ -14,7 +14,6 @@ and attention paths; nothing in attnsteer imports it.
 
 from __future__ import annotations
 
-RECIPE_ENV = "ATTNSTEER_RECIPE"
 BACKEND_PATH = "attnsteer.vllm.cpu_backend.AttnsteerCPUBackend"
 _registered = False
 

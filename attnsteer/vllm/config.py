@@ -11,35 +11,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 
-from .. import archs
+import torch
+
+from .. import archs, settings
 from ..errors import RecipeError, UnsupportedModelError
+from ..methods import METHODS
 from ..plan import LayerPlan, plans_for
 from ..recipe import Recipe, load_recipe
-from . import RECIPE_ENV
+from ..settings import RECIPE_ENV
 
 LOG = logging.getLogger("attnsteer.vllm")
 
-# method -> why vLLM cannot run it faithfully (methods not listed run)
-REFUSED = {
-    "agla": "it decodes two views of every image in lockstep and assembles their logits; vLLM schedules each "
-    "request as one sequence",
-}
-
-
-# method -> why it needs each prompt in one forward (no chunked prefill, prefix caching, speculation)
-WHOLE_PROMPT = {
-    "act": "finds each prompt's sinks from the column means of its whole attention map",
-    "var": "finds each prompt's hidden-state sinks (and, with sink_dims: auto, their dims) over its whole prompt",
-}
-# method -> why a position's keys and values depend on more than the tokens up to it, so that a KV
-# block cached for one prompt would be wrong for another prompt that extends it (a follow-up turn)
-PROMPT_DEPENDENT = {
-    "pai": "steers the prompt's last row and the generated rows, so a block cached for one prompt holds steered "
-    "keys at positions a longer prompt does not steer",
-}
+# What vLLM runs is read from each method's declared facts (attnsteer.methods): its rules' kinds (a
+# model step -- an extra stream, new logits -- is refused with the step's own reason), ``whole_prompt``
+# (needs each prompt in one forward: no chunked prefill, prefix caching or speculation),
+# ``prompt_length_dependent`` (no prefix caching) and ``reads_layer_input`` (decoder-layer hooks:
+# eager execution).
 
 
 def engine_section(vllm_config=None) -> dict:
@@ -70,7 +59,7 @@ def recipe_source(vllm_config=None) -> str | None:
     section = engine_section(vllm_config)
     if "recipe" in section:
         return section["recipe"]
-    return os.environ.get(RECIPE_ENV) or None
+    return settings.current().recipe
 
 
 def _configured(vllm_config) -> tuple[str | None, bool]:
@@ -100,32 +89,23 @@ def served_recipe(vllm_config) -> dict | None:
 
 
 def check_methods(recipe: Recipe) -> None:
-    """Refuse what vLLM cannot run faithfully (docs/vllm.md), naming the intervention and the fix."""
+    """Refuse what vLLM cannot run faithfully (docs/vllm.md): an intervention whose method has a
+    model step with these parameters, naming the intervention, the step's reason and its fix."""
     for i, iv in enumerate(recipe.interventions):
-        where = f"{recipe.name}.interventions[{i}]"
-        if iv.method in REFUSED:
+        # the method's rules with these parameters (on a stand-in layer with every head selected)
+        probe = METHODS[iv.method](iv.params, 0, torch.ones(1, dtype=torch.bool))
+        step = probe.model_step
+        if step is not None:
             raise RecipeError(
-                f"{where}.method: {iv.method} does not run inside vLLM: {REFUSED[iv.method]}. Fix: steer with "
-                "attnsteer.apply on the Hugging Face model, or use act / softplus / vhr (selection: fixed) / pai / "
-                "var in vLLM"
-            )
-        if iv.method == "vhr" and iv.params.get("selection") != "fixed":
-            raise RecipeError(
-                f"{where}.params.selection: per_prompt VHR runs a text-only copy of every prompt in the same "
-                "prefill, which a serving engine does not do. Fix: selection: fixed with the heads written by "
-                "`attnsteer calibrate vhr --fixed-heads`"
-            )
-        if iv.method == "pai" and iv.params.get("gamma") is not None:
-            raise RecipeError(
-                f"{where}.params.gamma: PAI's logit contrast needs a second, text-only decode stream per request, "
-                "which a serving engine does not run. Fix: gamma: null (the attention step alone)"
+                f"{recipe.name}.interventions[{i}]: {iv.method} does not run inside vLLM: {step.serving}, and vLLM "
+                f"schedules each request as one sequence. Fix: {step.serving_fix}"
             )
 
 
 def check_environment_recipe() -> Recipe | None:
     """At plugin load (every process): a recipe named by ``$ATTNSTEER_RECIPE`` is loaded and its
     methods checked now, so a refused one fails as the engine starts; logs its name and hash."""
-    source = os.environ.get(RECIPE_ENV)
+    source = settings.current().recipe
     if not source:
         return None
     recipe = load_recipe(source)
@@ -166,10 +146,10 @@ class EngineSteering:
         """Decoder layers whose entering hidden states VAR reads: the engine recipe's VAR layers;
         None (every layer) when requests may name recipes of their own."""
         if not _eager(self.vllm_config):
-            return set()  # VAR is refused (torch.compile would trace the hooks away)
+            return set()  # methods reading layer inputs are refused (torch.compile would trace the hooks away)
         if self.per_request:
             return None
-        return {layer for layer, plan in self.plans.items() if any(m.name == "var" for m in plan.methods)}
+        return {layer for layer, plan in self.plans.items() if any(m.reads_layer_input for m in plan.methods)}
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -243,9 +223,9 @@ def _resolve(recipe: Recipe, arch, vllm_config, tp_rank: int, tp_size: int) -> t
     if not plans:
         raise RecipeError(f"recipe {recipe.name!r} steers no layer of this model. Fix: check its layers")
     _localise_heads(plans, arch.num_heads, tp_rank, tp_size)
-    names = {m.name for plan in plans.values() for m in plan.methods}
-    _check_engine(vllm_config, recipe, names)
-    return plans, bool(names & WHOLE_PROMPT.keys())
+    methods = [m for plan in plans.values() for m in plan.methods]
+    _check_engine(vllm_config, recipe, methods)
+    return plans, any(m.whole_prompt for m in methods)
 
 
 def _localise_heads(plans: dict[int, LayerPlan], num_heads: int, rank: int, size: int) -> None:
@@ -263,12 +243,18 @@ def _eager(vllm_config) -> bool:
     return bool(getattr(getattr(vllm_config, "model_config", None), "enforce_eager", False))
 
 
-def _check_engine(vllm_config, recipe: Recipe, names: set[str]) -> None:
-    """Refuse engine settings under which the recipe's methods ``names`` would give results other
-    than the Hugging Face path's: prompts split across forwards (WHOLE_PROMPT) and KV blocks
-    shared between prompts (PROMPT_DEPENDENT)."""
+def _reasons(methods, fact: str) -> dict[str, str]:
+    """method name -> its declared reason ``fact`` (``whole_prompt`` / ``prompt_length_dependent``)."""
+    return {m.name: getattr(m, fact) for m in methods if getattr(m, fact)}
+
+
+def _check_engine(vllm_config, recipe: Recipe, methods: list) -> None:
+    """Refuse engine settings under which the recipe's ``methods`` would give results other than
+    the Hugging Face path's: prompts split across forwards (``whole_prompt``), KV blocks shared
+    between prompts (``prompt_length_dependent``), decoder-layer hooks compiled away
+    (``reads_layer_input``)."""
     scheduler, cache = vllm_config.scheduler_config, vllm_config.cache_config
-    whole = sorted(names & WHOLE_PROMPT.keys())
+    whole = _reasons(methods, "whole_prompt")
     if whole:
         problems = []
         if getattr(scheduler, "enable_chunked_prefill", False):
@@ -278,20 +264,21 @@ def _check_engine(vllm_config, recipe: Recipe, names: set[str]) -> None:
         if getattr(vllm_config, "speculative_config", None) is not None:
             problems.append("speculative decoding is on")
         if problems:
-            why = "; ".join(f"{name.upper()} {WHOLE_PROMPT[name]}" for name in whole)
+            why = "; ".join(f"{name.upper()} {reason}" for name, reason in sorted(whole.items()))
             raise RecipeError(
                 f"recipe {recipe.name!r}: {why}, so every prompt must reach attention in one forward, but "
                 + "; ".join(problems) + ". Fix: turn them off for this engine"
             )  # fmt: skip
-    if "var" in names and not _eager(vllm_config):
+    readers = sorted({m.name.upper() for m in methods if m.reads_layer_input})
+    if readers and not _eager(vllm_config):
         raise RecipeError(
-            f"recipe {recipe.name!r}: VAR reads the hidden states entering its layers through hooks on vLLM's "
-            "decoder layers, which torch.compile and CUDA graphs would bypass. Fix: start the engine with "
+            f"recipe {recipe.name!r}: {', '.join(readers)} read the hidden states entering their layers through hooks "
+            "on vLLM's decoder layers, which torch.compile and CUDA graphs would bypass. Fix: start the engine with "
             "enforce_eager=True (--enforce-eager)"
         )
-    shared = sorted(names & PROMPT_DEPENDENT.keys())
+    shared = _reasons(methods, "prompt_length_dependent")
     if shared and getattr(cache, "enable_prefix_caching", False):
-        why = "; ".join(f"{name.upper()} {PROMPT_DEPENDENT[name]}" for name in shared)
+        why = "; ".join(f"{name.upper()} {reason}" for name, reason in sorted(shared.items()))
         raise RecipeError(
             f"recipe {recipe.name!r}: prefix caching hands a request KV blocks another prompt computed, but {why}. "
             "Fix: start the engine with enable_prefix_caching=False (--no-enable-prefix-caching)"

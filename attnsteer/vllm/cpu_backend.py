@@ -3,16 +3,15 @@ recipe names.
 
 vLLM hands one call per layer with the rows of every scheduled request concatenated
 (``query_start_loc``), their keys already written to the paged cache. For a steered layer each
-request's rows are computed by attnsteer's chunked PyTorch path
-(:func:`attnsteer.attention.fused.fused_attention`) on that request's keys and values read from
-the cache -- the same code, and so the same numbers, as ``attnsteer.apply`` on the Hugging Face
-model; head-level steps (VHR with fixed heads) scale the output afterwards. Every other layer and
-request runs vLLM's own kernel.
+request's rows are computed by attnsteer's chunked backend (:mod:`attnsteer.attention.chunked`,
+every score and weight rule kind) on that request's keys and values read from the cache -- the
+same code, and so the same numbers, as ``attnsteer.apply`` on the Hugging Face model; head rules
+(VHR with fixed heads) scale the output afterwards. Each request's per-prompt state is its own
+:class:`~attnsteer.context.PromptState` (``requests.STATES[request id]``); the method objects are
+shared by every request. Every other layer and request runs vLLM's own kernel.
 """
 
 from __future__ import annotations
-
-from types import SimpleNamespace
 
 import torch
 from vllm.config import get_current_vllm_config
@@ -25,21 +24,21 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from ..attention import chunked
 from ..attention.dispatch import SiteStats
-from ..attention.fused import fused_attention
-from ..attention.rows import ForwardInfo, MaskView
+from ..attention.geometry import AttentionCall, ForwardInfo, MaskView
+from ..context import PromptState
 from ..errors import SteeringError, UnsupportedModelError
 from ..plan import LayerPlan
-from ..sinks import HiddenSinks
 from . import hidden, requests
 from .config import steering_for
 from .paged import read_request_kv, window_mask
 
 
 def _keeps_no_request_state(plan: LayerPlan) -> bool:
-    """Whether every method of ``plan`` steers a decode row from the row's scores alone (softplus,
-    fixed-head VHR): no image keys and no prompt statistics of the request (ACT's sinks)."""
-    return not any(m.needs_image or m.needs_column_stats(True) for m in plan.methods)
+    """Whether every rule of ``plan`` steers a decode row from the row's scores alone (re-weight
+    rules, fixed head rules): no image keys and no group rule (its groups are the request's)."""
+    return not any(m.needs_image or m.rules_of("group") for m in plan.methods)
 
 
 def _hook_sink_layers(runner) -> None:
@@ -170,8 +169,7 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             else:
                 rows.append((r, q0, q1, n, plan, whole, facts))
         own_attention = any(  # some rows keep vLLM's own attention (or scale its output)
-            plan is None or not (plan.weight_steps(n == q1 - q0) or plan.score_steps(n == q1 - q0))
-            for _, q0, q1, n, plan, _, _ in rows
+            plan is None or not plan.steps(n == q1 - q0).attention for _, q0, q1, n, plan, _, _ in rows
         )
         if own_attention:
             output = super().forward(
@@ -214,45 +212,43 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
                 visible &= keys > longest - 1 - self.sliding_window
             return query[rows].unsqueeze(2), k, v, MaskView(visible.view(len(steps), 1, 1, longest), 1, longest)
 
-        out = self._attend(plan, info, inputs, lambda: output[rows].unsqueeze(1))
+        out = self._attend(plan, info, PromptState(), inputs, lambda: output[rows].unsqueeze(1))
         output[rows] = out[:, 0].to(output.dtype)
 
-    def _attend(self, plan: LayerPlan, info: ForwardInfo, inputs, own):
-        """The plan's steps on one call: ``inputs()`` -> (q (B, H, Q, D), k / v (B, H_kv, K, D),
-        MaskView), read only when a score or weight step needs them; ``own()`` -> vLLM's output
-        (B, Q, H, D) otherwise; head-level steps scale the result. Returns (B, Q, H, D)."""
-        prefill = info.is_prefill
+    def _attend(self, plan: LayerPlan, info: ForwardInfo, prompt: PromptState, inputs, own):
+        """The plan's rules on one call of the request(s) whose state is ``prompt``: ``inputs()`` ->
+        (q (B, H, Q, D), k / v (B, H_kv, K, D), MaskView), read only when a score or weight rule needs
+        them; ``own()`` -> vLLM's output (B, Q, H, D) otherwise; head rules scale the result.
+        Returns (B, Q, H, D)."""
+        steps = plan.steps(info.is_prefill)
         stats = self._stats.get(id(plan))
         if stats is None:
             stats = self._stats[id(plan)] = SiteStats(plan.methods)
-        stats.begin([m for m in plan.methods if m.active(prefill)])
-        if plan.weight_steps(prefill) or plan.score_steps(prefill):
+        stats.begin({rule.method for rule in (*steps.score, *steps.weight, *steps.head)})
+        call = None
+        if steps.attention:
             q, k, v, mask = inputs()
-            softcap = self.logits_soft_cap or None
-            out, _ = fused_attention(
-                plan, q, k.to(q.dtype), v.to(q.dtype), mask, self.scale, info, stats, softcap=softcap
-            )
-        else:  # head level only: vLLM's own attention output
+            call = AttentionCall(self._layer, info, q, k, mask, self.scale, prompt, self.logits_soft_cap or None)
+            out = chunked.run(steps, call, q, k.to(q.dtype), v.to(q.dtype), stats)
+            stats.ran("chunked", call.phase)
+        else:  # head rules only: vLLM's own attention output
             out = own()
-        for method in plan.head_steps(prefill):
-            out, touched = method.head_output(out, info)
-            stats.record(method, touched)
+        for rule in steps.head:
+            out, touched = rule.apply(out, call if call is not None else _HeadCall(info), prompt)
+            stats.record(rule.method, touched)
         stats.end()
         return out
 
-    def _bind_request(self, plan: LayerPlan, facts, prefill: bool, q0: int, q1: int) -> None:
-        """The plan's methods are shared by every request: point them at this request's state --
-        its image keys, VAR's hidden-state sinks (found now at its prefill), and each method's
-        per-prompt state (ACT's sinks with ``apply_to: all``), kept from its prefill to its decode steps."""
-        kept = requests.kept(facts.req_id)
-        state = kept.setdefault("state", SimpleNamespace(roles=None, sinks=HiddenSinks()))
-        state.roles = facts.roles
-        for i, method in enumerate(plan.methods):
-            method.prompt_state = kept.setdefault((self._layer, i), {})
-            if method.needs_image:
-                method.state = state
-            if method.name == "var" and prefill and facts.roles is not None:
-                hidden.detect(method, state.sinks, q0, q1)
+    def _request_state(self, plan: LayerPlan, facts, prefill: bool, q0: int, q1: int) -> PromptState:
+        """The request's :class:`PromptState` (a fresh one at its prefill, with its image keys; the
+        same from its prefill to its last decode step). At its prefill, methods that read their
+        layer's input get the rows of this request entering the layer now."""
+        prompt = requests.prompt_state(facts, prefill)
+        if prefill and facts.roles is not None:
+            for method in plan.methods:
+                if method.reads_layer_input:
+                    hidden.observe(method, prompt, q0, q1)
+        return prompt
 
     def _steer_request(self, plan, whole: bool, facts, blocks, query, kv_cache, output, q0: int, q1: int, length: int):
         """Rows q0..q1 of one request (``blocks``: its block-table row; ``facts``: its
@@ -260,8 +256,7 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         q_len = q1 - q0
         past = length - q_len
         prefill = past == 0
-        if facts is not None:
-            self._bind_request(plan, facts, prefill, q0, q1)
+        prompt = self._request_state(plan, facts, prefill, q0, q1) if facts is not None else PromptState()
         if whole and q_len > 1 and 0 < past < (facts.prompt_len if facts is not None else length):
             raise SteeringError(
                 f"layer {self._layer}: a request reached attention as a prompt chunk after {past} tokens; ACT and VAR "
@@ -275,5 +270,16 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             mask = MaskView(window_mask(q_len, length, self.sliding_window), q_len, length)
             return q, k.unsqueeze(0), v.unsqueeze(0), mask
 
-        out = self._attend(plan, info, inputs, lambda: output[q0:q1].unsqueeze(0))
+        out = self._attend(plan, info, prompt, inputs, lambda: output[q0:q1].unsqueeze(0))
         output[q0:q1] = out[0].to(output.dtype)
+
+
+class _HeadCall:
+    """What a head rule reads of a call vLLM's own kernel computed: its phase."""
+
+    def __init__(self, info: ForwardInfo):
+        self.info = info
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.info.is_prefill

@@ -1,16 +1,17 @@
-"""VAR's hidden-state sinks inside vLLM: the residual stream entering each steered decoder layer,
-cut into each request's sink sets at its prefill.
+"""Layer inputs inside vLLM: the residual stream entering each steered decoder layer, cut into each
+request's rows at its prefill (VAR's hidden-state sinks read it).
 
-VAR finds a prompt's sinks from the hidden state entering layer ``l`` (:mod:`attnsteer.sinks`), which
+Some methods read the hidden state entering their layer (VAR: :mod:`attnsteer.sinks`), which
 vLLM's attention call does not see. :func:`install_hooks` puts a forward pre-hook on those decoder
 layers of vLLM's model (in the worker, at run time): each forward it keeps the residual stream of
 all the step's rows, (T, hidden). vLLM's decoder layers take ``(positions, hidden_states,
 residual)`` with the residual added inside the layer's input norm, so the stream entering the layer
 is ``hidden_states + residual`` (``hidden_states`` alone before the first layer). The attention
-backend then cuts each prefilling request's rows out of it (:func:`detect`) into the request's
-:class:`~attnsteer.sinks.HiddenSinks`, which serves its decode steps (kept by
-:func:`attnsteer.vllm.requests.kept`). Hooks need eager execution: torch.compile would trace them away, so
-VAR is refused unless the engine runs with ``enforce_eager=True``.
+backend then cuts each prefilling request's rows out of it (:func:`observe`) and hands them to
+every method that reads its layer's input (``Method.reads_layer_input``), which keeps what it finds
+in the request's :class:`~attnsteer.context.PromptState` for its decode steps. Hooks need eager
+execution: torch.compile would trace them away, so such methods are refused unless the engine
+runs with ``enforce_eager=True``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import torch
 
 from ..compat import CompatibilityError
 from ..errors import SteeringError
-from ..sinks import HiddenSinks
 
 _STREAM: dict[int, torch.Tensor] = {}  # decoder layer -> residual stream (T, hidden) of this step
 _hooked: set[int] = set()  # decoder layers with a hook (this process)
@@ -73,16 +73,14 @@ def _keeper(layer: int, signature: inspect.Signature):
     return keep
 
 
-def detect(method, sinks: HiddenSinks, q0: int, q1: int) -> None:
-    """At a request's prefill: VAR ``method``'s sinks of its prompt rows q0..q1 of this step, from
-    the residual stream entering the method's layer, into the request's ``sinks``."""
+def observe(method, prompt, q0: int, q1: int) -> None:
+    """At a request's prefill: hand ``method`` the residual stream entering its layer for the
+    request's prompt rows q0..q1 of this step; it keeps what it finds in ``prompt``."""
     stream = _STREAM.get(method.layer)
     if stream is None or stream.shape[0] < q1:
         raise SteeringError(
             f"layer {method.layer}: no residual stream of this step's {q1} rows was recorded before its attention; "
-            "attnsteer cannot find VAR's sinks"
+            f"attnsteer cannot give {method.name} the hidden states entering the layer"
         )
     hidden = stream[q0:q1].unsqueeze(0)  # (1, P, hidden)
-    valid = torch.ones(1, q1 - q0, dtype=torch.bool, device=stream.device)
-    p = method.p
-    sinks.detect(method.layer, hidden, valid, p.tau, p.sink_dims, method.first_layer, method.intervention)
+    method.observe_layer_input(hidden, torch.ones(1, q1 - q0, dtype=torch.bool, device=stream.device), prompt)

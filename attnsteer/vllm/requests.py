@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compat import CompatibilityError
+from ..context import ContextStore
 from ..errors import SteeringError
 from ..roles import PromptRoles
 
@@ -37,7 +38,12 @@ class RequestFacts:
 
 
 _STEP: list[RequestFacts] = []  # row r of this step's attention metadata -> its request
-_KEPT: dict[str, dict] = {}  # request id -> what its methods keep from its prefill for its decode steps
+_FACTS: dict[str, RequestFacts] = {}  # request id -> its facts, built at its first step
+# request id -> the PromptState its methods keep from its prefill for its decode steps (ACT's sinks
+# with apply_to: all, VAR's hidden-state sinks): the per-request context of the rule kinds
+STATES = ContextStore()
+_STEPS = [0]  # steps this worker has built attention metadata for
+_PREFILLED: dict[str, int] = {}  # request id -> the step whose prefill started its current PromptState
 _installed = False
 _MODALITIES: tuple[str, ...] = ("image",)  # placeholder modalities whose positions are image keys
 _PREPARE: list = []  # callables(runner), run once before the first step (e.g. VAR's decoder-layer hooks)
@@ -68,8 +74,12 @@ def install(modalities: tuple[str, ...] = ("image",), prepare=None) -> None:
         while _PREPARE:
             _PREPARE[0](self)
             _PREPARE.pop(0)
-        for gone in [r for r in _KEPT if r not in self.requests]:  # finished or aborted
-            del _KEPT[gone]
+        for gone in [r for r in _FACTS if r not in self.requests]:  # finished or aborted
+            del _FACTS[gone]
+        STATES.keep_only(self.requests)
+        for gone in [r for r in _PREFILLED if r not in self.requests]:
+            del _PREFILLED[gone]
+        _STEPS[0] += 1
         _STEP[:] = [_facts_of(self.requests[r]) for r in list(self.input_batch.req_ids[:num_reqs])]
         return original(self, num_tokens, num_reqs, *args, **kwargs)
 
@@ -77,10 +87,13 @@ def install(modalities: tuple[str, ...] = ("image",), prepare=None) -> None:
     _installed = True
 
 
-def kept(req_id: str) -> dict:
-    """The state a request's methods keep between its steps (ACT's sinks with ``apply_to: all``,
-    VAR's hidden-state sinks), dropped when vLLM no longer holds the request."""
-    return _KEPT.setdefault(req_id, {})
+def prompt_state(facts: RequestFacts, prefill: bool):
+    """The request's :class:`~attnsteer.context.PromptState`: a fresh one (with its image keys) at the
+    first layer that sees its prefill in this step, the same one at every later layer and decode step."""
+    if prefill and _PREFILLED.get(facts.req_id) != _STEPS[0]:
+        _PREFILLED[facts.req_id] = _STEPS[0]
+        return STATES.new_prompt(facts.req_id, facts.roles)
+    return STATES[facts.req_id]
 
 
 def request_at(row: int) -> RequestFacts:
@@ -95,10 +108,10 @@ def request_at(row: int) -> RequestFacts:
 def _facts_of(state) -> RequestFacts:
     """The request's facts, built at its first step and kept (its prompt, inputs and placeholders
     do not change while vLLM holds it)."""
-    store = kept(state.req_id)
-    if "facts" not in store:
-        store["facts"] = _facts(state)
-    return store["facts"]
+    facts = _FACTS.get(state.req_id)
+    if facts is None:
+        facts = _FACTS[state.req_id] = _facts(state)
+    return facts
 
 
 def _facts(state) -> RequestFacts:

@@ -1,61 +1,69 @@
-"""The ``fused`` backend on CPU: PyTorch's flash attention plus small per-row corrections.
+"""The ``flash`` backend (CPU): PyTorch's flash attention plus small per-row corrections.
 
 PyTorch's CPU flash kernel (``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu``)
 returns the unsteered output ``o_i = sum_j a_ij v_j`` *and* each row's log-sum-exp ``lse_i``
-without building the Q x K map. Every weight-level rule attnsteer runs here is exact on top of
-those two:
+without building the Q x K map. Both weight-rule kinds are exact on top of those two:
 
-* **group rules** (ACT, VAR) rescale whole key groups of a row by factors ``f_g``, so
-  ``o'_i = o_i + sum_g (f_g - 1) O_ig`` with ``O_ig = sum_{j in g} a_ij v_j`` and
-  ``M_ig = sum_{j in g} a_ij``. The groups that change are small (ACT's sinks; VAR's sinks and
-  image tokens) and their weights are ``a_ij = exp(s_ij - lse_i)`` from the known LSE, so their
-  masses and outputs come from a gathered (rows x group keys) product, never the full map.
-  ACT's large "other" group is the complement: ``M_other = 1 - M_sink``, ``O_other = o - O_sink``;
-  in rows where that subtraction would lose precision (the non-sinks hold less than
-  :data:`ACT_MIN_OTHER_MASS`) the complement is summed exactly over the row's keys instead.
-  ACT's sink detection needs the column means of the whole prefill map: one chunked QK^T-only
-  pass with the known LSE (``exp(s - lse)``, no softmax, no V).
-* **softplus re-weighting**: ``w_ij = max(N_i a_ij - o_i, 0)^p = max(exp(s_ij - lse_i + log N_i) - o_i, 0)^p``
+* **group rules** rescale whole key groups of a row by factors ``f_g``:
+  ``o'_i = f_0 O_i0 + sum_{g>=1} f_g O_ig`` with ``O_ig = sum_{j in g} a_ij v_j`` and
+  ``M_ig = sum_{j in g} a_ij``. The small groups (1..G-1) are gathered keys whose weights are
+  ``a_ij = exp(s_ij - lse_i)`` from the known LSE, so their masses and outputs come from a
+  (rows x members) product, never the full map. Group 0, the rest of the row, is the complement:
+  ``M_0 = 1 - sum M_g``, ``O_0 = o - sum O_g``; in rows where a rule rescales it and that
+  subtraction would lose precision (the rest holds less than :data:`MIN_REST_MASS`) it is summed
+  exactly over the row's keys instead. A rule's ``column_stats`` (the column means of the whole
+  prefill map) come from one chunked QK^T-only pass with the known LSE (``exp(s - lse)``, no
+  softmax, no V).
+* **reweight rules**: ``w_ij = max(N_i a_ij - o_i, 0)^p = max(exp(s_ij - lse_i + log N_i) - o_i, 0)^p``
   -- one chunked pass after the LSE, in place, with the causal part above each chunk's last row
-  skipped. Rows where every weight is 0 keep the flash output (SPEC: uniform rows unchanged).
+  skipped. Rows where every weight is 0 keep the flash output (uniform rows unchanged).
 
-Decode rows are the same computation with one query row. Everything runs in float32 (as the
-reference does); the output is cast back to the model's dtype. What this module does not cover --
-score-level steps, two weight steps on a layer, masks that are not causal + left padding (+ a
-window), CUDA tensors -- goes to :func:`attnsteer.attention.fused.fused_attention`, counted in
-:data:`attnsteer.attention.routing.COUNTERS` as ``fallback/<reason>``; what it runs is counted as
-``flash/<rule>/<phase>``.
+Decode rows (a few query rows) form their weights directly and apply the chunked backend's rule
+functions. Everything runs in float32 (as the reference does); the output is cast back to the
+model's dtype. What the capability table excludes (score rules, two weight rules on a layer, masks
+that are not causal + left padding (+ a window), soft-capping, CUDA tensors) the router gives to
+the chunked backend; a call this backend gives back after seeing its data (re-weighting that would
+leave float32) is a :class:`~attnsteer.attention.router.Refusal`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-import weakref
 
 import torch
 
 from ..errors import AttnsteerWarning
 from ..kernels.ops import MaskSpec
-from ..methods.base import StepInfo
-from ..methods.softplus import FIRST_ROWS_WITHOUT_OFFSET
-from . import fused
-from .fused import grouped_pv, grouped_qk
-from .routing import COUNTERS, fallback, fast_path_inputs, single_weight_step
-from .rows import ForwardInfo, MaskView, row_context
+from ..methods.rules import group_ids_of
+from . import chunked
+from .capability import Capability
+from .chunked import grouped_pv, grouped_qk
+from .geometry import AttentionCall
+from .router import Refusal
 from .structure import Structure
 
-# A steered ACT row whose non-sink mass is below this has it summed exactly over its keys: o - O_sink
-# carries the flash output's rounding, which the calibration multiplies by f_other = 1 + (1 - beta)
-# M_sink / M_other (at most 4 below 1/4: float32 results stay within the reference's tolerance).
-ACT_MIN_OTHER_MASS = 0.25
+CAPABILITY = Capability(
+    name="flash",
+    kinds=frozenset({"group", "reweight"}),
+    devices=frozenset({"cpu"}),
+    softcap=False,
+    any_mask=False,
+    weight_rules=1,
+)
 
-# Softplus weights are formed directly as (N_i a_ij - o_i)^p <= N^p: the pass runs only while that
+# A steered row whose rest group (group 0) holds less than this mass, under a rule that rescales
+# it, has it summed exactly over its keys: o - sum O_g carries the flash output's rounding, which
+# the rule multiplies by f_0 (ACT: f_0 = 1 + (1 - beta) M_sink / M_rest, at most 4 above 1/4:
+# float32 results stay within the reference's tolerance).
+MIN_REST_MASS = 0.25
+
+# Re-weighted weights are formed directly as (N_i a_ij - o_i)^p <= N^p: the pass runs only while that
 # stays inside float32 (p log2 N < 126), and a row of a key-seeing query whose weights sum below
 # 2^-100 (all 0 -- a uniform row -- or underflowed: the two cannot be told apart) sends the call to
 # the chunked path, which works in log space.
-SOFTPLUS_MAX_LOG2 = 126.0
-SOFTPLUS_MIN_TOTAL = 2.0**-100
+REWEIGHT_MAX_LOG2 = 126.0
+REWEIGHT_MIN_TOTAL = 2.0**-100
 
 # Elements of one chunk of the column and re-weighting passes: 4 MiB of float32 stays in cache
 # between the product, exp and the reductions (on a 2-core EPYC, 64-row chunks of a 9-head, 2048-key
@@ -202,7 +210,7 @@ def _flash_heads(q, k, v, spec: MaskSpec, scaling: float):
         return op(q, k, v, 0.0, True, scale=scaling)
     out = torch.empty(b, h, q_len, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, h, q_len, dtype=torch.float32, device=q.device)
-    size = max(1, fused.CHUNK_ELEMENTS // max(1, b * k_len))  # rows per chunk of the (B, 1, C, K) float mask
+    size = max(1, chunked.CHUNK_ELEMENTS // max(1, b * k_len))  # rows per chunk of the (B, 1, C, K) float mask
     for q0 in range(0, q_len, size):
         q1 = min(q_len, q0 + size)
         lo, hi = _key_range(spec, q0, q1, k_len)
@@ -249,7 +257,7 @@ def _fold(t: torch.Tensor, hkv: int) -> torch.Tensor:
 
 def _budget() -> int:
     """Elements of one block of the in-place passes (the chunked path's budget, if smaller)."""
-    return min(PASS_ELEMENTS, fused.CHUNK_ELEMENTS)
+    return min(PASS_ELEMENTS, chunked.CHUNK_ELEMENTS)
 
 
 def _tiles(spec: MaskSpec, b: int, hq: int, q_len: int, k_len: int):
@@ -357,126 +365,6 @@ def member_table(flags: torch.Tensor) -> torch.Tensor:
     return torch.where(slot < counts[..., None], order, torch.full_like(order, -1))
 
 
-# ---------------------------------------------------------------------------------------------
-# routing
-# ---------------------------------------------------------------------------------------------
-def _route(plan, query, key, value, info: ForwardInfo):
-    if query.device.type != "cpu":
-        return f"{query.device.type} tensors (the flash path is for CPU)"
-    if _flash_op() is None:
-        return "cpu flash kernel unavailable"
-    if query.shape[1] % key.shape[1] or key.shape[2] == 0:
-        return "shape"
-    return single_weight_step(plan, info.is_prefill, _GLUE)
-
-
-def flash_attention(plan, query, key, value, mask: MaskView, scaling: float, info: ForwardInfo, stats, softcap=None):
-    """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> (out (B, Q, H_q, D) in query.dtype, None);
-    the contract and numbers of :func:`attnsteer.attention.fused.fused_attention`. PyTorch's flash
-    kernel has no logit soft-capping: soft-capped calls (Gemma 2) take the chunked path."""
-    ready = fast_path_inputs(_route(plan, query, key, value, info), query, key, mask, info, softcap)
-    if isinstance(ready, str):
-        return fallback(ready, plan, query, key, value, mask, scaling, info, stats, softcap=softcap)
-    route, struct = ready
-    q, k, v = query.float(), key.float(), value.float()
-    result = _GLUE[route.kernel_rule](route, q, k, v, struct, float(scaling), info)
-    if isinstance(result, str):
-        return fallback(result, plan, query, key, value, mask, scaling, info, stats)
-    out, rows, phase = result
-    stats.record(route, rows)
-    COUNTERS[f"flash/{route.kernel_rule}/{phase}"] += 1
-    return out.transpose(1, 2).to(query.dtype).contiguous(), None
-
-
-def _phase(info: ForwardInfo, q_len: int) -> str:
-    return "prefill" if info.is_prefill else ("decode" if q_len == 1 else "chunk")
-
-
-# ---------------------------------------------------------------------------------------------
-# per-method glue: the methods' own group rules on the flash output
-# ---------------------------------------------------------------------------------------------
-def _act(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
-    b, hq, q_len, _ = q.shape
-    k_len = k.shape[2]
-    spec = struct.spec
-    step = StepInfo(is_prefill=info.is_prefill, key_offset=struct.key_offset, num_keys=k_len)
-    if q_len <= DIRECT_ROWS and not method.needs_column_stats(info.is_prefill):
-        return _rows_with_weights(method, q, k, v, struct, scaling, info)
-    out, lse = flash_with_lse(q, k, v, spec, scaling)
-    key_abs = torch.arange(k_len, device=q.device) + struct.key_offset
-    if method.needs_column_stats(info.is_prefill):
-        votes = torch.isfinite(lse)
-        if info.row_valid is not None:
-            votes = votes & info.row_valid.to(q.device)[:, None, :]
-        colsum = column_sums(q, k, torch.where(votes, lse, float("inf")), spec, scaling)
-        count = column_counts(spec, b, q_len, k_len, info.row_valid, q.device)
-        method.set_column_stats(colsum, count, step, key_abs=key_abs)
-    idx = _act_members(method, b, key_abs, step)
-    if idx.shape[-1] == 0:
-        return out, 0, _phase(info, q_len)
-    # rows per chunk: (B, H, R, sinks) weights and (B, H, R, D) outputs within the element budget
-    size = max(1, fused.CHUNK_ELEMENTS // max(1, b * hq * max(idx.shape[-1], q.shape[-1])))
-    steered_total = 0
-    for c0 in range(0, q_len, size):
-        c1 = min(q_len, c0 + size)
-        rows = torch.arange(c0, c1, device=q.device)
-        steered_total = steered_total + _act_correct(
-            method, q, k, v, lse, out, struct, rows, idx, key_abs, step, scaling
-        )
-    return out, steered_total, _phase(info, q_len)
-
-
-def _act_correct(method, q, k, v, lse, out, struct: Structure, rows, idx, key_abs, step, scaling: float):
-    """ACT's calibration of the query ``rows`` (long (R,), contiguous) of ``out`` (B, H, Q, D), in
-    place: o' = f_sink O_sink + f_other (o - O_sink). Returns the number of steered rows."""
-    b = q.shape[0]
-    spec = struct.spec
-    r0, r1 = int(rows[0]), int(rows[-1]) + 1
-    a, pv = member_weights(q[:, :, r0:r1], k, v, lse[:, :, r0:r1], spec, rows, idx, scaling)
-    m_sink, o_sink = a.sum(-1, keepdim=True), pv(a)  # (B, H, R, 1), (B, H, R, D)
-    o = out[:, :, r0:r1]
-    # the non-sinks are the rest of the row: mass 1 - M_sink, output o - O_sink -- except in rows
-    # where that subtraction would lose precision, which are summed exactly (ACT_MIN_OTHER_MASS)
-    seen_sinks = visible_keys(spec, rows, idx).sum(-1, keepdim=True)
-    has_other = visible_counts(spec, b, rows) > seen_sinks
-    m_other = torch.where(has_other, (1.0 - m_sink).clamp(min=0.0), torch.zeros((), device=q.device))
-    rel = struct.rel0.view(-1, 1, 1, 1).to(q.device) + rows.view(1, 1, -1, 1)
-    candidates = method.steered_rows(m_sink, has_other.to(m_sink.dtype), rel, m_sink)
-    exact = candidates & (m_other < ACT_MIN_OTHER_MASS)
-    o_other = o - o_sink
-    if bool(exact.any()):
-        sinks = method.sinks_for_keys(key_abs, b, step)  # (B, H, K)
-        flagged = torch.zeros(*exact.shape[:2], q.shape[2], 1, dtype=torch.bool, device=q.device)
-        flagged[:, :, r0:r1] = exact
-        m_exact, o_exact = complement_rows(q, k, v, lse, spec, sinks, flagged, scaling)
-        m_other = torch.where(exact, m_exact[:, :, r0:r1], m_other)
-        o_other = torch.where(exact, o_exact[:, :, r0:r1], o_other)
-        COUNTERS["exact-rows/act"] += int(exact.sum())
-    steered = method.steered_rows(m_sink, m_other, rel, m_sink)
-    f_sink, f_other = method.group_factors(m_sink, m_other)
-    new = o_other.mul_(f_other).add_(o_sink.mul_(f_sink))  # f_sink O_sink + f_other O_other
-    o.copy_(torch.where(steered, new, o))  # unsteered rows keep the flash output bit for bit
-    return steered.sum()
-
-
-_ACT_MEMBERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _act_members(method, b: int, key_abs: torch.Tensor, step: StepInfo) -> torch.Tensor:
-    """Key indices of the prompt's sinks, long (B, H, G) (-1 = padding or outside these keys). The
-    sink positions are found once per prompt (decode steps reuse them); ACT's own lookup raises
-    when there is no sink table for this batch."""
-    table = method.prompt_state.get("sinks")
-    if table is None or table.shape[0] != b:
-        method.sinks_for_keys(key_abs, b, step)  # raises the SteeringError that explains it
-        raise AssertionError("unreachable: sinks_for_keys accepted a missing sink table")  # pragma: no cover
-    cached = _ACT_MEMBERS.get(method)
-    if cached is None or cached[0] is not table:
-        cached = (table, member_table(table))
-        _ACT_MEMBERS[method] = cached
-    return key_indices(cached[1], step.key_offset, step.num_keys)
-
-
 def key_indices(positions: torch.Tensor, key_offset: int, k_len: int) -> torch.Tensor:
     """Absolute prompt positions (-1 = padding) -> indices among this forward's keys, which start at
     ``key_offset`` (a sliding-window cache drops the oldest); -1 where a position is not among them."""
@@ -493,7 +381,7 @@ def complement_rows(q, k, v, lse, spec: MaskSpec, members: torch.Tensor, rows: t
     mass = torch.zeros(b, hq, q_len, 1, dtype=torch.float32, device=q.device)
     output = torch.zeros(b, hq, q_len, d, dtype=torch.float32, device=q.device)
     keys = torch.arange(k_len, device=q.device)
-    step = max(1, fused.CHUNK_ELEMENTS // max(1, k_len))
+    step = max(1, chunked.CHUNK_ELEMENTS // max(1, k_len))
     for bi, hi in rows[..., 0].any(-1).nonzero().tolist():
         kv = hi // (hq // hkv)
         flagged = rows[bi, hi, :, 0].nonzero().flatten()
@@ -507,96 +395,158 @@ def complement_rows(q, k, v, lse, spec: MaskSpec, members: torch.Tensor, rows: t
     return mass, output
 
 
-_VAR_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# ---------------------------------------------------------------------------------------------
+# the backend
+# ---------------------------------------------------------------------------------------------
+def unavailable(config, call) -> str | None:
+    """Why the CPU flash kernel cannot serve this process, or None."""
+    return None if _flash_op() is not None else f"cpu flash kernel unavailable ({_OP_STATE.get('reason', '')})"
 
 
-def _var_prompt_groups(method, device):
-    """VAR's changed groups as gathered members: prompt positions long (B, 1, G), -1 = padding, and
-    their group ids long (B, 1, G): 1 text sink, 2 image sink, 3 visual non-sink
-    (``VAR.group_ids``). Cached per prompt and layer (rebuilt when the sink or image table is
-    replaced)."""
-    state = method.state
-    sinks, image = state.sinks.by_layer.get(method.layer), state.roles.image
-    cached = _VAR_GROUPS.get(method)
-    if cached is not None and cached[0] is sinks and cached[1] is image and cached[2] == str(device):
-        return cached[3]
-    gid_by_pos = method.group_ids(torch.arange(image.shape[-1], device=image.device)).to(device).long()
-    positions = member_table((gid_by_pos > 0).unsqueeze(1))
-    gid = torch.where(positions >= 0, gid_by_pos.unsqueeze(1).gather(-1, positions.clamp(min=0)), 0)
-    tables = (positions, gid)
-    _VAR_GROUPS[method] = (sinks, image, str(device), tables)
-    return tables
+def run(steps, call: AttentionCall, query, key, value, stats, config=None):
+    """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> out (B, Q, H_q, D) in query.dtype, or a
+    :class:`Refusal`; the numbers of the chunked backend. One weight rule (the capability table)."""
+    rule = steps.weight[0]
+    q, k, v = query.float(), key.float(), value.float()
+    struct = call.structure()
+    result = (_group if rule.kind == "group" else _reweight)(rule, q, k, v, struct, call)
+    if isinstance(result, str):
+        return Refusal(result)
+    out, rows = result
+    stats.record(rule.method, rows)
+    return out.transpose(1, 2).to(query.dtype).contiguous()
 
 
-def _var(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
+def _rows_with_weights(rule, q, k, v, struct: Structure, call: AttentionCall):
+    """A weight rule on a few query rows (decode): the full (B, H_q, Q, K) weights -- O(K) -- go
+    through the chunked backend's rule function, then one grouped product with V."""
+    _, a, vis = _row_weights(q, k, struct.spec, call.scaling)
+    rows = call.rows(vis, 0, rows=q.shape[2])
+    if rule.kind == "group":
+        a, changed = chunked.apply_group_rule(rule, a, rows, call)
+    else:
+        a, changed = chunked.apply_reweight_rule(rule, a, rows)
+    return grouped_pv(a, v), changed
+
+
+def _members(rule, call: AttentionCall):
+    """The rule's small groups as gathered members, kept per prompt: prompt positions long
+    (B, 1|H, M) (-1 = padding) and their group ids long (B, 1|H, M)."""
+    table = chunked.group_table(rule, call)
+
+    def build():
+        gid = table.long()
+        positions = member_table(gid > 0)
+        ids = torch.where(positions >= 0, gid.gather(-1, positions.clamp(min=0)), 0)
+        return positions, ids
+
+    return call.prompt.memo((rule.key, "flash members", str(call.device)), (table,), build)
+
+
+def _column_stats(rule, q, k, lse, struct: Structure, call: AttentionCall) -> None:
+    """The column sums of the prefill map (QK^T only, from the known LSE) for ``rule``."""
+    b, _, q_len, _ = q.shape
+    spec = struct.spec
+    votes = torch.isfinite(lse)
+    if call.info.row_valid is not None:
+        votes = votes & call.info.row_valid.to(q.device)[:, None, :]
+    colsum = column_sums(q, k, torch.where(votes, lse, float("inf")), spec, call.scaling)
+    count = column_counts(spec, b, q_len, k.shape[2], call.info.row_valid, q.device)
+    chunked.set_column_stats(rule, colsum, count, call)
+
+
+def _group(rule, q, k, v, struct: Structure, call: AttentionCall):
     b, hq, q_len, _ = q.shape
     k_len = k.shape[2]
     spec = struct.spec
-    if q_len <= DIRECT_ROWS:
-        return _rows_with_weights(method, q, k, v, struct, scaling, info)
-    first_row = struct.key_offset + spec.q_offset  # absolute position of query row 0
-    key_abs = torch.arange(k_len, device=q.device) + struct.key_offset
-    gate = method.row_gate(torch.arange(q_len, device=q.device) + first_row, *method.key_groups(key_abs))  # (B, Q)
-    positions, gid = _var_prompt_groups(method, q.device)
-    out, lse = flash_with_lse(q, k, v, spec, scaling)
-    gated = gate.any(0).nonzero()
+    columns = rule.column_stats and call.is_prefill
+    if q_len <= DIRECT_ROWS and not columns:
+        return _rows_with_weights(rule, q, k, v, struct, call)
+    out, lse = flash_with_lse(q, k, v, spec, call.scaling)
+    if columns:
+        _column_stats(rule, q, k, lse, struct, call)
+    positions, ids = _members(rule, call)
     idx = key_indices(positions, struct.key_offset, k_len)
-    if gated.numel() == 0 or idx.shape[-1] == 0:
-        return out, 0, _phase(info, q_len)
-    r0 = int(gated[0])
-    size = max(1, _budget() // max(1, b * hq * idx.shape[-1]))  # rows x members per chunk
-    onehot = torch.nn.functional.one_hot(gid, 4).to(torch.float32)  # (B, 1, G, 4): the member's group
+    all_rows = call.rows(None, 0, rows=q_len)
+    gate = rule.row_gate(all_rows, call.prompt)  # (B|1, 1, Q, 1) or None
+    first = 0
+    if gate is not None:
+        gated = gate.expand(-1, 1, q_len, 1).any(0).flatten().nonzero()
+        if gated.numel() == 0:
+            return out, 0
+        first = int(gated[0])
+    if idx.shape[-1] == 0:
+        return out, 0
+    onehot = torch.nn.functional.one_hot(ids, rule.num_groups).to(torch.float32)  # (B, 1|H, M, G)
+    size = max(1, chunked.CHUNK_ELEMENTS // max(1, b * hq * max(idx.shape[-1], q.shape[-1])))
     steered_total = 0
-    for c0 in range(r0, q_len, size):
+    for c0 in range(first, q_len, size):
         c1 = min(q_len, c0 + size)
-        rows = torch.arange(c0, c1, device=q.device)
-        a, pv = member_weights(q[:, :, c0:c1], k, v, lse[:, :, c0:c1], spec, rows, idx, scaling)
-        masses = torch.matmul(a, onehot)  # (B, H, C, 4) group masses (group 0: not gathered, unused)
-        steered, factors = _var_factors(method, gate[:, None, c0:c1, None], *masses[..., 1:].split(1, dim=-1))
-        # o' = o + sum_j a_ij (f_group(j) - 1) v_j over the members
-        correction = pv(a.mul_(torch.matmul(factors - 1.0, onehot.transpose(-1, -2))))
-        out[:, :, c0:c1] = torch.where(steered, out[:, :, c0:c1] + correction, out[:, :, c0:c1])
-        steered_total = steered_total + steered.sum()
-    return out, steered_total, _phase(info, q_len)
+        steered_total = steered_total + _correct(rule, q, k, v, lse, out, struct, call, c0, c1, idx, ids, onehot)
+    return out, steered_total
 
 
-def _var_factors(method, gate, m_text_sink, m_image_sink, m_vis):
-    """VAR's rule on the group masses (each float (B, H, R, 1)): the steered rows (bool (B, H, R, 1))
-    and each group's factor, float (B, H, R, 4) in group order (other, text sink, image sink,
-    visual non-sink), from ``VAR.select_rows`` and ``VAR.group_factors``."""
-    m_sink, m_img = m_text_sink + m_image_sink, m_image_sink + m_vis
-    steered = method.select_rows(gate, m_img, m_sink, m_vis, m_vis)
-    f_sink, f_vis = method.group_factors(m_sink, m_vis)
-    sink = torch.full_like(m_vis, f_sink)
-    return steered, torch.cat([torch.ones_like(m_vis), sink, sink, f_vis], dim=-1)
+def _correct(rule, q, k, v, lse, out, struct: Structure, call: AttentionCall, c0, c1, idx, ids, onehot):
+    """The group rule on query rows c0..c1 of ``out`` (B, H, Q, D), in place; returns the number of
+    steered (batch, head, row)s."""
+    b = q.shape[0]
+    spec = struct.spec
+    rows = torch.arange(c0, c1, device=q.device)
+    a, pv = member_weights(q[:, :, c0:c1], k, v, lse[:, :, c0:c1], spec, rows, idx, call.scaling)
+    small = torch.matmul(a, onehot)  # (B, H, R, G): column 0 (the rest) is never gathered
+    # the rest of the row: mass 1 - sum of the small groups, where the row sees keys outside them
+    seen = visible_keys(spec, rows, idx).sum(-1, keepdim=True)
+    has_rest = visible_counts(spec, b, rows) > seen
+    rest = torch.where(has_rest, (1.0 - small.sum(-1, keepdim=True)).clamp(min=0.0), torch.zeros((), device=q.device))
+    masses = torch.cat([rest, small[..., 1:]], dim=-1)
+    view = call.rows(None, c0, rows=c1 - c0)
+    o = out[:, :, c0:c1]
+    exact = None
+    if not rule.rest_unchanged:
+        # rows whose rest would be rescaled from a complement that lost precision: sum it exactly
+        candidates = chunked.steered_rows(rule, has_rest, view, call)
+        exact = candidates & (rest < MIN_REST_MASS)
+        if bool(exact.any()):
+            member_keys = group_ids_of(chunked.group_table(rule, call), call.key_abs) > 0  # (B, 1|H, K)
+            flagged = torch.zeros(*exact.shape[:2], q.shape[2], 1, dtype=torch.bool, device=q.device)
+            flagged[:, :, c0:c1] = exact
+            mass, output = complement_rows(
+                q, k, v, lse, spec, member_keys.expand(b, q.shape[1], -1), flagged, call.scaling
+            )
+            masses = torch.cat([torch.where(exact, mass[:, :, c0:c1], rest), small[..., 1:]], dim=-1)
+            exact_rest = output[:, :, c0:c1]
+        else:
+            exact = None
+    steered, factors = rule.factors(masses, call.prompt)
+    steered = chunked.steered_rows(rule, steered, view, call)
+    f_rest = factors[..., :1]
+    per_member = factors.gather(-1, ids[:, :, None, :].expand(*factors.shape[:-1], ids.shape[-1]))  # (B, H, R, M)
+    if exact is None:
+        # o' = f_0 (o - sum O_g) + sum f_g O_g = f_0 o + sum (f_g - f_0) O_g
+        new = o * f_rest + pv(a * (per_member - f_rest))
+    else:
+        o_rest = torch.where(exact, exact_rest, o - pv(a))
+        new = o_rest * f_rest + pv(a * per_member)
+    o.copy_(torch.where(steered, new, o))  # unsteered rows keep the flash output bit for bit
+    return steered.sum()
 
 
-def _rows_with_weights(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
-    """A weight-level method on a few query rows (decode): the full (B, H_q, Q, K) weights -- O(K) --
-    go through the method's own ``fused_weights`` rule, then one grouped product with V."""
-    q_len, k_len = q.shape[2], k.shape[2]
-    _, a, vis = _row_weights(q, k, struct.spec, scaling)
-    key_abs = torch.arange(k_len, device=q.device) + struct.key_offset
-    ctx = row_context(vis, info, 0, key_abs, rows=q_len)
-    a, rows = method.fused_weights(a, ctx, StepInfo(info.is_prefill, struct.key_offset, k_len))
-    return grouped_pv(a, v), rows, _phase(info, q_len)
-
-
-def _softplus(method, q, k, v, struct: Structure, scaling: float, info: ForwardInfo):
+def _reweight(rule, q, k, v, struct: Structure, call: AttentionCall):
     b, hq, q_len, d = q.shape
     k_len = k.shape[2]
     spec = struct.spec
-    p = float(method.p.p)
-    if p * math.log2(max(2, k_len)) >= SOFTPLUS_MAX_LOG2:
-        return "softplus p too large for the direct form"
+    scaling = call.scaling
+    power = rule.power
+    if power * math.log2(max(2, k_len)) >= REWEIGHT_MAX_LOG2:
+        return "re-weighting power too large for the direct form"
     n_vis, log_n, neg_offset = struct.memo(
-        ("softplus rows", b, q_len, str(q.device), float(method.p.offset)),
-        lambda: _softplus_row_terms(struct, b, q_len, float(method.p.offset), q.device),
+        ("reweight rows", b, q_len, str(q.device), rule.offset, rule.free_rows),
+        lambda: _reweight_row_terms(struct, b, q_len, rule.offset, rule.free_rows, q.device),
     )
     if q_len <= DIRECT_ROWS:
-        return _softplus_rows(method, q, k, v, spec, scaling, n_vis, neg_offset, info)
+        return _reweight_rows(rule, q, k, v, spec, scaling, n_vis, neg_offset)
     out, lse = flash_with_lse(q, k, v, spec, scaling)
-    heads = None if method.heads is None else method.heads.nonzero().flatten().tolist()
+    heads = None if rule.heads is None else rule.heads.nonzero().flatten().tolist()
     qs, ks, vs, ls = q, k, v, lse
     if heads is not None:  # only the steered query heads, each with its own copy of its kv head
         group = hq // k.shape[1]
@@ -616,60 +566,56 @@ def _softplus(method, q, k, v, struct: Structure, scaling: float, info: ForwardI
         x.exp_()
         x.add_(_fold(neg_offset[:, :, q0:q1].expand(b, hs, c, 1), hkv)).clamp_(min=0.0)
         _masked_rows_block(x, spec, q0, q1, lo, hi, hkv, 0.0)
-        if p != 1.0:
-            x.pow_(p)
+        if power != 1.0:
+            x.pow_(power)
         total[:, :, q0:q1] += x.sum(-1, keepdim=True).view(b, hs, c, 1)
         num[:, :, q0:q1] += torch.bmm(x, vf[:, lo:hi]).view(b, hs, c, d)
     new = num / total.clamp(min=1e-38)
-    keep = _softplus_kept(total, n_vis)
+    keep = _reweight_kept(total, n_vis)
     if isinstance(keep, str):
         return keep
     if heads is None:
-        return torch.where(keep, new, out), keep.sum(), _phase(info, q_len)
+        return torch.where(keep, new, out), keep.sum()
     out[:, heads] = torch.where(keep, new, out[:, heads])
-    return out, keep.sum(), _phase(info, q_len)
+    return out, keep.sum()
 
 
-def _softplus_row_terms(struct: Structure, b: int, q_len: int, offset: float, device):
+def _reweight_row_terms(struct: Structure, b: int, q_len: int, offset: float, free_rows: int, device):
     """Per-row inputs of the re-weighting, shared by a forward's layers: N_i float (B, 1, Q, 1),
-    log N_i (log 1 where N_i = 0) and -o_i (o_i: 0 in a row's first three positions, ``offset`` after)."""
+    log N_i (log 1 where N_i = 0) and -o_i (o_i: 0 in a row's first ``free_rows`` positions, ``offset`` after)."""
     rows = torch.arange(q_len, device=device)
     n_vis = visible_counts(struct.spec, b, rows)
     rel = struct.rel0.view(-1, 1).to(device) + rows.view(1, -1)  # (B, Q) position from the row's first token
-    neg_o = torch.where(rel < FIRST_ROWS_WITHOUT_OFFSET, 0.0, -offset).view(b, 1, q_len, 1)
+    neg_o = torch.where(rel < free_rows, 0.0, -offset).view(b, 1, q_len, 1)
     return n_vis, torch.log(n_vis.clamp(min=1)), neg_o
 
 
-def _softplus_kept(total, n_vis):
+def _reweight_kept(total, n_vis):
     """Rows whose re-weighting applies (weights not all 0), or the reason to take the log-space
-    path: a row that sees keys but whose weights sum below SOFTPLUS_MIN_TOTAL."""
-    if bool(((total < SOFTPLUS_MIN_TOTAL) & (n_vis > 0)).any()):
-        return "softplus row whose weights all underflow"
+    path: a row that sees keys but whose weights sum below REWEIGHT_MIN_TOTAL."""
+    if bool(((total < REWEIGHT_MIN_TOTAL) & (n_vis > 0)).any()):
+        return "a re-weighted row whose weights all underflow"
     return total > 0
 
 
-def _softplus_rows(method, q, k, v, spec: MaskSpec, scaling: float, n_vis, neg_offset, info: ForwardInfo):
+def _reweight_rows(rule, q, k, v, spec: MaskSpec, scaling: float, n_vis, neg_offset):
     """Re-weighting of a few query rows (decode): scores, LSE and weights from one (B, H_q, Q, K)
     product; the plain output only where some row keeps it (unsteered heads, uniform rows)."""
-    q_len = q.shape[2]
     _, a, _ = _row_weights(q, k, spec, scaling)  # rows that see nothing: weights 0 (and N = 0)
     x = torch.addcmul(neg_offset, a, n_vis).clamp_(min=0.0)  # max(N_i a_ij - o_i, 0)
-    if method.p.p != 1.0:
-        x.pow_(float(method.p.p))
+    if rule.power != 1.0:
+        x.pow_(rule.power)
     total = x.sum(-1, keepdim=True)
-    if method.heads is None and float(total.amin()) >= SOFTPLUS_MIN_TOTAL:  # every row re-weighted: one sync
-        return grouped_pv(x, v) / total, total.numel(), _phase(info, q_len)
+    if rule.heads is None and float(total.amin()) >= REWEIGHT_MIN_TOTAL:  # every row re-weighted: one sync
+        return grouped_pv(x, v) / total, total.numel()
     out = grouped_pv(x, v) / total.clamp(min=1e-38)
-    keep = _softplus_kept(total, n_vis)
+    keep = _reweight_kept(total, n_vis)
     if isinstance(keep, str):
         return keep
-    heads = method.head_mask(keep)
+    heads = rule.head_mask(keep)
     if heads is not None:
         keep = keep & heads
     if not bool(keep.all()):
         plain = grouped_pv(a, v)
         out = torch.where(keep, out, plain)
-    return out, keep.sum(), _phase(info, q_len)
-
-
-_GLUE = {"act": _act, "var": _var, "softplus": _softplus}
+    return out, keep.sum()
