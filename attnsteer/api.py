@@ -14,6 +14,8 @@ from .attention import dispatch
 from .attention.router import CHOICES as BACKEND_CHOICES
 from .attention.router import BackendConfig
 from .errors import SilentSiteWarning, SteeringError, UnsupportedModelError
+from .methods.act import ACT
+from .methods.vhr import VHR
 from .plan import Plan, plan
 from .recipe import Recipe
 from .state import SteeringState
@@ -153,11 +155,11 @@ class SteeringHandle:
 
     def vhr_heads(self) -> dict[int, list[list[int]]]:
         """VHR's heads selected for the last prompt: ``{layer: [per batch row [heads]]}``."""
-        return self._report_field("vhr", "heads")
+        return self._report_field(VHR.name, "heads")
 
     def sinks(self) -> dict[int, list[dict[int, list[int]]]]:
         """ACT sink sets of the last prompt: ``{layer: [per batch row {head: [key positions]}]}``."""
-        return self._report_field("act", "sinks")
+        return self._report_field(ACT.name, "sinks")
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"

@@ -20,6 +20,7 @@ import torch
 
 from .console import one_line, quiet_transformers, term_width, wrap, wrap_items
 from .errors import AttnsteerWarning
+from .methods.act import ACT
 from .models import describe_model, load_with_progress
 from .recipe import BASELINE_LABEL, label_recipes
 
@@ -348,7 +349,7 @@ def act_params_of(recipes: list[tuple[str, object]]) -> dict[str, dict]:
     out = {}
     for label, recipe in recipes:
         for iv in recipe.interventions:
-            if iv.method == "act":
+            if iv.method == ACT.name:
                 out[label] = dict(iv.params)
                 break
     return out
@@ -420,10 +421,9 @@ def _run_demo(prompts, recipes, *, max_new_tokens, backend, out, err) -> int:
     for label, recipe in loaded:
         desc = one_line(recipe.description, 90) or ", ".join(recipe.methods)
         print(f"recipe:  {label}: {desc}", file=out)
-    resolved_backend = "fused" if backend == "auto" else backend
     print(
         f"decode:  greedy, up to {max_new_tokens} new tokens, chat template {'on' if chat else 'off'}, "
-        f"backend {resolved_backend}",
+        f"backend {backend}",
         file=out,
         flush=True,
     )

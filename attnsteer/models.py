@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from . import hub
+from . import hub, settings
 from .console import quiet_transformers
 from .errors import AttnsteerError, UnsupportedModelError, UsageError
 
@@ -38,8 +38,7 @@ def smollm2_dir() -> Path:
 
 def smollm2_cache_dir() -> Path:
     """Where the de-quantised copy is kept (``$ATTNSTEER_CACHE`` or ``~/.cache/attnsteer``)."""
-    root = Path(os.environ.get("ATTNSTEER_CACHE", Path.home() / ".cache" / "attnsteer"))
-    return root / "smollm2-135m-instruct-q4_1"
+    return settings.current().cache_dir / "smollm2-135m-instruct-q4_1"
 
 
 def _convert_smollm2(target: Path) -> None:

@@ -114,8 +114,8 @@ def _build_plans(recipe: Recipe, arch: archs.ResolvedArch) -> dict[int, LayerPla
                 mask = torch.zeros(n_heads, dtype=torch.bool)
                 mask[heads] = True
             plan = plans.setdefault(layer, LayerPlan(layer))
-            if cls.one_per_layer and any(m.name == iv.method for m in plan.methods):
-                first = next(m.intervention for m in plan.methods if m.name == iv.method)
+            if cls.one_per_layer and any(type(m) is cls for m in plan.methods):
+                first = next(m.intervention for m in plan.methods if type(m) is cls)
                 raise RecipeError(
                     f"{where}: layer {layer} is already steered by {iv.method} from {recipe.name}.interventions[{first}]; "
                     f"{iv.method} keeps one sink set per layer, so two {iv.method} interventions cannot share a layer. "

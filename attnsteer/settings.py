@@ -1,8 +1,7 @@
 """attnsteer's environment overrides, read in this one place.
 
-Every setting has a typed argument elsewhere (``attnsteer.apply(..., backend=...)``, the kernels'
-block sizes, ``attnsteer.models`` cache folder); these variables override defaults for a whole
-process, e.g. in a benchmark or a serving engine:
+These variables override defaults for a whole process, e.g. in a benchmark or a serving engine
+(the backend itself is ``attnsteer.apply(..., backend=...)``'s argument):
 
 ==================================  ==========================================================
 ``ATTNSTEER_TRITON``                ``0``/``off``: never use the Triton kernels; ``1``/``on``: also

@@ -25,8 +25,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    from attnsteer.attention.flash_backend import flash_attention, flash_with_lse, visible_counts
-    from attnsteer.attention.rows import ForwardInfo, MaskView
+    from attnsteer.attention import flash_cpu, router
+    from attnsteer.attention.flash_cpu import flash_with_lse, visible_counts
+    from attnsteer.attention.geometry import AttentionCall, ForwardInfo, MaskView
+    from attnsteer.context import PromptState
     from attnsteer.kernels.ops import MaskSpec
     from attnsteer.methods.softplus import SoftplusReweight
     from attnsteer.plan import LayerPlan
@@ -60,8 +62,12 @@ def main(argv=None) -> int:
         def record(self, *_):
             pass
 
+    steps = plan.steps(True)
+    call = AttentionCall(0, ForwardInfo(n, 0, n, None), q, k, MaskView(None, n, n), scale, PromptState())
+    assert router.refusal("flash", router.BackendConfig("flash"), steps, call) is None
+
     def ours():
-        return flash_attention(plan, q, k, v, MaskView(None, n, n), scale, ForwardInfo(n, 0, n, None), _Stats())[0]
+        return flash_cpu.run(steps, call, q, k, v, _Stats())
 
     def timed(fn):
         fn()

@@ -23,8 +23,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import attnsteer
-from attnsteer.attention import dispatch
-from attnsteer.attention.rows import MaskView
+from attnsteer.attention import dispatch, router
+from attnsteer.attention.geometry import AttentionCall, MaskView
 from attnsteer.models import load_smollm2
 
 
@@ -76,15 +76,16 @@ def time_and_profile(fn, repeats: int) -> dict:
 def profile_call(site, call: dict, repeats: int) -> dict | None:
     """The captured call on the fused backend vs the model's own SDPA on the same tensors."""
     q, k, v, info = call["query"], call["key"], call["value"], call["info"]
-    plan = site.plan
-    if not plan.active(info.is_prefill):
+    steps = site.plan.steps(info.is_prefill)
+    if not steps.attention:
         return None
     scaling = q.shape[-1] ** -0.5
     mask = MaskView(call["mask"], q.shape[2], k.shape[2])
+    attention_call = AttentionCall(site.layer, info, q, k, mask, scaling, site.state.prompt)
 
     def steered():
-        site.stats.begin(plan.weight_steps(info.is_prefill))
-        dispatch.BACKENDS["fused"](plan, q, k, v, mask, scaling, info, site.stats)
+        site.stats.begin({rule.method for rule in steps.weight})
+        router.run(site.config, steps, attention_call, q, k, v, site.stats)
         site.stats.end()
 
     def own():

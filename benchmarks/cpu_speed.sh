@@ -5,9 +5,10 @@
 #   STEP=smollm2 bash benchmarks/cpu_speed.sh    # one step: smollm2 | smollm2-long | smollm2-var | llava
 #
 # smollm2: the embedded SmolLM2-135M-Instruct (real weights) at prompt lengths 512 and 2048:
-#   unsteered SDPA vs act-default and softplus-reweight on the fused backend as `attnsteer.apply`
-#   runs it on CPU (fused-pytorch: PyTorch's flash kernel + corrections) and on the generic chunked
-#   path (fused-chunked); peak memory also in a fresh process per (length, configuration).
+#   unsteered SDPA vs act-default and softplus-reweight on the backend `attnsteer.apply` picks on
+#   CPU (flash: PyTorch's flash kernel + corrections) and on the generic chunked backend
+#   (chunked); peak memory also in a fresh process per (length, configuration). (Earlier releases
+#   called these fused-pytorch and fused-chunked; the harness still accepts those names.)
 # smollm2-long: the same recipes at 8176 prompt tokens (+ 4 new: within SmolLM2's 8192
 #   max_position_embeddings), one repeat without warm-up, fresh-process memory: the memory goal at
 #   ~8192 tokens (takes ~10 minutes on 2 cores).
@@ -24,7 +25,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-evals/speed/cpu}
 STEP=${STEP:-all}
-BACKENDS=fused-pytorch,fused-chunked
+BACKENDS=flash,chunked
 [[ ${REFERENCE:-0} == 1 ]] && BACKENDS=$BACKENDS,reference
 run() { echo "+ $*" >&2; "$@"; }
 speed() { run "$PY" -m attnsteer.evals.speed --output_path "$OUT" "$@"; }
@@ -33,18 +34,18 @@ if [[ $STEP == all || $STEP == smollm2 ]]; then
   speed --model smollm2 --recipe act-default --recipe softplus-reweight --prompt-len 512,2048 \
     --new-tokens 32 --backends "$BACKENDS" --repeats 3 --memory fresh-process --label cpu_smollm2
   # softplus alone at 2048, after the decode rows were trimmed (the run above predates that)
-  speed --model smollm2 --recipe softplus-reweight --prompt-len 2048 --new-tokens 32 --backends fused-pytorch \
+  speed --model smollm2 --recipe softplus-reweight --prompt-len 2048 --new-tokens 32 --backends flash \
     --repeats 3 --label cpu_smollm2_softplus_n2048
 fi
 if [[ $STEP == all || $STEP == smollm2-long ]]; then
   speed --model smollm2 --recipe act-default --recipe softplus-reweight --prompt-len 8176 \
-    --new-tokens 4 --backends fused-pytorch --repeats 1 --warmup 0 --memory fresh-process --label cpu_smollm2
+    --new-tokens 4 --backends flash --repeats 1 --warmup 0 --memory fresh-process --label cpu_smollm2
 fi
 if [[ $STEP == all || $STEP == smollm2-var ]]; then
   speed --model smollm2 --recipe recipes/timing/var-timing.yaml --image-tokens 576 --prompt-len 2048 \
     --new-tokens 32 --backends "$BACKENDS" --repeats 3 --label cpu_smollm2_var
   speed --model smollm2 --recipe recipes/timing/var-paper-smollm2.yaml --image-tokens 576 --prompt-len 2048 \
-    --new-tokens 32 --backends fused-pytorch --repeats 3 --label cpu_smollm2_var_paper
+    --new-tokens 32 --backends flash --repeats 3 --label cpu_smollm2_var_paper
 fi
 if [[ $STEP == all || $STEP == llava ]]; then
   speed --model llava-1.5-7b --random-weights --override num_hidden_layers=4 \

@@ -9,10 +9,11 @@
 # CSV / JSON / Markdown / PNG under $OUT (one stem per setting; the Markdown lists every goal as
 # met / NOT met with the measured number).
 #
-# Backends per recipe: fused-triton (the Triton kernels, forced), fused-pytorch (the plain PyTorch
-# fused path, forced) and reference. `auto` (the default of attnsteer.apply) is fused-triton on
-# CUDA (dispatch goes through triton_backend.select_fused_backend); add `auto` to BACKENDS to time
-# it under that name.
+# Backends per recipe: triton (the Triton kernels, forced), chunked (the plain PyTorch chunked
+# backend, forced) and reference. `auto` (the default of attnsteer.apply) runs each call on the
+# triton backend on CUDA when it can and on chunked otherwise (attnsteer/attention/router.py; each
+# run's paths and fallbacks are in the results); add `auto` to BACKENDS to time it under that
+# name. (Earlier releases called these fused-triton and fused-pytorch; both names are accepted.)
 # Recipes: recipes/timing/act-timing.yaml (act-mtbench's setting -- prompt and decode rows, so
 # the split-K decode kernel runs -- with a sink threshold that finds sinks on random weights; the
 # paper thresholds find none there), softplus-reweight (every layer, prefill + decode); with image
@@ -26,7 +27,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 GPU=$($PY -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))")
 OUT=${OUT:-evals/speed/$GPU}
-BACKENDS=${BACKENDS:-fused-triton,fused-pytorch,reference}
+BACKENDS=${BACKENDS:-triton,chunked,reference}
 RECIPES=(--recipe recipes/timing/act-timing.yaml --recipe softplus-reweight)
 VLM_RECIPES=("${RECIPES[@]}" --recipe recipes/timing/var-timing.yaml --recipe recipes/timing/vhr-timing.yaml)
 REPEATS=${REPEATS:-3}

@@ -121,17 +121,17 @@ def call_of(
 
 
 def attend(backend, plan, q, k, v, mask: MaskView, info: ForwardInfo, prompt=None, stats=None, **kw):
-    """One call of ``plan`` on ``backend`` -> out (B, Q, H, D). ``reference`` and ``chunked`` are
-    called directly (``chunk=``: rows per chunk of the chunked path); ``flash`` and ``triton``
-    through the router with that backend forced (a call it cannot run raises, naming why).
+    """One call of ``plan`` on ``backend`` -> out (B, Q, H, D). ``reference`` is called directly, so is
+    ``chunked`` with ``chunk=`` (rows per chunk); otherwise through the router with that backend
+    forced (a call it cannot run raises, naming why; ``stats.paths`` records the run).
     ``kw``: ``scaling``, ``softcap``, ``chunk``, ``compute_dtype`` (reference), ``triton`` (mode)."""
     stats = stats if stats is not None else Stats()
     call = call_of(q, k, mask, info, prompt, kw.get("scaling"), kw.get("softcap"))
     steps = plan.steps(info.is_prefill)
     if backend == "reference":
         return reference.attend(steps, call, q, k, v, stats, compute_dtype=kw.get("compute_dtype", torch.float32))[0]
-    if backend == "chunked":
-        return chunked.run(steps, call, q, k, v, stats, chunk=kw.get("chunk"))
+    if backend == "chunked" and kw.get("chunk"):
+        return chunked.run(steps, call, q, k, v, stats, chunk=kw["chunk"])
     config = router.BackendConfig(backend, triton=kw.get("triton", "interpret" if backend == "triton" else "off"))
     return router.run(config, steps, call, q, k, v, stats)
 

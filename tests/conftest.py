@@ -10,6 +10,11 @@ import torch
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
+# Without CUDA, Triton kernels run in Triton's CPU interpreter: set before anything defines them
+# (attnsteer.kernels defines them on the first kernel call), for every test that runs them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -14,6 +14,7 @@ import torch
 from vlm_fixtures import IMAGE_TOKEN, VISION_END, VISION_START, build_vlm, make_inputs
 
 import attnsteer
+from attnsteer import compat
 from attnsteer.errors import RecipeError, SteeringError
 from attnsteer.methods.agla_pixels import layout_for
 from attnsteer.methods.agla_views import relevance_mask
@@ -48,6 +49,20 @@ def reference_logits(model, inputs, tokens):
             call["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tokens)], dim=1)
     with torch.no_grad():
         return model(**call).logits[:, -1].float()
+
+
+def prompt_then_tokens(model, inputs, tokens):
+    """Last-position logits (B, V) over prompt + ``tokens`` (B, t): the prompt's prefill in a fresh
+    cache, then all ``t`` tokens in one forward. A steered model's per-prompt state (VAR's sinks) is
+    found at the prompt only, as under generate(); one forward over the whole sequence would let
+    generated tokens become sinks."""
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        if tokens.shape[1] == 0:
+            return out.logits[:, -1].float()
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(tokens)], dim=1)
+        cache = compat.with_cache(model, compat.output_cache(out))
+        return model(input_ids=tokens, attention_mask=mask, use_cache=True, **cache).logits[:, -1].float()
 
 
 def assembled(z_orig, z_aug, alpha, beta):
@@ -229,18 +244,26 @@ def test_composes_with_var_both_views_steered():
     family = "llava"
     model = build_vlm(family)
     inputs = make_inputs(family, model, n_images=[1, 1], seed=6)
-    var = {"method": "var", "layers": "1:", "params": {"p": 0.6, "tau": 0.01, "sink_dims": [3, 7]}}
+    # tau 1.5 on dims [3, 7]: a few hidden-state sinks per prompt at every layer of this tiny model,
+    # so VAR steers each of its layers (at tau 0.01 every token was a sink and nothing was moved)
+    var = {"method": "var", "layers": "1:", "params": {"p": 0.6, "tau": 1.5, "sink_dims": [3, 7]}}
     recipe = {"name": "var+agla", "interventions": [var, agla(alpha=1.0, beta=0.1)["interventions"][0]]}
     with attnsteer.apply(model, recipe, processor=PROCESSOR) as h:
         out = generate(model, inputs, 3)
         report = next(iter(h._report_field("agla", "views").values()))
+        var_sites = [s for s in h.stats() if s["method"] == "var"]
+    assert [s["layer"] for s in var_sites] == [1, 2, 3]
+    assert all(s["rows_modified"] > 0 for s in var_sites), var_sites  # VAR steered every layer
     layout = layout_for(model.config, PROCESSOR)
     new, _ = layout.augment({"pixel_values": inputs["pixel_values"]}, [v["relevance"] for v in report], [0.5] * 2)
     tokens = out.sequences[:, inputs["input_ids"].shape[1] :]
+    unsteered = [prompt_then_tokens(model, inputs, tokens[:, :step]) for step in range(3)]
     with attnsteer.apply(model, {"name": "var", "interventions": [var]}):
         for step in range(3):
-            z_orig = reference_logits(model, inputs, tokens[:, :step])
-            z_aug = reference_logits(model, {**inputs, **new}, tokens[:, :step])
+            z_orig = prompt_then_tokens(model, inputs, tokens[:, :step])
+            z_aug = prompt_then_tokens(model, {**inputs, **new}, tokens[:, :step])
+            # VAR changes the original view's logits at every step (the views are VAR's, not plain ones)
+            assert (z_orig - unsteered[step]).abs().max() > 1e-4, step
             z = assembled(z_orig, z_aug, 1.0, 0.1)
             got = out.logits[step]
             assert torch.equal(torch.isinf(got), torch.isinf(z))

@@ -12,6 +12,7 @@ from conftest import VOCAB, build_tiny
 import attnsteer
 from attnsteer import RecipeError, api, compat
 from attnsteer.attention import dispatch
+from attnsteer.errors import SilentSiteWarning
 
 
 def fingerprint(model) -> dict:
@@ -175,15 +176,21 @@ def test_two_var_interventions_on_different_layers_each_use_their_own_tau():
     n = len(F.text_layers(model))
     recipe = {
         "interventions": [
-            {"method": "var", "layers": [0], "params": {"tau": 2.5}},
+            {"method": "var", "layers": [0], "params": {"tau": 2.8}},
             {"method": "var", "layers": [n - 1], "params": {"tau": 1000.0}},
         ]
     }
-    with attnsteer.apply(model, recipe) as handle, torch.no_grad():
-        model(**inputs)
-        sinks = handle._state.sinks.by_layer
-    assert bool(sinks[0].any()), "layer 0 (tau 2.5) should find sinks in this prompt"
+    # the last layer's tau of 1000 finds no sink, so that site is silent by design: the warning names it alone
+    with pytest.warns(SilentSiteWarning, match=rf"never changed a row: layer {n - 1} var\."):
+        with attnsteer.apply(model, recipe) as handle, torch.no_grad():
+            model(**inputs)
+            prompt = handle._state.prompt
+            sinks = {layer: prompt.get((layer, i), "sinks") for i, layer in enumerate([0, n - 1])}
+            stats = {s["layer"]: s for s in handle.stats()}
+    assert bool(sinks[0].any()), "layer 0 (tau 2.8) should find sinks in this prompt"
+    assert stats[0]["rows_modified"] > 0, "layer 0 (tau 2.8) should steer this prompt"
     assert not bool(sinks[n - 1].any()), "the last layer (tau 1000) must not reuse the first intervention's tau"
+    assert stats[n - 1]["calls"] == 1 and stats[n - 1]["rows_modified"] == 0
 
 
 # ---- plan(): pure resolution ----------------------------------------------------------------------
@@ -227,12 +234,13 @@ def test_handle_report_collects_each_methods_report():
         "interventions": [
             {"method": "act", "layers": [0], "params": {"threshold": 0.05}},
             {"method": "vhr", "layers": [1]},
-            {"method": "var", "layers": [2], "params": {"tau": 2.5}},
+            {"method": "var", "layers": [2], "params": {"tau": 2.8}},  # a few sinks, and VAR steers
         ]
     }
     with attnsteer.apply(model, recipe) as handle, torch.no_grad():
         assert handle.report() == {}  # nothing before the first prompt
         model(**inputs)
+        assert all(s["rows_modified"] > 0 for s in handle.stats()), handle.stats()  # every method steered
         report = handle.report()
         assert set(report) == {0, 1, 2}
         assert set(report[0]) == {"act"} and len(report[0]["act"]["sinks"]) == 2

@@ -2,7 +2,8 @@
 
 Layers, bottom to top (a module may import its own layer and those below it):
 
-0. foundations: errors, compat, console, selectors, roles, sinks, recipe, archs, hub, models, methods, kernels
+0. foundations: errors, compat, console, selectors, roles, sinks, recipe, archs, hub, models, context, settings,
+   methods, kernels
 1. attention integration: attention, state
 2. the API: plan, api, the package itself (``import attnsteer``)
 3. evaluations, calibration and the demo: evals, calibrate, demo
@@ -32,6 +33,8 @@ LAYERS = {
     "archs": 0,
     "models": 0,
     "hub": 0,
+    "context": 0,
+    "settings": 0,
     "methods": 0,
     "kernels": 0,
     "attention": 1,

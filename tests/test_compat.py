@@ -289,11 +289,11 @@ def test_cpu_flash_kernel_returns_output_and_row_lse():
     returning (out (B, H, Q, D), lse (B, H, Q)) with lse the natural-log LSE of the scaled, masked
     scores. A torch release that renames or changes it must fail here (at run time the backend
     would warn and fall back to the slower chunked path)."""
-    from attnsteer.attention import flash_backend
+    from attnsteer.attention import flash_cpu
 
-    flash_backend._OP_STATE.clear()
-    op = flash_backend._flash_op()
-    assert op is not None, flash_backend._OP_STATE.get("reason")
+    flash_cpu._OP_STATE.clear()
+    op = flash_cpu._flash_op()
+    assert op is not None, flash_cpu._OP_STATE.get("reason")
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 7, 16, generator=g) for _ in range(3))
     out, lse = op(q, k, v, 0.0, True, scale=0.25)
@@ -304,7 +304,7 @@ def test_cpu_flash_kernel_returns_output_and_row_lse():
 
 
 def test_missing_cpu_flash_kernel_warns_and_falls_back(monkeypatch):
-    from attnsteer.attention import flash_backend, routing
+    from attnsteer.attention import flash_cpu
     from attnsteer.errors import AttnsteerWarning
 
     def missing():
@@ -312,15 +312,19 @@ def test_missing_cpu_flash_kernel_warns_and_falls_back(monkeypatch):
             "'_OpNamespace' 'aten' object has no attribute '_scaled_dot_product_flash_attention_for_cpu'"
         )
 
-    monkeypatch.setattr(flash_backend, "_OP_STATE", {})
-    monkeypatch.setattr(flash_backend, "_kernel", missing)
+    monkeypatch.setattr(flash_cpu, "_OP_STATE", {})
+    monkeypatch.setattr(flash_cpu, "_kernel", missing)
     with pytest.warns(AttnsteerWarning, match="chunked path"):
-        assert flash_backend._flash_op() is None
+        assert flash_cpu._flash_op() is None
     model = build_tiny("llama")
-    routing.reset_counters()
-    with attnsteer.apply(model, ACT_ALL):
+    with attnsteer.apply(model, ACT_ALL) as handle:
         model(input_ids=_ids())
-    assert routing.COUNTERS["fallback/cpu flash kernel unavailable"] > 0
+        stats = handle.stats()
+    # every layer's call fell back from the flash kernel, with the reason, and ran on the chunked path
+    for site in stats:
+        assert site["paths"] == {"chunked/prefill": 1}, site
+        reasons = [reason for reason in site["fallbacks"] if reason.startswith("flash: cpu flash kernel unavailable")]
+        assert reasons and site["fallbacks"][reasons[0]] > 0, site["fallbacks"]
 
 
 # ---- beam search and static caches -----------------------------------------------------------------

@@ -1,7 +1,11 @@
-"""docs/extending.md, followed for a toy method and a family attnsteer does not ship."""
+"""docs/extending.md, followed: toy methods, each one file's worth of code here, stating one rule
+of each kind, run on every backend that claims the kind -- reference, chunked, CPU flash, Triton
+under the interpreter (vLLM: tests/test_vllm.py) -- with no backend file touched; and a family
+attnsteer does not ship, added by one declarative entry."""
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -11,77 +15,271 @@ from conftest import TINY_TEXT, VOCAB, build_tiny
 
 import attnsteer
 from attnsteer import archs, compat
-from attnsteer.errors import AttnsteerWarning, RecipeError
+from attnsteer.attention import router
+from attnsteer.errors import AttnsteerWarning, RecipeError, SteeringError
 from attnsteer.methods import METHODS
 from attnsteer.methods.base import Method, param, register
+from attnsteer.methods.rules import GroupRule, HeadRule, KeyRule, ModelStep, ReweightRule, ScoreRule
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# ---- the toy methods: parameters, rules, nothing else ---------------------------------------------
 @dataclass(frozen=True)
-class TemperatureParams:
-    """The toy method's parameters: type (annotation), default, help and range in one place."""
+class ToyParams:
+    """The toy methods' parameter: type (annotation), default, help and range in one place."""
 
-    temperature: float = param(2.0, "divides the scores", low=0.0, low_open=True, high=100.0)
+    c: float = param(2.0, "the toy's strength (1 is the identity)", low=0.0, low_open=True, high=100.0)
 
 
-class ScoreTemperature(Method):
-    """Toy score-level method: ``s_ij <- s_ij / temperature`` on the steered heads."""
+class Temperature(ScoreRule):
+    """``s <- s / c`` on the steered heads."""
 
-    name = "toy_temperature"
-    docs = "docs/extending.md#adding-a-method"
-    citation = "attnsteer test suite"
-    default_layers = "1:"
-    has_score_step = True
-    Params = TemperatureParams
+    def modify(self, s):
+        return s / self.method.p.c
 
-    @classmethod
-    def is_identity_params(cls, params) -> bool:
-        return params["temperature"] == 1.0
 
-    def scores(self, s, q, k, ctx, qk):
-        return self.select_heads(s / self.p.temperature, s)
+class FirstTokenMass(GroupRule):
+    """Group 1: each row's first real token; a row keeps ``1 / c`` of its mass there, the rest goes
+    to the other keys in proportion."""
+
+    num_groups = 2
+
+    def group_table(self, prompt):
+        return prompt.get(self.key, "first").view(torch.int8).unsqueeze(1)  # (B, 1, P)
+
+    def factors(self, masses, prompt):
+        keep = 1.0 / self.method.p.c
+        m_rest, m_first = masses[..., :1], masses[..., 1:2]
+        steered = (m_first > 0) & (m_rest > 0)
+        return steered, torch.cat(
+            [1 + (1 - keep) * m_first / m_rest.clamp(min=1e-30), torch.full_like(m_rest, keep)], -1
+        )
+
+
+class HalfHeadZero(HeadRule):
+    """Head 0's output divided by ``c`` at every position."""
+
+    def apply(self, out, call, prompt):
+        scale = torch.ones(out.shape[2], dtype=out.dtype, device=out.device)
+        scale[0] = 1.0 / self.method.p.c
+        return out * scale.view(1, 1, -1, 1), out.shape[0] * out.shape[1]
+
+
+class FirstKeyScale(KeyRule):
+    """The first prompt token's keys multiplied by ``c`` before RoPE."""
+
+    def edit(self, keys, positions, prompt):
+        first = (positions == 0).view(1, -1, 1, 1).to(keys.dtype)  # (1, T, 1, 1)
+        return keys * (1 + (self.method.p.c - 1) * first), int(first.sum()) * keys.shape[0]
+
+
+class LogitTemperature(ModelStep):
+    """The next-token logits divided by ``c`` after every forward."""
+
+    def after_model(self, state, model, bound, output, is_prefill):
+        output.logits = output.logits / self.method.p.c
+
+
+def toy(name: str, rules, **facts):
+    """A registered method class stating ``rules`` (rule classes, or callables method -> rule)."""
+
+    class Toy(Method):
+        docs = "docs/extending.md#adding-a-method"
+        citation = "attnsteer test suite"
+        default_layers = "1:"
+        Params = ToyParams
+
+        @classmethod
+        def is_identity_params(cls, params) -> bool:
+            return params["c"] == 1.0
+
+        def build_rules(self):
+            return [rule(self) for rule in rules]
+
+    Toy.name = name
+    for key, value in facts.items():
+        setattr(Toy, key, value)
+    return Toy
+
+
+def _first_tokens(self, hidden, valid, prompt):
+    """toy_group's prerequisite, at prefill: each row's first real token (bool (B, P)), kept in the
+    prompt's state (where its groups come from)."""
+    first = torch.zeros_like(valid)
+    first[torch.arange(valid.shape[0]), valid.int().argmax(-1)] = True
+    prompt.put(self.key, "first", first & valid)
+
+
+TOYS = {
+    "toy_score": toy("toy_score", [Temperature]),
+    "toy_group": toy("toy_group", [FirstTokenMass], reads_layer_input=True, observe_layer_input=_first_tokens),
+    "toy_reweight": toy("toy_reweight", [lambda m: ReweightRule(m, m.p.c, 0.0, 0)]),
+    "toy_head": toy("toy_head", [HalfHeadZero]),
+    "toy_key": toy("toy_key", [FirstKeyScale]),
+    "toy_logits": toy("toy_logits", [LogitTemperature]),
+}
 
 
 @pytest.fixture
-def toy_method():
-    register(ScoreTemperature)  # the "one registry line"
-    yield ScoreTemperature
-    METHODS.pop(ScoreTemperature.name)
+def toys():
+    for cls in TOYS.values():
+        register(cls)  # the "one registry line"
+    yield TOYS
+    for name in TOYS:
+        METHODS.pop(name)
 
 
 def _ids(batch=2, length=9):
     return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
 
 
-def test_a_toy_method_added_by_the_documented_route(toy_method):
-    model = build_tiny("llama")
+def _inputs():
     ids = _ids()
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    recipe = {
-        "interventions": [{"method": "toy_temperature", "heads": {1: [0, 2], 3: [1]}, "params": {"temperature": 3.0}}]
-    }
-    with pytest.raises(RecipeError, match=r"params\.temperature"):
-        attnsteer.load_recipe({"interventions": [{"method": "toy_temperature", "params": {"temperature": 0}}]})
+    return ids, mask
+
+
+def _logits(model, recipe, backend, ids, mask):
+    with torch.no_grad(), attnsteer.apply(model, recipe, backend=backend) as handle:
+        out = model(input_ids=ids, attention_mask=mask).logits
+        stats = handle.stats()
+    return out, stats
+
+
+# which backends claim each attention kind (the capability tables, read, not restated)
+def _claims(kind: str) -> list[str]:
+    names = [n for n in router.BACKENDS if kind in router.backend(n).CAPABILITY.kinds]
+    if not INTERPRETER:
+        names = [n for n in names if n != "triton"]
+    return names
+
+
+@pytest.mark.parametrize("name, kind", [("toy_score", "score"), ("toy_group", "group"), ("toy_reweight", "reweight")])
+def test_an_attention_rule_of_each_kind_runs_on_every_backend_that_claims_it(toys, name, kind, monkeypatch):
+    if INTERPRETER:
+        monkeypatch.setenv("ATTNSTEER_TRITON", "1")
+    model = build_tiny("llama")
+    ids, mask = _inputs()
+    valid = mask.bool()
+    recipe = {"interventions": [{"method": name, "heads": {1: [0, 2], 3: [1, 2, 3]}, "params": {"c": 3.0}}]}
     with torch.no_grad():
         base = model(input_ids=ids, attention_mask=mask).logits
-        out = {}
-        for backend in ("reference", "fused"):
-            with attnsteer.apply(model, recipe, backend=backend) as handle:
-                out[backend] = model(input_ids=ids, attention_mask=mask).logits
-                assert {s["layer"] for s in handle.stats() if s["fired"]} == {1, 3}
+    ref, _ = _logits(model, recipe, "reference", ids, mask)
+    assert (ref - base)[valid].abs().max() > 1e-3  # the toy steers: the comparisons below are not vacuous
+    backends = _claims(kind)
+    assert {"reference", "chunked"} <= set(backends) and ("flash" in backends) == (kind != "score")
+    for backend in backends:
+        out, stats = _logits(model, recipe, backend, ids, mask)
+        torch.testing.assert_close(out[valid], ref[valid], atol=2e-5, rtol=2e-5, msg=lambda m, b=backend: f"{b}: {m}")
+        assert {s["layer"] for s in stats if s["fired"]} == {1, 3}
+        assert all(set(s["paths"]) == {f"{backend}/prefill"} for s in stats), stats
+    with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base)  # removed exactly
+    for backend in set(router.BACKENDS) - set(backends) - {"triton"}:  # forced on a backend without the kind
+        with pytest.raises(SteeringError, match=f"backend='{backend}' cannot run layer 1's prefill call: {kind} rule"):
+            _logits(model, recipe, backend, ids, mask)
+
+
+def test_a_head_rule_runs_after_any_backend(toys):
+    model = build_tiny("llama")
+    ids, mask = _inputs()
     valid = mask.bool()
-    torch.testing.assert_close(out["fused"][valid], out["reference"][valid], atol=2e-5, rtol=2e-5)
-    assert (out["fused"] - base)[valid].abs().max() > 1e-3
-    # KV-cache generation == recomputing every step (a score-level rule has no prompt state)
-    with attnsteer.apply(model, recipe):
-        cached = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
-        recomputed = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False)
-    assert torch.equal(cached, recomputed)
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    only_heads = {"interventions": [{"method": "toy_head", "layers": [1], "params": {"c": 4.0}}]}
+    out, stats = _logits(model, only_heads, "auto", ids, mask)
+    assert (out - base)[valid].abs().max() > 1e-3 and stats[0]["paths"] == {}  # the model's own attention
+    # with a weight rule on the same layer the head rule scales that backend's output
+    both = {
+        "interventions": [
+            {"method": "toy_reweight", "layers": [1], "params": {"c": 2.0}},
+            {"method": "toy_head", "layers": [1], "params": {"c": 4.0}},
+        ]
+    }
+    ref, _ = _logits(model, both, "reference", ids, mask)
+    for backend in ("chunked", "flash"):
+        got, stats = _logits(model, both, backend, ids, mask)
+        torch.testing.assert_close(got[valid], ref[valid], atol=2e-5, rtol=2e-5)
+        assert all(s["fired"] for s in stats)
+
+
+def test_a_key_rule_equals_the_score_scaling_it_implies(toys):
+    """Scaling the first token's keys by c before RoPE (a rotation: linear) multiplies every score
+    on that key by c -- in the prefill and, the edited key living in the cache, in decode steps."""
+    model = build_tiny("llama")
+    ids = _ids(1, 9)
+
+    class KeyZeroScores(ScoreRule):
+        def inputs(self, rows, prompt):
+            return {"first": (rows.key_abs == 0).view(1, 1, 1, -1)}
+
+        def modify(self, s, first):
+            return torch.where(first, s * self.method.p.c, s)
+
+    register(toy("toy_key_scores", [KeyZeroScores]))
+    try:
+        out = {}
+        for name in ("toy_key", "toy_key_scores"):
+            recipe = {"interventions": [{"method": name, "layers": [1, 2], "params": {"c": 2.5}}]}
+            with torch.no_grad(), attnsteer.apply(model, recipe, backend="auto") as handle:
+                first = model(input_ids=ids, use_cache=True)
+                step = model(
+                    input_ids=ids[:, -1:], use_cache=True, **compat.with_cache(model, compat.output_cache(first))
+                )
+                out[name] = (first.logits, step.logits)
+                assert all(s["fired"] for s in handle.stats())
+    finally:
+        METHODS.pop("toy_key_scores")
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    assert (out["toy_key"][0] - base).abs().max() > 1e-3
+    for got, want in zip(out["toy_key"], out["toy_key_scores"]):
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+
+
+def test_a_model_step_runs_under_generate(toys):
+    model = build_tiny("llama")
+    ids = _ids(1, 9)
+    recipe = {"interventions": [{"method": "toy_logits", "layers": [1], "params": {"c": 2.0}}]}
+    kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        base = model.generate(ids, **kwargs)
+        with attnsteer.apply(model, recipe):
+            steered = model.generate(ids, **kwargs)
+    assert torch.equal(base.sequences, steered.sequences)  # a temperature keeps the greedy choice
+    for b, s in zip(base.logits, steered.logits):
+        torch.testing.assert_close(s, b / 2.0)
+
+
+def test_a_toy_method_is_validated_and_identity_skipped(toys):
+    with pytest.raises(RecipeError, match=r"params\.c"):
+        attnsteer.load_recipe({"interventions": [{"method": "toy_score", "params": {"c": 0}}]})
+    model = build_tiny("llama")
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always", AttnsteerWarning)
-        plan = attnsteer.plan(model, {"interventions": [{"method": "toy_temperature", "params": {"temperature": 1.0}}]})
+        plan = attnsteer.plan(model, {"interventions": [{"method": "toy_score", "params": {"c": 1.0}}]})
     assert plan.layers == {} and any("identity" in str(w.message) for w in record)
+
+
+def test_no_backend_names_a_method():
+    """The backends implement rule kinds: no method name, and no branch on one, appears in them."""
+    root = os.path.join(os.path.dirname(attnsteer.__file__))
+    names = sorted(METHODS)
+    found = []
+    for folder in ("attention", "kernels", "vllm"):
+        for file in sorted(os.listdir(os.path.join(root, folder))):
+            if not file.endswith(".py"):
+                continue
+            text = open(os.path.join(root, folder, file), encoding="utf-8").read()
+            for name in names:
+                for quoted in (f'"{name}"', f"'{name}'", f".name == {name!r}"):
+                    if quoted in text:
+                        found.append(f"{folder}/{file}: {quoted}")
+            if ".name ==" in text or ".name !=" in text:
+                found.append(f"{folder}/{file}: a branch on a method's name")
+    assert not found, found
 
 
 def test_a_family_added_by_one_declarative_entry(monkeypatch):
@@ -97,7 +295,7 @@ def test_a_family_added_by_one_declarative_entry(monkeypatch):
     with torch.no_grad():
         base = model(input_ids=ids).logits
         out = {}
-        for backend in ("reference", "fused"):
+        for backend in ("reference", "auto"):
             with attnsteer.apply(model, recipe, backend=backend):
                 out[backend] = model(input_ids=ids).logits
         assert torch.equal(model(input_ids=ids).logits, base)
@@ -105,6 +303,6 @@ def test_a_family_added_by_one_declarative_entry(monkeypatch):
             first = model(input_ids=ids, use_cache=True)
             step = model(input_ids=ids[:, -1:], use_cache=True, **compat.with_cache(model, compat.output_cache(first)))
             full = model(input_ids=torch.cat([ids, ids[:, -1:]], 1)).logits[:, -1]
-    torch.testing.assert_close(out["fused"], out["reference"], atol=2e-5, rtol=2e-5)
-    assert (out["fused"] - base).abs().max() > 1e-4
+    torch.testing.assert_close(out["auto"], out["reference"], atol=2e-5, rtol=2e-5)
+    assert (out["auto"] - base).abs().max() > 1e-4
     torch.testing.assert_close(step.logits[:, -1], full, atol=2e-5, rtol=2e-5)

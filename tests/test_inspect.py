@@ -16,7 +16,7 @@ from test_eval_helpers import IMAGE_IDS, coco_name, tiny_llava_dir, write_images
 
 import attnsteer
 from attnsteer import compat
-from attnsteer.attention import dispatch
+from attnsteer.attention import dispatch, reference
 from attnsteer.attention.observe import LastRows, last_row_weights, observe
 from attnsteer.cli import main
 from attnsteer.evals.pictures import NAN_COLOUR, colormap
@@ -166,14 +166,14 @@ def test_last_row_weights_function_matches_the_recorder():
 def _reference_rows(monkeypatch) -> list:
     """Capture the last row of every map the reference backend returns (steered layers, in call order)."""
     captured = []
-    reference = dispatch.BACKENDS["reference"]
+    attend = reference.attend
 
     def capture(*args, **kwargs):
-        out, weights = reference(*args, **kwargs)
+        out, weights = attend(*args, **kwargs)
         captured.append(weights[:, :, -1].float().clone())
         return out, weights
 
-    monkeypatch.setitem(dispatch.BACKENDS, "reference", capture)
+    monkeypatch.setattr(reference, "attend", capture)
     return captured
 
 

@@ -1,4 +1,4 @@
-"""The Triton kernels and the Triton ``fused`` backend against float32 eager references.
+"""The Triton kernels and the ``triton`` backend against float32 eager references.
 
 Without CUDA the kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set here, at
 import, before anything defines the kernels (``attnsteer.kernels`` defines them on the first
@@ -11,6 +11,7 @@ dtype, both against a float32 reference).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -24,18 +25,15 @@ import pytest  # noqa: E402
 pytest.importorskip("triton")
 
 import vlm_fixtures as F  # noqa: E402
-from attention_cases import METHODS, PHASES, Stats, padded_mask, params, plans  # noqa: E402
+from attention_cases import METHODS, PHASES, Stats, attend, case, padded_mask, params  # noqa: E402
 from attention_cases import inputs as _inputs  # noqa: E402
 from conftest import build_tiny  # noqa: E402
 
 import attnsteer  # noqa: E402
 from attnsteer import kernels as K  # noqa: E402
-from attnsteer.attention import dispatch, routing, structure  # noqa: E402
-from attnsteer.attention import triton_backend as tb  # noqa: E402
-from attnsteer.attention.flash_backend import flash_attention  # noqa: E402
-from attnsteer.attention.fused import fused_attention  # noqa: E402
-from attnsteer.attention.reference import reference_attention  # noqa: E402
-from attnsteer.attention.rows import ForwardInfo, MaskView  # noqa: E402
+from attnsteer.attention import router, structure  # noqa: E402
+from attnsteer.attention.geometry import ForwardInfo, MaskView  # noqa: E402
+from attnsteer.context import PromptState  # noqa: E402
 from attnsteer.methods.act import ACT  # noqa: E402
 from attnsteer.methods.softplus import SoftplusReweight  # noqa: E402
 from attnsteer.plan import LayerPlan  # noqa: E402
@@ -134,9 +132,11 @@ def _close(actual, expected, atol=2e-6, rtol=1e-5):
 def test_import_needs_no_triton_and_calls_say_how_to_install():
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import attnsteer.kernels as K, attnsteer.attention.dispatch as dispatch, torch\n"
+        "import attnsteer.kernels as K, torch\n"
+        "from attnsteer.attention import router, triton\n"
         "assert not K.available()\n"
-        "assert dispatch.select_fused_backend(torch.zeros(1)).__name__ == 'flash_attention'\n"
+        "assert router.BackendConfig(triton='interpret').candidates('cpu') == ('triton', 'flash', 'chunked')\n"
+        "assert 'not installed' in triton.unavailable(router.BackendConfig(triton='interpret'), None)\n"
         "try:\n"
         "    K.row_stats(torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 1, 16), K.MaskSpec(0), 1.0)\n"
         "except K.TritonUnavailableError as e:\n"
@@ -224,8 +224,8 @@ def test_softplus_reweighted_attention(name):
     lse, _, rowmax = K.row_stats(q, k, spec, 0.3, with_max=True)
     # p = 2.5: multiplications + sqrt; 2.3: exp2/log2; offset 1e6: nothing survives -> unchanged rows
     for p, offset in ((2.5, 1.0), (2.3, 0.5), (1.5, 1e6)):
-        args = K.SoftplusArgs(p=p, offset=offset, steer=steer, rel0=rel0, lse=lse, rowmax=rowmax)
-        out, modified = K.attention(q, k, v, spec, 0.3, softplus=args)
+        args = K.ReweightArgs(power=p, offset=offset, free_rows=3, steer=steer, rel0=rel0, lse=lse, rowmax=rowmax)
+        out, modified = K.attention(q, k, v, spec, 0.3, reweight=args)
         ref, rows = _softplus_ref(a, vis, rel, p, offset, steer)
         _close(out, _ref_out(ref, v, hq), atol=3e-6)
         assert torch.equal(modified.bool(), rows)
@@ -242,70 +242,43 @@ DECODE_CASES = {
 }
 
 
-def _var_ref(a, g, p, rho, min_image, rows_gate):
-    """docs/methods.md#var on float32 weights a (B, H, 1, K) with VAR groups g (B, H, 1, K): 0 other,
-    1 text sink, 2 image sink, 3 visual non-sink; rows_gate bool broadcasting to (B, H, 1, 1)."""
-    sinks, image, visual = (g == 1) | (g == 2), (g == 2) | (g == 3), g == 3
-    m_img, m_sink, m_vis = ((a * grp).sum(-1, keepdim=True) for grp in (image, sinks, visual))
-    rows = rows_gate & (m_img >= min_image) & (m_vis >= rho * m_img) & (m_sink > 0) & (m_vis > 0)
-    new = torch.where(sinks, (1 - p) * a, torch.where(visual, a + p * m_sink * a / m_vis.clamp(min=1e-30), a))
-    return torch.where(rows, new, a), rows
-
-
-@pytest.mark.parametrize("rule", ["none", "act", "softplus", "var"])
+@pytest.mark.parametrize("kind", ["plain", "groups", "reweight"])
 @pytest.mark.parametrize("name", list(DECODE_CASES))
-def test_decode(name, rule):
+def test_decode(name, kind):
     c = DECODE_CASES[name]
     b, hq, k_len = c["b"], c["hq"], c["k_len"]
     q, k, v = _inputs(b, hq, c["hkv"], 1, k_len, c["d"], seed=5)
     spec = _spec(b, 1, k_len, c["kv_start"], c["window"], q_offset=c.get("q_offset"))
     _, a, vis = _ref_probs(q, k, spec, 0.3)
+    vv = v.float().repeat_interleave(hq // v.shape[1], dim=1)
+    if kind == "plain":
+        out, extra = K.decode(q, k, v, spec, 0.3, num_splits=c["splits"])
+        assert extra is None
+        _close(out, _ref_out(a, v, hq), atol=3e-6)
+        return
+    if kind == "groups":
+        # per query head (ACT-like) and shared by the heads (VAR-like); the last 4 keys: generated (group 0)
+        for heads, g_count, seed in ((hq, 2, 6), (1, 4, 7)):
+            gid = _group_ids(b, heads, k_len - 4, g_count, seed=seed)
+            out, (masses, outputs) = K.decode(q, k, v, spec, 0.3, groups=K.Groups(gid, g_count), num_splits=c["splits"])
+            _close(out, _ref_out(a, v, hq), atol=3e-6)  # the plain output, for rows the rule leaves alone
+            g = _gather_groups(gid, 0, k_len, hq)  # (B, H, 1, K)
+            for x in range(g_count):
+                in_group = a * (g == x)
+                mass = in_group.sum(-1)  # (B, H, 1)
+                _close(masses[..., x], mass[..., 0])
+                ref_o = (in_group @ vv) / mass.clamp(min=1e-30)[..., None]
+                has = mass[..., 0] > 0
+                _close(outputs[:, :, x][has], ref_o[:, :, 0][has], atol=3e-6)
+                assert outputs[:, :, x][~has].abs().max() == 0 if bool((~has).any()) else True
+        return
     steer = torch.ones(hq, dtype=torch.int8, device=DEVICE)
     steer[1] = 0
-    rel0 = torch.tensor([5, 0, 2][:b], dtype=torch.int32, device=DEVICE)  # row 1 is its sequence's first
-    if rule == "none":
-        out, modified = K.decode(q, k, v, spec, 0.3, num_splits=c["splits"])
-        ref = a
-        assert modified is None
-    elif rule == "act":
-        gid = _group_ids(b, hq, k_len - 4, 2, seed=6)  # the last 4 keys: generated, never sinks
-        out, modified = K.decode(
-            q,
-            k,
-            v,
-            spec,
-            0.3,
-            groups=K.Groups(gid, 2),
-            rule="act",
-            beta=0.3,
-            steer=steer,
-            rel0=rel0,
-            num_splits=c["splits"],
-        )
-        g = _gather_groups(gid, 0, k_len, hq)
-        m_sink = (a * (g == 1)).sum(-1, keepdim=True)
-        m_other = (a * (g == 0)).sum(-1, keepdim=True)
-        rows = (m_sink > 0) & (m_other > 0) & steer.bool().view(1, -1, 1, 1) & (rel0.view(-1, 1, 1, 1) >= 1)
-        calibrated = torch.where(g == 1, 0.3 * a, a + 0.7 * m_sink * a / m_other.clamp(min=1e-30))
-        ref = torch.where(rows, calibrated, a)
-        assert torch.equal(modified.bool(), rows[..., 0, 0])
-    elif rule == "var":
-        gid = _group_ids(b, 1, k_len - 4, 4, seed=6)  # shared by the heads; the last 4 keys: generated
-        gate = torch.tensor([1, 0, 1][:b], dtype=torch.int32, device=DEVICE)
-        args = K.VarArgs(p=0.6, rho=0.1, min_image=0.2, gate=gate)
-        out, modified = K.decode(
-            q, k, v, spec, 0.3, groups=K.Groups(gid, 4), rule="var", var=args, steer=steer, num_splits=c["splits"]
-        )
-        rows_gate = gate.bool().view(-1, 1, 1, 1) & steer.bool().view(1, -1, 1, 1)
-        ref, rows = _var_ref(a, _gather_groups(gid, 0, k_len, hq), 0.6, 0.1, 0.2, rows_gate)
-        assert torch.equal(modified.bool(), rows[..., 0, 0])
-        if name != "static-cache-d64":  # a mix of steered and untouched rows
-            assert 0 < int(rows.sum()) < rows.numel()
-    else:
-        args = K.SoftplusArgs(p=3.0, offset=1.0, steer=steer, rel0=rel0)
-        out, modified = K.decode(q, k, v, spec, 0.3, rule="softplus", softplus=args, num_splits=c["splits"])
-        ref, rows = _softplus_ref(a, vis, rel0.view(-1, 1, 1, 1).long(), 3.0, 1.0, steer)
-        assert torch.equal(modified.bool(), rows[..., 0])
+    rel0 = torch.tensor([5, 0, 2][:b], dtype=torch.int32, device=DEVICE)  # row 1 sits in a free row
+    args = K.ReweightArgs(power=3.0, offset=1.0, free_rows=3, steer=steer, rel0=rel0)
+    out, modified = K.decode(q, k, v, spec, 0.3, reweight=args, num_splits=c["splits"])
+    ref, rows = _softplus_ref(a, vis, rel0.view(-1, 1, 1, 1).long(), 3.0, 1.0, steer)
+    assert torch.equal(modified.bool(), rows[..., 0])
     _close(out, _ref_out(ref, v, hq), atol=3e-6)
 
 
@@ -344,7 +317,7 @@ def test_low_precision_small(dtype):
     _fa_rule(dec, naive[:, -1:], oracle[:, -1:])
 
 
-# ---- the backend: triton_attention vs reference_attention ---------------------------------------
+# ---- the backend: triton vs reference ------------------------------------------------------------
 @pytest.mark.parametrize("phase", list(PHASES))
 @pytest.mark.parametrize("name", list(METHODS))
 def test_triton_attention_matches_reference(name, phase):
@@ -354,28 +327,26 @@ def test_triton_attention_matches_reference(name, phase):
     pads = (0, 5)
     mask = MaskView(padded_mask(2, q_len, k_len, pads), q_len, k_len)
     info = ForwardInfo(q_len, past, k_len, torch.tensor(pads, device=DEVICE))
-    plan_ref, plan_tri = plans(name, k_len, past)
+    plan, prompt = case(name, k_len, past)
     stats_ref, stats_tri = Stats(), Stats()
-    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, stats_ref)
-    routing.reset_counters()
-    out, weights = triton_attention_checked(plan_tri, q, k, v, mask, 0.35, info, stats_tri)
-    assert weights is None
+    prompt_ref, prompt_tri = prompt(), prompt()
+    ref = attend("reference", plan, q, k, v, mask, info, prompt_ref, stats_ref, scaling=0.35)
+    out = attend("triton", plan, q, k, v, mask, info, prompt_tri, stats_tri, scaling=0.35)
+    assert stats_tri.paths == {f"triton/{phase}": 1} and not stats_tri.fallbacks, stats_tri.fallbacks
     valid = torch.tensor([[True] * q_len, [r + past >= 5 for r in range(q_len)]], device=DEVICE)
     _close(out[valid], ref[valid], atol=3e-6)
     assert torch.isfinite(out).all()
     assert list(stats_tri.rows.values()) == list(stats_ref.rows.values())
-    if name.startswith("var"):  # rows after the image are steered
-        assert sum(stats_tri.rows.values()) > 0
-        assert tb.COUNTERS[f"triton/var/{phase}"] == 1
+    assert sum(stats_tri.rows.values()) > 0  # the comparison is not vacuous: rows are steered
     if name.startswith("act") and phase == "prefill":  # same sinks detected from the column pass
-        assert torch.equal(plan_ref.methods[0].prompt_state["sinks"], plan_tri.methods[0].prompt_state["sinks"])
+        key = plan.methods[0].key
+        assert torch.equal(prompt_ref.get(key, "sinks"), prompt_tri.get(key, "sinks"))
 
 
-def triton_attention_checked(*args):
-    out = tb.triton_attention(*args)
-    fallbacks = {k: n for k, n in tb.COUNTERS.items() if k.startswith("fallback/")}
-    assert not fallbacks, fallbacks
-    return out
+def _one_plan(*methods):
+    plan = LayerPlan(0)
+    plan.methods.extend(methods)
+    return plan
 
 
 def test_sliding_window_mask_is_recognised():
@@ -383,10 +354,9 @@ def test_sliding_window_mask_is_recognised():
     q, k, v = _inputs(2, 6, 2, q_len, k_len, 16, seed=9)
     mask = MaskView(padded_mask(2, q_len, k_len, (0, 3), window=4), q_len, k_len)
     info = ForwardInfo(q_len, 0, k_len, torch.tensor([0, 3], device=DEVICE))
-    plan_ref, plan_tri = plans("softplus", k_len, 0)
-    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, Stats())
-    routing.reset_counters()
-    out, _ = triton_attention_checked(plan_tri, q, k, v, mask, 0.35, info, Stats())
+    plan, prompt = case("softplus", k_len, 0)
+    ref = attend("reference", plan, q, k, v, mask, info, prompt(), scaling=0.35)
+    out = attend("triton", plan, q, k, v, mask, info, prompt(), scaling=0.35)
     valid = torch.tensor([[True] * q_len, [r >= 3 for r in range(q_len)]], device=DEVICE)
     _close(out[valid], ref[valid], atol=3e-6)
     struct = structure.mask_structure(mask, info, 2, q_len, k_len, q.device)
@@ -401,58 +371,83 @@ def test_additive_float_mask_is_recognised():
     low = torch.tensor(torch.finfo(torch.float32).min, device=DEVICE)
     mask = MaskView(torch.where(raw, torch.zeros((), device=DEVICE), low), q_len, k_len)
     info = ForwardInfo(q_len, 0, k_len, torch.tensor([0, 4], device=DEVICE))
-    plan_ref, plan_tri = plans("act", k_len, 0)
-    ref, _ = reference_attention(plan_ref, q, k, v, mask, 0.35, info, Stats())
-    routing.reset_counters()
-    out, _ = triton_attention_checked(plan_tri, q, k, v, mask, 0.35, info, Stats())
+    plan, prompt = case("act", k_len, 0)
+    ref = attend("reference", plan, q, k, v, mask, info, prompt(), scaling=0.35)
+    out = attend("triton", plan, q, k, v, mask, info, prompt(), scaling=0.35)
     valid = torch.tensor([[True] * q_len, [r >= 4 for r in range(q_len)]], device=DEVICE)
     _close(out[valid], ref[valid], atol=3e-6)
 
 
-@pytest.mark.parametrize("case", ["holes-in-mask", "lssa", "two-weight-steps", "float-mask-with-bias"])
-def test_unsupported_inputs_fall_back_to_pytorch(case):
+@pytest.mark.parametrize(
+    "case_name, reason",
+    [
+        ("holes-in-mask", "not causal + left padding"),
+        ("lssa", "score rule"),
+        ("two-weight-steps", "2 weight rules"),
+        ("float-mask-with-bias", "not causal + left padding"),
+    ],
+)
+def test_unsupported_inputs_fall_back_to_pytorch(case_name, reason):
     q_len = k_len = 10
     q, k, v = _inputs(2, 6, 2, q_len, k_len, 16, seed=10)
     raw = padded_mask(2, q_len, k_len, (0, 2))
-    make = [lambda: SoftplusReweight(params(SoftplusReweight, p=2.0), 0, None)]
-    if case == "holes-in-mask":
+    methods = [SoftplusReweight(params(SoftplusReweight, p=2.0), 0, None)]
+    if case_name == "holes-in-mask":
         raw[:, :, 6:, 4] = False  # not causal + left padding: e.g. a packed or custom mask
-    elif case == "lssa":
-        make = [lambda: SoftplusReweight(params(SoftplusReweight, p=2.0, scoring="lssa"), 0, None)]
-    elif case == "two-weight-steps":
-        make.append(lambda: ACT(params(ACT, threshold=0.05), 0, None))
-    if case == "float-mask-with-bias":
+    elif case_name == "lssa":
+        methods = [SoftplusReweight(params(SoftplusReweight, p=2.0, scoring="lssa"), 0, None)]
+    elif case_name == "two-weight-steps":
+        methods.append(ACT(params(ACT, threshold=0.05), 0, None))
+    if case_name == "float-mask-with-bias":
         low = torch.tensor(torch.finfo(torch.float32).min, device=DEVICE)
         raw = torch.where(raw, torch.zeros((), device=DEVICE), low)
         raw[..., 0] += 0.5  # a real additive bias on key 0: not a pure visibility mask
     mask = MaskView(raw, q_len, k_len)
     info = ForwardInfo(q_len, 0, k_len, torch.tensor([0, 2], device=DEVICE))
-
-    def plan():
-        p = LayerPlan(0)
-        p.methods.extend(m() for m in make)
-        return p
-
-    routing.reset_counters()
-    expected, _ = fused_attention(plan(), q, k, v, mask, 0.35, info, Stats())
-    out, _ = tb.triton_attention(plan(), q, k, v, mask, 0.35, info, Stats())
+    plan = _one_plan(*methods)
+    expected = attend("chunked", plan, q, k, v, mask, info, PromptState(), scaling=0.35)
+    stats = Stats()
+    out = attend("auto", plan, q, k, v, mask, info, PromptState(), stats, scaling=0.35, triton="interpret")
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
-    assert any(key.startswith("fallback/") for key in tb.COUNTERS), dict(tb.COUNTERS)
-    assert not any(key.startswith("triton/") for key in tb.COUNTERS)
+    assert stats.paths == {"chunked/prefill": 1}, stats.paths
+    assert any(key.startswith("triton: ") and reason in key for key in stats.fallbacks), stats.fallbacks
+    with pytest.raises(
+        attnsteer.SteeringError, match=f"backend='triton' cannot run layer 0's prefill call: .*{re.escape(reason)}"
+    ):
+        attend("triton", plan, q, k, v, mask, info, PromptState(), scaling=0.35)
 
 
-def test_select_fused_backend(monkeypatch):
-    x = torch.zeros(1, device="cpu")
-    monkeypatch.setenv("ATTNSTEER_TRITON", "0")
-    assert dispatch.select_fused_backend(x) is flash_attention
-    monkeypatch.setenv("ATTNSTEER_TRITON", "1")
-    expected = tb.triton_attention if INTERPRETED else flash_attention
-    assert dispatch.select_fused_backend(x) is expected
-    monkeypatch.delenv("ATTNSTEER_TRITON")
-    assert dispatch.select_fused_backend(x) is flash_attention  # CPU: PyTorch's flash kernel unless asked
+def test_backend_candidates_follow_the_settings(monkeypatch):
+    """ATTNSTEER_TRITON (read once per handle, at apply): 0 never uses the kernels, 1 also on CPU
+    tensors under the interpreter, unset on CUDA tensors only."""
+    for value, cpu, cuda in (
+        ("0", ("flash", "chunked"), ("chunked",)),
+        ("1", ("triton", "flash", "chunked"), ("triton", "chunked")),
+        (None, ("flash", "chunked"), ("triton", "chunked")),
+    ):
+        if value is None:
+            monkeypatch.delenv("ATTNSTEER_TRITON", raising=False)
+        else:
+            monkeypatch.setenv("ATTNSTEER_TRITON", value)
+        config = router.BackendConfig.from_settings("auto")
+        assert (config.candidates("cpu"), config.candidates("cuda")) == (cpu, cuda), value
+    assert router.BackendConfig.from_settings("flash").candidates("cuda") == ("flash",)
 
 
-# ---- whole models: the Triton backend == the PyTorch fused backend ------------------------------
+# ---- whole models: the triton backend == the chunked backend -------------------------------------
+def _generate_on(backend, model, recipe, inputs, **kwargs):
+    """(generate output, rows changed per site, paths and fallbacks of every site) on ``backend``."""
+    with attnsteer.apply(model, recipe, backend=backend) as handle, torch.no_grad():
+        out = model.generate(**inputs, **kwargs)
+        stats = handle.stats()
+    paths, fallbacks = {}, {}
+    for site in {s["layer"]: s for s in stats}.values():
+        for key, n in site["paths"].items():
+            paths[key] = paths.get(key, 0) + n
+        fallbacks.update(site["fallbacks"])
+    return out, [s["rows_modified"] for s in stats], paths, fallbacks
+
+
 @pytest.mark.parametrize(
     "family,recipe",
     [
@@ -465,31 +460,18 @@ def test_select_fused_backend(monkeypatch):
 def test_models_generate_like_the_pytorch_backend(family, recipe, monkeypatch):
     """Left-padded batch, GQA, generate with the KV cache; mistral's sliding window (6) is shorter
     than the prompt, so its masks exercise the window path."""
+    monkeypatch.setenv("ATTNSTEER_TRITON", "1")  # the kernels on CPU tensors under the interpreter
     model = build_tiny(family).to(DEVICE)
     ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(3)).to(DEVICE)
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :4] = 0
-    results = {}
-    for backend in ("pytorch", "triton"):
-        # both ways dispatch may route the fused backend: its BACKENDS entry, or select_fused_backend
-        impl = tb.triton_attention if backend == "triton" else fused_attention
-        monkeypatch.setitem(dispatch.BACKENDS, "fused", impl)
-        monkeypatch.setenv("ATTNSTEER_TRITON", "1" if backend == "triton" else "0")
-        routing.reset_counters()
-        with attnsteer.apply(model, recipe) as handle, torch.no_grad():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=attention_mask,
-                max_new_tokens=3,
-                do_sample=False,
-                output_logits=True,
-                return_dict_in_generate=True,
-                pad_token_id=0,
-            )
-            results[backend] = (out, [s["rows_modified"] for s in handle.stats()], dict(tb.COUNTERS))
-    (ref, ref_rows, _), (tri, tri_rows, counters) = results["pytorch"], results["triton"]
-    assert not any(key.startswith("fallback/") for key in counters), counters
-    assert any(key.endswith("/decode") for key in counters) and any(key.endswith("/prefill") for key in counters)
+    inputs = dict(input_ids=ids, attention_mask=attention_mask)
+    kwargs = dict(max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    ref, ref_rows, _, _ = _generate_on("chunked", model, recipe, inputs, **kwargs)
+    tri, tri_rows, paths, fallbacks = _generate_on("triton", model, recipe, inputs, **kwargs)
+    assert not fallbacks, fallbacks
+    assert any(key.endswith("/decode") for key in paths) and any(key.endswith("/prefill") for key in paths), paths
+    assert all(key.startswith("triton/") for key in paths), paths
     assert torch.equal(ref.sequences, tri.sequences)
     for a, b in zip(ref.logits, tri.logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -499,8 +481,9 @@ def test_models_generate_like_the_pytorch_backend(family, recipe, monkeypatch):
 @pytest.mark.parametrize("family,variant", [("llava", "paper"), ("qwen2_vl", "released")])
 def test_vlm_var_generates_like_the_pytorch_backend(family, variant, monkeypatch):
     """VAR on a tiny VLM: left-padded batch with 2 / 0 / 1 images, generate with the KV cache --
-    prefill (4 key groups, the row gate after the last image) and split-K decode with the rule
-    at the merge give the PyTorch fused backend's tokens, logits and steered-row counts."""
+    prefill (4 key groups, the row gate after the last image) and split-K decode whose group masses
+    and outputs VAR's rule combines give the chunked backend's tokens, logits and steered-row counts."""
+    monkeypatch.setenv("ATTNSTEER_TRITON", "1")
     model = F.build_vlm(family).to(DEVICE)
     inputs = {
         k: v.to(DEVICE) if torch.is_tensor(v) else v
@@ -529,17 +512,10 @@ def test_vlm_var_generates_like_the_pytorch_backend(family, variant, monkeypatch
         return_dict_in_generate=True,
         suppress_tokens=[128, 129, 130, 131],
     )
-    results = {}
-    for backend in ("pytorch", "triton"):
-        monkeypatch.setitem(dispatch.BACKENDS, "fused", tb.triton_attention if backend == "triton" else fused_attention)
-        monkeypatch.setenv("ATTNSTEER_TRITON", "1" if backend == "triton" else "0")
-        routing.reset_counters()
-        with attnsteer.apply(model, recipe) as handle, torch.no_grad():
-            out = model.generate(**inputs, **kwargs)
-            results[backend] = (out, [s["rows_modified"] for s in handle.stats()], dict(tb.COUNTERS))
-    (ref, ref_rows, _), (tri, tri_rows, counters) = results["pytorch"], results["triton"]
-    assert not any(key.startswith("fallback/") for key in counters), counters
-    assert counters.get("triton/var/prefill") and counters.get("triton/var/decode"), counters
+    ref, ref_rows, _, _ = _generate_on("chunked", model, recipe, inputs, **kwargs)
+    tri, tri_rows, paths, fallbacks = _generate_on("triton", model, recipe, inputs, **kwargs)
+    assert not fallbacks, fallbacks
+    assert paths.get("triton/prefill") and paths.get("triton/decode"), paths
     assert torch.equal(ref.sequences, tri.sequences)
     for a, b in zip(ref.logits, tri.logits):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
@@ -601,8 +577,8 @@ def test_gpu_kernels_real_sizes(dtype, d, hq, hkv):
     rel0 = (spec.q_offset - spec.kv_start.long()).to(torch.int32)
     rel = rel0.view(-1, 1, 1, 1).long() + torch.arange(n, device=DEVICE).view(1, 1, -1, 1)
     lse, _, rowmax = K.row_stats(ql, kl, spec, scale, with_max=True)
-    args = K.SoftplusArgs(p=3.0, offset=1.0, steer=steer, rel0=rel0, lse=lse, rowmax=rowmax)
-    out, _ = K.attention(ql, kl, vl, spec, scale, softplus=args)
+    args = K.ReweightArgs(power=3.0, offset=1.0, free_rows=3, steer=steer, rel0=rel0, lse=lse, rowmax=rowmax)
+    out, _ = K.attention(ql, kl, vl, spec, scale, reweight=args)
     sp_oracle = _ref_out(_softplus_ref(a, vis, rel, 3.0, 1.0, steer)[0], v, hq)
     _, a_low, _ = _ref_probs(ql, kl, spec, scale)
     sp_naive = (
@@ -615,7 +591,7 @@ def test_gpu_kernels_real_sizes(dtype, d, hq, hkv):
 @pytest.mark.gpu
 @pytest.mark.skipif(not COMPILED_GPU, reason="needs compiled Triton kernels on CUDA (not the interpreter)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("rule", ["none", "act", "softplus", "var"])
+@pytest.mark.parametrize("rule", ["none", "act", "softplus"])
 def test_gpu_decode_real_sizes(dtype, rule):
     b, hq, hkv, k_len, d = 8, 32, 8, 4096, 128
     q, k, v = _inputs(b, hq, hkv, 1, k_len, d, seed=13)
@@ -630,11 +606,12 @@ def test_gpu_decode_real_sizes(dtype, rule):
     if rule == "none":
         out, _ = K.decode(ql, kl, vl, spec, scale)
         ref, low = a, a_low
-    elif rule == "act":
+    elif rule == "act":  # the group kind: masses and group outputs, combined with ACT's factors
         gid = _group_ids(b, hq, k_len, 2, seed=14)
-        out, _ = K.decode(
-            ql, kl, vl, spec, scale, groups=K.Groups(gid, 2), rule="act", beta=0.4, steer=steer, rel0=rel0
-        )
+        _, (masses, outputs) = K.decode(ql, kl, vl, spec, scale, groups=K.Groups(gid, 2))
+        f_other = 1 + 0.6 * masses[..., 1:2] / masses[..., :1].clamp(min=1e-30)
+        factors = torch.cat([f_other, torch.full_like(f_other, 0.4)], -1)
+        out = (factors * masses).unsqueeze(-1).mul(outputs).sum(-2)[:, None].to(dtype)  # (B, 1, H, D)
         g = _gather_groups(gid, 0, k_len, hq)
 
         def act(w):
@@ -642,16 +619,9 @@ def test_gpu_decode_real_sizes(dtype, rule):
             return torch.where(g == 1, 0.4 * w, w + 0.6 * ms * w / mo.clamp(min=1e-30))
 
         ref, low = act(a), act(a_low)
-    elif rule == "var":
-        gid = _group_ids(b, 1, k_len, 4, seed=14)
-        gate = torch.ones(b, dtype=torch.int32, device=DEVICE)
-        args = K.VarArgs(p=0.6, rho=0.1, min_image=0.05, gate=gate)
-        out, _ = K.decode(ql, kl, vl, spec, scale, groups=K.Groups(gid, 4), rule="var", var=args, steer=steer)
-        g = _gather_groups(gid, 0, k_len, hq)
-        ref, low = (_var_ref(w, g, 0.6, 0.1, 0.05, True)[0] for w in (a, a_low))
     else:
-        args = K.SoftplusArgs(p=3.0, offset=1.0, steer=steer, rel0=rel0)
-        out, _ = K.decode(ql, kl, vl, spec, scale, rule="softplus", softplus=args)
+        args = K.ReweightArgs(power=3.0, offset=1.0, free_rows=3, steer=steer, rel0=rel0)
+        out, _ = K.decode(ql, kl, vl, spec, scale, reweight=args)
         rel = rel0.view(-1, 1, 1, 1).long()
         ref = _softplus_ref(a, vis, rel, 3.0, 1.0, steer)[0]
         low = _softplus_ref(a_low.to(dtype).float(), vis, rel, 3.0, 1.0, steer)[0]
@@ -662,17 +632,15 @@ def test_gpu_decode_real_sizes(dtype, rule):
 @pytest.mark.gpu
 @pytest.mark.skipif(not COMPILED_GPU, reason="needs compiled Triton kernels on CUDA (not the interpreter)")
 @pytest.mark.parametrize("recipe", ["act-mtbench", "softplus-reweight"])
-def test_gpu_model_triton_matches_pytorch_fused(recipe, monkeypatch):
+def test_gpu_model_triton_matches_pytorch_fused(recipe):
     model = build_tiny("llama", dtype=torch.bfloat16).to(DEVICE)
     ids = torch.randint(3, 96, (4, 200), generator=torch.Generator().manual_seed(5)).to(DEVICE)
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :17] = 0
     logits = {}
-    for backend in ("pytorch", "triton"):
-        monkeypatch.setitem(dispatch.BACKENDS, "fused", tb.triton_attention if backend == "triton" else fused_attention)
-        monkeypatch.setenv("ATTNSTEER_TRITON", "1" if backend == "triton" else "0")
-        with attnsteer.apply(model, recipe), torch.no_grad():
+    for backend in ("chunked", "triton"):
+        with attnsteer.apply(model, recipe, backend=backend), torch.no_grad():
             logits[backend] = model(input_ids=ids, attention_mask=attention_mask).logits.float()
     valid = attention_mask.bool()
-    err = (logits["triton"] - logits["pytorch"])[valid].abs().max()
-    assert err < 0.1 * logits["pytorch"][valid].abs().max(), float(err)
+    err = (logits["triton"] - logits["chunked"])[valid].abs().max()
+    assert err < 0.1 * logits["chunked"][valid].abs().max(), float(err)

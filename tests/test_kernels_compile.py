@@ -90,22 +90,21 @@ def test_variants_cover_every_launcher_mode():
         "attention plain",
         "attention 4-group bias, lse given",
         "attention 4-group bias, online",
-        "attention softplus p=1.5",
-        "attention softplus p=0.7",
+        "attention reweight p=1.5",
+        "attention reweight p=0.7",
         "decode plain",
-        "decode 4 groups carried",
-        "decode act",
-        "decode var",
-        "decode softplus;",
-        "decode softplus, 128 splits",
+        "decode 2 groups (masses and group outputs)",
+        "decode 4 groups (masses and group outputs)",
+        "decode reweight;",
+        "decode reweight, 128 splits",
     ):
         assert any(label.startswith(want) for label in smoke), want
     for want in (
         "row_stats 2 groups, online",
         "row_stats 3 groups, lse given",
         "attention 2-group bias, online",
-        "attention softplus p=1.0",
-        "decode 2 groups carried",
+        "attention reweight p=1.0",
+        "decode 3 groups (masses and group outputs)",
     ):
         assert any(label.startswith(want) for label in modes) and not any(label.startswith(want) for label in smoke)
     assert len(set(smoke)) == len(smoke) and len(set(full)) == len(full)
@@ -115,7 +114,7 @@ def test_variants_cover_every_launcher_mode():
 
 def test_every_kernel_mode_compiles_for_sm90(tmp_path):
     """Every kernel and mode once (bf16, head dim 128, GQA 32/8 with transformers' strides, padding):
-    the prefill passes, softplus with half-integer and general p, decode with each rule. No failure,
+    the prefill passes, re-weighting with half-integer and general p, decode of each rule kind. No failure,
     no register spill, shared memory within H100's per-block limit."""
     records = _run(COMPILE.format(cc=90, dtypes=("bfloat16",), dims=(128,), scope="smoke"), tmp_path)
     assert not _problems(records, 90), _problems(records, 90)
@@ -127,7 +126,7 @@ def test_every_kernel_mode_compiles_for_sm90(tmp_path):
         "decode_split",
         "decode_merge",
         "decode_split(scores)",
-        "decode_split(softplus)",
+        "decode_split(reweight)",
     }, names
     assert all(r["cc"] == 90 for r in records)
 
@@ -154,7 +153,7 @@ def test_compile_only_in_an_interpreter_process_restores_everything(tmp_path):
 
         ops.kernels()  # the interpreted kernels are defined, as in the test suite
         before = snapshot()
-        records = CC.compile_variants(90, ("float16",), (64,), scope="smoke", only="^(row_stats lse;|decode act)")
+        records = CC.compile_variants(90, ("float16",), (64,), scope="smoke", only="^(row_stats lse;|decode 2 groups)")
         after = snapshot()
         q, k, v = torch.randn(1, 2, 5, 16), torch.randn(1, 1, 5, 16), torch.randn(1, 1, 5, 16)
         out, _ = K.attention(q, k, v, K.MaskSpec(q_offset=0), 0.25)

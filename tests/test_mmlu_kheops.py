@@ -4,6 +4,7 @@ tasks (prompts as lm-eval's own mmlu / mmlu_continuation), and ACT head calibrat
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -122,6 +123,14 @@ def test_calibration_finds_heads_within_budget_and_the_recipe_reproduces_its_hel
     assert calibrate_act.run(args, loaded=(tokenizer, model)) == 0
     report = json.loads(out.with_name("act.calibration.json").read_text())
     assert 0 < report["item_evaluations"] <= 200 and report["forward_passes"] > 0
+    # candidates whose heads have no sink past the first change no row: recorded, never warned
+    # (the suite turns SilentSiteWarning into an error), keyed like the state file's evaluations
+    state = json.loads(out.with_name("act.yaml.state.json").read_text())
+    assert report["silent"] == state.get("silent", {}) and set(report["silent"]) <= set(state["results"])
+    assert all(
+        sites and all(re.fullmatch(r"layer (20|24) act", s) for s in sites) for sites in report["silent"].values()
+    )
+    assert not any(key.startswith("heldout/") for key in report["silent"])  # the chosen heads steer
     recipe = attnsteer.Recipe.from_pretrained(out)
     heads = recipe.interventions[0].heads
     assert heads and {str(k): v for k, v in heads.items()} == {k: sorted(v) for k, v in report["heads"].items()}

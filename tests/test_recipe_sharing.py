@@ -20,7 +20,7 @@ from huggingface_hub import errors as hub_errors
 import attnsteer
 from attnsteer import AttnsteerWarning, Recipe, RecipeError
 from attnsteer.cli import main
-from attnsteer.errors import UsageError
+from attnsteer.errors import SilentSiteWarning, UsageError
 from attnsteer.recipe import Intervention, PushedRecipe
 
 SHARED = {
@@ -413,6 +413,8 @@ def test_warn_policy_warns_and_steers(tiny, ids):
     message = " ".join(str(w.message) for w in record if issubclass(w.category, AttnsteerWarning))
     for fragment in ("'qwen-only'", "['qwen2']", "'llama'", "model_types_policy: warn"):
         assert fragment in message, (fragment, message)
+    assert not any(issubclass(w.category, SilentSiteWarning) for w in record), message  # and ACT changed rows
+    assert (steered - logits(tiny, ids)).abs().max() > 1e-4  # the recipe steers this prompt
     generic = logits(tiny, ids, {"name": "generic", "interventions": [{"method": "act"}]})
     assert torch.equal(steered, generic)  # it steered exactly as a recipe without model_types
     with pytest.warns(AttnsteerWarning, match="qwen2"):

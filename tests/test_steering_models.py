@@ -231,22 +231,25 @@ def test_untouched_layers_run_models_own_attention(model):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_fused_in_many_small_chunks_equals_reference(model, method, monkeypatch):
-    """Prompts longer than one chunk: causal key truncation and ACT's separate column pass."""
-    from attnsteer.attention import fused
+    """Prompts longer than one chunk: causal key truncation and ACT's separate column pass, on the
+    chunked backend and on what ``auto`` picks (the CPU flash path chunks by the same budget)."""
+    from attnsteer.attention import chunked
 
-    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 2 * 4 * 14 * 3)  # ~3 query rows per chunk
+    monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 2 * 4 * 14 * 3)  # ~3 query rows per chunk
     ids, mask = inputs()
-    out = {}
-    for backend in ("reference", "fused"):
+    out, sinks = {}, {}
+    for backend in ("reference", "chunked", "auto"):
         with attnsteer.apply(model, METHODS[method][0], backend=backend) as handle:
             out[backend] = logits(model, ids, mask)
-            sinks = handle.sinks()
-        if method.startswith("act"):
-            out[backend + "_sinks"] = sinks
+            sinks[backend] = handle.sinks()
+            if backend == "chunked":
+                assert all(s["paths"] == {"chunked/prefill": 1} for s in handle.stats()), handle.stats()
     valid = mask.bool()
-    torch.testing.assert_close(out["fused"][valid], out["reference"][valid], **FP32_TOL)
-    if method.startswith("act"):
-        assert out["fused_sinks"] == out["reference_sinks"]
+    assert (out["reference"] - logits(model, ids, mask))[valid].abs().max() > 1e-3  # the recipe steers
+    for backend in ("chunked", "auto"):
+        torch.testing.assert_close(out[backend][valid], out["reference"][valid], **FP32_TOL)
+        if method.startswith("act"):
+            assert sinks[backend] == sinks["reference"]
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])

@@ -21,6 +21,24 @@ IDENTITY = {
     "vhr": {"interventions": [{"method": "vhr", "layers": "all", "params": {"alpha": 1.0}}]},
 }
 TOL = dict(atol=3e-5, rtol=3e-5)
+# VAR's parameters for the KV-cache test (test_generate_with_kv_cache): every layer of each tiny
+# model finds sinks in the prompt and steers it, and no generated token reaches tau
+VAR_DECODE = {
+    family: {"rho": 0.3, "min_image_attention": 0.05, **params}
+    for family, params in {
+        "llava": {"tau": 2.8},
+        "llava_next": {"tau": 2.1, "sink_dims": [30, 43]},
+        "qwen2_vl": {"tau": 3.0},
+        "qwen2_5_vl": {"tau": 1.8, "sink_dims": [5, 22]},
+        "instructblip": {"tau": 2.8},
+        "qwen3_vl": {"tau": 2.2, "sink_dims": [18, 42]},
+        "llava_onevision": {"tau": 3.0},
+        "internvl": {"tau": 2.2, "sink_dims": [43, 49]},
+        "gemma3": {"tau": 1.8, "sink_dims": [24, 58]},
+        "idefics3": {"tau": 3.0},
+        "smolvlm": {"tau": 3.0},
+    }.items()
+}
 
 
 @pytest.fixture(scope="module", params=F.FAMILIES)
@@ -117,30 +135,24 @@ def test_generate_with_kv_cache(family, vlm, method):
         assert all(s["calls"] >= 4 for s in handle.stats())
     if method == "var":
         # Decode rows behave like prefill rows, so cached generation equals recomputing every step
-        # (up to VAR's rule that generated tokens are never sinks, which recomputation cannot know;
-        # tau is set per family so the prompt has sinks and VAR fires).
-        tau = {
-            "llava": 2.8,
-            "llava_next": 3.3,
-            "qwen2_vl": 3.0,
-            "qwen2_5_vl": 3.0,
-            "instructblip": 2.8,
-            "qwen3_vl": 3.0,
-            "llava_onevision": 3.0,
-            "internvl": 2.8,
-            "gemma3": 3.1,
-            "idefics3": 3.0,
-            "smolvlm": 3.0,
-        }[family]
-        recipe = {
-            "interventions": [
-                {"method": "var", "layers": "all", "params": {"tau": tau, "rho": 0.3, "min_image_attention": 0.05}}
-            ]
-        }
+        # (up to VAR's rule that generated tokens are never sinks, which recomputation cannot know).
+        # Per family, a tau (and, where the automatic dims let generated tokens reach it, fixed sink
+        # dims) with which every layer finds sinks in the prompt and steers it, and no generated token
+        # is a sink when recomputation reads it as prompt (checked below).
+        recipe = {"interventions": [{"method": "var", "layers": "all", "params": VAR_DECODE[family]}]}
+        base_logits = logits(vlm, inputs)
         with attnsteer.apply(vlm, recipe) as handle:
+            steered_logits = logits(vlm, inputs)
             cached = vlm.generate(**inputs, **kwargs)
+            steered = [s["rows_modified"] for s in handle.stats()]
             recomputed = vlm.generate(**inputs, use_cache=False, **kwargs)
-            assert sum(s["fired"] for s in handle.stats()) > 0
+            # the last recomputed step read the prompt and 3 generated tokens as its prompt
+            sinks = {layer: found["var"]["sinks"] for layer, found in handle.report().items()}
+        valid = inputs["attention_mask"].bool()
+        assert (steered_logits - base_logits)[valid].abs().max() > 1e-4  # VAR changes this prompt's logits
+        assert len(steered) == 4 and all(n > 0 for n in steered), steered  # every layer steered the prompt
+        length = inputs["input_ids"].shape[1]
+        assert all(pos < length for rows in sinks.values() for row in rows for pos in row), sinks
         assert torch.equal(cached, recomputed)
     base = vlm.generate(**inputs, **kwargs)
     assert cached.shape == base.shape
@@ -251,4 +263,4 @@ def test_processor_made_inputs_are_steered(family, vlm):
     with attnsteer.apply(vlm, RECIPES["pai"]) as handle:
         logits(vlm, inputs)
         assert handle.stats()[0]["fired"] == 1
-        assert handle._state.roles.image.sum() == F.image_token_mask(family, vlm, inputs["input_ids"]).sum() > 0
+        assert handle._state.prompt.roles.image.sum() == F.image_token_mask(family, vlm, inputs["input_ids"]).sum() > 0

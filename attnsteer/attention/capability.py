@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .structure import call_structure
+
 
 @dataclass(frozen=True)
 class Capability:
@@ -53,7 +55,7 @@ class Capability:
         if call.softcap and not self.softcap:
             return "logit soft-capping"
         if not self.any_mask:
-            structure = call.structure()
+            structure = call_structure(call)
             if isinstance(structure, str):
                 return structure
         return None

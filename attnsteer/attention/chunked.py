@@ -11,9 +11,9 @@ Queries are processed in chunks of C rows against all K keys, so the largest ten
 * **reweight** rules form ``max(N a - o, 0)^p`` in log space (:func:`apply_reweight_rule`).
 
 Weight rules (group, reweight) apply in recipe order. GQA is handled by folding the query heads of
-each kv head into the row dimension, so K and V are never repeated. The same rule functions serve
-the reference backend (one chunk: the whole map), the CPU flash backend's few-row decode path and
-:mod:`attnsteer.attention.observe`.
+each kv head into the row dimension, so K and V are never repeated. The score and group rule
+functions also serve the reference backend (one chunk: the whole map; it re-weights literally in
+float64), the CPU flash backend's few-row decode path and :mod:`attnsteer.attention.observe`.
 """
 
 from __future__ import annotations
@@ -118,13 +118,15 @@ def steered_rows(rule: GroupRule, steered: torch.Tensor, rows: RowView, call: At
 
 
 def apply_group_rule(rule: GroupRule, p: torch.Tensor, rows: RowView, call: AttentionCall):
-    """A group rule on weights p float32 (B, H, C, K) (keys ``rows.key_abs``) -> (new weights,
-    steered (batch, head, row) count)."""
+    """A group rule on weights p (B, H, C, K) (keys ``rows.key_abs``) -> (new weights in p's dtype,
+    steered (batch, head, row) count). Masses and factors are formed in float32 whatever p's dtype (a
+    half-precision reference must not overflow a factor such as 1 + M_1 / M_0)."""
     gid = group_ids_of(group_table(rule, call), rows.key_abs).long()[:, :, None, :]  # (B, 1|H, 1, K)
-    steered, factors = rule.factors(group_masses(p, gid, rule.num_groups), call.prompt)
+    weights = p.float()
+    steered, factors = rule.factors(group_masses(weights, gid, rule.num_groups), call.prompt)
     steered = steered_rows(rule, steered, rows, call)
     per_key = factors.gather(-1, gid.expand(*factors.shape[:-1], p.shape[-1]))
-    return torch.where(steered, p * per_key, p), steered.sum()
+    return torch.where(steered, (weights * per_key).to(p.dtype), p), steered.sum()
 
 
 def apply_reweight_rule(rule, p: torch.Tensor, rows: RowView):

@@ -18,12 +18,12 @@ without building the Q x K map. Both weight-rule kinds are exact on top of those
   -- one chunked pass after the LSE, in place, with the causal part above each chunk's last row
   skipped. Rows where every weight is 0 keep the flash output (uniform rows unchanged).
 
-Decode rows (a few query rows) form their weights directly and apply the chunked backend's rule
-functions. Everything runs in float32 (as the reference does); the output is cast back to the
+Decode rows (a few query rows) form their weights directly: group rules through the chunked
+backend's rule function, re-weighting formed on the row. Everything runs in float32 (as the reference does); the output is cast back to the
 model's dtype. What the capability table excludes (score rules, two weight rules on a layer, masks
-that are not causal + left padding (+ a window), soft-capping, CUDA tensors) the router gives to
-the chunked backend; a call this backend gives back after seeing its data (re-weighting that would
-leave float32) is a :class:`~attnsteer.attention.router.Refusal`.
+that are not causal + left padding (+ a window), soft-capping) the router gives to the chunked
+backend under ``auto`` (a forced ``flash`` raises); a call this backend gives back after seeing its
+data (re-weighting that would leave float32) is a :class:`~attnsteer.attention.router.Refusal`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .capability import Capability
 from .chunked import grouped_pv, grouped_qk
 from .geometry import AttentionCall
 from .router import Refusal
-from .structure import Structure
+from .structure import Structure, call_structure
 
 CAPABILITY = Capability(
     name="flash",
@@ -54,7 +54,7 @@ CAPABILITY = Capability(
 
 # A steered row whose rest group (group 0) holds less than this mass, under a rule that rescales
 # it, has it summed exactly over its keys: o - sum O_g carries the flash output's rounding, which
-# the rule multiplies by f_0 (ACT: f_0 = 1 + (1 - beta) M_sink / M_rest, at most 4 above 1/4:
+# the rule multiplies by f_0 (e.g. f_0 = 1 + (1 - beta) M_1 / M_0 <= 4 while M_0 >= 1/4:
 # float32 results stay within the reference's tolerance).
 MIN_REST_MASS = 0.25
 
@@ -291,7 +291,7 @@ def _masked_rows_block(x: torch.Tensor, spec: MaskSpec, q0: int, q1: int, lo: in
 
 
 def column_sums(q, k, lse_vote, spec: MaskSpec, scaling: float) -> torch.Tensor:
-    """ACT's column pass: sum_i exp(s_ij - lse_i) over query rows, (B, H_q, K) float32.
+    """The column pass: sum_i exp(s_ij - lse_i) over query rows, (B, H_q, K) float32.
 
     q (B, H_q, Q, D), k (B, H_kv, K, D) float32; lse_vote (B, H_q, Q): the row LSE, +inf for rows
     that do not vote (padding). QK^T only, chunk by chunk, in place; keys a chunk cannot see are
@@ -408,7 +408,7 @@ def run(steps, call: AttentionCall, query, key, value, stats, config=None):
     :class:`Refusal`; the numbers of the chunked backend. One weight rule (the capability table)."""
     rule = steps.weight[0]
     q, k, v = query.float(), key.float(), value.float()
-    struct = call.structure()
+    struct = call_structure(call)
     result = (_group if rule.kind == "group" else _reweight)(rule, q, k, v, struct, call)
     if isinstance(result, str):
         return Refusal(result)
@@ -417,15 +417,11 @@ def run(steps, call: AttentionCall, query, key, value, stats, config=None):
     return out.transpose(1, 2).to(query.dtype).contiguous()
 
 
-def _rows_with_weights(rule, q, k, v, struct: Structure, call: AttentionCall):
-    """A weight rule on a few query rows (decode): the full (B, H_q, Q, K) weights -- O(K) -- go
+def _group_rows(rule, q, k, v, struct: Structure, call: AttentionCall):
+    """A group rule on a few query rows (decode): the full (B, H_q, Q, K) weights -- O(K) -- go
     through the chunked backend's rule function, then one grouped product with V."""
     _, a, vis = _row_weights(q, k, struct.spec, call.scaling)
-    rows = call.rows(vis, 0, rows=q.shape[2])
-    if rule.kind == "group":
-        a, changed = chunked.apply_group_rule(rule, a, rows, call)
-    else:
-        a, changed = chunked.apply_reweight_rule(rule, a, rows)
+    a, changed = chunked.apply_group_rule(rule, a, call.rows(vis, 0, rows=q.shape[2]), call)
     return grouped_pv(a, v), changed
 
 
@@ -461,7 +457,7 @@ def _group(rule, q, k, v, struct: Structure, call: AttentionCall):
     spec = struct.spec
     columns = rule.column_stats and call.is_prefill
     if q_len <= DIRECT_ROWS and not columns:
-        return _rows_with_weights(rule, q, k, v, struct, call)
+        return _group_rows(rule, q, k, v, struct, call)
     out, lse = flash_with_lse(q, k, v, spec, call.scaling)
     if columns:
         _column_stats(rule, q, k, lse, struct, call)

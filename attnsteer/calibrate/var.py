@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import SilentSiteWarning, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SHARE_EPS = 1e-9  # share >= min_share up to rounding (0.3 * 10 prompts is 3 prompts)
@@ -454,7 +455,10 @@ def calibrate_var(
 
     n = len(prompts)
     bar = progress(2 * n, "calibrate var", show_progress)
-    with attnsteer.apply(model, auto) as handle:
+    # pass 1 only reads the hidden states entering the first VAR layer: whether VAR changed a row
+    # there is no result of the calibration, so its silent-site warning is not raised to the user
+    with warnings.catch_warnings(), attnsteer.apply(model, auto) as handle:
+        warnings.simplefilter("ignore", SilentSiteWarning)
         hook = handle.arch.decoder.layers[first_layer].register_forward_pre_hook(record_dims, with_kwargs=True)
         try:
             for inputs in prompts:

@@ -8,7 +8,9 @@ import textwrap
 from pathlib import Path
 
 from ..errors import UsageError
-from ..evals._cli import (  # positive_int: re-exported for the subcommand modules
+from ..evals._cli import (  # re-exported for the subcommand modules
+    BACKEND_CHOICES,  # noqa: F401
+    BACKEND_HELP,  # noqa: F401
     check_writable,
     example_epilog,
     positive_int,  # noqa: F401

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..recipe import load_labelled_recipes
-from ._common import CLIError, positive_int, subparser
+from ._common import BACKEND_CHOICES, BACKEND_HELP, CLIError, positive_int, subparser
 
 
 def add_demo(sub) -> None:
@@ -38,7 +38,7 @@ def add_demo(sub) -> None:
     p.add_argument(
         "--max_new_tokens", type=positive_int, default=DEMO_MAX_NEW_TOKENS, help=f"default: {DEMO_MAX_NEW_TOKENS}"
     )
-    p.add_argument("--backend", choices=("auto", "fused", "reference"), default="auto", help="default: auto (fused)")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help=BACKEND_HELP)
     p.set_defaults(func=cmd_demo)
 
 

@@ -12,6 +12,8 @@ from ..console import wrap
 from ..plan import check_recipes
 from ..recipe import load_labelled_recipes
 from ._common import (
+    BACKEND_CHOICES,
+    BACKEND_HELP,
     EXIT_OK,
     CLIError,
     add_model_arguments,
@@ -44,9 +46,9 @@ def add_generate(sub) -> None:
     p.add_argument("--max_new_tokens", type=positive_int, default=64, help="default: 64")
     p.add_argument(
         "--backend",
-        choices=("auto", "fused", "reference"),
+        choices=BACKEND_CHOICES,
         default="auto",
-        help="auto = fused (O(N) memory); reference = float32 eager oracle",
+        help=BACKEND_HELP,
     )
     p.add_argument(
         "--chat",
@@ -229,7 +231,7 @@ def cmd_generate(args) -> int:
     chat = has_template if args.chat is None else args.chat
     print(
         f"model {model_id} ({models.describe_model(model)}); greedy, max_new_tokens {args.max_new_tokens}, "
-        f"chat template {'on' if chat else 'off'}, backend {'fused' if args.backend == 'auto' else args.backend}",
+        f"chat template {'on' if chat else 'off'}, backend {args.backend}",
         file=sys.stderr,
     )
     act = demo.act_params_of(recipes)

@@ -10,6 +10,7 @@ from .. import models
 from ..plan import check_recipes
 from ..recipe import load_labelled_recipes
 from ._common import (
+    BACKEND_CHOICES,
     EXIT_OK,
     CLIError,
     add_model_arguments,
@@ -42,7 +43,7 @@ def add_inspect(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG pictures and inspect.json")
     p.add_argument(
         "--backend",
-        choices=("auto", "fused", "reference"),
+        choices=BACKEND_CHOICES,
         default="auto",
         help="the steered forward's backend (the pictures are the same; reference materialises full maps)",
     )

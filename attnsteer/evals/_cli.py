@@ -18,6 +18,13 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_RUNS_DIR = "attnsteer_runs"
+# attnsteer.apply's backends (attnsteer.attention.router.CHOICES; listed here: this module stays import-light)
+BACKEND_CHOICES = ("auto", "fused", "reference", "chunked", "flash", "triton")
+BACKEND_HELP = (
+    "steering backend: auto (the fastest that runs each call: triton on CUDA, flash on CPU, else chunked; fused is "
+    "its old name); chunked / flash / triton: that one for every call (an error when it cannot run one); reference: "
+    "the float32 eager oracle"
+)
 
 
 def positive_int(text: str) -> int:
@@ -122,9 +129,9 @@ def add_run_arguments(
     )
     p.add_argument(
         "--backend",
-        choices=("auto", "fused", "reference"),
+        choices=BACKEND_CHOICES,
         default="auto",
-        help="steering backend: auto = fused (O(N) memory); reference = float32 eager oracle",
+        help=BACKEND_HELP,
     )
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
 

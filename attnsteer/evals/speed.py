@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import compat
+from ..errors import SteeringError
 from . import _cli
 from ._cli import example_epilog, nonnegative_int, positive_int
 from .speed_models import BUILTIN_CONFIGS, SpeedError, build_model, build_prompt, resolve_config
@@ -666,6 +667,8 @@ def _measure_length(args, model, config, model_info, recipes, configs, device, p
             status = "ok"
         except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
             res, status = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}, "oom"
+        except SteeringError as exc:  # a forced backend that cannot run one of the recipe's calls says why
+            res, status = {"error": str(exc).splitlines()[0][:300]}, "unsupported"
         except RuntimeError as exc:
             if "out of memory" not in str(exc).lower():
                 raise

@@ -6,7 +6,8 @@ it). Under ``TRITON_INTERPRET=1`` (set before that first call) the kernels run o
 Triton's interpreter, which is how the test suite checks them without a GPU.
 
 * :func:`row_stats`   -- pass 1 (QK only): row log-sum-exp and per-group masses;
-* :func:`column_stats` -- ACT's column pass: per-key sums of the weights and the rows seeing it;
+* :func:`column_stats` -- the column pass (a group rule's ``column_stats``): per-key sums of the
+  weights and the rows seeing each key;
 * :func:`attention`   -- pass 2: fused attention with a per-row, per-group bias (the group rule
   kind), or re-weighting (the re-weight kind) that reads pass 1's LSE;
 * :func:`decode`      -- split-K decode (one query row): plain, per-group masses and outputs (the

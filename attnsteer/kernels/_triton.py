@@ -225,7 +225,7 @@ def row_stats_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# ACT's column pass: sum_i a_ij per key, and the number of rows that see each key (QK only)
+# the column pass (a group rule's column statistics): sum_i a_ij per key, and the number of rows that see each key (QK only)
 # ---------------------------------------------------------------------------------------------
 @triton.jit(do_not_specialize=["Q_LEN", "K_LEN", "q_offset", "window"])
 def column_stats_kernel(
@@ -304,7 +304,7 @@ def column_stats_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# prefill pass 2: fused attention with a per-row, per-group bias, or softplus re-weighting
+# prefill pass 2: fused attention with a per-row, per-group bias, or re-weighting
 # ---------------------------------------------------------------------------------------------
 @triton.jit
 def _pow_weights(u, sp_p, P_INT: tl.constexpr, P_HALF: tl.constexpr):
@@ -368,7 +368,7 @@ def _attn_sweep(
     """One sweep over the key tiles [start, end); returns (acc, l) with out = acc / l.
 
     HAS_LSE: the row LSE of the plain scores is known (pass 1), so weights are formed directly --
-    exp(s + bias - lse) (already normalised: no running max, no rescaling of acc) or the softplus
+    exp(s + bias - lse) (already normalised: no running max, no rescaling of acc) or the re-weighted
     weights ((N a - o) / t_max)^p, whose largest value is 1. Without it: online softmax.
     """
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
@@ -477,7 +477,7 @@ def attn_fwd_kernel(
     DOT_PREC: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
-    """OUT (B, Q, H, D) = softmax(s + bias[b, h, i, gid_j]) V, or softplus re-weighting.
+    """OUT (B, Q, H, D) = softmax(s + bias[b, h, i, gid_j]) V, or re-weighting.
 
     BIAS (B, H, Q, NUM_GROUPS) float32: log(M'_g / M_g) per row and group (0 = unchanged row).
     HAS_LSE: LSE_IN (B, H, Q) is the row LSE of the unbiased scores from pass 1 (then
@@ -730,7 +730,7 @@ def decode_split_kernel(
     (B, HQ, NUM_SPLITS, NUM_GROUPS[, D]).
     MODE 0 (groups): one score sweep with per-group sums and outputs (group of key j = gid).
     MODE 1 (scores): QK only; writes s to SCORES (B, HQ, K) and (max, sum) as group 0.
-    MODE 2 (softplus): reads SCORES and the MODE-1 partials (LSE_PM/LSE_PL) instead of K; group 0
+    MODE 2 (re-weighting): reads SCORES and the MODE-1 partials (LSE_PM/LSE_PL) instead of K; group 0
       accumulates the unchanged weights exp(s - lse) (max fixed at 0), group 1 the re-weighted
       scores s' = p log(N exp(s - lse) - o) online.
     With several groups (MODE 0 with NUM_GROUPS > 1, MODE 2) the per-group state is stacked: row

@@ -139,7 +139,7 @@ _COMPILED_MODULE: dict = {}
 _MISSING = object()
 
 # Streaming multiprocessors of the usual part of each architecture: the decode launcher sizes its
-# split-K grid (and the S_PAD constexpr of the softplus sweep) from the device's SM count.
+# split-K grid (and the S_PAD constexpr of the re-weighting sweep) from the device's SM count.
 TARGET_SMS = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 170}
 
 
@@ -315,7 +315,7 @@ def _qkv(dtype, d, hq=32, hkv=8, b=2, q_len=64, k_len=64, transposed=True):
 def variants(dtype: torch.dtype, d: int, scope: str = "modes"):
     """(launcher, variant, call) for the kernel modes the launchers support.
 
-    ``smoke``: every kernel and mode once (4 groups; softplus with a half-integer and a general p).
+    ``smoke``: every kernel and mode once (2 and 4 groups; re-weighting with a half-integer and a general p).
     ``modes``: every constexpr variant: also 2 and 3 groups, integer p, decode with groups carried
     through a plain sweep. Both on GQA 32/8 with transformers' (B, L, H, D) strides and a padding
     mask. ``full``: ``modes`` for GQA and MHA (contiguous strides), causal / padding /
@@ -352,7 +352,7 @@ def variants(dtype: torch.dtype, d: int, scope: str = "modes"):
         lse = torch.zeros(b, hq, q.shape[2])
         for mask_name, mask in masks:
             tag = f"{lay_name}, {mask_name}"
-            # prefill pass 1 and ACT's column pass
+            # prefill pass 1 and the column pass
             add("row_stats", f"lse; {tag}", lambda q=q, kk=kk, m=mask: k.row_stats(q, kk, m, scale))
             add(
                 "row_stats",
@@ -414,7 +414,7 @@ def variants(dtype: torch.dtype, d: int, scope: str = "modes"):
                 return k.Groups(torch.zeros(b, 1, DECODE_CACHE, dtype=torch.int8), g)
 
             add("decode", f"plain; {tag}", lambda qd=qd, m=dmask, kc=kc, vc=vc: k.decode(qd, kc, vc, m, scale))
-            for g in groups_set:
+            for g in sorted({2, *groups_set}):  # 2 groups (per head) and 4 (shared) as group rules use them
                 add(
                     "decode",
                     f"{g} groups (masses and group outputs); {tag}",
@@ -659,7 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         help="regular expression: compile only the calls whose 'launcher variant' "
-        "label matches (e.g. '^decode', 'softplus')",
+        "label matches (e.g. '^decode', 'reweight')",
     )
     parser.add_argument("--output", help="folder for compile_sm<cc>.md / .json")
     args = parser.parse_args(argv)

@@ -70,7 +70,7 @@ def kernels():
             raise TritonUnavailableError(
                 "attnsteer's Triton kernels need the `triton` package"
                 + (f" (importing it failed: {err})" if err else "")
-                + ". Fix: pip install 'triton>=3.2' (Linux + CUDA), or use backend='fused' / 'reference', "
+                + ". Fix: pip install 'triton>=3.2' (Linux + CUDA), or use backend='chunked' / 'flash' / 'reference', "
                 "which run in plain PyTorch"
             )
         mod = importlib.import_module("attnsteer.kernels._triton")
@@ -329,7 +329,7 @@ def row_stats(
 def column_stats(
     q, k, lse: torch.Tensor, mask: MaskSpec, scale: float, block_m: int | None = None, block_n: int | None = None
 ):
-    """ACT's column pass (QK only, after pass 1). Returns (colsum float32 (B, Hq, K) = sum over
+    """The column pass of group rules with column statistics (QK only, after pass 1). Returns (colsum float32 (B, Hq, K) = sum over
     the forward's rows of a_ij, count float32 (B, 1, K) = rows that see key j)."""
     _check(q, k)
     mod = kernels()

@@ -4,7 +4,7 @@ A recipe is named by ``additional_config={"attnsteer": {"recipe": ...}}`` (``--a
 or, for every process of the engine, ``$ATTNSTEER_RECIPE`` (a built-in name, a YAML path, a hub
 repo). Everything that can be refused is refused before the first request: methods vLLM cannot
 run faithfully, parameters that need per-request state, engine settings that would split a
-prompt that ACT must see whole.
+prompt that a method must see whole.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class EngineSteering:
 
     recipe: Recipe | None
     plans: dict[int, LayerPlan]
-    needs_whole_prompt: bool  # ACT: a prompt's column means need all of its rows in one forward
+    needs_whole_prompt: bool  # a method with ``whole_prompt`` (column means, layer inputs of the whole prompt)
     needs_requests: bool = False  # per-request facts: image keys, recipes, prompt lengths
     per_request: bool = False
     vllm_config: object = None
@@ -143,7 +143,7 @@ class EngineSteering:
 
     @property
     def sink_layers(self) -> set[int] | None:
-        """Decoder layers whose entering hidden states VAR reads: the engine recipe's VAR layers;
+        """Decoder layers whose entering hidden states a method reads (``reads_layer_input``);
         None (every layer) when requests may name recipes of their own."""
         if not _eager(self.vllm_config):
             return set()  # methods reading layer inputs are refused (torch.compile would trace the hooks away)
@@ -160,7 +160,7 @@ class EngineSteering:
 
     def request_plans(self, source) -> tuple[dict[int, LayerPlan], bool]:
         """(plans, needs whole prompts) of a recipe a request names, resolved once per engine and
-        recipe; raises like the engine's recipe would (refused methods, ACT with chunked prefill)."""
+        recipe; raises like the engine's recipe would (refused methods, whole prompts with chunked prefill)."""
         key = json.dumps(source, sort_keys=True, default=str)
         hit = self._by_request.get(key)
         if hit is None:

@@ -42,8 +42,8 @@ def _keeps_no_request_state(plan: LayerPlan) -> bool:
 
 
 def _hook_sink_layers(runner) -> None:
-    """Before the first step: hook the decoder layers whose hidden states VAR reads (the engine's
-    VAR layers; every steered decoder layer when requests may name recipes)."""
+    """Before the first step: hook the decoder layers whose input methods read (``reads_layer_input``;
+    every steered decoder layer when requests may name recipes)."""
     names = {}
     for name, module in runner.vllm_config.compilation_config.static_forward_context.items():
         impl = getattr(module, "impl", None)
@@ -97,7 +97,7 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
                 )
             if self.is_fp8_kv_cache:
                 raise UnsupportedModelError("attnsteer reads the KV cache in the model's dtype; fp8 caches are refused")
-            if self.steering.needs_requests:  # which request each row belongs to; VAR's hidden states
+            if self.steering.needs_requests:  # which request each row belongs to; layer inputs
                 prepare = _hook_sink_layers if self.steering.sink_layers != set() else None
                 requests.install(self.steering.modalities, prepare)
         self._layer: int | None = None
