@@ -18,6 +18,8 @@ These variables override defaults for a whole process, e.g. in a benchmark or a 
                                     ``~/.cache/attnsteer``)
 ``ATTNSTEER_RECIPE``                the recipe of a vLLM engine started without
                                     ``additional_config``
+``ATTNSTEER_METHODS``               comma-separated modules of your own methods, imported (so
+                                    registered) in every process of a vLLM engine
 ==================================  ==========================================================
 
 :func:`current` reads them (a handle reads its routing settings once, at ``apply``).
@@ -69,6 +71,7 @@ class Settings:
     kernels: KernelTuning = field(default_factory=KernelTuning)
     cache_dir: Path = field(default_factory=lambda: Path("~/.cache/attnsteer").expanduser())
     recipe: str | None = None
+    method_modules: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -89,7 +92,23 @@ class Settings:
             ),
             cache_dir=Path(cache).expanduser() if cache else Path("~/.cache/attnsteer").expanduser(),
             recipe=os.environ.get(RECIPE_ENV) or None,
+            method_modules=tuple(m.strip() for m in os.environ.get("ATTNSTEER_METHODS", "").split(",") if m.strip()),
         )
+
+
+def import_method_modules() -> None:
+    """Import the modules ``ATTNSTEER_METHODS`` names (each registers its methods); an import that
+    fails raises naming the variable and the module."""
+    import importlib
+
+    for name in current().method_modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(
+                f"$ATTNSTEER_METHODS names {name!r}, which cannot be imported ({exc}). Fix: put the module on "
+                "PYTHONPATH for every process of the engine, or drop it from ATTNSTEER_METHODS"
+            ) from exc
 
 
 def current() -> Settings:

@@ -356,3 +356,29 @@ def test_vllm_serve_steers_and_shows_the_recipe_hash_in_v1_models(tiny, hf, tmp_
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def test_toy_methods_of_every_attention_kind_run_in_vllm_with_no_backend_file_touched(tiny, hf, tmp_path):
+    """tests/toy_methods.py's toys -- a score, a group (its groups found from the layer's input at
+    prefill), a re-weight and a head rule -- imported into every engine process through
+    ATTNSTEER_METHODS, equal the Hugging Face path: the vLLM backend runs rule kinds, not methods."""
+    import toy_methods  # noqa: F401  (registers the toys here too, for the Hugging Face side)
+
+    recipe = {
+        "interventions": [
+            {"method": "toy_score", "layers": [0], "params": {"c": 2.0}},
+            {"method": "toy_reweight", "layers": [0], "params": {"c": 2.0}},
+            {"method": "toy_group", "layers": [1], "params": {"c": 3.0}},
+            {"method": "toy_head", "layers": [1], "params": {"c": 2.0}},
+        ]
+    }
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    got, _ = _vllm(
+        tiny, tmp_path, recipe, whole_prompts=True, env={"ATTNSTEER_METHODS": "toy_methods", "PYTHONPATH": path}
+    )
+    expected = [_hf_generate(hf, row["prompt_ids"], recipe) for row in got["batch"]]
+    _assert_same(got["batch"], expected)
+    _assert_same(got["alone"], expected)
+    unsteered = [_hf_generate(hf, row["prompt_ids"], None) for row in got["batch"]]
+    assert any((torch.tensor(e[1]) - torch.tensor(u[1])).abs().max() > 1e-3 for e, u in zip(expected, unsteered))

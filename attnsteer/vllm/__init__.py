@@ -28,8 +28,10 @@ def register() -> None:
     _registered = True
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
+    from ..settings import import_method_modules
     from .config import check_environment_recipe
 
+    import_method_modules()  # the user's own method modules (ATTNSTEER_METHODS), in every process
     check_environment_recipe()
     register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_PATH)
     from .frontend import check_requests_at_admission, show_recipe_in_model_cards

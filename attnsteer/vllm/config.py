@@ -142,7 +142,7 @@ class EngineSteering:
     _by_request: dict = field(default_factory=dict)
 
     @property
-    def sink_layers(self) -> set[int] | None:
+    def input_layers(self) -> set[int] | None:
         """Decoder layers whose entering hidden states a method reads (``reads_layer_input``);
         None (every layer) when requests may name recipes of their own."""
         if not _eager(self.vllm_config):
@@ -196,9 +196,19 @@ def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1, announce: bool
     if source is not None:
         recipe = load_recipe(source)
         plans, whole = _resolve(recipe, arch, vllm_config, tp_rank, tp_size)
-    roles = any(m.needs_image for plan in plans.values() for m in plan.methods)
+    methods = [m for plan in plans.values() for m in plan.methods]
+    roles = any(m.needs_image for m in methods)
+    # state kept per request from its prefill to its decode steps: a group rule's groups, layer inputs
+    stateful = any(m.reads_layer_input or m.rules_of("group") for m in methods)
     steering = EngineSteering(
-        recipe, plans, whole, roles or whole or per_request, per_request, vllm_config, arch, (tp_rank, tp_size)
+        recipe,
+        plans,
+        whole,
+        roles or whole or stateful or per_request,
+        per_request,
+        vllm_config,
+        arch,
+        (tp_rank, tp_size),
     )
     _RESOLVED[key] = steering
     if recipe is not None and announce:

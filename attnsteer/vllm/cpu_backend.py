@@ -41,7 +41,7 @@ def _keeps_no_request_state(plan: LayerPlan) -> bool:
     return not any(m.needs_image or m.rules_of("group") for m in plan.methods)
 
 
-def _hook_sink_layers(runner) -> None:
+def _hook_layer_inputs(runner) -> None:
     """Before the first step: hook the decoder layers whose input methods read (``reads_layer_input``;
     every steered decoder layer when requests may name recipes)."""
     names = {}
@@ -49,7 +49,7 @@ def _hook_sink_layers(runner) -> None:
         impl = getattr(module, "impl", None)
         if not isinstance(impl, AttnsteerCPUImpl) or impl.steering is None or impl.attn_type != AttentionType.DECODER:
             continue
-        layer, wanted = extract_layer_index(name), impl.steering.sink_layers
+        layer, wanted = extract_layer_index(name), impl.steering.input_layers
         if wanted is None or layer in wanted:
             names[layer] = name
     hidden.install_hooks(runner.get_model(), names)
@@ -98,7 +98,7 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             if self.is_fp8_kv_cache:
                 raise UnsupportedModelError("attnsteer reads the KV cache in the model's dtype; fp8 caches are refused")
             if self.steering.needs_requests:  # which request each row belongs to; layer inputs
-                prepare = _hook_sink_layers if self.steering.sink_layers != set() else None
+                prepare = _hook_layer_inputs if self.steering.input_layers != set() else None
                 requests.install(self.steering.modalities, prepare)
         self._layer: int | None = None
         self._stats: dict[int, SiteStats] = {}  # id(LayerPlan) -> its counters
@@ -244,7 +244,7 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         same from its prefill to its last decode step). At its prefill, methods that read their
         layer's input get the rows of this request entering the layer now."""
         prompt = requests.prompt_state(facts, prefill)
-        if prefill and facts.roles is not None:
+        if prefill:
             for method in plan.methods:
                 if method.reads_layer_input:
                     hidden.observe(method, prompt, q0, q1)
