@@ -136,6 +136,26 @@ def attend(backend, plan, q, k, v, mask: MaskView, info: ForwardInfo, prompt=Non
     return router.run(config, steps, call, q, k, v, stats)
 
 
+def plan_of(*methods) -> LayerPlan:
+    """A layer plan holding ``methods`` (layer 0), in order."""
+    plan = LayerPlan(0)
+    plan.methods.extend(methods)
+    return plan
+
+
+def weights_as_attention(a):
+    """q, k, v (1, 1, Q|K, D) whose attention at scaling 1 has the weights ``a`` (1, 1, Q, K) (rows
+    summing to 1 over the keys the mask shows them), with v the identity: the output row i of
+    (B, Q, H, D) is row i's weights (padded with zeros to D). q_i = e_i and k_j[i] = log a_ij."""
+    _, _, nq, nk = a.shape
+    d = max(nq, nk)
+    q = torch.eye(d)[:nq].view(1, 1, nq, d)
+    k = torch.zeros(1, 1, nk, d)
+    k[0, 0, :, :nq] = torch.log(a[0, 0]).clamp(min=-1e4).T
+    v = torch.eye(d)[:nk].view(1, 1, nk, d)
+    return q, k, v
+
+
 def inputs(b, hq, hkv, q_len, k_len, d, seed=0, dtype=torch.float32, strong=3.0):
     """q (B, Hq, Q, D), k, v (B, Hkv, K, D) with one key ``strong`` times larger, so rows are not
     near-uniform."""

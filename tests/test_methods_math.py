@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_cases import LargestTensor, Stats, attend, call_of, params
+from attention_cases import LargestTensor, Stats, attend, call_of, params, plan_of, weights_as_attention
 from conftest import build_tiny
 
 import attnsteer
@@ -18,35 +18,15 @@ from attnsteer.errors import SilentSiteWarning, SteeringError
 from attnsteer.methods.act import ACT, Calibration, sinks_from_column_means
 from attnsteer.methods.rules import ReweightRule, RowView
 from attnsteer.methods.softplus import LSSAScoring, SoftplusReweight
-from attnsteer.plan import LayerPlan
 
 # backends that compute a group rule (ACT) on hand-made weights: the oracle, the chunked rule
 # functions and the CPU flash path (masses and outputs of the groups from the row log-sum-exp)
 GROUP_BACKENDS = ("reference", "chunked", "flash")
 
 
-def _plan(*methods):
-    plan = LayerPlan(0)
-    plan.methods.extend(methods)
-    return plan
-
-
-def _weights_as_attention(a):
-    """q, k, v (1, 1, Q|K, D) whose attention at scaling 1 has the weights ``a`` (1, 1, Q, K) (rows
-    summing to 1 over the keys the mask shows them), with v the identity: the output row i of
-    (B, Q, H, D) is row i's weights (padded with zeros to D). q_i = e_i and k_j[i] = log a_ij."""
-    _, _, nq, nk = a.shape
-    d = max(nq, nk)
-    q = torch.eye(d)[:nq].view(1, 1, nq, d)
-    k = torch.zeros(1, 1, nk, d)
-    k[0, 0, :, :nq] = torch.log(a[0, 0]).clamp(min=-1e4).T
-    v = torch.eye(d)[:nk].view(1, 1, nk, d)
-    return q, k, v
-
-
 def _attended_weights(backend, plan, a, mask, info, prompt, stats):
     """The steered weights (1, 1, Q, K) of ``backend`` on the attention whose weights are ``a``."""
-    q, k, v = _weights_as_attention(a)
+    q, k, v = weights_as_attention(a)
     out = attend(backend, plan, q, k, v, mask, info, prompt, stats, scaling=1.0)
     return out[:, :, :, : a.shape[-1]].transpose(1, 2)
 
@@ -68,7 +48,7 @@ def test_act_calibration_by_hand():
         state.put(act.key, "sinks", torch.tensor([[[False, True, False]]]))
         return state
 
-    q, k, _ = _weights_as_attention(a)
+    q, k, _ = weights_as_attention(a)
     call = call_of(q, k, mask, info, prompt(), scaling=1.0)
     out, rows = chunked.apply_group_rule(rule, a, call.rows(None, 0, rows=1), call)
     expected = torch.tensor([0.5 + 0.18 * 0.5 / 0.7, 0.12, 0.2 + 0.18 * 0.2 / 0.7])
@@ -76,7 +56,7 @@ def test_act_calibration_by_hand():
     assert rows == 1 and abs(out.sum().item() - 1) < 1e-6
     for backend in GROUP_BACKENDS:  # each backend's own computation of the rule gives the same row
         stats = Stats()
-        got = _attended_weights(backend, _plan(act), a, mask, info, prompt(), stats)
+        got = _attended_weights(backend, plan_of(act), a, mask, info, prompt(), stats)
         torch.testing.assert_close(got, out, msg=backend)
         assert stats.rows == {id(act): 1}, backend
 
@@ -94,7 +74,7 @@ def test_act_sink_detection_by_hand():
         assert prompt.get(act.key, "sinks")[0, 0].tolist() == want  # keep_first: 0 was the first sink
         for backend in GROUP_BACKENDS:  # each backend's column pass over the prompt's own map
             prompt = PromptState()
-            _attended_weights(backend, _plan(act), a, MaskView(None, 4, 4), ForwardInfo(4, 0, 4, None), prompt, None)
+            _attended_weights(backend, plan_of(act), a, MaskView(None, 4, 4), ForwardInfo(4, 0, 4, None), prompt, None)
             assert prompt.get(act.key, "sinks")[0, 0].tolist() == want, backend
     assert sinks_from_column_means(torch.zeros(1, 1, 3), 0.1, True).sum() == 0  # no sink, nothing dropped
 
@@ -105,7 +85,7 @@ def test_act_leaves_row_zero_and_sinkless_rows_alone():
     a = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0], [0.2, 0.7, 0.1]]).view(1, 1, 3, 3)
     visible = torch.tril(torch.ones(3, 3, dtype=torch.bool)).view(1, 1, 3, 3)
     mask, info = MaskView(None, 3, 3), ForwardInfo(3, 0, 3, None)
-    q, k, _ = _weights_as_attention(a)
+    q, k, _ = weights_as_attention(a)
     call = call_of(q, k, mask, info, PromptState(), scaling=1.0)
     chunked.set_column_stats(rule, a.sum(-2), visible.sum(-2, dtype=torch.float32), call)  # as the oracle does
     out, rows = chunked.apply_group_rule(rule, a, call.rows(visible, 0, rows=3), call)
@@ -115,7 +95,7 @@ def test_act_leaves_row_zero_and_sinkless_rows_alone():
     torch.testing.assert_close(out.sum(-1), torch.ones(1, 1, 3))
     for backend in GROUP_BACKENDS:  # each backend finds the sinks and calibrates rows 1 and 2 alike
         prompt, stats = PromptState(), Stats()
-        got = _attended_weights(backend, _plan(act), a, mask, info, prompt, stats)
+        got = _attended_weights(backend, plan_of(act), a, mask, info, prompt, stats)
         assert prompt.get(act.key, "sinks")[0, 0].tolist() == [False, True, False], backend
         torch.testing.assert_close(got, out, msg=backend)
         assert stats.rows == {id(act): 2}, backend
@@ -209,7 +189,7 @@ def test_chunked_matches_reference_on_odd_shapes(chunk, recipe):
         pads = (0, 5)
         mask = MaskView(_padded_mask(2, q_len, k_len, pads), q_len, k_len)
         info = ForwardInfo(q_len, past, k_len, torch.tensor(pads))
-        plan = _plan(*make())
+        plan = plan_of(*make())
         if recipe == "lssa":
             assert [type(r) for r in plan.methods[0].rules] == [LSSAScoring, ReweightRule]
         sinks = None
@@ -228,7 +208,7 @@ def test_chunked_matches_reference_on_odd_shapes(chunk, recipe):
         # every method steers rows here (the comparison is not vacuous), and both count the same rows
         assert set(stats_ref.rows) == {id(m) for m in plan.methods}, (q_len, past)
         assert all(n > 0 for n in stats_ref.rows.values()), stats_ref.rows
-        plain = attend("reference", _plan(), qq, kk, vv, mask, info, PromptState(), scaling=0.35)
+        plain = attend("reference", plan_of(), qq, kk, vv, mask, info, PromptState(), scaling=0.35)
         assert (ref - plain)[valid].abs().max() > 1e-3
         torch.testing.assert_close(out[valid], ref[valid], atol=2e-6, rtol=1e-5)
         assert stats_chunked.rows == stats_ref.rows
@@ -242,7 +222,7 @@ def test_identity_group_rule_matches_sdpa(backend):
     """Forcing a steered backend with beta = 1 reproduces SDPA (to fp32 rounding)."""
     q, k, v = _random_attention(b=2, hq=4, hkv=4, q_len=11, k_len=11)
     mask = _padded_mask(2, 11, 11, (0, 3))
-    plan = _plan(ACT(params(ACT, beta=1.0, threshold=0.05), 0, None))
+    plan = plan_of(ACT(params(ACT, beta=1.0, threshold=0.05), 0, None))
     stats = Stats()
     info = ForwardInfo(11, 0, 11, torch.tensor([0, 3]))
     out = attend(backend, plan, q, k, v, MaskView(mask, 11, 11), info, PromptState(), stats, scaling=0.3)
@@ -257,7 +237,7 @@ def test_chunked_never_builds_a_queries_by_keys_tensor(method, monkeypatch):
     monkeypatch.setattr(chunked, "CHUNK_ELEMENTS", 2048)
     b, h, n, d = 1, 4, 128, 8
     q, k, v = _random_attention(b=b, hq=h, hkv=2, q_len=n, k_len=n, d=d)
-    plan = _plan(
+    plan = plan_of(
         ACT(params(ACT, threshold=0.05), 0, None)
         if method == "act"
         else SoftplusReweight(params(SoftplusReweight), 0, None)
@@ -297,7 +277,7 @@ def test_low_precision_error_within_twice_naive_error(dtype, method):
         m = SoftplusReweight(
             params(SoftplusReweight, p=2.0, scoring="lssa" if method == "lssa" else "softmax"), 0, None
         )
-    plan = _plan(m)
+    plan = plan_of(m)
 
     def prompt():
         state = PromptState()

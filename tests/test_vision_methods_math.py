@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-from attention_cases import Stats, attend, call_of
+from attention_cases import Stats, attend, call_of, plan_of, weights_as_attention
 from conftest import FAMILIES, VOCAB, build_tiny
 
 import attnsteer
@@ -18,7 +18,6 @@ from attnsteer.errors import AttnsteerWarning, SteeringError
 from attnsteer.methods.pai import PAI, Contrast, ImageAmplification, TextStream, contrast_logits
 from attnsteer.methods.var import VAR, Redistribution
 from attnsteer.methods.vhr import VHR
-from attnsteer.plan import LayerPlan
 from attnsteer.roles import PromptRoles
 from attnsteer.sinks import activation_ratio, hidden_sinks, massive_dims
 
@@ -27,28 +26,9 @@ def _params(cls, **over):
     return cls.finalize_params({name: over.get(name, p.default) for name, p in cls.params.items()})
 
 
-def _plan(*methods):
-    plan = LayerPlan(0)
-    plan.methods.extend(methods)
-    return plan
-
-
-def _weights_as_attention(a):
-    """q, k, v (1, 1, Q|K, D) whose attention at scaling 1 has the weights ``a`` (1, 1, Q, K) (rows
-    summing to 1 over the keys the mask shows them), with v the identity: the output row i of
-    (B, Q, H, D) is row i's weights (padded with zeros to D). q_i = e_i and k_j[i] = log a_ij."""
-    _, _, nq, nk = a.shape
-    d = max(nq, nk)
-    q = torch.eye(d)[:nq].view(1, 1, nq, d)
-    k = torch.zeros(1, 1, nk, d)
-    k[0, 0, :, :nq] = torch.log(a[0, 0]).clamp(min=-1e4).T
-    v = torch.eye(d)[:nk].view(1, 1, nk, d)
-    return q, k, v
-
-
 def _attended_weights(backend, plan, a, mask, info, prompt, stats=None):
     """The steered weights (1, 1, Q, K) of ``backend`` on the attention whose weights are ``a``."""
-    q, k, v = _weights_as_attention(a)
+    q, k, v = weights_as_attention(a)
     out = attend(backend, plan, q, k, v, mask, info, prompt, stats, scaling=1.0)
     return out[:, :, :, : a.shape[-1]].transpose(1, 2)
 
@@ -74,7 +54,7 @@ def _prompt(var, sinks=SINKS):
 
 def _redistribute(var, a, mask, info, prompt):
     """(new weights, steered rows) of VAR's rule on the weights ``a`` (1, 1, Q, K) of a call."""
-    q, k, _ = _weights_as_attention(a)
+    q, k, _ = weights_as_attention(a)
     call = call_of(q, k, mask, info, prompt, scaling=1.0)
     visible, _ = mask.chunk(0, info.q_len, "cpu")
     return chunked.apply_group_rule(var.rules[0], a, call.rows(visible, 0, rows=info.q_len), call)
@@ -90,7 +70,7 @@ def test_var_redistribution_by_hand():
     assert rows == 1 and abs(ref.sum().item() - 1) < 1e-6
     for backend in ("reference", "chunked", "flash"):  # each backend's own computation of the rule
         stats = Stats()
-        got = _attended_weights(backend, _plan(var), a, *DECODE, _prompt(var), stats)
+        got = _attended_weights(backend, plan_of(var), a, *DECODE, _prompt(var), stats)
         torch.testing.assert_close(got, ref, msg=backend)
         assert stats.rows == {id(var): 1}, backend
 
@@ -112,7 +92,7 @@ def test_var_rows_failing_the_selection_are_untouched(a, over):
         assert rows == 0
     for backend in ("reference", "chunked", "flash"):
         stats = Stats()
-        got = _attended_weights(backend, _plan(var), a, *DECODE, _prompt(var), stats)
+        got = _attended_weights(backend, plan_of(var), a, *DECODE, _prompt(var), stats)
         torch.testing.assert_close(got, a, msg=backend)
         if over.get("p") != 0.0:
             assert stats.rows == {id(var): 0}, backend
@@ -129,7 +109,7 @@ def test_var_query_rows_are_after_the_last_image_token():
     assert rows == 2  # rows 4 and 5
     for backend in ("reference", "chunked"):  # backends reading any mask
         stats = Stats()
-        got = _attended_weights(backend, _plan(var), a, every_key, info, _prompt(var), stats)
+        got = _attended_weights(backend, plan_of(var), a, every_key, info, _prompt(var), stats)
         torch.testing.assert_close(got, out, msg=backend)
         assert stats.rows == {id(var): 2}, backend
 

@@ -150,30 +150,35 @@ def cmd_generate_vlm(args, recipes) -> int:
             )
         print(f"wrote {saved} image pairs to {args.save_views}", file=sys.stderr)
     if out_path is not None:
-        record = {
-            "model": model_id,
-            "model_args": args.model_args,
-            "backend": args.backend,
-            "max_new_tokens": args.max_new_tokens,
-            "chat": chat,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-            "recipes": [
-                {"label": lbl, "name": r.name, "hash": r.hash, "recipe": r.to_dict(), "applied": applied[lbl]}
-                for lbl, r in recipes
-            ],
-            "results": [
-                {
-                    "prompt": it.prompt,
-                    "image": str(it.image),
-                    "prompt_text": builder.prompt_text(it.prompt),
-                    "outputs": answers[it.id],
-                }
-                for it in items
-            ],
-        }
+        record = _run_record(args, model_id, chat, recipes, applied)
+        record["results"] = [
+            {
+                "prompt": it.prompt,
+                "image": str(it.image),
+                "prompt_text": builder.prompt_text(it.prompt),
+                "outputs": answers[it.id],
+            }
+            for it in items
+        ]
         _write_json(out_path, record)
     return EXIT_OK
+
+
+def _run_record(args, model_id: str, chat: bool, recipes, applied: dict) -> dict:
+    """What decided the answers of one ``generate`` run, for its JSON: model, decoding, recipes as applied."""
+    return {
+        "model": model_id,
+        "model_args": args.model_args,
+        "backend": args.backend,
+        "max_new_tokens": args.max_new_tokens,
+        "chat": chat,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "recipes": [
+            {"label": lbl, "name": r.name, "hash": r.hash, "recipe": r.to_dict(), "applied": applied[lbl]}
+            for lbl, r in recipes
+        ],
+    }
 
 
 def _write_json(out, record: dict) -> None:
@@ -263,26 +268,14 @@ def cmd_generate(args) -> int:
     if out is not None:
         import transformers
 
-        record = {
-            "model": model_id,
-            "model_args": args.model_args,
-            "backend": args.backend,
-            "max_new_tokens": args.max_new_tokens,
-            "chat": chat,
-            "batch_size": args.batch_size,
-            "seed": args.seed,
-            "recipes": [
-                {"label": lbl, "name": r.name, "hash": r.hash, "recipe": r.to_dict(), "applied": applied[lbl]}
-                for lbl, r in recipes
-            ],
-            "versions": {
-                "attnsteer": attnsteer.__version__,
-                "torch": torch.__version__,
-                "transformers": transformers.__version__,
-            },
-            "results": demo.results_to_json(results),
-            "notes": notes,
-            "total_s": round(time.perf_counter() - t_start, 3),
+        record = _run_record(args, model_id, chat, recipes, applied)
+        record["versions"] = {
+            "attnsteer": attnsteer.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
         }
+        record.update(
+            results=demo.results_to_json(results), notes=notes, total_s=round(time.perf_counter() - t_start, 3)
+        )
         _write_json(out, record)
     return EXIT_OK
