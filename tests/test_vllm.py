@@ -382,3 +382,17 @@ def test_toy_methods_of_every_attention_kind_run_in_vllm_with_no_backend_file_to
     _assert_same(got["alone"], expected)
     unsteered = [_hf_generate(hf, row["prompt_ids"], None) for row in got["batch"]]
     assert any((torch.tensor(e[1]) - torch.tensor(u[1])).abs().max() > 1e-3 for e, u in zip(expected, unsteered))
+
+
+def test_a_key_rule_is_refused_at_engine_start_not_silently_dropped(tiny, tmp_path):
+    import toy_methods  # noqa: F401
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    recipe = _saved(tmp_path, "key", {"interventions": [{"method": "toy_key", "layers": [0], "params": {"c": 2.0}}]})
+    proc = run_vllm(
+        tiny, recipe, tmp_path / "out.json", timeout=200, env={"ATTNSTEER_METHODS": "toy_methods", "PYTHONPATH": path}
+    )
+    logs = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "toy_key edits keys before RoPE (a key rule)" in logs, logs[-3000:]
+    assert not (tmp_path / "out.json").exists()

@@ -100,6 +100,12 @@ def check_methods(recipe: Recipe) -> None:
                 f"{recipe.name}.interventions[{i}]: {iv.method} does not run inside vLLM: {step.serving}, and vLLM "
                 f"schedules each request as one sequence. Fix: {step.serving_fix}"
             )
+        if probe.rules_of("key"):
+            raise RecipeError(
+                f"{recipe.name}.interventions[{i}]: {iv.method} edits keys before RoPE (a key rule), which this "
+                "plugin does not yet hook into vLLM's key projections, so it would change nothing. Fix: steer with "
+                "attnsteer.apply on the Hugging Face model"
+            )
 
 
 def check_environment_recipe() -> Recipe | None:
