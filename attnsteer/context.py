@@ -104,16 +104,7 @@ class ContextStore:
         state = self._states[context] = PromptState(roles)
         return state
 
-    def drop(self, context: Hashable) -> None:
-        self._states.pop(context, None)
-
     def keep_only(self, contexts) -> None:
         """Drop every context not in ``contexts`` (finished requests)."""
         for gone in [c for c in self._states if c not in contexts]:
             del self._states[gone]
-
-    def __contains__(self, context: Hashable) -> bool:
-        return context in self._states
-
-    def __len__(self) -> int:
-        return len(self._states)

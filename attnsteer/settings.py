@@ -81,15 +81,7 @@ class Settings:
         return cls(
             triton=triton,
             triton_strict=_flag("ATTNSTEER_TRITON_STRICT") in _TRUE,
-            kernels=KernelTuning(
-                block_m=_int("ATTNSTEER_TRITON_BLOCK_M"),
-                block_n=_int("ATTNSTEER_TRITON_BLOCK_N"),
-                warps=_int("ATTNSTEER_TRITON_WARPS"),
-                stages=_int("ATTNSTEER_TRITON_STAGES"),
-                decode_block_n=_int("ATTNSTEER_TRITON_DECODE_BLOCK_N"),
-                decode_warps=_int("ATTNSTEER_TRITON_DECODE_WARPS"),
-                max_splits=_int("ATTNSTEER_TRITON_MAX_SPLITS"),
-            ),
+            kernels=kernel_tuning(),
             cache_dir=Path(cache).expanduser() if cache else Path("~/.cache/attnsteer").expanduser(),
             recipe=os.environ.get(RECIPE_ENV) or None,
             method_modules=tuple(m.strip() for m in os.environ.get("ATTNSTEER_METHODS", "").split(",") if m.strip()),
@@ -109,6 +101,19 @@ def import_method_modules() -> None:
                 f"$ATTNSTEER_METHODS names {name!r}, which cannot be imported ({exc}). Fix: put the module on "
                 "PYTHONPATH for every process of the engine, or drop it from ATTNSTEER_METHODS"
             ) from exc
+
+
+def kernel_tuning() -> KernelTuning:
+    """The kernel launch overrides alone (what each Triton launch reads: not the whole Settings)."""
+    return KernelTuning(
+        block_m=_int("ATTNSTEER_TRITON_BLOCK_M"),
+        block_n=_int("ATTNSTEER_TRITON_BLOCK_N"),
+        warps=_int("ATTNSTEER_TRITON_WARPS"),
+        stages=_int("ATTNSTEER_TRITON_STAGES"),
+        decode_block_n=_int("ATTNSTEER_TRITON_DECODE_BLOCK_N"),
+        decode_warps=_int("ATTNSTEER_TRITON_DECODE_WARPS"),
+        max_splits=_int("ATTNSTEER_TRITON_MAX_SPLITS"),
+    )
 
 
 def current() -> Settings:

@@ -186,7 +186,7 @@ def _blocks(
     ``_STAGES``, attnsteer.settings) replace them. The interpreter uses 16 x 16 tiles so small test
     shapes still cross tile boundaries.
     """
-    tuning = settings.current().kernels
+    tuning = settings.kernel_tuning()
     if _STATE.get("interpreted"):
         bm, bn = 16, 16
     else:
@@ -518,7 +518,7 @@ def decode_splits(batch: int, kv_heads: int, k_len: int, block_n: int, device, n
             num_splits = min(4, tiles)
         else:
             want = triton_cdiv(2 * _num_sms(device), max(1, batch * kv_heads))
-            cap = _tuned(settings.current().kernels.max_splits, 128)
+            cap = _tuned(settings.kernel_tuning().max_splits, 128)
             num_splits = max(1, min(want, tiles, cap))
     num_splits = max(1, min(num_splits, tiles))
     split_len = triton_cdiv(tiles, num_splits) * block_n
@@ -555,7 +555,7 @@ def decode(
     hkv, k_len = k.shape[1], k.shape[2]
     group = hq // hkv
     dev = q.device
-    tuning = settings.current().kernels
+    tuning = settings.kernel_tuning()
     # float32: 32-key tiles, 16 over head dim 128 (exact dots on FMA units spill registers with
     # wider ones; compile check)
     fp32_bn = 32 if d <= 128 else 16
