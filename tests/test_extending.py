@@ -6,6 +6,7 @@ and a family attnsteer does not ship, added by one declarative entry."""
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 import pytest
@@ -50,15 +51,26 @@ def _logits(model, recipe, backend, ids, mask):
 
 
 # which backends claim each attention kind (the capability tables, read, not restated)
-def _claims(kind: str) -> list[str]:
-    names = [n for n in router.BACKENDS if kind in router.backend(n).CAPABILITY.kinds]
+def _claims(kind: str, form: str = "elementwise") -> list[str]:
+    def claims(cap) -> bool:
+        return kind in cap.kinds and (kind != "score" or cap.score_forms is None or form in cap.score_forms)
+
+    names = [n for n in router.BACKENDS if claims(router.backend(n).CAPABILITY)]
     if not INTERPRETER:
         names = [n for n in names if n != "triton"]
     return names
 
 
-@pytest.mark.parametrize("name, kind", [("toy_score", "score"), ("toy_group", "group"), ("toy_reweight", "reweight")])
-def test_an_attention_rule_of_each_kind_runs_on_every_backend_that_claims_it(toys, name, kind, monkeypatch):
+@pytest.mark.parametrize(
+    "name, kind, form",
+    [
+        ("toy_score", "score", "elementwise"),
+        ("toy_key_scale", "score", "key_scale"),
+        ("toy_group", "group", None),
+        ("toy_reweight", "reweight", None),
+    ],
+)
+def test_an_attention_rule_of_each_kind_runs_on_every_backend_that_claims_it(toys, name, kind, form, monkeypatch):
     if INTERPRETER:
         monkeypatch.setenv("ATTNSTEER_TRITON", "1")
     model = build_tiny("llama")
@@ -69,8 +81,9 @@ def test_an_attention_rule_of_each_kind_runs_on_every_backend_that_claims_it(toy
         base = model(input_ids=ids, attention_mask=mask).logits
     ref, _ = _logits(model, recipe, "reference", ids, mask)
     assert (ref - base)[valid].abs().max() > 1e-3  # the toy steers: the comparisons below are not vacuous
-    backends = _claims(kind)
+    backends = _claims(kind, form)
     assert {"reference", "chunked"} <= set(backends) and ("flash" in backends) == (kind != "score")
+    assert ("keyscale" in backends) == (form == "key_scale")
     for backend in backends:
         out, stats = _logits(model, recipe, backend, ids, mask)
         torch.testing.assert_close(out[valid], ref[valid], atol=2e-5, rtol=2e-5, msg=lambda m, b=backend: f"{b}: {m}")
@@ -79,7 +92,8 @@ def test_an_attention_rule_of_each_kind_runs_on_every_backend_that_claims_it(toy
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, base)  # removed exactly
     for backend in set(router.BACKENDS) - set(backends) - {"triton"}:  # forced on a backend without the kind
-        with pytest.raises(SteeringError, match=f"backend='{backend}' cannot run layer 1's prefill call: {kind} rule"):
+        reason = f"{kind} rule" if backend != "keyscale" or kind != "score" else "score rules of form elementwise"
+        with pytest.raises(SteeringError, match=f"backend='{backend}' cannot run layer 1's prefill call: {reason}"):
             _logits(model, recipe, backend, ids, mask)
 
 
@@ -181,6 +195,40 @@ def test_no_backend_names_a_method():
             if ".name ==" in text or ".name !=" in text:
                 found.append(f"{folder}/{file}: a branch on a method's name")
     assert not found, found
+
+
+# Methods added on the rule interface after it landed: each one file under attnsteer/methods/
+ADDED_ON_THE_INTERFACE = ("vaf", "spin", "seka", "hgai")
+
+
+@pytest.mark.parametrize("name", ADDED_ON_THE_INTERFACE)
+def test_methods_added_on_the_interface_need_no_backend_change(name):
+    """Every rule such a method states is of a kind (and score form, and score input) the backends
+    already implement, by their capability tables: adding it touched no file under attention/,
+    kernels/ or vllm/ (test_no_backend_names_a_method checks no backend names it)."""
+    from attnsteer.methods.rules import KINDS, SCORE_READS
+
+    cls = METHODS.get(name)
+    if cls is None:
+        pytest.skip(f"{name} is not registered in this checkout")
+    module = sys.modules[cls.__module__]
+    assert module.__file__.endswith(f"methods/{name}.py")  # one file
+    rule_classes = [
+        obj for obj in vars(module).values() if isinstance(obj, type) and obj.__module__ == module.__name__ and
+        hasattr(obj, "kind")
+    ]  # fmt: skip
+    assert rule_classes, f"{name} states no rule"
+    capabilities = [router.backend(n).CAPABILITY for n in router.BACKENDS]
+    for rule in rule_classes:
+        assert rule.kind in KINDS
+        if rule.kind in ("score", "group", "reweight"):
+            fast = [
+                c.name for c in capabilities if rule.kind in c.kinds and c.name != "reference" and
+                (rule.kind != "score" or c.score_forms is None or rule.form in c.score_forms)
+            ]  # fmt: skip
+            assert "chunked" in fast, (rule, fast)
+        if rule.kind == "score":
+            assert set(rule.reads) <= set(SCORE_READS), rule.reads
 
 
 def test_a_family_added_by_one_declarative_entry(monkeypatch):

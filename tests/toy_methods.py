@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from attnsteer.methods.base import Method, param, register
-from attnsteer.methods.rules import GroupRule, HeadRule, KeyRule, ModelStep, ReweightRule, ScoreRule
+from attnsteer.methods.rules import GroupRule, HeadRule, KeyRule, KeyScaleRule, ModelStep, ReweightRule, ScoreRule
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,17 @@ class Temperature(ScoreRule):
 
     def modify(self, s):
         return s / self.method.p.c
+
+
+class FirstKeyTemperature(KeyScaleRule):
+    """``s <- c s`` on each row's scores of the first prompt token, in rows at positions >= 3 (a
+    rule of the ``key_scale`` form)."""
+
+    def key_scales(self, key_abs, prompt):
+        return torch.where(key_abs == 0, self.method.p.c, 1.0).view(1, -1)
+
+    def row_gate(self, rows, prompt):
+        return rows.row_abs >= 3
 
 
 class FirstTokenMass(GroupRule):
@@ -104,6 +115,7 @@ def _first_tokens(self, hidden, valid, prompt):
 
 TOYS = {
     "toy_score": toy("toy_score", [Temperature]),
+    "toy_key_scale": toy("toy_key_scale", [FirstKeyTemperature]),
     "toy_group": toy("toy_group", [FirstTokenMass], reads_layer_input=True, observe_layer_input=_first_tokens),
     "toy_reweight": toy("toy_reweight", [lambda m: ReweightRule(m, m.p.c, 0.0, 0)]),
     "toy_head": toy("toy_head", [HalfHeadZero]),

@@ -22,7 +22,10 @@ class Capability:
     devices: device types (None: any); dtypes: query dtypes (None: any; the backend computes in
     float32 and casts back); softcap: implements logit soft-capping; any_mask: reads any mask
     (else only causal + left padding + a sliding window); weight_rules: the most weight rules one
-    call may carry (None: any); max_head_dim: the largest head dim (None: any)."""
+    call may carry (None: any); max_head_dim: the largest head dim (None: any); score_forms: the
+    forms of score rule it runs (None: every score rule; ``{"key_scale"}``: only
+    :class:`~attnsteer.methods.rules.KeyScaleRule`); score_rules: the most score rules one call may
+    carry (None: any)."""
 
     name: str
     kinds: frozenset
@@ -32,6 +35,8 @@ class Capability:
     any_mask: bool = True
     weight_rules: int | None = None
     max_head_dim: int | None = None
+    score_forms: frozenset | None = None
+    score_rules: int | None = None
 
     def refusal(self, steps, call) -> str | None:
         """Why this backend cannot run ``steps`` (:class:`~attnsteer.plan.Steps`) on ``call``
@@ -42,6 +47,12 @@ class Capability:
         missing = sorted(kinds - self.kinds)
         if missing:
             return f"{' and '.join(missing)} rule{'s' if len(missing) > 1 else ''} (not implemented by {self.name})"
+        if self.score_forms is not None:
+            forms = sorted({rule.form for rule in steps.score} - self.score_forms)
+            if forms:
+                return f"score rules of form {', '.join(forms)} (not implemented by {self.name})"
+        if self.score_rules is not None and len(steps.score) > self.score_rules:
+            return f"{len(steps.score)} score rules on one layer ({self.name} runs {self.score_rules})"
         if self.weight_rules is not None and len(steps.weight) > self.weight_rules:
             return f"{len(steps.weight)} weight rules on one layer ({self.name} runs {self.weight_rules})"
         if self.devices is not None and call.device.type not in self.devices:

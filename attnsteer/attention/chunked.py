@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from ..methods.rules import GroupRule, RowView, group_ids_of
 from .capability import Capability
+from .fused import fused_attention
 from .geometry import AttentionCall, soft_cap
 from .structure import sees_later_keys
 
@@ -73,6 +74,8 @@ def apply_score_rules(rules, s, q, k, rows: RowView, call: AttentionCall, stats=
             inputs["cosine"] = qk(F.normalize(q, dim=-1), F.normalize(k, dim=-1))
         if "head_dim" in rule.reads:
             inputs["head_dim"] = q.shape[-1]
+        if "head_mean_abs" in rule.reads:  # over every query head of the layer (invisible keys: inf)
+            inputs["head_mean_abs"] = s.abs().mean(dim=1, keepdim=True)
         new = rule.modify(s, **inputs)
         target = rule.head_mask(s)
         if visible is not None:
@@ -175,9 +178,10 @@ def run(steps, call: AttentionCall, query, key, value, stats, config=None, chunk
     q, k, v = query.float(), key.float(), value.float()
     info, mask = call.info, call.mask
     causal = causal and not sees_later_keys(mask, info, q_len, k_len, query.device)
-    size = chunk or chunk_rows(b, hq, q_len, k_len)
-    spans = [(s, min(s + size, q_len)) for s in range(0, q_len, size)]
     score_rules, weight_rules = steps.score, steps.weight
+    start = _first_steered_row(steps, call)
+    size = chunk or chunk_rows(b, hq, q_len - start, k_len)
+    spans = [(s, min(s + size, q_len)) for s in range(start, q_len, size)]
 
     def key_limit(q1: int) -> int:
         """Keys a causal chunk ending at row q1 can see: indices < limit."""
@@ -206,8 +210,12 @@ def run(steps, call: AttentionCall, query, key, value, stats, config=None, chunk
         return p, rows
 
     out = torch.empty(b, q_len, hq, d, dtype=query.dtype, device=query.device)
+    if start:  # rows no rule can change: the model's plain attention, by the fused kernel
+        out[:, :start] = fused_attention(call, query, key, value)[:, :start]
+        if not spans:
+            return out
     needs_columns = [i for i, r in enumerate(weight_rules) if r.kind == "group" and r.column_stats and call.is_prefill]
-    if len(spans) == 1:
+    if len(spans) == 1 and not start:
         # The whole map fits in one chunk: column statistics come from the same weights.
         p, rows = probs(0, q_len, record=True)
         for i, rule in enumerate(weight_rules):
@@ -237,6 +245,18 @@ def run(steps, call: AttentionCall, query, key, value, stats, config=None, chunk
         p = apply_weight_rules(weight_rules, p, rows, call, stats)
         out[:, q0:q1] = grouped_pv(p, v[:, :, : p.shape[-1]]).transpose(1, 2).to(query.dtype)
     return out
+
+
+def _first_steered_row(steps, call: AttentionCall) -> int:
+    """The first query row (index into the call) any rule may change: 0 unless the call carries only
+    score rules that each name the lowest row they change (:meth:`ScoreRule.first_row`, e.g. the
+    prompt's last row) and no soft-cap (the fused kernel computes the rows before it)."""
+    if steps.weight or call.softcap or not steps.score:
+        return 0
+    firsts = [rule.first_row(call.prompt) for rule in steps.score]
+    if any(first is None for first in firsts):
+        return 0
+    return min(max(min(firsts) - call.info.past_len, 0), call.q_len)
 
 
 def _columns(p: torch.Tensor, rows: RowView):

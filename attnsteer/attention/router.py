@@ -13,7 +13,8 @@ naming why.
 Backends (modules with ``CAPABILITY``, ``unavailable(config, call)`` and ``run(steps, call, q, k,
 v, stats, config)``): ``reference`` (float32 oracle, materialised), ``chunked`` (PyTorch, any
 mask, every kind), ``flash`` (PyTorch's CPU flash kernel + log-sum-exp corrections), ``triton``
-(CUDA kernels; CPU tensors under ``TRITON_INTERPRET=1``).
+(CUDA kernels; CPU tensors under ``TRITON_INTERPRET=1``), ``keyscale`` (a lone ``key_scale`` score
+rule as fused attention over scaled keys, any device).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ BACKENDS = {
     "chunked": "attnsteer.attention.chunked",
     "flash": "attnsteer.attention.flash_cpu",
     "triton": "attnsteer.attention.triton",
+    "keyscale": "attnsteer.attention.scaled_keys",
 }
 CHOICES = ("auto", "fused", *BACKENDS)  # fused: the fused paths, as auto (the name of earlier releases)
 TRITON_MODES = ("auto", "off", "interpret")
@@ -72,15 +74,18 @@ class BackendConfig:
     def forced(self) -> bool:
         return self.backend not in ("auto", "fused")
 
-    def candidates(self, device_type: str) -> tuple[str, ...]:
-        """Backends to try for a call on ``device_type``, in order."""
+    def candidates(self, device_type: str, steps=None) -> tuple[str, ...]:
+        """Backends to try for a call on ``device_type`` carrying ``steps``, in order: a lone
+        ``key_scale`` score rule first tries the scaled-keys backend (any device)."""
         if self.forced:
             return (self.backend,)
         fast = ()
+        if steps is not None and any(rule.form == "key_scale" for rule in steps.score):
+            fast = ("keyscale",)
         if device_type == "cuda" and self.triton != "off":
-            fast = ("triton",)
+            fast += ("triton",)
         elif device_type == "cpu":
-            fast = ("triton", "flash") if self.triton == "interpret" else ("flash",)
+            fast += ("triton", "flash") if self.triton == "interpret" else ("flash",)
         return (*fast, "chunked")
 
 
@@ -98,7 +103,7 @@ def refusal(name: str, config: BackendConfig, steps, call) -> str | None:
 
 def run(config: BackendConfig, steps, call, query, key, value, stats):
     """The call's output (B, Q, H_q, D) in the query's dtype, from the first backend that runs it."""
-    for name in config.candidates(call.device.type):
+    for name in config.candidates(call.device.type, steps):
         reason = refusal(name, config, steps, call)
         if reason is None:
             out = backend(name).run(steps, call, query, key, value, stats, config)

@@ -64,6 +64,9 @@ class ImageAmplification(ScoreRule):
         image = roles.keys(rows.key_abs)[:, None, None, :]  # (B, 1, 1, K)
         return {"target": image & (rows.row_abs >= roles.length - 1)}
 
+    def first_row(self, prompt):
+        return prompt.roles.length - 1
+
     def modify(self, s, target):
         return torch.where(target, s + self.method.p.alpha * s.abs(), s)
 

@@ -11,8 +11,10 @@ kind           what the rule states                                        examp
 =============  ==========================================================  ==========================
 key            an edit of some prompt tokens' keys before RoPE, as they    SEKA
                enter the KV cache (native on every kernel)
-score          an elementwise function of the score and the per-row /      PAI, LSSA scoring
-               per-key inputs it names (a FlexAttention ``score_mod``)
+score          an elementwise function of the score and the per-row /      PAI, LSSA scoring, HGAI,
+               per-key inputs it names (a FlexAttention ``score_mod``);    VAF (key_scale form)
+               form ``key_scale``: ``c_j s_ij`` on gated rows, i.e.
+               plain attention over scaled keys
 group          per row, a few key groups and new group masses from the     ACT, VAR
                old ones (``out' = sum_g f_g M_g o_g``, from the unsteered
                output, the row log-sum-exp and the small groups)
@@ -147,17 +149,50 @@ class KeyRule(Rule):
 class ScoreRule(Rule):
     """``s'_ij = modify(s_ij, **inputs)`` before the softmax, elementwise, on the steered heads of
     the visible keys. ``inputs(rows, prompt)`` names per-row / per-key / per-head tensors
-    broadcastable to (B, H, C, K); the backend adds what the rule ``reads`` of the call itself:
-    ``"cosine"`` (B, H, C, K), the scores of L2-normalised queries and keys."""
+    broadcastable to (B, H, C, K); the backend adds what the rule ``reads`` of the call itself
+    (:data:`SCORE_READS`): ``"cosine"`` (B, H, C, K), the scores of L2-normalised queries and keys;
+    ``"head_dim"`` (int); ``"head_mean_abs"`` (B, 1, C, K), ``mean_h |s_hij|`` over every query head
+    of the layer (the scores entering this rule; only visible keys are meaningful)."""
 
     kind = "score"
     reads: ClassVar[tuple[str, ...]] = ()
+    form: ClassVar[str] = "elementwise"  # or "key_scale" (:class:`KeyScaleRule`), which more backends run
 
     def inputs(self, rows: RowView, prompt: PromptState) -> dict[str, torch.Tensor]:
         return {}
 
     def modify(self, s: torch.Tensor, **inputs) -> torch.Tensor:  # pragma: no cover - each rule defines it
         raise NotImplementedError
+
+    def first_row(self, prompt: PromptState) -> int | None:
+        """The lowest absolute position of a query row the rule can change (e.g. the prompt's last
+        row), or None for any row. Backends may compute the rows before it as plain attention."""
+        return None
+
+
+class KeyScaleRule(ScoreRule):
+    """A score rule of one form: ``s_ij <- c_j s_ij`` on the query rows its :meth:`row_gate` admits,
+    with per-key factors ``c_j`` (1 for keys it leaves alone). Because ``c_j (q_i . k_j) =
+    q_i . (c_j k_j)``, the gated rows' attention is plain attention over a scaled copy of the keys:
+    a backend that claims the ``key_scale`` form runs any fused kernel on that copy (and on the
+    plain keys for the other rows) instead of materialising scores. Backends that run every score
+    rule use :meth:`modify` like any other."""
+
+    form = "key_scale"
+
+    def key_scales(self, key_abs: torch.Tensor, prompt: PromptState) -> torch.Tensor:
+        """float32 (B, K): the factor ``c_j`` of each key at absolute position ``key_abs`` (K,)."""
+        raise NotImplementedError  # pragma: no cover - each rule defines it
+
+    def row_gate(self, rows: RowView, prompt: PromptState) -> torch.Tensor:
+        """bool broadcastable to (B, 1, C, 1): the query rows the rule scales."""
+        raise NotImplementedError  # pragma: no cover - each rule defines it
+
+    def inputs(self, rows, prompt):
+        return {"scales": self.key_scales(rows.key_abs, prompt)[:, None, None, :], "gate": self.row_gate(rows, prompt)}
+
+    def modify(self, s, scales, gate):
+        return torch.where(gate, s * scales, s)
 
 
 class GroupRule(Rule):
@@ -282,4 +317,5 @@ class ModelStep(Rule):
 
 
 KINDS = ("key", "score", "group", "reweight", "head", "model")
+SCORE_READS = ("cosine", "head_dim", "head_mean_abs")  # what a score rule may read of the call
 WEIGHT_KINDS = ("group", "reweight")  # act on the post-softmax weights, in recipe order
