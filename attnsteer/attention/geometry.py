@@ -103,9 +103,10 @@ class AttentionCall:
     mask:     :class:`MaskView` of the mask the call received.
     scaling:  the softmax scale; softcap: the logit soft-cap or None.
     prompt:   the :class:`~attnsteer.context.PromptState` of the call's context.
-    shapes:   query (B, H, Q, D), keys (B, H_kv, K, D) -- ``batch, heads, kv_heads, q_len, k_len,
-              head_dim``; keys sit at absolute positions ``key_offset .. key_offset + K - 1`` (a
-              sliding-window cache hands over only the last keys).
+    query:    (B, H, Q, D) and ``keys`` (B, H_kv, K, D), after RoPE, as the attention function
+              received them -- ``batch, heads, kv_heads, q_len, k_len, head_dim``; keys sit at
+              absolute positions ``key_offset .. key_offset + K - 1`` (a sliding-window cache hands
+              over only the last keys). Backends take q, k, v as arguments; head rules read these.
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class AttentionCall:
     ):
         self.layer = layer
         self.info = info
+        self.query, self.keys = query, key  # references (no copy), for rules that read them (head rules)
         self.mask = mask
         self.scaling = float(scaling)
         self.softcap = softcap

@@ -283,7 +283,8 @@ class HeadRule(Rule):
 
     def apply(self, out: torch.Tensor, call, prompt: PromptState) -> tuple[torch.Tensor, Any]:
         """out (B, Q, H, D) -> (new out, (head, row) pairs changed). ``call``: the call's
-        :class:`~attnsteer.attention.geometry.AttentionCall` (phase, query and keys)."""
+        :class:`~attnsteer.attention.geometry.AttentionCall` (phase, mask, ``call.query`` (B, H, Q, D)
+        and ``call.keys`` (B, H_kv, K, D) after RoPE)."""
         raise NotImplementedError  # pragma: no cover - each rule defines it
 
 
