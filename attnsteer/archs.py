@@ -43,10 +43,13 @@ class ArchSpec:
     # Attribute of the decoder layers that attend to the image through cross-attention instead of
     # self-attention (Llama-3.2-Vision's ``cross_attn``); those layers' keys are vision states.
     cross_attention_attr: str = ""
-    # Attribute of the attention module whose output holds the keys before RoPE, (B, T, H_kv * D);
-    # a fused projection (Phi-3's ``qkv_proj``, (B, T, (H_q + 2 H_kv) * D)) holds them after the
-    # queries. Key rules (:class:`attnsteer.methods.rules.KeyRule`) edit that output.
+    # Attribute of the attention module whose output holds the keys just before RoPE; key rules
+    # (:class:`attnsteer.methods.rules.KeyRule`) edit that output. ``key_layout`` says its shape:
+    # "flat" (B, T, H_kv * D), or a fused projection (Phi-3's ``qkv_proj``, (B, T, (H_q + 2 H_kv) * D))
+    # holding them after the queries; "bthd" (B, T, H_kv, D) and "bhtd" (B, H_kv, T, D): a per-head
+    # key norm (Qwen3's and Gemma 3's ``k_norm``), whose output is the key RoPE rotates.
     key_projection: str = "k_proj"
+    key_layout: str = "flat"
 
     @property
     def is_multimodal(self) -> bool:
@@ -59,11 +62,13 @@ _IMAGE_VIDEO = ("image_token_id", "video_token_id")
 ARCHS: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        *(ArchSpec(text_type) for text_type in ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")),
+        *(ArchSpec(text_type) for text_type in ("llama", "mistral", "qwen2")),
+        *(ArchSpec(qwen3, key_projection="k_norm", key_layout="bthd") for qwen3 in ("qwen3", "qwen3_moe")),
         ArchSpec("phi3", key_projection="qkv_proj"),
         # logit soft-capping (gemma2) and per-layer sliding-window / global attention reach the
         # attention function as its ``softcap`` argument and the layer's own mask
-        *(ArchSpec(gemma_type) for gemma_type in ("gemma2", "gemma3_text")),
+        ArchSpec("gemma2"),
+        ArchSpec("gemma3_text", key_projection="k_norm", key_layout="bhtd"),
         ArchSpec("llava", _VLM_PATHS, text_config_key="text_config", image_token_attrs=_IMAGE),
         *(
             ArchSpec(anyres, _VLM_PATHS, text_config_key="text_config", image_token_attrs=_IMAGE_VIDEO)
@@ -77,6 +82,7 @@ ARCHS: dict[str, ArchSpec] = {
                 image_token_attrs=_IMAGE_VIDEO,
                 wrapper_token_attrs=("vision_start_token_id", "vision_end_token_id"),
                 batch_state_attrs=("model.rope_deltas",),
+                **({"key_projection": "k_norm", "key_layout": "bthd"} if qwen_type == "qwen3_vl" else {}),
             )
             for qwen_type in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
         ),
@@ -87,6 +93,8 @@ ARCHS: dict[str, ArchSpec] = {
             text_config_key="text_config",
             image_token_attrs=_IMAGE,
             wrapper_token_attrs=("boi_token_index", "eoi_token_index"),
+            key_projection="k_norm",
+            key_layout="bhtd",
         ),
         ArchSpec("internvl", _VLM_PATHS, text_config_key="text_config", image_token_attrs=_IMAGE),
         *(
@@ -111,6 +119,37 @@ ARCHS: dict[str, ArchSpec] = {
         ),
     )
 }
+
+
+def key_view(output, layout: str, num_heads: int, num_kv_heads: int, head_dim: int):
+    """The keys inside a key site's ``output`` (``ArchSpec.key_projection``, shaped by ``layout``)
+    as (B, T, H_kv, D), and ``put(output, keys) -> new output`` writing edited keys back (a copy).
+    Raises :class:`~attnsteer.compat.CompatibilityError` when the output has another shape."""
+    from .compat import CompatibilityError
+
+    q_width, k_width = num_heads * head_dim, num_kv_heads * head_dim
+    shape = tuple(output.shape)
+    if layout == "bthd" and output.dim() == 4 and shape[2:] == (num_kv_heads, head_dim):
+        return output, lambda out, keys: keys.to(out.dtype)
+    if layout == "bhtd" and output.dim() == 4 and (shape[1], shape[3]) == (num_kv_heads, head_dim):
+        return output.transpose(1, 2), lambda out, keys: keys.transpose(1, 2).to(out.dtype)
+    width = shape[-1]
+    if layout == "flat" and output.dim() == 3 and width in (k_width, q_width + 2 * k_width):
+        start = q_width if width == q_width + 2 * k_width else 0
+        b, t = shape[:2]
+        keys = output[..., start : start + k_width].reshape(b, t, num_kv_heads, head_dim)
+
+        def put(out, edited):
+            new = out.clone()
+            new[..., start : start + k_width] = edited.reshape(b, t, k_width).to(out.dtype)
+            return new
+
+        return keys, put
+    raise CompatibilityError(
+        "key projection",
+        f"the key site returned shape {shape} for layout {layout!r}; expected {num_kv_heads} kv heads of dim "
+        f"{head_dim} ({k_width} keys, or a fused q/k/v of {q_width + 2 * k_width}, for 'flat')",
+    )
 
 
 def get_path(obj, path: str):

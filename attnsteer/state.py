@@ -22,7 +22,7 @@ import weakref
 
 import torch
 
-from . import compat
+from . import archs, compat
 from .attention.geometry import ForwardInfo
 from .context import ContextStore, PromptState
 from .errors import SteeringError
@@ -366,33 +366,21 @@ class SteeringState:
         return hook
 
     def key_projection_hook(self, rules, stats):
-        """A forward hook for a layer's key projection (``ArchSpec.key_projection``): at an (unpaused)
-        prefill, ``rules`` (key rules) edit the keys of the new tokens before RoPE; ``stats``: the
-        layer's site counters. A fused q/k/v projection's output holds the keys after the queries."""
+        """A forward hook for a layer's key site (``ArchSpec.key_projection``): at an (unpaused)
+        prefill, ``rules`` (key rules) edit the keys of the new tokens just before RoPE; ``stats``:
+        the layer's site counters. The site's output layout is ``ArchSpec.key_layout``."""
         arch = self.arch
-        q_width, k_width = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
 
         def hook(module, args, output):
             info = self.info
             if self.is_paused or info is None or not info.is_prefill:
                 return None
-            width = output.shape[-1]
-            start = q_width if width == q_width + 2 * k_width else 0
-            if width not in (k_width, q_width + 2 * k_width):
-                raise compat.CompatibilityError(
-                    "key projection",
-                    f"{type(module).__name__} returned {width} features; expected {k_width} keys or a fused q/k/v of "
-                    f"{q_width + 2 * k_width}",
-                )
-            b, t = output.shape[:2]
-            keys = output[..., start : start + k_width].reshape(b, t, arch.num_kv_heads, arch.head_dim)
-            positions = (torch.arange(t, device=output.device) + info.past_len).view(1, -1)
+            keys, put = archs.key_view(output, arch.spec.key_layout, arch.num_heads, arch.num_kv_heads, arch.head_dim)
+            positions = (torch.arange(keys.shape[1], device=output.device) + info.past_len).view(1, -1)
             for rule in rules:
                 keys, changed = rule.edit(keys, positions, self.prompt)
                 stats.count(rule.method, changed)
-            edited = output.clone()
-            edited[..., start : start + k_width] = keys.reshape(b, t, k_width).to(output.dtype)
-            return edited
+            return put(output, keys)
 
         return hook
 

@@ -194,6 +194,7 @@ class LayerSite:
         scaling = kwargs.get("scaling")
         if scaling is None:
             scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        own_key, own_value = key, value  # the model's own attention takes what it was given (its mask is that wide)
         if key.shape[2] > info.total_len:
             # a preallocated (static) cache: slots past the sequence so far are empty
             key, value = key[:, :, : info.total_len], value[:, :, : info.total_len]
@@ -203,7 +204,7 @@ class LayerSite:
             out = router.run(self.config, steps, call, query, key, value, self.stats)
             weights = None
         else:  # head rules only (VHR): the model's own attention, then per-head scaling
-            out, weights = self.original(module, query, key, value, attention_mask, **kwargs)
+            out, weights = self.original(module, query, own_key, own_value, attention_mask, **kwargs)
         for rule in steps.head:
             out, rows = rule.apply(out, call, call.prompt)
             self.stats.record(rule.method, rows)
