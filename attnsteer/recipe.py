@@ -9,7 +9,7 @@ YAML on disk (``schema_version: 1``), a :class:`Recipe` in memory::
     model_types: [llama]          # optional; checked against model.config.model_type
     model_types_policy: error     # optional: error (default) refuses other model types, warn steers them anyway
     interventions:
-      - method: act               # act | softplus | var | vhr | pai | agla
+      - method: act               # act | softplus | var | vhr | pai | agla | vaf | spin | seka | hgai
         layers: "2:-1"            # slice string, int, or a list of both; the method's default (docs/methods.md)
         heads: all                # or {layer: [query heads]}
         params: {beta: 0.4, threshold: 0.1, apply_to: prefill}
@@ -17,6 +17,13 @@ YAML on disk (``schema_version: 1``), a :class:`Recipe` in memory::
 A recipe is loaded from a built-in name, a YAML path, a folder holding ``recipe.yaml``, a dict,
 a Hugging Face Hub repo (``hf://org/repo`` or ``org/repo``, file ``recipe.yaml``) or an existing
 :class:`Recipe`; :meth:`Recipe.save_pretrained` and :meth:`Recipe.push_to_hub` write the same layout.
+
+Carried files: a method may name some of its parameters in ``carried_files`` (a class attribute,
+``{param: how the file is made}``); such a parameter names a file the recipe carries, as
+``{path: FILE, sha256: HEX}``. A relative ``path`` is read from the recipe's folder (a recipe given
+as a dict: the current directory), the file must have that sha256 (checked when the recipe loads),
+the recipe's hash covers the sha256 (not the path), and saving or sharing a recipe copies its files
+beside ``recipe.yaml`` (:class:`CarriedFile`).
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ import copy
 import hashlib
 import json
 import re
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import yaml
@@ -64,12 +72,15 @@ class Intervention:
     heads: Any = "all"
     params: dict = field(default_factory=dict)
 
-    def to_dict(self) -> dict:
+    def to_dict(self, keep_files: bool = False) -> dict:
+        """Plain data (carried files as ``{path, sha256}``; ``keep_files``: as :class:`CarriedFile`)."""
         out: dict[str, Any] = {"method": self.method}
         if self.layers is not None:
             out["layers"] = copy.deepcopy(self.layers)
         out["heads"] = copy.deepcopy(self.heads)
-        out["params"] = dict(self.params)
+        out["params"] = {
+            k: v.to_dict() if isinstance(v, CarriedFile) and not keep_files else v for k, v in self.params.items()
+        }
         return out
 
 
@@ -87,8 +98,9 @@ class Recipe:
 
     # ---- construction ---------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, data: dict, *, origin: str = "recipe") -> Recipe:
-        """Validate a plain mapping (e.g. parsed YAML). Errors name the field, value and fix."""
+    def from_dict(cls, data: dict, *, origin: str = "recipe", folder: str | Path | None = None) -> Recipe:
+        """Validate a plain mapping (e.g. parsed YAML). Errors name the field, value and fix.
+        ``folder``: where relative paths of carried files are read (default: the current directory)."""
         if not isinstance(data, dict):
             raise RecipeError(
                 f"{origin}: a recipe must be a mapping with keys {list(_TOP_KEYS)}; got {type(data).__name__}"
@@ -130,7 +142,10 @@ class Recipe:
                 f"{origin}.interventions: got {items!r}; a recipe needs a non-empty list of interventions, e.g. "
                 "[{method: act, params: {beta: 0.4}}]"
             )
-        interventions = [_parse_intervention(item, f"{origin}.interventions[{i}]") for i, item in enumerate(items)]
+        base = Path(folder).expanduser() if folder is not None else None
+        interventions = [
+            _parse_intervention(item, f"{origin}.interventions[{i}]", base) for i, item in enumerate(items)
+        ]
         return cls(
             name=name,
             interventions=interventions,
@@ -155,7 +170,8 @@ class Recipe:
         return load_recipe(name_or_path, revision=revision, token=token)
 
     # ---- serialisation ---------------------------------------------------------------------
-    def to_dict(self) -> dict:
+    def to_dict(self, keep_files: bool = False) -> dict:
+        """Plain data, as YAML writes it (``keep_files``: carried files stay :class:`CarriedFile`)."""
         out: dict[str, Any] = {"schema_version": self.schema_version, "name": self.name}
         if self.description:
             out["description"] = self.description
@@ -165,25 +181,43 @@ class Recipe:
             out["model_types"] = list(self.model_types)
         if self.model_types_policy != MODEL_TYPES_POLICIES[0]:  # the default stays implicit (and out of the hash)
             out["model_types_policy"] = self.model_types_policy
-        out["interventions"] = [iv.to_dict() for iv in self.interventions]
+        out["interventions"] = [iv.to_dict(keep_files) for iv in self.interventions]
         return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
 
     def save(self, path: str | Path) -> Path:
-        """Write YAML to ``path`` (a file, or a folder that gets ``recipe.yaml``); returns the file."""
+        """Write YAML to ``path`` (a file, or a folder that gets ``recipe.yaml``); returns the file.
+        Carried files are copied beside it (unless already there) and named by their file name."""
         path = Path(path).expanduser()
         if path.is_dir() or path.suffix == "":
             path.mkdir(parents=True, exist_ok=True)
             path = path / RECIPE_FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.to_yaml())
+        path.write_text(self._files_beside(path.parent).to_yaml())
         return path
 
+    @property
+    def carried_files(self) -> list[CarriedFile]:
+        """The files the recipe's parameters name (:class:`CarriedFile`), in recipe order."""
+        return [v for iv in self.interventions for v in iv.params.values() if isinstance(v, CarriedFile)]
+
+    def _files_beside(self, folder: Path) -> Recipe:
+        """This recipe with every carried file copied into ``folder`` under its file name (a file
+        already there must be the same bytes) and its ``path`` that name."""
+        names: dict[str, str] = {}
+        data = self.to_dict(keep_files=True)
+        for item in data["interventions"]:
+            for key, value in item["params"].items():
+                if isinstance(value, CarriedFile):
+                    item["params"][key] = value.copy_to(folder, names)
+        return Recipe.from_dict(data, origin=f"recipe {self.name!r}", folder=folder)
+
     def save_pretrained(self, save_directory: str | Path) -> Path:
-        """Write ``save_directory/recipe.yaml`` (the folder is created; nothing else is written), the
-        layout :meth:`from_pretrained` and :meth:`push_to_hub` use; returns the file's path."""
+        """Write ``save_directory/recipe.yaml`` (the folder is created) and copy the recipe's carried
+        files beside it (nothing else is written), the layout :meth:`from_pretrained` and
+        :meth:`push_to_hub` use; returns the file's path."""
         folder = Path(save_directory).expanduser()
         if folder.exists() and not folder.is_dir():
             raise UsageError(
@@ -192,7 +226,7 @@ class Recipe:
             )
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / RECIPE_FILENAME
-        path.write_text(self.to_yaml())
+        path.write_text(self._files_beside(folder).to_yaml())
         return path
 
     def push_to_hub(
@@ -205,7 +239,8 @@ class Recipe:
         commit_message: str | None = None,
     ) -> PushedRecipe:
         """Validate the recipe and upload it as ``recipe.yaml`` to the Hub model repo ``repo_id``
-        (created if missing; ``private`` applies only then). The commit message names the recipe
+        (created if missing; ``private`` applies only then), with its carried files beside it in
+        the same commit. The commit message names the recipe
         and its :attr:`hash`. Needs the network and a write token (``hf auth login`` or ``HF_TOKEN``).
 
         Returns a :class:`PushedRecipe`: the repo id, the recipe's hash and the commit URL; anyone
@@ -233,9 +268,7 @@ class Recipe:
             repo_id = getattr(repo_url, "repo_id", None) or repo_id  # a bare name gets the user's namespace
             with tempfile.TemporaryDirectory() as tmp:
                 file = recipe.save_pretrained(tmp)
-                commit = api.upload_file(
-                    path_or_fileobj=str(file),
-                    path_in_repo=RECIPE_FILENAME,
+                commit_args = dict(
                     repo_id=repo_id,
                     token=token,
                     revision=revision,
@@ -245,9 +278,14 @@ class Recipe:
                         f"methods {recipe.methods}; recipe hash (sha256): {digest}"
                     ),
                 )
+                if recipe.carried_files:  # recipe.yaml and its files in one commit
+                    commit = api.upload_folder(folder_path=tmp, **commit_args)
+                else:
+                    commit = api.upload_file(path_or_fileobj=str(file), path_in_repo=RECIPE_FILENAME, **commit_args)
         except Exception as exc:  # no token, no network, no write access, a bad revision
             raise UsageError(
-                f"push_to_hub: could not upload {RECIPE_FILENAME} to the Hub repo {repo_id!r} "
+                f"push_to_hub: could not upload {RECIPE_FILENAME}{' and its files' if recipe.carried_files else ''} "
+                f"to the Hub repo {repo_id!r} "
                 f"({type(exc).__name__}: {_one_line(exc)}). Fix: check the network (and that HF_HUB_OFFLINE is "
                 "not set), log in with a write token (`hf auth login` or HF_TOKEN), and check the repo id is "
                 "yours or your organisation's"
@@ -273,8 +311,14 @@ class Recipe:
         """SHA-256 of the canonical JSON of :meth:`resolved_dict` (what results record): two
         recipes that steer identically except for name/description/source/model_types(_policy)
         still differ, but leaving out a default and writing it out do not (``model_types_policy:
-        error`` hashes as if left out)."""
-        canonical = json.dumps(self.resolved_dict(), sort_keys=True, separators=(",", ":"))
+        error`` hashes as if left out). A carried file enters by its sha256 (its path does not)."""
+        data = self.resolved_dict()
+        for item in data["interventions"]:  # a carried file counts by its content, not its name
+            item["params"] = {
+                k: {"sha256": v["sha256"]} if k in _carried(item["method"]) and isinstance(v, dict) else v
+                for k, v in item["params"].items()
+            }
+        canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @property
@@ -342,7 +386,7 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _parse_intervention(item: Any, where: str) -> Intervention:
+def _parse_intervention(item: Any, where: str, folder: Path | None) -> Intervention:
     if not isinstance(item, dict):
         raise RecipeError(f"{where}: got {item!r}; an intervention is a mapping with keys {list(_INTERVENTION_KEYS)}")
     unknown = [k for k in item if not isinstance(k, str) or k not in _INTERVENTION_KEYS]
@@ -381,13 +425,141 @@ def _parse_intervention(item: Any, where: str) -> Intervention:
             f"{_closest(unknown[0], cls.params)}"
         )
     params = {}
+    carried = _carried(method)
     for pname, spec in cls.params.items():
-        params[pname] = spec.validate(raw[pname], f"{where}.params.{pname}") if pname in raw else spec.default
+        if pname not in raw:
+            params[pname] = spec.default
+        elif pname in carried:  # null: not set (the method says whether it can steer without it)
+            value = raw[pname]
+            params[pname] = (
+                None if value is None else CarriedFile.parse(value, f"{where}.params.{pname}", folder, carried[pname])
+            )
+        else:
+            params[pname] = spec.validate(raw[pname], f"{where}.params.{pname}")
     try:
         params = cls.finalize_params(params)
     except RecipeError as exc:  # a rule across parameters; the method names the field
         raise RecipeError(f"{where}.{exc}") from None
     return Intervention(method=method, layers=layers, heads=heads, params=params)
+
+
+# ---- files a recipe carries ------------------------------------------------------------------------
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (file, size, mtime) -> sha256, so re-validating is cheap
+
+
+def _carried(method: Any) -> dict[str, str]:
+    """``{param: how its file is made}`` of the parameters of ``method`` that name carried files."""
+    cls = METHODS.get(method) if isinstance(method, str) else None
+    return dict(cls.carried_files) if cls is not None else {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 (hex) of a file's bytes (remembered while its size and modification time stay)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+@dataclass(frozen=True)
+class CarriedFile:
+    """A file a recipe parameter names: ``path`` as the recipe writes it (relative to the recipe's
+    folder, or absolute), the ``sha256`` of its bytes, and ``resolved``, that file on this machine
+    (checked to have the sha256 whenever the recipe is validated). Two carried files are equal when
+    their path and sha256 are."""
+
+    path: str
+    sha256: str
+    resolved: Path = field(compare=False)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256}
+
+    @classmethod
+    def parse(cls, value: Any, where: str, folder: Path | None, how: str) -> CarriedFile:
+        """``{path, sha256}`` -> a CarriedFile whose file exists and has that sha256 (a CarriedFile
+        is checked again); a relative path is read from ``folder`` (None: the current directory).
+        ``how``: how the file is made (the fix of every error)."""
+        if isinstance(value, CarriedFile):
+            return value.checked(where, how)
+        shape = f"allowed: a mapping {{path: FILE, sha256: HEX}} naming the file (relative to the recipe's folder). Fix: {how}"
+        if not isinstance(value, dict) or not isinstance(value.get("path"), str) or not value["path"].strip():
+            raise RecipeError(f"{where}: got {value!r}; {shape}")
+        unknown = sorted(str(k) for k in value if k not in ("path", "sha256"))
+        if unknown:
+            raise RecipeError(f"{where}: unknown key(s) {unknown}; {shape}")
+        base = folder if folder is not None else Path.cwd()
+        file = cls(value["path"], value.get("sha256"), (base / Path(value["path"]).expanduser()).absolute())
+        if not isinstance(file.sha256, str) or not _SHA256.match(file.sha256):
+            actual = (
+                f" The file {str(file.resolved)!r} has sha256 {file_sha256(file.resolved)}."
+                if file.resolved.is_file()
+                else ""
+            )
+            raise RecipeError(
+                f"{where}.sha256: got {file.sha256!r}; allowed: the 64 lowercase hex digits of the file's sha256, which "
+                f"the recipe records so that a changed file is refused.{actual} Fix: write that sha256 if it is the "
+                f"file you mean, or {how}"
+            )
+        return file.checked(where, how)
+
+    def checked(self, where: str, how: str) -> CarriedFile:
+        """Itself, once its file is found to exist and to have its sha256; else RecipeError."""
+        if not self.resolved.is_file():
+            raise RecipeError(
+                f"{where}.path: the file {self.path!r} (looked for {str(self.resolved)!r}) does not exist. Fix: "
+                f"{how}; keep the file beside the recipe (Recipe.save_pretrained copies it there), or correct the path"
+            )
+        actual = file_sha256(self.resolved)
+        if actual != self.sha256:
+            raise RecipeError(
+                f"{where}: the file {str(self.resolved)!r} has sha256 {actual}, and the recipe records {self.sha256}: "
+                "the file was changed, truncated or replaced since the recipe was written. Fix: restore the file the "
+                f"recipe was written with, or {how} (it writes the recipe with the new file's sha256)"
+            )
+        return self
+
+    def copy_to(self, folder: Path, names: dict[str, str]) -> CarriedFile:
+        """This file copied into ``folder`` under its file name (``names``: name -> sha256 already
+        placed there by this save), unless that is already this file."""
+        name = self.resolved.name
+        target = (folder / name).absolute()
+        if names.setdefault(name, self.sha256) != self.sha256:
+            raise UsageError(
+                f"saving the recipe: two of its files are named {name!r} (sha256 {names[name][:12]}... and "
+                f"{self.sha256[:12]}...) and both go beside recipe.yaml. Fix: rename one of them"
+            )
+        if target.exists() and not (target.is_file() and target.samefile(self.resolved)):
+            if not target.is_file() or file_sha256(target) != self.sha256:
+                raise UsageError(
+                    f"saving the recipe: {str(target)!r} already exists and is not the file the recipe carries "
+                    f"(sha256 {self.sha256}). Fix: save to another folder, or remove that file"
+                )
+        elif not target.exists():
+            shutil.copyfile(self.resolved, target)
+        return CarriedFile(name, self.sha256, target)
+
+
+def _carried_paths(data: Any) -> list[str]:
+    """The relative paths of the files a parsed recipe mapping carries (malformed parts are skipped:
+    :meth:`Recipe.from_dict` names them)."""
+    out = []
+    items = data.get("interventions") if isinstance(data, dict) else None
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("params"), dict):
+            continue
+        for key in _carried(item.get("method")):
+            value = item["params"].get(key)
+            if isinstance(value, dict) and isinstance(value.get("path"), str):
+                out.append(value["path"])
+    return out
 
 
 # ---- several recipes side by side (command lines, evaluations) ------------------------------------
@@ -461,7 +633,7 @@ class _RecipeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def _from_yaml_text(text: str, origin: str) -> Recipe:
+def _parse_yaml(text: str, origin: str) -> Any:
     try:
         data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
     except _DuplicateKey as exc:
@@ -471,7 +643,11 @@ def _from_yaml_text(text: str, origin: str) -> Recipe:
         ) from None
     except yaml.YAMLError as exc:
         raise RecipeError(f"{origin}: not valid YAML: {exc}") from exc
-    return Recipe.from_dict(data, origin=origin)
+    return data
+
+
+def _from_yaml_text(text: str, origin: str, folder: Path | None = None) -> Recipe:
+    return Recipe.from_dict(_parse_yaml(text, origin), origin=origin, folder=folder)
 
 
 def load_recipe(
@@ -483,9 +659,9 @@ def load_recipe(
     ``recipe.yaml``, then a Hub repo id (``owner/name``, or ``hf://owner/name`` to skip the local
     look-up); ``revision`` and ``token`` apply to the Hub only."""
     if isinstance(recipe, Recipe):
-        return Recipe.from_dict(recipe.to_dict(), origin=f"recipe {recipe.name!r}")
+        return Recipe.from_dict(recipe.to_dict(keep_files=True), origin=f"recipe {recipe.name!r}")
     if isinstance(recipe, dict):
-        return Recipe.from_dict(recipe)
+        return Recipe.from_dict(recipe)  # carried files: relative to the current directory
     if not isinstance(recipe, (str, Path)):
         raise RecipeError(
             f"recipe: got {type(recipe).__name__}; allowed: a built-in name {builtin_names()}, a YAML path, "
@@ -505,7 +681,7 @@ def load_recipe(
             )
         path = path / RECIPE_FILENAME
     if path.is_file():
-        return _from_yaml_text(path.read_text(), str(path))
+        return _from_yaml_text(path.read_text(), str(path), path.parent)
     if isinstance(recipe, str) and "/" in text and _is_hub_repo_id(text):
         return load_hub_recipe(text, revision=revision, token=token)[0]
     raise RecipeError(
@@ -535,9 +711,12 @@ def _hub_repo_id(value: str, where: str, allow_bare: bool = False) -> str:
     return repo_id
 
 
-def hub_recipe_file(repo_id: str, *, revision: str | None = None, token: str | bool | None = None) -> Path:
-    """Download ``recipe.yaml`` of the Hub repo ``repo_id`` (or take it from the local Hugging Face
-    cache) and return its path. Raises :class:`RecipeError` naming the repo and the fix."""
+def hub_recipe_file(
+    repo_id: str, *, revision: str | None = None, token: str | bool | None = None, filename: str = RECIPE_FILENAME
+) -> Path:
+    """Download ``recipe.yaml`` (or another ``filename`` of the recipe: a file it carries) of the
+    Hub repo ``repo_id`` (or take it from the local Hugging Face cache) and return its path. Raises
+    :class:`RecipeError` naming the repo and the fix."""
     repo_id = _hub_repo_id(repo_id, "recipe")
     at = f" at revision {revision!r}" if revision else ""
     where = f"the Hub repo {repo_id!r}{at}"
@@ -552,38 +731,42 @@ def hub_recipe_file(repo_id: str, *, revision: str | None = None, token: str | b
         ) from exc
     try:
         file = hf_hub_download(
-            repo_id, RECIPE_FILENAME, revision=revision, token=token, local_files_only=offline or unreachable
+            repo_id, filename, revision=revision, token=token, local_files_only=offline or unreachable
         )
     except Exception as exc:  # classified below; every branch names the repo and the fix
         detail = f"({type(exc).__name__}: {_one_line(exc)})"
-        local = "or download recipe.yaml and pass its local path (a YAML file, or a folder holding recipe.yaml)"
+        local = "or download recipe.yaml (and the files it names) and pass its local path (a YAML file, or a folder holding recipe.yaml)"
         if isinstance(exc, hub_errors.LocalEntryNotFoundError) or offline or unreachable:
             state = "the Hub is offline (HF_HUB_OFFLINE is set)" if offline else "the Hub could not be reached"
             message = (
-                f"recipe: could not download {RECIPE_FILENAME} from {where}: {state}, and the local Hugging Face "
+                f"recipe: could not download {filename} from {where}: {state}, and the local Hugging Face "
                 f"cache does not hold it {detail}. Fix: connect to the network"
                 f"{' and unset HF_HUB_OFFLINE' if offline else ''}, {local}"
             )
         elif isinstance(exc, hub_errors.RevisionNotFoundError):
             message = (
-                f"recipe: could not download {RECIPE_FILENAME} from {where}: the repo has no such revision {detail}. "
+                f"recipe: could not download {filename} from {where}: the repo has no such revision {detail}. "
                 "Fix: pass an existing branch, tag or commit (or no revision for main)"
             )
         elif isinstance(exc, hub_errors.RepositoryNotFoundError):  # also gated / private without a token
             message = (
-                f"recipe: could not download {RECIPE_FILENAME} from {where}: the repo does not exist, or it is "
+                f"recipe: could not download {filename} from {where}: the repo does not exist, or it is "
                 f"private or gated {detail}. Fix: check the repo id, log in (`hf auth login` or HF_TOKEN) for a "
                 f"private repo, {local}"
             )
         elif isinstance(exc, hub_errors.EntryNotFoundError):
             message = (
-                f"recipe: could not download {RECIPE_FILENAME} from {where}: the repo exists but holds no "
-                f"{RECIPE_FILENAME}, so it is not an attnsteer recipe repo {detail}. Fix: check the repo id; "
-                "recipes are shared with Recipe.push_to_hub() or `attnsteer recipes push`"
+                f"recipe: could not download {filename} from {where}: the repo exists but holds no {filename}"
+                + (
+                    f", so it is not an attnsteer recipe repo {detail}. Fix: check the repo id; "
+                    if filename == RECIPE_FILENAME
+                    else f", which its {RECIPE_FILENAME} names {detail}. Fix: push the recipe again with its files; "
+                )
+                + "recipes are shared with Recipe.push_to_hub() or `attnsteer recipes push`"
             )
         else:  # network, validation, server errors
             message = (
-                f"recipe: could not download {RECIPE_FILENAME} from {where} {detail}. Fix: check the repo id and "
+                f"recipe: could not download {filename} from {where} {detail}. Fix: check the repo id and "
                 f"your network (HF_HUB_OFFLINE=1 makes the Hub offline on purpose), {local}"
             )
         raise RecipeError(message) from exc
@@ -593,8 +776,19 @@ def hub_recipe_file(repo_id: str, *, revision: str | None = None, token: str | b
 def load_hub_recipe(
     repo_id: str, *, revision: str | None = None, token: str | bool | None = None
 ) -> tuple[Recipe, str]:
-    """The recipe of the Hub repo ``repo_id`` and the downloaded YAML text (validated)."""
+    """The recipe of the Hub repo ``repo_id`` and the downloaded YAML text (validated). The files
+    it carries are downloaded beside ``recipe.yaml`` (in the Hugging Face cache)."""
     repo_id = _hub_repo_id(repo_id, "recipe")
-    text = hub_recipe_file(repo_id, revision=revision, token=token).read_text()
+    file = hub_recipe_file(repo_id, revision=revision, token=token)
+    text = file.read_text()
     origin = f"{HUB_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
-    return _from_yaml_text(text, origin), text
+    data = _parse_yaml(text, origin)
+    for path in _carried_paths(data):
+        name = PurePosixPath(path)
+        if name.is_absolute() or ".." in name.parts or "\\" in path:
+            raise RecipeError(
+                f"{origin}: the recipe names the file {path!r}, which is not a path inside the repo. Fix: publish it "
+                "with Recipe.push_to_hub(), which puts the recipe's files beside recipe.yaml"
+            )
+        hub_recipe_file(repo_id, revision=revision, token=token, filename=str(name))
+    return Recipe.from_dict(data, origin=origin, folder=file.parent), text

@@ -31,8 +31,12 @@ RECIPES = {
     "pai": [("pai", {"alpha": 0.7})],
     "pai+act": [("pai", {"alpha": 0.7}), ("act", {"threshold": 0.08, "beta": 0.3, "apply_to": "all"})],
     "softplus+var": [("softplus", {"p": 2.0}), ("var", {"rho": 0.2, "min_image_attention": 0.05})],
+    "vaf": [("vaf", {"alpha": 1.5, "beta": 0.7})],
+    "vaf+act": [("vaf", {"alpha": 1.5, "beta": 0.7}), ("act", {"threshold": 0.08, "beta": 0.3, "apply_to": "all"})],
+    "hgai": [("hgai", {"alpha": 0.8})],
+    "hgai+vaf": [("hgai", {"alpha": 0.8}), ("vaf", {"alpha": 1.5, "beta": 0.7})],
 }
-FAST = ("chunked", "flash", "triton")
+FAST = ("chunked", "flash", "triton", "keyscale")
 
 
 @st.composite
@@ -111,7 +115,7 @@ def _setup(c):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(calls())
 def test_every_claimed_method_backend_pair_equals_the_reference(c):
     plan, prompt, q, k, v, mask, info = _setup(c)

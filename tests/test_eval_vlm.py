@@ -501,3 +501,31 @@ def test_no_chat_is_refused_for_a_family_that_wraps_its_images_in_marker_tokens(
     runner.VLMInputs(processor, "m", chat=False, model=build_vlm("llava"))  # no markers: accepted
     with pytest.raises(EvalError, match=r"--no-chat: --model 'm' \(qwen2_vl\) wraps each image.*Fix: drop --no-chat"):
         runner.VLMInputs(processor, "m", chat=False, model=build_vlm("qwen2_vl"))
+
+
+# the newer methods' recipes, on every layer of the tiny LLaVA (the built-ins name LLaVA-1.5-7B's layers)
+NEW_METHOD_RECIPES = {
+    "vaf": {"method": "vaf", "layers": "all", "params": {"alpha": 1.6, "beta": 0.6}},
+    "hgai": {"method": "hgai", "layers": "all", "params": {"alpha": 0.8}},
+    "spin": {"method": "spin", "layers": "all", "params": {"rho": 0.5, "eps": 0.1}},
+}
+
+
+def test_pope_and_compare_take_the_newer_methods_like_any_recipe(tiny_llava_dir, eval_data, tmp_path, capsys):
+    import yaml
+
+    argv = ["--recipe", "none"]
+    for name, intervention in NEW_METHOD_RECIPES.items():
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"schema_version": 1, "name": name, "interventions": [intervention]}))
+        argv += ["--recipe", path]
+    code, out, err = cli(capsys, *pope_argv(tiny_llava_dir, eval_data, tmp_path / "run", *argv, "--limit", "3"))
+    assert code == 0, err
+    res = read_results(tmp_path / "run")
+    assert set(res["metrics"]) == {"baseline", *NEW_METHOD_RECIPES}
+    for name in NEW_METHOD_RECIPES:
+        assert res["recipes"][name]["recipe"]["interventions"][0]["method"] == name
+        assert res["steering"][name]["calls"] > 0 and res["steering"][name]["rows_modified"] > 0, res["steering"]
+    code, out, err = cli(capsys, "compare", tmp_path / "run", "--output_path", tmp_path / "cmp", "--no_plot")
+    assert code == 0, err
+    assert all(f"| {name} " in out or f" {name} |" in out for name in NEW_METHOD_RECIPES), out

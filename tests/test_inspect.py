@@ -33,6 +33,8 @@ VAR = {
 }
 PAI = {"name": "pai-tiny", "interventions": [{"method": "pai", "layers": "1:", "params": {"alpha": 0.5}}]}
 VHR = {"name": "vhr-tiny", "interventions": [{"method": "vhr", "layers": "all", "params": {"alpha": 2.0}}]}
+SPIN = {"name": "spin-tiny", "interventions": [{"method": "spin", "layers": "1:", "params": {"rho": 0.5, "eps": 0.1}}]}
+VAF = {"name": "vaf-tiny", "interventions": [{"method": "vaf", "layers": "2:", "params": {"alpha": 1.5, "beta": 0.5}}]}
 
 
 @pytest.fixture(autouse=True)
@@ -323,7 +325,7 @@ def test_inspect_text_model_writes_pictures_that_show_the_numbers(tiny_text_dir,
 
 def test_inspect_llava_with_an_image(tiny_llava_dir, tmp_path, capsys):  # noqa: F811
     images = write_images(tmp_path / "images", IMAGE_IDS[:1])
-    recipes = [_write_recipe(tmp_path, VAR), _write_recipe(tmp_path, VHR)]
+    recipes = [_write_recipe(tmp_path, r) for r in (VAR, VHR, SPIN, VAF)]
     out = tmp_path / "pictures"
     code, stdout, err = run(
         capsys, "inspect", "--model", tiny_llava_dir, "--recipe", *recipes, "--prompt", "is there a dog in the image ?",
@@ -343,6 +345,27 @@ def test_inspect_llava_with_an_image(tiny_llava_dir, tmp_path, capsys):  # noqa:
     vhr = pics[("vhr-tiny", "head_share")]["panels"][1]["marks"]["vhr"]
     chosen = record["recipes"]["vhr-tiny"]["vhr_heads"]
     assert sorted(map(tuple, vhr)) == sorted((int(layer), h) for layer, hs in chosen.items() for h in hs)
+    # SPIN's kept heads (2 of 4 per steered layer) drawn as spin_heads and outlined on its head share
+    kept = record["recipes"]["spin-tiny"]["spin_heads"]
+    assert sorted(map(int, kept)) == [1, 2, 3] and all(len(hs) == 2 for hs in kept.values())
+    spin = pics[("spin-tiny", "spin_heads")]
+    assert Path(spin["path"]).name == "spin-tiny_spin_heads.png" and "SPIN kept" in spin["title"][0]
+    grid = spin["panels"][0]["values"]
+    assert grid[0] == [None] * 4  # layer 0 not steered
+    assert all(grid[int(layer)][h] == 1.0 for layer, hs in kept.items() for h in hs)
+    _check_cells(_pixels(spin["path"]), spin["panels"][0], spin["vmin"], spin["vmax"])
+    marks = pics[("spin-tiny", "head_share")]["panels"][1]["marks"]["spin"]
+    assert sorted(map(tuple, marks)) == sorted((int(layer), h) for layer, hs in kept.items() for h in hs)
+    # VAF's key groups: 1.5 on the image tokens, 0.5 before the first one, 1 after; grey below layer 2
+    groups = pics[("vaf-tiny", "vaf_key_factors")]
+    factors = groups["panels"][0]["values"]
+    first = min(record["image_positions"])
+    assert factors[0] == [None] * len(factors[0]) and factors[1] == [None] * len(factors[0])
+    for layer in (2, 3):
+        row = factors[layer]
+        assert set(row[:first]) == {0.5} and all(row[p] == 1.5 for p in record["image_positions"])
+        assert set(row[max(record["image_positions"]) + 1 :]) == {1.0}
+    _check_cells(_pixels(groups["path"]), groups["panels"][0], groups["vmin"], groups["vmax"])
     for label in ("var-tiny", "vhr-tiny"):
         pic = pics[(label, "image_attention")]
         pixels = _pixels(pic["path"])

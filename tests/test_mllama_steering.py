@@ -130,10 +130,10 @@ def test_remove_restores_exactly(mllama):
     assert all(not m._forward_pre_hooks or m is mllama for m in text_layers(mllama))
 
 
-@pytest.mark.parametrize("method", ["var", "pai"])
+@pytest.mark.parametrize("method", ["var", "pai", "vaf", "hgai", "spin"])
 def test_image_key_methods_are_refused_with_the_reason(mllama, method):
     with pytest.raises(RecipeError, match="cross-attention layers"):
-        attnsteer.apply(mllama, {"interventions": [{"method": method}]})
+        attnsteer.apply(mllama, {"interventions": [{"method": method, "layers": "all"}]})
 
 
 def test_agla_is_refused(mllama):

@@ -245,6 +245,14 @@ IMAGE_RECIPES = {  # tau 2.5: the tiny model has no massive activations; a low t
             {"method": "var", "layers": "all", "params": {"tau": 2.5, "p": 0.6, "rho": 0.2, "min_image_attention": 0.1}}
         ]
     },
+    # the newer methods, composed in one engine: a key_scale and an elementwise score rule, a head rule
+    "vaf+hgai+spin": {
+        "interventions": [
+            {"method": "vaf", "layers": [0], "params": {"alpha": 1.6, "beta": 0.6}},
+            {"method": "hgai", "layers": [1], "params": {"alpha": 0.8}},
+            {"method": "spin", "layers": "all", "params": {"rho": 0.5, "eps": 0.1}},
+        ]
+    },
 }
 
 

@@ -14,11 +14,17 @@ RECIPES = {
     "pai": {"interventions": [{"method": "pai", "params": {"alpha": 0.8}}]},
     "pai_gamma": {"interventions": [{"method": "pai", "params": {"alpha": 0.5, "gamma": 1.1}}]},
     "vhr": {"interventions": [{"method": "vhr", "layers": "all"}]},
+    "vaf": {"interventions": [{"method": "vaf", "layers": "all", "params": {"alpha": 1.6, "beta": 0.6}}]},
+    "hgai": {"interventions": [{"method": "hgai", "layers": "all", "params": {"alpha": 0.8}}]},
+    "spin": {"interventions": [{"method": "spin", "layers": "all", "params": {"rho": 0.5, "eps": 0.1}}]},
 }
 IDENTITY = {
     "var": {"interventions": [{"method": "var", "params": {"p": 0.0}}]},
     "pai": {"interventions": [{"method": "pai", "params": {"alpha": 0.0}}]},
     "vhr": {"interventions": [{"method": "vhr", "layers": "all", "params": {"alpha": 1.0}}]},
+    "vaf": {"interventions": [{"method": "vaf", "layers": "all", "params": {"alpha": 1.0, "beta": 1.0}}]},
+    "hgai": {"interventions": [{"method": "hgai", "layers": "all", "params": {"alpha": 0.0}}]},
+    "spin": {"interventions": [{"method": "spin", "layers": "all", "params": {"rho": 1.0, "eps": 0.1}}]},
 }
 TOL = dict(atol=3e-5, rtol=3e-5)
 # VAR's parameters for the KV-cache test (test_generate_with_kv_cache): every layer of each tiny
@@ -100,7 +106,7 @@ def test_padded_batch_with_different_image_counts_equals_rows_alone(family, vlm,
             torch.testing.assert_close(together[row, keep], alone[0], **TOL)
 
 
-@pytest.mark.parametrize("method", ["var", "pai", "vhr"])
+@pytest.mark.parametrize("method", ["var", "pai", "vhr", "vaf", "hgai", "spin"])
 def test_rows_without_images_are_untouched_and_counted(family, vlm, method):
     if not F.TEXT_ONLY_ROWS[family]:
         pytest.skip(f"{family} takes exactly one image per row")
@@ -178,7 +184,7 @@ def test_remove_restores_exactly_and_vision_is_untouched(family, vlm):
     top_dict = set(vlm.__dict__)
     base = logits(vlm, inputs)
     hooks_before = {n: (set(m._forward_pre_hooks), set(m._forward_hooks)) for n, m in vlm.named_modules()}
-    for method in ("var", "vhr", "pai"):
+    for method in ("var", "vhr", "pai", "vaf", "hgai", "spin"):
         with attnsteer.apply(vlm, RECIPES[method]):
             assert vlm.config.vision_config._attn_implementation == "sdpa"
             logits(vlm, inputs)

@@ -1,4 +1,4 @@
-"""``attnsteer calibrate act|var|vhr``: search a recipe on a model, write it as YAML."""
+"""``attnsteer calibrate act|var|vhr|seka``: search a recipe on a model, write it as YAML."""
 
 from __future__ import annotations
 
@@ -25,6 +25,12 @@ CALIBRATIONS = {
         "VHR: a fixed head set from a set of prompts (a variant: the paper selects heads per prompt)",
         "attnsteer calibrate vhr --fixed-heads --model llava-hf/llava-1.5-7b-hf --prompts prompts.jsonl --out vhr.yaml",
         "LLaVA-1.5-7B from the Hub and a prompts.jsonl with images",
+    ),
+    "seka": (
+        "seka",
+        "SEKA: per-head key projections from a question-answering set, written beside the recipe",
+        "attnsteer calibrate seka --model smollm2 --data qa.jsonl --out seka-smollm2.yaml",
+        "a qa.jsonl of {context, question, answer} lines, as docs/calibrate.md says; seconds on a CPU for SmolLM2",
     ),
 }
 

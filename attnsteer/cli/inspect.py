@@ -33,8 +33,8 @@ def add_inspect(sub) -> None:
         EXAMPLE,
         description="Run one prompt through the unsteered model and through each recipe, and draw PNG pictures of "
         "the last prompt row's attention (per layer and head: its share on the image tokens, or on the sinks for a "
-        "text-only model; over the image grid with --image), the sinks ACT and VAR find and the heads VHR selects. "
-        "Writes OUT/<label>_<picture>.png and OUT/inspect.json with every number drawn (docs/inspect.md).",
+        "text-only model; over the image grid with --image), the sinks ACT and VAR find and the heads VHR selects "
+        "and SPIN keeps. Writes OUT/<label>_<picture>.png and OUT/inspect.json with every number drawn (docs/inspect.md).",
     )
     add_model_arguments(p)
     add_recipe_argument(p)

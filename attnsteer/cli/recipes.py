@@ -268,6 +268,7 @@ def cmd_recipes_validate(args) -> int:
 
 
 def cmd_recipes_pull(args) -> int:
+    import shutil
     from pathlib import Path
 
     from .. import recipe as recipe_mod
@@ -302,6 +303,12 @@ def cmd_recipes_pull(args) -> int:
     if state != "already up to date":
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(text)  # the file as published (comments kept); it validated above
+    for carried in recipe.carried_files:  # the files it carries (e.g. SEKA's projections), beside it
+        target = file.parent / carried.path
+        if not target.is_file() or target.read_bytes() != carried.resolved.read_bytes():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(carried.resolved, target)
+        print(f"carried file: {target} (sha256 {carried.sha256})")
     revision = f" (revision {args.revision})" if args.revision else ""
     print(f"pulled hf://{repo_id}{revision} -> {file} ({state})")
     print(f"recipe: {recipe.name!r} ({len(recipe.interventions)} intervention(s): {', '.join(recipe.methods)})")

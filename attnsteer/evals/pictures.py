@@ -10,10 +10,12 @@ Pictures, ``<label>_<picture>.png`` per recipe label:
 
 * ``head_share``: layers x heads, the last row's attention share on the image tokens (text-only
   prompts: on the sink keys the recipe found, else on the first token), baseline | steered; heads
-  whose row the recipe's rules changed, and VHR's selected heads, outlined;
+  whose row the recipe's rules changed, and the heads a method reports (VHR's selected, SPIN's
+  kept), outlined;
 * ``sinks``: layers x prompt tokens, the sinks ACT (fraction of heads) and VAR (hidden-state
   sinks) found;
-* ``vhr_heads``: layers x heads, the heads VHR selected;
+* ``<method>_heads`` (``vhr_heads``, ``spin_heads``): layers x heads, the heads a method's report
+  names at the last prompt row (``{"heads": [per batch row [heads]]}``);
 * ``image_attention``: the last row's attention over the image-token grid laid over the image the
   model saw, baseline | steered.
 
@@ -41,9 +43,47 @@ NAN_COLOUR = (205, 205, 205)  # "not applicable" cells
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
 RULE_MARK = (230, 30, 30)  # heads whose last row the recipe's rules changed
-VHR_MARK = (255, 255, 255)  # heads VHR selected
+VHR_MARK = (255, 255, 255)  # heads VHR selected (and heads other methods report, unless HEAD_REPORTS says)
 IMAGE_BAND = (255, 140, 0)  # image-token columns
 PAD, GAP, LINE = 10, 24, 14
+
+
+@dataclass(frozen=True)
+class HeadReport:
+    """How the pictures word and mark the heads a method's report names."""
+
+    verb: str  # "heads VHR <verb> at the last prompt token"
+    effect: str  # what the method does to them, for the head-share legend
+    caption: str  # the heads picture's panel caption
+    note: str  # what the report leaves out
+    mark: tuple[int, int, int] = VHR_MARK  # the outline on the head-share picture
+    mark_name: str = "white"
+
+
+# methods whose report is {"heads": [per batch row [heads]]}; others reporting heads get generic wording
+HEAD_REPORTS = {
+    "vhr": HeadReport(
+        "selected",
+        "output scaled by alpha",
+        "VHR selection",
+        "VHR's report gives the selection only, not its VHD scores",
+    ),
+    "spin": HeadReport(
+        "kept",
+        "the row's other heads scaled by eps",
+        "SPIN kept heads",
+        "SPIN's report gives the kept heads only, not their image attention",
+        (255, 105, 180),
+        "pink",
+    ),
+}
+
+
+def head_report(method: str) -> HeadReport:
+    name = method.upper()
+    return HEAD_REPORTS.get(method) or HeadReport(
+        "reported", "", f"{name} heads", f"{name}'s report gives the heads only"
+    )
 
 
 def colormap(values, vmin: float, vmax: float) -> np.ndarray:
@@ -114,12 +154,14 @@ def _render(panel: Panel, vmin: float, vmax: float):
     for r, c in panel.marks.get("rule_changed", []):  # an outline on the cell's edge
         x, y = left + c * cw, top + r * ch
         draw.rectangle([x, y, x + cw - 1, y + ch - 1], outline=RULE_MARK, width=2)
-    for r, c in panel.marks.get("vhr", []):  # an inner outline, or a corner dot in small cells
-        x, y = left + c * cw, top + r * ch
-        if min(cw, ch) >= 14:
-            draw.rectangle([x + 3, y + 3, x + cw - 4, y + ch - 4], outline=VHR_MARK, width=2)
-        else:
-            draw.rectangle([x + 2, y + 2, x + 3, y + 3], fill=VHR_MARK)
+    for kind, cells in panel.marks.items():  # a method's reported heads: an inner outline, or a corner dot
+        colour = head_report(kind).mark
+        for r, c in cells if kind != "rule_changed" else ():
+            x, y = left + c * cw, top + r * ch
+            if min(cw, ch) >= 14:
+                draw.rectangle([x + 3, y + 3, x + cw - 4, y + ch - 4], outline=colour, width=2)
+            else:
+                draw.rectangle([x + 2, y + 2, x + 3, y + 3], fill=colour)
     if panel.image is not None:
         return img, (left, top)
     step = _every(ch, LINE)
@@ -206,7 +248,13 @@ class Capture:
     steered_layers: list[int] = field(default_factory=list)
     act_sinks: dict[int, dict[int, list[int]]] = field(default_factory=dict)  # layer -> head -> keys
     var_sinks: dict[int, list[int]] = field(default_factory=dict)  # layer -> keys
-    vhr_heads: dict[int, list[int]] = field(default_factory=dict)  # layer -> heads
+    heads: dict[str, dict[int, list[int]]] = field(default_factory=dict)  # method -> layer -> reported heads
+    # method -> layer -> the factor on each prompt key's scores (VAF's groups), from ``key_factors`` reports
+    key_factors: dict[str, dict[int, list[float]]] = field(default_factory=dict)
+
+    @property
+    def vhr_heads(self) -> dict[int, list[int]]:
+        return self.heads.get("vhr", {})
 
 
 def capture(model, inputs: dict, label: str = "baseline", handle=None) -> Capture:
@@ -221,8 +269,30 @@ def capture(model, inputs: dict, label: str = "baseline", handle=None) -> Captur
         cap.changed = {layer: rows.changed(layer)[0].nonzero().flatten().tolist() for layer in cap.steered_layers}
         cap.act_sinks = {layer: found[0] for layer, found in handle.sinks().items()}
         cap.var_sinks = {layer: by["var"]["sinks"][0] for layer, by in handle.report().items() if "var" in by}
-        cap.vhr_heads = {layer: heads[0] for layer, heads in handle.vhr_heads().items()}
+        cap.heads = reported_heads(handle.report())
+        cap.key_factors = reported_key_factors(handle.report())
     return cap
+
+
+def reported_key_factors(report: dict) -> dict[str, dict[int, list[float]]]:
+    """method -> layer -> the per-prompt-key score factors its report gives for the first batch row
+    (``{"key_factors": [[...] per row]}``)."""
+    out: dict[str, dict[int, list[float]]] = {}
+    for layer, by_method in report.items():
+        for method, found in by_method.items():
+            if isinstance(found, dict) and found.get("key_factors"):
+                out.setdefault(method, {})[layer] = found["key_factors"][0]
+    return out
+
+
+def reported_heads(report: dict) -> dict[str, dict[int, list[int]]]:
+    """method -> layer -> the heads its report names for the first batch row (``{"heads": [...]}``)."""
+    out: dict[str, dict[int, list[int]]] = {}
+    for layer, by_method in report.items():
+        for method, found in by_method.items():
+            if isinstance(found, dict) and found.get("heads"):
+                out.setdefault(method, {})[layer] = found["heads"][0]
+    return out
 
 
 def _cells(count: int, room: int, low: int, high: int) -> int:
@@ -266,7 +336,7 @@ def _steered_caption(label: str) -> str:
 
 STEERED_NOTE = [
     "steered panel: the recipe's score and weight rules (PAI, softplus, ACT, VAR) applied to the last row",
-    "the steered model computed; VHR only scales head outputs, so it shows from the next layer on",
+    "the steered model computed; VHR and SPIN only scale head outputs, so they show from the next layer on",
 ]
 
 
@@ -276,11 +346,15 @@ def picture_head_share(out: Path, base: Capture, cap: Capture, image_positions: 
     layers, heads = before.shape
     cell = (_cells(heads, 640, 8, 32), _cells(layers, 480, 6, 24))
     rule = [(layer, h) for layer, hs in cap.changed.items() for h in hs]
-    vhr = [(layer, h) for layer, hs in cap.vhr_heads.items() for h in hs]
-    marks = {"rule_changed": rule, **({"vhr": vhr} if vhr else {})}
+    marks = {"rule_changed": rule}
     legend = [f"red outline: the recipe's rules changed this head's last row ({len(rule)} heads)"] if rule else []
-    if vhr:
-        legend.append("white inner outline (small cells: corner dot): a head VHR selected (output scaled by alpha)")
+    for method, by_layer in cap.heads.items():
+        marks[method] = [(layer, h) for layer, hs in by_layer.items() for h in hs]
+        how = head_report(method)
+        effect = f" ({how.effect})" if how.effect else ""
+        legend.append(
+            f"{how.mark_name} inner outline (small cells: corner dot): a head {method.upper()} {how.verb}{effect}"
+        )
     finite = np.concatenate([before[np.isfinite(before)], after[np.isfinite(after)]])
     vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
     return figure(
@@ -327,23 +401,55 @@ def picture_sinks(out: Path, cap: Capture, tokens: list[str], image_positions: l
     )
 
 
-def picture_vhr_heads(out: Path, cap: Capture) -> dict | None:
-    if not cap.vhr_heads:
+def picture_key_factors(out: Path, cap: Capture, method: str, tokens: list[str], image_positions) -> dict | None:
+    """``<label>_<method>_key_factors.png``: per layer (rows) and prompt token (columns), the factor
+    ``method`` puts on that key's scores in the rows it steers (VAF: alpha on image keys, beta on the
+    system prompt, 1 elsewhere); grey: layers it does not steer."""
+    found = cap.key_factors.get(method)
+    if not found:
+        return None
+    n = len(tokens)
+    grid = np.full((len(cap.weights), n), np.nan)
+    for layer, factors in found.items():
+        grid[layer, : len(factors)] = factors[:n]
+    values = grid[~np.isnan(grid)]
+    vmin, vmax = float(min(values.min(), 1.0)), float(max(values.max(), 1.0))
+    cell = (_cells(n, 1200, 2, 22), _cells(len(cap.weights), 480, 4, 20))
+    panel = Panel(f"{method}: factor on each key's scores", grid, cell, col_name="prompt token", col_labels=tokens)
+    if image_positions:
+        panel.col_band = [i in set(image_positions) for i in range(n)]
+    return figure(
+        out / f"{cap.label}_{method}_key_factors.png",
+        [f"{cap.label}: the factor {method} multiplies each prompt key's scores by, per layer (rows)"],
+        [panel],
+        vmin if vmin < vmax else vmin - 1.0,
+        vmax,
+        ["grey: layer not steered by the method; 1: the key is left alone"]
+        + (["orange band: image tokens"] if image_positions else []),
+    )
+
+
+def picture_heads(out: Path, cap: Capture, method: str) -> dict | None:
+    """``<label>_<method>_heads.png``: the heads ``method``'s report names per layer (yellow)."""
+    if not cap.heads.get(method):
         return None
     layers = len(cap.weights)
     heads = next(iter(cap.weights.values())).shape[0]
     grid = np.full((layers, heads), np.nan)
-    for layer, chosen in cap.vhr_heads.items():
+    for layer, chosen in cap.heads[method].items():
         grid[layer] = 0.0
         grid[layer, chosen] = 1.0
     cell = (_cells(heads, 640, 8, 32), _cells(layers, 480, 6, 24))
+    how, name = head_report(method), method.upper()
     return figure(
-        out / f"{cap.label}_vhr_heads.png",
-        [f"{cap.label}: heads VHR selected at the last prompt token (yellow), per layer (rows) and head (columns)"],
-        [Panel("VHR selection", grid, cell)],
+        out / f"{cap.label}_{method}_heads.png",
+        [
+            f"{cap.label}: heads {name} {how.verb} at the last prompt token (yellow), per layer (rows) and head (columns)"
+        ],
+        [Panel(how.caption, grid, cell)],
         0.0,
         1.0,
-        ["grey: layer not steered by VHR; VHR's report gives the selection only, not its VHD scores"],
+        [f"grey: layer not steered by {name}; {how.note}"],
     )
 
 
@@ -464,14 +570,21 @@ def inspect(
             "act_sinks": cap.act_sinks,
             "var_sinks": cap.var_sinks,
             "vhr_heads": cap.vhr_heads,
+            **{f"{method}_heads": by_layer for method, by_layer in cap.heads.items() if method != "vhr"},
         }
         drawn = [
-            picture_head_share(out, base, cap, image_positions),
-            picture_sinks(out, cap, tokens, image_positions),
-            picture_vhr_heads(out, cap),
+            ("head_share", picture_head_share(out, base, cap, image_positions)),
+            ("sinks", picture_sinks(out, cap, tokens, image_positions)),
+            *[(f"{method}_heads", picture_heads(out, cap, method)) for method in cap.heads],
+            *[
+                (f"{method}_key_factors", picture_key_factors(out, cap, method, tokens, image_positions))
+                for method in cap.key_factors
+            ],
         ]
+        if not cap.heads:
+            drawn.append(("heads", None))
         if image is not None:
-            drawn.append(picture_image_attention(out, base, cap, image_positions, side, image))
+            drawn.append(("image_attention", picture_image_attention(out, base, cap, image_positions, side, image)))
         elif image_positions:
             why = (
                 "the pixel values are not one (3, H, W) image"
@@ -480,7 +593,7 @@ def inspect(
                 "merged patches or query tokens)"
             )
             record["skipped"].append(f"{label}_image_attention: {why}")
-        for name, pic in zip(("head_share", "sinks", "vhr_heads", "image_attention"), drawn):
+        for name, pic in drawn:
             if pic is None:
                 record["skipped"].append(f"{label}_{name}: the recipe reports nothing to draw")
             else:

@@ -157,6 +157,9 @@ class Method:
     # Why the method needs each prompt in one forward (a serving engine must not split a prompt
     # into chunks, or reuse another prompt's cached blocks), or None.
     whole_prompt: ClassVar[str | None] = None
+    # Parameters that name a file the recipe carries beside it ({param: how the file is made}):
+    # ``{path, sha256}`` in the recipe, checked and copied by attnsteer.recipe (SEKA's projections).
+    carried_files: ClassVar[dict[str, str]] = {}
     # Why a position's keys depend on the prompt's length (so a KV block cached for one prompt is
     # wrong for a longer prompt that extends it), or None.
     prompt_length_dependent: ClassVar[str | None] = None
