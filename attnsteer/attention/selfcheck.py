@@ -19,6 +19,12 @@ next backend for the rest of the process (the router counts each as a fallback w
 the same way (:func:`record_failure`). ``ATTNSTEER_TRITON_SELFCHECK=0`` skips the check
 (:mod:`attnsteer.settings`).
 
+Another backend reuses it by calling :func:`ensure` with its own name and compute function before
+its first real call of a combination (and :func:`record_failure` when a kernel fails on a real
+call): the function receives the synthetic call as the Hugging Face path describes one (q, k, v of
+shapes (B, H, Q, D) / (B, H_kv, K, D) and an :class:`AttentionCall`); a backend whose kernels read
+another layout (a paged KV cache) writes the synthetic keys and values into it there.
+
 The check never steers through a model: it calls the backend's compute function and the chunked
 and reference backends directly on synthetic tensors (tiny: B=2, 4/2 heads, a 10-token prompt on
 CPU, 80 on CUDA), draws them from its own seeded generator (the process's random stream is left
@@ -95,9 +101,9 @@ def record_failure(backend: str, kind: str, dtype: torch.dtype, head_dim: int, r
         RESULTS[key] = text = f"{reason} ({describe(key)})"
     warnings.warn(
         f"attnsteer: the {backend} backend failed for {describe(key)}: {reason}. Steered attention of this kind, "
-        "dtype and head dim now runs on the next backend (chunked PyTorch) for the rest of the process; "
-        f"handle.stats() counts these calls under fallbacks. Set ATTNSTEER_TRITON_STRICT=1 to raise instead, "
-        "and please report it",
+        "dtype and head dim now runs on the next backend (plain PyTorch: chunked on CUDA) for the rest of the "
+        "process; handle.stats() counts these calls under fallbacks. Strict mode raises instead "
+        "(ATTNSTEER_TRITON_STRICT=1 for the Triton kernels); please report it",
         KernelSelfCheckWarning,
         stacklevel=3,
     )
