@@ -7,8 +7,12 @@ These variables override defaults for a whole process, e.g. in a benchmark or a 
 ``ATTNSTEER_TRITON``                ``0``/``off``: never use the Triton kernels; ``1``/``on``: also
                                     on CPU tensors under ``TRITON_INTERPRET=1`` (interpreter
                                     tests); unset: on CUDA tensors when triton imports
-``ATTNSTEER_TRITON_STRICT``         ``1``: a kernel that fails to compile or launch raises instead
-                                    of being disabled for the process with a warning
+``ATTNSTEER_TRITON_STRICT``         ``1``: a kernel that fails to compile, launch or its self-check
+                                    raises instead of sending its (rule kind, dtype, head dim) to
+                                    the chunked path for the process with a warning
+``ATTNSTEER_TRITON_SELFCHECK``      ``0``: skip the kernels' self-check (a small synthetic call
+                                    compared with the chunked path before each (rule kind, dtype,
+                                    head dim) is first served in a process)
 ``ATTNSTEER_TRITON_BLOCK_M``,       prefill kernels' tile sizes, warps and pipeline stages
 ``_BLOCK_N``, ``_WARPS``,
 ``_STAGES``
@@ -68,6 +72,7 @@ class KernelTuning:
 class Settings:
     triton: str = "auto"  # auto | off | interpret
     triton_strict: bool = False
+    triton_selfcheck: bool = True
     kernels: KernelTuning = field(default_factory=KernelTuning)
     cache_dir: Path = field(default_factory=lambda: Path("~/.cache/attnsteer").expanduser())
     recipe: str | None = None
@@ -81,6 +86,7 @@ class Settings:
         return cls(
             triton=triton,
             triton_strict=_flag("ATTNSTEER_TRITON_STRICT") in _TRUE,
+            triton_selfcheck=_flag("ATTNSTEER_TRITON_SELFCHECK") not in _FALSE,
             kernels=kernel_tuning(),
             cache_dir=Path(cache).expanduser() if cache else Path("~/.cache/attnsteer").expanduser(),
             recipe=os.environ.get(RECIPE_ENV) or None,

@@ -48,13 +48,17 @@ class BackendConfig:
              ``reference``, ``chunked``, ``flash``, ``triton`` (that one, or an error naming why not).
     triton:  ``auto`` (the kernels on CUDA tensors when triton imports), ``off``, or ``interpret``
              (also CPU tensors, under ``TRITON_INTERPRET=1``: the interpreter tests).
-    strict:  a Triton kernel that fails to compile or launch raises instead of being disabled for
-             the process with a warning.
+    strict:  a Triton kernel that fails to compile or launch, or fails its self-check, raises
+             instead of sending its (rule kind, dtype, head dim) to the next backend for the rest
+             of the process with a warning.
+    selfcheck: the Triton kernels check each (rule kind, dtype, head dim) on a small synthetic
+             call before serving it the first time in the process (:mod:`attnsteer.attention.selfcheck`).
     """
 
     backend: str = "auto"
     triton: str = "auto"
     strict: bool = False
+    selfcheck: bool = True
 
     def __post_init__(self):
         if self.backend not in CHOICES:
@@ -68,7 +72,9 @@ class BackendConfig:
         from .. import settings
 
         current = settings.current()
-        return cls(backend=backend, triton=current.triton, strict=current.triton_strict)
+        return cls(
+            backend=backend, triton=current.triton, strict=current.triton_strict, selfcheck=current.triton_selfcheck
+        )
 
     @property
     def forced(self) -> bool:

@@ -14,26 +14,29 @@ The kernels (:mod:`attnsteer.kernels`) implement rule kinds, never methods:
 
 Masks are causal + left padding (+ a sliding window), taken as a :class:`~attnsteer.kernels.MaskSpec`
 (the capability table refuses anything else); fp16 / bf16 / fp32, head dim <= 256, one weight rule
-per call, no soft-capping. A kernel that fails to compile or launch disables the kernels for the
-rest of the process with one warning (or raises, with ``strict``); their calls go to the next backend.
+per call, no soft-capping.
+
+Before the kernels serve a (rule kind, dtype, head dim) for the first time in a process, they check
+themselves on a small synthetic call against the chunked path (:mod:`attnsteer.attention.selfcheck`;
+``ATTNSTEER_TRITON_SELFCHECK=0`` skips it). A combination that fails its check, or whose kernel
+fails to compile or launch on a real call, is warned once and its calls go to the next backend for
+the rest of the process (with ``strict``: raised instead); other combinations keep the kernels.
 """
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from .. import kernels as K
-from ..errors import AttnsteerWarning
-from . import chunked
+from . import chunked, selfcheck
 from .capability import HALF_AND_FLOAT, Capability
 from .geometry import AttentionCall
 from .router import Refusal
 from .structure import call_structure
 
+NAME = "triton"
 CAPABILITY = Capability(
-    name="triton",
+    name=NAME,
     kinds=frozenset({"group", "reweight"}),
     devices=frozenset({"cuda", "cpu"}),  # cpu: the interpreter only (``unavailable`` says so)
     dtypes=HALF_AND_FLOAT,
@@ -43,16 +46,12 @@ CAPABILITY = Capability(
     max_head_dim=K.MAX_HEAD_DIM,
 )
 
-# kernels that failed to compile or launch in this process -> why (their calls take the next backend)
-DISABLED: dict[str, str] = {}
-
 
 def unavailable(config, call) -> str | None:
-    """Why the kernels cannot serve this call in this process, or None."""
+    """Why the kernels cannot serve this call in this process, or None (a (rule kind, dtype, head
+    dim) that failed is refused by :func:`run`, which knows the rule)."""
     if config.triton == "off":
         return "Triton kernels turned off (ATTNSTEER_TRITON=0)"
-    if DISABLED:
-        return f"Triton kernels disabled after a failure ({next(iter(DISABLED.values()))})"
     if not K.available():
         return "triton is not installed"
     asked = config.triton == "interpret" or config.backend == "triton"
@@ -63,24 +62,35 @@ def unavailable(config, call) -> str | None:
 
 def run(steps, call: AttentionCall, query, key, value, stats, config):
     """query (B, H_q, Q, D), key/value (B, H_kv, K, D) -> out (B, Q, H_q, D) in query.dtype, or a
-    :class:`Refusal` after a kernel failure."""
+    :class:`Refusal` when the call's (rule kind, dtype, head dim) failed its self-check or a kernel
+    failed (now or earlier in the process)."""
     rule = steps.weight[0]
-    struct = call_structure(call)
+    if config.selfcheck:
+        failed = selfcheck.ensure(NAME, rule.kind, call, kernel_output, strict=config.strict)
+    else:
+        failed = selfcheck.failure(NAME, rule.kind, call.dtype, call.head_dim)
+    if failed:
+        return Refusal(failed)
     try:
-        out, rows = (_group if rule.kind == "group" else _reweight)(rule, query, key, value, struct, call)
+        out, rows = compute(steps, call, query, key, value)
     except K.KernelLaunchError as exc:
         if config.strict:
             raise
-        DISABLED[str(exc).split(":")[0]] = str(exc)
-        warnings.warn(
-            f"attnsteer: a Triton kernel failed ({exc}); this process now computes steered attention without the "
-            "kernels. Set ATTNSTEER_TRITON_STRICT=1 to raise instead, and please report it",
-            AttnsteerWarning,
-            stacklevel=2,
-        )
-        return Refusal(f"kernel failure: {exc}")
+        return Refusal(selfcheck.record_failure(NAME, rule.kind, call.dtype, call.head_dim, f"kernel failure: {exc}"))
     stats.record(rule.method, rows)
     return out
+
+
+def compute(steps, call: AttentionCall, query, key, value):
+    """The kernels' computation of the call's one weight rule -> (out (B, Q, H_q, D), steered rows);
+    raises :class:`~attnsteer.kernels.KernelLaunchError` when a kernel fails."""
+    rule = steps.weight[0]
+    return (_group if rule.kind == "group" else _reweight)(rule, query, key, value, call_structure(call), call)
+
+
+def kernel_output(steps, call: AttentionCall, query, key, value) -> torch.Tensor:
+    """:func:`compute`'s output alone (what the self-check compares)."""
+    return compute(steps, call, query, key, value)[0]
 
 
 def _steer_flags(rule, call: AttentionCall) -> torch.Tensor:
