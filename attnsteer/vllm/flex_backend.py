@@ -22,11 +22,25 @@ from ..attention.dispatch import SiteStats
 from ..context import PromptState
 from ..errors import SteeringError, UnsupportedModelError
 from ..plan import LayerPlan
-from . import compat, flex_rules, requests
+from . import compat, flex_rules, hidden, requests
 from .config import steering_for
 
 FlexAttentionBackend, FlexAttentionImpl, FlexAttentionMetadataBuilder, _ = compat.flex_attention_classes()
 DECODER = compat.decoder_attention_type()
+
+
+def _hook_layer_inputs(runner) -> None:
+    """Before the first step: hook the decoder layers whose input methods read (``reads_layer_input``;
+    every steered decoder layer when requests may name recipes)."""
+    names = {}
+    for name, module in compat.attention_layers(runner).items():
+        impl = getattr(module, "impl", None)
+        if getattr(impl, "steering", None) is None or impl.attn_type != DECODER:
+            continue
+        layer, wanted = compat.layer_index(name), impl.steering.input_layers
+        if wanted is None or layer in wanted:
+            names[layer] = name
+    hidden.install_hooks(compat.runner_model(runner), names)
 
 
 class AttnsteerFlexMetadataBuilder(FlexAttentionMetadataBuilder):
@@ -66,7 +80,8 @@ class AttnsteerFlexImpl(FlexAttentionImpl):
                     f"weight rules need. Fix: install vllm{compat.TESTED_UPSTREAM}"
                 )
             if self.steering.needs_requests:
-                requests.install(self.steering.modalities)
+                prepare = _hook_layer_inputs if self.steering.input_layers != set() else None
+                requests.install(self.steering.modalities, prepare)
         self._layer: int | None = None
         self._stats: dict[int, SiteStats] = {}
         self._without_roles: dict[int, LayerPlan] = {}
@@ -112,7 +127,17 @@ class AttnsteerFlexImpl(FlexAttentionImpl):
             prefill = length == q1 - q0
             if plan is None or not plan.active(prefill):
                 continue
+            if self.steering.needs_whole_prompt and not prefill and q1 - q0 > 1:
+                raise SteeringError(
+                    f"layer {self._layer}: a request reached attention as a prompt chunk after {length - (q1 - q0)} "
+                    "tokens (chunked prefill, a prefix-cache hit or a recomputed preempted request); ACT and VAR need "
+                    "the whole prompt in one forward on this path. Fix: disable chunked prefill and prefix caching"
+                )
             prompt = requests.prompt_state(facts, prefill) if facts is not None else PromptState()
+            if prefill and facts is not None:
+                for method in plan.methods:
+                    if method.reads_layer_input:
+                        hidden.observe(method, prompt, q0, q1)
             slices.append(self._slice(plan, prompt, md, kv_cache, r, q0, q1, length, prefill))
         if not slices:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
