@@ -178,7 +178,11 @@ def _importable(name: str) -> bool:
 def test_every_module_imports_in_a_fresh_interpreter():
     # _triton needs triton (tested in test_kernels), the vLLM backend needs vllm (tested in
     # test_vllm, in its own environment); __main__ modules run a command when imported
-    needs = {"attnsteer.kernels._triton": "triton", "attnsteer.vllm.cpu_backend": "vllm"}
+    needs = {
+        "attnsteer.kernels._triton": "triton",
+        "attnsteer.vllm.cpu_backend": "vllm",
+        "attnsteer.vllm.flex_backend": "vllm",
+    }
     names = [
         m
         for m in MODULES

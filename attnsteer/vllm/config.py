@@ -20,7 +20,6 @@ from ..errors import RecipeError, UnsupportedModelError
 from ..methods import METHODS
 from ..plan import LayerPlan, plans_for
 from ..recipe import Recipe, load_recipe
-from ..settings import RECIPE_ENV
 
 LOG = logging.getLogger("attnsteer.vllm")
 
@@ -116,16 +115,43 @@ def check_environment_recipe() -> Recipe | None:
         return None
     recipe = load_recipe(source)
     check_methods(recipe)
-    from vllm.platforms import current_platform
+    from . import compat
 
-    if not current_platform.is_cpu():
-        raise UnsupportedModelError(
-            f"${RECIPE_ENV}={source!r}: attnsteer's vLLM backend wraps vLLM's CPU attention (CPU_ATTN) in this "
-            "release; the GPU backends (FlashAttention, FlexAttention, Triton) are not wrapped yet. Fix: steer on "
-            "the Hugging Face path (attnsteer.apply) on GPUs"
-        )
+    if not compat.is_cpu_platform():
+        check_flex_methods(recipe)
     LOG.warning("attnsteer: vLLM steered by recipe %r (hash %s)", recipe.name, recipe.hash)
     return recipe
+
+
+def check_flex_methods(recipe: Recipe) -> None:
+    """Refuse what the FlexAttention path (GPUs) cannot run, from the rule kinds: a score rule reading
+    what a ``score_mod`` never sees, more than one weight rule on a layer (:mod:`attnsteer.vllm.flex_rules`)."""
+    from .flex_rules import refusal
+
+    for i, iv in enumerate(recipe.interventions):
+        probe = METHODS[iv.method](iv.params, 0, torch.ones(1, dtype=torch.bool))
+        why = refusal(probe.rules)
+        if why is not None:
+            raise RecipeError(
+                f"{recipe.name}.interventions[{i}]: {iv.method} does not run on vLLM's FlexAttention path: {why}. "
+                "Fix: steer with attnsteer.apply on the Hugging Face model, or serve on the CPU build"
+            )
+
+
+def check_gpu_backend(vllm_config) -> None:
+    """At engine start on a GPU platform: a steered engine must run vLLM's FLEX_ATTENTION backend,
+    the one attnsteer wraps there (FlashAttention, FlashInfer and Triton offer no hook)."""
+    from . import compat
+
+    if compat.is_cpu_platform() or _configured(vllm_config) == (None, False):
+        return
+    backend = compat.attention_backend_name(vllm_config)
+    if backend != "FLEX_ATTENTION":
+        raise UnsupportedModelError(
+            f"attention backend {backend or 'auto'!r}: attnsteer steers vLLM on GPUs through the FLEX_ATTENTION "
+            "backend only (FlashAttention, FlashInfer and Triton attention offer no score or output hook). Fix: "
+            "start the engine with --attention-backend FLEX_ATTENTION (attention_config={'backend': 'FLEX_ATTENTION'})"
+        )
 
 
 @dataclass
@@ -198,6 +224,7 @@ def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1, announce: bool
             "prompt depends on its recipe, and prefix caching would hand one request's blocks to another. Fix: "
             "start the engine with enable_prefix_caching=False (--no-enable-prefix-caching)"
         )
+    check_gpu_backend(vllm_config)
     recipe, plans, whole = None, {}, False
     if source is not None:
         recipe = load_recipe(source)
@@ -235,6 +262,10 @@ def steering_for(vllm_config, tp_rank: int = 0, tp_size: int = 1, announce: bool
 def _resolve(recipe: Recipe, arch, vllm_config, tp_rank: int, tp_size: int) -> tuple[dict[int, LayerPlan], bool]:
     """(layer -> LayerPlan for this rank, needs whole prompts) of ``recipe``, after every check."""
     check_methods(recipe)
+    from . import compat
+
+    if not compat.is_cpu_platform():
+        check_flex_methods(recipe)
     plans = plans_for(recipe, arch)
     if not plans:
         raise RecipeError(f"recipe {recipe.name!r} steers no layer of this model. Fix: check its layers")

@@ -14,15 +14,6 @@ shared by every request. Every other layer and request runs vLLM's own kernel.
 from __future__ import annotations
 
 import torch
-from vllm.config import get_current_vllm_config
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-from vllm.model_executor.models.utils import extract_layer_index
-from vllm.v1.attention.backend import AttentionType
-from vllm.v1.attention.backends.cpu_attn import (
-    CPUAttentionBackend,
-    CPUAttentionBackendImpl,
-    CPUAttentionMetadataBuilder,
-)
 
 from ..attention import chunked
 from ..attention.dispatch import SiteStats
@@ -30,9 +21,12 @@ from ..attention.geometry import AttentionCall, ForwardInfo, MaskView
 from ..context import PromptState
 from ..errors import SteeringError, UnsupportedModelError
 from ..plan import LayerPlan
-from . import hidden, requests
+from . import compat, hidden, requests
 from .config import steering_for
 from .paged import read_request_kv, window_mask
+
+CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder = compat.cpu_attention_classes()
+DECODER = compat.decoder_attention_type()
 
 
 def _keeps_no_request_state(plan: LayerPlan) -> bool:
@@ -45,14 +39,14 @@ def _hook_layer_inputs(runner) -> None:
     """Before the first step: hook the decoder layers whose input methods read (``reads_layer_input``;
     every steered decoder layer when requests may name recipes)."""
     names = {}
-    for name, module in runner.vllm_config.compilation_config.static_forward_context.items():
+    for name, module in compat.attention_layers(runner).items():
         impl = getattr(module, "impl", None)
-        if not isinstance(impl, AttnsteerCPUImpl) or impl.steering is None or impl.attn_type != AttentionType.DECODER:
+        if getattr(impl, "steering", None) is None or impl.attn_type != DECODER:
             continue
-        layer, wanted = extract_layer_index(name), impl.steering.input_layers
+        layer, wanted = compat.layer_index(name), impl.steering.input_layers
         if wanted is None or layer in wanted:
             names[layer] = name
-    hidden.install_hooks(runner.get_model(), names)
+    hidden.install_hooks(compat.runner_model(runner), names)
 
 
 class AttnsteerCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -86,16 +80,14 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # built while the model is: the only time the engine's config can be read
-        self.steering = steering_for(
-            get_current_vllm_config(), get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
-        )
+        self.steering = steering_for(compat.current_vllm_config(), *compat.tensor_parallel())
         if self.steering is not None:
             if self.alibi_slopes is not None or self.sinks is not None:
                 raise UnsupportedModelError(
                     "attnsteer's vLLM backend does not implement ALiBi slopes or learned attention sinks; "
                     "this model uses them. Fix: serve it without a recipe"
                 )
-            if self.is_fp8_kv_cache:
+            if compat.kv_cache_quantized(self):
                 raise UnsupportedModelError("attnsteer reads the KV cache in the model's dtype; fp8 caches are refused")
             if self.steering.needs_requests:  # which request each row belongs to; layer inputs
                 prepare = _hook_layer_inputs if self.steering.input_layers != set() else None
@@ -143,12 +135,12 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         output_block_scale=None,
     ):
         """query (T, H, D), key / value (T, H_kv, D) of this call's rows; ``output`` (T, H, D)."""
-        if self.steering is None or attn_metadata is None or self.attn_type != AttentionType.DECODER:
+        if self.steering is None or attn_metadata is None or self.attn_type != DECODER:
             return super().forward(
                 layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
             )
         if self._layer is None:
-            self._layer = extract_layer_index(layer.layer_name)
+            self._layer = compat.layer_index(layer.layer_name)
         md = attn_metadata
         starts = md.query_start_loc.tolist()
         lengths = md.seq_lens.tolist()

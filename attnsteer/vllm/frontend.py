@@ -41,13 +41,36 @@ def _wrap(module: str, cls: str, method: str, make, lost: str) -> None:
 def check_requests_at_admission() -> None:
     """Wrap vLLM's input processor once per process (idempotent): every request's
     ``extra_args["attnsteer"]`` is checked against its prompt before it reaches the engine."""
+    from .compat import FRONTEND_TARGETS
+
     lost = "per-request inputs are checked in the workers only"
-    _wrap("vllm.v1.engine.input_processor", "InputProcessor", "process_inputs", _checking_admission, lost)
+    _wrap(*FRONTEND_TARGETS["admission"], _checking_admission, lost)
+
+
+def check_backend_at_engine_start() -> None:
+    """Wrap vLLM's input processor's constructor once per process: a steered engine on a GPU platform
+    that would run another attention backend than FLEX_ATTENTION fails as it starts."""
+    from .compat import FRONTEND_TARGETS
+
+    lost = "a steered GPU engine on another attention backend is refused in its workers only"
+    _wrap(*FRONTEND_TARGETS["engine_start"], _checking_backend, lost)
+
+
+def _checking_backend(original):
+    def __init__(self, vllm_config, *args, **kwargs):
+        from .config import check_gpu_backend
+
+        check_gpu_backend(vllm_config)
+        original(self, vllm_config, *args, **kwargs)
+
+    return __init__
 
 
 def _checking_admission(original):
     """``InputProcessor.process_inputs`` that checks ``extra_args["attnsteer"]`` of the request it builds."""
-    from vllm.exceptions import VLLMValidationError
+    from .compat import validation_error
+
+    VLLMValidationError = validation_error()
 
     def process_inputs(self, *args, **kwargs):
         from ..errors import AttnsteerError
@@ -70,8 +93,10 @@ def _checking_admission(original):
 
 def show_recipe_in_model_cards() -> None:
     """Wrap the OpenAI server's model listing once per process (idempotent)."""
+    from .compat import FRONTEND_TARGETS
+
     lost = "/v1/models will not show the recipe"
-    _wrap("vllm.entrypoints.openai.models.serving", "OpenAIServingModels", "show_available_models", _with_recipe, lost)
+    _wrap(*FRONTEND_TARGETS["model_cards"], _with_recipe, lost)
 
 
 def _with_recipe(original):

@@ -2,14 +2,15 @@
 
 vLLM's attention call carries rows, not requests. Its model runner knows, at every step, the
 request behind row ``r`` of the attention metadata (``input_batch.req_ids[r]``) with its
-``SamplingParams``; :func:`install` wraps the runner's ``_build_attention_metadata`` in the worker
-(at run time, nothing on disk) to record them for the step. A request passes per-request
+``SamplingParams``; :func:`install` wraps the runner (V1: ``_build_attention_metadata``; V2:
+``add_requests`` and ``prepare_attn``, :func:`attnsteer.vllm.compat.wrap_model_runners`) in the
+worker (at run time, nothing on disk) to record them for the step. A request passes per-request
 steering inputs as ``SamplingParams(extra_args={"attnsteer": {...}})``: ``"focus": [[start, end],
 ...]``, prompt token spans playing the image role (PAI), as ``handle.focus(mask)`` does on the
 Hugging Face path; ``"recipe"``, a recipe of its own when the engine takes per-request recipes.
 
 A request's image keys are vLLM's own multimodal placeholders: every image (or video) item of the
-request (``CachedRequestState.mm_features``) covers ``mm_position.offset ..  + length`` of the
+request (``mm_features`` of the runner's request state) covers ``mm_position.offset ..  + length`` of the
 prompt, of which the positions ``mm_position.is_embed`` marks (all, when None) hold its embeddings;
 those are the positions holding the family's image token on the Hugging Face path. Focus spans, when
 a request gives them, take the place of its image keys (as ``handle.focus`` does).
@@ -21,10 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..compat import CompatibilityError
 from ..context import ContextStore
 from ..errors import SteeringError
 from ..roles import PromptRoles
+from . import compat
 
 
 @dataclass
@@ -44,47 +45,41 @@ _FACTS: dict[str, RequestFacts] = {}  # request id -> its facts, built at its fi
 STATES = ContextStore()
 _STEPS = [0]  # steps this worker has built attention metadata for
 _PREFILLED: dict[str, int] = {}  # request id -> the step whose prefill started its current PromptState
+_DUMMY = [False]  # this step is a dummy step (no requests)
 _installed = False
 _MODALITIES: tuple[str, ...] = ("image",)  # placeholder modalities whose positions are image keys
 _PREPARE: list = []  # callables(runner), run once before the first step (e.g. VAR's decoder-layer hooks)
 
 
 def install(modalities: tuple[str, ...] = ("image",), prepare=None) -> None:
-    """Wrap the model runner once per worker process (idempotent); ``modalities``: the multimodal
-    items whose placeholders are image keys (``("image", "video")`` where the family's video tokens
-    are image keys on the Hugging Face path); ``prepare(runner)``: run once, before the first step,
-    when the runner holds the loaded model."""
+    """Wrap the model runner once per worker process (idempotent; :func:`attnsteer.vllm.compat.wrap_model_runners`,
+    V1 or V2); ``modalities``: the multimodal items whose placeholders are image keys (``("image", "video")``
+    where the family's video tokens are image keys on the Hugging Face path); ``prepare(runner)``: run once,
+    before the first step, when the runner holds the loaded model."""
     global _installed, _MODALITIES
     _MODALITIES = modalities
     if prepare is not None and prepare not in _PREPARE:
         _PREPARE.append(prepare)
     if _installed:
         return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-    original = getattr(GPUModelRunner, "_build_attention_metadata", None)
-    if original is None:
-        raise CompatibilityError(
-            "vLLM model runner",
-            "GPUModelRunner._build_attention_metadata is gone; per-request steering inputs "
-            "cannot be matched to attention rows",
-        )
-
-    def _build_attention_metadata(self, num_tokens, num_reqs, *args, **kwargs):
-        while _PREPARE:
-            _PREPARE[0](self)
-            _PREPARE.pop(0)
-        for gone in [r for r in _FACTS if r not in self.requests]:  # finished or aborted
-            del _FACTS[gone]
-        STATES.keep_only(self.requests)
-        for gone in [r for r in _PREFILLED if r not in self.requests]:
-            del _PREFILLED[gone]
-        _STEPS[0] += 1
-        _STEP[:] = [_facts_of(self.requests[r]) for r in list(self.input_batch.req_ids[:num_reqs])]
-        return original(self, num_tokens, num_reqs, *args, **kwargs)
-
-    GPUModelRunner._build_attention_metadata = _build_attention_metadata
+    compat.wrap_model_runners(_begin_step)
     _installed = True
+
+
+def _begin_step(runner, rows, held) -> None:
+    """Before a step's attention metadata: ``rows`` the :class:`~attnsteer.vllm.compat.RequestView` of
+    each request in row order (None: a dummy step), ``held`` the ids the runner holds."""
+    while _PREPARE:
+        _PREPARE[0](runner)
+        _PREPARE.pop(0)
+    for gone in [r for r in _FACTS if r not in held]:  # finished or aborted
+        del _FACTS[gone]
+    STATES.keep_only(held)
+    for gone in [r for r in _PREFILLED if r not in held]:
+        del _PREFILLED[gone]
+    _STEPS[0] += 1
+    _DUMMY[0] = rows is None
+    _STEP[:] = [] if rows is None else [_facts_of(view) for view in rows]
 
 
 def prompt_state(facts: RequestFacts, prefill: bool):
@@ -96,7 +91,11 @@ def prompt_state(facts: RequestFacts, prefill: bool):
     return STATES[facts.req_id]
 
 
-def request_at(row: int) -> RequestFacts:
+def request_at(row: int) -> RequestFacts | None:
+    """The facts of row group ``row`` of this step's metadata; None in a dummy step (profiling, CUDA-graph
+    capture), whose outputs vLLM discards."""
+    if _DUMMY[0]:
+        return None
     if row >= len(_STEP):
         raise SteeringError(
             f"attention row group {row} has no request recorded for this step ({len(_STEP)} recorded); "
@@ -105,7 +104,7 @@ def request_at(row: int) -> RequestFacts:
     return _STEP[row]
 
 
-def _facts_of(state) -> RequestFacts:
+def _facts_of(state: compat.RequestView) -> RequestFacts:
     """The request's facts, built at its first step and kept (its prompt, inputs and placeholders
     do not change while vLLM holds it)."""
     facts = _FACTS.get(state.req_id)
@@ -114,15 +113,15 @@ def _facts_of(state) -> RequestFacts:
     return facts
 
 
-def _facts(state) -> RequestFacts:
-    params = getattr(state, "sampling_params", None)
+def _facts(state: compat.RequestView) -> RequestFacts:
+    params = state.sampling_params
     extra = (getattr(params, "extra_args", None) or {}).get("attnsteer") or {}
-    prompt_len = int(state.num_prompt_tokens)
+    prompt_len = state.prompt_len
     spans = extra.get("focus")
     if spans is not None:
         roles = focus_roles(spans, prompt_len)
     else:
-        roles = placeholder_roles(getattr(state, "mm_features", None) or (), prompt_len, _MODALITIES)
+        roles = placeholder_roles(state.mm_features, prompt_len, _MODALITIES)
     return RequestFacts(state.req_id, prompt_len, roles, extra.get("recipe"))
 
 
@@ -132,17 +131,16 @@ def placeholder_roles(features, prompt_len: int, modalities=("image",)) -> Promp
     None when it has no item of ``modalities``."""
     mask = torch.zeros(1, prompt_len, dtype=torch.bool)
     for feature in features:
-        if feature.modality not in modalities:
+        modality, offset, length, embed = compat.placeholder_span(feature)
+        if modality not in modalities:
             continue
-        place = feature.mm_position
-        if place.offset < 0 or place.offset + place.length > prompt_len:
+        if offset < 0 or offset + length > prompt_len:
             raise SteeringError(
-                f"a {feature.modality} placeholder at {place.offset}..{place.offset + place.length} lies outside the "
+                f"a {modality} placeholder at {offset}..{offset + length} lies outside the "
                 f"prompt of {prompt_len} tokens; attnsteer cannot tell which keys are image keys"
             )
-        embed = place.is_embed
-        span = torch.ones(place.length, dtype=torch.bool) if embed is None else embed.to("cpu", torch.bool)
-        mask[0, place.offset : place.offset + place.length] |= span
+        span = torch.ones(length, dtype=torch.bool) if embed is None else embed.to("cpu", torch.bool)
+        mask[0, offset : offset + length] |= span
     return PromptRoles(mask) if bool(mask.any()) else None
 
 

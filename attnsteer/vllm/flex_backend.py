@@ -1,0 +1,187 @@
+"""vLLM's FlexAttention backend (``FLEX_ATTENTION``, GPUs) with attnsteer's rules on the layers a
+recipe names.
+
+vLLM hands one call per layer: the rows of every scheduled request concatenated, their keys in the
+paged cache. On a steered layer this impl runs vLLM's own FlexAttention kernel with a ``score_mod``
+carrying every request's score rules, takes the kernel's log-sum-exp (``out_transform``, vLLM
+0.34), corrects the output of requests with a group rule from it and their small key groups, runs a
+second kernel pass for re-weight rules, and applies head rules after
+(:func:`attnsteer.vllm.flex_rules.steer`). Each request steers with its own recipe, the engine's,
+or none, in one batch. Every other layer runs vLLM's impl unchanged.
+
+CUDA graphs: a steered engine declares no CUDA-graph support for its attention
+(``AttentionCGSupport.NEVER``), so vLLM runs it in piecewise mode: attention runs eagerly between
+the captured pieces, where the per-request tables are rebuilt each step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention.dispatch import SiteStats
+from ..context import PromptState
+from ..errors import SteeringError, UnsupportedModelError
+from ..plan import LayerPlan
+from . import compat, flex_rules, hidden, requests
+from .config import steering_for
+
+FlexAttentionBackend, FlexAttentionImpl, FlexAttentionMetadataBuilder, _ = compat.flex_attention_classes()
+DECODER = compat.decoder_attention_type()
+
+
+def _hook_layer_inputs(runner) -> None:
+    """Before the first step: hook the decoder layers whose input methods read (``reads_layer_input``;
+    every steered decoder layer when requests may name recipes)."""
+    names = {}
+    for name, module in compat.attention_layers(runner).items():
+        impl = getattr(module, "impl", None)
+        if getattr(impl, "steering", None) is None or impl.attn_type != DECODER:
+            continue
+        layer, wanted = compat.layer_index(name), impl.steering.input_layers
+        if wanted is None or layer in wanted:
+            names[layer] = name
+    hidden.install_hooks(compat.runner_model(runner), names)
+
+
+class AttnsteerFlexMetadataBuilder(FlexAttentionMetadataBuilder):
+    """FlexAttention's builder; a steered engine runs its attention outside CUDA graphs."""
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec):
+        if steering_for(vllm_config, announce=False) is not None:
+            return compat.cudagraph_never()
+        return super().get_cudagraph_support(vllm_config, kv_cache_spec)
+
+
+class AttnsteerFlexBackend(FlexAttentionBackend):
+    """Registered in place of ``FLEX_ATTENTION`` by :func:`attnsteer.vllm.register`."""
+
+    @staticmethod
+    def get_name() -> str:
+        return "FLEX_ATTENTION"
+
+    @staticmethod
+    def get_impl_cls():
+        return AttnsteerFlexImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return AttnsteerFlexMetadataBuilder
+
+
+class AttnsteerFlexImpl(FlexAttentionImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steering = steering_for(compat.current_vllm_config(), *compat.tensor_parallel())
+        if self.steering is not None:
+            if not compat.flex_out_transform_supported(FlexAttentionImpl):
+                raise UnsupportedModelError(
+                    "this vLLM's FlexAttention impl hands no log-sum-exp to an out_transform, which attnsteer's "
+                    f"weight rules need. Fix: install vllm{compat.TESTED_UPSTREAM}"
+                )
+            if self.steering.needs_requests:
+                prepare = _hook_layer_inputs if self.steering.input_layers != set() else None
+                requests.install(self.steering.modalities, prepare)
+        self._layer: int | None = None
+        self._stats: dict[int, SiteStats] = {}
+        self._without_roles: dict[int, LayerPlan] = {}
+
+    def _request_plan(self, r: int):
+        """(the LayerPlan steering request ``r`` on this layer or None, its RequestFacts or None)."""
+        steering = self.steering
+        plans = steering.plans
+        facts = requests.request_at(r) if steering.needs_requests else None
+        if facts is not None and facts.recipe is not None:
+            if not steering.per_request:
+                raise SteeringError(
+                    f'request {facts.req_id}: extra_args["attnsteer"]["recipe"] names a recipe, but this engine takes '
+                    'none per request. Fix: start it with additional_config={"attnsteer": {"per_request_recipes": '
+                    "true}} (and enable_prefix_caching=False)"
+                )
+            plans, _ = steering.request_plans(facts.recipe)
+        plan = plans.get(self._layer)
+        if plan is not None and any(m.needs_image for m in plan.methods) and (facts is None or facts.roles is None):
+            if id(plan) not in self._without_roles:
+                subset = self._without_roles[id(plan)] = LayerPlan(self._layer)
+                subset.methods = [m for m in plan.methods if not m.needs_image]
+            plan = self._without_roles[id(plan)]
+        return plan, facts
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):  # fmt: skip
+        """query (T, H, D); ``output`` (T, H, D) written in place."""
+        if self.steering is None or attn_metadata is None or self.attn_type != DECODER:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)  # fmt: skip
+        if self._layer is None:
+            self._layer = compat.layer_index(layer.layer_name)
+        md = attn_metadata
+        starts = md.query_start_loc_cpu.tolist()
+        slices = []
+        for r in range(md.num_reqs):
+            q0, q1 = starts[r], starts[r + 1]
+            if q1 == q0:
+                continue
+            plan, facts = self._request_plan(r)
+            length = compat.flex_seq_len(md, r)
+            prefill = length == q1 - q0
+            if plan is None or not plan.active(prefill):
+                continue
+            if self.steering.needs_whole_prompt and not prefill and q1 - q0 > 1:
+                raise SteeringError(
+                    f"layer {self._layer}: a request reached attention as a prompt chunk after {length - (q1 - q0)} "
+                    "tokens (chunked prefill, a prefix-cache hit or a recomputed preempted request); ACT and VAR need "
+                    "the whole prompt in one forward on this path. Fix: disable chunked prefill and prefix caching"
+                )
+            prompt = requests.prompt_state(facts, prefill) if facts is not None else PromptState()
+            if prefill and facts is not None:
+                for method in plan.methods:
+                    if method.reads_layer_input:
+                        hidden.observe(method, prompt, q0, q1)
+            slices.append(self._slice(plan, prompt, md, kv_cache, r, q0, q1, length, prefill))
+        if not slices:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)  # fmt: skip
+        t = md.num_actual_tokens
+        out = flex_rules.steer(self._layer, query[:t], slices, self.scale,
+                               lambda mod: self._attend(layer, query, key, value, kv_cache, md, mod),
+                               self.sliding_window or 0)  # fmt: skip
+        for s in slices:
+            s.stats.end()
+        output[:t] = out.to(output.dtype)
+        return output
+
+    def _slice(self, plan, prompt, md, kv_cache, r, q0, q1, length, prefill) -> flex_rules.RequestSlice:
+        stats = self._stats.get(id(plan))
+        if stats is None:
+            stats = self._stats[id(plan)] = SiteStats(plan.methods)
+        steps = plan.steps(prefill)
+        stats.begin({rule.method for rule in (*steps.score, *steps.weight, *steps.head)})
+        blocks = md.block_table[r]
+
+        def kv():
+            return compat.flex_read_request_kv(kv_cache, blocks, length, self.num_kv_heads, self.head_size)
+
+        piece = flex_rules.RequestSlice(q0, q1, length, steps, prompt, kv, stats.record)
+        piece.stats = stats
+        return piece
+
+    def _attend(self, layer, query, key, value, kv_cache, md, score_mod):
+        """vLLM's FlexAttention kernel over the step with ``score_mod`` -> (out (T, H, D), lse (T, H))."""
+        captured = {}
+
+        def keep(out, lse):
+            captured["lse"] = lse
+            return out
+
+        scratch = torch.empty_like(query)
+        saved_mod, saved_transform = md.transformed_score_mod, self.out_transform
+        md.transformed_score_mod = compat.transformed_score_mod(md, score_mod) if score_mod is not None else None
+        self.out_transform = keep
+        try:
+            super().forward(layer, query, key, value, kv_cache, md, scratch)
+        finally:
+            md.transformed_score_mod, self.out_transform = saved_mod, saved_transform
+        t = md.num_actual_tokens
+        lse = captured["lse"][0].transpose(0, 1)[:t]  # (1, H, T) -> (T, H)
+        return scratch[:t], lse
