@@ -45,17 +45,53 @@ RECIPES = {
     "var": str(REPO / "recipes/timing/var-timing.yaml"),
     "vhr": str(REPO / "recipes/timing/vhr-timing.yaml"),
     "pai": "pai-llava15",
+    # the newer methods with their published parameters, on every layer but the first (the built-ins
+    # name LLaVA-1.5-7B's middle layers, which a model cut to a few layers does not have)
+    "vaf": {
+        "name": "vaf-cut",
+        "interventions": [{"method": "vaf", "layers": "1:", "params": {"alpha": 1.15, "beta": 0.95}}],
+    },
+    "hgai": {"name": "hgai-cut", "interventions": [{"method": "hgai", "layers": "1:", "params": {"alpha": 0.5}}]},
+    "spin": {
+        "name": "spin-cut",
+        "interventions": [{"method": "spin", "layers": "1:", "params": {"rho": 0.8, "eps": 0.1}}],
+    },
+    "seka": "random projections",  # built for the model by seka_recipe()
 }
 SKIP = {"agla": "needs a vision-language model and its image processor (it builds augmented image views)"}
 ORDER = ("act", "softplus", "var", "vhr", "pai", "agla", "vaf", "hgai", "spin", "seka")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def recipe_for(name: str):
+def seka_recipe(model, folder: Path) -> dict:
+    """A SEKA recipe on every layer but the first with random rank-8 projections for ``model``
+    (the check compares backends, not projections), its file written into ``folder``."""
+    from attnsteer import archs
+    from attnsteer.methods.seka import Projections, _model_facts
+    from attnsteer.recipe import file_sha256
+
+    arch = archs.resolve(model)
+    g = torch.Generator().manual_seed(0)
+    pos, neg = {}, {}
+    for layer in range(1, arch.num_layers):
+        basis = torch.linalg.qr(torch.randn(arch.num_kv_heads, arch.head_dim, 8, generator=g))[0]
+        pos[layer] = basis @ basis.transpose(-1, -2)
+        neg[layer] = torch.eye(arch.head_dim) - pos[layer]
+    meta = {**_model_facts(arch), "projected": {str(l): list(range(arch.num_kv_heads)) for l in pos}}
+    file = Projections(pos, neg, meta).save(folder / "seka-random.safetensors")
+    params = {"g_pos": 0.8, "g_neg": 0.2, "projections": {"path": str(file), "sha256": file_sha256(file)}}
+    return {"name": "seka-random", "interventions": [{"method": "seka", "layers": "1:", "params": params}]}
+
+
+def recipe_for(name: str, model=None, folder: Path | None = None):
     """(recipe dict without model_types, where it came from) for method ``name``, or (None, why)."""
     import attnsteer
 
     source = RECIPES.get(name)
+    if name == "seka" and model is not None and folder is not None:
+        return seka_recipe(model, folder), source
+    if isinstance(source, dict):
+        return source, source["name"]
     if source is None:  # a newer method: its first built-in recipe
         folder = Path(attnsteer.__file__).parent / "recipes"
         found = sorted(p.stem for p in folder.glob(f"{name}-*.yaml"))
@@ -151,7 +187,7 @@ def check_model(name: str, args, device, dtype) -> list[dict]:
         if method in SKIP:
             rows.append(dict(row, status="skipped", note=SKIP[method]))
             continue
-        recipe, source = recipe_for(method)
+        recipe, source = recipe_for(method, model, Path(args.out))
         row["recipe"] = source
         if recipe is None:
             rows.append(dict(row, status="skipped", note=source))

@@ -75,6 +75,8 @@ def test_the_cpu_dry_run_runs_every_step(tmp_path):
     assert check["combinations"] == 4 and check["failed"] == 0
     methods = json.loads((tmp_path / "methods" / "methods.json").read_text())["rows"]
     status = {r["method"]: r["status"] for r in methods}
-    assert all(status[m].startswith("pass") for m in ("act", "softplus", "var", "vhr", "pai")), status
+    assert all(
+        status[m].startswith("pass") for m in ("act", "softplus", "var", "vhr", "pai", "vaf", "hgai", "spin", "seka")
+    ), status
     assert status["agla"] == "skipped"
     assert len(list((tmp_path / "speed").glob("*.md"))) == 2 and "## Speed goals" in summary

@@ -277,9 +277,11 @@ class ReweightRule(Rule):
 
 class HeadRule(Rule):
     """Per-head output scaling after attention, before ``o_proj``: every backend runs its own
-    attention (or the model's), then :meth:`apply`."""
+    attention (or the model's), then :meth:`apply`. ``reads_call``: :meth:`apply` reads the call's
+    queries and keys, so every path (vLLM's own kernel included) hands it a full call."""
 
     kind = "head"
+    reads_call: ClassVar[bool] = False
 
     def apply(self, out: torch.Tensor, call, prompt: PromptState) -> tuple[torch.Tensor, Any]:
         """out (B, Q, H, D) -> (new out, (head, row) pairs changed). ``call``: the call's

@@ -209,8 +209,9 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
 
     def _attend(self, plan: LayerPlan, info: ForwardInfo, prompt: PromptState, inputs, own):
         """The plan's rules on one call of the request(s) whose state is ``prompt``: ``inputs()`` ->
-        (q (B, H, Q, D), k / v (B, H_kv, K, D), MaskView), read only when a score or weight rule needs
-        them; ``own()`` -> vLLM's output (B, Q, H, D) otherwise; head rules scale the result.
+        (q (B, H, Q, D), k / v (B, H_kv, K, D), MaskView), read only when a score or weight rule (or a
+        head rule that ``reads_call``) needs them; ``own()`` -> vLLM's output (B, Q, H, D) otherwise;
+        head rules scale the result.
         Returns (B, Q, H, D)."""
         steps = plan.steps(info.is_prefill)
         stats = self._stats.get(id(plan))
@@ -218,9 +219,10 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             stats = self._stats[id(plan)] = SiteStats(plan.methods)
         stats.begin({rule.method for rule in (*steps.score, *steps.weight, *steps.head)})
         call = None
-        if steps.attention:
+        if steps.attention or any(rule.reads_call for rule in steps.head):
             q, k, v, mask = inputs()
             call = AttentionCall(self._layer, info, q, k, mask, self.scale, prompt, self.logits_soft_cap or None)
+        if steps.attention:
             out = chunked.run(steps, call, q, k.to(q.dtype), v.to(q.dtype), stats)
             stats.ran("chunked", call.phase)
         else:  # head rules only: vLLM's own attention output
