@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, param, register
-from .rules import ScoreRule
+from .rules import AnsweringRowsScoreRule
 
 
 @dataclass(frozen=True)
@@ -26,18 +26,10 @@ class HGAIParams:
     alpha: float = param(0.5, "weight of the head-mean |score| added to image-key scores (paper 0.5)", low=0.0)
 
 
-class HeadGuidedBoost(ScoreRule):
+class HeadGuidedBoost(AnsweringRowsScoreRule):
     """``s_hj <- s_hj + alpha mean_h' |s_h'j|`` on image keys, last prompt row and decode rows."""
 
     reads = ("head_mean_abs",)
-
-    def inputs(self, rows, prompt):
-        roles = prompt.roles
-        image = roles.keys(rows.key_abs)[:, None, None, :]  # (B, 1, 1, K)
-        return {"target": image & (rows.row_abs >= roles.length - 1)}
-
-    def first_row(self, prompt):
-        return prompt.roles.length - 1
 
     def modify(self, s, target, head_mean_abs):
         return torch.where(target, s + self.method.p.alpha * head_mean_abs, s)

@@ -20,7 +20,7 @@ from .. import compat
 from ..errors import SteeringError
 from ..roles import image_mask, text_only_inputs
 from .base import Method, param, register
-from .rules import ModelStep, ScoreRule
+from .rules import AnsweringRowsScoreRule, ModelStep
 
 PLAUSIBILITY = 0.1
 
@@ -56,16 +56,8 @@ class PAIParams:
     )
 
 
-class ImageAmplification(ScoreRule):
+class ImageAmplification(AnsweringRowsScoreRule):
     """``s_ij <- s_ij + alpha |s_ij|`` for image keys ``j`` in the last prompt row and every decode row."""
-
-    def inputs(self, rows, prompt):
-        roles = prompt.roles
-        image = roles.keys(rows.key_abs)[:, None, None, :]  # (B, 1, 1, K)
-        return {"target": image & (rows.row_abs >= roles.length - 1)}
-
-    def first_row(self, prompt):
-        return prompt.roles.length - 1
 
     def modify(self, s, target):
         return torch.where(target, s + self.method.p.alpha * s.abs(), s)

@@ -170,6 +170,20 @@ class ScoreRule(Rule):
         return None
 
 
+class AnsweringRowsScoreRule(ScoreRule):
+    """A score rule on the image (or focus) keys of the rows that produce tokens: the prompt's last
+    row and every decode row (PAI, HGAI). Its ``modify`` gets ``target`` bool (B, 1, C, K); the rows
+    before the prompt's last are never changed (:meth:`first_row`)."""
+
+    def inputs(self, rows, prompt):
+        roles = prompt.roles
+        image = roles.keys(rows.key_abs)[:, None, None, :]  # (B, 1, 1, K)
+        return {"target": image & (rows.row_abs >= roles.length - 1)}
+
+    def first_row(self, prompt):
+        return prompt.roles.length - 1
+
+
 class KeyScaleRule(ScoreRule):
     """A score rule of one form: ``s_ij <- c_j s_ij`` on the query rows its :meth:`row_gate` admits,
     with per-key factors ``c_j`` (1 for keys it leaves alone). Because ``c_j (q_i . k_j) =

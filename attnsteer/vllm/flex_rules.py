@@ -280,14 +280,21 @@ def _column_stats(layer, rule, req: RequestSlice, q, k, lse, scale: float, windo
     key_abs = torch.arange(n, device=q.device)
     for c0 in range(0, req.rows, size):
         c1 = min(c0 + size, req.rows)
-        rows = PagedRows(key_abs, req.past, c0, c1 - c0, window)
-        s = grouped_qk(q[:, :, c0:c1], k) * scale
-        s = s.masked_fill(~rows.visible, NEG_INF)
-        if req.steps.score:
-            s = chunked.apply_score_rules(req.steps.score, s, q[:, :, c0:c1], k, rows, call)
+        rows, s = _chunk_scores(req, q, k, key_abs, c0, c1, scale, window, call)
         colsum += torch.exp(s - lse[:, :, c0:c1, None]).sum(-2)
         count += rows.visible.sum(-2, dtype=torch.float32).view(1, 1, n)
     rule.set_column_stats(colsum, count, key_abs, req.prompt)
+
+
+def _chunk_scores(req: RequestSlice, q, k, key_abs, c0: int, c1: int, scale: float, window: int, call):
+    """(PagedRows, scores (1, H, C, n) float32) of the request's rows c0..c1: masked, score rules
+    applied -- the scores the kernel's log-sum-exp was taken over."""
+    rows = PagedRows(key_abs, req.past, c0, c1 - c0, window)
+    s = grouped_qk(q[:, :, c0:c1], k) * scale
+    s = s.masked_fill(~rows.visible, NEG_INF)
+    if req.steps.score:
+        s = chunked.apply_score_rules(req.steps.score, s, q[:, :, c0:c1], k, rows, call)
+    return rows, s
 
 
 def correct_group(layer, rule, req: RequestSlice, q, out, lse, scale: float, window: int = 0):
@@ -340,11 +347,7 @@ def _rest_output(layer, req: RequestSlice, q, k, v, table, lse, scale: float, wi
     call = _call(layer, req, q, scale, window, k)
     for c0 in range(0, req.rows, size):
         c1 = min(c0 + size, req.rows)
-        rows = PagedRows(key_abs, req.past, c0, c1 - c0, window)
-        s = grouped_qk(q[:, :, c0:c1], k) * scale
-        s = s.masked_fill(~rows.visible, NEG_INF)
-        if req.steps.score:
-            s = chunked.apply_score_rules(req.steps.score, s, q[:, :, c0:c1], k, rows, call)
+        _, s = _chunk_scores(req, q, k, key_abs, c0, c1, scale, window, call)
         a = torch.exp(s - lse[:, :, c0:c1, None]) * (gid == 0)
         rest[:, :, c0:c1] = grouped_pv(a, v)
         mass[:, :, c0:c1] = a.sum(-1, keepdim=True)
