@@ -72,8 +72,10 @@ def test_python_api_scores_what_eval_mmlu_does_and_records_the_recipe(smollm2, k
         expected = eval_mmlu["metrics"][label]["summary"][f"{TASK}/acc"]
         assert out["results"][TASK]["acc,none"] == pytest.approx(expected, abs=1e-12)
     info = outs["act-default"]["config"]["attnsteer"]
-    assert info["recipe_hash"] == attnsteer.Recipe.from_pretrained("act-default").hash == (
-        eval_mmlu["recipes"]["act-default"]["hash"]
+    assert (
+        info["recipe_hash"]
+        == attnsteer.Recipe.from_pretrained("act-default").hash
+        == (eval_mmlu["recipes"]["act-default"]["hash"])
     )
     assert info["recipe_applied"] == eval_mmlu["recipes"]["act-default"]["applied"]
     assert outs["baseline"]["config"]["attnsteer"]["recipe_hash"] == "none"
