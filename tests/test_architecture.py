@@ -45,6 +45,8 @@ LAYERS = {
     "evals": 3,
     "calibrate": 3,
     "vllm": 3,  # the vLLM plugin: on top of the attention paths and plans, beside the evals
+    "integrations": 3,  # attnsteer inside lm-eval and lmms-eval: model classes beside the evals
+    "lm_eval": 4,  # ``python -m attnsteer.lm_eval``: lm-eval's command line with the attnsteer model
     "demo": 3,
     "cli": 4,
 }
@@ -176,12 +178,14 @@ def _importable(name: str) -> bool:
 
 
 def test_every_module_imports_in_a_fresh_interpreter():
-    # _triton needs triton (tested in test_kernels), the vLLM backend needs vllm (tested in
-    # test_vllm, in its own environment); __main__ modules run a command when imported
+    # _triton needs triton (tested in test_kernels), the vLLM backends need vllm (tested in
+    # test_vllm, in its own environment), the lmms-eval plugin lmms_eval; __main__ modules run a
+    # command when imported
     needs = {
         "attnsteer.kernels._triton": "triton",
         "attnsteer.vllm.cpu_backend": "vllm",
         "attnsteer.vllm.flex_backend": "vllm",
+        "attnsteer.integrations.lmms_eval": "lmms_eval",  # tested in test_lmms_eval_plugin, its own environment
     }
     names = [
         m
