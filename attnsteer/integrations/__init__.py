@@ -5,7 +5,7 @@
   --model_args pretrained=...,recipe=act-default --tasks mmlu``.
 - :mod:`attnsteer.integrations.lmms_eval`: ``AttnsteerLMMS``, the ``attnsteer`` model of
   lmms-eval (vision-language models), registered through the ``lmms_eval.models`` entry point:
-  ``lmms-eval --model attnsteer --model_args pretrained=llava-hf/llava-1.5-7b-hf,recipe=var-llava15``.
+  ``lmms-eval --model attnsteer --model_args pretrained=llava-hf/llava-1.5-7b-hf,recipe=var-llava15-7b``.
 - :mod:`attnsteer.integrations.recipe_info`: what both record in the harness's results (the
   recipe as given, resolved, as applied, and its hash).
 
