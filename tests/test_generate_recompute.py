@@ -70,6 +70,7 @@ TEXT_RECIPES = {
     "vaf_focus": [VAF],
     "hgai_focus": [HGAI],
     "spin_focus": [SPIN],
+    "seka_focus": None,  # random projections for the tiny Llama, written by the seka_intervention fixture
     "vhr_fixed": [VHR_FIXED],
 }
 # score-level methods whose per-row state is only the prompt's roles: greedy, beams (roles follow the
@@ -105,6 +106,18 @@ def llava():
 @pytest.fixture(scope="module")
 def llama():
     return build_tiny("llama")
+
+
+@pytest.fixture(scope="module")
+def seka_intervention(llama, tmp_path_factory):
+    """A SEKA intervention on layers 1-3 of the tiny Llama with random rank-3 projections (P+ and P-)."""
+    from test_seka import random_projections
+
+    from attnsteer.recipe import file_sha256
+
+    file = random_projections(llama, [1, 2, 3]).save(tmp_path_factory.mktemp("seka") / "p.safetensors")
+    params = {"g_pos": 2.0, "g_neg": 0.5, "projections": {"path": str(file), "sha256": file_sha256(file)}}
+    return {"method": "seka", "layers": [1, 2, 3], "params": params}
 
 
 def vlm_inputs(model):
@@ -237,9 +250,10 @@ def test_vlm_generate_equals_from_scratch_at_every_step(llava, name, mode):
 
 
 @pytest.mark.parametrize("name, mode", cases(TEXT_RECIPES))
-def test_text_generate_equals_from_scratch_at_every_step(llama, name, mode):
+def test_text_generate_equals_from_scratch_at_every_step(llama, name, mode, request):
     inputs, focus = text_inputs()
-    recipe = {"name": name, "interventions": TEXT_RECIPES[name]}
+    interventions = TEXT_RECIPES[name] or [request.getfixturevalue("seka_intervention")]
+    recipe = {"name": name, "interventions": interventions}
     uses_focus = name.endswith("_focus")
     with attnsteer.apply(llama, recipe) as handle:
         steered, fed, k = check_every_step(llama, handle, inputs, MODES[mode], focus if uses_focus else None)
