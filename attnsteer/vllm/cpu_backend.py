@@ -35,20 +35,6 @@ def _keeps_no_request_state(plan: LayerPlan) -> bool:
     return not any(m.needs_image or m.rules_of("group") for m in plan.methods)
 
 
-def _hook_layer_inputs(runner) -> None:
-    """Before the first step: hook the decoder layers whose input methods read (``reads_layer_input``;
-    every steered decoder layer when requests may name recipes)."""
-    names = {}
-    for name, module in compat.attention_layers(runner).items():
-        impl = getattr(module, "impl", None)
-        if getattr(impl, "steering", None) is None or impl.attn_type != DECODER:
-            continue
-        layer, wanted = compat.layer_index(name), impl.steering.input_layers
-        if wanted is None or layer in wanted:
-            names[layer] = name
-    hidden.install_hooks(compat.runner_model(runner), names)
-
-
 class AttnsteerCPUMetadataBuilder(CPUAttentionMetadataBuilder):
     """CPU_ATTN's builder; with a recipe, pins the cache layout to ``vec`` / ``vec16``, the one
     :func:`attnsteer.vllm.paged.read_request_kv` reads (``amx`` packs keys in VNNI tiles)."""
@@ -90,37 +76,11 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             if compat.kv_cache_quantized(self):
                 raise UnsupportedModelError("attnsteer reads the KV cache in the model's dtype; fp8 caches are refused")
             if self.steering.needs_requests:  # which request each row belongs to; layer inputs
-                prepare = _hook_layer_inputs if self.steering.input_layers != set() else None
+                prepare = hidden.hook_layer_inputs if self.steering.input_layers != set() else None
                 requests.install(self.steering.modalities, prepare)
         self._layer: int | None = None
         self._stats: dict[int, SiteStats] = {}  # id(LayerPlan) -> its counters
         self._without_roles: dict[int, LayerPlan] = {}  # id(LayerPlan) -> it minus the focus-span methods
-
-    def _request_plan(self, r: int) -> tuple[LayerPlan | None, bool, requests.RequestFacts | None]:
-        """(the LayerPlan that steers request ``r`` on this layer or None, whether it needs whole
-        prompts, its :class:`~attnsteer.vllm.requests.RequestFacts` or None): the request's own
-        recipe when it names one, else the engine's; methods needing image keys only when the request
-        has some (focus spans or image placeholders; :meth:`_steer_request` sets their roles)."""
-        steering = self.steering
-        plans, whole = steering.plans, steering.needs_whole_prompt
-        facts = requests.request_at(r) if steering.needs_requests else None
-        if facts is not None and facts.recipe is not None:
-            if not steering.per_request:
-                raise SteeringError(
-                    f'request {facts.req_id}: extra_args["attnsteer"]["recipe"] names a recipe, but this engine takes '
-                    'none per request. Fix: start it with additional_config={"attnsteer": {"per_request_recipes": '
-                    "true}} (and enable_prefix_caching=False)"
-                )
-            plans, whole = steering.request_plans(facts.recipe)
-        plan = plans.get(self._layer)
-        if plan is None or not any(m.needs_image for m in plan.methods):
-            return plan, whole, facts
-        if facts is None or facts.roles is None:
-            if id(plan) not in self._without_roles:
-                subset = self._without_roles[id(plan)] = LayerPlan(self._layer)
-                subset.methods = [m for m in plan.methods if not m.needs_image]
-            return self._without_roles[id(plan)], whole, facts
-        return plan, whole, facts
 
     def forward(
         self,
@@ -151,7 +111,7 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
             q0, q1 = starts[r], starts[r + 1]
             if q1 == q0:
                 continue
-            plan, whole, facts = self._request_plan(r)
+            plan, whole, facts = requests.plan_for_request(self.steering, self._layer, r, self._without_roles)
             prompt = facts.prompt_len if facts is not None else None
             if prompt is not None and n == q1 - q0 and n > prompt:
                 # vLLM recomputes a preempted request: its prompt and its generated tokens in one

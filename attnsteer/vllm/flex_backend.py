@@ -29,20 +29,6 @@ FlexAttentionBackend, FlexAttentionImpl, FlexAttentionMetadataBuilder, _ = compa
 DECODER = compat.decoder_attention_type()
 
 
-def _hook_layer_inputs(runner) -> None:
-    """Before the first step: hook the decoder layers whose input methods read (``reads_layer_input``;
-    every steered decoder layer when requests may name recipes)."""
-    names = {}
-    for name, module in compat.attention_layers(runner).items():
-        impl = getattr(module, "impl", None)
-        if getattr(impl, "steering", None) is None or impl.attn_type != DECODER:
-            continue
-        layer, wanted = compat.layer_index(name), impl.steering.input_layers
-        if wanted is None or layer in wanted:
-            names[layer] = name
-    hidden.install_hooks(compat.runner_model(runner), names)
-
-
 class AttnsteerFlexMetadataBuilder(FlexAttentionMetadataBuilder):
     """FlexAttention's builder; a steered engine runs its attention outside CUDA graphs."""
 
@@ -80,32 +66,11 @@ class AttnsteerFlexImpl(FlexAttentionImpl):
                     f"weight rules need. Fix: install vllm{compat.TESTED_UPSTREAM}"
                 )
             if self.steering.needs_requests:
-                prepare = _hook_layer_inputs if self.steering.input_layers != set() else None
+                prepare = hidden.hook_layer_inputs if self.steering.input_layers != set() else None
                 requests.install(self.steering.modalities, prepare)
         self._layer: int | None = None
         self._stats: dict[int, SiteStats] = {}
         self._without_roles: dict[int, LayerPlan] = {}
-
-    def _request_plan(self, r: int):
-        """(the LayerPlan steering request ``r`` on this layer or None, its RequestFacts or None)."""
-        steering = self.steering
-        plans = steering.plans
-        facts = requests.request_at(r) if steering.needs_requests else None
-        if facts is not None and facts.recipe is not None:
-            if not steering.per_request:
-                raise SteeringError(
-                    f'request {facts.req_id}: extra_args["attnsteer"]["recipe"] names a recipe, but this engine takes '
-                    'none per request. Fix: start it with additional_config={"attnsteer": {"per_request_recipes": '
-                    "true}} (and enable_prefix_caching=False)"
-                )
-            plans, _ = steering.request_plans(facts.recipe)
-        plan = plans.get(self._layer)
-        if plan is not None and any(m.needs_image for m in plan.methods) and (facts is None or facts.roles is None):
-            if id(plan) not in self._without_roles:
-                subset = self._without_roles[id(plan)] = LayerPlan(self._layer)
-                subset.methods = [m for m in plan.methods if not m.needs_image]
-            plan = self._without_roles[id(plan)]
-        return plan, facts
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):  # fmt: skip
@@ -122,7 +87,7 @@ class AttnsteerFlexImpl(FlexAttentionImpl):
             q0, q1 = starts[r], starts[r + 1]
             if q1 == q0:
                 continue
-            plan, facts = self._request_plan(r)
+            plan, _, facts = requests.plan_for_request(self.steering, self._layer, r, self._without_roles)
             length = compat.flex_seq_len(md, r)
             prefill = length == q1 - q0
             if plan is None or not plan.active(prefill):

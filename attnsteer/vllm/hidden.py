@@ -40,6 +40,24 @@ def decoder_layer_path(attention_name: str, layer: int) -> str:
     )
 
 
+def hook_layer_inputs(runner) -> None:
+    """Before a model runner's first step: hook the decoder layers whose input a steered method reads
+    (``reads_layer_input``; every steered decoder layer when requests may name recipes), found from
+    the attention layers whose impl carries ``steering`` (either attnsteer backend's)."""
+    from . import compat
+
+    decoder = compat.decoder_attention_type()
+    names = {}
+    for name, module in compat.attention_layers(runner).items():
+        impl = getattr(module, "impl", None)
+        if getattr(impl, "steering", None) is None or impl.attn_type != decoder:
+            continue
+        layer, wanted = compat.layer_index(name), impl.steering.input_layers
+        if wanted is None or layer in wanted:
+            names[layer] = name
+    install_hooks(compat.runner_model(runner), names)
+
+
 def install_hooks(model: torch.nn.Module, attention_names: dict[int, str]) -> None:
     """Hook the decoder layers of ``attention_names`` (layer -> the name of its vLLM attention
     module) in ``model`` once per process; raises CompatibilityError when vLLM's decoder layers no

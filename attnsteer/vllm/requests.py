@@ -24,6 +24,7 @@ import torch
 
 from ..context import ContextStore
 from ..errors import SteeringError
+from ..plan import LayerPlan
 from ..roles import PromptRoles
 from . import compat
 
@@ -102,6 +103,31 @@ def request_at(row: int) -> RequestFacts | None:
             "attnsteer cannot tell which request it belongs to"
         )
     return _STEP[row]
+
+
+def plan_for_request(steering, layer: int, row: int, subsets: dict):
+    """(the LayerPlan steering the request of attention row ``row`` on ``layer`` or None, whether its
+    recipe needs whole prompts, its :class:`RequestFacts` or None): the request's own recipe when it
+    names one, else the engine's (``steering``: the engine's :class:`~attnsteer.vllm.config.Steering`);
+    methods needing image keys only when the request has some (focus spans or image placeholders).
+    ``subsets``: the caller's cache, id(plan) -> that plan without its image-key methods."""
+    plans, whole = steering.plans, steering.needs_whole_prompt
+    facts = request_at(row) if steering.needs_requests else None
+    if facts is not None and facts.recipe is not None:
+        if not steering.per_request:
+            raise SteeringError(
+                f'request {facts.req_id}: extra_args["attnsteer"]["recipe"] names a recipe, but this engine takes '
+                'none per request. Fix: start it with additional_config={"attnsteer": {"per_request_recipes": '
+                "true}} (and enable_prefix_caching=False)"
+            )
+        plans, whole = steering.request_plans(facts.recipe)
+    plan = plans.get(layer)
+    if plan is None or not any(m.needs_image for m in plan.methods) or (facts is not None and facts.roles is not None):
+        return plan, whole, facts
+    if id(plan) not in subsets:
+        subset = subsets[id(plan)] = LayerPlan(layer)
+        subset.methods = [m for m in plan.methods if not m.needs_image]
+    return subsets[id(plan)], whole, facts
 
 
 def _facts_of(state: compat.RequestView) -> RequestFacts:
