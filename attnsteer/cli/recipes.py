@@ -305,7 +305,7 @@ def cmd_recipes_pull(args) -> int:
         file.write_text(text)  # the file as published (comments kept); it validated above
     for carried in recipe.carried_files:  # the files it carries (e.g. SEKA's projections), beside it
         target = file.parent / carried.path
-        if not target.is_file() or target.read_bytes() != carried.resolved.read_bytes():
+        if not target.is_file() or recipe_mod.file_sha256(target) != carried.sha256:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(carried.resolved, target)
         print(f"carried file: {target} (sha256 {carried.sha256})")

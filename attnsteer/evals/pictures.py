@@ -268,30 +268,22 @@ def capture(model, inputs: dict, label: str = "baseline", handle=None) -> Captur
         cap.steered_layers = sorted(handle.plans)
         cap.changed = {layer: rows.changed(layer)[0].nonzero().flatten().tolist() for layer in cap.steered_layers}
         cap.act_sinks = {layer: found[0] for layer, found in handle.sinks().items()}
-        cap.var_sinks = {layer: by["var"]["sinks"][0] for layer, by in handle.report().items() if "var" in by}
-        cap.heads = reported_heads(handle.report())
-        cap.key_factors = reported_key_factors(handle.report())
+        report = handle.report()
+        cap.var_sinks = {layer: by["var"]["sinks"][0] for layer, by in report.items() if "var" in by}
+        cap.heads = first_row_reports(report, "heads")
+        cap.key_factors = first_row_reports(report, "key_factors")
     return cap
 
 
-def reported_key_factors(report: dict) -> dict[str, dict[int, list[float]]]:
-    """method -> layer -> the per-prompt-key score factors its report gives for the first batch row
-    (``{"key_factors": [[...] per row]}``)."""
-    out: dict[str, dict[int, list[float]]] = {}
+def first_row_reports(report: dict, name: str) -> dict[str, dict[int, list]]:
+    """method -> layer -> what its report gives under ``name`` for the first batch row
+    (``{name: [per batch row [...]]}``): ``heads`` (VHR's selected, SPIN's kept), ``key_factors``
+    (VAF's factor on each prompt key)."""
+    out: dict[str, dict[int, list]] = {}
     for layer, by_method in report.items():
         for method, found in by_method.items():
-            if isinstance(found, dict) and found.get("key_factors"):
-                out.setdefault(method, {})[layer] = found["key_factors"][0]
-    return out
-
-
-def reported_heads(report: dict) -> dict[str, dict[int, list[int]]]:
-    """method -> layer -> the heads its report names for the first batch row (``{"heads": [...]}``)."""
-    out: dict[str, dict[int, list[int]]] = {}
-    for layer, by_method in report.items():
-        for method, found in by_method.items():
-            if isinstance(found, dict) and found.get("heads"):
-                out.setdefault(method, {})[layer] = found["heads"][0]
+            if isinstance(found, dict) and found.get(name):
+                out.setdefault(method, {})[layer] = found[name][0]
     return out
 
 
