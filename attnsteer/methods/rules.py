@@ -254,12 +254,18 @@ class GroupRule(Rule):
         raise NotImplementedError  # pragma: no cover - each rule defines it
 
 
+def at_keys(table: torch.Tensor, key_abs: torch.Tensor, outside) -> torch.Tensor:
+    """A per-prompt-position table (..., P) read at the keys ``key_abs`` (K,) -> (..., K); keys past
+    the prompt (generated tokens) get ``outside``."""
+    length = table.shape[-1]
+    key_abs = key_abs.to(table.device)
+    values = table[..., key_abs.clamp(max=max(length - 1, 0))]
+    return torch.where(key_abs < length, values, torch.full_like(values, outside))
+
+
 def group_ids_of(table: torch.Tensor, key_abs: torch.Tensor) -> torch.Tensor:
     """Group ids (B, 1|H, K) of the keys at ``key_abs`` (K,) from a prompt table (B, 1|H, P)."""
-    length = table.shape[-1]
-    inside = key_abs < length
-    ids = table[..., key_abs.clamp(max=max(length - 1, 0))]
-    return torch.where(inside.view(1, 1, -1), ids, torch.zeros_like(ids))
+    return at_keys(table, key_abs, 0)
 
 
 class ReweightRule(Rule):

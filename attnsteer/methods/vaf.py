@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Method, param, register
-from .rules import KeyScaleRule
+from .rules import KeyScaleRule, at_keys
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,7 @@ class GroupTemperature(KeyScaleRule):
         return prompt.memo((self.key, "vaf scales"), (image,), lambda: self.method.key_factors(image))
 
     def key_scales(self, key_abs, prompt):
-        spans = self.spans(prompt)
-        length = spans.shape[-1]
-        scales = spans[:, key_abs.clamp(max=max(length - 1, 0)).to(spans.device)]
-        return torch.where((key_abs < length).to(spans.device).view(1, -1), scales, 1.0)
+        return at_keys(self.spans(prompt), key_abs, 1.0)
 
     def row_gate(self, rows, prompt):
         roles = prompt.roles
