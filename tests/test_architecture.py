@@ -186,6 +186,7 @@ def test_every_module_imports_in_a_fresh_interpreter():
         "attnsteer.vllm.cpu_backend": "vllm",
         "attnsteer.vllm.flex_backend": "vllm",
         "attnsteer.integrations.lmms_eval": "lmms_eval",  # tested in test_lmms_eval_plugin, its own environment
+        "attnsteer.integrations.lm_eval": "lm_eval",  # an extra of the main environment, not of the others
     }
     names = [
         m
