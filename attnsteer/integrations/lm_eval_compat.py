@@ -69,7 +69,9 @@ def quiet() -> Iterator[None]:
     level = logger.level
     logger.setLevel(logging.ERROR)
     replaced = [
-        (name, getattr(_evaluator, name)) for name in ("add_env_info", "get_git_commit_hash") if hasattr(_evaluator, name)
+        (name, getattr(_evaluator, name))
+        for name in ("add_env_info", "get_git_commit_hash")
+        if hasattr(_evaluator, name)
     ]
     silent = {"add_env_info": lambda storage: None, "get_git_commit_hash": lambda: None}
     for name, _ in replaced:
