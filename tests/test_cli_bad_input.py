@@ -22,7 +22,7 @@ LOADERS = [
     ("attnsteer.models", "load_checked"),
     ("attnsteer.models", "load_model"),
     ("attnsteer.models", "load_smollm2"),
-    ("attnsteer.evals.runner", "load_vlm"),
+    ("attnsteer.evals.vlm", "load_vlm"),
     ("attnsteer.evals.speed", "build_model"),
 ]
 
@@ -398,6 +398,6 @@ def test_eval_mmlu_interrupted_says_how_to_resume_and_resumes(capsys, tmp_path, 
     assert record["status"] == "interrupted" and record["resume"] == hint  # not a bare "running"
     calls.clear()
     code, _, err = run(capsys, *argv)
-    assert code == 0 and "baseline seed 0: finished in an earlier session, kept" in err
+    assert code == 0 and f"resuming {run_dir}: 1 finished item(s) are kept, 1 to go" in err
     assert len(calls) == 1  # only the interrupted recipe ran again
     assert json.loads((run_dir / "results.json").read_text())["status"] == "complete"

@@ -1,6 +1,6 @@
 """The evaluations from Python, on a model the caller already holds (no argparse, no model loading):
-each benchmark's ``evaluate(model, processor_or_tokenizer, recipes, config)`` gives the same
-results record as the command line on the same settings."""
+``attnsteer.evals.run(model, processor_or_tokenizer, task, recipes, config)`` gives the same results
+record as the command line on the same settings, for every benchmark, and prints nothing."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from test_eval_helpers import eval_data, read_results, tiny_llava_dir  # noqa: F
 
 import attnsteer
 from attnsteer.cli import main
-from attnsteer.evals import chair_run, pope_run
+from attnsteer.errors import UsageError
+from attnsteer.evals import RunConfig, run
+from attnsteer.evals.tasks import ChairConfig, ChairTask, MMLUConfig, MMLUTask, PopeConfig, PopeTask
 
 
 def _load_vlm(folder):
@@ -23,27 +25,50 @@ def _load_vlm(folder):
     return processor, model.eval()
 
 
-def test_config_dataclasses_mirror_the_command_line_options():
-    for config_class in (pope_run.PopeConfig, chair_run.ChairConfig):
+def test_configs_are_typed_dataclasses_with_the_papers_defaults():
+    for config_class in (PopeConfig, ChairConfig, MMLUConfig, RunConfig):
         assert dataclasses.is_dataclass(config_class)
-        fields = {f.name: f for f in dataclasses.fields(config_class)}
-        for name in ("model", "recipe", "seed", "limit", "batch_size", "output_path", "backend"):
-            assert name in fields and fields[name].metadata["help"]
-        assert config_class().batch_size == 1 and config_class().backend == "auto"
-    assert pope_run.PopeConfig().max_new_tokens == 16 and chair_run.ChairConfig().max_new_tokens == 512
+        assert all(f.type for f in dataclasses.fields(config_class))
+    assert PopeConfig().decoding.max_new_tokens == 16 and ChairConfig().decoding.max_new_tokens == 512
+    assert RunConfig().batch_size == 1 and RunConfig().backend == "auto" and RunConfig().seeds == [0]
+    assert MMLUConfig(tasks="a,b").tasks == ["a", "b"]
 
 
-def test_pope_evaluate_on_a_loaded_model_equals_the_cli(tiny_llava_dir, eval_data, tmp_path, capsys):  # noqa: F811
+@pytest.mark.parametrize(
+    "build, field",
+    [
+        (lambda: RunConfig(batch_size=0), "RunConfig.batch_size"),
+        (lambda: RunConfig(limit=1.5), "RunConfig.limit"),
+        (lambda: RunConfig(backend="fast"), "RunConfig.backend"),
+        (lambda: RunConfig(seeds=["a"]), "RunConfig.seeds"),
+        (lambda: PopeConfig(splits=["easy"]), "PopeConfig.splits"),
+        (lambda: PopeConfig(parser="loose"), "PopeConfig.parser"),
+        (lambda: ChairConfig(lemmatizer="spacy"), "ChairConfig.lemmatizer"),
+        (lambda: MMLUConfig(num_fewshot=-1), "MMLUConfig.num_fewshot"),
+    ],
+)
+def test_a_bad_setting_names_its_field(build, field):
+    with pytest.raises(UsageError, match=field.replace(".", r"\.")):
+        build()
+
+
+def test_pope_run_on_a_loaded_model_equals_the_cli(tiny_llava_dir, eval_data, tmp_path, capsys):  # noqa: F811
     recipe = attnsteer.load_recipe(
         {"name": "pai-small", "interventions": [{"method": "pai", "params": {"alpha": 0.3}}]}
     )
-    common = dict(pope_dir=str(eval_data["pope"]), coco_dir=str(eval_data["images"]), limit=4, no_progress=True)
+    task = PopeTask(PopeConfig(pope_dir=eval_data["pope"], coco_dir=eval_data["images"]))
     processor, model = _load_vlm(tiny_llava_dir)
-    record = pope_run.evaluate(model, processor, ["none", recipe], output_path=str(tmp_path / "api"), **common)
+    capsys.readouterr()
+    lines: list[str] = []
+    config = RunConfig(limit=4, progress=False, output_path=tmp_path / "api", log=lines.append)
+    record = run(model, processor, task, ["none", recipe], config)
+    assert capsys.readouterr() == ("", "")  # the library prints nothing; its notes went to the callback
+    assert any(line.startswith("run directory:") for line in lines)
     assert set(record["metrics"]) == {"baseline", "pai-small"}
     assert record["recipes"]["pai-small"]["applied"]["interventions"][0]["method"] == "pai"
-    assert read_results(tmp_path / "api")["metrics"] == record["metrics"]
-    # the model is left as it was: no steering after evaluate() returns
+    assert read_results(tmp_path / "api")["metrics"] == record["metrics"] == record.metrics
+    assert "pai-small" in record.markdown()
+    # the model is left as it was: no steering after run() returns
     assert model not in attnsteer.api._STEERED and model.config.text_config._attn_implementation == "sdpa"
     path = tmp_path / "recipe.yaml"
     recipe.save(path)
@@ -71,41 +96,39 @@ def test_pope_evaluate_on_a_loaded_model_equals_the_cli(tiny_llava_dir, eval_dat
     from_cli = read_results(tmp_path / "cli")
     for label in ("baseline", "pai-small"):
         assert from_cli["metrics"][label]["summary"] == record["metrics"][label]["summary"]
+    assert record["steering"]["pai-small"]["rows_modified"] > 0  # the recipe steered rows
 
 
-def test_chair_evaluate_on_a_loaded_model(tiny_llava_dir, eval_data, tmp_path):  # noqa: F811
+def test_chair_run_on_a_loaded_model(tiny_llava_dir, eval_data, tmp_path, capsys):  # noqa: F811
     processor, model = _load_vlm(tiny_llava_dir)
-    config = chair_run.ChairConfig(
-        coco_dir=str(eval_data["images"]),
-        gt=str(eval_data["gt"]),
-        synonyms=str(eval_data["synonyms"]),
-        num_images=3,
-        max_new_tokens=8,
-        no_progress=True,
-        output_path=str(tmp_path / "chair"),
+    capsys.readouterr()
+    task = ChairTask(
+        ChairConfig(
+            coco_dir=eval_data["images"],
+            gt=eval_data["gt"],
+            synonyms=eval_data["synonyms"],
+            num_images=3,
+            decoding=dataclasses.replace(ChairConfig().decoding, max_new_tokens=8),
+        )
     )
-    record = chair_run.evaluate(model, processor, ["none", "act-default"], config)
+    record = run(model, processor, task, ["none", "act-default"], RunConfig(progress=False, output_path=tmp_path / "c"))
+    assert capsys.readouterr() == ("", "")
     assert set(record["metrics"]) == {"baseline", "act-default"}
     assert {"CHAIRs", "CHAIRi"} <= set(record["metrics"]["baseline"]["summary"])
     assert record["config"]["n_items"] == 3
 
 
-def test_mmlu_evaluate_on_a_loaded_model(smollm2, tmp_path):
+def test_mmlu_run_on_a_loaded_model(smollm2, tmp_path, capsys):
     pytest.importorskip("lm_eval")
-    from attnsteer.evals import mmlu
-
     tokenizer, model = smollm2
-    record = mmlu.evaluate(
-        model,
-        tokenizer,
-        ["none", "act-default"],
-        tasks=["attnsteer_mc_demo"],
-        limit=2,
-        output_path=str(tmp_path / "mmlu"),
-    )
+    capsys.readouterr()
+    task = MMLUTask(MMLUConfig(tasks=["attnsteer_mc_demo"]))
+    record = run(model, tokenizer, task, ["none", "act-default"], RunConfig(limit=2, output_path=tmp_path / "mmlu"))
+    assert capsys.readouterr().out == ""
     assert set(record["metrics"]) == {"baseline", "act-default"}
     assert "attnsteer_mc_demo/acc" in record["metrics"]["baseline"]["summary"]
     assert record["recipes"]["act-default"]["applied"]["interventions"][0]["layers"][0] == 2
+    assert record["steering"]["act-default"]["rows_modified"] > 0
 
 
 def test_speed_evaluate_times_a_loaded_model(tmp_path):

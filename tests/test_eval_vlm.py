@@ -15,7 +15,7 @@ from test_eval_helpers import (  # noqa: F401  (fixtures)
 )
 
 from attnsteer.cli import main
-from attnsteer.evals import runner
+from attnsteer.evals import generation, vlm
 from attnsteer.evals.pope import POPEItem, score_pope
 
 
@@ -101,7 +101,7 @@ def test_pope_batch_size_one_gives_the_same_outputs(pope_run, tiny_llava_dir, ev
 def test_interrupted_run_resumes_without_recomputing(
     pope_run, tiny_llava_dir, eval_data, tmp_path, capsys, monkeypatch, stop
 ):
-    real = runner.generate_batch
+    real = generation.generate_batch
     calls = {"batches": 0, "items": 0}
 
     def crashing(model, builder, items, decoding, device, handle=None):
@@ -111,7 +111,7 @@ def test_interrupted_run_resumes_without_recomputing(
         calls["items"] += len(items)
         return real(model, builder, items, decoding, device, handle)
 
-    monkeypatch.setattr(runner, "generate_batch", crashing)
+    monkeypatch.setattr(generation, "generate_batch", crashing)
     argv = [str(a) for a in pope_argv(tiny_llava_dir, eval_data, tmp_path / "run", "--batch_size", "2")]
     if stop == "crash":
         with pytest.raises(RuntimeError, match="simulated crash"):
@@ -134,7 +134,7 @@ def test_interrupted_run_resumes_without_recomputing(
         return real(model, builder, items, decoding, device, handle)
 
     calls["items"] = 0
-    monkeypatch.setattr(runner, "generate_batch", counting)
+    monkeypatch.setattr(generation, "generate_batch", counting)
     code, _, err = cli(capsys, *pope_argv(tiny_llava_dir, eval_data, tmp_path / "run", "--batch_size", "2"))
     assert code == 0 and "6 finished item(s) are kept, 18 to go" in err
     assert calls["items"] == 18  # nothing finished is recomputed
@@ -482,10 +482,10 @@ def test_vlm_inputs_without_chat_needs_an_image_token():
     from attnsteer.errors import EvalError
 
     processor = build_processor()
-    assert runner.VLMInputs(processor, chat=False).prompt_text("Hi", with_image=False) == "Hi"
+    assert vlm.VLMInputs(processor, chat=False).prompt_text("Hi", with_image=False) == "Hi"
     processor.image_token = None
     with pytest.raises(EvalError, match="--no-chat") as err:
-        runner.VLMInputs(processor, "m", chat=False)
+        vlm.VLMInputs(processor, "m", chat=False)
     assert "Fix: drop --no-chat" in str(err.value)
 
 
@@ -498,9 +498,9 @@ def test_no_chat_is_refused_for_a_family_that_wraps_its_images_in_marker_tokens(
     from attnsteer.errors import EvalError
 
     processor = build_processor()
-    runner.VLMInputs(processor, "m", chat=False, model=build_vlm("llava"))  # no markers: accepted
+    vlm.VLMInputs(processor, "m", chat=False, model=build_vlm("llava"))  # no markers: accepted
     with pytest.raises(EvalError, match=r"--no-chat: --model 'm' \(qwen2_vl\) wraps each image.*Fix: drop --no-chat"):
-        runner.VLMInputs(processor, "m", chat=False, model=build_vlm("qwen2_vl"))
+        vlm.VLMInputs(processor, "m", chat=False, model=build_vlm("qwen2_vl"))
 
 
 # the newer methods' recipes, on every layer of the tiny LLaVA (the built-ins name LLaVA-1.5-7B's layers)

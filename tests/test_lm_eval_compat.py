@@ -65,7 +65,7 @@ def test_quiet_silences_the_evaluators_environment_dump_and_restores_it():
 def test_loglikelihood_requests_and_the_task_index():
     request = compat.loglikelihood_request("Q: 2+2=", " 4", 7)
     assert request.request_type == "loglikelihood" and request.args == ("Q: 2+2=", " 4") and request.idx == 7
-    from attnsteer.evals.mmlu import packaged_tasks_dir
+    from attnsteer.evals.tasks.mmlu import packaged_tasks_dir
 
     manager = compat.task_manager([str(packaged_tasks_dir())], include_defaults=False)
     assert "attnsteer_mc_demo" in compat.known_task_names(manager)

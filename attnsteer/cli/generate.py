@@ -101,7 +101,7 @@ def cmd_generate_vlm(args, recipes) -> int:
 
     import attnsteer
 
-    from ..evals.runner import EvalItem, VLMInputs, load_vlm
+    from ..evals.vlm import EvalItem, VLMInputs, load_vlm
 
     if len(args.image) not in (1, len(args.prompt)):
         raise CLIError(

@@ -100,7 +100,7 @@ def cmd_inspect(args) -> int:
         )
     seed_everything(args.seed)
     if args.image is not None:
-        from ..evals.runner import EvalItem, VLMInputs, load_vlm
+        from ..evals.vlm import EvalItem, VLMInputs, load_vlm
 
         processor, model = load_vlm(model_id, kwargs)
         builder = VLMInputs(processor, model_id, chat=args.chat is not False, model=model)

@@ -472,7 +472,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..errors import EvalError
-    from ._cli import check_writable
+    from .paths import check_writable
     from .results import RunDirError
 
     check_writable(args.output_path, "--output_path", folder=True)

@@ -7,20 +7,10 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 DEFAULT_RUNS_DIR = "attnsteer_runs"
-
-
-def apply_limit(items: Sequence, limit) -> list:
-    """First ``limit`` items (a count), or ``ceil(limit * n)`` for a fraction."""
-    items = list(items)
-    if limit is None:
-        return items
-    n = limit if isinstance(limit, int) else math.ceil(limit * len(items))
-    return items[:n]
 
 
 def slug(text: str) -> str:

@@ -36,7 +36,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -306,15 +306,16 @@ class RunDir:
         return self
 
     @contextlib.contextmanager
-    def guard(self) -> Iterator[RunDir]:
+    def guard(self, log: Callable[[str], None] | None = None) -> Iterator[RunDir]:
         """Around a session's work after :meth:`open`: when it stops (Ctrl-C, an error), record it
-        with :meth:`stopped` and print how to resume (main process) before the exception goes on."""
+        with :meth:`stopped` and pass how to resume to ``log`` (main process) before the exception
+        goes on."""
         try:
             yield self
         except BaseException as exc:
             line = self.stopped(exc)
-            if self.is_main and line:
-                print(f"attnsteer: {line}", file=sys.stderr, flush=True)
+            if self.is_main and line and log is not None:
+                log(line)
             raise
 
     def resume_hint(self) -> str:
