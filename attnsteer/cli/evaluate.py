@@ -17,6 +17,10 @@ def _eval_module(name: str):
     """The module of ``attnsteer eval NAME``, or None if it is not part of this install."""
     import importlib
 
+    if name == "speed":  # a benchmark tool beside the evaluations: its command is attnsteer/cli/eval_speed.py
+        from . import eval_speed
+
+        return eval_speed
     module_name = f"attnsteer.evals.{_EVAL_MODULES[name]}"
     try:
         return importlib.import_module(module_name)
@@ -68,7 +72,7 @@ def add_eval(sub) -> None:
 
 
 def add_compare(sub) -> None:
-    from ..evals import compare
+    from . import compare
 
     p = subparser(sub, "compare", compare.HELP, compare.EXAMPLE, description=compare.DESCRIPTION, needs=compare.NEEDS)
     compare.add_arguments(p)
