@@ -28,7 +28,7 @@ STEP=${STEP:-all}
 BACKENDS=flash,chunked
 [[ ${REFERENCE:-0} == 1 ]] && BACKENDS=$BACKENDS,reference
 run() { echo "+ $*" >&2; "$@"; }
-speed() { run "$PY" -m attnsteer.evals.speed --output_path "$OUT" "$@"; }
+speed() { run "$PY" -m attnsteer.cli eval speed --output_path "$OUT" "$@"; }
 
 if [[ $STEP == all || $STEP == smollm2 ]]; then
   speed --model smollm2 --recipe act-default --recipe softplus-reweight --prompt-len 512,2048 \

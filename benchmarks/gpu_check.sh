@@ -126,10 +126,10 @@ step selfcheck-tests "${T_SELFCHECK_TESTS:-40}" selfcheck_tests.xml \
 
 # d. the speed goals (a subset of benchmarks/gpu_speed.sh that fits the budget)
 step speed-llava "${T_SPEED_LLAVA:-60}" speed/ \
-  "$PY" -m attnsteer.evals.speed --random-weights "${LLAVA_ARGS[@]}" --backends auto "${LLAVA_RECIPES[@]}" \
+  "$PY" -m attnsteer.cli eval speed --random-weights "${LLAVA_ARGS[@]}" --backends auto "${LLAVA_RECIPES[@]}" \
   --output_path "$OUT/speed" --no-plot
 step speed-4096 "${T_SPEED_LONG:-50}" speed/ \
-  "$PY" -m attnsteer.evals.speed --random-weights "${LONG_ARGS[@]}" --backends auto,reference "${LONG_RECIPES[@]}" \
+  "$PY" -m attnsteer.cli eval speed --random-weights "${LONG_ARGS[@]}" --backends auto,reference "${LONG_RECIPES[@]}" \
   --output_path "$OUT/speed" --no-plot
 
 # e. vLLM, when a wheel was carried to the machine (no network: --no-deps, beside the installed torch)

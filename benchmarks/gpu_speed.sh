@@ -46,14 +46,14 @@ fi
 
 if [[ $STEP == all || $STEP == llava-b1 ]]; then
   # 1. LLaVA-1.5-7B's language model: 576 image-placeholder + 64 text tokens, 128 new tokens, batch 1
-  run $PY -m attnsteer.evals.speed --model llava-1.5-7b --random-weights "${VLM_RECIPES[@]}" \
+  run $PY -m attnsteer.cli eval speed --model llava-1.5-7b --random-weights "${VLM_RECIPES[@]}" \
     --batch_size 1 --prompt-len 640 --image-tokens 576 --new-tokens 128 --dtype bfloat16 \
     --backends "$BACKENDS" --repeats "$REPEATS" --output_path "$OUT"
 fi
 
 if [[ $STEP == all || $STEP == llava-b8 ]]; then
   # 2. the same at batch 8
-  run $PY -m attnsteer.evals.speed --model llava-1.5-7b --random-weights "${VLM_RECIPES[@]}" \
+  run $PY -m attnsteer.cli eval speed --model llava-1.5-7b --random-weights "${VLM_RECIPES[@]}" \
     --batch_size 8 --prompt-len 640 --image-tokens 576 --new-tokens 128 --dtype bfloat16 \
     --backends "$BACKENDS" --repeats "$REPEATS" --output_path "$OUT"
 fi
@@ -61,7 +61,7 @@ fi
 if [[ $STEP == all || $STEP == llama-4096 ]]; then
   # 3. Llama-2-7B at 4096-token prompts (the >= 3x-vs-reference goal); 4096 + 128 positions need a
   #    larger max_position_embeddings (random weights: RoPE beyond 4096 costs nothing extra)
-  run $PY -m attnsteer.evals.speed --model llama-2-7b --random-weights "${RECIPES[@]}" \
+  run $PY -m attnsteer.cli eval speed --model llama-2-7b --random-weights "${RECIPES[@]}" \
     --batch_size 1 --prompt-len 4096 --new-tokens 128 --dtype bfloat16 \
     --override max_position_embeddings=4352 \
     --backends "$BACKENDS" --repeats "$REPEATS" --output_path "$OUT"

@@ -108,7 +108,7 @@ def prompts(config, info, length: int, pads: tuple[int, ...], focus_len: int, se
     """(ids (B, L), attention_mask, focus bool (B, L)): ``length`` columns, row b left-padded by
     pads[b]; the focus span (image placeholders of a VLM config, else ordinary tokens) right after
     each row's first token."""
-    from attnsteer.evals.speed_models import build_prompt
+    from attnsteer.speed.models import build_prompt
 
     image = info.get("image_tokens") or 0
     span = min(image or focus_len, length - max(pads) - 2)
@@ -164,8 +164,8 @@ def run(model, recipe, backend: str, ids, mask, focus, steps: torch.Tensor) -> t
 
 
 def check_model(name: str, args, device, dtype) -> list[dict]:
-    from attnsteer.evals.speed_models import build_model, resolve_config
     from attnsteer.methods import METHODS
+    from attnsteer.speed.models import build_model, resolve_config
 
     config, info = resolve_config(name, [f"num_hidden_layers={args.layers}"])
     t0 = time.perf_counter()

@@ -6,7 +6,7 @@ Layers, bottom to top (a module may import its own layer and those below it):
    methods, kernels
 1. attention integration: attention, state
 2. the API: plan, api, the package itself (``import attnsteer``)
-3. evaluations, calibration and the demo: evals, calibrate, demo
+3. evaluations, the speed benchmark, calibration, pictures and the demo: evals, speed, calibrate, pictures, demo
 4. the command line: cli
 """
 
@@ -43,6 +43,8 @@ LAYERS = {
     "api": 2,
     "": 2,
     "evals": 3,
+    "speed": 3,  # the speed benchmark: a tool beside the evaluations
+    "pictures": 3,  # attnsteer inspect's pictures
     "calibrate": 3,
     "vllm": 3,  # the vLLM plugin: on top of the attention paths and plans, beside the evals
     "integrations": 3,  # attnsteer inside lm-eval and lmms-eval: model classes beside the evals

@@ -23,7 +23,7 @@ LOADERS = [
     ("attnsteer.models", "load_model"),
     ("attnsteer.models", "load_smollm2"),
     ("attnsteer.evals.vlm", "load_vlm"),
-    ("attnsteer.evals.speed", "build_model"),
+    ("attnsteer.speed.models", "build_model"),
 ]
 
 
@@ -266,10 +266,10 @@ def test_generate_refuses_an_image_recipe_on_a_text_model_before_generating(caps
 
 
 def test_eval_speed_refuses_an_image_recipe_without_image_tokens_before_timing(capsys, tmp_path, monkeypatch):
-    from attnsteer.evals import speed
+    from attnsteer.speed import timing
 
     timed = []
-    monkeypatch.setattr(speed, "run_once", lambda *a, **k: timed.append(1))
+    monkeypatch.setattr(timing, "run_once", lambda *a, **k: timed.append(1))
     path = _write_recipe(tmp_path, "var-any", "var")
     code, _, err = run(
         capsys, "eval", "speed", "--model", "llama-tiny", "--random-weights", "--recipe", path, "--prompt-len", "16",

@@ -134,15 +134,15 @@ def test_mmlu_run_on_a_loaded_model(smollm2, tmp_path, capsys):
 def test_speed_evaluate_times_a_loaded_model(tmp_path):
     from conftest import build_tiny
 
-    from attnsteer.evals import speed
+    from attnsteer.speed import SpeedConfig, measure
 
     model = build_tiny("llama")
     recipe = attnsteer.load_recipe({"name": "sharp", "interventions": [{"method": "softplus", "params": {"p": 2.0}}]})
-    config = speed.SpeedConfig(
+    config = SpeedConfig(
         new_tokens=2, repeats=1, warmup=0, device="cpu", backends="fused-pytorch", output_path=str(tmp_path),
-        no_plot=True,
+        no_plot=True, prompt_len=[12, 16],
     )  # fmt: skip
-    records = speed.evaluate(model, ["softplus-reweight", recipe], config, prompt_len=[12, 16])
+    records = measure(model, ["softplus-reweight", recipe], config)
     assert [r["config"]["prompt_len"] for r in records] == [12, 16]
     assert set(records[0]["metrics"]) == {"baseline", "softplus-reweight@fused-pytorch", "sharp@fused-pytorch"}
     assert records[0]["meta"]["model"]["source"] == "loaded by the caller"

@@ -119,7 +119,7 @@ def test_eval_without_subcommand_prints_help(capsys):
 # ---- speed runs and the chart -------------------------------------------------------------------
 def _speed_record(prompt_len: int) -> dict:
     """What `attnsteer eval speed` writes per prompt length (its results-schema part), from a summary."""
-    from attnsteer.evals.speed_report import MIB, results_record
+    from attnsteer.speed.summary import MIB, results_record
 
     meta = {
         "args": {

@@ -19,7 +19,7 @@ from attnsteer import compat
 from attnsteer.attention import dispatch, reference
 from attnsteer.attention.observe import LastRows, last_row_weights, observe
 from attnsteer.cli import main
-from attnsteer.evals.pictures import NAN_COLOUR, colormap
+from attnsteer.pictures import NAN_COLOUR, colormap
 
 ACT = {
     "name": "act-low",
@@ -420,7 +420,7 @@ def test_inspect_vlm_without_image_is_a_usage_error(tiny_llava_dir, tmp_path, ca
 
 @pytest.mark.parametrize("chat", [True, False])
 def test_inspect_vlm_honours_no_chat(tiny_llava_dir, tmp_path, capsys, monkeypatch, chat):  # noqa: F811
-    from attnsteer.evals import pictures
+    from attnsteer import pictures
 
     seen = {}
 

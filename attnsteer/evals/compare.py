@@ -1,4 +1,5 @@
-"""``attnsteer compare RUN_DIR...``: baseline vs recipes as a Markdown table and a PNG chart.
+"""Baseline vs recipes of finished runs as a Markdown table and a PNG chart (what ``attnsteer
+compare RUN_DIR...`` writes; nothing here prints or parses arguments).
 
 Reads the ``results.json`` of each run directory (any task), or, in a folder without one, every
 results JSON there: what ``attnsteer eval speed`` writes (``<stem>.json``, one per prompt length).
@@ -12,25 +13,13 @@ ratios), so every run and every metric is drawn. matplotlib is imported only to 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-HELP = "Markdown table + PNG chart of eval runs: baseline vs recipes, with deltas"
-EXAMPLE = "attnsteer compare attnsteer_runs/mmlu-smollm2-* --output_path compare"
-NEEDS = "the run folders of earlier `attnsteer eval` runs"
-DESCRIPTION = (
-    "Read the results of one or more run folders written by `attnsteer eval pope|chair|mmlu` (results.json) or "
-    "`attnsteer eval speed` (its .json files, one per prompt length), or of such JSON files, and print a Markdown "
-    "table of the headline metrics, baseline vs each recipe with the difference, and draw every run and metric as a "
-    "PNG chart (one panel per run and metric, each on its own scale). Both are written to --output_path "
-    "(compare.md, compare.png)."
-)
 BASELINE = "baseline"
 RESULTS_FILE = "results.json"
 RUN_KINDS = (
@@ -452,50 +441,40 @@ def plot(
     return png
 
 
-# ---- command ------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "runs",
-        nargs="+",
-        metavar="RUN_DIR",
-        help="run folders of `attnsteer eval pope|chair|mmlu|speed` (or their results JSON files)",
-    )
-    p.add_argument(
-        "--output_path",
-        default="attnsteer_compare",
-        help="folder for compare.md and compare.png (default: ./attnsteer_compare)",
-    )
-    p.add_argument("--baseline", default=BASELINE, help=f"label of the reference column (default: {BASELINE})")
-    p.add_argument("--metrics", nargs="+", default=None, metavar="M", help="only these metrics (default: headline)")
-    p.add_argument("--no_plot", action="store_true", help="skip the PNG chart")
+# ---- writing a comparison ----------------------------------------------------------------------
+def compare(
+    paths: Sequence[str | Path],
+    output_path: str | Path,
+    *,
+    baseline: str = BASELINE,
+    metrics: Sequence[str] | None = None,
+    draw: bool = True,
+) -> dict:
+    """Read the runs in ``paths`` (:func:`load_runs`), write ``compare.md`` (one :func:`run_markdown`
+    table per run) and, with ``draw``, ``compare.png`` (:func:`plot`) into the folder ``output_path``.
 
-
-def run(args) -> int:
+    Returns ``{"markdown": the tables, "files": [paths written], "notes": [what was left out and
+    why]}``. Raises :class:`~attnsteer.errors.EvalError` naming the path and the fix when
+    ``output_path`` cannot be written (checked first) or a run cannot be read."""
     from ..errors import EvalError
     from .paths import check_writable
     from .results import RunDirError
 
-    check_writable(args.output_path, "--output_path", folder=True)
+    out = check_writable(output_path, "--output_path", folder=True)
     records = []
-    for path in args.runs:
+    for path in paths:
         try:
             records.extend(load_runs(path))
         except RunDirError as exc:
             raise EvalError(f"compare: {exc}") from None
-    text = "\n\n".join(run_markdown(r, p, args.baseline, args.metrics) for p, r in records)
-    print(text)
-    out = Path(args.output_path).expanduser()
+    text = "\n\n".join(run_markdown(r, p, baseline, metrics) for p, r in records)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.md").write_text(text + "\n", encoding="utf-8")
-    written = [out / "compare.md"]
-    if not args.no_plot:
-        png = plot(records, out / "compare.png", args.baseline, args.metrics)
+    written, notes = [out / "compare.md"], []
+    if draw:
+        png = plot(records, out / "compare.png", baseline, metrics)
         if png is None:
-            print(
-                "note: no PNG chart: matplotlib is not installed (pip install matplotlib, or attnsteer[eval])",
-                file=sys.stderr,
-            )
+            notes.append("no PNG chart: matplotlib is not installed (pip install matplotlib, or attnsteer[eval])")
         else:
             written.append(png)
-    print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
-    return 0
+    return {"markdown": text, "files": written, "notes": notes}

@@ -1,4 +1,4 @@
-"""The models ``attnsteer eval speed`` times: built-in 7B-shaped configs (random weights, no
+"""The models a speed measurement times -- built-in 7B-shaped configs (random weights, no
 download), local or hub configs, the embedded SmolLM2 -- and the prompts it feeds them."""
 
 from __future__ import annotations
@@ -6,10 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-class SpeedError(Exception):
-    """A usage problem: printed as one line, exit code 2."""
-
+from .config import SpeedError
 
 # ---- built-in configs (offline): name -> (config kwargs, prompt layout, description) -------------
 _LLAMA2_7B = dict(
@@ -164,6 +161,9 @@ def resolve_config(model: str, overrides: list[str]):
 
 
 def build_model(config, model_id: str, random_weights: bool, dtype, device, preloaded=None):
+    """The causal LM of ``config`` (a text config from :func:`resolve_config`) on ``device`` in
+    ``dtype``, with SDPA attention: random weights, ``preloaded`` (the embedded SmolLM2), or the
+    pretrained weights of ``model_id``."""
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import api, archs
-from ..attention.observe import LastRows, observe
-from ..errors import AttnsteerWarning
+from . import api, archs
+from .attention.observe import LastRows, observe
+from .errors import AttnsteerWarning
 
 # viridis-like anchors (dark blue -> yellow), linearly interpolated
 ANCHORS = np.array([(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)], dtype=np.float64)
