@@ -9,10 +9,12 @@ These variables override defaults for a whole process, e.g. in a benchmark or a 
                                     tests); unset: on CUDA tensors when triton imports
 ``ATTNSTEER_TRITON_STRICT``         ``1``: a kernel that fails to compile, launch or its self-check
                                     raises instead of sending its (rule kind, dtype, head dim) to
-                                    the chunked path for the process with a warning
+                                    the chunked path for the process with a warning (the Triton
+                                    kernels, and vLLM's FlexAttention path)
 ``ATTNSTEER_TRITON_SELFCHECK``      ``0``: skip the kernels' self-check (a small synthetic call
                                     compared with the chunked path before each (rule kind, dtype,
-                                    head dim) is first served in a process)
+                                    head dim) is first served in a process; the Triton kernels and
+                                    vLLM's FlexAttention path)
 ``ATTNSTEER_TRITON_BLOCK_M``,       prefill kernels' tile sizes, warps and pipeline stages
 ``_BLOCK_N``, ``_WARPS``,
 ``_STAGES``

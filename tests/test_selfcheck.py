@@ -113,7 +113,7 @@ class Counter:
 
 
 # ---- the synthetic calls ---------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", selfcheck.KINDS)
+@pytest.mark.parametrize("kind", sorted(T.CAPABILITY.kinds))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_kernels_pass_their_self_check_and_the_check_is_not_vacuous(kind, dtype):
     report = selfcheck.check("triton", kind, dtype, 16, DEVICE, T.kernel_output)
@@ -127,7 +127,7 @@ def test_the_kernels_pass_their_self_check_and_the_check_is_not_vacuous(kind, dt
 
 def test_a_kernel_that_ignores_the_rule_fails_the_check():
     def plain(steps, call, q, k, v):
-        return chunked.run(type(steps)(), call, q, k, v, selfcheck._Tally())
+        return chunked.run(type(steps)(), call, q, k, v, selfcheck.NullStats())
 
     for kind in selfcheck.KINDS:
         report = selfcheck.check("fake", kind, torch.float32, 16, DEVICE, plain)
@@ -152,8 +152,8 @@ def test_the_check_leaves_the_random_stream_alone():
 
 
 def test_unknown_kind_is_refused_by_name():
-    with pytest.raises(ValueError, match="kind: got 'score'"):
-        selfcheck.synthetic_rule("score", 4)
+    with pytest.raises(ValueError, match="kind: got 'head'"):
+        selfcheck.synthetic_rule("head", 4)
 
 
 # ---- through a model: wrong numbers ----------------------------------------------------------------
@@ -293,7 +293,7 @@ def test_one_check_per_combination_across_threads():
 
     def slow_right(steps, call, q, k, v):
         runs.append(call.phase)
-        return chunked.run(steps, call, q, k, v, selfcheck._Tally())
+        return chunked.run(steps, call, q, k, v, selfcheck.NullStats())
 
     case = selfcheck.synthetic("reweight", "prefill", torch.float32, 16, DEVICE)
     call = case.call(case.q, case.k, case.prompt())
@@ -322,11 +322,12 @@ def test_no_check_while_a_graph_is_captured(monkeypatch):
 
 def test_check_all_and_its_table():
     def right(steps, call, q, k, v):
-        return chunked.run(steps, call, q, k, v, selfcheck._Tally())
+        return chunked.run(steps, call, q, k, v, selfcheck.NullStats())
 
     reports = selfcheck.check_all("chunked", right, DEVICE, dtypes=(torch.float32, torch.bfloat16), head_dims=(8,))
     assert [(r.kind, r.dtype) for r in reports] == [
-        ("group", "float32"), ("group", "bfloat16"), ("reweight", "float32"), ("reweight", "bfloat16")
+        ("score", "float32"), ("score", "bfloat16"), ("group", "float32"), ("group", "bfloat16"),
+        ("reweight", "float32"), ("reweight", "bfloat16")
     ]  # fmt: skip
     assert all(r.ok for r in reports)
     table = selfcheck.markdown(reports)

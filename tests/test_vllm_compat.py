@@ -32,7 +32,8 @@ TOUCHPOINTS_034 = [
      ["CPUAttentionBackend", "CPUAttentionBackendImpl", "CPUAttentionMetadataBuilder"]),
     ("vllm/v1/attention/backends/cpu_attn.py", "CPUAttentionMetadataBuilder", ["_set_isa_to_layers"]),
     ("vllm/v1/attention/backends/flex_attention.py", None,
-     ["FlexAttentionBackend", "FlexAttentionImpl", "FlexAttentionMetadataBuilder", "FlexAttentionMetadata"]),
+     ["FlexAttentionBackend", "FlexAttentionImpl", "FlexAttentionMetadataBuilder", "FlexAttentionMetadata",
+      "flex_attention_compiled", "get_kernel_options"]),
     ("vllm/v1/attention/backends/flex_attention.py", "FlexAttentionMetadata",
      ["score_mod", "transformed_score_mod", "get_transformed_score_mod", "query_start_loc_cpu", "seq_lens",
       "block_table", "num_reqs", "num_actual_tokens"]),
@@ -120,6 +121,9 @@ def test_reading_a_request_from_the_flexattention_cache_layout():
         storage[phys, :n, :, d:] = v[:, b * block : b * block + n].transpose(0, 1)
     got_k, got_v = compat.flex_read_request_kv(storage.transpose(1, 2), table, length, hkv, d)
     assert torch.equal(got_k, k) and torch.equal(got_v, v)
+    written = torch.zeros_like(storage)
+    compat.flex_write_request_kv(written.transpose(1, 2), table, k, v)  # the self-check's writer: its inverse
+    assert torch.equal(written, storage)
 
 
 # ---------------------------------------------------------------------------------------------

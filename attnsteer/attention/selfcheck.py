@@ -8,8 +8,9 @@ of that combination (a prefill and a decode step) on the call's device, by the b
 chunked PyTorch path, and compares them by the dtype rule of the test suite (:func:`dtype_rule`).
 
 The synthetic rules are built here, one per kind (:func:`synthetic_rule`): a generic 4-group rule
-that needs the prefill map's column statistics, and a re-weight rule; they steer a subset of the
-heads. They are no method of the library: backends implement kinds and never name a method.
+that needs the prefill map's column statistics, a re-weight rule, and a score rule whose input
+varies by row, head and key and which reads the call's cosine and head dim; they steer a subset of
+the heads. They are no method of the library: backends implement kinds and never name a method.
 
 The result is kept per process in a registry keyed by (backend, kind, dtype, head dim): ``"ok"``,
 or the reason the combination failed (a mismatch, a compile error, a launch error). A failure is
@@ -23,7 +24,10 @@ Another backend reuses it by calling :func:`ensure` with its own name and comput
 its first real call of a combination (and :func:`record_failure` when a kernel fails on a real
 call): the function receives the synthetic call as the Hugging Face path describes one (q, k, v of
 shapes (B, H, Q, D) / (B, H_kv, K, D) and an :class:`AttentionCall`); a backend whose kernels read
-another layout (a paged KV cache) writes the synthetic keys and values into it there.
+another layout (a paged KV cache) writes the synthetic keys and values into it there. vLLM's
+FlexAttention path does so (:mod:`attnsteer.vllm.flex_check`): it calls :func:`ensure_combination`
+(the combination by its parts, its real calls being packed steps of several requests) with
+``pads=(0,)``, a synthetic call of one unpadded request, as a serving engine's requests are.
 
 The check never steers through a model: it calls the backend's compute function and the chunked
 and reference backends directly on synthetic tensors (tiny: B=2, 4/2 heads, a 10-token prompt on
@@ -45,12 +49,12 @@ import torch
 
 from ..context import PromptState
 from ..errors import AttnsteerWarning, SteeringError
-from ..methods.rules import GroupRule, ReweightRule
+from ..methods.rules import GroupRule, ReweightRule, ScoreRule
 from . import chunked, reference
 from .fused import fused_attention
 from .geometry import AttentionCall, ForwardInfo, MaskView
 
-KINDS = ("group", "reweight")  # the rule kinds a synthetic call exists for
+KINDS = ("score", "group", "reweight")  # the rule kinds a synthetic call exists for (Triton: group, reweight)
 OK = "ok"
 
 
@@ -123,11 +127,20 @@ def ensure(backend: str, kind: str, call: AttentionCall, run: Callable, *, stric
     run: ``run(steps, call, query, key, value) -> out (B, Q, H, D)``, the backend's compute path
     (never the router: the check must not steer through itself). strict: a failure raises (the
     compile / launch error itself, or :class:`KernelSelfCheckError`) instead of being recorded."""
-    key = combination(backend, kind, call.dtype, call.head_dim)
+    return ensure_combination(backend, kind, call.dtype, call.head_dim, call.device, run, strict=strict)
+
+
+def ensure_combination(backend, kind, dtype, head_dim, device, run, *, strict=False, pads=None) -> str | None:
+    """:func:`ensure` for a combination named by its parts -- ``dtype`` (a torch dtype), ``head_dim``
+    (int), ``device`` -- for a backend whose real calls are no :class:`AttentionCall` (a serving
+    engine's packed step). ``pads``: the synthetic call's left padding per batch row (a tuple of
+    ints, :func:`synthetic`; default :data:`PADS`)."""
+    device = torch.device(device)
+    key = combination(backend, kind, dtype, head_dim)
     result = RESULTS.get(key)
     if result is not None:
         return None if result == OK else result
-    if _capturing(call.device):
+    if _capturing(device):
         return None  # served unchecked now; the next eager call checks
     with _LOCK:
         result = RESULTS.get(key)
@@ -137,7 +150,7 @@ def ensure(backend: str, kind: str, call: AttentionCall, run: Callable, *, stric
             raise RuntimeError(f"the {backend} self-check for {describe(key)} re-entered itself")
         _RUNNING.add(key)
         try:
-            report = check(backend, kind, call.dtype, call.head_dim, call.device, run, strict=strict)
+            report = check(backend, kind, dtype, head_dim, device, run, strict=strict, pads=pads)
         finally:
             _RUNNING.discard(key)
         if report.ok:
@@ -148,7 +161,7 @@ def ensure(backend: str, kind: str, call: AttentionCall, run: Callable, *, stric
                 f"the {backend} backend failed its self-check for {describe(key)}: {report.reason}. Fix: unset "
                 "ATTNSTEER_TRITON_STRICT to let such calls run on the chunked path, and please report it"
             )
-        return record_failure(backend, kind, call.dtype, call.head_dim, f"self-check failed: {report.reason}")
+        return record_failure(backend, kind, dtype, head_dim, f"self-check failed: {report.reason}")
 
 
 def _capturing(device: torch.device) -> bool:
@@ -201,11 +214,34 @@ class SpreadGroups(GroupRule):
         return steered, torch.cat([ones, 0.5 * ones, ones, 1.0 + 0.5 * m1 / m3.clamp(min=1e-30)], dim=-1)
 
 
+class LiftScores(ScoreRule):
+    """A generic score rule: ``s + lift + cosine sqrt(head_dim) / 4`` on rows at positions >= 2
+    (:meth:`first_row`; the rows before keep their scores), with ``lift`` = ``0.75 (1 + h)`` on head
+    h's keys at positions 1 mod 3 in even rows, 0 elsewhere: inputs that vary by row, head and key,
+    and both values a score rule may read of the call (``cosine``, ``head_dim``)."""
+
+    reads = ("cosine", "head_dim")
+
+    def inputs(self, rows, prompt):
+        key = rows.key_abs.view(1, 1, 1, -1)
+        heads = torch.arange(1, self.heads.numel() + 1, device=key.device).view(1, -1, 1, 1)
+        lifted = (key % 3 == 1) & (rows.row_abs % 2 == 0)  # (1, 1, C, K)
+        return {"lift": torch.where(lifted, 0.75 * heads, 0.0), "gate": rows.row_abs >= 2}  # (1, H, C, K), (1, 1, C, 1)
+
+    def modify(self, s, lift, gate, cosine, head_dim):
+        return torch.where(gate, s + lift + cosine * (head_dim**0.5 / 4), s)
+
+    def first_row(self, prompt):
+        return 2
+
+
 def synthetic_rule(kind: str, heads: int):
     """A rule of ``kind`` steering query heads 0, 2, 3 of ``heads`` (re-weight: power 3, offset 1,
     3 free rows)."""
     mask = torch.tensor([h % 4 != 1 for h in range(heads)])
     owner = _Owner(mask)
+    if kind == "score":
+        return LiftScores(owner)
     if kind == "group":
         return SpreadGroups(owner)
     if kind == "reweight":
@@ -236,10 +272,15 @@ class Synthetic:
     info: ForwardInfo
     groups: torch.Tensor | None  # int8 (B, H, P) for the group kind
 
+    @property
+    def rule(self):
+        """The call's one rule."""
+        return (*self.steps.score, *self.steps.weight)[0]
+
     def prompt(self) -> PromptState:
         state = PromptState()
         if self.groups is not None:
-            state.put(self.steps.weight[0].key, "groups", self.groups)
+            state.put(self.rule.key, "groups", self.groups)
         return state
 
     def call(self, q: torch.Tensor, k: torch.Tensor, prompt: PromptState) -> AttentionCall:
@@ -255,11 +296,12 @@ def prompt_length(device: torch.device) -> int:
     return 10 if device.type == "cpu" else 80
 
 
-def group_table_for(prompt_len: int, heads: int, device) -> torch.Tensor:
-    """int8 (B, H, P): per batch row and head, the first token and key 3 (+ head % 2) in group 1,
-    rows ``P/2 .. P/2 + 2`` from the first token in group 3, positions ``= head mod 3`` in group 2."""
+def group_table_for(prompt_len: int, heads: int, device, pads: tuple[int, ...] = PADS) -> torch.Tensor:
+    """int8 (B, H, P), B = len(pads): per batch row and head, the first token and key 3 (+ head % 2)
+    in group 1, rows ``P/2 .. P/2 + 2`` from the first token in group 3, positions ``= head mod 3``
+    in group 2."""
     pos = torch.arange(prompt_len).view(1, 1, -1)
-    rel = pos - torch.tensor(PADS[:BATCH]).view(-1, 1, 1)
+    rel = pos - torch.tensor(pads).view(-1, 1, 1)
     head = torch.arange(heads).view(1, -1, 1)
     table = torch.where(rel % 3 == head % 3, 2, 0)
     half = prompt_len // 2
@@ -270,31 +312,44 @@ def group_table_for(prompt_len: int, heads: int, device) -> torch.Tensor:
 
 
 def synthetic(
-    kind: str, phase: str, dtype: torch.dtype, head_dim: int, device, seed: int = 0, prompt_len: int | None = None
+    kind: str,
+    phase: str,
+    dtype: torch.dtype,
+    head_dim: int,
+    device,
+    seed: int = 0,
+    prompt_len: int | None = None,
+    pads: tuple[int, ...] | None = None,
 ) -> Synthetic:
     """The synthetic ``phase`` (``prefill`` / ``decode``) call of a ``kind`` rule: B=2 (the second
     row left-padded by 2), 4 query / 2 kv heads, one key three times larger (rows are not
     near-uniform); inputs rounded to ``dtype``, deterministic for a ``seed``. ``prompt_len``: the
-    prompt's tokens (default :func:`prompt_length` of the device)."""
+    prompt's tokens (default :func:`prompt_length` of the device). ``pads``: each batch row's left
+    padding instead (its length is the batch; ``(0,)``: one unpadded row, as a serving engine's
+    request)."""
     device = torch.device(device)
+    pads = PADS if pads is None else tuple(pads)
+    batch = len(pads)
     n = prompt_len or prompt_length(device)
     q_len, past = (n, 0) if phase == "prefill" else (1, n)
     k_len = past + q_len
     g = torch.Generator().manual_seed(1234 + head_dim + 7919 * seed)
-    q = torch.randn(BATCH, HEADS, q_len, head_dim, generator=g) * 1.5
-    k = torch.randn(BATCH, KV_HEADS, k_len, head_dim, generator=g) * 1.5
-    v = torch.randn(BATCH, KV_HEADS, k_len, head_dim, generator=g)
+    drawn = max(batch, BATCH)  # the same numbers for the first rows whatever the batch
+    q = torch.randn(drawn, HEADS, q_len, head_dim, generator=g)[:batch] * 1.5
+    k = torch.randn(drawn, KV_HEADS, k_len, head_dim, generator=g)[:batch] * 1.5
+    v = torch.randn(drawn, KV_HEADS, k_len, head_dim, generator=g)[:batch]
     k[:, :, 3] *= 3.0
     rows = torch.arange(past, k_len).view(1, 1, -1, 1)
     keys = torch.arange(k_len).view(1, 1, 1, -1)
-    pads = torch.tensor(PADS[:BATCH])
-    visible = (keys <= rows) & (keys >= pads.view(-1, 1, 1, 1))
-    info = ForwardInfo(q_len, past, k_len, pads.to(device), batch=BATCH)
+    first = torch.tensor(pads)
+    visible = (keys <= rows) & (keys >= first.view(-1, 1, 1, 1))
+    info = ForwardInfo(q_len, past, k_len, first.to(device), batch=batch)
     rule = synthetic_rule(kind, HEADS)
-    groups = group_table_for(n, HEADS, device) if kind == "group" else None
+    groups = group_table_for(n, HEADS, device, pads) if kind == "group" else None
     q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
-    mask = MaskView(visible.expand(BATCH, 1, q_len, k_len).contiguous().to(device), q_len, k_len)
-    return Synthetic(phase, _Steps(weight=(rule,)), q, k, v, mask, info, groups)
+    mask = MaskView(visible.expand(batch, 1, q_len, k_len).contiguous().to(device), q_len, k_len)
+    steps = _Steps(score=(rule,)) if kind == "score" else _Steps(weight=(rule,))
+    return Synthetic(phase, steps, q, k, v, mask, info, groups)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +379,7 @@ def dtype_rule(
     return bool(err <= tol), err, tol  # NaN compares False
 
 
-class _Tally:
+class NullStats:
     """A throwaway SiteStats: the synthetic calls count nothing anywhere."""
 
     def record(self, method, rows) -> None:
@@ -368,22 +423,24 @@ def check(
     strict: bool = False,
     seed: int = 0,
     prompt_len: int | None = None,
+    pads: tuple[int, ...] | None = None,
 ) -> Report:
     """Run the synthetic prefill and decode calls of ``kind`` through ``run`` (see :func:`ensure`)
     and the chunked path, compare by :func:`dtype_rule`; no registry. An exception of ``run`` is a
-    failure (re-raised with ``strict``). ``seed`` / ``prompt_len``: other synthetic data (tests)."""
+    failure (re-raised with ``strict``). ``seed`` / ``prompt_len``: other synthetic data (tests);
+    ``pads``: the batch rows' left padding (:func:`synthetic`)."""
     device = torch.device(device)
     report = Report(backend, kind, str(dtype).removeprefix("torch."), int(head_dim), str(device))
     t0 = time.perf_counter()
     with torch.no_grad():
         for phase in ("prefill", "decode"):
-            case = synthetic(kind, phase, dtype, head_dim, device, seed, prompt_len)
+            case = synthetic(kind, phase, dtype, head_dim, device, seed, prompt_len, pads)
             try:
                 reason, numbers = _compare(case, dtype, run)
             except Exception as exc:
                 if strict:
                     raise
-                reason, numbers = f"{phase} call raised {type(exc).__name__}: {_short(exc)}", {"phase": phase}
+                reason, numbers = f"{phase} call raised {type(exc).__name__}: {short(exc)}", {"phase": phase}
             report.phases.append(numbers)
             if reason:
                 report.ok, report.reason = False, reason
@@ -392,17 +449,18 @@ def check(
     return report
 
 
-def _short(exc: BaseException, limit: int = 300) -> str:
+def short(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line, cut to ``limit`` characters (for a reason in the stats)."""
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _compare(case: Synthetic, dtype: torch.dtype, run: Callable) -> tuple[str, dict]:
     """(why the backend's output is wrong or "", the numbers) for one synthetic call."""
-    rule = case.steps.weight[0]
+    rule = case.rule
     q32, k32, v32 = case.q.float(), case.k.float(), case.v.float()
     ref_prompt = case.prompt()
-    ref = chunked.run(case.steps, case.call(q32, k32, ref_prompt), q32, k32, v32, _Tally())
+    ref = chunked.run(case.steps, case.call(q32, k32, ref_prompt), q32, k32, v32, NullStats())
     naive_prompt = case.prompt()
     naive = reference.attend(
         case.steps, case.call(case.q, case.k, naive_prompt), case.q, case.k, case.v, compute_dtype=dtype

@@ -141,6 +141,36 @@ def flex_read_request_kv(kv_cache, blocks, length: int, kv_heads: int, head_size
     return raw[..., :head_size].transpose(0, 1), raw[..., head_size:].transpose(0, 1)
 
 
+def flex_write_request_kv(kv_cache, blocks, keys, values) -> None:
+    """The inverse of :func:`flex_read_request_kv`: keys and values (H_kv, n, D) of one request written
+    into FlexAttention's cache ``kv_cache`` (num_blocks, H_kv, block_size, 2 D) at the blocks of its
+    block-table row ``blocks`` (position order), as vLLM's ``reshape_and_cache_flash`` does."""
+    block, d = kv_cache.shape[2], keys.shape[-1]
+    tokens = kv_cache.transpose(1, 2)  # (num_blocks, block, H_kv, 2 D): vLLM's allocation
+    for i in range(-(-keys.shape[1] // block)):
+        part = slice(i * block, min((i + 1) * block, keys.shape[1]))
+        n = part.stop - part.start
+        tokens[int(blocks[i]), :n, :, :d] = keys[:, part].transpose(0, 1)
+        tokens[int(blocks[i]), :n, :, d:] = values[:, part].transpose(0, 1)
+
+
+def flex_kernel():
+    """vLLM's FlexAttention call as its impl makes it (``flex_attention_compiled`` with the kernel
+    options of ``get_kernel_options`` for a direct block-mask build): ``kernel(q, k, v, score_mod,
+    block_mask, scale)`` with q (1, H, T, D), k / v (1, H_kv, N, D) -> (out (1, H, T, D), lse (1, H, T))."""
+    what = "vLLM FlexAttention backend"
+    compiled = _attr(FLEX_MODULE, "flex_attention_compiled", what)
+    options = _attr(FLEX_MODULE, "get_kernel_options", what)
+    aux = _attr("torch.nn.attention.flex_attention", "AuxRequest", "torch FlexAttention")
+
+    def kernel(q, k, v, score_mod, block_mask, scale):
+        out, extra = compiled(q, k, v, score_mod, block_mask, scale, enable_gqa=k.shape[1] != q.shape[1],
+                              kernel_options=options(q, *block_mask.BLOCK_SIZE, True), return_aux=aux(lse=True))  # fmt: skip
+        return out, extra.lse
+
+    return kernel
+
+
 def kv_cache_quantized(impl) -> bool:
     """Whether the impl's KV cache is quantised (fp8): ``is_fp8_kv_cache`` in 0.32, the dtype name after."""
     flag = getattr(impl, "is_fp8_kv_cache", None)

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import chunked
 from ..attention.dispatch import SiteStats
-from ..attention.geometry import AttentionCall, ForwardInfo, MaskView
+from ..attention.geometry import ForwardInfo, MaskView
 from ..context import PromptState
-from ..errors import SteeringError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..plan import LayerPlan
 from . import compat, hidden, requests
 from .config import steering_for
-from .paged import read_request_kv, window_mask
+from .paged import read_request_kv, request_info, request_inputs, run_chunked
 
 CPUAttentionBackend, CPUAttentionBackendImpl, CPUAttentionMetadataBuilder = compat.cpu_attention_classes()
 DECODER = compat.decoder_attention_type()
@@ -168,28 +167,17 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         output[rows] = out[:, 0].to(output.dtype)
 
     def _attend(self, plan: LayerPlan, info: ForwardInfo, prompt: PromptState, inputs, own):
-        """The plan's rules on one call of the request(s) whose state is ``prompt``: ``inputs()`` ->
-        (q (B, H, Q, D), k / v (B, H_kv, K, D), MaskView), read only when a score or weight rule (or a
-        head rule that ``reads_call``) needs them; ``own()`` -> vLLM's output (B, Q, H, D) otherwise;
-        head rules scale the result.
-        Returns (B, Q, H, D)."""
+        """The plan's rules on one call of the request(s) whose state is ``prompt``
+        (:func:`attnsteer.vllm.paged.run_chunked`: ``inputs()`` -> (q, k, v, MaskView), ``own()`` ->
+        vLLM's output (B, Q, H, D)). Returns (B, Q, H, D)."""
         steps = plan.steps(info.is_prefill)
         stats = self._stats.get(id(plan))
         if stats is None:
             stats = self._stats[id(plan)] = SiteStats(plan.methods)
         stats.begin({rule.method for rule in (*steps.score, *steps.weight, *steps.head)})
-        call = None
-        if steps.attention or any(rule.reads_call for rule in steps.head):
-            q, k, v, mask = inputs()
-            call = AttentionCall(self._layer, info, q, k, mask, self.scale, prompt, self.logits_soft_cap or None)
-        if steps.attention:
-            out = chunked.run(steps, call, q, k.to(q.dtype), v.to(q.dtype), stats)
-            stats.ran("chunked", call.phase)
-        else:  # head rules only: vLLM's own attention output
-            out = own()
-        for rule in steps.head:
-            out, touched = rule.apply(out, call if call is not None else _HeadCall(info), prompt)
-            stats.record(rule.method, touched)
+        out = run_chunked(
+            self._layer, steps, info, prompt, inputs, own, stats, self.scale, self.logits_soft_cap or None
+        )
         stats.end()
         return out
 
@@ -211,29 +199,11 @@ class AttnsteerCPUImpl(CPUAttentionBackendImpl):
         past = length - q_len
         prefill = past == 0
         prompt = self._request_state(plan, facts, prefill, q0, q1) if facts is not None else PromptState()
-        if whole and q_len > 1 and 0 < past < (facts.prompt_len if facts is not None else length):
-            raise SteeringError(
-                f"layer {self._layer}: a request reached attention as a prompt chunk after {past} tokens; ACT and VAR "
-                "need the whole prompt in one forward. Fix: disable chunked prefill and prefix caching for this engine"
-            )
-        info = ForwardInfo(q_len=q_len, past_len=past, total_len=length, first_valid=None, batch=1)
+        requests.check_whole_prompt(self._layer, whole, past, q_len, facts.prompt_len if facts is not None else length)
 
-        def inputs():
-            k, v = read_request_kv(kv_cache, blocks, length)
-            q = query[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, H, Q, D)
-            mask = MaskView(window_mask(q_len, length, self.sliding_window), q_len, length)
-            return q, k.unsqueeze(0), v.unsqueeze(0), mask
+        def read():
+            return read_request_kv(kv_cache, blocks, length)
 
-        out = self._attend(plan, info, prompt, inputs, lambda: output[q0:q1].unsqueeze(0))
+        inputs = request_inputs(query, q0, q1, length, self.sliding_window, read)
+        out = self._attend(plan, request_info(q_len, length), prompt, inputs, lambda: output[q0:q1].unsqueeze(0))
         output[q0:q1] = out[0].to(output.dtype)
-
-
-class _HeadCall:
-    """What a head rule reads of a call vLLM's own kernel computed: its phase."""
-
-    def __init__(self, info: ForwardInfo):
-        self.info = info
-
-    @property
-    def is_prefill(self) -> bool:
-        return self.info.is_prefill

@@ -9,6 +9,15 @@ second kernel pass for re-weight rules, and applies head rules after
 (:func:`attnsteer.vllm.flex_rules.steer`). Each request steers with its own recipe, the engine's,
 or none, in one batch. Every other layer runs vLLM's impl unchanged.
 
+Self-check: before this impl steers a request whose rules are of a (rule kind, dtype, head dim)
+not yet served in the process, that combination runs once on a small synthetic call written into a
+paged cache on the device and steered by this path with vLLM's compiled FlexAttention kernel,
+against attnsteer's chunked path (:mod:`attnsteer.vllm.flex_check`). A combination that fails (a
+mismatch, a compile error, an exception of the kernel, also on a real call) is warned once and its
+requests are given to the chunked path over their keys and values gathered from the paged cache for
+the rest of the process, counted in the layer's stats under ``fallbacks``.
+``ATTNSTEER_TRITON_SELFCHECK=0`` skips the check; ``ATTNSTEER_TRITON_STRICT=1`` raises instead.
+
 CUDA graphs: a steered engine declares no CUDA-graph support for its attention
 (``AttentionCGSupport.NEVER``), so vLLM runs it in piecewise mode: attention runs eagerly between
 the captured pieces, where the per-request tables are rebuilt each step.
@@ -20,9 +29,9 @@ import torch
 
 from ..attention.dispatch import SiteStats
 from ..context import PromptState
-from ..errors import SteeringError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..plan import LayerPlan
-from . import compat, flex_rules, hidden, requests
+from . import compat, flex_check, flex_rules, hidden, requests
 from .config import steering_for
 
 FlexAttentionBackend, FlexAttentionImpl, FlexAttentionMetadataBuilder, _ = compat.flex_attention_classes()
@@ -68,6 +77,8 @@ class AttnsteerFlexImpl(FlexAttentionImpl):
             if self.steering.needs_requests:
                 prepare = hidden.hook_layer_inputs if self.steering.input_layers != set() else None
                 requests.install(self.steering.modalities, prepare)
+        # which requests the kernel serves (the self-check), the chunked path for the others
+        self._gate = flex_check.Gate.from_settings(compat.flex_kernel()) if self.steering is not None else None
         self._layer: int | None = None
         self._stats: dict[int, SiteStats] = {}
         self._without_roles: dict[int, LayerPlan] = {}
@@ -87,17 +98,13 @@ class AttnsteerFlexImpl(FlexAttentionImpl):
             q0, q1 = starts[r], starts[r + 1]
             if q1 == q0:
                 continue
-            plan, _, facts = requests.plan_for_request(self.steering, self._layer, r, self._without_roles)
+            plan, whole, facts = requests.plan_for_request(self.steering, self._layer, r, self._without_roles)
             length = compat.flex_seq_len(md, r)
             prefill = length == q1 - q0
             if plan is None or not plan.active(prefill):
                 continue
-            if self.steering.needs_whole_prompt and not prefill and q1 - q0 > 1:
-                raise SteeringError(
-                    f"layer {self._layer}: a request reached attention as a prompt chunk after {length - (q1 - q0)} "
-                    "tokens (chunked prefill, a prefix-cache hit or a recomputed preempted request); ACT and VAR need "
-                    "the whole prompt in one forward on this path. Fix: disable chunked prefill and prefix caching"
-                )
+            requests.check_whole_prompt(self._layer, whole, length - (q1 - q0), q1 - q0,
+                                        facts.prompt_len if facts is not None else length)  # fmt: skip
             prompt = requests.prompt_state(facts, prefill) if facts is not None else PromptState()
             if prefill and facts is not None:
                 for method in plan.methods:
@@ -108,9 +115,9 @@ class AttnsteerFlexImpl(FlexAttentionImpl):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)  # fmt: skip
         t = md.num_actual_tokens
-        out = flex_rules.steer(self._layer, query[:t], slices, self.scale,
+        out = self._gate.steer(self._layer, query[:t], slices, self.scale,
                                lambda mod: self._attend(layer, query, key, value, kv_cache, md, mod),
-                               self.sliding_window or 0)  # fmt: skip
+                               self.sliding_window or 0, kv_cache.shape[2])  # fmt: skip
         for s in slices:
             s.stats.end()
         output[:t] = out.to(output.dtype)
@@ -127,9 +134,7 @@ class AttnsteerFlexImpl(FlexAttentionImpl):
         def kv():
             return compat.flex_read_request_kv(kv_cache, blocks, length, self.num_kv_heads, self.head_size)
 
-        piece = flex_rules.RequestSlice(q0, q1, length, steps, prompt, kv, stats.record)
-        piece.stats = stats
-        return piece
+        return flex_rules.RequestSlice(q0, q1, length, steps, prompt, kv, stats)
 
     def _attend(self, layer, query, key, value, kv_cache, md, score_mod):
         """vLLM's FlexAttention kernel over the step with ``score_mod`` -> (out (T, H, D), lse (T, H))."""

@@ -68,7 +68,8 @@ def refusal(rules) -> str | None:
 class RequestSlice:
     """One request's rows in a packed call: rows ``q0..q1``, its tokens so far ``length`` (keys at
     positions ``0..length-1``), its plan's ``steps`` for this phase, its per-prompt state, and
-    ``kv()`` -> (keys, values) (H_kv, length, D) read from the cache when a rule needs them."""
+    ``kv()`` -> (keys, values) (H_kv, length, D) read from the cache when a rule needs them.
+    ``stats``: its layer's SiteStats (which path served it, rows each method changed), or None."""
 
     q0: int
     q1: int
@@ -76,8 +77,13 @@ class RequestSlice:
     steps: object
     prompt: PromptState
     kv: Callable[[], tuple[torch.Tensor, torch.Tensor]]
-    record: Callable | None = None  # record(method, rows changed) for the site's stats
+    stats: object = None
     _kv: tuple | None = field(default=None, repr=False)
+
+    def record(self, method, rows) -> None:
+        """Count ``rows`` changed by ``method`` in the site's stats (none: nothing)."""
+        if self.stats is not None:
+            self.stats.record(method, rows)
 
     @property
     def rows(self) -> int:
@@ -86,6 +92,11 @@ class RequestSlice:
     @property
     def past(self) -> int:
         return self.length - self.rows
+
+    @property
+    def phase(self) -> str:
+        """``prefill``, ``decode`` (one row after the prompt) or ``chunk``, as :class:`AttentionCall` names it."""
+        return "prefill" if self.past == 0 else ("decode" if self.rows == 1 else "chunk")
 
     def keys_values(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._kv is None:
@@ -208,9 +219,8 @@ class ScoreMod:
             entry.req[req.q0 + r0 : req.q1] = i
             entry.on[req.q0 + r0 : req.q1] = True
             slot += c
-            if req.record is not None:
-                heads = rule.heads
-                req.record(rule.method, c * (self.heads if heads is None else int(heads.sum())))
+            heads = rule.heads
+            req.record(rule.method, c * (self.heads if heads is None else int(heads.sum())))
         for name in inputs[0] if inputs else ():
             entry.tables[name] = _Table([_as_tensor(x[name], self.device) for x in inputs], rows, self.heads)
         if "head_dim" in rule.reads:
@@ -331,8 +341,7 @@ def correct_group(layer, rule, req: RequestSlice, q, out, lse, scale: float, win
         for g, part in enumerate(parts, start=1):
             precise = precise + factors[..., g : g + 1] * part
         new = torch.where(low, precise, new)
-    if req.record is not None:
-        req.record(rule.method, steered.sum())
+    req.record(rule.method, steered.sum())
     return torch.where(steered, new, out)
 
 
@@ -407,7 +416,7 @@ def steer(layer: int, query, requests: list[RequestSlice], scale: float, attend,
         out = torch.where(keep[..., None], out2.float(), out)
         for req in weighted:
             for rule in req.steps.weight:
-                if rule.kind == "reweight" and req.record is not None:
+                if rule.kind == "reweight":
                     req.record(rule.method, keep[req.q0 : req.q1].sum())
     for req in weighted:
         for rule in req.steps.weight:
@@ -432,7 +441,6 @@ def apply_head_rules(layer: int, query, out, requests: list[RequestSlice], scale
         rows = out[req.q0 : req.q1].unsqueeze(0)  # (1, C, H, D)
         for rule in req.steps.head:
             rows, touched = rule.apply(rows, call, req.prompt)
-            if req.record is not None:
-                req.record(rule.method, touched)
+            req.record(rule.method, touched)
         out[req.q0 : req.q1] = rows[0].to(out.dtype)
     return out

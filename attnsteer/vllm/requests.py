@@ -130,6 +130,20 @@ def plan_for_request(steering, layer: int, row: int, subsets: dict):
     return subsets[id(plan)], whole, facts
 
 
+def check_whole_prompt(layer: int, whole: bool, past: int, rows: int, prompt_len: int) -> None:
+    """Raise when a request whose recipe needs whole prompts (``whole``: the flag
+    :func:`plan_for_request` gives for *this* request) reaches attention with a chunk of its prompt
+    of ``rows`` rows after ``past`` tokens (chunked prefill, a prefix-cache hit), i.e. with
+    ``0 < past < prompt_len``; several rows after the whole prompt (a recomputed preempted request's
+    generated tokens) are decode rows."""
+    if whole and rows > 1 and 0 < past < prompt_len:
+        raise SteeringError(
+            f"layer {layer}: a request reached attention as a prompt chunk after {past} tokens (chunked prefill or "
+            "a prefix-cache hit); ACT and VAR need the whole prompt in one forward. Fix: disable chunked prefill "
+            "and prefix caching for this engine"
+        )
+
+
 def _facts_of(state: compat.RequestView) -> RequestFacts:
     """The request's facts, built at its first step and kept (its prompt, inputs and placeholders
     do not change while vLLM holds it)."""
