@@ -99,7 +99,7 @@ def run(
         model_id, kwargs = loaded_model_identity(model, None)
     dist = Dist()
     if len(config.seeds) > 1 and not data.identity.get("decoding", {}).get("do_sample", True) and dist.is_main:
-        config.note("decoding is greedy, so every seed gives the same outputs; seeds matter with sampling")
+        config.note("note: decoding is greedy, so every seed gives the same outputs; seeds matter with sampling")
     identity = {**model_identity(model_id, kwargs), **data.identity}
     out = output_dir(config.output_path, task.name, model_id, identity)
     run_dir = RunDir(
@@ -114,7 +114,7 @@ def run(
         if dist.is_main:
             config.note(f"run directory: {out}")
             for note in data.notes:
-                config.note(note)
+                config.note(f"note: {note}")
             if data.description:
                 config.note(f"{data.description}; recipes {', '.join(s.label for s in specs)}; seeds {config.seeds}")
             for name, content in data.extra_files.items():
