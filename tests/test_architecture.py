@@ -213,3 +213,71 @@ def test_the_core_import_stays_light(light):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]", proc.stdout
+
+
+# ---- the library neither parses arguments, prints nor sets environment variables -------------------------
+# Only attnsteer/cli/ does (the library reports through return values, tqdm and progress callbacks).
+# Not converted yet (issue 25): the evaluations, the speed harness and the pictures (being converted),
+# the demo's report and the model loader's progress lines (models.load_with_progress prints to a stream).
+NOT_YET_CONVERTED = ("evals/", "speed/", "pictures.py", "demo.py", "models.py")
+
+
+def _is_environ(node: ast.expr) -> bool:
+    """``os.environ`` (or a bare ``environ``)."""
+    return (isinstance(node, ast.Attribute) and node.attr == "environ") or (
+        isinstance(node, ast.Name) and node.id == "environ"
+    )
+
+
+def _cli_only_uses(source: str) -> list[str]:
+    """``line: what`` for each argument parser flag, print, stdout / stderr write or environment
+    variable set in ``source``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        what = None
+        if isinstance(node, ast.Call):
+            func = node.func
+            if isinstance(func, ast.Name) and func.id == "print":
+                what = "print(...)"
+            elif isinstance(func, ast.Attribute) and func.attr == "add_argument":
+                what = "add_argument(...)"
+            elif isinstance(func, ast.Attribute) and func.attr in ("setdefault", "update") and _is_environ(func.value):
+                what = f"os.environ.{func.attr}(...)"
+            elif isinstance(func, ast.Attribute) and func.attr == "putenv":
+                what = "os.putenv(...)"
+            elif (
+                isinstance(func, ast.Attribute)
+                and func.attr == "write"
+                and isinstance(func.value, ast.Attribute)
+                and func.value.attr in ("stdout", "stderr")
+            ):
+                what = f"sys.{func.value.attr}.write(...)"
+        elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Subscript) and _is_environ(t.value) for t in targets):
+                what = "os.environ[...] = ..."
+        if what:
+            found.append((node.lineno, what))
+    return [f"{line}: {what}" for line, what in sorted(found)]
+
+
+def test_the_check_for_cli_only_calls_finds_each_kind():
+    source = (
+        "import os, sys\nprint('x')\np.add_argument('--x')\nos.environ['A'] = '1'\nos.environ.setdefault('B', '1')\n"
+        "os.environ.update(C='1')\nos.putenv('D', '1')\nsys.stderr.write('e')\nos.environ['E'] += 'x'\n"
+        "value = os.environ['F']\nos.environ.get('G')\nlog(print)\n"
+    )
+    assert [hit.split(": ")[0] for hit in _cli_only_uses(source)] == [str(n) for n in range(2, 10)]
+
+
+def test_only_the_cli_parses_arguments_prints_or_sets_environment_variables():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative.startswith("cli/") or relative.startswith(NOT_YET_CONVERTED):
+            continue
+        offenders += [f"attnsteer/{relative}:{hit}" for hit in _cli_only_uses(path.read_text())]
+    assert not offenders, (
+        "only attnsteer/cli/ parses arguments, prints or sets environment variables; the library returns "
+        "results and reports progress through tqdm or a callback:\n" + "\n".join(offenders)
+    )

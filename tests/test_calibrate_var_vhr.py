@@ -4,6 +4,7 @@ written recipes, and the command line's errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import warnings
@@ -319,6 +320,61 @@ def test_cli_calibrate_vhr_fixed_heads(saved, capsys):
     assert "| layer | heads selected per prompt (mean) |" in out
     model = F._model_class("llava").from_pretrained(saved["model"])
     assert {s["layer"]: s["heads"] for s in attnsteer.plan(model, recipe).sites()} == iv.heads
+
+
+def test_library_calibrations_from_configs_log_through_the_callback_and_print_nothing(saved, capsys):
+    """``attnsteer.calibrate.var.calibrate`` / ``vhr.calibrate``: the commands' work from typed
+    configs. Loading logs one line to ``progress``; a model passed as ``loaded`` is not loaded again
+    and gives the same recipe; the results carry the tables' data."""
+    from attnsteer.calibrate import var, vhr
+    from attnsteer.evals.runner import load_vlm
+
+    root = saved["root"]
+    common = {"model": str(saved["model"]), "images": saved["images"], "no_progress": True}
+    config = var.VarCalibrationConfig(
+        prompts=root / "prompts.txt", recipe=str(root / "var.yaml"), out=root / "lib" / "var.yaml", **common
+    )
+    lines = []
+    result = var.calibrate(config, progress=lines.append)
+    assert capsys.readouterr() == ("", "")
+    assert len(lines) == 1 and lines[0].startswith("Loading ") and lines[0].endswith(" ...")
+    assert result.path == root / "lib" / "var.yaml" and attnsteer.load_recipe(result.path) == result.recipe
+    assert result.stats.sink_dims == [SINK_DIM] and result.stats.prompts == 6 and result.stats.counts[RARE_DIM] == 2
+    assert isinstance(result.notes, list) and all(isinstance(n, str) for n in result.notes)
+    assert f"| {SINK_DIM} | 6/6 | 1.00 | yes |" in var.format_var_table(result.stats)
+    processor, model = load_vlm(str(saved["model"]), {})
+    capsys.readouterr()  # transformers' own loading bar
+    again = var.calibrate(dataclasses.replace(config, out=root / "lib" / "again.yaml"), loaded=(processor, model))
+    assert again.recipe == result.recipe and capsys.readouterr() == ("", "")
+
+    fixed_config = vhr.VhrCalibrationConfig(
+        prompts=root / "prompts.jsonl", out=root / "lib" / "vhr", min_share=0.75, **common
+    )
+    fixed_result = vhr.calibrate(fixed_config, loaded=(processor, model), progress=lines.append)
+    assert len(lines) == 1 and capsys.readouterr() == ("", "")  # nothing more logged: nothing loaded
+    (iv,) = attnsteer.load_recipe(fixed_result.path).interventions
+    assert iv.heads == fixed_result.stats.heads and iv.params["selection"] == "fixed"
+    assert fixed_result.fixed_heads == sum(len(h) for h in iv.heads.values()) > 0 and fixed_result.stats.prompts == 4
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("tau", 0, "--tau 0: the threshold must be > 0. Fix"),
+        ("tau", "20", "--tau '20': the threshold must be > 0. Fix"),
+        ("min_share", 0, "--min-share 0: expected a share in (0, 1]. Fix"),
+        ("min_share", 1.5, "--min-share 1.5: expected a share in (0, 1]. Fix"),
+        ("limit", 0, "--limit 0: expected a positive integer. Fix"),
+    ],
+)
+def test_library_configs_refuse_bad_settings_naming_the_flag(tmp_path, field, value, needle):
+    from attnsteer.calibrate import var, vhr
+
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        var.VarCalibrationConfig(prompts=tmp_path / "p.txt", out=tmp_path / "o.yaml", **{field: value})
+    if field != "tau":
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            vhr.VhrCalibrationConfig(prompts=tmp_path / "p.txt", out=tmp_path / "o.yaml", **{field: value})
 
 
 @pytest.mark.parametrize(

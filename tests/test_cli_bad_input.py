@@ -230,12 +230,17 @@ def test_calibrate_act_library_refuses_a_non_positive_budget(tmp_path, monkeypat
         act.Search(None, tmp_path / "state.json", {}, 0)
     assert not (tmp_path / "state.json").exists()
     monkeypatch.setattr(act, "load_task", lambda *a, **k: pytest.fail("the data was read before the budget check"))
+    for bad in (0, -1, 2.5, True, "10"):  # as a Python caller could pass it: the config refuses it
+        with pytest.raises(UsageError, match=r"--budget .*positive integer.*Fix: e\.g\. --budget 6000"):
+            act.ActCalibrationConfig(out=tmp_path / "act.yaml", budget=bad)
+    from attnsteer.cli import calibrate_act
+
     parser = argparse.ArgumentParser()
-    act.add_arguments(parser)
+    calibrate_act.add_arguments(parser)
     args = parser.parse_args(["--out", str(tmp_path / "act.yaml")])
-    args.budget = 0  # as a Python caller could pass it
+    args.budget = 0  # set past the flag's own check: the command refuses it before reading any data
     with pytest.raises(UsageError, match="--budget 0"):
-        act.run(args)
+        calibrate_act.run(args)
 
 
 # ---- 6. recipes that steer toward image tokens, on a text model -------------------------------------------

@@ -9,7 +9,8 @@ compiles, and timings mean something): Triton's interpreter, which test_kernels.
 pytest process, leaves ``triton.language`` patched after running a kernel, after which nothing
 compiles in that process.
 
-Skipped without triton or without its NVIDIA backend and ptxas. The default run compiles every
+The command line is ``benchmarks/compile_check.py``. Skipped without triton or without its NVIDIA
+backend and ptxas. The default run compiles every
 kernel and mode once for sm_90 (bf16, D = 128; about 20-30 s on 2 CPU cores); the ``slow`` one
 the whole matrix for sm_90 and sm_80.
 """
@@ -21,12 +22,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
 from attnsteer.kernels import compile_check as CC  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
     not CC.nvidia_backend_available(), reason="triton's NVIDIA backend (with ptxas for sm_80 / sm_90) is not installed"
@@ -204,15 +208,15 @@ def test_a_kernel_that_cannot_compile_is_reported(tmp_path):
 
 
 def test_cli_writes_the_reports(tmp_path):
-    """``python -m attnsteer.kernels.compile_check`` writes compile_sm<cc>.md / .json (with the
-    versions) and exits 0 when everything compiled."""
+    """``python benchmarks/compile_check.py`` writes compile_sm<cc>.md / .json (with the versions
+    and the command) and exits 0 when everything compiled."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    env["PYTHONPATH"] = str(REPO)  # this checkout's attnsteer, whatever is installed
     proc = subprocess.run(
         [
             sys.executable,
-            "-m",
-            "attnsteer.kernels.compile_check",
+            str(REPO / "benchmarks" / "compile_check.py"),
             "--arch",
             "80",
             "--dtype",
@@ -235,8 +239,14 @@ def test_cli_writes_the_reports(tmp_path):
     doc = json.loads((tmp_path / "out" / "compile_sm80.json").read_text())
     assert doc["cc"] == 80 and doc["triton"] and doc["torch"] and "ptxas" in doc["ptxas"]
     assert [r["kernel"] for r in doc["records"]] == ["column_stats"] and doc["records"][0]["ok"]
+    command = (
+        "python benchmarks/compile_check.py --arch 80 --dtype float16 --head-dim 64 --scope smoke "
+        "--only '^column_stats'"
+    )
+    assert doc["command"] == command and doc["scope"] == "smoke" and doc["head_dims"] == [64]
     text = (tmp_path / "out" / "compile_sm80.md").read_text()
-    assert "sm_80" in text and "| column_stats |" in text
+    assert "sm_80" in text and "| column_stats |" in text and f"`{command}`" in text
+    assert proc.stdout.strip() == text.strip() and "sm_80: 1 builds, 0 failed" in proc.stderr
 
 
 @pytest.mark.slow
@@ -245,7 +255,7 @@ def test_the_whole_matrix_compiles_without_spills(cc, tmp_path):
     """fp16 / bf16 / fp32 x head dims 64 / 80 / 128 / 256 x every constexpr variant (group counts 2-4,
     integer / half-integer / general p, every decode rule), plus GQA and MHA, transformers' and
     contiguous strides, causal / padding / window masks for bf16 at D = 128 (about 5 min per arch
-    on 2 CPU cores). ``python -m attnsteer.kernels.compile_check --scope full`` is the same with the
+    on 2 CPU cores). ``python benchmarks/compile_check.py --scope full`` is the same with the
     layouts and masks for every dtype and head dim (the reports in evals/kernels/)."""
     records = _run(
         COMPILE.format(cc=cc, dtypes=tuple(CC.DTYPES), dims=CC.HEAD_DIMS, scope="modes"), tmp_path, timeout=3600

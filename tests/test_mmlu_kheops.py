@@ -105,23 +105,29 @@ def _mc_file(tmp_path) -> Path:
     return path
 
 
-def test_calibration_finds_heads_within_budget_and_the_recipe_reproduces_its_heldout_score(smollm2, tmp_path):
+def test_calibration_finds_heads_within_budget_and_the_recipe_reproduces_its_heldout_score(smollm2, tmp_path, capsys):
     """A real search on SmolLM2 (small: 2 candidate layers, 8 calibration items), then the
-    written recipe, loaded from its file, scored again on the held-out items in a fresh scorer."""
+    written recipe, loaded from its file, scored again on the held-out items in a fresh scorer.
+    The library prints nothing; the command prints what it wrote and the held-out accuracy."""
     import argparse
 
     import attnsteer
+    from attnsteer.cli import calibrate_act as act_command
 
     tokenizer, model = smollm2
     out = tmp_path / "act.yaml"
-    parser = argparse.ArgumentParser()
-    calibrate_act.add_arguments(parser)
-    argv = ["--task", str(_mc_file(tmp_path)), "--out", str(out), "--layers", "[20, 24]", "--screen-items", "4",
-            "--top-layers", "1", "--top-heads", "2", "--budget", "200", "--batch_size", "8", "--no_progress",
-            "--min-gain=-1e9"]  # fmt: skip
-    args = parser.parse_args(argv)
-    assert calibrate_act.run(args, loaded=(tokenizer, model)) == 0
-    report = json.loads(out.with_name("act.calibration.json").read_text())
+    config = calibrate_act.ActCalibrationConfig(
+        task=str(_mc_file(tmp_path)), out=out, layers=[20, 24], screen_items=4, top_layers=1, top_heads=2, budget=200,
+        batch_size=8, no_progress=True, min_gain=-1e9,
+    )  # fmt: skip
+    lines = []
+    result = calibrate_act.calibrate(config, loaded=(tokenizer, model), progress=lines.append)
+    assert capsys.readouterr() == ("", "") and lines == []  # nothing loaded, nothing printed
+    assert result.path == out and result.report_path == out.with_name("act.calibration.json")
+    report = json.loads(result.report_path.read_text())
+    assert report == json.loads(json.dumps(result.report)) and result.n_heads == sum(map(len, report["heads"].values()))
+    assert result.heads == {int(l): h for l, h in report["heads"].items()}
+    assert result.item_evaluations == report["item_evaluations"]
     assert 0 < report["item_evaluations"] <= 200 and report["forward_passes"] > 0
     # candidates whose heads have no sink past the first change no row: recorded, never warned
     # (the suite turns SilentSiteWarning into an error), keyed like the state file's evaluations
@@ -136,11 +142,26 @@ def test_calibration_finds_heads_within_budget_and_the_recipe_reproduces_its_hel
     assert heads and {str(k): v for k, v in heads.items()} == {k: sorted(v) for k, v in report["heads"].items()}
     assert "held-out" in recipe.source and str(report["item_evaluations"]) in recipe.source
     _, _, heldout, _, _ = calibrate_act.load_task(str(tmp_path / "mc.jsonl"), None, 0, 0.5)
+    assert result.heldout_items == len(heldout) == report["heldout"]["calibrated"]["items"]
     again = calibrate_act.summary(calibrate_act.ChoiceScorer(model, tokenizer, "cloze", 8).score(heldout, recipe))
     assert again == report["heldout"]["calibrated"]
-    # interrupted and rerun: every evaluation comes from the state file, same recipe
-    assert calibrate_act.run(args, loaded=(tokenizer, model)) == 0
+    # interrupted and rerun as the command: every evaluation comes from the state file, same recipe
+    parser = argparse.ArgumentParser()
+    act_command.add_arguments(parser)
+    argv = ["--task", str(tmp_path / "mc.jsonl"), "--out", str(out), "--layers", "[20, 24]", "--screen-items", "4",
+            "--top-layers", "1", "--top-heads", "2", "--budget", "200", "--batch_size", "8", "--no_progress",
+            "--min-gain=-1e9"]  # fmt: skip
+    assert act_command.run(parser.parse_args(argv), loaded=(tokenizer, model)) == 0
     assert attnsteer.Recipe.from_pretrained(out).interventions[0].heads == heads
+    assert json.loads(result.report_path.read_text())["forward_passes"] == 0  # all from the state file
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"wrote {out}: {result.n_heads} heads {report['heads']}"
+    held = report["heldout"]
+    assert printed[1].startswith(
+        f"held-out accuracy {100 * held['baseline']['acc']:.2f} -> {100 * held['calibrated']['acc']:.2f} "
+        f"({len(heldout)} items; stderr {100 * held['calibrated']['acc_stderr']:.2f}); "
+        f"{result.item_evaluations} item evaluations, "
+    ), printed
 
 
 def test_attnsteer_eval_mmlu_on_the_heldout_task_scores_what_the_calibration_scorer_does(smollm2, items, tmp_path):

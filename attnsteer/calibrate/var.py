@@ -10,21 +10,30 @@ pass with the frozen recipe counts VAR's sink tokens per steered layer. The coun
 ``source``; the written recipe lists the dims sorted (the recipe validator sorts them; the order does
 not matter to the rule), ``source`` lists them by frequency.
 
-The first part of this module (prompt sets, loading the model, shared flags) is shared with
+The first part of this module (prompt sets, loading the model, the shared settings) is shared with
 :mod:`attnsteer.calibrate.vhr`.
+
+In Python: :func:`calibrate_var` on a loaded model and its prompts' inputs, or
+``calibrate(VarCalibrationConfig(prompts=..., out=..., model=...), loaded=(processor, model))`` for
+what ``attnsteer calibrate var`` (:mod:`attnsteer.cli.calibrate_var`) does: it returns a
+:class:`VarCalibrationResult`; the command prints :func:`format_var_table`, the notes and the path.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SilentSiteWarning, UsageError
+from ._common import Progress, check_count, emit
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SHARE_EPS = 1e-9  # share >= min_share up to rounding (0.3 * 10 prompts is 3 prompts)
@@ -33,41 +42,50 @@ PROMPTS_FORMAT = (
 )
 
 
-# ==== shared with attnsteer calibrate vhr: flags, prompt sets, the model ===========================
-def min_share(text: str) -> float:
-    """argparse type: a share in (0, 1]."""
-    import argparse
+# ==== shared with attnsteer calibrate vhr: settings, prompt sets, the model =======================
+@dataclass(frozen=True, kw_only=True)
+class PromptSetConfig:
+    """The settings ``calibrate var`` and ``calibrate vhr`` share; each field is the flag of the same
+    name (``min_share`` is ``--min-share``), with the same default.
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], e.g. 0.5; got {text!r}") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a share in (0, 1], e.g. 0.5; got {text!r}")
-    return value
+    prompts: the prompt set, :data:`PROMPTS_FORMAT`. images: a folder of images (or one image file):
+    JSONL ``image`` paths are read relative to it, prompts without an image run on each of its images.
+    out: the recipe to write (a ``.yaml`` file, or a folder that gets ``recipe.yaml``).
+    model / model_args: the vision-language model to load; when one is passed loaded, its id still
+    picks the processor's prompt format and goes into the recipe's ``source``. recipe: the base
+    recipe (a built-in name or a YAML path; None: the family's default). min_share: the share of the
+    prompts, in (0, 1], a dim or head must be found in. limit: only the first N prompts (None: all).
+    name: the written recipe's name (default ``<base name>-calibrated`` / ``-fixed``). no_progress:
+    no progress bar (tqdm).
 
+    Bad values raise :class:`~attnsteer.errors.UsageError` naming the flag, the value and the fix.
+    """
 
-def add_common_arguments(p, *, recipe_help: str, share_help: str, name_suffix: str = "calibrated") -> None:
-    """--model, --model_args, --prompts, --images, --out, --recipe, --min-share, --limit, --name, --no_progress."""
-    from ..evals._cli import add_model_arguments, positive_int
+    prompts: str | Path
+    out: str | Path
+    model: str | None = None
+    model_args: str | None = None
+    images: str | Path | None = None
+    recipe: str | None = None
+    min_share: float = 0.5
+    limit: int | None = None
+    name: str | None = None
+    no_progress: bool = False
 
-    add_model_arguments(p, "hub id or local folder of a vision-language model (e.g. llava-hf/llava-1.5-7b-hf)")
-    p.add_argument("--prompts", required=True, metavar="FILE", help=PROMPTS_FORMAT)
-    p.add_argument(
-        "--images",
-        default=None,
-        metavar="DIR",
-        help="folder of images (or one image file): JSONL 'image' paths are read relative to it (default: relative "
-        "to the JSONL file); prompts without an image (text-file lines) run on every image of it",
-    )
-    p.add_argument("--out", required=True, metavar="PATH", help="where to write the recipe (a .yaml file or a folder)")
-    p.add_argument("--recipe", default=None, metavar="BASE", help=recipe_help)
-    p.add_argument(
-        "--min-share", "--min_share", dest="min_share", type=min_share, default=0.5, metavar="S", help=share_help
-    )
-    p.add_argument("--limit", type=positive_int, default=None, metavar="N", help="only the first N prompts")
-    p.add_argument("--name", default=None, help=f"name of the written recipe (default: <base name>-{name_suffix})")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    def __post_init__(self) -> None:
+        value = self.min_share
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+            raise UsageError(
+                f"--min-share {value!r}: expected a share in (0, 1]. Fix: e.g. --min-share 0.5 (the default)"
+            )
+        check_count(self.limit, "--limit", "50 (or leave it out: every prompt)", optional=True)
+
+    def prompt_items(self, command: str) -> list[PromptItem]:
+        """The prompt set read and checked (each prompt with an image: ``command`` steers toward them)."""
+        images = None if self.images is None else str(self.images)
+        items = read_prompts(str(self.prompts), images, self.limit)
+        check_images(items, command)
+        return items
 
 
 @dataclass
@@ -168,18 +186,22 @@ def check_images(items: Sequence[PromptItem], command: str) -> None:
         )
 
 
-def load_model(args, command: str):
-    """(model id, processor, model, arch) of ``--model``: a vision-language model attnsteer supports."""
-    from .. import archs, models
+def load_model(model: str | None, model_args: str | None, command: str, *, loaded=None, progress=None):
+    """(model id, processor, model, arch) of ``--model``: a vision-language model attnsteer supports.
+    ``loaded``: an already loaded ``(processor, model)`` for it (checked, not loaded again);
+    ``progress``: called with the log line of the load (None: silent)."""
+    from .. import models
     from ..console import quiet_transformers
-    from ..errors import AttnsteerError
     from ..evals.runner import load_vlm
 
-    model_id, kwargs = models.resolve_model(args.model, args.model_args)
+    model_id, kwargs = models.resolve_model(model, model_args)
     wrong_kind = (
         f"--model {model_id!r} is a text-only model; {command} finds image-token statistics, so it needs a "
         "vision-language model and prompts with images. Fix: pass one, e.g. --model llava-hf/llava-1.5-7b-hf"
     )
+    if loaded is not None:
+        processor, vlm = loaded
+        return model_id, processor, vlm, _vlm_arch(vlm, model_id, wrong_kind)
     if model_id == models.SMOLLM2_ID:
         raise UsageError(wrong_kind)
     try:
@@ -191,16 +213,24 @@ def load_model(args, command: str):
         config = None  # load_vlm below explains what is wrong with it
     if config is not None and getattr(config, "vision_config", None) is None:
         raise UsageError(wrong_kind.replace("is a text-only model", f"is a text-only model ({config.model_type})"))
-    print(f"Loading {model_id} ...", file=sys.stderr, flush=True)
+    emit(progress, f"Loading {model_id} ...")
     with quiet_transformers():
-        processor, model = load_vlm(model_id, kwargs)
+        processor, vlm = load_vlm(model_id, kwargs)
+    return model_id, processor, vlm, _vlm_arch(vlm, model_id, wrong_kind)
+
+
+def _vlm_arch(model, model_id: str, wrong_kind: str):
+    """The model's ArchSpec binding; a UsageError when attnsteer cannot steer it or it has no image tokens."""
+    from .. import archs
+    from ..errors import AttnsteerError
+
     try:
         arch = archs.resolve(model)
     except AttnsteerError as exc:
         raise UsageError(f"--model {model_id!r}: {exc}") from None
     if not arch.spec.is_multimodal or not arch.image_token_ids:
         raise UsageError(wrong_kind)
-    return model_id, processor, model, arch
+    return arch
 
 
 class PromptInputs(Sequence):
@@ -275,16 +305,17 @@ def check_fits(model, recipe, value: str, model_id: str):
         ) from None
 
 
-def progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
+    """A tqdm bar over the prompts (on stderr; ``enabled=False``: none)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="prompt", disable=not enabled or None, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, unit="prompt", disable=not enabled or None, leave=False)
 
 
 @contextlib.contextmanager
 def collect_notes():
-    """Collect attnsteer's warnings (``never changed a row`` ...) inside the block, to print them
-    as notes with :func:`print_notes`."""
+    """Collect attnsteer's warnings (``never changed a row`` ...) inside the block, to report them
+    as notes (:func:`notes_of`) instead of warning."""
     import warnings
 
     from ..errors import AttnsteerWarning
@@ -294,12 +325,11 @@ def collect_notes():
         yield caught
 
 
-def print_notes(caught) -> None:
+def notes_of(caught) -> list[str]:
+    """The distinct messages of the attnsteer warnings :func:`collect_notes` caught, in order."""
     from ..errors import AttnsteerWarning
 
-    notes = dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, AttnsteerWarning))
-    for note in notes:
-        print(f"note: {note}", file=sys.stderr)
+    return list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, AttnsteerWarning)))
 
 
 def share(count: int, total: int) -> float:
@@ -311,16 +341,16 @@ def passes(count: int, total: int, threshold: float) -> bool:
     return share(count, total) >= threshold - SHARE_EPS
 
 
-def check_out(out: str) -> Path:
+def check_out(out: str | Path) -> Path:
     """``--out`` (a .yaml file, or a folder that gets recipe.yaml, as ``Recipe.save`` reads it)
     checked writable before the model loads."""
-    from ..evals._cli import check_writable
+    from ..evals.paths import check_writable
 
     target = Path(out).expanduser()
     return check_writable(out, "--out", folder=target.is_dir() or target.suffix == "")
 
 
-def write_recipe(recipe, out: str) -> Path:
+def write_recipe(recipe, out: str | Path) -> Path:
     try:
         return recipe.save(out)
     except OSError as exc:
@@ -454,7 +484,7 @@ def calibrate_var(
         return None
 
     n = len(prompts)
-    bar = progress(2 * n, "calibrate var", show_progress)
+    bar = progress_bar(2 * n, "calibrate var", show_progress)
     # pass 1 only reads the hidden states entering the first VAR layer: whether VAR changed a row
     # there is no result of the calibration, so its silent-site warning is not raised to the user
     with warnings.catch_warnings(), attnsteer.apply(model, auto) as handle:
@@ -567,46 +597,59 @@ def format_var_table(stats: VarCalibration) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p) -> None:
-    add_common_arguments(
-        p,
-        recipe_help=f"base VAR recipe (built-in name or YAML path); default: {DEFAULT_BASE} for llava / llava_next, "
-        "else VAR with the paper's defaults",
-        share_help="freeze the dims found in at least this share of the prompts (default: 0.5)",
-    )
-    p.add_argument(
-        "--tau", type=float, default=None, help="massive-activation threshold (default: the base recipe's tau)"
-    )
+@dataclass(frozen=True, kw_only=True)
+class VarCalibrationConfig(PromptSetConfig):
+    """The settings of ``attnsteer calibrate var`` (:class:`PromptSetConfig`, and ``tau``: the
+    massive-activation threshold, > 0; None: the base recipe's)."""
+
+    tau: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        tau = self.tau
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not tau > 0):
+            raise UsageError(f"--tau {tau!r}: the threshold must be > 0. Fix: e.g. --tau 20 (the paper's)")
 
 
-def run(args) -> int:
-    if args.tau is not None and not args.tau > 0:
-        raise UsageError(f"--tau {args.tau!r}: the threshold must be > 0. Fix: e.g. --tau 20 (the paper's)")
-    check_out(args.out)
-    items = read_prompts(args.prompts, args.images, args.limit)
-    check_images(items, "VAR")
-    if args.recipe is not None:  # a wrong base fails before the model loads
-        load_base_recipe(args.recipe, None, "var", None, "calibrate var")
-    model_id, processor, model, arch = load_model(args, "attnsteer calibrate var")
+@dataclass(frozen=True)
+class VarCalibrationResult:
+    """What :func:`calibrate` wrote and found: the recipe and its file, the statistics (the data of
+    :func:`format_var_table`) and attnsteer's warnings during the runs, as notes."""
+
+    recipe: Recipe
+    path: Path
+    stats: VarCalibration
+    notes: list[str]
+
+
+def calibrate(config: VarCalibrationConfig, *, loaded=None, progress: Progress | None = None) -> VarCalibrationResult:
+    """Freeze VAR's ``sink_dims`` on the prompt set as ``config`` says and write the recipe.
+
+    ``loaded``: an already loaded ``(processor, model)`` for ``config.model`` (else it is loaded
+    here); ``progress``: called with each log line (loading the model; None: silent). ``--out``, the
+    prompts and the base recipe are checked before the model loads."""
+    check_out(config.out)
+    items = config.prompt_items("VAR")
+    if config.recipe is not None:  # a wrong base fails before the model loads
+        load_base_recipe(config.recipe, None, "var", None, "calibrate var")
+    model_id, processor, model, arch = load_model(
+        config.model, config.model_args, "attnsteer calibrate var", loaded=loaded, progress=progress
+    )
     model_type = model.config.model_type
-    base, index = load_base_recipe(args.recipe, default_var_base(model_type), "var", model_type, "calibrate var")
-    override = {"tau": args.tau} if args.tau is not None else {}
-    check_fits(model, _var_recipe(base, index, sink_dims="auto", **override), args.recipe or base.name, model_id)
+    base, index = load_base_recipe(config.recipe, default_var_base(model_type), "var", model_type, "calibrate var")
+    override = {"tau": config.tau} if config.tau is not None else {}
+    check_fits(model, _var_recipe(base, index, sink_dims="auto", **override), config.recipe or base.name, model_id)
     prompts = PromptInputs(items, processor, model, arch, model_id)
     with collect_notes() as caught:
         recipe, stats = calibrate_var(
             model,
             prompts,
             base,
-            min_share=args.min_share,
-            tau=args.tau,
-            name=args.name,
+            min_share=config.min_share,
+            tau=config.tau,
+            name=config.name,
             model_id=model_id,
-            prompts_name=args.prompts,
-            show_progress=not args.no_progress,
+            prompts_name=str(config.prompts),
+            show_progress=not config.no_progress,
         )
-    print(format_var_table(stats))
-    print_notes(caught)
-    out = write_recipe(recipe, args.out)
-    print(f"wrote {out} (sink_dims {sorted(stats.sink_dims)})", file=sys.stderr)
-    return 0
+    return VarCalibrationResult(recipe, write_recipe(recipe, config.out), stats, notes_of(caught))

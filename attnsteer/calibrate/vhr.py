@@ -8,32 +8,40 @@ at least ``--min-share`` of the prompts (share = prompts selecting it / prompts;
 a recipe with ``selection: fixed`` and those heads as its ``heads: {layer: [heads]}`` mapping: exactly
 those heads are scaled on every prompt, with no text-only stream and no VHD. A layer with no head at
 that share is left out (not steered). The shares are recorded in the recipe's ``source``.
+
+In Python: :func:`calibrate_vhr` on a loaded model and its prompts' inputs, or
+``calibrate(VhrCalibrationConfig(prompts=..., out=..., model=...), loaded=(processor, model))`` for
+what ``attnsteer calibrate vhr --fixed-heads`` (:mod:`attnsteer.cli.calibrate_vhr`) does: it returns a
+:class:`VhrCalibrationResult`; the command prints :func:`format_vhr_table`, the notes and the path.
 """
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import UsageError
+from ._common import Progress
 from .var import (
     PromptInputs,
-    add_common_arguments,
+    PromptSetConfig,
     check_fits,
-    check_images,
     check_out,
     collect_notes,
     load_base_recipe,
     load_model,
+    notes_of,
     passes,
-    print_notes,
-    progress,
-    read_prompts,
+    progress_bar,
     share,
     write_recipe,
 )
+
+if TYPE_CHECKING:
+    from ..recipe import Recipe
 
 # model_type -> the built-in per-prompt VHR recipe its calibration starts from
 DEFAULT_BASES = {"llava": "vhr-llava15", "llava_next": "vhr-llava15", "instructblip": "vhr-instructblip"}
@@ -95,7 +103,7 @@ def count_heads(model, prompts: Sequence, recipe, *, show_progress: bool = False
     import attnsteer
 
     per_prompt: list[dict[int, list[int]]] = []
-    bar = progress(len(prompts), "calibrate vhr", show_progress)
+    bar = progress_bar(len(prompts), "calibrate vhr", show_progress)
     try:
         with attnsteer.apply(model, recipe) as handle:
             layers = sorted({m.layer for m in handle.plan.methods if m.name == "vhr"})
@@ -210,55 +218,53 @@ def format_vhr_table(stats: VhrCalibration) -> str:
     return "\n".join(lines)
 
 
-def add_arguments(p) -> None:
-    p.add_argument(
-        "--fixed-heads",
-        "--fixed_heads",
-        dest="fixed_heads",
-        action="store_true",
-        help="write one fixed head set (selection: fixed) from the heads per-prompt VHR selects; required",
-    )
-    add_common_arguments(
-        p,
-        recipe_help="base per-prompt VHR recipe (built-in name or YAML path); default: vhr-llava15 for llava / "
-        "llava_next, vhr-instructblip for instructblip, else VHR with its defaults",
-        share_help="keep per layer the heads selected in at least this share of the prompts (default: 0.5)",
-        name_suffix="fixed",
-    )
+@dataclass(frozen=True, kw_only=True)
+class VhrCalibrationConfig(PromptSetConfig):
+    """The settings of ``attnsteer calibrate vhr --fixed-heads`` (:class:`PromptSetConfig`; the base
+    ``recipe`` must be a per-prompt VHR recipe, None: the family's built-in one)."""
 
 
-def run(args) -> int:
-    if not args.fixed_heads:
-        raise UsageError(
-            "attnsteer calibrate vhr: --fixed-heads is missing. This command writes one fixed head set (the variant "
-            "selection: fixed); the paper's per-prompt VHR needs no calibration. Fix: add --fixed-heads"
-        )
-    check_out(args.out)
-    items = read_prompts(args.prompts, args.images, args.limit)
-    check_images(items, "VHR")
-    if args.recipe is not None:  # a wrong base fails before the model loads
-        load_base_recipe(args.recipe, None, "vhr", None, "calibrate vhr")
-    model_id, processor, model, arch = load_model(args, "attnsteer calibrate vhr")
+@dataclass(frozen=True)
+class VhrCalibrationResult:
+    """What :func:`calibrate` wrote and found: the recipe and its file, the statistics (the data of
+    :func:`format_vhr_table`) and attnsteer's warnings during the runs, as notes."""
+
+    recipe: Recipe
+    path: Path
+    stats: VhrCalibration
+    notes: list[str]
+
+    @property
+    def fixed_heads(self) -> int:
+        return sum(len(h) for h in self.stats.heads.values())
+
+
+def calibrate(config: VhrCalibrationConfig, *, loaded=None, progress: Progress | None = None) -> VhrCalibrationResult:
+    """A fixed VHR head set from the prompt set as ``config`` says; writes the recipe.
+
+    ``loaded``: an already loaded ``(processor, model)`` for ``config.model`` (else it is loaded
+    here); ``progress``: called with each log line (loading the model; None: silent). ``--out``, the
+    prompts and the base recipe are checked before the model loads."""
+    check_out(config.out)
+    items = config.prompt_items("VHR")
+    if config.recipe is not None:  # a wrong base fails before the model loads
+        load_base_recipe(config.recipe, None, "vhr", None, "calibrate vhr")
+    model_id, processor, model, arch = load_model(
+        config.model, config.model_args, "attnsteer calibrate vhr", loaded=loaded, progress=progress
+    )
     model_type = model.config.model_type
-    base, _ = load_base_recipe(args.recipe, default_vhr_base(model_type), "vhr", model_type, "calibrate vhr")
-    check_fits(model, base, args.recipe or base.name, model_id)
+    base, _ = load_base_recipe(config.recipe, default_vhr_base(model_type), "vhr", model_type, "calibrate vhr")
+    check_fits(model, base, config.recipe or base.name, model_id)
     prompts = PromptInputs(items, processor, model, arch, model_id)
     with collect_notes() as caught:
         recipe, stats = calibrate_vhr(
             model,
             prompts,
             base,
-            min_share=args.min_share,
-            name=args.name,
+            min_share=config.min_share,
+            name=config.name,
             model_id=model_id,
-            prompts_name=args.prompts,
-            show_progress=not args.no_progress,
+            prompts_name=str(config.prompts),
+            show_progress=not config.no_progress,
         )
-    print(format_vhr_table(stats))
-    print_notes(caught)
-    out = write_recipe(recipe, args.out)
-    print(
-        f"wrote {out} ({sum(len(h) for h in stats.heads.values())} fixed heads in {len(stats.heads)} layers)",
-        file=sys.stderr,
-    )
-    return 0
+    return VhrCalibrationResult(recipe, write_recipe(recipe, config.out), stats, notes_of(caught))

@@ -1,12 +1,19 @@
-"""``attnsteer calibrate act|var|vhr|seka``: search a recipe on a model, write it as YAML."""
+"""``attnsteer calibrate act|var|vhr|seka``: search a recipe on a model, write it as YAML.
+
+One module per method (``calibrate_act``, ``calibrate_var``, ``calibrate_vhr``, ``calibrate_seka``),
+each with ``add_arguments(parser)`` and ``run(args) -> int``: the flags map to the method's config
+dataclass in :mod:`attnsteer.calibrate`, the library does the work, the command prints the result.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import sys
 
 from ._common import missing_subcommand, subparser
 
-# subcommand -> (module under attnsteer.calibrate, help, example, what the example needs or None)
+# subcommand -> (module attnsteer.cli.calibrate_<module>, help, example, what the example needs or None)
 CALIBRATIONS = {
     "act": (
         "act",
@@ -46,7 +53,24 @@ def add_calibrate(sub) -> None:
     methods = p.add_subparsers(dest="calibrate_method", metavar="METHOD")
     for name, (module, help_text, example, needs) in CALIBRATIONS.items():
         q = subparser(methods, name, help_text, example, needs=needs)
-        calibration = importlib.import_module(f"attnsteer.calibrate.{module}")
+        calibration = importlib.import_module(f"attnsteer.cli.calibrate_{module}")
         calibration.add_arguments(q)
         q.set_defaults(func=calibration.run)
     p.set_defaults(func=lambda args: missing_subcommand(p))
+
+
+def config_from_args(config_class, args, **overrides):
+    """``config_class`` (a calibration's config dataclass) from the parsed flags of the same names."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
+    return config_class(**{**values, **overrides})
+
+
+def log_line(line: str) -> None:
+    """The calibrations' ``progress`` callback: each log line to stderr, at once."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def print_notes(notes) -> None:
+    """attnsteer's warnings collected during a calibration, one ``note:`` line each on stderr."""
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)

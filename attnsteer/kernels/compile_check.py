@@ -21,7 +21,10 @@ state, the active driver, the knob, the library) is restored on exit. (The rever
 work with triton 3.9: after an interpreted kernel has run, ``triton.language`` stays patched and
 :func:`compile_only` refuses with :class:`InterpreterLeakError`.)
 
-    python -m attnsteer.kernels.compile_check --arch 90 --arch 80 --scope full --output evals/kernels
+:func:`check_arch` compiles and reports one target, :func:`write_reports` writes
+``compile_sm<cc>.md`` / ``.json``. The command line is ``benchmarks/compile_check.py``::
+
+    python benchmarks/compile_check.py --arch 90 --arch 80 --scope full --output evals/kernels
 
 prints a Markdown report, writes ``compile_sm<cc>.md`` / ``.json`` under ``--output`` and exits 1
 if any variant fails to compile or needs more shared memory than the target has.
@@ -29,7 +32,6 @@ if any variant fails to compile or needs more shared memory than the target has.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -146,13 +148,14 @@ TARGET_SMS = {80: 108, 86: 84, 89: 128, 90: 132, 100: 148, 120: 170}
 @contextlib.contextmanager
 def _interpreter_off():
     """``triton.knobs.runtime.interpret`` False inside (``triton.jit`` and constexpr functions read
-    it); the knob's override and ``TRITON_INTERPRET`` are put back exactly on exit."""
+    it); the knob's override is put back exactly on exit, ``TRITON_INTERPRET`` is never touched."""
     from triton import knobs
 
     runtime = knobs.runtime
     override = runtime.__dict__.get("interpret", _MISSING)
-    env = os.environ.get("TRITON_INTERPRET")
-    runtime.interpret = False  # (also writes TRITON_INTERPRET=0 to the environment)
+    # the knob's override slot, not ``runtime.interpret = False``: that setter also writes
+    # TRITON_INTERPRET=0 to the environment, and the library never sets environment variables
+    runtime.__dict__["interpret"] = False
     try:
         yield
     finally:
@@ -160,10 +163,6 @@ def _interpreter_off():
             runtime.__dict__.pop("interpret", None)
         else:
             runtime.__dict__["interpret"] = override
-        if env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = env
 
 
 def _stdlib_twins() -> list:
@@ -642,71 +641,49 @@ def markdown(records: list[KernelBuild], cc: int, command: str | None = None) ->
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m attnsteer.kernels.compile_check", description=__doc__.split("\n\n")[0]
-    )
-    parser.add_argument("--arch", type=int, action="append", help="compute capability as 90, 80, ... (default 90)")
-    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="default: all three")
-    parser.add_argument("--head-dim", type=int, action="append", help=f"default: {' '.join(map(str, HEAD_DIMS))}")
-    parser.add_argument(
-        "--scope",
-        choices=SCOPES,
-        default="modes",
-        help="smoke: every kernel and mode once; modes (default): every constexpr variant (group "
-        "counts, powers); full: also MHA / contiguous strides and causal / window masks",
-    )
-    parser.add_argument(
-        "--only",
-        help="regular expression: compile only the calls whose 'launcher variant' "
-        "label matches (e.g. '^decode', 'reweight')",
-    )
-    parser.add_argument("--output", help="folder for compile_sm<cc>.md / .json")
-    args = parser.parse_args(argv)
-    if not nvidia_backend_available():
-        print(
-            "compile_check: triton with its NVIDIA backend (ptxas) is not installed. Fix: pip install triton "
-            "(its Linux wheels include it)",
-            file=sys.stderr,
-        )
-        return 2
-    dtypes, dims = tuple(args.dtype or DTYPES), tuple(args.head_dim or HEAD_DIMS)
-    bad = 0
-    for cc in args.arch or [90]:
-        command = (
-            "python -m attnsteer.kernels.compile_check --arch "
-            + str(cc)
-            + "".join(f" --dtype {x}" for x in args.dtype or ())
-            + "".join(f" --head-dim {x}" for x in args.head_dim or ())
-            + (f" --scope {args.scope}" if args.scope != "modes" else "")
-            + (f" --only '{args.only}'" if args.only else "")
-        )
-        t0 = time.perf_counter()
-        records = compile_variants(cc, dtypes, dims, scope=args.scope, only=args.only)
-        text = markdown(records, cc, command)
-        print(text)
-        failed = [r for r in records if not r.ok] + over_shared_limit(records, cc)
-        print(
-            f"sm_{cc}: {len(records)} builds, {len(failed)} failed, {time.perf_counter() - t0:.0f} s", file=sys.stderr
-        )
-        bad += len(failed)
-        if args.output:
-            out = Path(args.output)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"compile_sm{cc}.md").write_text(text)
-            doc = {
-                "cc": cc,
-                "command": command,
-                "scope": args.scope,
-                "only": args.only,
-                "dtypes": list(dtypes),
-                "head_dims": list(dims),
-                **versions(cc),
-                "records": [asdict(r) for r in records],
-            }
-            (out / f"compile_sm{cc}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    return 1 if bad else 0
+@dataclass
+class ArchCheck:
+    """One target's check (:func:`check_arch`): every build, the Markdown report, the problems
+    (failed builds and builds over the shared-memory limit) and the wall time in seconds."""
+
+    cc: int
+    records: list[KernelBuild]
+    markdown: str
+    problems: list[KernelBuild]
+    seconds: float
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def check_arch(
+    cc: int,
+    dtypes=tuple(DTYPES),
+    head_dims=HEAD_DIMS,
+    scope: str = "modes",
+    only: str | None = None,
+    command: str | None = None,
+) -> ArchCheck:
+    """Compile the variants for sm_<cc> (:func:`compile_variants`) and report them (:func:`markdown`;
+    ``command``: how the check was run, shown in the report)."""
+    t0 = time.perf_counter()
+    records = compile_variants(cc, tuple(dtypes), tuple(head_dims), scope=scope, only=only)
+    problems = [r for r in records if not r.ok] + over_shared_limit(records, cc)
+    return ArchCheck(cc, records, markdown(records, cc, command), problems, time.perf_counter() - t0)
+
+
+def write_reports(check: ArchCheck, folder, *, scope: str, only: str | None, dtypes, head_dims, command: str) -> Path:
+    """``compile_sm<cc>.md`` (the report) and ``compile_sm<cc>.json`` (settings, versions, every
+    build) under ``folder`` (created); returns the folder."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"compile_sm{check.cc}.md").write_text(check.markdown)
+    doc = {
+        "cc": check.cc,
+        "command": command,
+        "scope": scope,
+        "only": only,
+        "dtypes": list(dtypes),
+        "head_dims": list(head_dims),
+        **versions(check.cc),
+        "records": [asdict(r) for r in check.records],
+    }
+    (out / f"compile_sm{check.cc}.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return out
