@@ -327,7 +327,7 @@ def test_library_calibrations_from_configs_log_through_the_callback_and_print_no
     configs. Loading logs one line to ``progress``; a model passed as ``loaded`` is not loaded again
     and gives the same recipe; the results carry the tables' data."""
     from attnsteer.calibrate import var, vhr
-    from attnsteer.evals.runner import load_vlm
+    from attnsteer.evals.vlm import load_vlm
 
     root = saved["root"]
     common = {"model": str(saved["model"]), "images": saved["images"], "no_progress": True}

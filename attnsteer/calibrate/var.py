@@ -192,7 +192,7 @@ def load_model(model: str | None, model_args: str | None, command: str, *, loade
     ``progress``: called with the log line of the load (None: silent)."""
     from .. import models
     from ..console import quiet_transformers
-    from ..evals.runner import load_vlm
+    from ..evals.vlm import load_vlm
 
     model_id, kwargs = models.resolve_model(model, model_args)
     wrong_kind = (
@@ -238,7 +238,7 @@ class PromptInputs(Sequence):
     template, the image, left padding (none at batch 1). Checks that the image tokens are there."""
 
     def __init__(self, items: Sequence[PromptItem], processor, model, arch, model_id: str):
-        from ..evals.runner import VLMInputs
+        from ..evals.vlm import VLMInputs
 
         self.items = list(items)
         self.builder = VLMInputs(processor, model_id)
@@ -251,7 +251,7 @@ class PromptInputs(Sequence):
     def __getitem__(self, index):
         import torch
 
-        from ..evals.runner import EvalItem
+        from ..evals.vlm import EvalItem
 
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
