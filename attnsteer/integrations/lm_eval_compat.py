@@ -5,7 +5,7 @@ slowly; the private names below move without notice. Each is used only through a
 ``tests/test_lm_eval_compat.py`` checks every one of them on the installed lm-eval, so an lm-eval
 release that renames or reshapes one fails that test by name instead of changing results quietly.
 
-Touchpoints (lm-eval 0.4.9 - 0.4.13):
+Touchpoints (lm-eval 0.4.10 - 0.4.13, the range CI tests):
 
 - ``lm_eval.models.huggingface.pad_and_concat(max_length, tensors, padding_side)``: HFLM pads its
   log-likelihood batches with it; :func:`recording_right_padding` wraps it to learn the true row
