@@ -622,21 +622,32 @@ class VarCalibrationResult:
     notes: list[str]
 
 
+def open_prompt_set(config, method: str, default_base, *, loaded=None, progress: Progress | None = None) -> tuple:
+    """What ``calibrate var`` and ``calibrate vhr`` do first: check ``--out``, read the prompts, check
+    the base recipe (before the model loads), load the model, and resolve the base recipe for its
+    family (``default_base(model_type)`` when ``config.recipe`` is None). Returns ``(items, model_id,
+    processor, model, arch, (base, intervention index))``."""
+    check_out(config.out)
+    items = config.prompt_items(method.upper())
+    if config.recipe is not None:  # a wrong base fails before the model loads
+        load_base_recipe(config.recipe, None, method, None, f"calibrate {method}")
+    model_id, processor, model, arch = load_model(
+        config.model, config.model_args, f"attnsteer calibrate {method}", loaded=loaded, progress=progress
+    )
+    model_type = model.config.model_type
+    base = load_base_recipe(config.recipe, default_base(model_type), method, model_type, f"calibrate {method}")
+    return items, model_id, processor, model, arch, base
+
+
 def calibrate(config: VarCalibrationConfig, *, loaded=None, progress: Progress | None = None) -> VarCalibrationResult:
     """Freeze VAR's ``sink_dims`` on the prompt set as ``config`` says and write the recipe.
 
     ``loaded``: an already loaded ``(processor, model)`` for ``config.model`` (else it is loaded
     here); ``progress``: called with each log line (loading the model; None: silent). ``--out``, the
     prompts and the base recipe are checked before the model loads."""
-    check_out(config.out)
-    items = config.prompt_items("VAR")
-    if config.recipe is not None:  # a wrong base fails before the model loads
-        load_base_recipe(config.recipe, None, "var", None, "calibrate var")
-    model_id, processor, model, arch = load_model(
-        config.model, config.model_args, "attnsteer calibrate var", loaded=loaded, progress=progress
+    items, model_id, processor, model, arch, (base, index) = open_prompt_set(
+        config, "var", default_var_base, loaded=loaded, progress=progress
     )
-    model_type = model.config.model_type
-    base, index = load_base_recipe(config.recipe, default_var_base(model_type), "var", model_type, "calibrate var")
     override = {"tau": config.tau} if config.tau is not None else {}
     check_fits(model, _var_recipe(base, index, sink_dims="auto", **override), config.recipe or base.name, model_id)
     prompts = PromptInputs(items, processor, model, arch, model_id)

@@ -29,11 +29,9 @@ from .var import (
     PromptInputs,
     PromptSetConfig,
     check_fits,
-    check_out,
     collect_notes,
-    load_base_recipe,
-    load_model,
     notes_of,
+    open_prompt_set,
     passes,
     progress_bar,
     share,
@@ -245,15 +243,9 @@ def calibrate(config: VhrCalibrationConfig, *, loaded=None, progress: Progress |
     ``loaded``: an already loaded ``(processor, model)`` for ``config.model`` (else it is loaded
     here); ``progress``: called with each log line (loading the model; None: silent). ``--out``, the
     prompts and the base recipe are checked before the model loads."""
-    check_out(config.out)
-    items = config.prompt_items("VHR")
-    if config.recipe is not None:  # a wrong base fails before the model loads
-        load_base_recipe(config.recipe, None, "vhr", None, "calibrate vhr")
-    model_id, processor, model, arch = load_model(
-        config.model, config.model_args, "attnsteer calibrate vhr", loaded=loaded, progress=progress
+    items, model_id, processor, model, arch, (base, _) = open_prompt_set(
+        config, "vhr", default_vhr_base, loaded=loaded, progress=progress
     )
-    model_type = model.config.model_type
-    base, _ = load_base_recipe(config.recipe, default_vhr_base(model_type), "vhr", model_type, "calibrate vhr")
     check_fits(model, base, config.recipe or base.name, model_id)
     prompts = PromptInputs(items, processor, model, arch, model_id)
     with collect_notes() as caught:
