@@ -507,6 +507,15 @@ def test_save_pretrained_and_push_to_hub_carry_the_file(llama, tmp_path, monkeyp
     assert "carried file:" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "pulled").iterdir()) == ["p.safetensors", "recipe.yaml"]
     assert Recipe.from_pretrained(tmp_path / "pulled").hash == recipe.hash
+    # a different local carried file is replaced only with --force
+    local = tmp_path / "pulled" / "p.safetensors"
+    local.write_bytes(random_projections(llama, [2, 3], seed=5).to_bytes())
+    edited = local.read_bytes()
+    assert main(["recipes", "pull", "me/seka-tiny", "--out", str(tmp_path / "pulled")]) == 2
+    assert "already holds a different file" in capsys.readouterr().err and local.read_bytes() == edited
+    assert main(["recipes", "pull", "me/seka-tiny", "--out", str(tmp_path / "pulled"), "--force"]) == 0
+    capsys.readouterr()
+    assert Recipe.from_pretrained(tmp_path / "pulled").hash == recipe.hash  # the carried file checks out again
     # a changed file in the repo is refused
     (hub.root / "me/seka-tiny/p.safetensors").write_bytes(random_projections(llama, [2, 3], seed=9).to_bytes())
     with pytest.raises(RecipeError, match="changed, truncated or replaced"):

@@ -76,7 +76,7 @@ def add_recipes(sub) -> None:
         help="folder to write recipe.yaml into (default: ./NAME, NAME the repo's name); a path ending in .yaml "
         "writes that file",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing, different recipe file at --out")
+    p.add_argument("--force", action="store_true", help="replace an existing, different recipe file (or a file it carries) at --out")
     p.set_defaults(func=cmd_recipes_pull)
 
     p = subparser(
@@ -300,11 +300,19 @@ def cmd_recipes_pull(args) -> int:
             )
         else:
             state = "replaced"
+    # the files it carries (e.g. SEKA's projections) go beside it; a different local one is replaced
+    # only with --force, and the check comes before anything is written
+    carried_targets = [(carried, file.parent / carried.path) for carried in recipe.carried_files]
+    stale = [t for c, t in carried_targets if t.is_file() and recipe_mod.file_sha256(t) != c.sha256]
+    if stale and not args.force:
+        raise CLIError(
+            f"recipes pull {args.repo_id!r}: {str(stale[0])!r} already holds a different file than the recipe carries. "
+            "Fix: pass --force to replace it, or another --out"
+        )
     if state != "already up to date":
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(text)  # the file as published (comments kept); it validated above
-    for carried in recipe.carried_files:  # the files it carries (e.g. SEKA's projections), beside it
-        target = file.parent / carried.path
+    for carried, target in carried_targets:
         if not target.is_file() or recipe_mod.file_sha256(target) != carried.sha256:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(carried.resolved, target)
