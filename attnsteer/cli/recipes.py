@@ -76,7 +76,11 @@ def add_recipes(sub) -> None:
         help="folder to write recipe.yaml into (default: ./NAME, NAME the repo's name); a path ending in .yaml "
         "writes that file",
     )
-    p.add_argument("--force", action="store_true", help="replace an existing, different recipe file (or a file it carries) at --out")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing, different recipe file (or a file it carries) at --out",
+    )
     p.set_defaults(func=cmd_recipes_pull)
 
     p = subparser(
