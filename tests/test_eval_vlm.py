@@ -154,6 +154,14 @@ def test_interrupted_run_resumes_without_recomputing(
     assert code == 0 and calls["items"] == 0 and "parser strict" in out
 
 
+def test_the_runs_notes_are_printed_once_as_worded(tiny_llava_dir, eval_data, tmp_path, capsys):
+    argv = pope_argv(tiny_llava_dir, eval_data, tmp_path / "run", "--seed", "0", "--seed", "1", "--limit", "1")
+    code, _, err = cli(capsys, *argv, "--splits", "random")
+    assert code == 0
+    assert err.count("note: decoding is greedy, so every seed gives the same outputs") == 1
+    assert "note: note:" not in err and err.count("run directory: ") == 1
+
+
 def test_changed_settings_are_refused(pope_run, tiny_llava_dir, eval_data, capsys):
     code, _, err = cli(capsys, *pope_argv(tiny_llava_dir, eval_data, pope_run, "--max_new_tokens", "8"))
     assert code == 2 and "decoding.max_new_tokens: 16 in the existing run, 8 now" in err

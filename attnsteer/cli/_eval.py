@@ -8,9 +8,8 @@ from . import _args
 
 
 def stderr(line: str) -> None:
-    print(
-        f"note: {line}" if not line.startswith(("run directory", "resuming", "the run in")) else line, file=sys.stderr
-    )
+    """The run's one-line notes (worded whole by the core), on stderr: stdout carries the results table."""
+    print(line, file=sys.stderr, flush=True)
 
 
 def run_config(args, model_id: str, model_kwargs: dict):

@@ -21,6 +21,7 @@ one-line notes go to ``RunConfig.log``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 import warnings
@@ -113,8 +114,6 @@ def run(
         dist.barrier()
         if dist.is_main:
             config.note(f"run directory: {out}")
-            for note in data.notes:
-                config.note(f"note: {note}")
             if data.description:
                 config.note(f"{data.description}; recipes {', '.join(s.label for s in specs)}; seeds {config.seeds}")
             for name, content in data.extra_files.items():
@@ -274,27 +273,22 @@ def _write_sample(task: Task, run_dir: RunDir, item, answer: dict, spec: RecipeS
     run_dir.append(record)
 
 
-class _recorded_warnings:
-    """Inside: attnsteer's warnings are collected (always, even repeats); others are shown as usual
-    when the block ends."""
+@contextlib.contextmanager
+def _recorded_warnings() -> Iterator[list[str]]:
+    """Inside: attnsteer's warnings are collected into the yielded list (always, even repeats);
+    other warnings are shown as usual when the block ends."""
+    import attnsteer
 
-    def __enter__(self) -> list[str]:
-        import attnsteer
-
-        self._category = attnsteer.AttnsteerWarning
-        self._context = warnings.catch_warnings(record=True)
-        self._record = self._context.__enter__()
-        warnings.simplefilter("always", self._category)
-        self.notes: list[str] = []
-        return self.notes
-
-    def __exit__(self, *exc) -> None:
-        self._context.__exit__(*exc)
-        for w in self._record:
-            if issubclass(w.category, self._category):
-                self.notes.append(str(w.message))
-            else:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always", attnsteer.AttnsteerWarning)
+        try:
+            yield notes
+        finally:
+            shown = [w for w in record if not issubclass(w.category, attnsteer.AttnsteerWarning)]
+            notes += [str(w.message) for w in record if issubclass(w.category, attnsteer.AttnsteerWarning)]
+    for w in shown:
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 __all__ = ["Results", "RunConfig", "TaskData", "run"]
