@@ -39,6 +39,7 @@ def test_configs_are_typed_dataclasses_with_the_papers_defaults():
     [
         (lambda: RunConfig(batch_size=0), "RunConfig.batch_size"),
         (lambda: RunConfig(limit=1.5), "RunConfig.limit"),
+        (lambda: RunConfig(limit=float("nan")), "RunConfig.limit"),
         (lambda: RunConfig(backend="fast"), "RunConfig.backend"),
         (lambda: RunConfig(seeds=["a"]), "RunConfig.seeds"),
         (lambda: PopeConfig(splits=["easy"]), "PopeConfig.splits"),
@@ -50,6 +51,12 @@ def test_configs_are_typed_dataclasses_with_the_papers_defaults():
 def test_a_bad_setting_names_its_field(build, field):
     with pytest.raises(UsageError, match=field.replace(".", r"\.")):
         build()
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "nan", "inf", "-2"])
+def test_the_limit_flag_refuses_what_the_run_config_refuses(text, capsys):
+    assert main(["eval", "pope", "--limit", text]) == 2
+    assert f"expected a count >= 1 or a fraction in (0, 1), got {text!r}" in capsys.readouterr().err
 
 
 def test_pope_run_on_a_loaded_model_equals_the_cli(tiny_llava_dir, eval_data, tmp_path, capsys):  # noqa: F811

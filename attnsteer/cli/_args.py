@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from ..evals.config import checked_limit
 from ..evals.paths import DEFAULT_RUNS_DIR
 
 # attnsteer.apply's backends (attnsteer.attention.router.CHOICES; listed here: this module stays import-light)
@@ -54,9 +55,10 @@ def parse_limit(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected a count (e.g. 100) or a fraction (e.g. 0.1), got {text!r}"
         ) from None
-    if value <= 0 or (value >= 1 and not value.is_integer()):
-        raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text!r}")
-    return int(value) if value >= 1 else value
+    try:
+        return checked_limit(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or a fraction in (0, 1), got {text!r}") from None
 
 
 def add_model_arguments(p: argparse.ArgumentParser, model_help: str) -> None:

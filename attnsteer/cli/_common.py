@@ -19,7 +19,6 @@ from ._args import (  # re-exported for the subcommand modules
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
-NOT_IMPLEMENTED = "not implemented yet in this version"
 
 # A usage problem: printed as one paragraph, exit code 2, no traceback. The library raises
 # UsageError (and its EvalError) for bad arguments; the CLI adds its own under the same class.
@@ -105,11 +104,6 @@ def check_image_file(value, flag: str = "--image") -> Path:
             f"{flag} {str(value)!r}: not an image PIL can read ({type(exc).__name__}: {exc}). {fix}"
         ) from None
     return path
-
-
-def not_implemented(name: str) -> int:
-    print(f"attnsteer {name}: {NOT_IMPLEMENTED}.", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:

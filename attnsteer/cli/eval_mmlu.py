@@ -7,7 +7,7 @@ import sys
 
 from . import _args, _eval
 
-MMLU_FEWSHOT = 5
+NEEDS = None  # attnsteer_mc_demo runs offline on a CPU
 HELP = "MMLU or any lm-eval task (lm-evaluation-harness) on the steered model"
 EXAMPLE = (
     "attnsteer eval mmlu --model smollm2 --tasks attnsteer_mc_demo --recipe none --recipe act-default "
@@ -23,6 +23,8 @@ DESCRIPTION = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..evals.tasks.mmlu import MMLU_FEWSHOT
+
     _args.add_model_arguments(
         p, "causal LM: hub id, local folder, or 'smollm2' (the embedded offline SmolLM2-135M-Instruct)"
     )
@@ -76,9 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..evals import run as run_eval
-    from ..evals.dist import Dist
+    from ..evals.dist import Dist, default_device
     from ..evals.specs import parse_recipes
     from ..evals.tasks import MMLUConfig, MMLUTask
+    from ..evals.tasks.mmlu import DEFAULT_TASKS
     from ..models import load_checked, resolve_model
 
     _eval.check_output_path(args)
@@ -88,7 +91,7 @@ def run(args) -> int:
     )  # before the offline switch: a hub miss is told as it is
     _args.hub_offline_if_unreachable()
     config = MMLUConfig(
-        tasks=args.tasks or ["mmlu"],
+        tasks=args.tasks or DEFAULT_TASKS,
         num_fewshot=args.num_fewshot,
         include_path=args.include_path,
         apply_chat_template=args.apply_chat_template,
@@ -98,13 +101,6 @@ def run(args) -> int:
     )
     task = MMLUTask(config)
     task.prepared(args.limit)
-    if "device" not in kwargs:  # own device per process under accelerate, else the GPU
-        import torch
-
-        dist = Dist()
-        device = dist.device() if dist.distributed else ("cuda" if torch.cuda.is_available() else None)
-        if device:
-            kwargs = {**kwargs, "device": device}
-    tokenizer, model = load_checked(model_id, kwargs, sys.stderr)
-    kwargs.pop("device", None)
+    device = kwargs.get("device") or default_device(Dist())
+    tokenizer, model = load_checked(model_id, {**kwargs, "device": device} if device else kwargs, sys.stderr)
     return _eval.report(run_eval(model, tokenizer, task, specs, _eval.run_config(args, model_id, kwargs)))

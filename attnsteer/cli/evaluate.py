@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from ._common import NOT_IMPLEMENTED, Parser, missing_subcommand, not_implemented, subparser
+import importlib
+
+from ._common import Parser, missing_subcommand, subparser
 
 # name -> module under attnsteer.cli exposing add_arguments(parser) and run(args) -> int
 EVAL_COMMANDS = ("pope", "chair", "mmlu", "speed")
@@ -10,19 +12,6 @@ EVAL_EXAMPLE = (
     "attnsteer eval mmlu --model smollm2 --tasks attnsteer_mc_demo --recipe none --recipe act-default "
     "--recipe softplus-gentle"
 )
-
-
-def _eval_module(name: str):
-    """The module of ``attnsteer eval NAME``, or None if it is not part of this install."""
-    import importlib
-
-    module_name = f"attnsteer.cli.eval_{name}"
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        return None
 
 
 def add_eval(sub) -> None:
@@ -41,27 +30,8 @@ def add_eval(sub) -> None:
         title="eval commands", metavar="{" + ",".join(EVAL_COMMANDS) + "}", parser_class=Parser
     )
     for name in EVAL_COMMANDS:
-        module = _eval_module(name)
-        if module is None:
-            p = subparser(
-                esub,
-                name,
-                f"{name} (not available in this install)",
-                f"attnsteer eval {name} --help",
-                description=f"attnsteer eval {name}: {NOT_IMPLEMENTED}.",
-            )
-            p.set_defaults(func=lambda args, n=name: not_implemented(f"eval {n}"), _accepts_extra=True)
-            continue
-        help_text = getattr(module, "HELP", f"{name} benchmark")
-        example = getattr(module, "EXAMPLE", f"attnsteer eval {name} --model smollm2")
-        p = subparser(
-            esub,
-            name,
-            help_text,
-            example,
-            description=getattr(module, "DESCRIPTION", None),
-            needs=getattr(module, "NEEDS", None),
-        )
+        module = importlib.import_module(f"attnsteer.cli.eval_{name}")
+        p = subparser(esub, name, module.HELP, module.EXAMPLE, description=module.DESCRIPTION, needs=module.NEEDS)
         module.add_arguments(p)
         p.set_defaults(func=module.run)
 

@@ -54,19 +54,13 @@ class RunConfig:
         if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
             raise UsageError(f"RunConfig.seeds {self.seeds!r}: expected integers. Fix: e.g. seeds=[0, 1, 2]")
         self.seeds = list(dict.fromkeys(seeds))
-        limit = self.limit
-        if limit is not None and (
-            isinstance(limit, bool)
-            or not isinstance(limit, (int, float))
-            or not math.isfinite(limit)
-            or limit <= 0
-            or (limit >= 1 and not float(limit).is_integer())
-        ):
+        try:
+            self.limit = checked_limit(self.limit)
+        except ValueError:
             raise UsageError(
-                f"RunConfig.limit {limit!r}: expected a count >= 1 or a fraction in (0, 1). Fix: e.g. limit=100 or 0.1"
-            )
-        if limit is not None and limit >= 1:
-            self.limit = int(limit)
+                f"RunConfig.limit {self.limit!r}: expected a count >= 1 or a fraction in (0, 1). Fix: e.g. limit=100 "
+                "or 0.1"
+            ) from None
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise UsageError(f"RunConfig.batch_size {self.batch_size!r}: expected an integer >= 1")
         if self.backend not in CHOICES:
@@ -76,6 +70,20 @@ class RunConfig:
         """Pass ``line`` to :attr:`log` (nothing when None)."""
         if self.log is not None:
             self.log(line)
+
+
+def checked_limit(limit: int | float | None) -> int | float | None:
+    """``limit`` as a run takes it: None, an item count (an int >= 1; 100.0 becomes 100) or a fraction
+    in (0, 1); a ValueError for anything else (0, negatives, 1.5, nan, inf, booleans)."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not math.isfinite(limit) or limit <= 0:
+        raise ValueError(limit)
+    if limit < 1:
+        return limit
+    if not float(limit).is_integer():
+        raise ValueError(limit)
+    return int(limit)
 
 
 def apply_limit(items: Sequence, limit: int | float | None) -> list:

@@ -62,3 +62,12 @@ class Dist:
     def shard(self, items: Sequence) -> list:
         """The items this process takes: those with ``index % world_size == rank``."""
         return [it for i, it in enumerate(items) if i % self.world_size == self.rank]
+
+
+def default_device(dist: Dist | None = None) -> str | None:
+    """Where a command loads its model when ``--model_args`` names no device: this process's own
+    device under a launch, else the GPU when there is one (lm-eval's default), else None (leave it)."""
+    import torch
+
+    own = dist.device() if dist is not None else None
+    return own or ("cuda" if torch.cuda.is_available() else None)

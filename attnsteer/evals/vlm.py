@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .dist import Dist
+from .dist import Dist, default_device
 
 
 @dataclass
@@ -202,11 +202,7 @@ def load_vlm(model_id: str, kwargs: dict, dist: Dist | None = None):
 
     require_vlm(model_id)
     kwargs = dict(kwargs)
-    device = (
-        kwargs.pop("device", None)
-        or (dist.device() if dist is not None else None)
-        or ("cuda" if torch.cuda.is_available() else None)
-    )  # lm-eval's default: the GPU when there is one
+    device = kwargs.pop("device", None) or default_device(dist)
     dtype = kwargs.pop("dtype", None)
     attn = kwargs.pop("attn_implementation", "sdpa")
     hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}

@@ -89,10 +89,6 @@ class ChairConfig:
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise UsageError(f"ChairConfig.num_images {self.num_images!r}: expected an integer >= 1")
 
-    @property
-    def max_new_tokens(self) -> int:
-        return self.decoding.max_new_tokens
-
 
 # ---- scoring setup ------------------------------------------------------------------------------
 def make_scorer(cfg: ChairConfig) -> tuple:
