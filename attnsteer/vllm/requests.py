@@ -139,7 +139,8 @@ def check_whole_prompt(layer: int, whole: bool, past: int, rows: int, prompt_len
     if whole and rows > 1 and 0 < past < prompt_len:
         raise SteeringError(
             f"layer {layer}: a request reached attention as a prompt chunk after {past} tokens (chunked prefill or "
-            "a prefix-cache hit); ACT and VAR need the whole prompt in one forward. Fix: disable chunked prefill "
+            "a prefix-cache hit), and its recipe has methods that read each prompt whole in one forward (they declare "
+            "whole_prompt). Fix: disable chunked prefill "
             "and prefix caching for this engine"
         )
 
