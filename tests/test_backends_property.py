@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from attention_cases import Stats, attend, params
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from attnsteer.attention import router
@@ -114,9 +114,21 @@ def _setup(c):
     return plan, prompt, q, k, v, MaskView(_mask(c), c["q_len"], k_len), info
 
 
+# Two bfloat16 calls the Triton interpreter got wrong while it truncated float32 -> bfloat16 (GPUs
+# round to nearest even; attnsteer.kernels._triton._cast): kept whatever the derandomised draw is.
+BF16_ROUNDING = (
+    dict(b=1, hkv=1, hq=2, d=8, prompt_len=8, phase="prefill", q_len=8, past=0, pads=[0], window=0, image=(4, 5),
+         bidirectional=False, recipe="var", heads=None, dtype=torch.bfloat16, seed=19),
+    dict(b=2, hkv=1, hq=1, d=16, prompt_len=8, phase="chunk", q_len=2, past=8, pads=[0, 0], window=5, image=(4, 5),
+         bidirectional=False, recipe="act-all", heads=None, dtype=torch.bfloat16, seed=0),
+)  # fmt: skip
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(calls())
+@example(BF16_ROUNDING[0])
+@example(BF16_ROUNDING[1])
 def test_every_claimed_method_backend_pair_equals_the_reference(c):
     plan, prompt, q, k, v, mask, info = _setup(c)
     valid = mask.mask.any(-1).transpose(1, 2)[..., None]  # (B, Q, 1, 1): rows that see a key

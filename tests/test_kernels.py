@@ -147,6 +147,47 @@ def test_import_needs_no_triton_and_calls_say_how_to_install():
     assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
+# ---- bfloat16 rounding ------------------------------------------------------------------------
+def _bf16_convert_kernel():
+    """A one-line kernel around _cast (defined at first use, after TRITON_INTERPRET is set; the
+    interpreter resolves names through this module's globals)."""
+    import triton
+    import triton.language as tl
+
+    from attnsteer.kernels import ops
+
+    global _cast
+    _cast = ops.kernels()._cast
+
+    @triton.jit
+    def convert(X, Y, N: tl.constexpr, UPCAST: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Y + offs, _cast(tl.load(X + offs), Y.dtype.element_ty, UPCAST))
+
+    return convert
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_float32_to_bfloat16_rounds_to_nearest_even_in_the_kernels(upcast):
+    """The kernels' float32 -> bfloat16 conversion (_cast; UPCAST is what the launchers pass under
+    the interpreter) equals torch's round-to-nearest-even, ties and specials included. Without it,
+    Triton's interpreter truncates: plain ``x.to(tl.bfloat16)`` there differs from torch on about
+    half the values (a compiled kernel rounds)."""
+    convert = _bf16_convert_kernel()
+    ties = [1.00390625, 1.01171875, -1.00390625, 3.0 + 2**-7 * 3, 0.0, -0.0, float("inf"), -float("inf")]
+    x = torch.cat([torch.randn(1016, generator=torch.Generator().manual_seed(0)) * 3, torch.tensor(ties)]).to(DEVICE)
+    y = torch.empty(x.numel(), dtype=torch.bfloat16, device=DEVICE)
+    convert[(1,)](x, y, N=x.numel(), UPCAST=upcast)
+    wrong = int((y.float() != x.to(torch.bfloat16).float()).sum())
+    if upcast or not INTERPRETED:
+        assert wrong == 0
+    else:  # the interpreter's own conversion: the reason the launchers pass UPCAST there
+        assert wrong > 100
+    kept = torch.empty_like(x)  # float32 targets pass through exactly
+    convert[(1,)](x, kept, N=x.numel(), UPCAST=upcast)
+    assert torch.equal(kept, x)
+
+
 # ---- prefill kernels --------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(PREFILL_CASES))
 def test_row_stats_lse_and_group_masses(name):

@@ -42,6 +42,23 @@ def _dot(a, b, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _cast(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """``x.to(dtype)``. UPCAST (interpreter + bfloat16 only): Triton 3.x's interpreter converts float32
+    to bfloat16 by truncating the low 16 bits, where GPUs round to nearest even, so the rounding is
+    done on the bits first and the interpreter's numbers are the compiled kernels'; compiled kernels
+    never set it."""
+    if UPCAST:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True).to(dtype)
+        else:
+            return x.to(dtype)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _row_bounds(offs_m, Q_LEN, K_LEN, q_offset, kv_start, window):
     """Per-row visible key range [lo, hi] (hi = -1 for rows beyond Q_LEN)."""
     qpos = q_offset + offs_m
@@ -414,7 +431,7 @@ def _attn_sweep(
             mask=(offs_n[:, None] < K_LEN) & (offs_d[None, :] < D),
             other=0.0,
         )
-        acc += _dot(scaled.to(vt.dtype), vt, DOT_PREC, UPCAST)
+        acc += _dot(_cast(scaled, vt.dtype, UPCAST), vt, DOT_PREC, UPCAST)
     return acc, l_i
 
 
@@ -632,7 +649,7 @@ def attn_fwd_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = tl.where(l_i[:, None] > 0.0, acc / l_safe[:, None], 0.0)
     optr = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(optr, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < D))
+    tl.store(optr, _cast(out, OUT.dtype.element_ty, UPCAST), mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -808,7 +825,7 @@ def decode_split_kernel(
             )
             a_r = tl.reshape(tl.where((offs_g == 0)[:, None], 1.0, alpha[None, :]), [G_PAD * BLOCK_H])
             l_r = l_r * a_r + tl.sum(w_r, axis=1)
-            acc_r = acc_r * a_r[:, None] + _dot(w_r.to(vt.dtype), vt, DOT_PREC, UPCAST)
+            acc_r = acc_r * a_r[:, None] + _dot(_cast(w_r, vt.dtype, UPCAST), vt, DOT_PREC, UPCAST)
             m1 = m_new
         m_r = tl.reshape(tl.where((offs_g == 0)[:, None], 0.0, m1[None, :]), [G_PAD * BLOCK_H])
         _store_partials(
@@ -878,11 +895,11 @@ def decode_split_kernel(
                 )
                 a_r = tl.reshape(alpha[None, :] + tl.zeros([G_PAD, BLOCK_H], dtype=tl.float32), [G_PAD * BLOCK_H])
                 l_r = l_r * a_r + tl.sum(p_r, axis=1)
-                acc_r = acc_r * a_r[:, None] + _dot(p_r.to(vt.dtype), vt, DOT_PREC, UPCAST)
+                acc_r = acc_r * a_r[:, None] + _dot(_cast(p_r, vt.dtype, UPCAST), vt, DOT_PREC, UPCAST)
             else:
                 l_i = l_i * alpha + tl.sum(p, axis=1)
                 if MODE == 0:
-                    acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, DOT_PREC, UPCAST)
+                    acc = acc * alpha[:, None] + _dot(_cast(p, vt.dtype, UPCAST), vt, DOT_PREC, UPCAST)
             m_i = m_new
         if NUM_GROUPS > 1:
             m_r = tl.reshape(m_i[None, :] + tl.zeros([G_PAD, BLOCK_H], dtype=tl.float32), [G_PAD * BLOCK_H])
@@ -949,6 +966,7 @@ def decode_merge_kernel(
     G_PAD: tl.constexpr,
     RULE: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """Merge the split partials per group (flash-decoding); the rule kind decides what is written.
     STEER (HQ,) int8: steered query heads (re-weight kind).
@@ -997,7 +1015,8 @@ def decode_merge_kernel(
     else:
         w = mass
     out = tl.sum(w[:, None] * o_g, axis=0)
-    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od, out.to(OUT.dtype.element_ty), mask=offs_d < D)
+    out = _cast(out, OUT.dtype.element_ty, UPCAST)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_d * stride_od, out, mask=offs_d < D)
     if RULE == 1:
         tl.store(MASSES + pid * NUM_GROUPS + offs_g, mass, mask=gmask)
         tl.store(

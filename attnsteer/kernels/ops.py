@@ -732,6 +732,7 @@ def decode(
         G_PAD=_pow2(ng, 2),
         RULE=rule_id,
         BLOCK_D=_pow2(d),
+        UPCAST=_dot_args(out.dtype)["UPCAST"],
         num_warps=4,
     )
     if rule_id == 1:
