@@ -307,7 +307,8 @@ def cmd_recipes_pull(args) -> int:
     # the files it carries (e.g. SEKA's projections) go beside it; a different local one is replaced
     # only with --force, and the check comes before anything is written
     carried_targets = [(carried, file.parent / carried.path) for carried in recipe.carried_files]
-    stale = [t for c, t in carried_targets if t.is_file() and recipe_mod.file_sha256(t) != c.sha256]
+    to_copy = [(c, t) for c, t in carried_targets if not t.is_file() or recipe_mod.file_sha256(t) != c.sha256]
+    stale = [t for _, t in to_copy if t.is_file()]
     if stale and not args.force:
         raise CLIError(
             f"recipes pull {args.repo_id!r}: {str(stale[0])!r} already holds a different file than the recipe carries. "
@@ -316,10 +317,10 @@ def cmd_recipes_pull(args) -> int:
     if state != "already up to date":
         file.parent.mkdir(parents=True, exist_ok=True)
         file.write_text(text)  # the file as published (comments kept); it validated above
+    for carried, target in to_copy:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(carried.resolved, target)
     for carried, target in carried_targets:
-        if not target.is_file() or recipe_mod.file_sha256(target) != carried.sha256:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(carried.resolved, target)
         print(f"carried file: {target} (sha256 {carried.sha256})")
     revision = f" (revision {args.revision})" if args.revision else ""
     print(f"pulled hf://{repo_id}{revision} -> {file} ({state})")
